@@ -1,0 +1,20 @@
+//! segprop-core: the vocabulary every other segprop crate shares.
+//!
+//! It owns the job spec (what a user writes in `job.yaml`) and its validation, the LLaMA shape
+//! configuration and presets (pure numbers, usable by the planner without burn), and the SegProp
+//! stage plan derived from a spec. It must not depend on burn, tonic, tokio or any I/O beyond
+//! reading a spec file, so the coordinator and the planner can link it cheaply.
+
+pub mod error;
+pub mod llama_config;
+pub mod plan;
+pub mod spec;
+
+pub use error::{SpecError, SpecErrorKind};
+pub use llama_config::{LlamaConfig, RopeScaling};
+pub use plan::{StageKind, StagePlan, StagePlanEntry};
+pub use spec::{
+    DataSpec, DecaySchedule, E2eSpec, EvalSpec, ExitSpec, GlobalExitSpec, HeadPolicy, JobSpec,
+    LwSpec, ModelSpec, OptimizerSpec, Precision, Regime, ResourcesSpec, ScheduleSpec, SegPropSpec,
+    ShardingSpec, TokenizerKind,
+};

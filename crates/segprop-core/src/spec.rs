@@ -1,0 +1,1043 @@
+//! The job spec: what a user writes in `job.yaml` (DESIGN.md §5, docs/job-spec.md).
+//!
+//! Every struct rejects unknown fields. [`JobSpec::from_yaml_str`] parses and validates; every
+//! error names the field and, when it can be found in the text, the line.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{SpecError, SpecErrorKind};
+use crate::llama_config::{LlamaConfig, PRESETS};
+
+/// A complete training job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    /// Spec format version; only `1` exists.
+    pub version: u32,
+    pub name: String,
+    pub model: ModelSpec,
+    pub data: DataSpec,
+    pub regime: Regime,
+    #[serde(default)]
+    pub segprop: SegPropSpec,
+    #[serde(default)]
+    pub lw: LwSpec,
+    #[serde(default)]
+    pub e2e: E2eSpec,
+    #[serde(default)]
+    pub optimizer: OptimizerSpec,
+    #[serde(default)]
+    pub eval: EvalSpec,
+    #[serde(default)]
+    pub resources: ResourcesSpec,
+    #[serde(default)]
+    pub sharding: ShardingSpec,
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+}
+
+fn default_seed() -> u64 {
+    17
+}
+
+/// Which model to train: a preset (optionally with overrides), a full config, or an HF checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    #[serde(default = "default_family")]
+    pub family: String,
+    #[serde(default)]
+    pub preset: Option<String>,
+    /// Fields that replace the preset's values (`num_layers: 16`, `vocab_size: 50304`, ...).
+    #[serde(default)]
+    pub overrides: Option<ModelOverrides>,
+    #[serde(default)]
+    pub config: Option<LlamaConfig>,
+    #[serde(default)]
+    pub from: Option<FromSpec>,
+}
+
+fn default_family() -> String {
+    "llama".into()
+}
+
+/// Per-field overrides of a preset.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ModelOverrides {
+    pub vocab_size: Option<usize>,
+    pub hidden_size: Option<usize>,
+    pub intermediate_size: Option<usize>,
+    pub num_layers: Option<usize>,
+    pub num_heads: Option<usize>,
+    pub num_kv_heads: Option<usize>,
+    pub tie_embeddings: Option<bool>,
+    pub max_seq_len: Option<usize>,
+}
+
+/// Start from a Hugging Face layout checkpoint directory.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FromSpec {
+    pub hf_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenizerKind {
+    /// One token per byte (vocabulary 256).
+    Byte,
+    /// GPT-2 BPE (r50k, vocabulary 50257).
+    Gpt2,
+}
+
+impl TokenizerKind {
+    pub fn vocab_size(self) -> usize {
+        match self {
+            TokenizerKind::Byte => 256,
+            TokenizerKind::Gpt2 => 50_257,
+        }
+    }
+}
+
+/// The training data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSpec {
+    /// `builtin:synthetic`, or a path to a UTF-8 text file (relative to the spec file).
+    pub corpus: String,
+    #[serde(default = "default_tokenizer")]
+    pub tokenizer: TokenizerKind,
+    pub seq_len: usize,
+    /// Sequences per micro-batch.
+    pub batch_size: usize,
+    #[serde(default = "default_eval_fraction")]
+    pub eval_fraction: f64,
+    /// Number of tokens the built-in synthetic corpus generates.
+    #[serde(default = "default_synthetic_tokens")]
+    pub synthetic_tokens: usize,
+    /// Use at most this many tokens of the corpus (0 = all).
+    #[serde(default)]
+    pub max_tokens: usize,
+}
+
+fn default_tokenizer() -> TokenizerKind {
+    TokenizerKind::Byte
+}
+fn default_eval_fraction() -> f64 {
+    0.05
+}
+fn default_synthetic_tokens() -> usize {
+    200_000
+}
+
+/// The training regime (DESIGN.md §2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Regime {
+    /// Segmented propagation: stage 1 then one stage per segment.
+    Segprop,
+    /// Layer-wise baseline: each block in turn with its own discarded local head.
+    Lw,
+    /// End-to-end baseline: every parameter, full backprop.
+    E2e,
+}
+
+impl std::fmt::Display for Regime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Regime::Segprop => "segprop",
+            Regime::Lw => "lw",
+            Regime::E2e => "e2e",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum HeadPolicy {
+    /// LL(r) keeps training across segments (TMLR version).
+    #[default]
+    Persistent,
+    /// LL(r)'s decoder blocks return to their pre-stage-2 weights at every new segment; only the
+    /// LM head's update is kept (ICLR version).
+    Reset,
+}
+
+/// When a stage stops. At least one of `max_steps` / `max_epochs` bounds every stage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ExitSpec {
+    pub max_steps: Option<u64>,
+    pub max_epochs: Option<u64>,
+    /// Stop after this many evaluations without an improvement of at least `min_delta`.
+    pub patience: Option<u32>,
+    #[serde(default)]
+    pub min_delta: f64,
+    /// Stop as soon as the held-out loss is at or below this value.
+    pub target_eval_loss: Option<f64>,
+}
+
+impl ExitSpec {
+    fn steps(max_steps: u64) -> Self {
+        Self {
+            max_steps: Some(max_steps),
+            ..Self::default()
+        }
+    }
+
+    fn validate(&self, field: &str) -> Result<(), SpecError> {
+        if self.max_steps.is_none() && self.max_epochs.is_none() {
+            return Err(SpecError::invalid(
+                field,
+                "needs `max_steps` or `max_epochs` so the stage is bounded",
+            ));
+        }
+        if self.max_steps == Some(0) {
+            return Err(SpecError::invalid(
+                format!("{field}.max_steps"),
+                "must be at least 1",
+            ));
+        }
+        if self.max_epochs == Some(0) {
+            return Err(SpecError::invalid(
+                format!("{field}.max_epochs"),
+                "must be at least 1",
+            ));
+        }
+        if self.patience == Some(0) {
+            return Err(SpecError::invalid(
+                format!("{field}.patience"),
+                "must be at least 1",
+            ));
+        }
+        if !(self.min_delta >= 0.0) {
+            return Err(SpecError::invalid(
+                format!("{field}.min_delta"),
+                "must be >= 0",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Stops stage 2 early: the model becomes the committed prefix + LL(r) (a pruned model).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct GlobalExitSpec {
+    /// Stop once a committed segment brings the held-out loss to or below this value.
+    pub target_eval_loss: Option<f64>,
+    /// Stop after this many committed segments without an improvement of `min_delta`.
+    pub patience: Option<u32>,
+    #[serde(default)]
+    pub min_delta: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SegPropExitSpec {
+    #[serde(default = "default_stage_exit")]
+    pub stage1: ExitSpec,
+    #[serde(default = "default_stage_exit")]
+    pub segment: ExitSpec,
+    #[serde(default)]
+    pub global: Option<GlobalExitSpec>,
+}
+
+fn default_stage_exit() -> ExitSpec {
+    ExitSpec::steps(100)
+}
+
+impl Default for SegPropExitSpec {
+    fn default() -> Self {
+        Self {
+            stage1: default_stage_exit(),
+            segment: default_stage_exit(),
+            global: None,
+        }
+    }
+}
+
+/// SegProp parameters: p, r, k, head policy, SnapCheck and exit criteria.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SegPropSpec {
+    /// p: blocks `0..p` form the base prefix trained in stage 1.
+    #[serde(default = "default_base_depth")]
+    pub base_depth: usize,
+    /// r: the last r blocks plus the final norm and LM head form the global head LL(r).
+    #[serde(default = "default_head_layers")]
+    pub head_layers: usize,
+    /// k: intermediate blocks trained together in one stage-2 step.
+    #[serde(default = "default_segment_size")]
+    pub segment_size: usize,
+    #[serde(default)]
+    pub head_policy: HeadPolicy,
+    /// Cache the frozen prefix's outputs (SnapCheck).
+    #[serde(default = "default_true")]
+    pub snapcheck: bool,
+    /// In-memory byte budget of the SnapCheck cache; the rest spills to the run directory.
+    #[serde(default = "default_snapcheck_budget")]
+    pub snapcheck_memory_bytes: u64,
+    #[serde(default)]
+    pub exit: SegPropExitSpec,
+}
+
+fn default_base_depth() -> usize {
+    2
+}
+fn default_head_layers() -> usize {
+    2
+}
+fn default_segment_size() -> usize {
+    1
+}
+fn default_true() -> bool {
+    true
+}
+fn default_snapcheck_budget() -> u64 {
+    1 << 30
+}
+
+impl Default for SegPropSpec {
+    fn default() -> Self {
+        Self {
+            base_depth: default_base_depth(),
+            head_layers: default_head_layers(),
+            segment_size: default_segment_size(),
+            head_policy: HeadPolicy::default(),
+            snapcheck: true,
+            snapcheck_memory_bytes: default_snapcheck_budget(),
+            exit: SegPropExitSpec::default(),
+        }
+    }
+}
+
+/// Layer-wise baseline: every block is one stage with this exit criterion.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LwSpec {
+    #[serde(default = "default_stage_exit")]
+    pub exit: ExitSpec,
+}
+
+impl Default for LwSpec {
+    fn default() -> Self {
+        Self {
+            exit: default_stage_exit(),
+        }
+    }
+}
+
+/// End-to-end baseline: one stage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct E2eSpec {
+    #[serde(default = "default_e2e_exit")]
+    pub exit: ExitSpec,
+}
+
+fn default_e2e_exit() -> ExitSpec {
+    ExitSpec::steps(1000)
+}
+
+impl Default for E2eSpec {
+    fn default() -> Self {
+        Self {
+            exit: default_e2e_exit(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum DecaySchedule {
+    Constant,
+    #[default]
+    Linear,
+    Cosine,
+}
+
+/// Learning-rate schedule, restarted at every stage over that stage's step budget.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleSpec {
+    #[serde(default = "default_warmup_ratio")]
+    pub warmup_ratio: f64,
+    #[serde(default)]
+    pub decay: DecaySchedule,
+    /// Final learning rate as a fraction of `lr`.
+    #[serde(default)]
+    pub min_lr_ratio: f64,
+}
+
+fn default_warmup_ratio() -> f64 {
+    0.03
+}
+
+impl Default for ScheduleSpec {
+    fn default() -> Self {
+        Self {
+            warmup_ratio: default_warmup_ratio(),
+            decay: DecaySchedule::default(),
+            min_lr_ratio: 0.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptimizerSpec {
+    #[serde(default = "default_optimizer_name")]
+    pub name: String,
+    #[serde(default = "default_lr")]
+    pub lr: f64,
+    #[serde(default = "default_weight_decay")]
+    pub weight_decay: f64,
+    #[serde(default = "default_betas")]
+    pub betas: [f64; 2],
+    #[serde(default = "default_eps")]
+    pub eps: f64,
+    /// Clip the global gradient norm of the trained parameters to this value.
+    #[serde(default = "default_grad_clip")]
+    pub grad_clip: Option<f64>,
+    /// Micro-batches accumulated into one optimizer step.
+    #[serde(default = "default_grad_accum")]
+    pub grad_accum: usize,
+    #[serde(default)]
+    pub schedule: ScheduleSpec,
+}
+
+fn default_optimizer_name() -> String {
+    "adamw".into()
+}
+fn default_lr() -> f64 {
+    3e-4
+}
+fn default_weight_decay() -> f64 {
+    0.01
+}
+fn default_betas() -> [f64; 2] {
+    [0.9, 0.999]
+}
+fn default_eps() -> f64 {
+    1e-8
+}
+fn default_grad_clip() -> Option<f64> {
+    Some(1.0)
+}
+fn default_grad_accum() -> usize {
+    1
+}
+
+impl Default for OptimizerSpec {
+    fn default() -> Self {
+        Self {
+            name: default_optimizer_name(),
+            lr: default_lr(),
+            weight_decay: default_weight_decay(),
+            betas: default_betas(),
+            eps: default_eps(),
+            grad_clip: default_grad_clip(),
+            grad_accum: default_grad_accum(),
+            schedule: ScheduleSpec::default(),
+        }
+    }
+}
+
+/// Held-out evaluation cadence.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalSpec {
+    /// Evaluate every this many optimizer steps (and at the end of every stage).
+    #[serde(default = "default_eval_every")]
+    pub every_steps: u64,
+    /// Evaluate on at most this many held-out batches (0 = all).
+    #[serde(default)]
+    pub max_batches: usize,
+}
+
+fn default_eval_every() -> u64 {
+    50
+}
+
+impl Default for EvalSpec {
+    fn default() -> Self {
+        Self {
+            every_steps: default_eval_every(),
+            max_batches: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Backend {
+    #[default]
+    Cpu,
+    Cuda,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    #[default]
+    F32,
+    Bf16,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResourcesSpec {
+    #[serde(default)]
+    pub backend: Backend,
+    #[serde(default = "default_devices")]
+    pub devices_per_gang: usize,
+    #[serde(default)]
+    pub precision: Precision,
+}
+
+fn default_devices() -> usize {
+    1
+}
+
+impl Default for ResourcesSpec {
+    fn default() -> Self {
+        Self {
+            backend: Backend::Cpu,
+            devices_per_gang: 1,
+            precision: Precision::F32,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ShardingStrategy {
+    #[default]
+    None,
+    FullShard,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Offload {
+    #[default]
+    None,
+    Cpu,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ShardingSpec {
+    #[serde(default)]
+    pub strategy: ShardingStrategy,
+    #[serde(default)]
+    pub offload: Offload,
+}
+
+pub use self::Backend as BackendKind;
+
+impl JobSpec {
+    /// Parses and validates a spec read from `path`. Relative data and checkpoint paths are
+    /// resolved against the spec's directory.
+    pub fn from_file(path: &Path) -> Result<Self, SpecError> {
+        let text = std::fs::read_to_string(path).map_err(|e| SpecError::io(path, &e))?;
+        let source = path.display().to_string();
+        let mut spec = Self::from_yaml_str(&text, &source)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        spec.resolve_paths(base);
+        spec.check_files().map_err(|e| {
+            let line = locate_field(&text, e.field().unwrap_or_default());
+            e.with_source(&source, line)
+        })?;
+        Ok(spec)
+    }
+
+    /// Parses and validates YAML text. `source_name` appears in error messages.
+    pub fn from_yaml_str(text: &str, source_name: &str) -> Result<Self, SpecError> {
+        let spec: JobSpec = serde_yaml::from_str(text).map_err(|e| {
+            let line = e.location().map(|l| l.line());
+            SpecError {
+                source_name: source_name.to_string(),
+                line,
+                kind: SpecErrorKind::Parse {
+                    message: strip_location(&e.to_string()),
+                },
+            }
+        })?;
+        spec.validate().map_err(|e| {
+            let line = locate_field(text, e.field().unwrap_or_default());
+            e.with_source(source_name, line)
+        })?;
+        Ok(spec)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        if !self.data.corpus.starts_with("builtin:") {
+            let corpus = Path::new(&self.data.corpus);
+            if corpus.is_relative() {
+                self.data.corpus = base.join(corpus).display().to_string();
+            }
+        }
+        if let Some(from) = &mut self.model.from
+            && from.hf_dir.is_relative()
+        {
+            from.hf_dir = base.join(&from.hf_dir);
+        }
+    }
+
+    /// Checks that every file the spec names exists.
+    pub fn check_files(&self) -> Result<(), SpecError> {
+        if !self.data.corpus.starts_with("builtin:") && !Path::new(&self.data.corpus).is_file() {
+            return Err(SpecError::invalid(
+                "data.corpus",
+                format!("file `{}` does not exist", self.data.corpus),
+            ));
+        }
+        if let Some(from) = &self.model.from {
+            let config = from.hf_dir.join("config.json");
+            if !config.is_file() {
+                return Err(SpecError::invalid(
+                    "model.from.hf_dir",
+                    format!("`{}` does not exist", config.display()),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The model shape this spec trains. For `model.from` the shape is read from the checkpoint's
+    /// `config.json` by [`JobSpec::resolve_model_config`]; this returns `None` then.
+    pub fn model_config(&self) -> Option<LlamaConfig> {
+        if let Some(config) = &self.model.config {
+            return Some(config.clone());
+        }
+        let mut config = LlamaConfig::preset(self.model.preset.as_deref()?)?;
+        if let Some(o) = &self.model.overrides {
+            macro_rules! apply {
+                ($($field:ident),*) => { $( if let Some(v) = o.$field { config.$field = v; } )* };
+            }
+            apply!(
+                vocab_size,
+                hidden_size,
+                intermediate_size,
+                num_layers,
+                num_heads,
+                num_kv_heads,
+                tie_embeddings,
+                max_seq_len
+            );
+        }
+        Some(config)
+    }
+
+    /// The model shape, reading `config.json` of an HF checkpoint when the spec names one.
+    pub fn resolve_model_config(&self) -> Result<LlamaConfig, SpecError> {
+        if let Some(config) = self.model_config() {
+            return Ok(config);
+        }
+        let Some(from) = &self.model.from else {
+            return Err(SpecError::invalid(
+                "model",
+                "names no preset, config or checkpoint",
+            ));
+        };
+        let path = from.hf_dir.join("config.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| SpecError::io(&path, &e))?;
+        let config = LlamaConfig::from_hf_json(&text).map_err(|message| SpecError {
+            source_name: path.display().to_string(),
+            line: None,
+            kind: SpecErrorKind::Parse { message },
+        })?;
+        config.validate("model.from")?;
+        self.validate_against_model(&config)?;
+        Ok(config)
+    }
+
+    /// Checks every field; errors name the field path.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        if self.version != 1 {
+            return Err(SpecError::invalid("version", "only version 1 exists"));
+        }
+        if self.name.trim().is_empty()
+            || !self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            return Err(SpecError::invalid(
+                "name",
+                "must be non-empty and use only letters, digits, '-', '_' and '.'",
+            ));
+        }
+        self.validate_model()?;
+        self.validate_data()?;
+        self.validate_optimizer()?;
+        if self.eval.every_steps == 0 {
+            return Err(SpecError::invalid("eval.every_steps", "must be at least 1"));
+        }
+        match self.regime {
+            Regime::Segprop => {
+                let s = &self.segprop;
+                if s.segment_size == 0 {
+                    return Err(SpecError::invalid(
+                        "segprop.segment_size",
+                        "must be at least 1",
+                    ));
+                }
+                if s.base_depth == 0 {
+                    return Err(SpecError::invalid(
+                        "segprop.base_depth",
+                        "must be at least 1 (stage 1 trains blocks 0..p)",
+                    ));
+                }
+                s.exit.stage1.validate("segprop.exit.stage1")?;
+                s.exit.segment.validate("segprop.exit.segment")?;
+                if let Some(global) = &s.exit.global {
+                    if global.target_eval_loss.is_none() && global.patience.is_none() {
+                        return Err(SpecError::invalid(
+                            "segprop.exit.global",
+                            "needs `target_eval_loss` or `patience` (or remove it)",
+                        ));
+                    }
+                    if global.patience == Some(0) {
+                        return Err(SpecError::invalid(
+                            "segprop.exit.global.patience",
+                            "must be at least 1",
+                        ));
+                    }
+                }
+            }
+            Regime::Lw => self.lw.exit.validate("lw.exit")?,
+            Regime::E2e => self.e2e.exit.validate("e2e.exit")?,
+        }
+        if self.resources.devices_per_gang == 0 {
+            return Err(SpecError::invalid(
+                "resources.devices_per_gang",
+                "must be at least 1",
+            ));
+        }
+        if self.resources.devices_per_gang > 1 && self.sharding.strategy == ShardingStrategy::None {
+            return Err(SpecError::invalid(
+                "resources.devices_per_gang",
+                "more than one device per gang needs `sharding.strategy: full_shard`",
+            ));
+        }
+        if self.sharding.strategy == ShardingStrategy::FullShard
+            || self.sharding.offload == Offload::Cpu
+        {
+            return Err(SpecError::invalid(
+                "sharding",
+                "sharded training (full_shard, cpu offload) is not available in this release; \
+                 use `strategy: none, offload: none`",
+            ));
+        }
+        if self.resources.precision == Precision::Bf16 {
+            return Err(SpecError::invalid(
+                "resources.precision",
+                "bf16 training is not available in this release; use f32",
+            ));
+        }
+        if let Some(config) = self.model_config() {
+            self.validate_against_model(&config)?;
+        }
+        Ok(())
+    }
+
+    fn validate_model(&self) -> Result<(), SpecError> {
+        if self.model.family != "llama" {
+            return Err(SpecError::invalid(
+                "model.family",
+                format!("unknown family `{}`; supported: llama", self.model.family),
+            ));
+        }
+        let sources = [
+            self.model.preset.is_some(),
+            self.model.config.is_some(),
+            self.model.from.is_some(),
+        ];
+        if sources.iter().filter(|s| **s).count() != 1 {
+            return Err(SpecError::invalid(
+                "model",
+                "give exactly one of `preset`, `config` or `from`",
+            ));
+        }
+        if self.model.overrides.is_some() && self.model.preset.is_none() {
+            return Err(SpecError::invalid(
+                "model.overrides",
+                "only applies to a `preset`",
+            ));
+        }
+        if let Some(preset) = &self.model.preset
+            && LlamaConfig::preset(preset).is_none()
+        {
+            return Err(SpecError::invalid(
+                "model.preset",
+                format!("unknown preset `{preset}`; known: {}", PRESETS.join(", ")),
+            ));
+        }
+        if let Some(config) = self.model_config() {
+            let field = if self.model.config.is_some() {
+                "model.config"
+            } else {
+                "model.overrides"
+            };
+            config.validate(field)?;
+        }
+        Ok(())
+    }
+
+    fn validate_data(&self) -> Result<(), SpecError> {
+        let d = &self.data;
+        if d.corpus.starts_with("builtin:") && d.corpus != "builtin:synthetic" {
+            return Err(SpecError::invalid(
+                "data.corpus",
+                format!(
+                    "unknown built-in corpus `{}`; known: builtin:synthetic",
+                    d.corpus
+                ),
+            ));
+        }
+        if d.corpus.trim().is_empty() {
+            return Err(SpecError::invalid("data.corpus", "must not be empty"));
+        }
+        if d.seq_len < 2 {
+            return Err(SpecError::invalid("data.seq_len", "must be at least 2"));
+        }
+        if d.batch_size == 0 {
+            return Err(SpecError::invalid("data.batch_size", "must be at least 1"));
+        }
+        if !(d.eval_fraction > 0.0 && d.eval_fraction < 0.5) {
+            return Err(SpecError::invalid(
+                "data.eval_fraction",
+                "must be in (0, 0.5): a held-out split is needed for exit criteria",
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_optimizer(&self) -> Result<(), SpecError> {
+        let o = &self.optimizer;
+        if o.name != "adamw" {
+            return Err(SpecError::invalid(
+                "optimizer.name",
+                format!("unknown optimizer `{}`; supported: adamw", o.name),
+            ));
+        }
+        if !(o.lr > 0.0 && o.lr.is_finite()) {
+            return Err(SpecError::invalid(
+                "optimizer.lr",
+                "must be a positive number",
+            ));
+        }
+        if !(o.weight_decay >= 0.0) {
+            return Err(SpecError::invalid("optimizer.weight_decay", "must be >= 0"));
+        }
+        if o.betas.iter().any(|b| !(0.0..1.0).contains(b)) {
+            return Err(SpecError::invalid(
+                "optimizer.betas",
+                "each beta must be in [0, 1)",
+            ));
+        }
+        if !(o.eps > 0.0) {
+            return Err(SpecError::invalid("optimizer.eps", "must be positive"));
+        }
+        if let Some(clip) = o.grad_clip
+            && !(clip > 0.0)
+        {
+            return Err(SpecError::invalid(
+                "optimizer.grad_clip",
+                "must be positive (or null)",
+            ));
+        }
+        if o.grad_accum == 0 {
+            return Err(SpecError::invalid(
+                "optimizer.grad_accum",
+                "must be at least 1",
+            ));
+        }
+        let s = &o.schedule;
+        if !(0.0..1.0).contains(&s.warmup_ratio) {
+            return Err(SpecError::invalid(
+                "optimizer.schedule.warmup_ratio",
+                "must be in [0, 1)",
+            ));
+        }
+        if !(0.0..=1.0).contains(&s.min_lr_ratio) {
+            return Err(SpecError::invalid(
+                "optimizer.schedule.min_lr_ratio",
+                "must be in [0, 1]",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks the spec against the model's shape (depths, vocabulary, sequence length).
+    pub fn validate_against_model(&self, config: &LlamaConfig) -> Result<(), SpecError> {
+        let n = config.num_layers;
+        if self.data.tokenizer.vocab_size() > config.vocab_size {
+            return Err(SpecError::invalid(
+                "data.tokenizer",
+                format!(
+                    "tokenizer has {} tokens but the model's vocab_size is {}",
+                    self.data.tokenizer.vocab_size(),
+                    config.vocab_size
+                ),
+            ));
+        }
+        if self.data.seq_len > config.max_seq_len {
+            return Err(SpecError::invalid(
+                "data.seq_len",
+                format!(
+                    "{} exceeds the model's max_seq_len {}",
+                    self.data.seq_len, config.max_seq_len
+                ),
+            ));
+        }
+        if self.regime == Regime::Segprop {
+            let s = &self.segprop;
+            if s.base_depth + s.head_layers > n {
+                return Err(SpecError::invalid(
+                    "segprop.base_depth",
+                    format!(
+                        "base_depth {} + head_layers {} exceeds the model's {} layers",
+                        s.base_depth, s.head_layers, n
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// serde_yaml appends " at line L column C"; the line is reported separately.
+fn strip_location(message: &str) -> String {
+    match message.find(" at line ") {
+        Some(i) => message[..i].to_string(),
+        None => message.to_string(),
+    }
+}
+
+/// Finds the 1-based line of a dotted field path in YAML text (block or flow style), following
+/// the path's components in order. Best effort: `None` when it cannot be found.
+pub fn locate_field(text: &str, path: &str) -> Option<usize> {
+    if path.is_empty() {
+        return None;
+    }
+    let mut from_line = 0;
+    let mut found = None;
+    for component in path.split('.') {
+        let needle_block = format!("{component}:");
+        let mut hit = None;
+        for (i, line) in text.lines().enumerate().skip(from_line) {
+            let code = line.split('#').next().unwrap_or_default();
+            let trimmed = code.trim_start();
+            if trimmed.starts_with(&needle_block)
+                || code.contains(&format!("{{ {needle_block}"))
+                || code.contains(&format!(", {needle_block}"))
+                || code.contains(&format!("{{{needle_block}"))
+            {
+                hit = Some(i);
+                break;
+            }
+        }
+        match hit {
+            Some(i) => {
+                from_line = i;
+                found = Some(i + 1);
+            }
+            None => return found,
+        }
+    }
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TINY: &str = "\
+version: 1
+name: tiny
+model: { family: llama, preset: tiny }
+data: { corpus: builtin:synthetic, tokenizer: byte, seq_len: 32, batch_size: 4 }
+regime: segprop
+segprop:
+  base_depth: 2
+  head_layers: 2
+  exit: { stage1: { max_steps: 10 }, segment: { max_steps: 5 } }
+seed: 3
+";
+
+    #[test]
+    fn parses_a_valid_spec_with_defaults() {
+        let spec = JobSpec::from_yaml_str(TINY, "job.yaml").unwrap();
+        assert_eq!(spec.regime, Regime::Segprop);
+        assert_eq!(spec.segprop.segment_size, 1);
+        assert_eq!(spec.optimizer.name, "adamw");
+        assert_eq!(spec.model_config().unwrap().num_layers, 8);
+    }
+
+    #[test]
+    fn unknown_field_is_named_with_its_line() {
+        let text = TINY.replace("  head_layers: 2\n", "  head_layers: 2\n  head_layrs: 3\n");
+        let err = JobSpec::from_yaml_str(&text, "job.yaml").unwrap_err();
+        let message = err.to_string();
+        assert!(message.contains("head_layrs"), "{message}");
+        assert!(message.starts_with("job.yaml:9:"), "{message}");
+    }
+
+    #[test]
+    fn wrong_type_is_named() {
+        let text = TINY.replace("seed: 3", "seed: three");
+        let message = JobSpec::from_yaml_str(&text, "job.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(message.contains("seed"), "{message}");
+        assert!(message.starts_with("job.yaml:10:"), "{message}");
+    }
+
+    #[test]
+    fn depth_beyond_the_model_is_rejected_with_field_and_line() {
+        let text = TINY.replace("base_depth: 2", "base_depth: 7");
+        let err = JobSpec::from_yaml_str(&text, "job.yaml").unwrap_err();
+        assert_eq!(err.field(), Some("segprop.base_depth"));
+        assert_eq!(err.line, Some(7));
+        assert!(err.to_string().contains("exceeds the model's 8 layers"));
+    }
+
+    #[test]
+    fn missing_corpus_file_is_rejected() {
+        let dir = std::env::temp_dir().join(format!("segprop-spec-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("job.yaml");
+        std::fs::write(&path, TINY.replace("builtin:synthetic", "no-such-file.txt")).unwrap();
+        let err = JobSpec::from_file(&path).unwrap_err();
+        assert_eq!(err.field(), Some("data.corpus"));
+        assert_eq!(err.line, Some(4));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn missing_spec_file_is_an_io_error() {
+        let err = JobSpec::from_file(Path::new("/nonexistent/job.yaml")).unwrap_err();
+        assert!(matches!(err.kind, SpecErrorKind::Io { .. }));
+    }
+
+    #[test]
+    fn unbounded_stage_is_rejected() {
+        let text = TINY.replace("stage1: { max_steps: 10 }", "stage1: { patience: 3 }");
+        let err = JobSpec::from_yaml_str(&text, "job.yaml").unwrap_err();
+        assert_eq!(err.field(), Some("segprop.exit.stage1"));
+    }
+
+    #[test]
+    fn locate_field_follows_the_path() {
+        assert_eq!(locate_field(TINY, "segprop.head_layers"), Some(8));
+        assert_eq!(locate_field(TINY, "data.seq_len"), Some(4));
+        assert_eq!(locate_field(TINY, "segprop.exit.segment"), Some(9));
+    }
+}

@@ -1,0 +1,542 @@
+//! Hugging Face layout checkpoints: `config.json` plus `model.safetensors`, or shards listed in
+//! `model.safetensors.index.json`, with HF parameter names (`model.layers.N.self_attn.q_proj.weight`).
+//!
+//! HF stores linear weights as `[out, in]`; burn's [`Linear`] stores `[in, out]`, so linear
+//! weights are transposed on the way in and out. Values are copied, never rounded: an f32 export
+//! followed by an import is bit-exact. bf16/f16 checkpoints are widened to f32 on import.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use burn::module::Param;
+use burn::nn::{Embedding, Linear, RmsNorm};
+use burn::prelude::*;
+use safetensors::{Dtype, SafeTensors};
+use segprop_core::LlamaConfig;
+
+use crate::attention::Attention;
+use crate::block::Block;
+use crate::error::ModelError;
+use crate::mlp::Mlp;
+use crate::model::{Llama, LmHead};
+
+pub const CONFIG_FILE: &str = "config.json";
+pub const SINGLE_FILE: &str = "model.safetensors";
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+
+/// One tensor in HF layout, as f32.
+struct HostTensor {
+    shape: Vec<usize>,
+    values: Vec<f32>,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ModelError + '_ {
+    move |source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Writes `model` as an HF checkpoint into `dir`. With `max_shard_bytes`, tensors are split
+/// across `model-0000i-of-0000n.safetensors` files and an index; otherwise one file.
+pub fn export<B: Backend>(
+    model: &Llama<B>,
+    config: &LlamaConfig,
+    dir: &Path,
+    max_shard_bytes: Option<u64>,
+) -> Result<Vec<PathBuf>, ModelError> {
+    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let mut config = config.clone();
+    config.num_layers = model.num_layers();
+    config.tie_embeddings = false;
+    let config_path = dir.join(CONFIG_FILE);
+    std::fs::write(&config_path, config.to_hf_json()).map_err(io_err(&config_path))?;
+
+    let tensors = named_tensors(model);
+    let mut shards: Vec<Vec<(String, HostTensor)>> = vec![Vec::new()];
+    let mut shard_bytes = 0u64;
+    for (name, tensor) in tensors {
+        let bytes = tensor.values.len() as u64 * 4;
+        if let Some(limit) = max_shard_bytes
+            && shard_bytes > 0
+            && shard_bytes + bytes > limit
+        {
+            shards.push(Vec::new());
+            shard_bytes = 0;
+        }
+        shard_bytes += bytes;
+        shards
+            .last_mut()
+            .expect("shards starts non-empty")
+            .push((name, tensor));
+    }
+
+    let mut written = vec![config_path];
+    if max_shard_bytes.is_none() {
+        let path = dir.join(SINGLE_FILE);
+        write_safetensors(&path, &shards[0])?;
+        written.push(path);
+        return Ok(written);
+    }
+    let count = shards.len();
+    let mut weight_map = BTreeMap::new();
+    let mut total_size = 0u64;
+    for (i, shard) in shards.iter().enumerate() {
+        let file = format!("model-{:05}-of-{:05}.safetensors", i + 1, count);
+        let path = dir.join(&file);
+        write_safetensors(&path, shard)?;
+        for (name, tensor) in shard {
+            weight_map.insert(name.clone(), file.clone());
+            total_size += tensor.values.len() as u64 * 4;
+        }
+        written.push(path);
+    }
+    let index =
+        serde_json::json!({ "metadata": { "total_size": total_size }, "weight_map": weight_map });
+    let index_path = dir.join(INDEX_FILE);
+    let text = serde_json::to_string_pretty(&index).unwrap_or_default();
+    std::fs::write(&index_path, text).map_err(io_err(&index_path))?;
+    written.push(index_path);
+    Ok(written)
+}
+
+fn write_safetensors(path: &Path, tensors: &[(String, HostTensor)]) -> Result<(), ModelError> {
+    let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
+        .iter()
+        .map(|(name, t)| {
+            let raw = t.values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            (name.clone(), raw, t.shape.clone())
+        })
+        .collect();
+    let views = bytes
+        .iter()
+        .map(|(name, raw, shape)| {
+            safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), raw)
+                .map(|view| (name.clone(), view))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ModelError::Safetensors {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+    let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
+    // Write to a temporary name and rename, so a reader never sees half a file.
+    let tmp = path.with_extension("safetensors.partial");
+    safetensors::serialize_to_file(views, Some(metadata), &tmp).map_err(|e| {
+        ModelError::Safetensors {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        }
+    })?;
+    std::fs::rename(&tmp, path).map_err(io_err(path))
+}
+
+/// The model's tensors under their HF names, in HF layout.
+fn named_tensors<B: Backend>(model: &Llama<B>) -> Vec<(String, HostTensor)> {
+    let mut out = vec![(
+        "model.embed_tokens.weight".to_string(),
+        host(model.embed_tokens.weight.val(), false),
+    )];
+    for (i, block) in model.blocks.iter().enumerate() {
+        let p = format!("model.layers.{i}");
+        let a = &block.self_attn;
+        let m = &block.mlp;
+        out.push((
+            format!("{p}.input_layernorm.weight"),
+            host1(block.input_layernorm.gamma.val()),
+        ));
+        out.push((
+            format!("{p}.self_attn.q_proj.weight"),
+            host(a.q_proj.weight.val(), true),
+        ));
+        out.push((
+            format!("{p}.self_attn.k_proj.weight"),
+            host(a.k_proj.weight.val(), true),
+        ));
+        out.push((
+            format!("{p}.self_attn.v_proj.weight"),
+            host(a.v_proj.weight.val(), true),
+        ));
+        out.push((
+            format!("{p}.self_attn.o_proj.weight"),
+            host(a.o_proj.weight.val(), true),
+        ));
+        out.push((
+            format!("{p}.post_attention_layernorm.weight"),
+            host1(block.post_attention_layernorm.gamma.val()),
+        ));
+        out.push((
+            format!("{p}.mlp.gate_proj.weight"),
+            host(m.gate_proj.weight.val(), true),
+        ));
+        out.push((
+            format!("{p}.mlp.up_proj.weight"),
+            host(m.up_proj.weight.val(), true),
+        ));
+        out.push((
+            format!("{p}.mlp.down_proj.weight"),
+            host(m.down_proj.weight.val(), true),
+        ));
+    }
+    out.push((
+        "model.norm.weight".to_string(),
+        host1(model.head.norm.gamma.val()),
+    ));
+    out.push((
+        "lm_head.weight".to_string(),
+        host(model.head.output.weight.val(), true),
+    ));
+    out
+}
+
+fn to_f32_vec<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    t.into_data()
+        .convert::<f32>()
+        .into_vec::<f32>()
+        .expect("converted data holds f32")
+}
+
+fn host1<B: Backend>(t: Tensor<B, 1>) -> HostTensor {
+    HostTensor {
+        shape: t.dims().to_vec(),
+        values: to_f32_vec(t),
+    }
+}
+
+fn host<B: Backend>(t: Tensor<B, 2>, transpose: bool) -> HostTensor {
+    let [rows, cols] = t.dims();
+    let values = to_f32_vec(t);
+    if !transpose {
+        return HostTensor {
+            shape: vec![rows, cols],
+            values,
+        };
+    }
+    HostTensor {
+        shape: vec![cols, rows],
+        values: transpose_values(&values, rows, cols),
+    }
+}
+
+/// Transposes a row-major `[rows, cols]` buffer into `[cols, rows]`.
+fn transpose_values(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0.0f32; values.len()];
+    for r in 0..rows {
+        for c in 0..cols {
+            out[c * rows + r] = values[r * cols + c];
+        }
+    }
+    out
+}
+
+/// Where each tensor of a checkpoint lives.
+struct CheckpointFiles {
+    dir: PathBuf,
+    by_file: BTreeMap<PathBuf, Vec<String>>,
+}
+
+impl CheckpointFiles {
+    fn open(dir: &Path) -> Result<Self, ModelError> {
+        let index_path = dir.join(INDEX_FILE);
+        let single = dir.join(SINGLE_FILE);
+        let mut by_file: BTreeMap<PathBuf, Vec<String>> = BTreeMap::new();
+        if index_path.is_file() {
+            let text = std::fs::read_to_string(&index_path).map_err(io_err(&index_path))?;
+            let index: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| ModelError::Config {
+                    path: index_path.clone(),
+                    message: e.to_string(),
+                })?;
+            let map = index["weight_map"]
+                .as_object()
+                .ok_or_else(|| ModelError::Config {
+                    path: index_path.clone(),
+                    message: "`weight_map` is missing or not an object".into(),
+                })?;
+            for (name, file) in map {
+                let file = file.as_str().ok_or_else(|| ModelError::Config {
+                    path: index_path.clone(),
+                    message: format!("weight_map entry for `{name}` is not a string"),
+                })?;
+                if file.contains('/') || file.contains("..") {
+                    return Err(ModelError::Config {
+                        path: index_path.clone(),
+                        message: format!("shard name `{file}` must be a plain file name"),
+                    });
+                }
+                by_file
+                    .entry(dir.join(file))
+                    .or_default()
+                    .push(name.clone());
+            }
+        } else if single.is_file() {
+            by_file.insert(single, Vec::new());
+        } else {
+            return Err(ModelError::Io {
+                path: single,
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    format!("neither {SINGLE_FILE} nor {INDEX_FILE} exists"),
+                ),
+            });
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            by_file,
+        })
+    }
+
+    /// Reads every tensor of every file into memory as f32.
+    fn read_all(&self) -> Result<HashMap<String, HostTensor>, ModelError> {
+        let mut out = HashMap::new();
+        for path in self.by_file.keys() {
+            let bytes = std::fs::read(path).map_err(io_err(path))?;
+            let st = SafeTensors::deserialize(&bytes).map_err(|e| ModelError::Safetensors {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+            for (name, view) in st.tensors() {
+                let values = widen(view.dtype(), view.data()).ok_or_else(|| {
+                    ModelError::UnsupportedDtype {
+                        path: path.clone(),
+                        name: name.clone(),
+                        dtype: format!("{:?}", view.dtype()),
+                    }
+                })?;
+                out.insert(
+                    name,
+                    HostTensor {
+                        shape: view.shape().to_vec(),
+                        values,
+                    },
+                );
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn widen(dtype: Dtype, data: &[u8]) -> Option<Vec<f32>> {
+    Some(match dtype {
+        Dtype::F32 => data
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect(),
+        Dtype::BF16 => data
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        Dtype::F16 => data
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        _ => return None,
+    })
+}
+
+/// Reads `config.json` of an HF checkpoint directory.
+pub fn read_config(dir: &Path) -> Result<LlamaConfig, ModelError> {
+    let path = dir.join(CONFIG_FILE);
+    let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
+    let config = LlamaConfig::from_hf_json(&text).map_err(|message| ModelError::Config {
+        path: path.clone(),
+        message,
+    })?;
+    config.validate("config").map_err(|e| ModelError::Config {
+        path: path.clone(),
+        message: e.to_string(),
+    })?;
+    Ok(config)
+}
+
+/// Loads an HF checkpoint directory. Tied embeddings become an untied LM head (a copy).
+pub fn import<B: Backend>(
+    dir: &Path,
+    device: &B::Device,
+) -> Result<(Llama<B>, LlamaConfig), ModelError> {
+    let config = read_config(dir)?;
+    let files = CheckpointFiles::open(dir)?;
+    let mut tensors = files.read_all()?;
+    let ckpt = files.dir.clone();
+    let h = config.hidden_size;
+    let kv = config.num_kv_heads * config.head_dim();
+    let i = config.intermediate_size;
+    let v = config.vocab_size;
+
+    let mut take = |name: &str, expected: &[usize]| -> Result<HostTensor, ModelError> {
+        let t = tensors
+            .remove(name)
+            .ok_or_else(|| ModelError::MissingTensor {
+                path: ckpt.clone(),
+                name: name.to_string(),
+            })?;
+        if t.shape != expected {
+            return Err(ModelError::ShapeMismatch {
+                path: ckpt.clone(),
+                name: name.to_string(),
+                found: t.shape,
+                expected: expected.to_vec(),
+            });
+        }
+        Ok(t)
+    };
+
+    let embed = take("model.embed_tokens.weight", &[v, h])?;
+    let mut blocks = Vec::with_capacity(config.num_layers);
+    for layer in 0..config.num_layers {
+        let p = format!("model.layers.{layer}");
+        let norm1 = take(&format!("{p}.input_layernorm.weight"), &[h])?;
+        let q = take(&format!("{p}.self_attn.q_proj.weight"), &[h, h])?;
+        let k = take(&format!("{p}.self_attn.k_proj.weight"), &[kv, h])?;
+        let vv = take(&format!("{p}.self_attn.v_proj.weight"), &[kv, h])?;
+        let o = take(&format!("{p}.self_attn.o_proj.weight"), &[h, h])?;
+        let norm2 = take(&format!("{p}.post_attention_layernorm.weight"), &[h])?;
+        let gate = take(&format!("{p}.mlp.gate_proj.weight"), &[i, h])?;
+        let up = take(&format!("{p}.mlp.up_proj.weight"), &[i, h])?;
+        let down = take(&format!("{p}.mlp.down_proj.weight"), &[h, i])?;
+        blocks.push(Block {
+            input_layernorm: norm(norm1, config.rms_norm_eps, device),
+            self_attn: Attention {
+                q_proj: linear_from_hf(q, device),
+                k_proj: linear_from_hf(k, device),
+                v_proj: linear_from_hf(vv, device),
+                o_proj: linear_from_hf(o, device),
+                num_heads: config.num_heads,
+                num_kv_heads: config.num_kv_heads,
+                head_dim: config.head_dim(),
+            },
+            post_attention_layernorm: norm(norm2, config.rms_norm_eps, device),
+            mlp: Mlp {
+                gate_proj: linear_from_hf(gate, device),
+                up_proj: linear_from_hf(up, device),
+                down_proj: linear_from_hf(down, device),
+            },
+        });
+    }
+    let final_norm = take("model.norm.weight", &[h])?;
+    let lm_head = if config.tie_embeddings {
+        HostTensor {
+            shape: embed.shape.clone(),
+            values: embed.values.clone(),
+        }
+    } else {
+        take("lm_head.weight", &[v, h])?
+    };
+    // Tied checkpoints may still carry an lm_head copy; anything else left over is an error.
+    tensors.remove("lm_head.weight");
+    if let Some(name) = tensors.keys().find(|n| !n.ends_with("rotary_emb.inv_freq")) {
+        return Err(ModelError::UnexpectedTensor {
+            path: ckpt,
+            name: name.clone(),
+        });
+    }
+    let model = Llama {
+        embed_tokens: Embedding {
+            weight: Param::from_tensor(tensor2(embed, device)),
+        },
+        blocks,
+        head: LmHead {
+            norm: norm(final_norm, config.rms_norm_eps, device),
+            output: linear_from_hf(lm_head, device),
+        },
+    };
+    let mut config = config;
+    config.tie_embeddings = false;
+    Ok((model, config))
+}
+
+fn tensor2<B: Backend>(t: HostTensor, device: &B::Device) -> Tensor<B, 2> {
+    Tensor::from_data(TensorData::new(t.values, [t.shape[0], t.shape[1]]), device)
+}
+
+fn linear_from_hf<B: Backend>(t: HostTensor, device: &B::Device) -> Linear<B> {
+    let (out_dim, in_dim) = (t.shape[0], t.shape[1]);
+    let values = transpose_values(&t.values, out_dim, in_dim);
+    Linear {
+        weight: Param::from_tensor(Tensor::from_data(
+            TensorData::new(values, [in_dim, out_dim]),
+            device,
+        )),
+        bias: None,
+    }
+}
+
+fn norm<B: Backend>(t: HostTensor, epsilon: f64, device: &B::Device) -> RmsNorm<B> {
+    let len = t.shape[0];
+    RmsNorm {
+        gamma: Param::from_tensor(Tensor::from_data(TensorData::new(t.values, [len]), device)),
+        epsilon,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::LlamaInit;
+    use burn::backend::Flex;
+
+    type B = Flex;
+
+    fn all_values(dir: &Path) -> BTreeMap<String, (Vec<usize>, Vec<u32>)> {
+        let files = CheckpointFiles::open(dir).unwrap();
+        files
+            .read_all()
+            .unwrap()
+            .into_iter()
+            .map(|(k, t)| (k, (t.shape, t.values.iter().map(|v| v.to_bits()).collect())))
+            .collect()
+    }
+
+    #[test]
+    fn export_import_export_is_bit_exact_single_and_sharded() {
+        let config = LlamaConfig::preset("tiny").unwrap();
+        let device = Default::default();
+        let model = LlamaInit::random::<B>(&config, 5, &device);
+        let tmp = tempfile::tempdir().unwrap();
+        let a = tmp.path().join("a");
+        let b = tmp.path().join("b");
+        export(&model, &config, &a, None).unwrap();
+        let (loaded, loaded_config) = import::<B>(&a, &device).unwrap();
+        assert_eq!(loaded_config, config);
+        // Sharded export of the imported model: several files plus an index.
+        let written = export(&loaded, &loaded_config, &b, Some(100_000)).unwrap();
+        assert!(
+            written.len() > 3,
+            "expected several shards, got {written:?}"
+        );
+        assert!(b.join(INDEX_FILE).is_file());
+        assert_eq!(all_values(&a), all_values(&b));
+        // And the sharded checkpoint imports to the same logits.
+        let (again, _) = import::<B>(&b, &device).unwrap();
+        let tokens = Tensor::<B, 2, Int>::from_data(
+            TensorData::new(vec![3i64, 1, 4, 1, 5], [1, 5]),
+            &device,
+        );
+        model
+            .forward(tokens.clone(), &config)
+            .into_data()
+            .assert_eq(&again.forward(tokens, &config).into_data(), true);
+    }
+
+    #[test]
+    fn corrupt_and_incomplete_checkpoints_name_the_problem() {
+        let config = LlamaConfig::preset("tiny").unwrap();
+        let device = Default::default();
+        let model = LlamaInit::random::<B>(&config, 6, &device);
+        let tmp = tempfile::tempdir().unwrap();
+        export(&model, &config, tmp.path(), None).unwrap();
+        let file = tmp.path().join(SINGLE_FILE);
+        let mut bytes = std::fs::read(&file).unwrap();
+        bytes.truncate(bytes.len() / 2);
+        std::fs::write(&file, &bytes).unwrap();
+        let err = import::<B>(tmp.path(), &device).unwrap_err().to_string();
+        assert!(err.contains("model.safetensors"), "{err}");
+
+        let mut wrong = config.clone();
+        wrong.num_layers = 9;
+        export(&model, &config, tmp.path(), None).unwrap();
+        std::fs::write(tmp.path().join(CONFIG_FILE), wrong.to_hf_json()).unwrap();
+        let err = import::<B>(tmp.path(), &device).unwrap_err().to_string();
+        assert!(err.contains("model.layers.8"), "{err}");
+    }
+}

@@ -1,0 +1,203 @@
+//! The whole decoder: `head ∘ f_{n-1} ∘ … ∘ f_0 ∘ embed`, with every part callable on its own.
+
+use std::ops::Range;
+
+use burn::module::{ModuleVisitor, Param, ParamId};
+use burn::nn::{Embedding, EmbeddingConfig, Initializer, Linear, RmsNorm, RmsNormConfig};
+use burn::prelude::*;
+use burn::tensor::activation::log_softmax;
+use segprop_core::LlamaConfig;
+
+use crate::attention::linear;
+use crate::block::{Block, BlockConfig};
+use crate::rope::RopeTables;
+
+/// The final norm and the LM head (`model.norm`, `lm_head` in HF names).
+#[derive(Module, Debug)]
+pub struct LmHead<B: Backend> {
+    pub norm: RmsNorm<B>,
+    pub output: Linear<B>,
+}
+
+impl<B: Backend> LmHead<B> {
+    pub fn init(config: &LlamaConfig, device: &B::Device) -> Self {
+        Self {
+            norm: RmsNormConfig::new(config.hidden_size)
+                .with_epsilon(config.rms_norm_eps)
+                .init(device),
+            output: linear(config.hidden_size, config.vocab_size, 0.02, device),
+        }
+    }
+
+    /// # Shapes
+    /// - x: `[batch, seq, hidden]`
+    /// - output: logits `[batch, seq, vocab]`
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.output.forward(self.norm.forward(x))
+    }
+}
+
+/// A LLaMA-family decoder. Tied embeddings are materialized as an untied LM head in memory (the
+/// engine trains embed and head as separate units); see docs/adr/0002-model.md.
+#[derive(Module, Debug)]
+pub struct Llama<B: Backend> {
+    pub embed_tokens: Embedding<B>,
+    pub blocks: Vec<Block<B>>,
+    pub head: LmHead<B>,
+}
+
+/// Builds a randomly initialised model (normal(0, 0.02) weights, unit norms), seeded.
+pub struct LlamaInit;
+
+impl LlamaInit {
+    pub fn random<B: Backend>(config: &LlamaConfig, seed: u64, device: &B::Device) -> Llama<B> {
+        B::seed(device, seed);
+        let block = BlockConfig::from_llama(config);
+        Llama {
+            embed_tokens: EmbeddingConfig::new(config.vocab_size, config.hidden_size)
+                .with_initializer(Initializer::Normal {
+                    mean: 0.0,
+                    std: 0.02,
+                })
+                .init(device),
+            blocks: (0..config.num_layers).map(|_| block.init(device)).collect(),
+            head: LmHead::init(config, device),
+        }
+    }
+}
+
+impl<B: Backend> Llama<B> {
+    pub fn num_layers(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// # Shapes
+    /// - tokens: `[batch, seq]`
+    /// - output: `[batch, seq, hidden]`
+    pub fn embed(&self, tokens: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        self.embed_tokens.forward(tokens)
+    }
+
+    /// Runs blocks `range` in order (an empty range is the identity).
+    ///
+    /// # Shapes
+    /// - x: `[batch, seq, hidden]`
+    /// - output: `[batch, seq, hidden]`
+    pub fn forward_blocks(
+        &self,
+        x: Tensor<B, 3>,
+        range: Range<usize>,
+        rope: &RopeTables<B>,
+    ) -> Tensor<B, 3> {
+        self.blocks[range]
+            .iter()
+            .fold(x, |x, block| block.forward(x, rope))
+    }
+
+    /// The ordinary full forward pass.
+    ///
+    /// # Shapes
+    /// - tokens: `[batch, seq]`
+    /// - output: logits `[batch, seq, vocab]`
+    pub fn forward(&self, tokens: Tensor<B, 2, Int>, config: &LlamaConfig) -> Tensor<B, 3> {
+        let [_, seq] = tokens.dims();
+        let rope = RopeTables::new(config, seq, &tokens.device());
+        let x = self.embed(tokens);
+        let x = self.forward_blocks(x, 0..self.num_layers(), &rope);
+        self.head.forward(x)
+    }
+
+    /// Keeps only the blocks at `keep` (in order): the pruned model of a SegProp early exit.
+    pub fn retain_blocks(mut self, keep: &[usize]) -> Self {
+        let blocks = std::mem::take(&mut self.blocks);
+        self.blocks = blocks
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| keep.contains(i))
+            .map(|(_, b)| b)
+            .collect();
+        self
+    }
+}
+
+/// Mean next-token cross-entropy.
+///
+/// # Shapes
+/// - logits: `[batch, seq, vocab]`
+/// - targets: `[batch, seq]`
+/// - output: `[1]`
+pub fn cross_entropy<B: Backend>(logits: Tensor<B, 3>, targets: Tensor<B, 2, Int>) -> Tensor<B, 1> {
+    let [batch, seq, vocab] = logits.dims();
+    let logp = log_softmax(logits.reshape([batch * seq, vocab]), 1);
+    let picked = logp.gather(1, targets.reshape([batch * seq, 1])); // [batch * seq, 1]
+    picked.mean().neg()
+}
+
+/// Collects the ids of every parameter of a module.
+#[derive(Debug, Default, Clone)]
+pub struct ParamIds(pub Vec<ParamId>);
+
+impl ParamIds {
+    pub fn of<B: Backend, M: Module<B>>(module: &M) -> Self {
+        let mut ids = Self::default();
+        module.visit(&mut ids);
+        ids
+    }
+
+    pub fn extend_from<B: Backend, M: Module<B>>(&mut self, module: &M) {
+        module.visit(self);
+    }
+}
+
+impl<B: Backend> ModuleVisitor<B> for ParamIds {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+        self.0.push(param.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::Flex;
+
+    type B = Flex;
+
+    #[test]
+    fn forward_blocks_composes_like_the_full_forward() {
+        let config = LlamaConfig::preset("tiny").unwrap();
+        let device = Default::default();
+        let model = LlamaInit::random::<B>(&config, 1, &device);
+        let tokens = Tensor::<B, 2, Int>::from_data(
+            TensorData::new(vec![1i64, 5, 9, 200, 7, 3], [2, 3]),
+            &device,
+        );
+        let full = model.forward(tokens.clone(), &config);
+        let rope = RopeTables::new(&config, 3, &device);
+        let x = model.embed(tokens);
+        let x = model.forward_blocks(x, 0..3, &rope);
+        let x = model.forward_blocks(x, 3..8, &rope);
+        let split = model.head.forward(x);
+        full.into_data().assert_eq(&split.into_data(), true);
+    }
+
+    #[test]
+    fn causal_mask_hides_the_future() {
+        let config = LlamaConfig::preset("tiny").unwrap();
+        let device = Default::default();
+        let model = LlamaInit::random::<B>(&config, 2, &device);
+        let a =
+            Tensor::<B, 2, Int>::from_data(TensorData::new(vec![1i64, 2, 3, 4], [1, 4]), &device);
+        let b =
+            Tensor::<B, 2, Int>::from_data(TensorData::new(vec![1i64, 2, 3, 99], [1, 4]), &device);
+        let la = model.forward(a, &config).slice([0..1, 0..3]);
+        let lb = model.forward(b, &config).slice([0..1, 0..3]);
+        la.into_data().assert_eq(&lb.into_data(), true);
+    }
+
+    #[test]
+    fn retain_blocks_prunes() {
+        let config = LlamaConfig::preset("tiny").unwrap();
+        let model = LlamaInit::random::<B>(&config, 3, &Default::default());
+        assert_eq!(model.retain_blocks(&[0, 1, 6, 7]).num_layers(), 4);
+    }
+}
