@@ -171,7 +171,7 @@ impl LlamaConfig {
                 ));
             }
         }
-        if self.hidden_size % self.num_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_heads) {
             return Err(SpecError::invalid(
                 format!("{field}.num_heads"),
                 format!(
@@ -180,7 +180,7 @@ impl LlamaConfig {
                 ),
             ));
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return Err(SpecError::invalid(
                 format!("{field}.num_heads"),
                 format!(
@@ -189,7 +189,7 @@ impl LlamaConfig {
                 ),
             ));
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(SpecError::invalid(
                 format!("{field}.num_kv_heads"),
                 format!(

@@ -321,12 +321,19 @@ impl Default for SegPropSpec {
 pub struct LwSpec {
     #[serde(default = "default_stage_exit")]
     pub exit: ExitSpec,
+    /// Cache the frozen prefix's outputs, as SegProp does (keeps the comparison fair).
+    #[serde(default = "default_true")]
+    pub snapcheck: bool,
+    #[serde(default = "default_snapcheck_budget")]
+    pub snapcheck_memory_bytes: u64,
 }
 
 impl Default for LwSpec {
     fn default() -> Self {
         Self {
             exit: default_stage_exit(),
+            snapcheck: true,
+            snapcheck_memory_bytes: default_snapcheck_budget(),
         }
     }
 }

@@ -2,10 +2,12 @@
 
 use std::ops::Range;
 
-use burn::module::{ModuleVisitor, Param, ParamId};
+use burn::module::{ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::nn::{Embedding, EmbeddingConfig, Initializer, Linear, RmsNorm, RmsNormConfig};
 use burn::prelude::*;
 use burn::tensor::activation::log_softmax;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use segprop_core::LlamaConfig;
 
 use crate::attention::linear;
@@ -47,13 +49,15 @@ pub struct Llama<B: Backend> {
 }
 
 /// Builds a randomly initialised model (normal(0, 0.02) weights, unit norms), seeded.
+///
+/// Values come from a host-side generator seeded with `seed`, not from the backend's global RNG:
+/// the same seed gives the same weights on every backend and regardless of other threads.
 pub struct LlamaInit;
 
 impl LlamaInit {
     pub fn random<B: Backend>(config: &LlamaConfig, seed: u64, device: &B::Device) -> Llama<B> {
-        B::seed(device, seed);
         let block = BlockConfig::from_llama(config);
-        Llama {
+        let model = Llama {
             embed_tokens: EmbeddingConfig::new(config.vocab_size, config.hidden_size)
                 .with_initializer(Initializer::Normal {
                     mean: 0.0,
@@ -62,7 +66,63 @@ impl LlamaInit {
                 .init(device),
             blocks: (0..config.num_layers).map(|_| block.init(device)).collect(),
             head: LmHead::init(config, device),
+        };
+        model.map(&mut SeededInit::new(seed))
+    }
+
+    /// A freshly initialised LM head (final norm + output), seeded like [`LlamaInit::random`].
+    pub fn head<B: Backend>(config: &LlamaConfig, seed: u64, device: &B::Device) -> LmHead<B> {
+        LmHead::init(config, device).map(&mut SeededInit::new(seed))
+    }
+}
+
+/// Replaces every parameter: 1-D (norm scales) with ones, others with normal(0, 0.02) drawn from
+/// a seeded host generator, in the module's visiting order.
+struct SeededInit {
+    rng: StdRng,
+}
+
+impl SeededInit {
+    fn new(seed: u64) -> Self {
+        Self {
+            rng: StdRng::seed_from_u64(seed),
         }
+    }
+
+    /// Standard normal samples (Box-Muller).
+    fn normal(&mut self, n: usize, std: f64) -> Vec<f32> {
+        let mut out = Vec::with_capacity(n + 1);
+        while out.len() < n {
+            let u1: f64 = self.rng.random::<f64>().max(f64::MIN_POSITIVE);
+            let u2: f64 = self.rng.random();
+            let r = (-2.0 * u1.ln()).sqrt();
+            let theta = 2.0 * std::f64::consts::PI * u2;
+            out.push((std * r * theta.cos()) as f32);
+            out.push((std * r * theta.sin()) as f32);
+        }
+        out.truncate(n);
+        out
+    }
+}
+
+impl<B: Backend> ModuleMapper<B> for SeededInit {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let (id, tensor, mapper) = param.consume();
+        let shape = tensor.shape();
+        let device = tensor.device();
+        let n = shape.num_elements();
+        let values = if D == 1 {
+            vec![1.0f32; n]
+        } else {
+            self.normal(n, 0.02)
+        };
+        let fresh = Tensor::<B, D>::from_data(TensorData::new(values, shape), &device);
+        let fresh = if tensor.is_require_grad() {
+            fresh.require_grad()
+        } else {
+            fresh
+        };
+        Param::from_mapped_value(id, fresh, mapper)
     }
 }
 

@@ -72,8 +72,8 @@ impl<B: Backend> RopeTables<B> {
     /// - output: same as `x`
     pub fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let [_, _, seq, d] = x.dims();
-        let cos = self.cos.clone().slice([0..seq]).unsqueeze::<4>(); // [1, 1, seq, d]
-        let sin = self.sin.clone().slice([0..seq]).unsqueeze::<4>();
+        let cos = self.cos.clone().narrow(0, 0, seq).unsqueeze::<4>(); // [1, 1, seq, d]
+        let sin = self.sin.clone().narrow(0, 0, seq).unsqueeze::<4>();
         let x1 = x.clone().narrow(3, 0, d / 2);
         let x2 = x.clone().narrow(3, d / 2, d / 2);
         let rotated = Tensor::cat(vec![x2.neg(), x1], 3); // rotate_half(x)

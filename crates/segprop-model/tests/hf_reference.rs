@@ -2,6 +2,8 @@
 //! logits with the script's independent numpy forward pass. Needs python3 with numpy (`.ci/run`
 //! installs it).
 
+#![allow(clippy::unwrap_used)]
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 

@@ -1,1 +1,33 @@
-//! placeholder
+//! segprop-train: the training engine.
+//!
+//! It runs a job spec's regime (SegProp, layer-wise or end-to-end, DESIGN.md §2) on one device:
+//! [`segprop`] holds the algorithm as the papers state it, [`engine::Trainer`] the mechanics
+//! (steps, evaluation, exit criteria), [`snapcheck`] the prefix-activation cache, [`data`] the
+//! corpora and tokenizers, [`metrics`] the records observers receive, and [`run`] a whole job
+//! with its run directory (final model, metrics.jsonl, summary, loss plot).
+//!
+//! It depends on burn and segprop-model, never on gRPC or the coordinator: workers call it.
+
+pub mod adapter;
+pub mod alloc;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+pub mod data;
+pub mod engine;
+pub mod error;
+pub mod exit;
+pub mod metrics;
+pub mod plot;
+pub mod route;
+pub mod run;
+pub mod schedule;
+pub mod segprop;
+pub mod snapcheck;
+
+pub use engine::Trainer;
+pub use error::TrainError;
+pub use metrics::{RunSummary, TrainEvent, TrainObserver};
+pub use run::{RunOptions, run_job};
+
+/// The CPU training backend (burn's pure-Rust `flex` backend with autodiff).
+pub type CpuBackend = burn::backend::Autodiff<burn::backend::Flex>;

@@ -1,1 +1,149 @@
-fn main() {}
+//! `segprop-worker`: the worker daemon. In this release it has the standalone modes: `train`
+//! runs a job spec on the local machine, `validate` checks a spec and prints its stage plan.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use segprop_core::{JobSpec, StagePlan};
+use segprop_train::alloc::CountingAllocator;
+use segprop_train::metrics::{ProgressReporter, summary_table};
+use segprop_train::{RunOptions, TrainError};
+
+#[global_allocator]
+static ALLOC: CountingAllocator = CountingAllocator;
+
+/// The job that runs when `train` is given no spec file.
+const DEMO_JOB: &str = include_str!("../../../configs/jobs/demo.yaml");
+
+#[derive(Parser)]
+#[command(
+    name = "segprop-worker",
+    version,
+    about = "segprop worker: runs SegProp training stages"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a job spec on this machine and write the final model and metrics.
+    Train {
+        /// Job spec (YAML). Without one, the built-in demo job runs.
+        job: Option<PathBuf>,
+        /// Run directory (model/, metrics.jsonl, summary.json, loss.svg).
+        #[arg(long, default_value = "runs/demo")]
+        out: PathBuf,
+        /// Do not draw progress bars.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Check a job spec and print its stage plan.
+    Validate { job: PathBuf },
+}
+
+fn load_spec(job: Option<&PathBuf>) -> Result<JobSpec, segprop_core::SpecError> {
+    match job {
+        Some(path) => JobSpec::from_file(path),
+        None => JobSpec::from_yaml_str(DEMO_JOB, "<built-in demo job>"),
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SEGPROP_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Validate { job } => {
+            match load_spec(Some(&job)).and_then(|s| s.resolve_model_config().map(|c| (s, c))) {
+                Ok((spec, config)) => {
+                    let plan = StagePlan::new(&spec, config.num_layers);
+                    println!(
+                        "{}: valid ({} regime, {} parameters)",
+                        job.display(),
+                        spec.regime,
+                        config.num_params()
+                    );
+                    for stage in plan.stages {
+                        println!("  stage {:>3}: {}", stage.index, stage.name);
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(err) => {
+                    eprintln!("error: {err}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Command::Train { job, out, quiet } => {
+            let spec = match load_spec(job.as_ref()) {
+                Ok(spec) => spec,
+                Err(err) => {
+                    eprintln!("error: {err}");
+                    return ExitCode::from(2);
+                }
+            };
+            match train(spec, out, quiet) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err @ (TrainError::Spec(_) | TrainError::Corpus { .. })) => {
+                    eprintln!("error: {err}");
+                    ExitCode::from(2)
+                }
+                Err(err) => {
+                    eprintln!("error: {err}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+    }
+}
+
+fn train(spec: JobSpec, out: PathBuf, quiet: bool) -> Result<(), TrainError> {
+    let options = RunOptions::new(&out);
+    let mut progress = ProgressReporter::default();
+    let mut silent = segprop_train::metrics::RecordingObserver::default();
+    let observer: &mut dyn segprop_train::TrainObserver =
+        if quiet { &mut silent } else { &mut progress };
+    let summary =
+        match spec.resources.backend {
+            segprop_core::spec::BackendKind::Cpu => segprop_train::run_job::<
+                segprop_train::CpuBackend,
+            >(
+                spec, Default::default(), &options, observer
+            )?,
+            segprop_core::spec::BackendKind::Cuda => run_cuda(spec, &options, observer)?,
+        };
+    print!("{}", summary_table(&summary));
+    println!("model:   {}", out.join("model").display());
+    println!("metrics: {}", out.join("metrics.jsonl").display());
+    println!("plot:    {}", out.join("loss.svg").display());
+    Ok(())
+}
+
+#[cfg(feature = "cuda")]
+fn run_cuda(
+    spec: JobSpec,
+    options: &RunOptions,
+    observer: &mut dyn segprop_train::TrainObserver,
+) -> Result<segprop_train::RunSummary, TrainError> {
+    segprop_train::cuda::run_job_cuda(spec, options, observer)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn run_cuda(
+    _spec: JobSpec,
+    _options: &RunOptions,
+    _observer: &mut dyn segprop_train::TrainObserver,
+) -> Result<segprop_train::RunSummary, TrainError> {
+    Err(TrainError::Spec(segprop_core::SpecError::invalid(
+        "resources.backend",
+        "this segprop-worker was built without the `cuda` feature; rebuild with `--features cuda` or use `backend: cpu`",
+    )))
+}

@@ -1,0 +1,544 @@
+//! The trainer: one model, one dataset, and the mechanics every regime shares (a training step
+//! with accumulation and global-norm clipping, evaluation, prefix snapshots, a stage loop with
+//! exit criteria). The algorithm that sequences stages lives in [`crate::segprop`].
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::module::{AutodiffModule, ModuleVisitor, Param, ParamId};
+use burn::optim::adaptor::OptimizerAdaptor;
+use burn::optim::{AdamW, AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
+use burn::prelude::*;
+use burn::tensor::ElementConversion;
+use burn::tensor::backend::AutodiffBackend;
+use segprop_core::{ExitSpec, JobSpec, LlamaConfig, StagePlan, StagePlanEntry};
+use segprop_model::model::cross_entropy;
+use segprop_model::{Llama, LlamaInit, LmHead, ParamIds, RopeTables};
+
+use crate::adapter::IdentityAdapter;
+use crate::alloc;
+use crate::data::{Batch, Dataset};
+use crate::error::TrainError;
+use crate::exit::ExitTracker;
+use crate::metrics::{EvalRecord, StageRecord, StepRecord, TrainEvent, TrainObserver};
+use crate::route::{Route, RouteInput};
+use crate::schedule::LrSchedule;
+use crate::snapcheck::{SnapshotCache, SnapshotKey, Split};
+
+pub type AdamWOptimizer<B> = OptimizerAdaptor<AdamW, Llama<B>, B>;
+
+/// Parameters a stage trains: `local` get a fresh optimizer per stage; `head` (LL(r) in SegProp)
+/// keep their optimizer state across stages.
+#[derive(Debug, Clone, Default)]
+pub struct Trainable {
+    pub local: Vec<ParamId>,
+    pub head: Vec<ParamId>,
+}
+
+impl Trainable {
+    pub fn all(&self) -> Vec<ParamId> {
+        self.local.iter().chain(&self.head).copied().collect()
+    }
+}
+
+/// Runs training stages of one job on one device.
+pub struct Trainer<B: AutodiffBackend> {
+    pub spec: JobSpec,
+    pub config: LlamaConfig,
+    pub plan: StagePlan,
+    pub data: Dataset,
+    pub model: Llama<B>,
+    pub device: B::Device,
+    pub adapter: IdentityAdapter,
+    /// SnapCheck cache, when enabled for the regime.
+    pub cache: Option<SnapshotCache<B::InnerBackend>>,
+    /// The persistent optimizer of LL(r) (SegProp only).
+    pub head_optimizer: Option<AdamWOptimizer<B>>,
+    /// Global optimizer steps taken so far (x axis of the concatenated loss curve).
+    pub global_step: u64,
+    rope: RopeTables<B>,
+    rope_inner: RopeTables<B::InnerBackend>,
+    /// Inner-backend copy of the model taken at stage start: the frozen prefix runs on it.
+    frozen: Option<Llama<B::InnerBackend>>,
+    pub work_dir: PathBuf,
+}
+
+impl<B: AutodiffBackend> Trainer<B> {
+    /// Builds the model (random with `spec.seed`, or imported from `model.from.hf_dir`) and loads
+    /// the data. `work_dir` holds SnapCheck spill files.
+    pub fn new(spec: JobSpec, device: B::Device, work_dir: &Path) -> Result<Self, TrainError> {
+        let (model, config) = match &spec.model.from {
+            Some(from) => {
+                let (model, config) = segprop_model::hf::import::<B>(&from.hf_dir, &device)?;
+                spec.validate_against_model(&config)?;
+                (model, config)
+            }
+            None => {
+                let config = spec.resolve_model_config()?;
+                (LlamaInit::random::<B>(&config, spec.seed, &device), config)
+            }
+        };
+        let data = Dataset::load(&spec.data, spec.seed)?;
+        let plan = StagePlan::new(&spec, config.num_layers);
+        let (snapcheck, budget) = match spec.regime {
+            segprop_core::Regime::Segprop => {
+                (spec.segprop.snapcheck, spec.segprop.snapcheck_memory_bytes)
+            }
+            segprop_core::Regime::Lw => (spec.lw.snapcheck, spec.lw.snapcheck_memory_bytes),
+            segprop_core::Regime::E2e => (false, 0),
+        };
+        let cache =
+            snapcheck.then(|| SnapshotCache::new(budget, &work_dir.join("snapshots"), &device));
+        let rope = RopeTables::new(&config, spec.data.seq_len, &device);
+        let rope_inner = RopeTables::new(&config, spec.data.seq_len, &device);
+        Ok(Self {
+            spec,
+            config,
+            plan,
+            data,
+            model,
+            device,
+            adapter: IdentityAdapter,
+            cache,
+            head_optimizer: None,
+            global_step: 0,
+            rope,
+            rope_inner,
+            frozen: None,
+            work_dir: work_dir.to_path_buf(),
+        })
+    }
+
+    pub fn route(&self, entry: &StagePlanEntry) -> Route {
+        Route::new(entry.kind, self.config.num_layers, self.plan.head_layers)
+    }
+
+    /// Which parameters `route` trains.
+    pub fn trainable(&self, route: Route) -> Trainable {
+        let m = &self.model;
+        let mut local = ParamIds::default();
+        let mut head = ParamIds::default();
+        match route {
+            Route::Full { .. } => local.extend_from(m),
+            Route::Stage1 {
+                base_depth,
+                head_start,
+                num_layers,
+            } => {
+                local.extend_from(&m.embed_tokens);
+                for b in &m.blocks[0..base_depth] {
+                    local.extend_from(b);
+                }
+                for b in &m.blocks[head_start..num_layers] {
+                    head.extend_from(b);
+                }
+                head.extend_from(&m.head);
+            }
+            Route::Segment {
+                start,
+                end,
+                head_start,
+                num_layers,
+            } => {
+                for b in &m.blocks[start..end] {
+                    local.extend_from(b);
+                }
+                for b in &m.blocks[head_start..num_layers] {
+                    head.extend_from(b);
+                }
+                head.extend_from(&m.head);
+            }
+            Route::LwBlock { block } => {
+                if block == 0 {
+                    local.extend_from(&m.embed_tokens);
+                }
+                local.extend_from(&m.blocks[block]);
+                local.extend_from(&m.head);
+            }
+        }
+        Trainable {
+            local: local.0,
+            head: head.0,
+        }
+    }
+
+    pub fn new_optimizer(&self) -> AdamWOptimizer<B> {
+        let o = &self.spec.optimizer;
+        AdamWConfig::new()
+            .with_beta_1(o.betas[0] as f32)
+            .with_beta_2(o.betas[1] as f32)
+            .with_epsilon(o.eps as f32)
+            .with_weight_decay(o.weight_decay as f32)
+            .init::<B, Llama<B>>()
+    }
+
+    fn tokens<Bk: Backend>(
+        values: &[i64],
+        batch: &Batch,
+        device: &Bk::Device,
+    ) -> Tensor<Bk, 2, Int> {
+        Tensor::from_data(
+            TensorData::new(values.to_vec(), [batch.batch, batch.seq]),
+            device,
+        )
+    }
+
+    /// Takes an inner-backend copy of the current weights; the frozen prefix runs on it.
+    pub fn freeze_prefix(&mut self) {
+        self.frozen = Some(self.model.valid());
+    }
+
+    /// `StopGrad(f^{[0:depth]}(x))`: from SnapCheck when cached, else recomputed on the frozen copy
+    /// (and stored, filling the cache on first use).
+    pub fn prefix_output(
+        &mut self,
+        depth: usize,
+        split: Split,
+        batch: &Batch,
+    ) -> Tensor<B::InnerBackend, 3> {
+        let key = SnapshotKey {
+            depth,
+            split,
+            id: batch.id,
+        };
+        if let Some(cache) = &mut self.cache
+            && let Some(z) = cache.get(key)
+        {
+            return z;
+        }
+        let frozen = self.frozen.get_or_insert_with(|| self.model.valid());
+        let tokens = Self::tokens::<B::InnerBackend>(&batch.inputs, batch, &self.device);
+        let z = frozen.forward_blocks(frozen.embed(tokens), 0..depth, &self.rope_inner);
+        if let Some(cache) = &mut self.cache
+            && let Err(err) = cache.put(key, z.clone())
+        {
+            tracing::warn!(error = %err, depth, "cannot store snapshot; continuing without it");
+        }
+        z
+    }
+
+    /// Forward + loss of one micro-batch on the autodiff model.
+    fn loss(&mut self, route: Route, batch: &Batch) -> Tensor<B, 1> {
+        let x = match route.input() {
+            RouteInput::Embed => {
+                let tokens = Self::tokens::<B>(&batch.inputs, batch, &self.device);
+                self.model.embed(tokens)
+            }
+            RouteInput::Prefix { depth } => {
+                Tensor::from_inner(self.prefix_output(depth, Split::Train, batch))
+            }
+        };
+        let logits = route.forward(&self.model, x, &self.adapter, &self.rope);
+        let targets = Self::tokens::<B>(&batch.targets, batch, &self.device);
+        cross_entropy(logits, targets)
+    }
+
+    /// Ids of every parameter that receives a gradient from one micro-batch of `route` (tests use
+    /// it to prove the frozen prefix gets none).
+    pub fn gradient_param_ids(&mut self, route: Route, batch: &Batch) -> Vec<ParamId> {
+        let grads = self.loss(route, batch).backward();
+        let all = GradientsParams::from_grads::<B, _>(grads, &self.model);
+        ParamIds::of(&self.model)
+            .0
+            .into_iter()
+            .filter(|id| has_grad::<B>(&all, &self.model, *id))
+            .collect()
+    }
+
+    /// One optimizer step over `batches` (gradient accumulation): returns (mean loss, grad norm).
+    pub fn train_step(
+        &mut self,
+        route: Route,
+        batches: &[&Batch],
+        trainable: &Trainable,
+        local_opt: &mut AdamWOptimizer<B>,
+        lr: f64,
+    ) -> (f64, f64) {
+        let mut local_acc = GradientsAccumulator::<Llama<B>>::new();
+        let mut head_acc = GradientsAccumulator::<Llama<B>>::new();
+        let scale = 1.0 / batches.len() as f64;
+        let mut loss_sum = 0.0;
+        for batch in batches {
+            let loss = self.loss(route, batch);
+            loss_sum += loss.clone().into_scalar().elem::<f64>();
+            let mut grads = loss.mul_scalar(scale).backward();
+            let local = GradientsParams::from_params(&mut grads, &self.model, &trainable.local);
+            local_acc.accumulate(&self.model, local);
+            if !trainable.head.is_empty() {
+                let head = GradientsParams::from_params(&mut grads, &self.model, &trainable.head);
+                head_acc.accumulate(&self.model, head);
+            }
+        }
+        let mut local = local_acc.grads();
+        let mut head = head_acc.grads();
+        let norm = global_grad_norm::<B>(&self.model, &[&local, &head]);
+        if let Some(clip) = self.spec.optimizer.grad_clip
+            && norm > clip
+        {
+            let factor = clip / (norm + 1e-6);
+            scale_grads::<B>(&self.model, &mut local, factor);
+            scale_grads::<B>(&self.model, &mut head, factor);
+        }
+        self.model = local_opt.step(lr, self.model.clone(), local);
+        if !trainable.head.is_empty() {
+            let head_opt = self.head_optimizer.get_or_insert_with(|| {
+                AdamWConfig::new()
+                    .with_beta_1(self.spec.optimizer.betas[0] as f32)
+                    .with_beta_2(self.spec.optimizer.betas[1] as f32)
+                    .with_epsilon(self.spec.optimizer.eps as f32)
+                    .with_weight_decay(self.spec.optimizer.weight_decay as f32)
+                    .init::<B, Llama<B>>()
+            });
+            self.model = head_opt.step(lr, self.model.clone(), head);
+        }
+        (loss_sum * scale, norm)
+    }
+
+    /// Mean held-out loss of the network `route` describes, on the current weights.
+    pub fn evaluate(&mut self, route: Route) -> f64 {
+        let model = self.model.valid();
+        let limit = match self.spec.eval.max_batches {
+            0 => self.data.eval.len(),
+            n => n.min(self.data.eval.len()),
+        };
+        let batches: Vec<Batch> = self.data.eval[..limit].to_vec();
+        let mut total = 0.0;
+        for batch in &batches {
+            let x = match route.input() {
+                RouteInput::Embed => model.embed(Self::tokens(&batch.inputs, batch, &self.device)),
+                RouteInput::Prefix { depth } => self.prefix_output(depth, Split::Eval, batch),
+            };
+            let logits = route.forward(&model, x, &self.adapter, &self.rope_inner);
+            let targets = Self::tokens(&batch.targets, batch, &self.device);
+            total += cross_entropy(logits, targets).into_scalar().elem::<f64>();
+        }
+        total / batches.len().max(1) as f64
+    }
+
+    /// Held-out loss of the current model as an ordinary model (full forward, no snapshots).
+    pub fn evaluate_full_model(&mut self) -> f64 {
+        self.evaluate(Route::Full {
+            num_layers: self.model.num_layers(),
+        })
+    }
+
+    /// Trains one stage until its exit criterion holds. Does not commit: the caller does.
+    pub fn train_stage(
+        &mut self,
+        entry: &StagePlanEntry,
+        exit: &ExitSpec,
+        observer: &mut dyn TrainObserver,
+    ) -> Result<StageRecord, TrainError> {
+        let route = self.route(entry);
+        let trainable = self.trainable(route);
+        let trainable_params = count_params(&self.model, &trainable.all());
+        self.freeze_prefix();
+        let mut local_opt = self.new_optimizer();
+        let accum = self.spec.optimizer.grad_accum;
+        let steps_per_epoch = (self.data.train.len() / accum).max(1) as u64;
+        let mut tracker = ExitTracker::new(exit);
+        let budget = tracker.step_budget(steps_per_epoch);
+        let schedule = LrSchedule::new(
+            self.spec.optimizer.lr,
+            &self.spec.optimizer.schedule,
+            budget,
+        );
+        observer.on_event(&TrainEvent::StageStarted {
+            stage: entry.name.clone(),
+            stage_index: entry.index,
+            num_stages: self.plan.stages.len(),
+            budget_steps: budget,
+            trainable_params,
+        });
+        if let Some(cache) = &self.cache {
+            tracing::debug!(stage = %entry.name, depths = ?cache.depths(), "stage starts");
+        }
+        alloc::reset_peak();
+        let started = Instant::now();
+        let tokens_per_step = (accum * self.spec.data.batch_size * self.spec.data.seq_len) as u64;
+        let (mut step, mut epoch) = (0u64, 0u64);
+        let mut last_loss = f64::NAN;
+        let mut last_eval: Option<(u64, f64)> = None;
+        let reason = 'train: loop {
+            let order = self
+                .data
+                .epoch_order(self.spec.seed ^ ((entry.index as u64) << 32), epoch);
+            for chunk in order.chunks_exact(accum) {
+                if observer.cancelled() {
+                    return Err(TrainError::Cancelled);
+                }
+                let batches: Vec<Batch> =
+                    chunk.iter().map(|&i| self.data.train[i].clone()).collect();
+                let refs: Vec<&Batch> = batches.iter().collect();
+                let step_started = Instant::now();
+                let lr = schedule.lr(step);
+                let (loss, grad_norm) =
+                    self.train_step(route, &refs, &trainable, &mut local_opt, lr);
+                if !loss.is_finite() {
+                    return Err(TrainError::NonFiniteLoss {
+                        stage: entry.name.clone(),
+                        step: step + 1,
+                        value: loss,
+                    });
+                }
+                step += 1;
+                self.global_step += 1;
+                last_loss = loss;
+                observer.on_event(&TrainEvent::Step(StepRecord {
+                    stage: entry.name.clone(),
+                    stage_index: entry.index,
+                    step,
+                    global_step: self.global_step,
+                    loss,
+                    lr,
+                    grad_norm,
+                    tokens_per_s: tokens_per_step as f64 / step_started.elapsed().as_secs_f64(),
+                }));
+                if step % self.spec.eval.every_steps == 0 {
+                    let eval_loss = self.evaluate(route);
+                    last_eval = Some((step, eval_loss));
+                    self.emit_eval(observer, entry, step, eval_loss);
+                    if let Some(reason) = tracker.on_eval(eval_loss) {
+                        break 'train reason;
+                    }
+                }
+                if let Some(reason) = tracker.on_step(step, epoch) {
+                    break 'train reason;
+                }
+            }
+            epoch += 1;
+            if let Some(reason) = tracker.on_step(step, epoch) {
+                break reason;
+            }
+        };
+        let wall_s = started.elapsed().as_secs_f64();
+        let eval_loss = match last_eval {
+            Some((at, loss)) if at == step => loss,
+            _ => {
+                let loss = self.evaluate(route);
+                self.emit_eval(observer, entry, step, loss);
+                loss
+            }
+        };
+        let record = StageRecord {
+            stage: entry.name.clone(),
+            stage_index: entry.index,
+            steps: step,
+            exit_reason: reason,
+            final_train_loss: last_loss,
+            eval_loss,
+            eval_ppl: eval_loss.exp(),
+            wall_s,
+            tokens: step * tokens_per_step,
+            tokens_per_s: (step * tokens_per_step) as f64 / wall_s.max(1e-9),
+            trainable_params,
+            peak_bytes: alloc::peak_bytes().map(|b| b as u64),
+            snapshots: self.cache.as_ref().map(|c| c.stats()),
+        };
+        observer.on_event(&TrainEvent::StageFinished(record.clone()));
+        Ok(record)
+    }
+
+    fn emit_eval(
+        &self,
+        observer: &mut dyn TrainObserver,
+        entry: &StagePlanEntry,
+        step: u64,
+        eval_loss: f64,
+    ) {
+        observer.on_event(&TrainEvent::Eval(EvalRecord {
+            stage: entry.name.clone(),
+            stage_index: entry.index,
+            step,
+            global_step: self.global_step,
+            eval_loss,
+            eval_ppl: eval_loss.exp(),
+        }));
+    }
+
+    /// A fresh local head for the layer-wise baseline (same init for every block, seeded).
+    pub fn fresh_local_head(&self, block: usize) -> LmHead<B> {
+        let _ = block;
+        LlamaInit::head(
+            &self.config,
+            self.spec.seed.wrapping_add(1000),
+            &self.device,
+        )
+    }
+}
+
+/// Whether `grads` holds a gradient for parameter `id` of `model`.
+fn has_grad<B: AutodiffBackend>(grads: &GradientsParams, model: &Llama<B>, id: ParamId) -> bool {
+    struct Probe<'a> {
+        grads: &'a GradientsParams,
+        id: ParamId,
+        found: bool,
+    }
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Probe<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            if param.id == self.id {
+                self.found = self.grads.get::<B::InnerBackend, D>(param.id).is_some();
+            }
+        }
+    }
+    let mut probe = Probe {
+        grads,
+        id,
+        found: false,
+    };
+    model.visit(&mut probe);
+    probe.found
+}
+
+/// L2 norm over every gradient in `sets` (the global norm that clipping uses).
+fn global_grad_norm<B: AutodiffBackend>(model: &Llama<B>, sets: &[&GradientsParams]) -> f64 {
+    struct Norm<'a> {
+        sets: &'a [&'a GradientsParams],
+        total: f64,
+    }
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Norm<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            for set in self.sets {
+                if let Some(g) = set.get::<B::InnerBackend, D>(param.id) {
+                    self.total += g.square().sum().into_scalar().elem::<f64>();
+                }
+            }
+        }
+    }
+    let mut norm = Norm { sets, total: 0.0 };
+    model.visit(&mut norm);
+    norm.total.sqrt()
+}
+
+fn scale_grads<B: AutodiffBackend>(model: &Llama<B>, grads: &mut GradientsParams, factor: f64) {
+    struct Scale<'a> {
+        grads: &'a mut GradientsParams,
+        factor: f64,
+    }
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Scale<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            if let Some(g) = self.grads.remove::<B::InnerBackend, D>(param.id) {
+                self.grads.register(param.id, g.mul_scalar(self.factor));
+            }
+        }
+    }
+    model.visit(&mut Scale { grads, factor });
+}
+
+/// Number of scalar parameters among `ids`.
+pub fn count_params<B: Backend>(model: &Llama<B>, ids: &[ParamId]) -> u64 {
+    struct Count<'a> {
+        ids: &'a [ParamId],
+        total: u64,
+    }
+    impl<B: Backend> ModuleVisitor<B> for Count<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            if self.ids.contains(&param.id) {
+                self.total += param.shape().num_elements() as u64;
+            }
+        }
+    }
+    let mut count = Count { ids, total: 0 };
+    model.visit(&mut count);
+    count.total
+}

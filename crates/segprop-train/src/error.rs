@@ -1,0 +1,38 @@
+//! Errors of the training engine.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("invalid job spec: {0}")]
+    Spec(#[from] segprop_core::SpecError),
+    #[error("corpus {path}: {message}")]
+    Corpus { path: PathBuf, message: String },
+    #[error("model: {0}")]
+    Model(#[from] segprop_model::ModelError),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "stage {stage}: loss became {value} at step {step}; lower optimizer.lr or enable optimizer.grad_clip"
+    )]
+    NonFiniteLoss {
+        stage: String,
+        step: u64,
+        value: f64,
+    },
+    #[error("no {backend} device is available on this machine")]
+    NoDevice { backend: String },
+    #[error("training was cancelled")]
+    Cancelled,
+}
+
+impl TrainError {
+    pub fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> TrainError {
+        let path = path.into();
+        move |source| TrainError::Io { path, source }
+    }
+}

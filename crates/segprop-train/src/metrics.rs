@@ -1,0 +1,246 @@
+//! What the engine reports: per-step, per-eval and per-stage records, delivered to observers
+//! (the JSONL writer, terminal progress bars, a worker's heartbeat later).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+
+use crate::exit::ExitReason;
+use crate::snapcheck::SnapshotStats;
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct StepRecord {
+    pub stage: String,
+    pub stage_index: usize,
+    /// 1-based optimizer step within the stage.
+    pub step: u64,
+    /// 1-based optimizer step across the whole job (stage-concatenated x axis).
+    pub global_step: u64,
+    pub loss: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub tokens_per_s: f64,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct EvalRecord {
+    pub stage: String,
+    pub stage_index: usize,
+    pub step: u64,
+    pub global_step: u64,
+    pub eval_loss: f64,
+    pub eval_ppl: f64,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct StageRecord {
+    pub stage: String,
+    pub stage_index: usize,
+    pub steps: u64,
+    pub exit_reason: ExitReason,
+    pub final_train_loss: f64,
+    pub eval_loss: f64,
+    pub eval_ppl: f64,
+    pub wall_s: f64,
+    pub tokens: u64,
+    pub tokens_per_s: f64,
+    pub trainable_params: u64,
+    /// Peak live host heap during the stage (only with the counting allocator installed).
+    pub peak_bytes: Option<u64>,
+    pub snapshots: Option<SnapshotStats>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct RunSummary {
+    pub job: String,
+    pub regime: String,
+    pub num_params: u64,
+    pub stages: Vec<StageRecord>,
+    pub total_steps: u64,
+    pub wall_s: f64,
+    pub tokens_per_s: f64,
+    /// Held-out loss of the exported model (full forward).
+    pub final_eval_loss: f64,
+    pub final_eval_ppl: f64,
+    pub final_num_layers: usize,
+    /// Set when a global exit criterion stopped stage 2 early and the model was pruned.
+    pub early_exit: Option<ExitReason>,
+    pub model_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum TrainEvent {
+    StageStarted {
+        stage: String,
+        stage_index: usize,
+        num_stages: usize,
+        budget_steps: u64,
+        trainable_params: u64,
+    },
+    Step(StepRecord),
+    Eval(EvalRecord),
+    StageFinished(StageRecord),
+    RunFinished(RunSummary),
+}
+
+/// Receives engine events. Implementations must be cheap: they run on the training thread.
+pub trait TrainObserver {
+    fn on_event(&mut self, event: &TrainEvent);
+
+    /// Polled between steps; returning true stops the job with [`crate::TrainError::Cancelled`].
+    fn cancelled(&self) -> bool {
+        false
+    }
+}
+
+/// Keeps every event (tests, benches).
+#[derive(Debug, Default)]
+pub struct RecordingObserver {
+    pub events: Vec<TrainEvent>,
+}
+
+impl RecordingObserver {
+    pub fn steps(&self) -> Vec<&StepRecord> {
+        self.events
+            .iter()
+            .filter_map(|e| match e {
+                TrainEvent::Step(s) => Some(s),
+                _ => None,
+            })
+            .collect()
+    }
+
+    pub fn stages(&self) -> Vec<&StageRecord> {
+        self.events
+            .iter()
+            .filter_map(|e| match e {
+                TrainEvent::StageFinished(s) => Some(s),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+impl TrainObserver for RecordingObserver {
+    fn on_event(&mut self, event: &TrainEvent) {
+        self.events.push(event.clone());
+    }
+}
+
+/// Appends one JSON object per event to `metrics.jsonl`.
+pub struct JsonlWriter {
+    path: PathBuf,
+    file: std::io::BufWriter<std::fs::File>,
+}
+
+impl JsonlWriter {
+    pub fn create(path: &Path) -> std::io::Result<Self> {
+        Ok(Self {
+            path: path.to_path_buf(),
+            file: std::io::BufWriter::new(std::fs::File::create(path)?),
+        })
+    }
+}
+
+impl TrainObserver for JsonlWriter {
+    fn on_event(&mut self, event: &TrainEvent) {
+        let line = serde_json::to_string(event).unwrap_or_default();
+        if writeln!(self.file, "{line}").is_err() {
+            tracing::warn!(path = %self.path.display(), "cannot append to metrics file");
+        }
+        if matches!(
+            event,
+            TrainEvent::StageFinished(_) | TrainEvent::RunFinished(_)
+        ) {
+            let _ = self.file.flush();
+        }
+    }
+}
+
+/// One progress bar per stage on stderr (hidden when stderr is not a terminal).
+#[derive(Default)]
+pub struct ProgressReporter {
+    bar: Option<ProgressBar>,
+}
+
+impl TrainObserver for ProgressReporter {
+    fn on_event(&mut self, event: &TrainEvent) {
+        match event {
+            TrainEvent::StageStarted {
+                stage,
+                stage_index,
+                num_stages,
+                budget_steps,
+                ..
+            } => {
+                let bar = ProgressBar::new(*budget_steps);
+                bar.set_style(
+                    ProgressStyle::with_template(
+                        "{prefix:>22} [{bar:30}] {pos:>5}/{len:5} {msg} ({elapsed}, eta {eta})",
+                    )
+                    .unwrap_or_else(|_| ProgressStyle::default_bar())
+                    .progress_chars("=> "),
+                );
+                bar.set_prefix(format!("[{}/{}] {stage}", stage_index + 1, num_stages));
+                self.bar = Some(bar);
+            }
+            TrainEvent::Step(s) => {
+                if let Some(bar) = &self.bar {
+                    bar.set_position(s.step);
+                    bar.set_message(format!("loss {:.4} {:.0} tok/s", s.loss, s.tokens_per_s));
+                }
+            }
+            TrainEvent::StageFinished(s) => {
+                if let Some(bar) = self.bar.take() {
+                    bar.finish_with_message(format!(
+                        "eval {:.4} ({:?})",
+                        s.eval_loss, s.exit_reason
+                    ));
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Plain-text table of the stages of a run.
+pub fn summary_table(summary: &RunSummary) -> String {
+    let mut out = format!(
+        "{:<16} {:>7} {:>12} {:>10} {:>10} {:>9} {:>11} {:>12}\n",
+        "stage", "steps", "exit", "train", "eval", "ppl", "tok/s", "peak MiB"
+    );
+    for s in &summary.stages {
+        let peak = s
+            .peak_bytes
+            .map(|b| format!("{:.1}", b as f64 / (1u64 << 20) as f64))
+            .unwrap_or_else(|| "-".into());
+        out.push_str(&format!(
+            "{:<16} {:>7} {:>12} {:>10.4} {:>10.4} {:>9.2} {:>11.0} {:>12}\n",
+            s.stage,
+            s.steps,
+            format!("{:?}", s.exit_reason),
+            s.final_train_loss,
+            s.eval_loss,
+            s.eval_ppl,
+            s.tokens_per_s,
+            peak
+        ));
+    }
+    out.push_str(&format!(
+        "final model: {} layers, eval loss {:.4} (ppl {:.2}), {} steps in {:.1}s, {:.0} tok/s{}\n",
+        summary.final_num_layers,
+        summary.final_eval_loss,
+        summary.final_eval_ppl,
+        summary.total_steps,
+        summary.wall_s,
+        summary.tokens_per_s,
+        match summary.early_exit {
+            Some(reason) => format!(", early exit ({reason:?})"),
+            None => String::new(),
+        }
+    ));
+    out
+}

@@ -1,0 +1,175 @@
+//! A whole job on the local machine: build the trainer, run the plan, export the final model and
+//! write the run directory.
+//!
+//! Run directory layout:
+//! - `job.yaml`: the resolved spec that ran;
+//! - `metrics.jsonl`: one event per line (steps, evals, stage ends, the run summary);
+//! - `summary.json`, and `summary.txt` (the table printed at the end);
+//! - `loss.svg`: stage-concatenated train loss and held-out loss;
+//! - `model/`: the final model in Hugging Face layout (`config.json` + `model.safetensors`).
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::tensor::backend::AutodiffBackend;
+use segprop_core::JobSpec;
+
+use crate::engine::Trainer;
+use crate::error::TrainError;
+use crate::metrics::{
+    JsonlWriter, RecordingObserver, RunSummary, TrainEvent, TrainObserver, summary_table,
+};
+use crate::plot::{Series, loss_curves_svg};
+use crate::segprop::run_plan;
+
+/// Process-level options of a local run (not part of the job spec).
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub out_dir: PathBuf,
+    /// Shard the exported safetensors above this size (HF's usual is 5 GB).
+    pub max_shard_bytes: Option<u64>,
+}
+
+impl RunOptions {
+    pub fn new(out_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            out_dir: out_dir.into(),
+            max_shard_bytes: Some(5_000_000_000),
+        }
+    }
+}
+
+/// Fans events out to several observers.
+struct Fanout<'a> {
+    observers: Vec<&'a mut dyn TrainObserver>,
+}
+
+impl TrainObserver for Fanout<'_> {
+    fn on_event(&mut self, event: &TrainEvent) {
+        for o in &mut self.observers {
+            o.on_event(event);
+        }
+    }
+
+    fn cancelled(&self) -> bool {
+        self.observers.iter().any(|o| o.cancelled())
+    }
+}
+
+/// Runs `spec` on `device` and writes the run directory. `observer` also receives every event.
+pub fn run_job<B: AutodiffBackend>(
+    spec: JobSpec,
+    device: B::Device,
+    options: &RunOptions,
+    observer: &mut dyn TrainObserver,
+) -> Result<RunSummary, TrainError> {
+    let out = &options.out_dir;
+    std::fs::create_dir_all(out).map_err(TrainError::io(out))?;
+    let resolved = serde_yaml::to_string(&spec).unwrap_or_default();
+    write(&out.join("job.yaml"), &resolved)?;
+    let started = Instant::now();
+    let work_dir = out.join("work");
+    let mut trainer = Trainer::<B>::new(spec, device, &work_dir)?;
+    let num_params = trainer.config.num_params();
+    tracing::info!(
+        job = %trainer.spec.name,
+        regime = %trainer.spec.regime,
+        params = num_params,
+        stages = trainer.plan.stages.len(),
+        train_batches = trainer.data.train.len(),
+        eval_batches = trainer.data.eval.len(),
+        "job starts"
+    );
+
+    let mut jsonl = JsonlWriter::create(&out.join("metrics.jsonl"))
+        .map_err(TrainError::io(out.join("metrics.jsonl")))?;
+    let mut recorder = RecordingObserver::default();
+    let outcome = {
+        let mut fanout = Fanout {
+            observers: vec![&mut jsonl, &mut recorder, observer],
+        };
+        run_plan(&mut trainer, &mut fanout)?
+    };
+
+    let final_eval_loss = trainer.evaluate_full_model();
+    let model_dir = out.join("model");
+    segprop_model::hf::export(
+        &trainer.model,
+        &trainer.config,
+        &model_dir,
+        options.max_shard_bytes,
+    )?;
+    let _ = std::fs::remove_dir_all(&work_dir);
+
+    let wall_s = started.elapsed().as_secs_f64();
+    let total_steps = outcome.stages.iter().map(|s| s.steps).sum();
+    let tokens: u64 = outcome.stages.iter().map(|s| s.tokens).sum();
+    let summary = RunSummary {
+        job: trainer.spec.name.clone(),
+        regime: trainer.spec.regime.to_string(),
+        num_params,
+        stages: outcome.stages,
+        total_steps,
+        wall_s,
+        tokens_per_s: tokens as f64 / wall_s.max(1e-9),
+        final_eval_loss,
+        final_eval_ppl: final_eval_loss.exp(),
+        final_num_layers: trainer.model.num_layers(),
+        early_exit: outcome.early_exit,
+        model_dir: Some(model_dir),
+    };
+    let event = TrainEvent::RunFinished(summary.clone());
+    jsonl.on_event(&event);
+    observer.on_event(&event);
+
+    write(
+        &out.join("summary.json"),
+        &serde_json::to_string_pretty(&summary).unwrap_or_default(),
+    )?;
+    write(&out.join("summary.txt"), &summary_table(&summary))?;
+    write(&out.join("loss.svg"), &loss_plot(&summary, &recorder))?;
+    Ok(summary)
+}
+
+fn write(path: &Path, text: &str) -> Result<(), TrainError> {
+    std::fs::write(path, text).map_err(TrainError::io(path))
+}
+
+/// The stage-concatenated loss curves of one run.
+pub fn loss_plot(summary: &RunSummary, recorder: &RecordingObserver) -> String {
+    let train: Vec<(f64, f64)> = recorder
+        .steps()
+        .iter()
+        .map(|s| (s.global_step as f64, s.loss))
+        .collect();
+    let eval: Vec<(f64, f64)> = recorder
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            TrainEvent::Eval(r) => Some((r.global_step as f64, r.eval_loss)),
+            _ => None,
+        })
+        .collect();
+    let mut boundaries = Vec::new();
+    let mut at = 0u64;
+    for stage in &summary.stages {
+        boundaries.push((at as f64, stage.stage.clone()));
+        at += stage.steps;
+    }
+    loss_curves_svg(
+        &format!("{} ({}): loss by stage", summary.job, summary.regime),
+        &[
+            Series {
+                label: "train loss".into(),
+                points: train,
+                markers: false,
+            },
+            Series {
+                label: "held-out loss".into(),
+                points: eval,
+                markers: true,
+            },
+        ],
+        &boundaries,
+    )
+}

@@ -1,0 +1,320 @@
+//! SnapCheck: the cache `S[depth, batch]` of detached outputs of the committed prefix.
+//!
+//! Because the prefix `0..q` is frozen during a stage, its output for a given batch never changes:
+//! the engine computes it once (filled on first use) and reads it back on every later epoch. When
+//! segment `[q, q+k)` commits, [`SnapshotCache::advance`] computes `S[q+k, b] = segment(S[q, b])`,
+//! one segment's forward per batch, never the whole prefix again. Entries live in memory up to a
+//! byte budget and spill to files beyond it; a spilled entry carries a checksum, and a missing or
+//! corrupt entry reads as a miss so the caller recomputes it.
+
+use std::collections::{BTreeSet, HashMap};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use burn::prelude::*;
+use serde::Serialize;
+
+/// Train and eval batches have separate id spaces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Split {
+    Train,
+    Eval,
+}
+
+/// `S[depth, batch]`: the output of blocks `0..depth` for batch `id` of `split`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SnapshotKey {
+    pub depth: usize,
+    pub split: Split,
+    pub id: usize,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct SnapshotStats {
+    pub hits: u64,
+    pub misses: u64,
+    /// Spilled entries whose checksum or size did not match (recomputed by the caller).
+    pub corrupt: u64,
+    pub memory_bytes: u64,
+    pub disk_bytes: u64,
+    pub entries: usize,
+    /// Entries produced by [`SnapshotCache::advance`] rather than a prefix forward.
+    pub advanced: u64,
+}
+
+const MAGIC: &[u8; 8] = b"SPSNAP01";
+
+pub struct SnapshotCache<B: Backend> {
+    memory_budget: u64,
+    spill_dir: PathBuf,
+    device: B::Device,
+    memory: HashMap<SnapshotKey, Tensor<B, 3>>,
+    disk: HashMap<SnapshotKey, (PathBuf, u64)>,
+    stats: SnapshotStats,
+}
+
+impl<B: Backend> SnapshotCache<B> {
+    /// A cache keeping up to `memory_budget` bytes in memory and spilling the rest to `spill_dir`.
+    pub fn new(memory_budget: u64, spill_dir: &Path, device: &B::Device) -> Self {
+        Self {
+            memory_budget,
+            spill_dir: spill_dir.to_path_buf(),
+            device: device.clone(),
+            memory: HashMap::new(),
+            disk: HashMap::new(),
+            stats: SnapshotStats::default(),
+        }
+    }
+
+    pub fn stats(&self) -> SnapshotStats {
+        let mut stats = self.stats.clone();
+        stats.entries = self.memory.len() + self.disk.len();
+        stats
+    }
+
+    /// Depths that currently hold at least one entry.
+    pub fn depths(&self) -> BTreeSet<usize> {
+        self.memory
+            .keys()
+            .chain(self.disk.keys())
+            .map(|k| k.depth)
+            .collect()
+    }
+
+    /// Returns `S[key]`, or `None` (a miss) when absent or corrupt.
+    pub fn get(&mut self, key: SnapshotKey) -> Option<Tensor<B, 3>> {
+        if let Some(t) = self.memory.get(&key) {
+            self.stats.hits += 1;
+            return Some(t.clone());
+        }
+        let Some((path, bytes)) = self.disk.get(&key).cloned() else {
+            self.stats.misses += 1;
+            return None;
+        };
+        match read_spilled::<B>(&path, &self.device) {
+            Some(t) => {
+                self.stats.hits += 1;
+                Some(t)
+            }
+            None => {
+                self.stats.corrupt += 1;
+                self.stats.misses += 1;
+                self.disk.remove(&key);
+                self.stats.disk_bytes -= bytes;
+                let _ = std::fs::remove_file(&path);
+                None
+            }
+        }
+    }
+
+    /// Stores `S[key]` (a detached tensor `[batch, seq, hidden]`).
+    pub fn put(&mut self, key: SnapshotKey, value: Tensor<B, 3>) -> std::io::Result<()> {
+        self.remove(key);
+        let bytes = (value.shape().num_elements() * 4) as u64;
+        if self.stats.memory_bytes + bytes <= self.memory_budget {
+            self.stats.memory_bytes += bytes;
+            self.memory.insert(key, value);
+            return Ok(());
+        }
+        std::fs::create_dir_all(&self.spill_dir)?;
+        let name = format!(
+            "d{}-{}-{}.snap",
+            key.depth,
+            match key.split {
+                Split::Train => "train",
+                Split::Eval => "eval",
+            },
+            key.id
+        );
+        let path = self.spill_dir.join(name);
+        let written = write_spilled(&path, value)?;
+        self.stats.disk_bytes += written;
+        self.disk.insert(key, (path, written));
+        Ok(())
+    }
+
+    fn remove(&mut self, key: SnapshotKey) {
+        if let Some(t) = self.memory.remove(&key) {
+            self.stats.memory_bytes -= (t.shape().num_elements() * 4) as u64;
+        }
+        if let Some((path, bytes)) = self.disk.remove(&key) {
+            self.stats.disk_bytes -= bytes;
+            let _ = std::fs::remove_file(path);
+        }
+    }
+
+    /// Drops every entry at `depth`.
+    pub fn drop_depth(&mut self, depth: usize) {
+        let keys: Vec<_> = self
+            .memory
+            .keys()
+            .chain(self.disk.keys())
+            .filter(|k| k.depth == depth)
+            .copied()
+            .collect();
+        for key in keys {
+            self.remove(key);
+        }
+    }
+
+    /// `S[to, b] = segment(S[from, b])` for every batch cached at `from`, then drops depth `from`.
+    /// Entries that are corrupt are skipped (they will be recomputed on first use).
+    pub fn advance(
+        &mut self,
+        from: usize,
+        to: usize,
+        mut segment: impl FnMut(Tensor<B, 3>) -> Tensor<B, 3>,
+    ) -> std::io::Result<()> {
+        let mut keys: Vec<_> = self
+            .memory
+            .keys()
+            .chain(self.disk.keys())
+            .filter(|k| k.depth == from)
+            .copied()
+            .collect();
+        keys.sort();
+        for key in keys {
+            let hits = self.stats.hits;
+            let Some(input) = self.get(key) else { continue };
+            self.stats.hits = hits; // advancing is not a training-time hit
+            // Free the source before storing the result so the budget holds one copy.
+            self.remove(key);
+            let output = segment(input);
+            self.put(SnapshotKey { depth: to, ..key }, output)?;
+            self.stats.advanced += 1;
+        }
+        self.drop_depth(from);
+        Ok(())
+    }
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut hash = 0xcbf2_9ce4_8422_2325u64;
+    for b in bytes {
+        hash ^= u64::from(*b);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    hash
+}
+
+/// Layout: magic, 3 x u64 dims, u64 checksum of the payload, f32 LE payload. Written to a
+/// temporary name and renamed so a reader never sees half an entry.
+fn write_spilled<B: Backend>(path: &Path, value: Tensor<B, 3>) -> std::io::Result<u64> {
+    let dims = value.dims();
+    let data: Vec<f32> = value
+        .into_data()
+        .convert::<f32>()
+        .into_vec()
+        .map_err(|e| std::io::Error::other(format!("{e:?}")))?;
+    let payload: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let tmp = path.with_extension("partial");
+    let mut file = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
+    file.write_all(MAGIC)?;
+    for d in dims {
+        file.write_all(&(d as u64).to_le_bytes())?;
+    }
+    file.write_all(&fnv1a(&payload).to_le_bytes())?;
+    file.write_all(&payload)?;
+    file.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    Ok((8 + 32 + payload.len()) as u64)
+}
+
+fn read_spilled<B: Backend>(path: &Path, device: &B::Device) -> Option<Tensor<B, 3>> {
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .ok()?
+        .read_to_end(&mut bytes)
+        .ok()?;
+    if bytes.len() < 40 || &bytes[..8] != MAGIC {
+        return None;
+    }
+    let word =
+        |i: usize| u64::from_le_bytes(bytes[8 + 8 * i..16 + 8 * i].try_into().unwrap_or([0; 8]));
+    let dims = [word(0) as usize, word(1) as usize, word(2) as usize];
+    let checksum = word(3);
+    let payload = &bytes[40..];
+    if payload.len() != dims.iter().product::<usize>() * 4 || fnv1a(payload) != checksum {
+        return None;
+    }
+    let values: Vec<f32> = payload
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    Some(Tensor::from_data(TensorData::new(values, dims), device))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::backend::Flex;
+
+    type B = Flex;
+
+    fn key(depth: usize, id: usize) -> SnapshotKey {
+        SnapshotKey {
+            depth,
+            split: Split::Train,
+            id,
+        }
+    }
+
+    fn tensor(seed: f32) -> Tensor<B, 3> {
+        let values: Vec<f32> = (0..24).map(|i| seed + i as f32 * 0.5).collect();
+        Tensor::from_data(TensorData::new(values, [2, 3, 4]), &Default::default())
+    }
+
+    #[test]
+    fn spills_beyond_budget_and_reads_back_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cache = SnapshotCache::<B>::new(100, dir.path(), &Default::default());
+        cache.put(key(2, 0), tensor(1.0)).unwrap(); // 96 bytes: memory
+        cache.put(key(2, 1), tensor(2.0)).unwrap(); // over budget: disk
+        let stats = cache.stats();
+        assert_eq!((stats.memory_bytes, stats.entries), (96, 2));
+        assert!(stats.disk_bytes > 96);
+        cache
+            .get(key(2, 1))
+            .unwrap()
+            .into_data()
+            .assert_eq(&tensor(2.0).into_data(), true);
+        assert!(cache.get(key(3, 0)).is_none());
+    }
+
+    #[test]
+    fn corrupt_spill_is_a_miss() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cache = SnapshotCache::<B>::new(0, dir.path(), &Default::default());
+        cache.put(key(1, 7), tensor(3.0)).unwrap();
+        let path = std::fs::read_dir(dir.path())
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        let mut bytes = std::fs::read(&path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x40;
+        std::fs::write(&path, bytes).unwrap();
+        assert!(cache.get(key(1, 7)).is_none());
+        assert_eq!(cache.stats().corrupt, 1);
+        assert_eq!(cache.stats().entries, 0);
+    }
+
+    #[test]
+    fn advance_moves_every_entry_one_segment_deeper() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cache = SnapshotCache::<B>::new(150, dir.path(), &Default::default());
+        cache.put(key(2, 0), tensor(1.0)).unwrap();
+        cache.put(key(2, 1), tensor(2.0)).unwrap();
+        cache.advance(2, 3, |t| t.mul_scalar(2.0)).unwrap();
+        assert_eq!(cache.depths(), BTreeSet::from([3]));
+        cache
+            .get(key(3, 1))
+            .unwrap()
+            .into_data()
+            .assert_eq(&tensor(2.0).mul_scalar(2.0).into_data(), true);
+        assert_eq!(cache.stats().advanced, 2);
+    }
+}
