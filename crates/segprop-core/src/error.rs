@@ -34,7 +34,7 @@ impl SpecError {
 
     pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
         Self {
-            source_name: "<spec>".into(),
+            source_name: String::new(),
             line: None,
             kind: SpecErrorKind::Invalid {
                 field: field.into(),
@@ -62,9 +62,10 @@ impl SpecError {
 
 impl std::fmt::Display for SpecError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let location = match self.line {
-            Some(line) => format!("{}:{}", self.source_name, line),
-            None => self.source_name.clone(),
+        let location = match (self.source_name.as_str(), self.line) {
+            ("", _) => "job spec".to_string(),
+            (name, Some(line)) => format!("{name}:{line}"),
+            (name, None) => name.to_string(),
         };
         match &self.kind {
             SpecErrorKind::Io { message } => {

@@ -58,7 +58,8 @@ const LLAMA31_SCALING: RopeScaling = RopeScaling {
 };
 
 impl LlamaConfig {
-    /// A named preset. `tiny` is for CPU tests; `small` is ~100M parameters; the others are the
+    /// A named preset. `tiny` is for CPU tests; `small` is ~110M parameters (GPT-2 vocabulary,
+    /// untied head); the others are the
     /// published shapes (LLaMA-3 presets carry the 3.1 rotary scaling).
     pub fn preset(name: &str) -> Option<Self> {
         let config = match name {
@@ -77,15 +78,15 @@ impl LlamaConfig {
             },
             "small" => Self {
                 vocab_size: 50_304,
-                hidden_size: 768,
-                intermediate_size: 2048,
+                hidden_size: 640,
+                intermediate_size: 1728,
                 num_layers: 10,
-                num_heads: 12,
-                num_kv_heads: 4,
+                num_heads: 10,
+                num_kv_heads: 5,
                 rope_theta: 10_000.0,
                 rope_scaling: None,
                 rms_norm_eps: 1e-5,
-                tie_embeddings: true,
+                tie_embeddings: false,
                 max_seq_len: 1024,
             },
             "llama3-8b" => Self {

@@ -710,6 +710,12 @@ impl JobSpec {
                             "needs `target_eval_loss` or `patience` (or remove it)",
                         ));
                     }
+                    if !(global.min_delta >= 0.0) {
+                        return Err(SpecError::invalid(
+                            "segprop.exit.global.min_delta",
+                            "must be >= 0",
+                        ));
+                    }
                     if global.patience == Some(0) {
                         return Err(SpecError::invalid(
                             "segprop.exit.global.patience",

@@ -37,8 +37,9 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ModelError + '_ {
     }
 }
 
-/// Writes `model` as an HF checkpoint into `dir`. With `max_shard_bytes`, tensors are split
-/// across `model-0000i-of-0000n.safetensors` files and an index; otherwise one file.
+/// Writes `model` as an HF checkpoint into `dir`: `model.safetensors`, or, when the tensors
+/// exceed `max_shard_bytes`, `model-0000i-of-0000n.safetensors` files and an index. Weight files
+/// of an earlier export in `dir` are removed first.
 pub fn export<B: Backend>(
     model: &Llama<B>,
     config: &LlamaConfig,
@@ -72,7 +73,8 @@ pub fn export<B: Backend>(
     }
 
     let mut written = vec![config_path];
-    if max_shard_bytes.is_none() {
+    remove_stale_weights(dir)?;
+    if shards.len() == 1 {
         let path = dir.join(SINGLE_FILE);
         write_safetensors(&path, &shards[0])?;
         written.push(path);
@@ -98,6 +100,21 @@ pub fn export<B: Backend>(
     std::fs::write(&index_path, text).map_err(io_err(&index_path))?;
     written.push(index_path);
     Ok(written)
+}
+
+/// Removes weight files of an earlier export so the directory holds exactly one checkpoint.
+fn remove_stale_weights(dir: &Path) -> Result<(), ModelError> {
+    for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
+        let path = entry.map_err(io_err(dir))?.path();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default();
+        if name.ends_with(".safetensors") || name == INDEX_FILE {
+            std::fs::remove_file(&path).map_err(io_err(&path))?;
+        }
+    }
+    Ok(())
 }
 
 fn write_safetensors(path: &Path, tensors: &[(String, HostTensor)]) -> Result<(), ModelError> {
@@ -473,9 +490,9 @@ fn norm<B: Backend>(t: HostTensor, epsilon: f64, device: &B::Device) -> RmsNorm<
 mod tests {
     use super::*;
     use crate::model::LlamaInit;
-    use burn::backend::Flex;
+    use burn::backend::NdArray;
 
-    type B = Flex;
+    type B = NdArray;
 
     fn all_values(dir: &Path) -> BTreeMap<String, (Vec<usize>, Vec<u32>)> {
         let files = CheckpointFiles::open(dir).unwrap();

@@ -40,7 +40,7 @@ impl<B: Backend> LmHead<B> {
 }
 
 /// A LLaMA-family decoder. Tied embeddings are materialized as an untied LM head in memory (the
-/// engine trains embed and head as separate units); see docs/adr/0002-model.md.
+/// engine trains embed and head as separate units); see docs/adr/0002-model-and-checkpoints.md.
 #[derive(Module, Debug)]
 pub struct Llama<B: Backend> {
     pub embed_tokens: Embedding<B>,
@@ -218,9 +218,9 @@ impl<B: Backend> ModuleVisitor<B> for ParamIds {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::backend::Flex;
+    use burn::backend::NdArray;
 
-    type B = Flex;
+    type B = NdArray;
 
     #[test]
     fn forward_blocks_composes_like_the_full_forward() {

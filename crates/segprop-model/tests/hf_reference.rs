@@ -7,11 +7,11 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use burn::backend::Flex;
+use burn::backend::NdArray;
 use burn::prelude::*;
 use segprop_model::hf;
 
-type B = Flex;
+type B = NdArray;
 
 fn make_checkpoint(dir: &Path, shards: usize) {
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/make_tiny_llama.py");

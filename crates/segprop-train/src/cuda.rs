@@ -26,11 +26,9 @@ pub fn run_job_cuda(
     run_job::<CudaBackend>(spec, device, options, observer)
 }
 
-/// Whether a CUDA driver can be loaded on this machine.
+/// Whether a CUDA driver library can be loaded on this machine.
+#[allow(unsafe_code)]
 pub fn cuda_available() -> bool {
-    std::panic::catch_unwind(|| {
-        let device = burn::backend::cuda::CudaDevice::new(0);
-        let _ = <burn::backend::Cuda as burn::tensor::backend::Backend>::name(&device);
-    })
-    .is_ok()
+    // SAFETY: only tries to dlopen the driver library; no CUDA call is made through it.
+    unsafe { cudarc::driver::sys::is_culib_present() }
 }

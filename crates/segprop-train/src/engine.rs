@@ -58,8 +58,8 @@ pub struct Trainer<B: AutodiffBackend> {
     pub global_step: u64,
     rope: RopeTables<B>,
     rope_inner: RopeTables<B::InnerBackend>,
-    /// Inner-backend copy of the model taken at stage start: the frozen prefix runs on it.
-    frozen: Option<Llama<B::InnerBackend>>,
+    /// Inner-backend copy of the frozen prefix (embed + blocks `0..depth`) taken at stage start.
+    frozen: Option<FrozenPrefix<B::InnerBackend>>,
     pub work_dir: PathBuf,
 }
 
@@ -74,7 +74,13 @@ impl<B: AutodiffBackend> Trainer<B> {
                 (model, config)
             }
             None => {
-                let config = spec.resolve_model_config()?;
+                let mut config = spec.resolve_model_config()?;
+                if config.tie_embeddings {
+                    // SegProp trains embed and LM head in different stages, so they cannot share
+                    // a tensor: the head is its own parameter (docs/adr/0002).
+                    tracing::info!("tied embeddings are trained as an untied LM head");
+                    config.tie_embeddings = false;
+                }
                 (LlamaInit::random::<B>(&config, spec.seed, &device), config)
             }
         };
@@ -183,9 +189,16 @@ impl<B: AutodiffBackend> Trainer<B> {
         )
     }
 
-    /// Takes an inner-backend copy of the current weights; the frozen prefix runs on it.
-    pub fn freeze_prefix(&mut self) {
-        self.frozen = Some(self.model.valid());
+    /// Takes an inner-backend (no autodiff) view of embed + blocks `0..depth`; the frozen prefix
+    /// runs on it. Only the prefix is kept, so trained blocks are not held twice.
+    pub fn freeze_prefix(&mut self, depth: usize) {
+        self.frozen = Some(FrozenPrefix {
+            embed: self.model.embed_tokens.valid(),
+            blocks: self.model.blocks[..depth]
+                .iter()
+                .map(|b| b.valid())
+                .collect(),
+        });
     }
 
     /// `StopGrad(f^{[0:depth]}(x))`: from SnapCheck when cached, else recomputed on the frozen copy
@@ -206,9 +219,12 @@ impl<B: AutodiffBackend> Trainer<B> {
         {
             return z;
         }
-        let frozen = self.frozen.get_or_insert_with(|| self.model.valid());
+        if self.frozen.as_ref().is_none_or(|f| f.blocks.len() < depth) {
+            self.freeze_prefix(depth);
+        }
+        let frozen = self.frozen.as_ref().expect("frozen prefix was just taken");
         let tokens = Self::tokens::<B::InnerBackend>(&batch.inputs, batch, &self.device);
-        let z = frozen.forward_blocks(frozen.embed(tokens), 0..depth, &self.rope_inner);
+        let z = frozen.forward(tokens, depth, &self.rope_inner);
         if let Some(cache) = &mut self.cache
             && let Err(err) = cache.put(key, z.clone())
         {
@@ -332,7 +348,10 @@ impl<B: AutodiffBackend> Trainer<B> {
         let route = self.route(entry);
         let trainable = self.trainable(route);
         let trainable_params = count_params(&self.model, &trainable.all());
-        self.freeze_prefix();
+        match route.input() {
+            RouteInput::Prefix { depth } => self.freeze_prefix(depth),
+            RouteInput::Embed => self.frozen = None,
+        }
         let mut local_opt = self.new_optimizer();
         let accum = self.spec.optimizer.grad_accum;
         let steps_per_epoch = (self.data.train.len() / accum).max(1) as u64;
@@ -464,6 +483,30 @@ impl<B: AutodiffBackend> Trainer<B> {
             self.spec.seed.wrapping_add(1000),
             &self.device,
         )
+    }
+}
+
+/// The committed prefix `f^{[0:depth]}` on the inner backend: forward only, no graph.
+pub struct FrozenPrefix<B: Backend> {
+    embed: burn::nn::Embedding<B>,
+    blocks: Vec<segprop_model::Block<B>>,
+}
+
+impl<B: Backend> FrozenPrefix<B> {
+    /// # Shapes
+    /// - tokens: `[batch, seq]`
+    /// - output: `[batch, seq, hidden]`
+    fn forward(
+        &self,
+        tokens: Tensor<B, 2, Int>,
+        depth: usize,
+        rope: &RopeTables<B>,
+    ) -> Tensor<B, 3> {
+        self.blocks[..depth]
+            .iter()
+            .fold(self.embed.forward(tokens), |x, block| {
+                block.forward(x, rope)
+            })
     }
 }
 

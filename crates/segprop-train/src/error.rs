@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
-    #[error("invalid job spec: {0}")]
+    #[error(transparent)]
     Spec(#[from] segprop_core::SpecError),
     #[error("corpus {path}: {message}")]
     Corpus { path: PathBuf, message: String },

@@ -29,5 +29,6 @@ pub use error::TrainError;
 pub use metrics::{RunSummary, TrainEvent, TrainObserver};
 pub use run::{RunOptions, run_job};
 
-/// The CPU training backend (burn's pure-Rust `flex` backend with autodiff).
-pub type CpuBackend = burn::backend::Autodiff<burn::backend::Flex>;
+/// The CPU training backend: burn's `ndarray` backend with autodiff. It trained 1.5-1.75x faster
+/// than `flex` on our models (docs/benchmarks.md, docs/adr/0001-burn-version.md).
+pub type CpuBackend = burn::backend::Autodiff<burn::backend::NdArray>;

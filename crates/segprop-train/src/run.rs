@@ -6,7 +6,8 @@
 //! - `metrics.jsonl`: one event per line (steps, evals, stage ends, the run summary);
 //! - `summary.json`, and `summary.txt` (the table printed at the end);
 //! - `loss.svg`: stage-concatenated train loss and held-out loss;
-//! - `model/`: the final model in Hugging Face layout (`config.json` + `model.safetensors`).
+//! - `model/`: the final model in Hugging Face layout (`config.json` + `model.safetensors`, or
+//!   shards + `model.safetensors.index.json` above 5 GB).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;

@@ -248,9 +248,9 @@ fn read_spilled<B: Backend>(path: &Path, device: &B::Device) -> Option<Tensor<B,
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::backend::Flex;
+    use burn::backend::NdArray;
 
-    type B = Flex;
+    type B = NdArray;
 
     fn key(depth: usize, id: usize) -> SnapshotKey {
         SnapshotKey {

@@ -88,7 +88,7 @@ fn a_stage2_segment_trains_only_the_segment_and_the_head() {
     let seg = entry(&t, "segment-2-3");
     let route = t.route(&seg);
     let batch = t.data.train[0].clone();
-    t.freeze_prefix();
+    t.freeze_prefix(2);
     let with_grad: HashSet<ParamId> = t.gradient_param_ids(route, &batch).into_iter().collect();
     assert!(
         with_grad.is_disjoint(&frozen),
@@ -210,7 +210,7 @@ fn snapcheck_equals_recomputation_and_incremental_advance_equals_full_recompute(
     for t in [&mut cached, &mut plain] {
         let e = entry(t, "stage1");
         segprop::stage1(t, &e, &mut obs).unwrap();
-        t.freeze_prefix();
+        t.freeze_prefix(2);
     }
     let batches: Vec<_> = cached.data.train.iter().take(3).cloned().collect();
     for batch in &batches {

@@ -1,0 +1,348 @@
+//! `segprop-bench`: the measurements behind docs/benchmarks.md. Every number is a ratio or a
+//! rate measured side by side in one run; run each subcommand on an otherwise idle machine.
+//!
+//! - `backends`: training throughput of burn's CPU backends (flex vs ndarray) on the same steps;
+//! - `matmul`: the machine's square-matmul rate on the training backend (the GFLOP/s ceiling);
+//! - `throughput`: training tokens/s and achieved GFLOP/s of the tiny and small presets;
+//! - `snapcheck`: stage-2 step time with SnapCheck vs recomputing a p-layer prefix (p = 4, 8, 12
+//!   of 16 blocks), and the achieved fraction of the ideal speedup;
+//! - `memory`: peak heap of one training step for e2e, stage 1 and every stage-2 segment of a
+//!   16-block model at the same batch (a counting global allocator).
+
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use burn::backend::{Autodiff, Flex, NdArray};
+use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
+use clap::{Parser, Subcommand};
+use segprop_core::{JobSpec, StageKind, StagePlanEntry};
+use segprop_train::CpuBackend;
+use segprop_train::Trainer;
+use segprop_train::alloc::{self, CountingAllocator};
+use segprop_train::data::Batch;
+use segprop_train::route::{Route, RouteInput};
+
+#[global_allocator]
+static ALLOC: CountingAllocator = CountingAllocator;
+
+#[derive(Parser)]
+#[command(
+    name = "segprop-bench",
+    about = "segprop benchmarks (docs/benchmarks.md)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Timed optimizer steps per measurement (after warmup).
+    #[arg(long, global = true, default_value_t = 12)]
+    steps: usize,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    Backends,
+    Matmul,
+    Throughput,
+    Snapcheck,
+    Memory,
+    /// Everything above, in order.
+    All,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Backends => backends(cli.steps),
+        Command::Matmul => matmul().map(|_| ()),
+        Command::Throughput => throughput(cli.steps),
+        Command::Snapcheck => snapcheck(cli.steps),
+        Command::Memory => memory(),
+        Command::All => {
+            backends(cli.steps)?;
+            throughput(cli.steps)?;
+            snapcheck(cli.steps)?;
+            memory()
+        }
+    }
+}
+
+/// A job spec for benchmarks: `model` and `data` YAML fragments, segprop with p, r.
+fn spec(model: &str, data: &str, regime: &str) -> Result<JobSpec> {
+    let text = format!(
+        "version: 1\nname: bench\nmodel: {model}\ndata: {data}\n{regime}\n\
+         optimizer: {{ lr: 1.0e-3 }}\neval: {{ every_steps: 100000, max_batches: 1 }}\nseed: 3\n"
+    );
+    JobSpec::from_yaml_str(&text, "bench").context("bench spec")
+}
+
+fn entry(kind: StageKind) -> StagePlanEntry {
+    StagePlanEntry {
+        index: 0,
+        name: kind.name(),
+        kind,
+    }
+}
+
+/// Median seconds per optimizer step of `route` over `steps` steps after `warmup` steps.
+fn time_steps<B: AutodiffBackend>(
+    trainer: &mut Trainer<B>,
+    route: Route,
+    warmup: usize,
+    steps: usize,
+) -> f64 {
+    let trainable = trainer.trainable(route);
+    let mut opt = trainer.new_optimizer();
+    if let RouteInput::Prefix { depth } = route.input() {
+        trainer.freeze_prefix(depth);
+    }
+    let batches: Vec<Batch> = trainer.data.train.iter().take(4).cloned().collect();
+    let mut times = Vec::with_capacity(steps);
+    for i in 0..warmup + steps {
+        let batch = &batches[i % batches.len()];
+        let start = Instant::now();
+        trainer.train_step(route, &[batch], &trainable, &mut opt, 1e-3);
+        if i >= warmup {
+            times.push(start.elapsed().as_secs_f64());
+        }
+    }
+    median(&mut times)
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(|a, b| a.total_cmp(b));
+    values[values.len() / 2]
+}
+
+fn tokens_per_step(trainer: &Trainer<impl AutodiffBackend>) -> f64 {
+    (trainer.spec.data.batch_size * trainer.spec.data.seq_len) as f64
+}
+
+/// Training FLOPs per token of a full forward+backward: 6 x matmul params + attention scores.
+fn flops_per_token(config: &segprop_core::LlamaConfig, seq: usize) -> f64 {
+    let matmul_params = config.num_layers as u64
+        * (config.block_params() - 2 * config.hidden_size as u64)
+        + (config.vocab_size * config.hidden_size) as u64;
+    6.0 * matmul_params as f64 + 6.0 * (config.num_layers * seq * config.hidden_size) as f64
+}
+
+fn backends(steps: usize) -> Result<()> {
+    println!("## CPU backends: e2e training step, same job, same steps");
+    println!("| model | flex tok/s | ndarray tok/s | flex / ndarray |");
+    println!("|---|---:|---:|---:|");
+    for (label, model) in [
+        ("tiny (h=64, 8 blocks)", "{ preset: tiny }"),
+        (
+            "h=256, 4 blocks",
+            "{ preset: tiny, overrides: { hidden_size: 256, intermediate_size: 768, num_layers: 4 } }",
+        ),
+    ] {
+        let s = spec(
+            model,
+            "{ corpus: builtin:synthetic, seq_len: 64, batch_size: 16, synthetic_tokens: 40000 }",
+            "regime: e2e",
+        )?;
+        let dir = tempfile::tempdir()?;
+        let mut flex = Trainer::<Autodiff<Flex>>::new(s.clone(), Default::default(), dir.path())?;
+        let mut nd = Trainer::<Autodiff<NdArray>>::new(s, Default::default(), dir.path())?;
+        let route = Route::Full {
+            num_layers: flex.config.num_layers,
+        };
+        let t_flex = time_steps(&mut flex, route, 3, steps);
+        let t_nd = time_steps(&mut nd, route, 3, steps);
+        let tok = tokens_per_step(&flex);
+        println!(
+            "| {label} | {:.0} | {:.0} | {:.2} |",
+            tok / t_flex,
+            tok / t_nd,
+            t_nd / t_flex
+        );
+    }
+    Ok(())
+}
+
+/// Square matmul GFLOP/s of both CPU backends (median of 5); returns the training backend's.
+fn matmul() -> Result<Vec<(usize, f64)>> {
+    let flex = matmul_rate::<Flex>();
+    let ndarray = matmul_rate::<NdArray>();
+    println!("## Square matmul rate");
+    println!("| n | flex GFLOP/s | ndarray GFLOP/s |");
+    println!("|---:|---:|---:|");
+    for ((n, f), (_, nd)) in flex.iter().zip(&ndarray) {
+        println!("| {n} | {f:.1} | {nd:.1} |");
+    }
+    Ok(ndarray)
+}
+
+fn matmul_rate<Bk: Backend>() -> Vec<(usize, f64)> {
+    let device = Default::default();
+    let mut out = Vec::new();
+    for n in [512usize, 1024] {
+        let a = Tensor::<Bk, 2>::random([n, n], burn::tensor::Distribution::Default, &device);
+        let b = Tensor::<Bk, 2>::random([n, n], burn::tensor::Distribution::Default, &device);
+        let _ = a.clone().matmul(b.clone()).into_data();
+        let mut times: Vec<f64> = (0..5)
+            .map(|_| {
+                let start = Instant::now();
+                let _ = a.clone().matmul(b.clone()).into_data();
+                start.elapsed().as_secs_f64()
+            })
+            .collect();
+        out.push((n, 2.0 * (n as f64).powi(3) / median(&mut times) / 1e9));
+    }
+    out
+}
+
+fn throughput(steps: usize) -> Result<()> {
+    let rates = matmul()?;
+    let peak = rates.iter().map(|r| r.1).fold(0.0, f64::max);
+    println!("## Training throughput (e2e steps, ndarray backend)");
+    println!("| preset | batch x seq | tok/s | achieved GFLOP/s | of matmul rate |");
+    println!("|---|---|---:|---:|---:|");
+    for (preset, data) in [
+        (
+            "tiny",
+            "{ corpus: builtin:synthetic, seq_len: 128, batch_size: 16, synthetic_tokens: 80000 }",
+        ),
+        (
+            "small",
+            "{ corpus: builtin:synthetic, tokenizer: gpt2, seq_len: 128, batch_size: 4, synthetic_tokens: 80000 }",
+        ),
+    ] {
+        let s = spec(&format!("{{ preset: {preset} }}"), data, "regime: e2e")?;
+        let dir = tempfile::tempdir()?;
+        let mut t = Trainer::<CpuBackend>::new(s, Default::default(), dir.path())?;
+        let route = Route::Full {
+            num_layers: t.config.num_layers,
+        };
+        let n = if preset == "small" {
+            steps.min(4)
+        } else {
+            steps
+        };
+        let secs = time_steps(&mut t, route, 2, n);
+        let tok_s = tokens_per_step(&t) / secs;
+        let gflops = tok_s * flops_per_token(&t.config, t.spec.data.seq_len) / 1e9;
+        println!(
+            "| {preset} ({:.1}M params) | {} x {} | {tok_s:.0} | {gflops:.1} | {:.0}% |",
+            t.config.num_params() as f64 / 1e6,
+            t.spec.data.batch_size,
+            t.spec.data.seq_len,
+            100.0 * gflops / peak
+        );
+    }
+    Ok(())
+}
+
+const MODEL16: &str = "{ preset: tiny, overrides: { hidden_size: 128, intermediate_size: 384, num_layers: 16, num_heads: 4, num_kv_heads: 2 } }";
+const DATA16: &str =
+    "{ corpus: builtin:synthetic, seq_len: 128, batch_size: 8, synthetic_tokens: 60000 }";
+
+fn snapcheck(steps: usize) -> Result<()> {
+    println!("## SnapCheck: stage-2 step time, 16 blocks, segment [p, p+1), r = 2");
+    println!(
+        "| p | recompute prefix (ms) | SnapCheck (ms) | segment + head alone (ms) | speedup | ideal | of ideal |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    for p in [4usize, 8, 12] {
+        let regime = format!(
+            "regime: segprop\nsegprop: {{ base_depth: {p}, head_layers: 2, snapcheck: SNAP }}"
+        );
+        let dir = tempfile::tempdir()?;
+        let plain_spec = spec(MODEL16, DATA16, &regime.replace("SNAP", "false"))?;
+        let mut plain =
+            Trainer::<CpuBackend>::new(plain_spec.clone(), Default::default(), dir.path())?;
+        let mut cached = Trainer::<CpuBackend>::new(
+            spec(MODEL16, DATA16, &regime.replace("SNAP", "true"))?,
+            Default::default(),
+            dir.path(),
+        )?;
+        let route = plain.route(&entry(StageKind::Segment {
+            start: p,
+            end: p + 1,
+        }));
+        // Warmup covers the 4 batches once, so SnapCheck's cache is filled before timing.
+        let t_plain = time_steps(&mut plain, route, 4, steps);
+        let t_snap = time_steps(&mut cached, route, 4, steps);
+        // The ideal: the same segment and LL(r) with no prefix at all (blocks p, 14, 15 only;
+        // the input is the embedding lookup, which costs next to nothing).
+        let mut alone = Trainer::<CpuBackend>::new(plain_spec, Default::default(), dir.path())?;
+        alone.model = alone.model.clone().retain_blocks(&[p, 14, 15]);
+        alone.config.num_layers = 3;
+        let alone_route = Route::Segment {
+            start: 0,
+            end: 1,
+            head_start: 1,
+            num_layers: 3,
+        };
+        let t_alone = time_steps(&mut alone, alone_route, 4, steps);
+        let speedup = t_plain / t_snap;
+        let ideal = t_plain / t_alone;
+        println!(
+            "| {p} | {:.1} | {:.1} | {:.1} | {speedup:.2}x | {ideal:.2}x | {:.0}% |",
+            t_plain * 1e3,
+            t_snap * 1e3,
+            t_alone * 1e3,
+            100.0 * speedup / ideal
+        );
+    }
+    println!("(ideal = recompute / (segment + head alone); of ideal = speedup / ideal)");
+    Ok(())
+}
+
+fn memory() -> Result<()> {
+    println!("## Peak heap of one training step, 16 blocks, batch 8 x 128, p = 2, r = 2");
+    println!("| stage | trainable params | peak MiB | of e2e |");
+    println!("|---|---:|---:|---:|");
+    let mut kinds = vec![StageKind::E2e, StageKind::Stage1 { base_depth: 2 }];
+    kinds.extend((2..14).map(|q| StageKind::Segment {
+        start: q,
+        end: q + 1,
+    }));
+    let mut e2e_peak = 0.0;
+    let mut worst_ratio: f64 = 0.0;
+    for kind in kinds {
+        let regime = match kind {
+            StageKind::E2e => "regime: e2e".to_string(),
+            // Snapshots spill to disk (budget 0) so only the batch in use is in memory, as on a
+            // GPU whose snapshots live in the store.
+            _ => "regime: segprop\nsegprop: { base_depth: 2, head_layers: 2, snapcheck: true, snapcheck_memory_bytes: 0 }".to_string(),
+        };
+        let dir = tempfile::tempdir()?;
+        let before = alloc::current_bytes().unwrap_or(0);
+        let mut t = Trainer::<CpuBackend>::new(
+            spec(MODEL16, DATA16, &regime)?,
+            Default::default(),
+            dir.path(),
+        )?;
+        let route = t.route(&entry(kind));
+        let trainable = t.trainable(route);
+        let params = segprop_train::engine::count_params(&t.model, &trainable.all());
+        let mut opt = t.new_optimizer();
+        if let RouteInput::Prefix { depth } = route.input() {
+            t.freeze_prefix(depth);
+        }
+        let batch = t.data.train[0].clone();
+        // Two warmup steps allocate the optimizer state; then measure one step.
+        for _ in 0..2 {
+            t.train_step(route, &[&batch], &trainable, &mut opt, 1e-3);
+        }
+        alloc::reset_peak();
+        t.train_step(route, &[&batch], &trainable, &mut opt, 1e-3);
+        let peak =
+            alloc::peak_bytes().unwrap_or(0).saturating_sub(before) as f64 / (1 << 20) as f64;
+        if kind == StageKind::E2e {
+            e2e_peak = peak;
+        } else if matches!(kind, StageKind::Segment { .. }) {
+            worst_ratio = worst_ratio.max(peak / e2e_peak);
+        }
+        println!(
+            "| {} | {params} | {peak:.1} | {:.2} |",
+            kind.name(),
+            peak / e2e_peak
+        );
+        drop(t);
+    }
+    println!("worst stage-2 segment / e2e: {worst_ratio:.2} (target <= 0.25)");
+    Ok(())
+}

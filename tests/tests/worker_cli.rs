@@ -1,0 +1,223 @@
+//! End-to-end: the `segprop-worker` binary as a user runs it.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use segprop_core::JobSpec;
+use segprop_train::{CpuBackend, Trainer};
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The worker binary of this build (target/<profile>/segprop-worker), built on first use with
+/// the same cargo and profile as this test.
+fn worker() -> PathBuf {
+    static BUILD: std::sync::Once = std::sync::Once::new();
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
+    let bin = dir.join(format!("segprop-worker{}", std::env::consts::EXE_SUFFIX));
+    BUILD.call_once(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "--quiet", "-p", "segprop-worker"])
+            .current_dir(repo());
+        if dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().unwrap();
+        assert!(status.success(), "building segprop-worker failed");
+    });
+    assert!(bin.is_file(), "{} is missing", bin.display());
+    bin
+}
+
+fn run(args: &[&str]) -> Output {
+    Command::new(worker())
+        .args(args)
+        .env("SEGPROP_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn train(job: &str, out: &Path) -> serde_json::Value {
+    let job = repo().join("configs/jobs").join(job);
+    let result = run(&[
+        "train",
+        job.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert!(result.status.success(), "train failed: {}", stderr(&result));
+    for file in [
+        "job.yaml",
+        "metrics.jsonl",
+        "summary.json",
+        "summary.txt",
+        "loss.svg",
+        "model/config.json",
+        "model/model.safetensors",
+    ] {
+        assert!(
+            out.join(file).is_file(),
+            "{file} is missing from the run directory"
+        );
+    }
+    serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn train_writes_a_loadable_model_whose_eval_loss_matches_the_summary() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let summary = train("tiny-segprop.yaml", &out);
+    assert_eq!(summary["regime"], "segprop");
+    assert_eq!(summary["stages"].as_array().unwrap().len(), 3);
+    assert_eq!(summary["total_steps"], 60);
+
+    // Every step, eval and stage end is in metrics.jsonl.
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let steps = metrics
+        .lines()
+        .filter(|l| l.contains("\"event\":\"step\""))
+        .count();
+    assert_eq!(steps, 60);
+    assert!(
+        metrics
+            .lines()
+            .last()
+            .unwrap()
+            .contains("\"event\":\"run_finished\"")
+    );
+
+    // The exported model is an ordinary HF checkpoint: import it into a trainer for the same
+    // spec and evaluate it with a full forward; the loss is the one the run reported.
+    let spec = JobSpec::from_file(&repo().join("configs/jobs/tiny-segprop.yaml")).unwrap();
+    let mut trainer =
+        Trainer::<CpuBackend>::new(spec, Default::default(), &tmp.path().join("w")).unwrap();
+    let (model, config) =
+        segprop_model::hf::import::<CpuBackend>(&out.join("model"), &Default::default()).unwrap();
+    assert_eq!(config.num_layers, 6);
+    trainer.model = model;
+    let reloaded = trainer.evaluate_full_model();
+    let reported = summary["final_eval_loss"].as_f64().unwrap();
+    assert!(
+        (reloaded - reported).abs() < 1e-5,
+        "reloaded {reloaded} vs reported {reported}"
+    );
+}
+
+#[test]
+fn every_regime_runs_from_its_config() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (job, stages) in [("tiny-lw.yaml", 6), ("tiny-e2e.yaml", 1)] {
+        let summary = train(job, &tmp.path().join(job));
+        assert_eq!(summary["stages"].as_array().unwrap().len(), stages, "{job}");
+        assert_eq!(summary["total_steps"], 60, "{job}");
+    }
+}
+
+#[test]
+fn global_early_exit_exports_a_pruned_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let summary = train("tiny-segprop-early-exit.yaml", tmp.path());
+    assert_eq!(summary["early_exit"], "target_reached");
+    // 8 blocks, p = 2, r = 2: stage 1 + one segment committed -> blocks 0..3 + 6..8.
+    assert_eq!(summary["final_num_layers"], 5);
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(tmp.path().join("model/config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(config["num_hidden_layers"], 5);
+}
+
+fn write_spec(dir: &Path, text: &str) -> PathBuf {
+    let path = dir.join("job.yaml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn assert_rejected(text: &str, expected: &[&str]) {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = write_spec(tmp.path(), text);
+    let out_dir = tmp.path().join("out");
+    let result = run(&[
+        "train",
+        path.to_str().unwrap(),
+        "--out",
+        out_dir.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        result.status.code(),
+        Some(2),
+        "expected exit 2: {}",
+        stderr(&result)
+    );
+    let message = stderr(&result);
+    for needle in expected {
+        assert!(message.contains(needle), "`{needle}` not in: {message}");
+    }
+    assert!(
+        !out_dir.exists(),
+        "a rejected job must not create its run directory"
+    );
+}
+
+#[test]
+fn invalid_specs_exit_2_naming_the_field_and_line() {
+    let base = std::fs::read_to_string(repo().join("configs/jobs/tiny-segprop.yaml")).unwrap();
+    // Unknown field.
+    assert_rejected(
+        &base.replace("  head_layers: 2\n", "  head_layers: 2\n  head_layrs: 2\n"),
+        &["head_layrs", "job.yaml:10"],
+    );
+    // Wrong type.
+    assert_rejected(
+        &base.replace("seed: 17", "seed: seventeen"),
+        &["seed", "job.yaml:19"],
+    );
+    // p + r beyond the model's layers.
+    assert_rejected(
+        &base.replace("base_depth: 2", "base_depth: 5"),
+        &[
+            "segprop.base_depth",
+            "job.yaml:8",
+            "exceeds the model's 6 layers",
+        ],
+    );
+    // Missing data file.
+    assert_rejected(
+        &base.replace("builtin:synthetic", "no-such-corpus.txt"),
+        &["data.corpus", "no-such-corpus.txt", "does not exist"],
+    );
+    // Malformed YAML.
+    assert_rejected("version: 1\nname: [unclosed\n", &["job.yaml"]);
+}
+
+#[test]
+fn missing_spec_file_is_bad_input() {
+    let result = run(&["train", "/nonexistent/job.yaml"]);
+    assert_eq!(result.status.code(), Some(2));
+    assert!(stderr(&result).contains("/nonexistent/job.yaml"));
+}
+
+#[test]
+fn validate_prints_the_stage_plan() {
+    let job = repo().join("configs/jobs/tiny-segprop.yaml");
+    let result = run(&["validate", job.to_str().unwrap()]);
+    assert!(result.status.success(), "{}", stderr(&result));
+    let stdout = String::from_utf8_lossy(&result.stdout);
+    assert!(
+        stdout.contains("stage1")
+            && stdout.contains("segment-2-3")
+            && stdout.contains("segment-3-4"),
+        "{stdout}"
+    );
+}
