@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Write a tiny random LLaMA checkpoint in Hugging Face layout and a numpy reference forward.
 
-Usage: make_tiny_llama.py OUT_DIR [--seed N] [--shards N]
+Usage: make_tiny_llama.py OUT_DIR [--seed N] [--shards N] [--vocab N]
 
 OUT_DIR gets config.json, model.safetensors (or sharded files + model.safetensors.index.json)
 and reference.json with input tokens and the logits this script computes. The forward pass is an
@@ -146,7 +146,9 @@ def main():
     ap.add_argument("out")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--shards", type=int, default=1)
+    ap.add_argument("--vocab", type=int, default=CONFIG["vocab_size"])
     args = ap.parse_args()
+    CONFIG["vocab_size"] = args.vocab
     os.makedirs(args.out, exist_ok=True)
     rng = np.random.default_rng(args.seed)
     w = random_weights(CONFIG, rng)

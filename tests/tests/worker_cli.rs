@@ -221,3 +221,43 @@ fn validate_prints_the_stage_plan() {
         "{stdout}"
     );
 }
+
+#[test]
+fn fine_tunes_an_imported_hf_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ckpt = tmp.path().join("ckpt");
+    let status = Command::new("python3")
+        .arg(repo().join("scripts/make_tiny_llama.py"))
+        .arg(&ckpt)
+        .args(["--seed", "4", "--shards", "2", "--vocab", "256"])
+        .status()
+        .unwrap();
+    assert!(status.success(), "make_tiny_llama.py failed");
+    let job = format!(
+        "version: 1\nname: from-hf\nmodel: {{ from: {{ hf_dir: {} }} }}\n\
+         data: {{ corpus: builtin:synthetic, seq_len: 16, batch_size: 4, synthetic_tokens: 8000 }}\n\
+         regime: segprop\n\
+         segprop: {{ base_depth: 1, head_layers: 1, exit: {{ stage1: {{ max_steps: 4 }}, segment: {{ max_steps: 3 }} }} }}\n\
+         eval: {{ every_steps: 2, max_batches: 2 }}\nseed: 1\n",
+        ckpt.display()
+    );
+    let path = write_spec(tmp.path(), &job);
+    let out = tmp.path().join("out");
+    let result = run(&[
+        "train",
+        path.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert!(result.status.success(), "{}", stderr(&result));
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["total_steps"], 7);
+    // The checkpoint's shape (GQA, LLaMA-3 rotary scaling) survives the round trip.
+    let exported = segprop_model::hf::read_config(&out.join("model")).unwrap();
+    let imported = segprop_model::hf::read_config(&ckpt).unwrap();
+    assert_eq!(exported, imported);
+    assert_eq!(exported.num_kv_heads, 2);
+    assert!(exported.rope_scaling.is_some());
+}

@@ -109,6 +109,42 @@ fn time_steps<B: AutodiffBackend>(
     median(&mut times)
 }
 
+/// Like [`time_steps`] for several trainers, one step of each in turn, so that machine noise and
+/// drift hit every variant alike. Returns the median seconds per step of each.
+fn time_interleaved(
+    runs: &mut [(&mut Trainer<CpuBackend>, Route)],
+    warmup: usize,
+    steps: usize,
+) -> Vec<f64> {
+    let mut state: Vec<_> = runs
+        .iter_mut()
+        .map(|(t, route)| {
+            if let RouteInput::Prefix { depth } = route.input() {
+                t.freeze_prefix(depth);
+            }
+            let batches: Vec<Batch> = t.data.train.iter().take(4).cloned().collect();
+            (
+                t.trainable(*route),
+                t.new_optimizer(),
+                batches,
+                Vec::with_capacity(steps),
+            )
+        })
+        .collect();
+    for i in 0..warmup + steps {
+        for ((t, route), (trainable, opt, batches, times)) in runs.iter_mut().zip(state.iter_mut())
+        {
+            let batch = &batches[i % batches.len()];
+            let start = Instant::now();
+            t.train_step(*route, &[batch], trainable, opt, 1e-3);
+            if i >= warmup {
+                times.push(start.elapsed().as_secs_f64());
+            }
+        }
+    }
+    state.iter_mut().map(|s| median(&mut s.3)).collect()
+}
+
 fn median(values: &mut [f64]) -> f64 {
     values.sort_by(|a, b| a.total_cmp(b));
     values[values.len() / 2]
@@ -148,8 +184,13 @@ fn backends(steps: usize) -> Result<()> {
         let route = Route::Full {
             num_layers: flex.config.num_layers,
         };
-        let t_flex = time_steps(&mut flex, route, 3, steps);
-        let t_nd = time_steps(&mut nd, route, 3, steps);
+        // Alternate rounds of steps so drift hits both backends alike.
+        let (mut tf, mut tn) = (Vec::new(), Vec::new());
+        for _ in 0..3 {
+            tf.push(time_steps(&mut flex, route, 1, steps.div_ceil(3)));
+            tn.push(time_steps(&mut nd, route, 1, steps.div_ceil(3)));
+        }
+        let (t_flex, t_nd) = (median(&mut tf), median(&mut tn));
         let tok = tokens_per_step(&flex);
         println!(
             "| {label} | {:.0} | {:.0} | {:.2} |",
@@ -261,9 +302,6 @@ fn snapcheck(steps: usize) -> Result<()> {
             start: p,
             end: p + 1,
         }));
-        // Warmup covers the 4 batches once, so SnapCheck's cache is filled before timing.
-        let t_plain = time_steps(&mut plain, route, 4, steps);
-        let t_snap = time_steps(&mut cached, route, 4, steps);
         // The ideal: the same segment and LL(r) with no prefix at all (blocks p, 14, 15 only;
         // the input is the embedding lookup, which costs next to nothing).
         let mut alone = Trainer::<CpuBackend>::new(plain_spec, Default::default(), dir.path())?;
@@ -275,7 +313,17 @@ fn snapcheck(steps: usize) -> Result<()> {
             head_start: 1,
             num_layers: 3,
         };
-        let t_alone = time_steps(&mut alone, alone_route, 4, steps);
+        // Warmup covers the 4 batches once, so SnapCheck's cache is filled before timing.
+        let times = time_interleaved(
+            &mut [
+                (&mut plain, route),
+                (&mut cached, route),
+                (&mut alone, alone_route),
+            ],
+            4,
+            steps,
+        );
+        let (t_plain, t_snap, t_alone) = (times[0], times[1], times[2]);
         let speedup = t_plain / t_snap;
         let ideal = t_plain / t_alone;
         println!(

@@ -56,6 +56,8 @@ pub struct Trainer<B: AutodiffBackend> {
     pub head_optimizer: Option<AdamWOptimizer<B>>,
     /// Global optimizer steps taken so far (x axis of the concatenated loss curve).
     pub global_step: u64,
+    /// Depth of the committed (frozen) prefix: embed + blocks `0..committed_depth`.
+    pub committed_depth: usize,
     rope: RopeTables<B>,
     rope_inner: RopeTables<B::InnerBackend>,
     /// Inner-backend copy of the frozen prefix (embed + blocks `0..depth`) taken at stage start.
@@ -108,6 +110,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             cache,
             head_optimizer: None,
             global_step: 0,
+            committed_depth: 0,
             rope,
             rope_inner,
             frozen: None,

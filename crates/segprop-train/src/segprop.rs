@@ -50,8 +50,9 @@ pub fn run_plan<B: AutodiffBackend>(
         let record = match entry.kind {
             StageKind::E2e => e2e(trainer, entry, observer)?,
             StageKind::LwBlock { block } => lw_block(trainer, entry, block, observer)?,
-            StageKind::Stage1 { .. } => {
+            StageKind::Stage1 { base_depth } => {
                 let record = stage1(trainer, entry, observer)?;
+                commit_prefix(trainer, base_depth);
                 if let Some(spec) = &trainer.spec.segprop.exit.global {
                     global_exit = Some(GlobalExitTracker::new(spec, record.eval_loss));
                 }
@@ -104,6 +105,12 @@ pub fn stage1<B: AutodiffBackend>(
     trainer.train_stage(entry, &exit, observer)
 }
 
+/// Commits the base prefix after stage 1: embed and blocks `0..p` are frozen from here on (no
+/// later route trains them; they run forward-only on the frozen copy).
+pub fn commit_prefix<B: AutodiffBackend>(trainer: &mut Trainer<B>, p: usize) {
+    trainer.committed_depth = p;
+}
+
 /// One stage-2 segment: trains blocks `q..q+k`, the adapter and LL(r) on `StopGrad` prefix
 /// outputs (SnapCheck snapshots when enabled).
 pub fn stage2_segment<B: AutodiffBackend>(
@@ -123,6 +130,8 @@ pub fn commit_segment<B: AutodiffBackend>(
     q: usize,
     end: usize,
 ) -> Result<(), TrainError> {
+    debug_assert_eq!(trainer.committed_depth, q, "segments commit in order");
+    trainer.committed_depth = end;
     advance_snapshots(trainer, q, end)
 }
 
@@ -211,6 +220,7 @@ pub fn lw_block<B: AutodiffBackend>(
     trainer.model.head = trainer.fresh_local_head(block);
     let exit = trainer.spec.lw.exit.clone();
     let record = trainer.train_stage(entry, &exit, observer)?;
+    trainer.committed_depth = block + 1;
     advance_snapshots(trainer, block, block + 1)?;
     Ok(record)
 }

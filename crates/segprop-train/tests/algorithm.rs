@@ -71,6 +71,7 @@ fn a_stage2_segment_trains_only_the_segment_and_the_head() {
         segprop::stage1(&mut t, &e, &mut obs)
     }
     .unwrap();
+    segprop::commit_prefix(&mut t, 2);
 
     let m = &t.model;
     let mut frozen: HashSet<ParamId> = ids_of(&m.embed_tokens);
@@ -165,6 +166,7 @@ fn reset_policy_returns_head_blocks_to_baseline_at_each_new_segment() {
         segprop::stage1(&mut t, &e, &mut obs)
     }
     .unwrap();
+    segprop::commit_prefix(&mut t, 2);
     let baseline = segprop::head_baseline(&t);
     let baseline_values = parameter_values(&t.model.blocks[4]);
     let baseline_values_5 = parameter_values(&t.model.blocks[5]);
@@ -210,6 +212,7 @@ fn snapcheck_equals_recomputation_and_incremental_advance_equals_full_recompute(
     for t in [&mut cached, &mut plain] {
         let e = entry(t, "stage1");
         segprop::stage1(t, &e, &mut obs).unwrap();
+        segprop::commit_prefix(t, 2);
         t.freeze_prefix(2);
     }
     let batches: Vec<_> = cached.data.train.iter().take(3).cloned().collect();
@@ -275,4 +278,39 @@ fn segment_routes_cover_the_intermediate_blocks() {
             ..
         }
     ));
+}
+
+#[test]
+fn gradient_accumulation_averages_micro_batch_gradients() {
+    // Two identical micro-batches must give exactly the update of one: the accumulated gradient
+    // is their mean, not their sum.
+    let (mut once, _d1) = trainer("persistent", false);
+    let (mut twice, _d2) = trainer("persistent", false);
+    let e = entry(&once, "stage1");
+    let route = once.route(&e);
+    let batch = once.data.train[0].clone();
+    for (t, batches) in [
+        (&mut once, vec![&batch]),
+        (&mut twice, vec![&batch, &batch]),
+    ] {
+        let trainable = t.trainable(route);
+        let mut opt = t.new_optimizer();
+        let (loss, norm) = t.train_step(route, &batches, &trainable, &mut opt, 1e-2);
+        assert!(loss.is_finite() && norm > 0.0);
+    }
+    let a = parameter_values(&once.model);
+    let b = parameter_values(&twice.model);
+    let max_diff = a
+        .iter()
+        .zip(&b)
+        .flat_map(|((_, x), (_, y))| {
+            x.iter()
+                .zip(y)
+                .map(|(p, q)| (f32::from_bits(*p) - f32::from_bits(*q)).abs())
+        })
+        .fold(0.0f32, f32::max);
+    assert!(
+        max_diff < 1e-6,
+        "accumulating a batch twice changed the update by {max_diff}"
+    );
 }
