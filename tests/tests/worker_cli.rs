@@ -261,3 +261,38 @@ fn fine_tunes_an_imported_hf_checkpoint() {
     assert_eq!(exported.num_kv_heads, 2);
     assert!(exported.rope_scaling.is_some());
 }
+
+#[test]
+fn a_corrupt_checkpoint_is_bad_input_naming_the_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ckpt = tmp.path().join("ckpt");
+    let status = Command::new("python3")
+        .arg(repo().join("scripts/make_tiny_llama.py"))
+        .arg(&ckpt)
+        .args(["--vocab", "256"])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let weights = ckpt.join("model.safetensors");
+    let bytes = std::fs::read(&weights).unwrap();
+    std::fs::write(&weights, &bytes[..bytes.len() / 3]).unwrap();
+    let job = format!(
+        "version: 1\nname: corrupt\nmodel: {{ from: {{ hf_dir: {} }} }}\n\
+         data: {{ corpus: builtin:synthetic, seq_len: 16, batch_size: 4, synthetic_tokens: 8000 }}\n\
+         regime: e2e\n",
+        ckpt.display()
+    );
+    let path = write_spec(tmp.path(), &job);
+    let result = run(&[
+        "train",
+        path.to_str().unwrap(),
+        "--out",
+        tmp.path().join("out").to_str().unwrap(),
+    ]);
+    assert_eq!(result.status.code(), Some(2), "{}", stderr(&result));
+    assert!(
+        stderr(&result).contains("model.safetensors"),
+        "{}",
+        stderr(&result)
+    );
+}

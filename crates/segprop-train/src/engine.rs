@@ -71,7 +71,8 @@ impl<B: AutodiffBackend> Trainer<B> {
     pub fn new(spec: JobSpec, device: B::Device, work_dir: &Path) -> Result<Self, TrainError> {
         let (model, config) = match &spec.model.from {
             Some(from) => {
-                let (model, config) = segprop_model::hf::import::<B>(&from.hf_dir, &device)?;
+                let (model, config) = segprop_model::hf::import::<B>(&from.hf_dir, &device)
+                    .map_err(TrainError::Checkpoint)?;
                 spec.validate_against_model(&config)?;
                 (model, config)
             }

@@ -92,7 +92,11 @@ fn main() -> ExitCode {
             };
             match train(spec, out, quiet) {
                 Ok(()) => ExitCode::SUCCESS,
-                Err(err @ (TrainError::Spec(_) | TrainError::Corpus { .. })) => {
+                Err(
+                    err @ (TrainError::Spec(_)
+                    | TrainError::Corpus { .. }
+                    | TrainError::Checkpoint(_)),
+                ) => {
                     eprintln!("error: {err}");
                     ExitCode::from(2)
                 }
