@@ -14,4 +14,9 @@ echo "== cargo check --features cuda (GPU paths compile; no GPU needed)"
 cargo check -p segprop-worker -p segprop-bench --features cuda
 
 echo "== cargo test"
-cargo test --workspace
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+cargo test --workspace 2>&1 | tee "$log"
+# One closing line over every test binary (the last binaries cargo prints are doc-tests with 0).
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed;?$/) p += $(i-1); if ($i ~ /^failed;?$/) f += $(i-1) } }
+     END { printf "total: %d passed, %d failed\n", p, f }' "$log"

@@ -138,6 +138,17 @@ fn global_early_exit_exports_a_pruned_model() {
     assert_eq!(config["num_hidden_layers"], 5);
 }
 
+/// A tiny random HF checkpoint from scripts/make_tiny_llama.py.
+fn make_checkpoint(dir: &Path, args: &[&str]) {
+    let status = Command::new("python3")
+        .arg(repo().join("scripts/make_tiny_llama.py"))
+        .arg(dir)
+        .args(args)
+        .status()
+        .unwrap();
+    assert!(status.success(), "make_tiny_llama.py failed");
+}
+
 fn write_spec(dir: &Path, text: &str) -> PathBuf {
     let path = dir.join("job.yaml");
     std::fs::write(&path, text).unwrap();
@@ -226,13 +237,7 @@ fn validate_prints_the_stage_plan() {
 fn fine_tunes_an_imported_hf_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
     let ckpt = tmp.path().join("ckpt");
-    let status = Command::new("python3")
-        .arg(repo().join("scripts/make_tiny_llama.py"))
-        .arg(&ckpt)
-        .args(["--seed", "4", "--shards", "2", "--vocab", "256"])
-        .status()
-        .unwrap();
-    assert!(status.success(), "make_tiny_llama.py failed");
+    make_checkpoint(&ckpt, &["--seed", "4", "--shards", "2", "--vocab", "256"]);
     let job = format!(
         "version: 1\nname: from-hf\nmodel: {{ from: {{ hf_dir: {} }} }}\n\
          data: {{ corpus: builtin:synthetic, seq_len: 16, batch_size: 4, synthetic_tokens: 8000 }}\n\
@@ -266,13 +271,7 @@ fn fine_tunes_an_imported_hf_checkpoint() {
 fn a_corrupt_checkpoint_is_bad_input_naming_the_file() {
     let tmp = tempfile::tempdir().unwrap();
     let ckpt = tmp.path().join("ckpt");
-    let status = Command::new("python3")
-        .arg(repo().join("scripts/make_tiny_llama.py"))
-        .arg(&ckpt)
-        .args(["--vocab", "256"])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    make_checkpoint(&ckpt, &["--vocab", "256"]);
     let weights = ckpt.join("model.safetensors");
     let bytes = std::fs::read(&weights).unwrap();
     std::fs::write(&weights, &bytes[..bytes.len() / 3]).unwrap();

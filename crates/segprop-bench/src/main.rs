@@ -37,6 +37,9 @@ struct Cli {
     /// Timed optimizer steps per measurement (after warmup).
     #[arg(long, global = true, default_value_t = 12)]
     steps: usize,
+    /// Backend for `throughput` and `snapcheck`: `cpu`, or `cuda` (build with `--features cuda`).
+    #[arg(long, global = true, default_value = "cpu")]
+    backend: String,
 }
 
 #[derive(Subcommand)]
@@ -55,16 +58,34 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Backends => backends(cli.steps),
         Command::Matmul => matmul().map(|_| ()),
-        Command::Throughput => throughput(cli.steps),
-        Command::Snapcheck => snapcheck(cli.steps),
+        Command::Throughput | Command::Snapcheck if cli.backend == "cuda" => cuda(&cli),
+        Command::Throughput => throughput::<CpuBackend>(cli.steps, &Default::default(), "cpu"),
+        Command::Snapcheck => snapcheck::<CpuBackend>(cli.steps, &Default::default()),
         Command::Memory => memory(),
         Command::All => {
             backends(cli.steps)?;
-            throughput(cli.steps)?;
-            snapcheck(cli.steps)?;
+            throughput::<CpuBackend>(cli.steps, &Default::default(), "cpu")?;
+            snapcheck::<CpuBackend>(cli.steps, &Default::default())?;
             memory()
         }
     }
+}
+
+/// `throughput` / `snapcheck` on the first CUDA device.
+#[cfg(feature = "cuda")]
+fn cuda(cli: &Cli) -> Result<()> {
+    use segprop_train::cuda::{CudaBackend, cuda_available};
+    anyhow::ensure!(cuda_available(), "no CUDA driver on this machine");
+    let device = burn::backend::cuda::CudaDevice::new(0);
+    match cli.command {
+        Command::Snapcheck => snapcheck::<CudaBackend>(cli.steps, &device),
+        _ => throughput::<CudaBackend>(cli.steps, &device, "cuda"),
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda(_cli: &Cli) -> Result<()> {
+    anyhow::bail!("segprop-bench was built without the `cuda` feature")
 }
 
 /// A job spec for benchmarks: `model` and `data` YAML fragments, segprop with p, r.
@@ -111,8 +132,8 @@ fn time_steps<B: AutodiffBackend>(
 
 /// Like [`time_steps`] for several trainers, one step of each in turn, so that machine noise and
 /// drift hit every variant alike. Returns the median seconds per step of each.
-fn time_interleaved(
-    runs: &mut [(&mut Trainer<CpuBackend>, Route)],
+fn time_interleaved<B: AutodiffBackend>(
+    runs: &mut [(&mut Trainer<B>, Route)],
     warmup: usize,
     steps: usize,
 ) -> Vec<f64> {
@@ -204,8 +225,8 @@ fn backends(steps: usize) -> Result<()> {
 
 /// Square matmul GFLOP/s of both CPU backends (median of 5); returns the training backend's.
 fn matmul() -> Result<Vec<(usize, f64)>> {
-    let flex = matmul_rate::<Flex>();
-    let ndarray = matmul_rate::<NdArray>();
+    let flex = matmul_rate::<Flex>(&Default::default());
+    let ndarray = matmul_rate::<NdArray>(&Default::default());
     println!("## Square matmul rate");
     println!("| n | flex GFLOP/s | ndarray GFLOP/s |");
     println!("|---:|---:|---:|");
@@ -215,12 +236,11 @@ fn matmul() -> Result<Vec<(usize, f64)>> {
     Ok(ndarray)
 }
 
-fn matmul_rate<Bk: Backend>() -> Vec<(usize, f64)> {
-    let device = Default::default();
+fn matmul_rate<Bk: Backend>(device: &Bk::Device) -> Vec<(usize, f64)> {
     let mut out = Vec::new();
     for n in [512usize, 1024] {
-        let a = Tensor::<Bk, 2>::random([n, n], burn::tensor::Distribution::Default, &device);
-        let b = Tensor::<Bk, 2>::random([n, n], burn::tensor::Distribution::Default, &device);
+        let a = Tensor::<Bk, 2>::random([n, n], burn::tensor::Distribution::Default, device);
+        let b = Tensor::<Bk, 2>::random([n, n], burn::tensor::Distribution::Default, device);
         let _ = a.clone().matmul(b.clone()).into_data();
         let mut times: Vec<f64> = (0..5)
             .map(|_| {
@@ -234,10 +254,15 @@ fn matmul_rate<Bk: Backend>() -> Vec<(usize, f64)> {
     out
 }
 
-fn throughput(steps: usize) -> Result<()> {
-    let rates = matmul()?;
-    let peak = rates.iter().map(|r| r.1).fold(0.0, f64::max);
-    println!("## Training throughput (e2e steps, ndarray backend)");
+fn throughput<B: AutodiffBackend>(steps: usize, device: &B::Device, label: &str) -> Result<()> {
+    let peak = match label {
+        "cpu" => matmul()?.iter().map(|r| r.1).fold(0.0, f64::max),
+        _ => matmul_rate::<B::InnerBackend>(device)
+            .iter()
+            .map(|r| r.1)
+            .fold(0.0, f64::max),
+    };
+    println!("## Training throughput (e2e steps, {label} backend; matmul rate {peak:.1} GFLOP/s)");
     println!("| preset | batch x seq | tok/s | achieved GFLOP/s | of matmul rate |");
     println!("|---|---|---:|---:|---:|");
     for (preset, data) in [
@@ -252,7 +277,7 @@ fn throughput(steps: usize) -> Result<()> {
     ] {
         let s = spec(&format!("{{ preset: {preset} }}"), data, "regime: e2e")?;
         let dir = tempfile::tempdir()?;
-        let mut t = Trainer::<CpuBackend>::new(s, Default::default(), dir.path())?;
+        let mut t = Trainer::<B>::new(s, device.clone(), dir.path())?;
         let route = Route::Full {
             num_layers: t.config.num_layers,
         };
@@ -279,7 +304,7 @@ const MODEL16: &str = "{ preset: tiny, overrides: { hidden_size: 128, intermedia
 const DATA16: &str =
     "{ corpus: builtin:synthetic, seq_len: 128, batch_size: 8, synthetic_tokens: 60000 }";
 
-fn snapcheck(steps: usize) -> Result<()> {
+fn snapcheck<B: AutodiffBackend>(steps: usize, device: &B::Device) -> Result<()> {
     println!("## SnapCheck: stage-2 step time, 16 blocks, segment [p, p+1), r = 2");
     println!(
         "| p | recompute prefix (ms) | SnapCheck (ms) | segment + head alone (ms) | speedup | ideal | of ideal |"
@@ -291,11 +316,10 @@ fn snapcheck(steps: usize) -> Result<()> {
         );
         let dir = tempfile::tempdir()?;
         let plain_spec = spec(MODEL16, DATA16, &regime.replace("SNAP", "false"))?;
-        let mut plain =
-            Trainer::<CpuBackend>::new(plain_spec.clone(), Default::default(), dir.path())?;
-        let mut cached = Trainer::<CpuBackend>::new(
+        let mut plain = Trainer::<B>::new(plain_spec.clone(), device.clone(), dir.path())?;
+        let mut cached = Trainer::<B>::new(
             spec(MODEL16, DATA16, &regime.replace("SNAP", "true"))?,
-            Default::default(),
+            device.clone(),
             dir.path(),
         )?;
         let route = plain.route(&entry(StageKind::Segment {
@@ -304,7 +328,7 @@ fn snapcheck(steps: usize) -> Result<()> {
         }));
         // The ideal: the same segment and LL(r) with no prefix at all (blocks p, 14, 15 only;
         // the input is the embedding lookup, which costs next to nothing).
-        let mut alone = Trainer::<CpuBackend>::new(plain_spec, Default::default(), dir.path())?;
+        let mut alone = Trainer::<B>::new(plain_spec, device.clone(), dir.path())?;
         alone.model = alone.model.clone().retain_blocks(&[p, 14, 15]);
         alone.config.num_layers = 3;
         let alone_route = Route::Segment {

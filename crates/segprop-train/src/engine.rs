@@ -301,14 +301,13 @@ impl<B: AutodiffBackend> Trainer<B> {
         }
         self.model = local_opt.step(lr, self.model.clone(), local);
         if !trainable.head.is_empty() {
-            let head_opt = self.head_optimizer.get_or_insert_with(|| {
-                AdamWConfig::new()
-                    .with_beta_1(self.spec.optimizer.betas[0] as f32)
-                    .with_beta_2(self.spec.optimizer.betas[1] as f32)
-                    .with_epsilon(self.spec.optimizer.eps as f32)
-                    .with_weight_decay(self.spec.optimizer.weight_decay as f32)
-                    .init::<B, Llama<B>>()
-            });
+            if self.head_optimizer.is_none() {
+                self.head_optimizer = Some(self.new_optimizer());
+            }
+            let head_opt = self
+                .head_optimizer
+                .as_mut()
+                .expect("head optimizer was just created");
             self.model = head_opt.step(lr, self.model.clone(), head);
         }
         (loss_sum * scale, norm)

@@ -53,6 +53,13 @@ fn entry(trainer: &Trainer<B>, name: &str) -> StagePlanEntry {
         .unwrap()
 }
 
+/// Runs stage 1 and commits the base prefix `0..2`.
+fn stage1_and_commit(t: &mut Trainer<B>, obs: &mut RecordingObserver) {
+    let e = entry(t, "stage1");
+    segprop::stage1(t, &e, obs).unwrap();
+    segprop::commit_prefix(t, 2);
+}
+
 fn ids_of<M: Module<B>>(module: &M) -> HashSet<ParamId> {
     ParamIds::of(module).0.into_iter().collect()
 }
@@ -66,12 +73,7 @@ fn values(trainer: &Trainer<B>) -> std::collections::HashMap<ParamId, Vec<u32>> 
 fn a_stage2_segment_trains_only_the_segment_and_the_head() {
     let (mut t, _dir) = trainer("persistent", true);
     let mut obs = RecordingObserver::default();
-    {
-        let e = entry(&t, "stage1");
-        segprop::stage1(&mut t, &e, &mut obs)
-    }
-    .unwrap();
-    segprop::commit_prefix(&mut t, 2);
+    stage1_and_commit(&mut t, &mut obs);
 
     let m = &t.model;
     let mut frozen: HashSet<ParamId> = ids_of(&m.embed_tokens);
@@ -161,12 +163,7 @@ impl burn::module::ModuleMapper<B> for NanMapper {
 fn reset_policy_returns_head_blocks_to_baseline_at_each_new_segment() {
     let (mut t, _dir) = trainer("reset", true);
     let mut obs = RecordingObserver::default();
-    {
-        let e = entry(&t, "stage1");
-        segprop::stage1(&mut t, &e, &mut obs)
-    }
-    .unwrap();
-    segprop::commit_prefix(&mut t, 2);
+    stage1_and_commit(&mut t, &mut obs);
     let baseline = segprop::head_baseline(&t);
     let baseline_values = parameter_values(&t.model.blocks[4]);
     let baseline_values_5 = parameter_values(&t.model.blocks[5]);
