@@ -9,6 +9,7 @@ pub mod error;
 pub mod llama_config;
 pub mod plan;
 pub mod spec;
+pub mod validate;
 
 pub use error::{SpecError, SpecErrorKind};
 pub use llama_config::{LlamaConfig, RopeScaling};

@@ -479,8 +479,7 @@ impl<B: AutodiffBackend> Trainer<B> {
     }
 
     /// A fresh local head for the layer-wise baseline (same init for every block, seeded).
-    pub fn fresh_local_head(&self, block: usize) -> LmHead<B> {
-        let _ = block;
+    pub fn fresh_local_head(&self) -> LmHead<B> {
         LlamaInit::head(
             &self.config,
             self.spec.seed.wrapping_add(1000),
@@ -538,22 +537,29 @@ fn has_grad<B: AutodiffBackend>(grads: &GradientsParams, model: &Llama<B>, id: P
 
 /// L2 norm over every gradient in `sets` (the global norm that clipping uses).
 fn global_grad_norm<B: AutodiffBackend>(model: &Llama<B>, sets: &[&GradientsParams]) -> f64 {
-    struct Norm<'a> {
+    // Sums on the device and reads back once: one host sync per step, not one per parameter.
+    struct Norm<'a, I: Backend> {
         sets: &'a [&'a GradientsParams],
-        total: f64,
+        total: Option<Tensor<I, 1>>,
     }
-    impl<B: AutodiffBackend> ModuleVisitor<B> for Norm<'_> {
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Norm<'_, B::InnerBackend> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
             for set in self.sets {
                 if let Some(g) = set.get::<B::InnerBackend, D>(param.id) {
-                    self.total += g.square().sum().into_scalar().elem::<f64>();
+                    let squares = g.square().sum();
+                    self.total = Some(match self.total.take() {
+                        Some(total) => total + squares,
+                        None => squares,
+                    });
                 }
             }
         }
     }
-    let mut norm = Norm { sets, total: 0.0 };
+    let mut norm = Norm::<B::InnerBackend> { sets, total: None };
     model.visit(&mut norm);
-    norm.total.sqrt()
+    norm.total
+        .map_or(0.0, |t| t.into_scalar().elem::<f64>())
+        .sqrt()
 }
 
 fn scale_grads<B: AutodiffBackend>(model: &Llama<B>, grads: &mut GradientsParams, factor: f64) {

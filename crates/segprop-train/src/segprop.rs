@@ -217,7 +217,7 @@ pub fn lw_block<B: AutodiffBackend>(
     observer: &mut dyn TrainObserver,
 ) -> Result<StageRecord, TrainError> {
     debug_assert_eq!(trainer.spec.regime, Regime::Lw);
-    trainer.model.head = trainer.fresh_local_head(block);
+    trainer.model.head = trainer.fresh_local_head();
     let exit = trainer.spec.lw.exit.clone();
     let record = trainer.train_stage(entry, &exit, observer)?;
     trainer.committed_depth = block + 1;

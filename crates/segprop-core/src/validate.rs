@@ -1,0 +1,347 @@
+//! Validation of a parsed job spec: every rule names the field path it checks, and
+//! [`locate_field`] finds that field's line in the YAML text for the error message.
+
+use crate::error::SpecError;
+use crate::llama_config::{LlamaConfig, PRESETS};
+use crate::spec::{ExitSpec, JobSpec, Offload, Precision, Regime, ShardingStrategy};
+
+impl ExitSpec {
+    pub(crate) fn validate(&self, field: &str) -> Result<(), SpecError> {
+        if self.max_steps.is_none() && self.max_epochs.is_none() {
+            return Err(SpecError::invalid(
+                field,
+                "needs `max_steps` or `max_epochs` so the stage is bounded",
+            ));
+        }
+        if self.max_steps == Some(0) {
+            return Err(SpecError::invalid(
+                format!("{field}.max_steps"),
+                "must be at least 1",
+            ));
+        }
+        if self.max_epochs == Some(0) {
+            return Err(SpecError::invalid(
+                format!("{field}.max_epochs"),
+                "must be at least 1",
+            ));
+        }
+        if self.patience == Some(0) {
+            return Err(SpecError::invalid(
+                format!("{field}.patience"),
+                "must be at least 1",
+            ));
+        }
+        if !(self.min_delta >= 0.0) {
+            return Err(SpecError::invalid(
+                format!("{field}.min_delta"),
+                "must be >= 0",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl JobSpec {
+    /// Checks every field; errors name the field path.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        if self.version != 1 {
+            return Err(SpecError::invalid("version", "only version 1 exists"));
+        }
+        if self.name.trim().is_empty()
+            || !self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            return Err(SpecError::invalid(
+                "name",
+                "must be non-empty and use only letters, digits, '-', '_' and '.'",
+            ));
+        }
+        self.validate_model()?;
+        self.validate_data()?;
+        self.validate_optimizer()?;
+        if self.eval.every_steps == 0 {
+            return Err(SpecError::invalid("eval.every_steps", "must be at least 1"));
+        }
+        match self.regime {
+            Regime::Segprop => {
+                let s = &self.segprop;
+                if s.segment_size == 0 {
+                    return Err(SpecError::invalid(
+                        "segprop.segment_size",
+                        "must be at least 1",
+                    ));
+                }
+                if s.base_depth == 0 {
+                    return Err(SpecError::invalid(
+                        "segprop.base_depth",
+                        "must be at least 1 (stage 1 trains blocks 0..p)",
+                    ));
+                }
+                s.exit.stage1.validate("segprop.exit.stage1")?;
+                s.exit.segment.validate("segprop.exit.segment")?;
+                if let Some(global) = &s.exit.global {
+                    if global.target_eval_loss.is_none() && global.patience.is_none() {
+                        return Err(SpecError::invalid(
+                            "segprop.exit.global",
+                            "needs `target_eval_loss` or `patience` (or remove it)",
+                        ));
+                    }
+                    if !(global.min_delta >= 0.0) {
+                        return Err(SpecError::invalid(
+                            "segprop.exit.global.min_delta",
+                            "must be >= 0",
+                        ));
+                    }
+                    if global.patience == Some(0) {
+                        return Err(SpecError::invalid(
+                            "segprop.exit.global.patience",
+                            "must be at least 1",
+                        ));
+                    }
+                }
+            }
+            Regime::Lw => self.lw.exit.validate("lw.exit")?,
+            Regime::E2e => self.e2e.exit.validate("e2e.exit")?,
+        }
+        if self.resources.devices_per_gang == 0 {
+            return Err(SpecError::invalid(
+                "resources.devices_per_gang",
+                "must be at least 1",
+            ));
+        }
+        if self.resources.devices_per_gang > 1 && self.sharding.strategy == ShardingStrategy::None {
+            return Err(SpecError::invalid(
+                "resources.devices_per_gang",
+                "more than one device per gang needs `sharding.strategy: full_shard`",
+            ));
+        }
+        if self.sharding.strategy == ShardingStrategy::FullShard
+            || self.sharding.offload == Offload::Cpu
+        {
+            return Err(SpecError::invalid(
+                "sharding",
+                "sharded training (full_shard, cpu offload) is not available in this release; \
+                 use `strategy: none, offload: none`",
+            ));
+        }
+        if self.resources.precision == Precision::Bf16 {
+            return Err(SpecError::invalid(
+                "resources.precision",
+                "bf16 training is not available in this release; use f32",
+            ));
+        }
+        if let Some(config) = self.model_config() {
+            self.validate_against_model(&config)?;
+        }
+        Ok(())
+    }
+
+    fn validate_model(&self) -> Result<(), SpecError> {
+        if self.model.family != "llama" {
+            return Err(SpecError::invalid(
+                "model.family",
+                format!("unknown family `{}`; supported: llama", self.model.family),
+            ));
+        }
+        let sources = [
+            self.model.preset.is_some(),
+            self.model.config.is_some(),
+            self.model.from.is_some(),
+        ];
+        if sources.iter().filter(|s| **s).count() != 1 {
+            return Err(SpecError::invalid(
+                "model",
+                "give exactly one of `preset`, `config` or `from`",
+            ));
+        }
+        if self.model.overrides.is_some() && self.model.preset.is_none() {
+            return Err(SpecError::invalid(
+                "model.overrides",
+                "only applies to a `preset`",
+            ));
+        }
+        if let Some(preset) = &self.model.preset
+            && LlamaConfig::preset(preset).is_none()
+        {
+            return Err(SpecError::invalid(
+                "model.preset",
+                format!("unknown preset `{preset}`; known: {}", PRESETS.join(", ")),
+            ));
+        }
+        if let Some(config) = self.model_config() {
+            let field = if self.model.config.is_some() {
+                "model.config"
+            } else {
+                "model.overrides"
+            };
+            config.validate(field)?;
+        }
+        Ok(())
+    }
+
+    fn validate_data(&self) -> Result<(), SpecError> {
+        let d = &self.data;
+        if d.corpus.starts_with("builtin:") && d.corpus != "builtin:synthetic" {
+            return Err(SpecError::invalid(
+                "data.corpus",
+                format!(
+                    "unknown built-in corpus `{}`; known: builtin:synthetic",
+                    d.corpus
+                ),
+            ));
+        }
+        if d.corpus.trim().is_empty() {
+            return Err(SpecError::invalid("data.corpus", "must not be empty"));
+        }
+        if d.seq_len < 2 {
+            return Err(SpecError::invalid("data.seq_len", "must be at least 2"));
+        }
+        if d.batch_size == 0 {
+            return Err(SpecError::invalid("data.batch_size", "must be at least 1"));
+        }
+        if !(d.eval_fraction > 0.0 && d.eval_fraction < 0.5) {
+            return Err(SpecError::invalid(
+                "data.eval_fraction",
+                "must be in (0, 0.5): a held-out split is needed for exit criteria",
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_optimizer(&self) -> Result<(), SpecError> {
+        let o = &self.optimizer;
+        if o.name != "adamw" {
+            return Err(SpecError::invalid(
+                "optimizer.name",
+                format!("unknown optimizer `{}`; supported: adamw", o.name),
+            ));
+        }
+        if !(o.lr > 0.0 && o.lr.is_finite()) {
+            return Err(SpecError::invalid(
+                "optimizer.lr",
+                "must be a positive number",
+            ));
+        }
+        if !(o.weight_decay >= 0.0) {
+            return Err(SpecError::invalid("optimizer.weight_decay", "must be >= 0"));
+        }
+        if o.betas.iter().any(|b| !(0.0..1.0).contains(b)) {
+            return Err(SpecError::invalid(
+                "optimizer.betas",
+                "each beta must be in [0, 1)",
+            ));
+        }
+        if !(o.eps > 0.0) {
+            return Err(SpecError::invalid("optimizer.eps", "must be positive"));
+        }
+        if let Some(clip) = o.grad_clip
+            && !(clip > 0.0)
+        {
+            return Err(SpecError::invalid(
+                "optimizer.grad_clip",
+                "must be positive (or null)",
+            ));
+        }
+        if o.grad_accum == 0 {
+            return Err(SpecError::invalid(
+                "optimizer.grad_accum",
+                "must be at least 1",
+            ));
+        }
+        let s = &o.schedule;
+        if !(0.0..1.0).contains(&s.warmup_ratio) {
+            return Err(SpecError::invalid(
+                "optimizer.schedule.warmup_ratio",
+                "must be in [0, 1)",
+            ));
+        }
+        if !(0.0..=1.0).contains(&s.min_lr_ratio) {
+            return Err(SpecError::invalid(
+                "optimizer.schedule.min_lr_ratio",
+                "must be in [0, 1]",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks the spec against the model's shape (depths, vocabulary, sequence length).
+    pub fn validate_against_model(&self, config: &LlamaConfig) -> Result<(), SpecError> {
+        let n = config.num_layers;
+        if self.data.tokenizer.vocab_size() > config.vocab_size {
+            return Err(SpecError::invalid(
+                "data.tokenizer",
+                format!(
+                    "tokenizer has {} tokens but the model's vocab_size is {}",
+                    self.data.tokenizer.vocab_size(),
+                    config.vocab_size
+                ),
+            ));
+        }
+        if self.data.seq_len > config.max_seq_len {
+            return Err(SpecError::invalid(
+                "data.seq_len",
+                format!(
+                    "{} exceeds the model's max_seq_len {}",
+                    self.data.seq_len, config.max_seq_len
+                ),
+            ));
+        }
+        if self.regime == Regime::Segprop {
+            let s = &self.segprop;
+            if s.base_depth + s.head_layers > n {
+                return Err(SpecError::invalid(
+                    "segprop.base_depth",
+                    format!(
+                        "base_depth {} + head_layers {} exceeds the model's {} layers",
+                        s.base_depth, s.head_layers, n
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// serde_yaml appends " at line L column C"; the line is reported separately.
+pub(crate) fn strip_location(message: &str) -> String {
+    match message.find(" at line ") {
+        Some(i) => message[..i].to_string(),
+        None => message.to_string(),
+    }
+}
+
+/// Finds the 1-based line of a dotted field path in YAML text (block or flow style), following
+/// the path's components in order. Best effort: `None` when it cannot be found.
+pub fn locate_field(text: &str, path: &str) -> Option<usize> {
+    if path.is_empty() {
+        return None;
+    }
+    let mut from_line = 0;
+    let mut found = None;
+    for component in path.split('.') {
+        let needle_block = format!("{component}:");
+        let mut hit = None;
+        for (i, line) in text.lines().enumerate().skip(from_line) {
+            let code = line.split('#').next().unwrap_or_default();
+            let trimmed = code.trim_start();
+            if trimmed.starts_with(&needle_block)
+                || code.contains(&format!("{{ {needle_block}"))
+                || code.contains(&format!(", {needle_block}"))
+                || code.contains(&format!("{{{needle_block}"))
+            {
+                hit = Some(i);
+                break;
+            }
+        }
+        match hit {
+            Some(i) => {
+                from_line = i;
+                found = Some(i + 1);
+            }
+            None => return found,
+        }
+    }
+    found
+}
