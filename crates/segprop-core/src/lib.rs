@@ -5,6 +5,7 @@
 //! stage plan derived from a spec. It must not depend on burn, tonic, tokio or any I/O beyond
 //! reading a spec file, so the coordinator and the planner can link it cheaply.
 
+pub mod checksum;
 pub mod error;
 pub mod llama_config;
 pub mod plan;

@@ -19,10 +19,11 @@ use crate::adapter::IdentityAdapter;
 use crate::alloc;
 use crate::data::{Batch, Dataset};
 use crate::error::TrainError;
-use crate::exit::ExitTracker;
+use crate::exit::{ExitReason, ExitTracker, GlobalExitTracker};
 use crate::metrics::{EvalRecord, StageRecord, StepRecord, TrainEvent, TrainObserver};
 use crate::route::{Route, RouteInput};
 use crate::schedule::LrSchedule;
+use crate::segprop::HeadBaseline;
 use crate::snapcheck::{SnapshotCache, SnapshotKey, Split};
 
 pub type AdamWOptimizer<B> = OptimizerAdaptor<AdamW, Llama<B>, B>;
@@ -39,6 +40,58 @@ impl Trainable {
     pub fn all(&self) -> Vec<ParamId> {
         self.local.iter().chain(&self.head).copied().collect()
     }
+}
+
+/// Where a job stands between stages: what the plan carries from one stage to the next (besides
+/// the weights and optimizer state). Saved in every checkpoint.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct PlanProgress {
+    /// Index of the next stage to run (`stages.len()` when the plan is done).
+    pub next_stage: usize,
+    /// Records of the stages done so far.
+    pub records: Vec<StageRecord>,
+    /// Set when the global exit criterion stopped stage 2 early (the model was pruned).
+    pub early_exit: Option<ExitReason>,
+    /// Stage 2's global exit criterion, armed after stage 1.
+    pub global_exit: Option<GlobalExitTracker>,
+}
+
+/// Where a stage stands after an optimizer step: enough to resume it bit-exactly (with the
+/// weights and both optimizers' state saved alongside).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct StageProgress {
+    pub stage_index: usize,
+    /// Optimizer steps done in this stage.
+    pub step: u64,
+    /// Full epochs done in this stage.
+    pub epoch: u64,
+    /// Steps (chunks of `grad_accum` batches) done in the current epoch.
+    pub chunk: usize,
+    pub tracker: ExitTracker,
+    pub last_loss: f64,
+    pub last_eval: Option<(u64, f64)>,
+    /// Wall time spent in this stage before the checkpoint (summed across attempts).
+    pub wall_s: f64,
+}
+
+/// A stage to resume: its progress and its local optimizer's state.
+pub struct StageResume<B: AutodiffBackend> {
+    pub progress: StageProgress,
+    pub local_optimizer: AdamWOptimizer<B>,
+}
+
+/// Saves mid-stage checkpoints (the worker daemon writes them to the artifact store).
+pub trait Checkpointer<B: AutodiffBackend> {
+    /// Steps between checkpoints; 0 saves none (except on cancellation).
+    fn every_steps(&self) -> u64;
+
+    /// Saves the trainer as it is after `progress.step` steps of the current stage.
+    fn save(
+        &mut self,
+        trainer: &Trainer<B>,
+        local_optimizer: &AdamWOptimizer<B>,
+        progress: &StageProgress,
+    ) -> Result<(), TrainError>;
 }
 
 /// Runs training stages of one job on one device.
@@ -63,6 +116,14 @@ pub struct Trainer<B: AutodiffBackend> {
     /// Inner-backend copy of the frozen prefix (embed + blocks `0..depth`) taken at stage start.
     frozen: Option<FrozenPrefix<B::InnerBackend>>,
     pub work_dir: PathBuf,
+    /// Stages done, records, global exit state.
+    pub progress: PlanProgress,
+    /// LL(r)'s decoder blocks as stage 2 found them (head policy `reset`).
+    pub head_baseline: Option<HeadBaseline<B>>,
+    /// Mid-stage checkpoints, when the caller wants them.
+    pub checkpointer: Option<Box<dyn Checkpointer<B>>>,
+    /// Set by a checkpoint load: the next `train_stage` of this stage resumes from it.
+    pub resume: Option<StageResume<B>>,
 }
 
 impl<B: AutodiffBackend> Trainer<B> {
@@ -116,6 +177,10 @@ impl<B: AutodiffBackend> Trainer<B> {
             rope_inner,
             frozen: None,
             work_dir: work_dir.to_path_buf(),
+            progress: PlanProgress::default(),
+            head_baseline: None,
+            checkpointer: None,
+            resume: None,
         })
     }
 
@@ -355,11 +420,32 @@ impl<B: AutodiffBackend> Trainer<B> {
             RouteInput::Prefix { depth } => self.freeze_prefix(depth),
             RouteInput::Embed => self.frozen = None,
         }
-        let mut local_opt = self.new_optimizer();
         let accum = self.spec.optimizer.grad_accum;
         let steps_per_epoch = (self.data.train.len() / accum).max(1) as u64;
-        let mut tracker = ExitTracker::new(exit);
-        let budget = tracker.step_budget(steps_per_epoch);
+        let resume = self
+            .resume
+            .take()
+            .filter(|r| r.progress.stage_index == entry.index);
+        let (mut local_opt, mut at) = match resume {
+            Some(r) => {
+                tracing::info!(stage = %entry.name, step = r.progress.step, "stage resumes from a checkpoint");
+                (r.local_optimizer, r.progress)
+            }
+            None => (
+                self.new_optimizer(),
+                StageProgress {
+                    stage_index: entry.index,
+                    step: 0,
+                    epoch: 0,
+                    chunk: 0,
+                    tracker: ExitTracker::new(exit),
+                    last_loss: f64::NAN,
+                    last_eval: None,
+                    wall_s: 0.0,
+                },
+            ),
+        };
+        let budget = at.tracker.step_budget(steps_per_epoch);
         let schedule = LrSchedule::new(
             self.spec.optimizer.lr,
             &self.spec.optimizer.schedule,
@@ -377,63 +463,79 @@ impl<B: AutodiffBackend> Trainer<B> {
         }
         alloc::reset_peak();
         let started = Instant::now();
+        let wall_before = at.wall_s;
         let tokens_per_step = (accum * self.spec.data.batch_size * self.spec.data.seq_len) as u64;
-        let (mut step, mut epoch) = (0u64, 0u64);
-        let mut last_loss = f64::NAN;
-        let mut last_eval: Option<(u64, f64)> = None;
+        let mut checkpointed = at.step;
         let reason = 'train: loop {
             let order = self
                 .data
-                .epoch_order(self.spec.seed ^ ((entry.index as u64) << 32), epoch);
-            for chunk in order.chunks_exact(accum) {
+                .epoch_order(self.spec.seed ^ ((entry.index as u64) << 32), at.epoch);
+            for chunk in order.chunks_exact(accum).skip(at.chunk) {
                 if observer.cancelled() {
+                    if at.step > checkpointed {
+                        at.wall_s = wall_before + started.elapsed().as_secs_f64();
+                        self.save_checkpoint(&local_opt, &at)?;
+                    }
                     return Err(TrainError::Cancelled);
                 }
                 let batches: Vec<Batch> =
                     chunk.iter().map(|&i| self.data.train[i].clone()).collect();
                 let refs: Vec<&Batch> = batches.iter().collect();
                 let step_started = Instant::now();
-                let lr = schedule.lr(step);
+                let lr = schedule.lr(at.step);
                 let (loss, grad_norm) =
                     self.train_step(route, &refs, &trainable, &mut local_opt, lr);
                 if !loss.is_finite() {
                     return Err(TrainError::NonFiniteLoss {
                         stage: entry.name.clone(),
-                        step: step + 1,
+                        step: at.step + 1,
                         value: loss,
                     });
                 }
-                step += 1;
+                at.step += 1;
+                at.chunk += 1;
                 self.global_step += 1;
-                last_loss = loss;
+                at.last_loss = loss;
                 observer.on_event(&TrainEvent::Step(StepRecord {
                     stage: entry.name.clone(),
                     stage_index: entry.index,
-                    step,
+                    step: at.step,
                     global_step: self.global_step,
                     loss,
                     lr,
                     grad_norm,
                     tokens_per_s: tokens_per_step as f64 / step_started.elapsed().as_secs_f64(),
                 }));
-                if step % self.spec.eval.every_steps == 0 {
+                let mut stop = None;
+                if at.step % self.spec.eval.every_steps == 0 {
                     let eval_loss = self.evaluate(route);
-                    last_eval = Some((step, eval_loss));
-                    self.emit_eval(observer, entry, step, eval_loss);
-                    if let Some(reason) = tracker.on_eval(eval_loss) {
-                        break 'train reason;
-                    }
+                    at.last_eval = Some((at.step, eval_loss));
+                    self.emit_eval(observer, entry, at.step, eval_loss);
+                    stop = at.tracker.on_eval(eval_loss);
                 }
-                if let Some(reason) = tracker.on_step(step, epoch) {
+                if stop.is_none() {
+                    stop = at.tracker.on_step(at.step, at.epoch);
+                }
+                if let Some(reason) = stop {
                     break 'train reason;
                 }
+                let every = self.checkpointer.as_ref().map_or(0, |c| c.every_steps());
+                if every > 0 && at.step % every == 0 {
+                    at.wall_s = wall_before + started.elapsed().as_secs_f64();
+                    self.save_checkpoint(&local_opt, &at)?;
+                    checkpointed = at.step;
+                }
             }
-            epoch += 1;
-            if let Some(reason) = tracker.on_step(step, epoch) {
+            at.epoch += 1;
+            at.chunk = 0;
+            if let Some(reason) = at.tracker.on_step(at.step, at.epoch) {
                 break reason;
             }
         };
-        let wall_s = started.elapsed().as_secs_f64();
+        let step = at.step;
+        let last_loss = at.last_loss;
+        let last_eval = at.last_eval;
+        let wall_s = wall_before + started.elapsed().as_secs_f64();
         let eval_loss = match last_eval {
             Some((at, loss)) if at == step => loss,
             _ => {
@@ -459,6 +561,19 @@ impl<B: AutodiffBackend> Trainer<B> {
         };
         observer.on_event(&TrainEvent::StageFinished(record.clone()));
         Ok(record)
+    }
+
+    fn save_checkpoint(
+        &mut self,
+        local_optimizer: &AdamWOptimizer<B>,
+        progress: &StageProgress,
+    ) -> Result<(), TrainError> {
+        let Some(mut checkpointer) = self.checkpointer.take() else {
+            return Ok(());
+        };
+        let saved = checkpointer.save(self, local_optimizer, progress);
+        self.checkpointer = Some(checkpointer);
+        saved
     }
 
     fn emit_eval(

@@ -29,6 +29,9 @@ pub enum TrainError {
     },
     #[error("no {backend} device is available on this machine")]
     NoDevice { backend: String },
+    /// A trainer checkpoint cannot be read or written.
+    #[error("checkpoint {path}: {message}")]
+    State { path: PathBuf, message: String },
     #[error("training was cancelled")]
     Cancelled,
 }

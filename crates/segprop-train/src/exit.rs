@@ -2,9 +2,9 @@
 //! on the held-out split (patience, min delta), and a target held-out loss.
 
 use segprop_core::{ExitSpec, GlobalExitSpec};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ExitReason {
     MaxSteps,
@@ -14,7 +14,7 @@ pub enum ExitReason {
 }
 
 /// Tracks one stage's progress against its [`ExitSpec`].
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ExitTracker {
     spec: ExitSpec,
     best_eval: f64,
@@ -80,7 +80,7 @@ impl ExitTracker {
 }
 
 /// The global exit criterion of stage 2, checked after each committed segment.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct GlobalExitTracker {
     spec: GlobalExitSpec,
     best: f64,

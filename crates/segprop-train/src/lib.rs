@@ -10,6 +10,7 @@
 
 pub mod adapter;
 pub mod alloc;
+pub mod checkpoint;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod data;

@@ -5,12 +5,12 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use indicatif::{ProgressBar, ProgressStyle};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::exit::ExitReason;
 use crate::snapcheck::SnapshotStats;
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct StepRecord {
     pub stage: String,
     pub stage_index: usize,
@@ -24,7 +24,7 @@ pub struct StepRecord {
     pub tokens_per_s: f64,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct EvalRecord {
     pub stage: String,
     pub stage_index: usize,
@@ -34,7 +34,7 @@ pub struct EvalRecord {
     pub eval_ppl: f64,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct StageRecord {
     pub stage: String,
     pub stage_index: usize,
@@ -52,7 +52,7 @@ pub struct StageRecord {
     pub snapshots: Option<SnapshotStats>,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct RunSummary {
     pub job: String,
     pub regime: String,
@@ -70,7 +70,7 @@ pub struct RunSummary {
     pub model_dir: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum TrainEvent {
     StageStarted {

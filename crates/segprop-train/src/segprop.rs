@@ -33,65 +33,89 @@ pub struct PlanOutcome {
 }
 
 /// The baseline weights of LL(r)'s decoder blocks, taken when stage 2 begins (head policy reset).
+#[derive(Clone)]
 pub struct HeadBaseline<B: AutodiffBackend> {
-    blocks: Vec<Block<B>>,
+    pub blocks: Vec<Block<B>>,
 }
 
-/// Runs every stage of the trainer's plan in order (Algorithm 1 for SegProp).
+/// Runs every remaining stage of the trainer's plan in order (Algorithm 1 for SegProp).
 pub fn run_plan<B: AutodiffBackend>(
     trainer: &mut Trainer<B>,
     observer: &mut dyn TrainObserver,
 ) -> Result<PlanOutcome, TrainError> {
-    let stages = trainer.plan.stages.clone();
-    let mut records = Vec::with_capacity(stages.len());
-    let mut baseline: Option<HeadBaseline<B>> = None;
-    let mut global_exit: Option<GlobalExitTracker> = None;
-    for entry in &stages {
-        let record = match entry.kind {
-            StageKind::E2e => e2e(trainer, entry, observer)?,
-            StageKind::LwBlock { block } => lw_block(trainer, entry, block, observer)?,
-            StageKind::Stage1 { base_depth } => {
-                let record = stage1(trainer, entry, observer)?;
-                commit_prefix(trainer, base_depth);
-                if let Some(spec) = &trainer.spec.segprop.exit.global {
-                    global_exit = Some(GlobalExitTracker::new(spec, record.eval_loss));
-                }
-                record
+    while run_next_stage(trainer, observer)?.is_some() {}
+    Ok(PlanOutcome {
+        stages: trainer.progress.records.clone(),
+        early_exit: trainer.progress.early_exit,
+    })
+}
+
+/// Whether every stage of the plan has run (or stage 2 stopped early).
+pub fn plan_done<B: AutodiffBackend>(trainer: &Trainer<B>) -> bool {
+    trainer.progress.early_exit.is_some()
+        || trainer.progress.next_stage >= trainer.plan.stages.len()
+}
+
+/// Runs the next stage of the plan with its commit step; `None` when the plan is done. A worker
+/// runs one stage per task this way, saving the trainer between tasks.
+pub fn run_next_stage<B: AutodiffBackend>(
+    trainer: &mut Trainer<B>,
+    observer: &mut dyn TrainObserver,
+) -> Result<Option<StageRecord>, TrainError> {
+    if plan_done(trainer) {
+        return Ok(None);
+    }
+    let entry = trainer.plan.stages[trainer.progress.next_stage].clone();
+    let record = match entry.kind {
+        StageKind::E2e => e2e(trainer, &entry, observer)?,
+        StageKind::LwBlock { block } => lw_block(trainer, &entry, block, observer)?,
+        StageKind::Stage1 { base_depth } => {
+            let record = stage1(trainer, &entry, observer)?;
+            commit_prefix(trainer, base_depth);
+            if let Some(spec) = &trainer.spec.segprop.exit.global {
+                trainer.progress.global_exit = Some(GlobalExitTracker::new(spec, record.eval_loss));
             }
-            StageKind::Segment { start, end } => {
-                if trainer.spec.segprop.head_policy == HeadPolicy::Reset {
-                    match &baseline {
-                        None => baseline = Some(head_baseline(trainer)),
-                        Some(b) => reset_head(trainer, b),
+            record
+        }
+        StageKind::Segment { start, end } => {
+            // A stage resumed mid-way already took its baseline or reset its head.
+            let resuming = trainer
+                .resume
+                .as_ref()
+                .is_some_and(|r| r.progress.stage_index == entry.index);
+            if trainer.spec.segprop.head_policy == HeadPolicy::Reset && !resuming {
+                match trainer.head_baseline.take() {
+                    None => trainer.head_baseline = Some(head_baseline(trainer)),
+                    Some(b) => {
+                        reset_head(trainer, &b);
+                        trainer.head_baseline = Some(b);
                     }
                 }
-                let record = stage2_segment(trainer, entry, observer)?;
-                commit_segment(trainer, start, end)?;
-                let reason = global_exit
-                    .as_mut()
-                    .and_then(|g| g.on_commit(record.eval_loss));
-                records.push(record);
-                if let Some(reason) = reason {
-                    prune_to_committed(trainer, end);
-                    return Ok(PlanOutcome {
-                        stages: records,
-                        early_exit: Some(reason),
-                    });
-                }
-                continue;
             }
-        };
-        records.push(record);
-    }
-    if let Some(cache) = &mut trainer.cache {
+            let record = stage2_segment(trainer, &entry, observer)?;
+            commit_segment(trainer, start, end)?;
+            let reason = trainer
+                .progress
+                .global_exit
+                .as_mut()
+                .and_then(|g| g.on_commit(record.eval_loss));
+            if let Some(reason) = reason {
+                prune_to_committed(trainer, end);
+                trainer.progress.early_exit = Some(reason);
+            }
+            record
+        }
+    };
+    trainer.progress.records.push(record.clone());
+    trainer.progress.next_stage += 1;
+    if plan_done(trainer)
+        && let Some(cache) = &mut trainer.cache
+    {
         for depth in cache.depths() {
             cache.drop_depth(depth);
         }
     }
-    Ok(PlanOutcome {
-        stages: records,
-        early_exit: None,
-    })
+    Ok(Some(record))
 }
 
 /// Stage 1: embed + base prefix `0..p` + LL(r), intermediate blocks skipped; then commit the
@@ -217,7 +241,13 @@ pub fn lw_block<B: AutodiffBackend>(
     observer: &mut dyn TrainObserver,
 ) -> Result<StageRecord, TrainError> {
     debug_assert_eq!(trainer.spec.regime, Regime::Lw);
-    trainer.model.head = trainer.fresh_local_head();
+    let resuming = trainer
+        .resume
+        .as_ref()
+        .is_some_and(|r| r.progress.stage_index == entry.index);
+    if !resuming {
+        trainer.model.head = trainer.fresh_local_head();
+    }
     let exit = trainer.spec.lw.exit.clone();
     let record = trainer.train_stage(entry, &exit, observer)?;
     trainer.committed_depth = block + 1;

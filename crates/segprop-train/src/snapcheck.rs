@@ -15,7 +15,9 @@ use burn::prelude::*;
 use serde::Serialize;
 
 /// Train and eval batches have separate id spaces.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Split {
     Train,
@@ -30,7 +32,7 @@ pub struct SnapshotKey {
     pub id: usize,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, serde::Deserialize)]
 pub struct SnapshotStats {
     pub hits: u64,
     pub misses: u64,

@@ -1,0 +1,410 @@
+//! Trainer checkpoints: everything needed to continue a job exactly where it stopped.
+//!
+//! A checkpoint is a directory with two files:
+//! - `state.yaml`: the model shape, the committed depth, the global step, the plan progress
+//!   (stages done, their records, the global exit tracker) and, for a mid-stage checkpoint, the
+//!   stage's progress (step, epoch, position in the epoch, exit tracker, last losses);
+//! - `weights.bin`: burn records at full precision of the model, the persistent head optimizer,
+//!   the head baseline (head policy `reset`) and, mid-stage, the stage's local optimizer.
+//!
+//! Parameter ids travel with the records, so optimizer moments find their parameters again and a
+//! resumed run is bit-identical to an undisturbed one. SnapCheck snapshots are not saved: they
+//! are recomputed from the committed prefix, which gives the same bits.
+//!
+//! Writes are atomic: the files go to `<dir>.partial` and the directory is renamed into place,
+//! so a reader never sees half a checkpoint. [`checksum_dir`] gives the checksum the coordinator
+//! records; [`load`] verifies it.
+
+use std::path::{Path, PathBuf};
+
+use burn::module::Module;
+use burn::optim::Optimizer;
+use burn::record::{BinBytesRecorder, FullPrecisionSettings, Recorder};
+use burn::tensor::backend::AutodiffBackend;
+use segprop_core::LlamaConfig;
+use segprop_core::checksum::Fnv1a64;
+use segprop_model::{Block, Llama, LlamaInit};
+use serde::{Deserialize, Serialize};
+
+use crate::engine::{AdamWOptimizer, PlanProgress, StageProgress, StageResume, Trainer};
+use crate::error::TrainError;
+use crate::segprop::HeadBaseline;
+
+const STATE_FILE: &str = "state.yaml";
+const WEIGHTS_FILE: &str = "weights.bin";
+const FORMAT_VERSION: u32 = 1;
+
+#[derive(Serialize, Deserialize)]
+struct StateFile {
+    format_version: u32,
+    job: String,
+    seed: u64,
+    config: LlamaConfig,
+    committed_depth: usize,
+    global_step: u64,
+    progress: PlanProgress,
+    stage: Option<StageProgress>,
+}
+
+type OptRecord<B> = <AdamWOptimizer<B> as Optimizer<Llama<B>, B>>::Record;
+type WeightsRecord<B> = (
+    <Llama<B> as Module<B>>::Record,
+    Option<OptRecord<B>>,
+    Option<Vec<<Block<B> as Module<B>>::Record>>,
+    Option<OptRecord<B>>,
+);
+
+/// Size and checksum of a saved checkpoint (or any artifact directory).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Digest {
+    pub bytes: u64,
+    pub checksum: String,
+}
+
+/// Saves the trainer (and, mid-stage, the stage's local optimizer and progress) to `dir`.
+pub fn save<B: AutodiffBackend>(
+    trainer: &Trainer<B>,
+    stage: Option<(&AdamWOptimizer<B>, &StageProgress)>,
+    dir: &Path,
+) -> Result<Digest, TrainError> {
+    let state = StateFile {
+        format_version: FORMAT_VERSION,
+        job: trainer.spec.name.clone(),
+        seed: trainer.spec.seed,
+        config: trainer.config.clone(),
+        committed_depth: trainer.committed_depth,
+        global_step: trainer.global_step,
+        progress: trainer.progress.clone(),
+        stage: stage.map(|(_, p)| p.clone()),
+    };
+    let record: WeightsRecord<B> = (
+        trainer.model.clone().into_record(),
+        trainer.head_optimizer.as_ref().map(|o| o.to_record()),
+        trainer
+            .head_baseline
+            .as_ref()
+            .map(|b| b.blocks.iter().map(|x| x.clone().into_record()).collect()),
+        stage.map(|(o, _)| o.to_record()),
+    );
+    let weights = BinBytesRecorder::<FullPrecisionSettings>::default()
+        .record(record, ())
+        .map_err(|e| state_error(dir, format!("cannot encode weights: {e}")))?;
+    let yaml = serde_yaml::to_string(&state)
+        .map_err(|e| state_error(dir, format!("cannot encode state: {e}")))?;
+
+    let partial = partial_path(dir);
+    let _ = std::fs::remove_dir_all(&partial);
+    std::fs::create_dir_all(&partial).map_err(TrainError::io(&partial))?;
+    write_synced(&partial.join(WEIGHTS_FILE), &weights)?;
+    write_synced(&partial.join(STATE_FILE), yaml.as_bytes())?;
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).map_err(TrainError::io(dir))?;
+    }
+    std::fs::rename(&partial, dir).map_err(TrainError::io(dir))?;
+    checksum_dir(dir)
+}
+
+/// Loads a checkpoint into `trainer` (built from the same spec). When `expected` is given, the
+/// checkpoint's checksum must match it. A mid-stage checkpoint arms `trainer.resume`.
+pub fn load<B: AutodiffBackend>(
+    trainer: &mut Trainer<B>,
+    dir: &Path,
+    expected: Option<&str>,
+) -> Result<(), TrainError> {
+    if let Some(expected) = expected {
+        let digest = checksum_dir(dir)?;
+        if digest.checksum != expected {
+            return Err(state_error(
+                dir,
+                format!(
+                    "checksum mismatch: the store recorded {expected}, the files hash to {} \
+                     (corrupt or overwritten checkpoint)",
+                    digest.checksum
+                ),
+            ));
+        }
+    }
+    let state_path = dir.join(STATE_FILE);
+    let text = std::fs::read_to_string(&state_path).map_err(TrainError::io(&state_path))?;
+    let state: StateFile = serde_yaml::from_str(&text)
+        .map_err(|e| state_error(&state_path, format!("not a trainer state file: {e}")))?;
+    if state.format_version != FORMAT_VERSION {
+        return Err(state_error(
+            &state_path,
+            format!(
+                "format version {} is not supported (this build reads {FORMAT_VERSION})",
+                state.format_version
+            ),
+        ));
+    }
+    if state.job != trainer.spec.name || state.seed != trainer.spec.seed {
+        return Err(state_error(
+            &state_path,
+            format!(
+                "checkpoint of job {:?} (seed {}) cannot resume job {:?} (seed {})",
+                state.job, state.seed, trainer.spec.name, trainer.spec.seed
+            ),
+        ));
+    }
+    let weights_path = dir.join(WEIGHTS_FILE);
+    let bytes = std::fs::read(&weights_path).map_err(TrainError::io(&weights_path))?;
+    let (model, head_opt, baseline, local_opt): WeightsRecord<B> =
+        BinBytesRecorder::<FullPrecisionSettings>::default()
+            .load(bytes, &trainer.device)
+            .map_err(|e| state_error(&weights_path, format!("cannot decode weights: {e}")))?;
+
+    let template = if state.config.num_layers == trainer.model.num_layers() {
+        trainer.model.clone()
+    } else {
+        // Pruned by an early exit: a model of the saved shape to load into.
+        LlamaInit::random::<B>(&state.config, trainer.spec.seed, &trainer.device)
+    };
+    trainer.model = template.load_record(model);
+    trainer.config = state.config;
+    trainer.head_optimizer = head_opt.map(|r| trainer.new_optimizer().load_record(r));
+    trainer.head_baseline = match baseline {
+        Some(records) => {
+            let n = trainer.config.num_layers;
+            let r = trainer.plan.head_layers;
+            let blocks = trainer.model.blocks[n - r..n]
+                .iter()
+                .cloned()
+                .zip(records)
+                .map(|(block, rec)| block.load_record(rec))
+                .collect();
+            Some(HeadBaseline { blocks })
+        }
+        None => None,
+    };
+    trainer.committed_depth = state.committed_depth;
+    trainer.global_step = state.global_step;
+    trainer.progress = state.progress;
+    trainer.resume = match (state.stage, local_opt) {
+        (Some(progress), Some(opt)) => Some(StageResume {
+            progress,
+            local_optimizer: trainer.new_optimizer().load_record(opt),
+        }),
+        _ => None,
+    };
+    Ok(())
+}
+
+/// Size and checksum of a file, or of a directory's files (names and contents, in name order;
+/// subdirectories included).
+pub fn checksum_dir(path: &Path) -> Result<Digest, TrainError> {
+    let mut hasher = Fnv1a64::default();
+    let mut bytes = 0u64;
+    let mut files = Vec::new();
+    collect_files(path, path, &mut files)?;
+    files.sort();
+    for rel in files {
+        let full = if rel.as_os_str().is_empty() {
+            path.to_path_buf()
+        } else {
+            path.join(&rel)
+        };
+        let data = std::fs::read(&full).map_err(TrainError::io(&full))?;
+        hasher.update(rel.to_string_lossy().as_bytes());
+        hasher.update(&[0]);
+        hasher.update(&data);
+        bytes += data.len() as u64;
+    }
+    Ok(Digest {
+        bytes,
+        checksum: hasher.label(),
+    })
+}
+
+fn collect_files(root: &Path, at: &Path, out: &mut Vec<PathBuf>) -> Result<(), TrainError> {
+    let meta = std::fs::metadata(at).map_err(TrainError::io(at))?;
+    if meta.is_file() {
+        out.push(at.strip_prefix(root).unwrap_or(at).to_path_buf());
+        return Ok(());
+    }
+    for entry in std::fs::read_dir(at).map_err(TrainError::io(at))? {
+        let entry = entry.map_err(TrainError::io(at))?;
+        collect_files(root, &entry.path(), out)?;
+    }
+    Ok(())
+}
+
+fn partial_path(dir: &Path) -> PathBuf {
+    let mut name = dir.file_name().unwrap_or_default().to_os_string();
+    name.push(".partial");
+    dir.with_file_name(name)
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
+    use std::io::Write;
+    let mut file = std::fs::File::create(path).map_err(TrainError::io(path))?;
+    file.write_all(bytes).map_err(TrainError::io(path))?;
+    file.sync_all().map_err(TrainError::io(path))
+}
+
+fn state_error(path: &Path, message: String) -> TrainError {
+    TrainError::State {
+        path: path.to_path_buf(),
+        message,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::CpuBackend;
+    use crate::metrics::RecordingObserver;
+    use crate::segprop::{parameter_values, run_next_stage, run_plan};
+
+    const SPEC: &str = r#"
+version: 1
+name: ckpt-test
+model: { preset: tiny, overrides: { num_layers: 5 } }
+data: { corpus: builtin:synthetic, seq_len: 16, batch_size: 4, eval_fraction: 0.1, synthetic_tokens: 6000 }
+regime: segprop
+segprop:
+  base_depth: 1
+  head_layers: 1
+  segment_size: 1
+  head_policy: reset
+  exit: { stage1: { max_steps: 6 }, segment: { max_steps: 7 } }
+optimizer: { lr: 3.0e-3, grad_clip: 1.0 }
+eval: { every_steps: 3, max_batches: 2 }
+seed: 5
+"#;
+
+    fn trainer(dir: &Path) -> Trainer<CpuBackend> {
+        let spec = segprop_core::JobSpec::from_yaml_str(SPEC, "ckpt-test.yaml").unwrap();
+        Trainer::new(spec, Default::default(), dir).unwrap()
+    }
+
+    /// Saves every checkpoint it is asked for, by step.
+    struct EveryStep {
+        dir: PathBuf,
+        every: u64,
+        saved: Vec<(usize, u64, PathBuf)>,
+    }
+
+    impl Checkpointer<CpuBackend> for std::sync::Arc<std::sync::Mutex<EveryStep>> {
+        fn every_steps(&self) -> u64 {
+            self.lock().unwrap().every
+        }
+        fn save(
+            &mut self,
+            trainer: &Trainer<CpuBackend>,
+            local: &AdamWOptimizer<CpuBackend>,
+            progress: &StageProgress,
+        ) -> Result<(), TrainError> {
+            let mut me = self.lock().unwrap();
+            let dir = me
+                .dir
+                .join(format!("s{}-{}", progress.stage_index, progress.step));
+            save(trainer, Some((local, progress)), &dir)?;
+            me.saved.push((progress.stage_index, progress.step, dir));
+            Ok(())
+        }
+    }
+
+    use crate::engine::Checkpointer;
+
+    /// Bit patterns of every parameter, in module order (ids differ between trainers).
+    fn bits(t: &Trainer<CpuBackend>) -> Vec<Vec<u32>> {
+        parameter_values(&t.model)
+            .into_iter()
+            .map(|(_, v)| v)
+            .collect()
+    }
+
+    fn assert_same_weights(a: &Trainer<CpuBackend>, b: &Trainer<CpuBackend>) {
+        let (a, b) = (bits(a), bits(b));
+        assert_eq!(a.len(), b.len(), "parameter count");
+        for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+            assert!(x == y, "parameter {i} differs");
+        }
+    }
+
+    #[test]
+    fn stage_by_stage_with_reload_is_bit_identical_to_one_run() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut whole = trainer(&tmp.path().join("a"));
+        run_plan(&mut whole, &mut RecordingObserver::default()).unwrap();
+
+        // One trainer per stage, each loading the previous stage's saved state.
+        let mut state: Option<(PathBuf, String)> = None;
+        loop {
+            let mut t = trainer(&tmp.path().join("b"));
+            if let Some((dir, sum)) = &state {
+                load(&mut t, dir, Some(sum)).unwrap();
+            }
+            if run_next_stage(&mut t, &mut RecordingObserver::default())
+                .unwrap()
+                .is_none()
+            {
+                assert_same_weights(&t, &whole);
+                assert_eq!(t.global_step, whole.global_step);
+                assert_eq!(t.progress.records.len(), whole.progress.records.len());
+                break;
+            }
+            let dir = tmp.path().join(format!("state-{}", t.progress.next_stage));
+            let digest = save(&t, None, &dir).unwrap();
+            state = Some((dir, digest.checksum));
+        }
+    }
+
+    #[test]
+    fn mid_stage_resume_is_bit_identical() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut whole = trainer(&tmp.path().join("a"));
+        run_plan(&mut whole, &mut RecordingObserver::default()).unwrap();
+
+        let saver = std::sync::Arc::new(std::sync::Mutex::new(EveryStep {
+            dir: tmp.path().join("ckpt"),
+            every: 4,
+            saved: Vec::new(),
+        }));
+        let mut first = trainer(&tmp.path().join("b"));
+        first.checkpointer = Some(Box::new(saver.clone()));
+        run_plan(&mut first, &mut RecordingObserver::default()).unwrap();
+        // Resume from a checkpoint in the middle of a stage-2 segment (stage 2, step 4 of 7).
+        let (stage, step, dir) = saver
+            .lock()
+            .unwrap()
+            .saved
+            .iter()
+            .find(|(s, _, _)| *s == 2)
+            .cloned()
+            .unwrap();
+        assert_eq!((stage, step), (2, 4));
+        let mut resumed = trainer(&tmp.path().join("c"));
+        load(&mut resumed, &dir, None).unwrap();
+        assert!(resumed.resume.is_some());
+        run_plan(&mut resumed, &mut RecordingObserver::default()).unwrap();
+        assert_same_weights(&resumed, &whole);
+        let eval = |r: &Vec<crate::metrics::StageRecord>| -> Vec<f64> {
+            r.iter().map(|s| s.eval_loss).collect()
+        };
+        assert_eq!(
+            eval(&resumed.progress.records),
+            eval(&whole.progress.records)
+        );
+    }
+
+    #[test]
+    fn corrupt_checkpoint_is_refused_naming_the_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let t = trainer(&tmp.path().join("a"));
+        let dir = tmp.path().join("state");
+        let digest = save(&t, None, &dir).unwrap();
+        assert!(!partial_path(&dir).exists());
+        let weights = dir.join(WEIGHTS_FILE);
+        let mut bytes = std::fs::read(&weights).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0x40;
+        std::fs::write(&weights, bytes).unwrap();
+        let mut other = trainer(&tmp.path().join("b"));
+        let err = load(&mut other, &dir, Some(&digest.checksum))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("checksum mismatch"), "{err}");
+        assert!(err.contains("state"), "{err}");
+    }
+}
