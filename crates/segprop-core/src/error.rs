@@ -51,7 +51,7 @@ impl SpecError {
         }
     }
 
-    pub(crate) fn with_source(mut self, source_name: &str, line: Option<usize>) -> Self {
+    pub fn with_source(mut self, source_name: &str, line: Option<usize>) -> Self {
         self.source_name = source_name.to_string();
         if self.line.is_none() {
             self.line = line;

@@ -9,6 +9,7 @@ pub mod checksum;
 pub mod error;
 pub mod llama_config;
 pub mod plan;
+pub mod sched;
 pub mod spec;
 pub mod validate;
 
@@ -16,7 +17,7 @@ pub use error::{SpecError, SpecErrorKind};
 pub use llama_config::{LlamaConfig, RopeScaling};
 pub use plan::{StageKind, StagePlan, StagePlanEntry};
 pub use spec::{
-    DataSpec, DecaySchedule, E2eSpec, EvalSpec, ExitSpec, GlobalExitSpec, HeadPolicy, JobSpec,
-    LwSpec, ModelSpec, OptimizerSpec, Precision, Regime, ResourcesSpec, ScheduleSpec, SegPropSpec,
-    ShardingSpec, TokenizerKind,
+    CheckpointSpec, DataSpec, DecaySchedule, E2eSpec, EvalSpec, ExitSpec, GlobalExitSpec,
+    HeadPolicy, JobSpec, LwSpec, ModelSpec, OptimizerSpec, Precision, Regime, ResourcesSpec,
+    ScheduleSpec, SegPropSpec, ShardingSpec, TokenizerKind,
 };

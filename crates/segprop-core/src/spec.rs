@@ -35,8 +35,31 @@ pub struct JobSpec {
     pub resources: ResourcesSpec,
     #[serde(default)]
     pub sharding: ShardingSpec,
+    #[serde(default)]
+    pub checkpoint: CheckpointSpec,
     #[serde(default = "default_seed")]
     pub seed: u64,
+}
+
+/// Mid-stage checkpoints written by worker daemons (a retried stage resumes from the newest).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointSpec {
+    /// Optimizer steps between checkpoints; 0 writes none (a retried stage starts over).
+    #[serde(default = "default_checkpoint_every")]
+    pub every_steps: u64,
+}
+
+impl Default for CheckpointSpec {
+    fn default() -> Self {
+        Self {
+            every_steps: default_checkpoint_every(),
+        }
+    }
+}
+
+fn default_checkpoint_every() -> u64 {
+    50
 }
 
 fn default_seed() -> u64 {
@@ -452,6 +475,15 @@ pub enum Backend {
     #[default]
     Cpu,
     Cuda,
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Backend::Cpu => "cpu",
+            Backend::Cuda => "cuda",
+        })
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]

@@ -71,11 +71,10 @@ pub fn run_job<B: AutodiffBackend>(
     let started = Instant::now();
     let work_dir = out.join("work");
     let mut trainer = Trainer::<B>::new(spec, device, &work_dir)?;
-    let num_params = trainer.config.num_params();
     tracing::info!(
         job = %trainer.spec.name,
         regime = %trainer.spec.regime,
-        params = num_params,
+        params = trainer.config.num_params(),
         stages = trainer.plan.stages.len(),
         train_batches = trainer.data.train.len(),
         eval_batches = trainer.data.eval.len(),
@@ -85,50 +84,64 @@ pub fn run_job<B: AutodiffBackend>(
     let mut jsonl = JsonlWriter::create(&out.join("metrics.jsonl"))
         .map_err(TrainError::io(out.join("metrics.jsonl")))?;
     let mut recorder = RecordingObserver::default();
-    let outcome = {
+    {
         let mut fanout = Fanout {
             observers: vec![&mut jsonl, &mut recorder, observer],
         };
-        run_plan(&mut trainer, &mut fanout)?
-    };
+        run_plan(&mut trainer, &mut fanout)?;
+    }
 
-    let final_eval_loss = trainer.evaluate_full_model();
-    let model_dir = out.join("model");
-    segprop_model::hf::export(
-        &trainer.model,
-        &trainer.config,
-        &model_dir,
+    let wall_s = started.elapsed().as_secs_f64();
+    let summary = finish_run(
+        &mut trainer,
+        out,
+        &recorder,
+        wall_s,
         options.max_shard_bytes,
     )?;
     let _ = std::fs::remove_dir_all(&work_dir);
+    let event = TrainEvent::RunFinished(summary.clone());
+    jsonl.on_event(&event);
+    observer.on_event(&event);
+    Ok(summary)
+}
 
-    let wall_s = started.elapsed().as_secs_f64();
-    let total_steps = outcome.stages.iter().map(|s| s.steps).sum();
-    let tokens: u64 = outcome.stages.iter().map(|s| s.tokens).sum();
+/// Ends a run whose plan is done: evaluates the final model (full forward), exports it to
+/// `out/model` in Hugging Face layout, and writes `summary.json`, `summary.txt` and `loss.svg`
+/// from the run's events. The worker's export task calls it with the events of every stage.
+pub fn finish_run<B: AutodiffBackend>(
+    trainer: &mut Trainer<B>,
+    out: &Path,
+    recorder: &RecordingObserver,
+    wall_s: f64,
+    max_shard_bytes: Option<u64>,
+) -> Result<RunSummary, TrainError> {
+    let final_eval_loss = trainer.evaluate_full_model();
+    let model_dir = out.join("model");
+    segprop_model::hf::export(&trainer.model, &trainer.config, &model_dir, max_shard_bytes)?;
+    let stages = trainer.progress.records.clone();
+    let total_steps = stages.iter().map(|s| s.steps).sum();
+    let tokens: u64 = stages.iter().map(|s| s.tokens).sum();
     let summary = RunSummary {
         job: trainer.spec.name.clone(),
         regime: trainer.spec.regime.to_string(),
-        num_params,
-        stages: outcome.stages,
+        num_params: trainer.config.num_params(),
+        stages,
         total_steps,
         wall_s,
         tokens_per_s: tokens as f64 / wall_s.max(1e-9),
         final_eval_loss,
         final_eval_ppl: final_eval_loss.exp(),
         final_num_layers: trainer.model.num_layers(),
-        early_exit: outcome.early_exit,
+        early_exit: trainer.progress.early_exit,
         model_dir: Some(model_dir),
     };
-    let event = TrainEvent::RunFinished(summary.clone());
-    jsonl.on_event(&event);
-    observer.on_event(&event);
-
     write(
         &out.join("summary.json"),
         &serde_json::to_string_pretty(&summary).unwrap_or_default(),
     )?;
     write(&out.join("summary.txt"), &summary_table(&summary))?;
-    write(&out.join("loss.svg"), &loss_plot(&summary, &recorder))?;
+    write(&out.join("loss.svg"), &loss_plot(&summary, recorder))?;
     Ok(summary)
 }
 

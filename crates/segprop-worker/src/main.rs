@@ -1,5 +1,8 @@
-//! `segprop-worker`: the worker daemon. In this release it has the standalone modes: `train`
-//! runs a job spec on the local machine, `validate` checks a spec and prints its stage plan.
+//! `segprop-worker`: the worker daemon. `serve` registers with a coordinator and runs the tasks
+//! it assigns; the standalone modes are `train` (run a job spec on this machine) and `validate`
+//! (check a spec and print its stage plan).
+
+mod daemon;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -42,6 +45,31 @@ enum Command {
     },
     /// Check a job spec and print its stage plan.
     Validate { job: PathBuf },
+    /// Register with a coordinator and run the tasks it assigns, until SIGTERM.
+    Serve {
+        /// Coordinator URL.
+        #[arg(
+            long,
+            env = "SEGPROP_COORDINATOR",
+            default_value = "http://127.0.0.1:50051"
+        )]
+        coordinator: String,
+        /// Bearer token of the coordinator.
+        #[arg(long, env = "SEGPROP_TOKEN", hide_env_values = true)]
+        token: String,
+        /// Name shown by the coordinator (default: the host name).
+        #[arg(long)]
+        name: Option<String>,
+        /// Artifact store root, when mounted elsewhere than the coordinator says.
+        #[arg(long)]
+        artifact_root: Option<PathBuf>,
+        /// Scratch directory (SnapCheck spill files).
+        #[arg(long, default_value = "segprop-worker-work")]
+        work_dir: PathBuf,
+        /// Training backend of this worker: cpu, or cuda (builds with the `cuda` feature).
+        #[arg(long, default_value = "cpu")]
+        backend: String,
+    },
 }
 
 fn load_spec(job: Option<&PathBuf>) -> Result<JobSpec, segprop_core::SpecError> {
@@ -61,6 +89,57 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     match cli.command {
+        Command::Serve {
+            coordinator,
+            token,
+            name,
+            artifact_root,
+            work_dir,
+            backend,
+        } => {
+            if backend != "cpu" && !(backend == "cuda" && cfg!(feature = "cuda")) {
+                eprintln!(
+                    "error: --backend {backend}: this worker supports cpu{}",
+                    if cfg!(feature = "cuda") {
+                        " and cuda"
+                    } else {
+                        " (rebuild with --features cuda for cuda)"
+                    }
+                );
+                return ExitCode::from(2);
+            }
+            let name = name.unwrap_or_else(|| {
+                std::fs::read_to_string("/etc/hostname")
+                    .map(|h| h.trim().to_string())
+                    .unwrap_or_else(|_| "worker".into())
+            });
+            let options = daemon::DaemonOptions {
+                coordinator,
+                token,
+                name,
+                artifact_root,
+                work_dir,
+                backend,
+            };
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("error: cannot start the async runtime: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            match runtime.block_on(daemon::serve(options)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => {
+                    eprintln!("error: {err:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         Command::Validate { job } => {
             match load_spec(Some(&job)).and_then(|s| s.resolve_model_config().map(|c| (s, c))) {
                 Ok((spec, config)) => {

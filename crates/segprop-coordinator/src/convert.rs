@@ -1,0 +1,149 @@
+//! Wire conversions between the scheduler's types and `segprop.v1` messages (the only place
+//! the coordinator touches prost types besides the service signatures).
+
+use std::collections::HashMap;
+
+use segprop_core::sched::{Artifact, Checkpoint, Job, JobStatus, TaskKind, TaskStatus};
+use segprop_proto::v1 as pb;
+
+use crate::config::CoordConfig;
+
+pub fn job_state(status: JobStatus) -> pb::JobState {
+    match status {
+        JobStatus::Pending => pb::JobState::Pending,
+        JobStatus::Running => pb::JobState::Running,
+        JobStatus::Succeeded => pb::JobState::Succeeded,
+        JobStatus::Failed => pb::JobState::Failed,
+        JobStatus::Cancelled => pb::JobState::Cancelled,
+    }
+}
+
+pub fn task_state(status: TaskStatus) -> pb::TaskState {
+    match status {
+        TaskStatus::Waiting => pb::TaskState::Waiting,
+        TaskStatus::Ready => pb::TaskState::Ready,
+        TaskStatus::Running => pb::TaskState::Running,
+        TaskStatus::Succeeded => pb::TaskState::Succeeded,
+        TaskStatus::Failed => pb::TaskState::Failed,
+        TaskStatus::Cancelled => pb::TaskState::Cancelled,
+        TaskStatus::Skipped => pb::TaskState::Skipped,
+    }
+}
+
+pub fn job(
+    job: &Job,
+    progress: &HashMap<(String, u32), pb::Progress>,
+    config: &CoordConfig,
+) -> pb::Job {
+    pb::Job {
+        job_id: job.id.clone(),
+        name: job.name.clone(),
+        regime: job.regime.clone(),
+        state: job_state(job.status) as i32,
+        tasks: job
+            .tasks
+            .iter()
+            .map(|t| pb::Task {
+                index: t.index,
+                kind: match t.kind {
+                    TaskKind::TrainStage { .. } => pb::TaskKind::TrainStage,
+                    TaskKind::Export => pb::TaskKind::Export,
+                } as i32,
+                name: t.kind.name().to_string(),
+                state: task_state(t.status) as i32,
+                attempts: t.attempts,
+                epoch: t.epoch,
+                worker_id: t
+                    .lease
+                    .as_ref()
+                    .map(|l| l.worker_id.clone())
+                    .unwrap_or_default(),
+                progress: progress.get(&(job.id.clone(), t.index)).cloned(),
+                error: t.error.clone().unwrap_or_default(),
+                result_json: t.result_json.clone().unwrap_or_default(),
+                checkpoint_step: t.checkpoint.as_ref().map_or(0, |c| c.step),
+            })
+            .collect(),
+        error: job.error.clone().unwrap_or_default(),
+        run_dir: config
+            .artifact_root
+            .join(job_dir(&job.id))
+            .display()
+            .to_string(),
+        created_unix_ms: job.created_at,
+        finished_unix_ms: job.finished_at.unwrap_or(0),
+    }
+}
+
+pub fn job_dir(job_id: &str) -> String {
+    format!("jobs/{job_id}")
+}
+
+pub fn artifact_out(a: &Artifact) -> pb::ArtifactRef {
+    pb::ArtifactRef {
+        uri: a.uri.clone(),
+        checksum: a.checksum.clone(),
+        bytes: a.bytes,
+    }
+}
+
+pub fn artifact_in(a: &pb::ArtifactRef) -> Artifact {
+    Artifact {
+        uri: a.uri.clone(),
+        checksum: a.checksum.clone(),
+        bytes: a.bytes,
+    }
+}
+
+pub fn checkpoint_in(c: &pb::CheckpointRef) -> Option<Checkpoint> {
+    Some(Checkpoint {
+        step: c.step,
+        artifact: artifact_in(c.artifact.as_ref()?),
+    })
+}
+
+/// What a worker needs to run task `index` of `job` under lease `epoch`.
+pub fn assignment(job: &Job, index: u32, epoch: u64) -> pb::Assignment {
+    let task = &job.tasks[index as usize];
+    let stage_index = match &task.kind {
+        TaskKind::TrainStage { stage_index, .. } => *stage_index,
+        TaskKind::Export => 0,
+    };
+    // The state the task starts from: the output of the latest succeeded training stage.
+    let input_state = job.tasks[..index as usize]
+        .iter()
+        .rev()
+        .find(|t| {
+            t.status == TaskStatus::Succeeded && matches!(t.kind, TaskKind::TrainStage { .. })
+        })
+        .and_then(|t| t.outputs.first())
+        .map(artifact_out);
+    let stage_metrics = if task.kind == TaskKind::Export {
+        job.tasks
+            .iter()
+            .filter(|t| t.status == TaskStatus::Succeeded)
+            .filter_map(|t| t.metrics.as_ref().map(artifact_out))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    pb::Assignment {
+        job_id: job.id.clone(),
+        task_index: index,
+        epoch,
+        kind: match task.kind {
+            TaskKind::TrainStage { .. } => pb::TaskKind::TrainStage,
+            TaskKind::Export => pb::TaskKind::Export,
+        } as i32,
+        stage_index,
+        spec_yaml: job.spec_yaml.clone(),
+        job_dir: job_dir(&job.id),
+        input_state,
+        resume_from: task.checkpoint.as_ref().map(|c| pb::CheckpointRef {
+            step: c.step,
+            artifact: Some(artifact_out(&c.artifact)),
+        }),
+        stage_metrics,
+        checkpoint_every_steps: job.checkpoint_every_steps,
+    }
+}

@@ -1,0 +1,472 @@
+//! `segprop-coord`: run the coordinator, submit and watch jobs, or run the whole demo.
+//!
+//! Exit codes: 0 success; 2 bad input (job spec, config, unknown job, refused token); 1 runtime
+//! failure (coordinator unreachable, job failed or cancelled).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use segprop_coordinator::client::{self, Connect};
+use segprop_coordinator::config::CoordConfig;
+use segprop_coordinator::server;
+use segprop_core::JobSpec;
+use segprop_proto::v1 as pb;
+
+/// The job `demo` runs (also the default of `segprop-worker train`).
+const DEMO_JOB: &str = include_str!("../../../configs/jobs/demo.yaml");
+
+#[derive(Parser)]
+#[command(
+    name = "segprop-coord",
+    version,
+    about = "segprop coordinator and job CLI"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone)]
+struct ConnectArgs {
+    /// Coordinator URL (`https://` for TLS).
+    #[arg(
+        long,
+        env = "SEGPROP_COORDINATOR",
+        default_value = "http://127.0.0.1:50051"
+    )]
+    coordinator: String,
+    /// Bearer token of the coordinator.
+    #[arg(long, env = "SEGPROP_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// CA certificate (PEM) of a TLS coordinator with a private CA.
+    #[arg(long)]
+    tls_ca: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the coordinator (config: defaults, then --config FILE, then SEGPROP_* variables).
+    Serve {
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Validate a job spec locally, then submit it. Prints the job id.
+    Submit {
+        job: PathBuf,
+        /// Follow the job to its end with live per-stage progress.
+        #[arg(long)]
+        watch: bool,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// Show a job's tasks, progress and results.
+    Status {
+        job_id: String,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// List jobs.
+    List {
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// Cancel a job; its running task stops within one heartbeat.
+    Cancel {
+        job_id: String,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// Follow a job to its end with live per-stage progress.
+    Watch {
+        job_id: String,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
+    /// Start a coordinator, one local CPU worker and a local store, run the demo job (or --job)
+    /// to the end, and print where the model and the loss plot are.
+    Demo {
+        /// Working directory of the demo cluster (state, artifacts, worker log). Emptied first.
+        #[arg(long, default_value = "runs/demo-cluster")]
+        dir: PathBuf,
+        /// Run this job spec instead of the built-in demo.
+        #[arg(long)]
+        job: Option<PathBuf>,
+        /// No progress bars.
+        #[arg(long)]
+        quiet: bool,
+    },
+}
+
+/// A failure with its exit code.
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+impl Failure {
+    fn input(message: impl Into<String>) -> Self {
+        Self {
+            code: 2,
+            message: message.into(),
+        }
+    }
+    fn runtime(message: impl Into<String>) -> Self {
+        Self {
+            code: 1,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<tonic::Status> for Failure {
+    fn from(status: tonic::Status) -> Self {
+        use tonic::Code;
+        let code = match status.code() {
+            Code::InvalidArgument | Code::NotFound | Code::Unauthenticated => 2,
+            _ => 1,
+        };
+        Self {
+            code,
+            message: format!("coordinator: {}", status.message()),
+        }
+    }
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(err: anyhow::Error) -> Self {
+        Self::runtime(format!("{err:#}"))
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The server logs at info; client commands and the demo keep the terminal for progress.
+    let default_level = match cli.command {
+        Command::Serve { .. } => "info",
+        _ => "warn",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SEGPROP_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("error: {}", f.message);
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+fn connect(args: &ConnectArgs) -> Result<Connect, Failure> {
+    let token = args.token.clone().ok_or_else(|| {
+        Failure::input("no token: pass --token or set SEGPROP_TOKEN to the coordinator's token")
+    })?;
+    Ok(Connect {
+        url: args.coordinator.clone(),
+        token,
+        tls_ca: args.tls_ca.clone(),
+    })
+}
+
+async fn run(command: Command) -> Result<(), Failure> {
+    match command {
+        Command::Serve { config } => serve(config.as_deref()).await,
+        Command::Submit {
+            job,
+            watch,
+            connect: args,
+        } => {
+            let spec = JobSpec::from_file(&job).map_err(|e| Failure::input(e.to_string()))?;
+            let mut client = client::job_client(&connect(&args)?).await?;
+            let created = submit(&mut client, &spec, &job.display().to_string()).await?;
+            println!("{}", created.job_id);
+            eprintln!(
+                "submitted {} ({}, {} tasks); follow it with: segprop-coord watch {}",
+                created.job_id,
+                created.regime,
+                created.tasks.len(),
+                created.job_id
+            );
+            if watch {
+                follow(&mut client, &created.job_id, false).await?;
+            }
+            Ok(())
+        }
+        Command::Status {
+            job_id,
+            connect: args,
+        } => {
+            let mut client = client::job_client(&connect(&args)?).await?;
+            let job = client
+                .get_job(pb::GetJobRequest { job_id })
+                .await?
+                .into_inner();
+            print!("{}", client::describe(&job));
+            Ok(())
+        }
+        Command::List { connect: args } => {
+            let mut client = client::job_client(&connect(&args)?).await?;
+            let jobs = client
+                .list_jobs(pb::ListJobsRequest {})
+                .await?
+                .into_inner()
+                .jobs;
+            println!(
+                "{:<32} {:<10} {:<8} {:>5}  name",
+                "job", "state", "regime", "tasks"
+            );
+            for j in jobs {
+                let done = j
+                    .tasks
+                    .iter()
+                    .filter(|t| t.state == pb::TaskState::Succeeded as i32)
+                    .count();
+                println!(
+                    "{:<32} {:<10} {:<8} {:>2}/{:<2}  {}",
+                    j.job_id,
+                    client::job_state_name(j.state),
+                    j.regime,
+                    done,
+                    j.tasks.len(),
+                    j.name
+                );
+            }
+            Ok(())
+        }
+        Command::Cancel {
+            job_id,
+            connect: args,
+        } => {
+            let mut client = client::job_client(&connect(&args)?).await?;
+            let job = client
+                .cancel_job(pb::CancelJobRequest { job_id })
+                .await?
+                .into_inner();
+            println!("{}: {}", job.job_id, client::job_state_name(job.state));
+            Ok(())
+        }
+        Command::Watch {
+            job_id,
+            connect: args,
+        } => {
+            let mut client = client::job_client(&connect(&args)?).await?;
+            follow(&mut client, &job_id, false).await.map(|_| ())
+        }
+        Command::Demo { dir, job, quiet } => demo(&dir, job.as_deref(), quiet).await,
+    }
+}
+
+async fn submit(
+    client: &mut client::JobClient,
+    spec: &JobSpec,
+    source: &str,
+) -> Result<pb::Job, Failure> {
+    // The resolved spec: relative paths are made absolute against the spec file's directory.
+    let yaml = serde_yaml::to_string(spec)
+        .map_err(|e| Failure::runtime(format!("cannot encode the spec: {e}")))?;
+    let reply = client
+        .submit_job(pb::SubmitJobRequest {
+            spec_yaml: yaml,
+            source_name: source.to_string(),
+        })
+        .await?
+        .into_inner();
+    reply
+        .job
+        .ok_or_else(|| Failure::runtime("coordinator returned no job"))
+}
+
+/// Watches to the end; a failed or cancelled job is a runtime failure.
+async fn follow(
+    client: &mut client::JobClient,
+    job_id: &str,
+    quiet: bool,
+) -> Result<pb::Job, Failure> {
+    let job = client::watch(client, job_id, quiet).await?;
+    eprint!("{}", client::describe(&job));
+    match pb::JobState::try_from(job.state) {
+        Ok(pb::JobState::Succeeded) => Ok(job),
+        _ => Err(Failure::runtime(format!(
+            "job {} {}{}",
+            job.job_id,
+            client::job_state_name(job.state),
+            if job.error.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", job.error)
+            }
+        ))),
+    }
+}
+
+async fn serve(config: Option<&Path>) -> Result<(), Failure> {
+    let config = CoordConfig::load(config).map_err(|e| Failure::input(e.to_string()))?;
+    if config.token.is_none() {
+        return Err(Failure::input(
+            "no token configured: set `token` in the config file or SEGPROP_TOKEN",
+        ));
+    }
+    let running = server::start(config).await?;
+    println!("coordinator listening on {}", running.addr);
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    running.stop().await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+fn random_token() -> String {
+    let mut bytes = [0u8; 24];
+    let _ = getrandom::fill(&mut bytes);
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Coordinator in this process, one `segprop-worker serve` child, the demo job, watched to the end.
+async fn demo(dir: &Path, job: Option<&Path>, quiet: bool) -> Result<(), Failure> {
+    let spec = match job {
+        Some(path) => JobSpec::from_file(path),
+        None => JobSpec::from_yaml_str(DEMO_JOB, "<built-in demo job>"),
+    }
+    .map_err(|e| Failure::input(e.to_string()))?;
+    let worker_bin = std::env::current_exe()
+        .map_err(|e| Failure::runtime(format!("cannot locate this executable: {e}")))?
+        .with_file_name(format!("segprop-worker{}", std::env::consts::EXE_SUFFIX));
+    if !worker_bin.is_file() {
+        return Err(Failure::runtime(format!(
+            "{} not found: build the workspace first (cargo build --release)",
+            worker_bin.display()
+        )));
+    }
+    if dir.exists() {
+        std::fs::remove_dir_all(dir)
+            .map_err(|e| Failure::runtime(format!("cannot empty {}: {e}", dir.display())))?;
+    }
+    std::fs::create_dir_all(dir)
+        .map_err(|e| Failure::runtime(format!("cannot create {}: {e}", dir.display())))?;
+    let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
+    let token = random_token();
+    let config = CoordConfig {
+        listen: "127.0.0.1:0".parse().expect("valid address"),
+        state_dir: dir.join("state"),
+        artifact_root: dir.join("artifacts"),
+        token: Some(token.clone()),
+        heartbeat_interval_ms: 500,
+        lease_ms: 5000,
+        ..CoordConfig::default()
+    };
+    let running = server::start(config).await?;
+    let url = format!("http://{}", running.addr);
+    eprintln!(
+        "coordinator: {url} (state in {})",
+        dir.join("state").display()
+    );
+
+    let log_path = dir.join("worker.log");
+    let log = std::fs::File::create(&log_path)
+        .map_err(|e| Failure::runtime(format!("{}: {e}", log_path.display())))?;
+    let log_err = log
+        .try_clone()
+        .map_err(|e| Failure::runtime(format!("{}: {e}", log_path.display())))?;
+    let mut worker = tokio::process::Command::new(&worker_bin)
+        .args(["serve", "--coordinator", &url, "--name", "demo-local-cpu"])
+        .env("SEGPROP_TOKEN", &token)
+        .stdout(log)
+        .stderr(log_err)
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| Failure::runtime(format!("cannot start {}: {e}", worker_bin.display())))?;
+    eprintln!(
+        "worker: {} (log: {})",
+        worker_bin.display(),
+        log_path.display()
+    );
+
+    let connect = Connect {
+        url,
+        token,
+        tls_ca: None,
+    };
+    let outcome = async {
+        let mut client = client::job_client(&connect).await?;
+        let created = submit(&mut client, &spec, "demo job").await?;
+        eprintln!(
+            "submitted {} ({} tasks)",
+            created.job_id,
+            created.tasks.len()
+        );
+        follow(&mut client, &created.job_id, quiet).await
+    }
+    .await;
+
+    // Graceful stop: SIGTERM lets the worker finish its report and exit.
+    if let Some(pid) = worker.id() {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status();
+        if tokio::time::timeout(Duration::from_secs(10), worker.wait())
+            .await
+            .is_err()
+        {
+            let _ = worker.kill().await;
+        }
+    }
+    running.stop().await?;
+    let job = outcome?;
+    let run_dir = PathBuf::from(&job.run_dir);
+    println!();
+    println!(
+        "model (Hugging Face layout): {}",
+        run_dir.join("model").display()
+    );
+    println!(
+        "loss plot:                   {}",
+        run_dir.join("loss.svg").display()
+    );
+    println!(
+        "metrics:                     {}",
+        run_dir.join("metrics.jsonl").display()
+    );
+    if let Ok(summary) = std::fs::read_to_string(run_dir.join("summary.txt")) {
+        println!();
+        print!("{summary}");
+    }
+    Ok(())
+}

@@ -1,0 +1,107 @@
+//! The coordinator's gRPC server: JobService, ClusterService and reflection (v1 and v1alpha, so
+//! grpcurl and grpcio clients can call it), all behind bearer-token auth, with optional TLS.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use segprop_proto::v1::cluster_service_server::ClusterServiceServer;
+use segprop_proto::v1::job_service_server::JobServiceServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::InterceptorLayer;
+use tonic::transport::{Identity, Server, ServerTlsConfig};
+
+use crate::auth::BearerAuth;
+use crate::config::CoordConfig;
+use crate::service::{Api, Coordinator};
+
+/// A running coordinator.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub coordinator: Arc<Coordinator>,
+    shutdown: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    ticker: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    /// Stops accepting calls and waits for the server to finish.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        self.ticker.abort();
+        self.task.await??;
+        Ok(())
+    }
+
+    /// Waits until the server ends (it ends on error only, or after `stop`).
+    pub async fn join(self) -> anyhow::Result<()> {
+        self.task.await??;
+        Ok(())
+    }
+}
+
+/// Binds `config.listen`, reloads state and serves until stopped.
+pub async fn start(config: CoordConfig) -> anyhow::Result<Running> {
+    let token = config.token.clone().ok_or_else(|| {
+        anyhow::anyhow!("no token configured: set `token` in the config file or SEGPROP_TOKEN")
+    })?;
+    let coordinator = Coordinator::open(config.clone())?;
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
+    let addr = listener.local_addr()?;
+
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(segprop_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(segprop_proto::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    let mut builder = Server::builder();
+    if let Some(tls) = &config.tls {
+        let cert = std::fs::read(&tls.cert)
+            .map_err(|e| anyhow::anyhow!("tls.cert {}: {e}", tls.cert.display()))?;
+        let key = std::fs::read(&tls.key)
+            .map_err(|e| anyhow::anyhow!("tls.key {}: {e}", tls.key.display()))?;
+        builder =
+            builder.tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))?;
+    }
+    let auth = BearerAuth::new(&token);
+    let router = builder
+        .layer(InterceptorLayer::new(move |req| auth.check(req)))
+        .add_service(JobServiceServer::new(Api(coordinator.clone())))
+        .add_service(ClusterServiceServer::new(Api(coordinator.clone())))
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha);
+
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let tick_coordinator = coordinator.clone();
+    let tick_every = Duration::from_millis((config.heartbeat_interval_ms / 4).clamp(20, 250));
+    let ticker = tokio::spawn(async move {
+        let mut interval = tokio::time::interval(tick_every);
+        loop {
+            interval.tick().await;
+            if let Err(e) = tick_coordinator.tick() {
+                tracing::error!(error = %e, "coordinator tick failed");
+            }
+        }
+    });
+    let task = tokio::spawn(router.serve_with_incoming_shutdown(
+        TcpListenerStream::new(listener),
+        async {
+            let _ = rx.await;
+        },
+    ));
+    tracing::info!(%addr, state = %config.state_dir.display(), artifacts = %config.artifact_root.display(), tls = config.tls.is_some(), "coordinator listening");
+    Ok(Running {
+        addr,
+        coordinator,
+        shutdown: Some(tx),
+        task,
+        ticker,
+    })
+}

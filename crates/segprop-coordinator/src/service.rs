@@ -1,0 +1,703 @@
+//! The coordinator: owns the truth about jobs, tasks and leases, and serves `JobService` (CLI)
+//! and `ClusterService` (workers).
+//!
+//! All decisions are made by the pure functions of [`segprop_core::sched`] under one lock; this
+//! module adds the clock, persistence (every transition is written to the state store before the
+//! RPC returns), worker bookkeeping, progress fan-out to watchers, and the wire conversions.
+//!
+//! Workers pull: an idle worker's heartbeat waits (long-polls) up to one heartbeat interval for
+//! a task to become ready, so a new task reaches a worker within milliseconds, not a heartbeat.
+
+use std::collections::HashMap;
+use std::pin::pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use segprop_core::sched::{self, Job, JobStatus, Outcome, SchedConfig, TaskStatus};
+use segprop_core::{JobSpec, StagePlan};
+use segprop_proto::v1 as pb;
+use segprop_proto::v1::cluster_service_server::ClusterService;
+use segprop_proto::v1::job_service_server::JobService;
+use tokio::sync::{Notify, broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::config::CoordConfig;
+use crate::convert;
+use crate::store::{StateStore, StoreError};
+
+/// A registered worker.
+#[derive(Debug, Clone)]
+struct Worker {
+    name: String,
+    backend: String,
+    devices: u32,
+    last_seen: u64,
+}
+
+struct Inner {
+    jobs: Vec<Job>,
+    next_seq: u64,
+    workers: HashMap<String, Worker>,
+    next_worker: u64,
+    /// Latest progress of each running task, by (job id, task index).
+    progress: HashMap<(String, u32), pb::Progress>,
+}
+
+/// Counters for logs, tests and the load test.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Counters {
+    pub assignments: u64,
+    pub rejected_reports: u64,
+    pub rejected_renewals: u64,
+    pub commits: u64,
+}
+
+pub struct Coordinator {
+    inner: Mutex<Inner>,
+    store: StateStore,
+    config: CoordConfig,
+    sched: SchedConfig,
+    /// Distinguishes this process's worker ids from those of an earlier run.
+    boot: String,
+    events: broadcast::Sender<Arc<(String, pb::JobEvent)>>,
+    ready: Notify,
+    counters: Mutex<Counters>,
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn internal(err: StoreError) -> Status {
+    tracing::error!(error = %err, "state store write failed");
+    Status::internal(format!("coordinator state could not be saved: {err}"))
+}
+
+impl Coordinator {
+    /// Opens the state store and reloads every job. Leases of running tasks get a fresh grace
+    /// period (one lease) for their workers to re-register.
+    pub fn open(config: CoordConfig) -> Result<Arc<Self>, StoreError> {
+        let store = StateStore::open(&config.state_dir)?;
+        let (mut jobs, next_seq) = store.load()?;
+        sched::extend_leases(&mut jobs, now_ms(), &config.sched());
+        let running: usize = jobs.iter().map(|j| j.running_leases().count()).sum();
+        if !jobs.is_empty() {
+            tracing::info!(
+                jobs = jobs.len(),
+                unfinished = jobs.iter().filter(|j| !j.is_terminal()).count(),
+                running_tasks = running,
+                "reloaded coordinator state"
+            );
+        }
+        let mut boot = [0u8; 3];
+        let _ = getrandom::fill(&mut boot);
+        let (events, _) = broadcast::channel(4096);
+        Ok(Arc::new(Self {
+            inner: Mutex::new(Inner {
+                jobs,
+                next_seq,
+                workers: HashMap::new(),
+                next_worker: 1,
+                progress: HashMap::new(),
+            }),
+            store,
+            sched: config.sched(),
+            config,
+            boot: boot.iter().map(|b| format!("{b:02x}")).collect(),
+            events,
+            ready: Notify::new(),
+            counters: Mutex::new(Counters::default()),
+        }))
+    }
+
+    pub fn config(&self) -> &CoordConfig {
+        &self.config
+    }
+
+    pub fn counters(&self) -> Counters {
+        *self.lock_counters()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock_counters(&self) -> MutexGuard<'_, Counters> {
+        self.counters.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn persist(&self, inner: &Inner, ids: &[&str]) -> Result<(), Status> {
+        let jobs: Vec<&Job> = inner
+            .jobs
+            .iter()
+            .filter(|j| ids.contains(&j.id.as_str()))
+            .collect();
+        self.store.save(&jobs, inner.next_seq).map_err(internal)
+    }
+
+    fn publish(&self, inner: &Inner, job: &Job) {
+        let event = pb::JobEvent {
+            event: Some(pb::job_event::Event::Job(convert::job(
+                job,
+                &inner.progress,
+                &self.config,
+            ))),
+        };
+        let _ = self.events.send(Arc::new((job.id.clone(), event)));
+    }
+
+    fn publish_changed(&self, inner: &Inner, ids: &[String]) {
+        for job in inner.jobs.iter().filter(|j| ids.contains(&j.id)) {
+            self.publish(inner, job);
+        }
+    }
+
+    /// Expires overdue leases and forgets workers that stopped heartbeating. Runs on a timer.
+    pub fn tick(&self) -> Result<(), Status> {
+        let now = now_ms();
+        let mut inner = self.lock();
+        let transitions = sched::expire_leases(&mut inner.jobs, now, &self.sched);
+        let changed = changed_jobs(&transitions);
+        if !changed.is_empty() {
+            for t in &transitions {
+                tracing::warn!(?t, "lease expired");
+            }
+            let ids: Vec<&str> = changed.iter().map(String::as_str).collect();
+            self.persist(&inner, &ids)?;
+            self.publish_changed(&inner, &changed);
+        }
+        let timeout = 2 * self.config.lease_ms;
+        inner.workers.retain(|id, w| {
+            let alive = now.saturating_sub(w.last_seen) <= timeout;
+            if !alive {
+                tracing::info!(worker = %id, name = %w.name, "worker forgotten (no heartbeat)");
+            }
+            alive
+        });
+        let assignable = inner.jobs.iter().any(|j| {
+            !j.is_terminal()
+                && j.tasks
+                    .iter()
+                    .any(|t| t.status == TaskStatus::Ready && t.not_before <= now)
+        });
+        drop(inner);
+        if assignable {
+            self.ready.notify_waiters();
+        }
+        Ok(())
+    }
+
+    /// Validates and creates a job.
+    pub fn submit(&self, spec_yaml: &str, source_name: &str) -> Result<pb::Job, Status> {
+        let source = if source_name.is_empty() {
+            "job spec"
+        } else {
+            source_name
+        };
+        let spec = JobSpec::from_yaml_str(spec_yaml, source)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        spec.check_files()
+            .map_err(|e| Status::invalid_argument(e.with_source(source, None).to_string()))?;
+        let model = spec
+            .resolve_model_config()
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let plan = StagePlan::new(&spec, model.num_layers);
+        let now = now_ms();
+        let mut inner = self.lock();
+        let seq = inner.next_seq;
+        let id = format!("j{seq}-{}", slug(&spec.name));
+        let job = Job::new(
+            id.clone(),
+            seq,
+            spec.name.clone(),
+            spec.regime.to_string(),
+            spec_yaml.to_string(),
+            spec.resources.backend.to_string(),
+            spec.resources.devices_per_gang as u32,
+            spec.checkpoint.every_steps,
+            &plan,
+            now,
+        );
+        inner.next_seq += 1;
+        inner.jobs.push(job);
+        if let Err(status) = self.persist(&inner, &[&id]) {
+            inner.jobs.pop();
+            inner.next_seq -= 1;
+            return Err(status);
+        }
+        let job = inner.jobs.last().expect("just pushed");
+        tracing::info!(job = %id, name = %spec.name, regime = %spec.regime, tasks = job.tasks.len(), "job submitted");
+        self.publish(&inner, job);
+        let reply = convert::job(job, &inner.progress, &self.config);
+        drop(inner);
+        self.ready.notify_waiters();
+        Ok(reply)
+    }
+
+    pub fn get(&self, job_id: &str) -> Result<pb::Job, Status> {
+        let inner = self.lock();
+        let job = find(&inner.jobs, job_id)?;
+        Ok(convert::job(job, &inner.progress, &self.config))
+    }
+
+    pub fn list(&self) -> Vec<pb::Job> {
+        let inner = self.lock();
+        inner
+            .jobs
+            .iter()
+            .map(|j| convert::job(j, &inner.progress, &self.config))
+            .collect()
+    }
+
+    pub fn cancel(&self, job_id: &str) -> Result<pb::Job, Status> {
+        let now = now_ms();
+        let mut inner = self.lock();
+        let index = position(&inner.jobs, job_id)?;
+        let revoked = sched::cancel(&mut inner.jobs[index], now);
+        if !revoked.is_empty() || inner.jobs[index].status == JobStatus::Cancelled {
+            self.persist(&inner, &[job_id])?;
+        }
+        for (task, lease) in &revoked {
+            tracing::info!(job = %job_id, task, worker = %lease.worker_id, "task cancelled");
+        }
+        let job = &inner.jobs[index];
+        self.publish(&inner, job);
+        Ok(convert::job(job, &inner.progress, &self.config))
+    }
+
+    pub fn register(
+        &self,
+        req: pb::RegisterWorkerRequest,
+    ) -> Result<pb::RegisterWorkerResponse, Status> {
+        if req.protocol_version != segprop_proto::PROTOCOL_VERSION {
+            return Err(Status::failed_precondition(format!(
+                "worker speaks protocol version {}, this coordinator speaks {}",
+                req.protocol_version,
+                segprop_proto::PROTOCOL_VERSION
+            )));
+        }
+        if req.backend != "cpu" && req.backend != "cuda" {
+            return Err(Status::invalid_argument(format!(
+                "backend: `{}` is not one of cpu, cuda",
+                req.backend
+            )));
+        }
+        let now = now_ms();
+        let mut inner = self.lock();
+        let id = format!("w-{}-{}", self.boot, inner.next_worker);
+        inner.next_worker += 1;
+        inner.workers.insert(
+            id.clone(),
+            Worker {
+                name: req.name.clone(),
+                backend: req.backend.clone(),
+                devices: req.devices.len().max(1) as u32,
+                last_seen: now,
+            },
+        );
+        let mut adopted = Vec::new();
+        for running in &req.running {
+            if let Ok(index) = position(&inner.jobs, &running.job_id)
+                && sched::adopt(
+                    &mut inner.jobs[index],
+                    running.task_index,
+                    running.epoch,
+                    &id,
+                    now,
+                    &self.sched,
+                )
+            {
+                adopted.push(running.job_id.clone());
+            }
+        }
+        if !adopted.is_empty() {
+            let ids: Vec<&str> = adopted.iter().map(String::as_str).collect();
+            self.persist(&inner, &ids)?;
+        }
+        tracing::info!(worker = %id, name = %req.name, backend = %req.backend, devices = req.devices.len(), adopted = adopted.len(), "worker registered");
+        Ok(pb::RegisterWorkerResponse {
+            worker_id: id,
+            heartbeat_interval_ms: self.config.heartbeat_interval_ms as u32,
+            lease_ms: self.config.lease_ms as u32,
+            artifact_root: absolute(&self.config.artifact_root),
+        })
+    }
+
+    /// Renews the worker's leases, records progress and checkpoints, and hands out new tasks.
+    /// Without new tasks for an idle worker, waits up to one heartbeat interval for one.
+    pub async fn heartbeat(
+        &self,
+        req: pb::HeartbeatRequest,
+    ) -> Result<pb::HeartbeatResponse, Status> {
+        let mut reply = self.heartbeat_once(&req)?;
+        let idle = req.running.is_empty() && req.free_slots > 0;
+        if reply.reregister || !reply.assignments.is_empty() || !idle {
+            return Ok(reply);
+        }
+        let wait = Duration::from_millis(self.config.heartbeat_interval_ms);
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let mut notified = pin!(self.ready.notified());
+            notified.as_mut().enable();
+            // Re-check after enabling, so a task that became ready meanwhile is not missed.
+            reply.assignments = self.assign_to(&req.worker_id)?;
+            if !reply.assignments.is_empty() {
+                return Ok(reply);
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Ok(reply);
+            }
+        }
+    }
+
+    fn heartbeat_once(&self, req: &pb::HeartbeatRequest) -> Result<pb::HeartbeatResponse, Status> {
+        let now = now_ms();
+        let mut inner = self.lock();
+        let Some(worker) = inner.workers.get_mut(&req.worker_id) else {
+            return Ok(pb::HeartbeatResponse {
+                reregister: true,
+                ..Default::default()
+            });
+        };
+        worker.last_seen = now;
+        let mut reply = pb::HeartbeatResponse::default();
+        let mut changed = Vec::new();
+        for running in &req.running {
+            let task_ref = pb::TaskRef {
+                job_id: running.job_id.clone(),
+                task_index: running.task_index,
+                epoch: running.epoch,
+            };
+            let Ok(index) = position(&inner.jobs, &running.job_id) else {
+                reply.cancel.push(task_ref);
+                continue;
+            };
+            let checkpoint = running.checkpoint.as_ref().and_then(convert::checkpoint_in);
+            let job = &mut inner.jobs[index];
+            let before = job
+                .tasks
+                .get(running.task_index as usize)
+                .and_then(|t| t.checkpoint.as_ref().map(|c| c.step));
+            match sched::renew(
+                job,
+                running.task_index,
+                running.epoch,
+                &req.worker_id,
+                checkpoint,
+                now,
+                &self.sched,
+            ) {
+                Ok(()) => {
+                    let after = job.tasks[running.task_index as usize]
+                        .checkpoint
+                        .as_ref()
+                        .map(|c| c.step);
+                    if after != before {
+                        changed.push(job.id.clone());
+                    }
+                    for event in &running.events {
+                        let _ = self.events.send(Arc::new((
+                            running.job_id.clone(),
+                            pb::JobEvent {
+                                event: Some(pb::job_event::Event::Progress(event.clone())),
+                            },
+                        )));
+                    }
+                    if let Some(last) = running.events.last() {
+                        inner
+                            .progress
+                            .insert((running.job_id.clone(), running.task_index), last.clone());
+                    }
+                }
+                Err(reject) => {
+                    tracing::warn!(worker = %req.worker_id, job = %running.job_id, task = running.task_index, epoch = running.epoch, %reject, "renewal refused; telling the worker to stop");
+                    self.lock_counters().rejected_renewals += 1;
+                    reply.cancel.push(task_ref);
+                }
+            }
+        }
+        if !changed.is_empty() {
+            let ids: Vec<&str> = changed.iter().map(String::as_str).collect();
+            self.persist(&inner, &ids)?;
+        }
+        drop(inner);
+        if req.free_slots > 0 {
+            reply.assignments = self.assign_to(&req.worker_id)?;
+        }
+        Ok(reply)
+    }
+
+    fn assign_to(&self, worker_id: &str) -> Result<Vec<pb::Assignment>, Status> {
+        let now = now_ms();
+        let mut inner = self.lock();
+        let Some(worker) = inner.workers.get(worker_id) else {
+            return Ok(Vec::new());
+        };
+        let busy = inner
+            .jobs
+            .iter()
+            .flat_map(|j| j.running_leases())
+            .filter(|(_, l)| l.worker_id == worker_id)
+            .count() as u32;
+        if busy > 0 {
+            return Ok(Vec::new());
+        }
+        let view = sched::WorkerView {
+            id: worker_id.to_string(),
+            backend: worker.backend.clone(),
+            devices: worker.devices,
+            free_slots: 1,
+        };
+        let (assignments, transitions) = sched::assign(&mut inner.jobs, &[view], now, &self.sched);
+        if assignments.is_empty() {
+            return Ok(Vec::new());
+        }
+        let changed = changed_jobs(&transitions);
+        let ids: Vec<&str> = changed.iter().map(String::as_str).collect();
+        self.persist(&inner, &ids)?;
+        let mut out = Vec::new();
+        for a in &assignments {
+            let job = find(&inner.jobs, &a.job_id)?;
+            tracing::info!(job = %a.job_id, task = a.task_index, name = job.tasks[a.task_index as usize].kind.name(), epoch = a.epoch, worker = %worker_id, "task assigned");
+            out.push(convert::assignment(job, a.task_index, a.epoch));
+        }
+        self.publish_changed(&inner, &changed);
+        self.lock_counters().assignments += assignments.len() as u64;
+        Ok(out)
+    }
+
+    pub fn report(&self, req: pb::ReportTaskRequest) -> Result<(), Status> {
+        let now = now_ms();
+        let outcome = match req.outcome {
+            Some(pb::report_task_request::Outcome::Succeeded(s)) => Outcome::Succeeded {
+                outputs: s.artifacts.iter().map(convert::artifact_in).collect(),
+                metrics: s.metrics.as_ref().map(convert::artifact_in),
+                result_json: s.result_json,
+                early_exit: s.early_exit,
+            },
+            Some(pb::report_task_request::Outcome::Failed(f)) => Outcome::Failed {
+                reason: f.reason,
+                retryable: f.retryable,
+            },
+            None => return Err(Status::invalid_argument("outcome: missing")),
+        };
+        let succeeded = matches!(outcome, Outcome::Succeeded { .. });
+        let mut inner = self.lock();
+        let index = position(&inner.jobs, &req.job_id)?;
+        let result = sched::complete(
+            &mut inner.jobs[index],
+            req.task_index,
+            req.epoch,
+            &req.worker_id,
+            outcome,
+            now,
+            &self.sched,
+        );
+        let transitions = match result {
+            Ok(t) => t,
+            Err(reject) => {
+                tracing::warn!(worker = %req.worker_id, job = %req.job_id, task = req.task_index, epoch = req.epoch, %reject, "task report rejected");
+                self.lock_counters().rejected_reports += 1;
+                return Err(Status::failed_precondition(format!(
+                    "report for job {} task {} rejected: {reject}",
+                    req.job_id, req.task_index
+                )));
+            }
+        };
+        self.persist(&inner, &[&req.job_id])?;
+        inner.progress.remove(&(req.job_id.clone(), req.task_index));
+        for t in &transitions {
+            tracing::info!(?t, "task report accepted");
+        }
+        if succeeded {
+            self.lock_counters().commits += 1;
+        }
+        let job = &inner.jobs[index];
+        self.publish(&inner, job);
+        drop(inner);
+        self.ready.notify_waiters();
+        Ok(())
+    }
+
+    /// The job now, then its events until it ends.
+    pub fn watch(
+        &self,
+        job_id: &str,
+    ) -> Result<ReceiverStream<Result<pb::JobEvent, Status>>, Status> {
+        let mut events = self.events.subscribe();
+        let first = self.get(job_id)?;
+        let (tx, rx) = mpsc::channel(256);
+        let job_id = job_id.to_string();
+        let terminal = |job: &pb::Job| {
+            matches!(
+                pb::JobState::try_from(job.state),
+                Ok(pb::JobState::Succeeded | pb::JobState::Failed | pb::JobState::Cancelled)
+            )
+        };
+        let done = terminal(&first);
+        let snapshot = move |job| pb::JobEvent {
+            event: Some(pb::job_event::Event::Job(job)),
+        };
+        let coordinator_view = self.get(&job_id);
+        tokio::spawn(async move {
+            if tx.send(Ok(snapshot(first))).await.is_err() || done {
+                return;
+            }
+            drop(coordinator_view);
+            loop {
+                match events.recv().await {
+                    Ok(event) => {
+                        let (id, event) = &*event;
+                        if *id != job_id {
+                            continue;
+                        }
+                        let end = matches!(&event.event, Some(pb::job_event::Event::Job(j)) if terminal(j));
+                        if tx.send(Ok(event.clone())).await.is_err() || end {
+                            return;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::debug!(skipped = n, "watcher lagged behind");
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        Ok(ReceiverStream::new(rx))
+    }
+}
+
+fn changed_jobs(transitions: &[sched::Transition]) -> Vec<String> {
+    let mut ids: Vec<String> = transitions
+        .iter()
+        .map(|t| match t {
+            sched::Transition::TaskLeased { job_id, .. }
+            | sched::Transition::TaskSucceeded { job_id, .. }
+            | sched::Transition::TaskRetry { job_id, .. }
+            | sched::Transition::TaskFailed { job_id, .. }
+            | sched::Transition::TaskSkipped { job_id, .. }
+            | sched::Transition::JobFinished { job_id, .. } => job_id.clone(),
+        })
+        .collect();
+    ids.sort();
+    ids.dedup();
+    ids
+}
+
+fn position(jobs: &[Job], id: &str) -> Result<usize, Status> {
+    jobs.iter()
+        .position(|j| j.id == id)
+        .ok_or_else(|| Status::not_found(format!("no job {id}")))
+}
+
+fn find<'a>(jobs: &'a [Job], id: &str) -> Result<&'a Job, Status> {
+    position(jobs, id).map(|i| &jobs[i])
+}
+
+fn slug(name: &str) -> String {
+    let s: String = name
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .take(40)
+        .collect();
+    s.trim_matches('-').to_string()
+}
+
+fn absolute(path: &std::path::Path) -> String {
+    std::path::absolute(path)
+        .unwrap_or_else(|_| path.to_path_buf())
+        .display()
+        .to_string()
+}
+
+/// The gRPC face of a [`Coordinator`] (both services).
+#[derive(Clone)]
+pub struct Api(pub Arc<Coordinator>);
+
+impl std::ops::Deref for Api {
+    type Target = Coordinator;
+    fn deref(&self) -> &Coordinator {
+        &self.0
+    }
+}
+
+#[tonic::async_trait]
+impl JobService for Api {
+    async fn submit_job(
+        &self,
+        request: Request<pb::SubmitJobRequest>,
+    ) -> Result<Response<pb::SubmitJobResponse>, Status> {
+        let req = request.into_inner();
+        let job = Coordinator::submit(&self.0, &req.spec_yaml, &req.source_name)?;
+        Ok(Response::new(pb::SubmitJobResponse { job: Some(job) }))
+    }
+
+    async fn get_job(
+        &self,
+        request: Request<pb::GetJobRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        Ok(Response::new(self.get(&request.into_inner().job_id)?))
+    }
+
+    async fn list_jobs(
+        &self,
+        _request: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        Ok(Response::new(pb::ListJobsResponse { jobs: self.list() }))
+    }
+
+    async fn cancel_job(
+        &self,
+        request: Request<pb::CancelJobRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        Ok(Response::new(Coordinator::cancel(
+            &self.0,
+            &request.into_inner().job_id,
+        )?))
+    }
+
+    type WatchJobStream = ReceiverStream<Result<pb::JobEvent, Status>>;
+
+    async fn watch_job(
+        &self,
+        request: Request<pb::WatchJobRequest>,
+    ) -> Result<Response<Self::WatchJobStream>, Status> {
+        Ok(Response::new(self.watch(&request.into_inner().job_id)?))
+    }
+}
+
+#[tonic::async_trait]
+impl ClusterService for Api {
+    async fn register_worker(
+        &self,
+        request: Request<pb::RegisterWorkerRequest>,
+    ) -> Result<Response<pb::RegisterWorkerResponse>, Status> {
+        Ok(Response::new(self.register(request.into_inner())?))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        Ok(Response::new(
+            Coordinator::heartbeat(&self.0, request.into_inner()).await?,
+        ))
+    }
+
+    async fn report_task(
+        &self,
+        request: Request<pb::ReportTaskRequest>,
+    ) -> Result<Response<pb::ReportTaskResponse>, Status> {
+        self.report(request.into_inner())?;
+        Ok(Response::new(pb::ReportTaskResponse {}))
+    }
+}

@@ -1,0 +1,16 @@
+//! segprop-proto: the control plane's protocol, generated from `proto/segprop/v1/` (package
+//! `segprop.v1`). Nothing else lives here: conversions to and from the domain types are in the
+//! crates that use them.
+
+#![allow(clippy::all, clippy::pedantic, unused_qualifications)]
+
+pub mod v1 {
+    tonic::include_proto!("segprop.v1");
+}
+
+/// The encoded file descriptor set of every segprop proto file (for gRPC reflection).
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/segprop_descriptor.bin"));
+
+/// The protocol version a worker announces in `RegisterWorker`; the coordinator refuses others.
+pub const PROTOCOL_VERSION: u32 = 1;

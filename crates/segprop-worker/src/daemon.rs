@@ -1,0 +1,736 @@
+//! The worker daemon (`segprop-worker serve`): registers with the coordinator, heartbeats, runs
+//! assigned tasks with the training engine on a dedicated thread, writes checkpoints, stage
+//! states, metrics and the final model to the artifact store, and reports.
+//!
+//! Workers pull: every call goes from the worker to the coordinator (no inbound port). An idle
+//! worker's heartbeat long-polls for work; a busy worker heartbeats every interval with its
+//! progress events and newest checkpoint. Results carry the lease epoch they were run under; the
+//! coordinator refuses results of superseded or expired attempts.
+//!
+//! Artifact layout under the store root (`jobs/<job>/`):
+//! - `stages/<stage>/attempt-<epoch>/ckpt-<step>/` (+ `.events.jsonl`): mid-stage checkpoints;
+//! - `stages/<stage>/attempt-<epoch>/state/` and `metrics.jsonl`: the state after the stage;
+//! - `model/`, `metrics.jsonl`, `summary.json`, `summary.txt`, `loss.svg`: written by `export`.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use segprop_core::JobSpec;
+use segprop_proto::v1 as pb;
+use segprop_proto::v1::cluster_service_client::ClusterServiceClient;
+use segprop_train::checkpoint::{self, Digest};
+use segprop_train::engine::{AdamWOptimizer, Checkpointer, StageProgress};
+use segprop_train::metrics::{RecordingObserver, TrainEvent, TrainObserver};
+use segprop_train::segprop::run_next_stage;
+use segprop_train::{TrainError, Trainer};
+use tokio::sync::Notify;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+
+/// Command-line options of `serve`.
+#[derive(Debug, Clone)]
+pub struct DaemonOptions {
+    pub coordinator: String,
+    pub token: String,
+    pub name: String,
+    /// Overrides the artifact root the coordinator announces (a store mounted elsewhere).
+    pub artifact_root: Option<PathBuf>,
+    /// Scratch space (SnapCheck spill files).
+    pub work_dir: PathBuf,
+    pub backend: String,
+}
+
+type Client = ClusterServiceClient<InterceptedService<Channel, AttachToken>>;
+
+#[derive(Clone)]
+struct AttachToken(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+
+impl tonic::service::Interceptor for AttachToken {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        req.metadata_mut().insert("authorization", self.0.clone());
+        Ok(req)
+    }
+}
+
+/// What the training thread and the heartbeat loop share about the running task.
+#[derive(Default)]
+struct TaskState {
+    events: Vec<pb::Progress>,
+    checkpoint: Option<pb::CheckpointRef>,
+    /// Newest checkpoint step the coordinator has accepted (older ones may be deleted).
+    acked_step: u64,
+    result: Option<Result<pb::TaskSucceeded, pb::TaskFailed>>,
+}
+
+struct TaskHandle {
+    assignment: pb::Assignment,
+    attempt_dir: PathBuf,
+    cancel: Arc<AtomicBool>,
+    state: Arc<Mutex<TaskState>>,
+}
+
+fn lock(state: &Mutex<TaskState>) -> MutexGuard<'_, TaskState> {
+    state.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Runs the daemon until SIGTERM/Ctrl-C (after the running task has checkpointed and reported).
+pub async fn serve(options: DaemonOptions) -> anyhow::Result<()> {
+    let token = AttachToken(
+        format!("Bearer {}", options.token)
+            .parse()
+            .map_err(|_| anyhow::anyhow!("token: must be printable ASCII"))?,
+    );
+    let channel = Endpoint::from_shared(options.coordinator.clone())
+        .map_err(|e| anyhow::anyhow!("--coordinator `{}`: {e}", options.coordinator))?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .connect_lazy();
+    let mut client = ClusterServiceClient::with_interceptor(channel, token);
+
+    let shutdown = Arc::new(AtomicBool::new(false));
+    let wake = Arc::new(Notify::new());
+    {
+        let shutdown = shutdown.clone();
+        let wake = wake.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("shutdown requested: checkpointing the running task, then exiting");
+            shutdown.store(true, Ordering::SeqCst);
+            wake.notify_one();
+        });
+    }
+
+    let mut running: Option<TaskHandle> = None;
+    let (mut worker_id, mut interval, mut root) =
+        register(&mut client, &options, &running, &shutdown).await?;
+    loop {
+        if shutdown.load(Ordering::SeqCst) {
+            match &running {
+                Some(task) => task.cancel.store(true, Ordering::SeqCst),
+                None => break,
+            }
+        }
+        // A finished task: one last heartbeat (its final checkpoint), then the report.
+        let finished = running
+            .as_ref()
+            .is_some_and(|t| lock(&t.state).result.is_some());
+        let request = heartbeat_request(&worker_id, running.as_ref(), &shutdown);
+        let sent_checkpoint = request
+            .running
+            .first()
+            .and_then(|r| r.checkpoint.as_ref().map(|c| c.step));
+        match client.heartbeat(request).await {
+            Ok(reply) => {
+                let reply = reply.into_inner();
+                if reply.reregister {
+                    tracing::warn!(
+                        "coordinator does not know this worker (restarted?): registering again"
+                    );
+                    (worker_id, interval, root) =
+                        register(&mut client, &options, &running, &shutdown).await?;
+                    continue;
+                }
+                if let Some(task) = &running {
+                    let a = &task.assignment;
+                    let cancelled = reply.cancel.iter().any(|c| {
+                        c.job_id == a.job_id && c.task_index == a.task_index && c.epoch == a.epoch
+                    });
+                    if cancelled {
+                        tracing::info!(job = %a.job_id, task = a.task_index, "coordinator cancelled the task");
+                        task.cancel.store(true, Ordering::SeqCst);
+                    } else if let Some(step) = sent_checkpoint {
+                        lock(&task.state).acked_step = step;
+                        prune_checkpoints(&task.attempt_dir, step);
+                    }
+                }
+                for assignment in reply.assignments {
+                    if running.is_some() || shutdown.load(Ordering::SeqCst) {
+                        tracing::warn!(job = %assignment.job_id, "assignment while busy or stopping: ignored (its lease will expire)");
+                        continue;
+                    }
+                    running = Some(start_task(assignment, &root, &options, wake.clone()));
+                }
+            }
+            Err(status) if status.code() == tonic::Code::Unauthenticated => {
+                anyhow::bail!("coordinator refused the token: {}", status.message());
+            }
+            Err(status) => {
+                tracing::warn!(error = %status.message(), "heartbeat failed; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(interval) => {}
+                    _ = wake.notified() => {}
+                }
+                continue;
+            }
+        }
+        if finished && let Some(task) = running.take() {
+            report(&mut client, &worker_id, task).await;
+            continue;
+        }
+        if running.is_some() {
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = wake.notified() => {}
+            }
+        }
+    }
+    tracing::info!("worker stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        if let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+fn devices(backend: &str) -> Vec<pb::Device> {
+    if backend == "cuda" {
+        return vec![pb::Device {
+            name: "cuda:0".into(),
+            memory_bytes: 0,
+        }];
+    }
+    vec![pb::Device {
+        name: "cpu".into(),
+        memory_bytes: host_memory(),
+    }]
+}
+
+fn host_memory() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+fn running_task(task: &TaskHandle, drain: bool) -> pb::RunningTask {
+    let mut state = lock(&task.state);
+    pb::RunningTask {
+        job_id: task.assignment.job_id.clone(),
+        task_index: task.assignment.task_index,
+        epoch: task.assignment.epoch,
+        events: if drain {
+            std::mem::take(&mut state.events)
+        } else {
+            Vec::new()
+        },
+        checkpoint: state.checkpoint.clone(),
+    }
+}
+
+fn heartbeat_request(
+    worker_id: &str,
+    running: Option<&TaskHandle>,
+    shutdown: &AtomicBool,
+) -> pb::HeartbeatRequest {
+    pb::HeartbeatRequest {
+        worker_id: worker_id.to_string(),
+        running: running.map(|t| running_task(t, true)).into_iter().collect(),
+        free_slots: u32::from(running.is_none() && !shutdown.load(Ordering::SeqCst)),
+    }
+}
+
+/// Registers (retrying while the coordinator is unreachable); returns (id, heartbeat interval,
+/// artifact root).
+async fn register(
+    client: &mut Client,
+    options: &DaemonOptions,
+    running: &Option<TaskHandle>,
+    shutdown: &AtomicBool,
+) -> anyhow::Result<(String, Duration, PathBuf)> {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        let request = pb::RegisterWorkerRequest {
+            protocol_version: segprop_proto::PROTOCOL_VERSION,
+            name: options.name.clone(),
+            backend: options.backend.clone(),
+            devices: devices(&options.backend),
+            host_memory_bytes: host_memory(),
+            running: running.iter().map(|t| running_task(t, false)).collect(),
+        };
+        match client.register_worker(request).await {
+            Ok(reply) => {
+                let reply = reply.into_inner();
+                let root = options
+                    .artifact_root
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from(&reply.artifact_root));
+                tracing::info!(worker = %reply.worker_id, coordinator = %options.coordinator, artifacts = %root.display(), "registered");
+                return Ok((
+                    reply.worker_id,
+                    Duration::from_millis(u64::from(reply.heartbeat_interval_ms.max(50))),
+                    root,
+                ));
+            }
+            Err(status)
+                if matches!(
+                    status.code(),
+                    tonic::Code::Unauthenticated
+                        | tonic::Code::FailedPrecondition
+                        | tonic::Code::InvalidArgument
+                ) =>
+            {
+                anyhow::bail!("coordinator refused registration: {}", status.message());
+            }
+            Err(status) => {
+                if shutdown.load(Ordering::SeqCst) && running.is_none() {
+                    anyhow::bail!("stopping before the coordinator was reachable");
+                }
+                tracing::warn!(error = %status.message(), retry_in_ms = delay.as_millis() as u64, "coordinator unreachable");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+async fn report(client: &mut Client, worker_id: &str, task: TaskHandle) {
+    let Some(result) = lock(&task.state).result.take() else {
+        return;
+    };
+    let a = &task.assignment;
+    let outcome = match result {
+        Ok(s) => pb::report_task_request::Outcome::Succeeded(s),
+        Err(f) => pb::report_task_request::Outcome::Failed(f),
+    };
+    let request = pb::ReportTaskRequest {
+        worker_id: worker_id.to_string(),
+        job_id: a.job_id.clone(),
+        task_index: a.task_index,
+        epoch: a.epoch,
+        outcome: Some(outcome),
+    };
+    for attempt in 1..=10u32 {
+        match client.report_task(request.clone()).await {
+            Ok(_) => {
+                tracing::info!(job = %a.job_id, task = a.task_index, epoch = a.epoch, "task reported");
+                return;
+            }
+            Err(status) if status.code() == tonic::Code::FailedPrecondition => {
+                tracing::warn!(job = %a.job_id, task = a.task_index, error = %status.message(), "report refused (lease lost); result dropped");
+                return;
+            }
+            Err(status) => {
+                tracing::warn!(error = %status.message(), attempt, "report failed; retrying");
+                tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
+            }
+        }
+    }
+    tracing::error!(job = %a.job_id, task = a.task_index, "could not report the task; its lease will expire and it will be retried");
+}
+
+/// Deletes this attempt's checkpoints older than the accepted `step`.
+fn prune_checkpoints(attempt_dir: &Path, step: u64) {
+    let Ok(entries) = std::fs::read_dir(attempt_dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        let Some(rest) = name.strip_prefix("ckpt-") else {
+            continue;
+        };
+        let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+        if digits.parse::<u64>().is_ok_and(|s| s < step) {
+            let path = entry.path();
+            let _ = if path.is_dir() {
+                std::fs::remove_dir_all(path)
+            } else {
+                std::fs::remove_file(path)
+            };
+        }
+    }
+}
+
+fn start_task(
+    assignment: pb::Assignment,
+    root: &Path,
+    options: &DaemonOptions,
+    wake: Arc<Notify>,
+) -> TaskHandle {
+    let stage_dir = format!("stages/{:03}", assignment.task_index);
+    let attempt_rel = PathBuf::from(&assignment.job_dir)
+        .join(stage_dir)
+        .join(format!("attempt-{}", assignment.epoch));
+    let handle = TaskHandle {
+        attempt_dir: root.join(&attempt_rel),
+        assignment: assignment.clone(),
+        cancel: Arc::new(AtomicBool::new(false)),
+        state: Arc::new(Mutex::new(TaskState::default())),
+    };
+    let ctx = TaskContext {
+        root: root.to_path_buf(),
+        attempt_rel,
+        work_dir: options.work_dir.join(&assignment.job_id).join(format!(
+            "task-{}-epoch-{}",
+            assignment.task_index, assignment.epoch
+        )),
+        backend: options.backend.clone(),
+        cancel: handle.cancel.clone(),
+        state: handle.state.clone(),
+    };
+    tracing::info!(job = %assignment.job_id, task = assignment.task_index, epoch = assignment.epoch, resume_step = assignment.resume_from.as_ref().map_or(0, |c| c.step), "task starts");
+    let name = format!("task-{}-{}", assignment.job_id, assignment.task_index);
+    let spawned = std::thread::Builder::new().name(name).spawn(move || {
+        let result = ctx.run(&assignment);
+        if let Err(f) = &result {
+            tracing::warn!(job = %assignment.job_id, task = assignment.task_index, reason = %f.reason, retryable = f.retryable, "task failed");
+        }
+        let _ = std::fs::remove_dir_all(&ctx.work_dir);
+        lock(&ctx.state).result = Some(result);
+        wake.notify_one();
+    });
+    if let Err(e) = spawned {
+        lock(&handle.state).result = Some(Err(pb::TaskFailed {
+            reason: format!("cannot start the training thread: {e}"),
+            retryable: true,
+        }));
+    }
+    handle
+}
+
+/// Everything the training thread needs.
+struct TaskContext {
+    root: PathBuf,
+    /// This attempt's directory, relative to the root.
+    attempt_rel: PathBuf,
+    work_dir: PathBuf,
+    backend: String,
+    cancel: Arc<AtomicBool>,
+    state: Arc<Mutex<TaskState>>,
+}
+
+fn failed(err: &TrainError) -> pb::TaskFailed {
+    let retryable = !matches!(
+        err,
+        TrainError::Spec(_)
+            | TrainError::Corpus { .. }
+            | TrainError::Checkpoint(_)
+            | TrainError::NonFiniteLoss { .. }
+            | TrainError::State { .. }
+    );
+    pb::TaskFailed {
+        reason: err.to_string(),
+        retryable,
+    }
+}
+
+fn artifact(root: &Path, rel: &Path, digest: &Digest) -> pb::ArtifactRef {
+    let _ = root;
+    pb::ArtifactRef {
+        uri: rel.display().to_string(),
+        checksum: digest.checksum.clone(),
+        bytes: digest.bytes,
+    }
+}
+
+impl TaskContext {
+    fn run(&self, a: &pb::Assignment) -> Result<pb::TaskSucceeded, pb::TaskFailed> {
+        let spec = JobSpec::from_yaml_str(&a.spec_yaml, &format!("job {}", a.job_id))
+            .map_err(|e| failed(&TrainError::Spec(e)))?;
+        match self.backend.as_str() {
+            "cpu" => self.run_on::<segprop_train::CpuBackend>(spec, Default::default(), a),
+            #[cfg(feature = "cuda")]
+            "cuda" => {
+                if !segprop_train::cuda::cuda_available() {
+                    return Err(failed(&TrainError::NoDevice {
+                        backend: "cuda".into(),
+                    }));
+                }
+                self.run_on::<segprop_train::cuda::CudaBackend>(spec, burn_cuda_device(), a)
+            }
+            other => Err(pb::TaskFailed {
+                reason: format!("backend {other} is not built into this worker"),
+                retryable: false,
+            }),
+        }
+    }
+
+    fn run_on<B: burn::tensor::backend::AutodiffBackend>(
+        &self,
+        spec: JobSpec,
+        device: B::Device,
+        a: &pb::Assignment,
+    ) -> Result<pb::TaskSucceeded, pb::TaskFailed> {
+        let mut trainer =
+            Trainer::<B>::new(spec, device, &self.work_dir).map_err(|e| failed(&e))?;
+        let mut recorder = RecordingObserver::default();
+        if let Some(resume) = a.resume_from.as_ref().and_then(|c| c.artifact.as_ref()) {
+            let dir = self.root.join(&resume.uri);
+            checkpoint::load(&mut trainer, &dir, Some(&resume.checksum)).map_err(|e| failed(&e))?;
+            recorder.events = read_events(&events_path(&dir)).map_err(|e| failed(&e))?;
+            tracing::info!(checkpoint = %dir.display(), "resuming from checkpoint");
+        } else if let Some(input) = &a.input_state {
+            let dir = self.root.join(&input.uri);
+            checkpoint::load(&mut trainer, &dir, Some(&input.checksum)).map_err(|e| failed(&e))?;
+        }
+        match pb::TaskKind::try_from(a.kind) {
+            Ok(pb::TaskKind::TrainStage) => self.train_stage(trainer, recorder, a),
+            Ok(pb::TaskKind::Export) => self.export(trainer, a),
+            _ => Err(pb::TaskFailed {
+                reason: format!("unknown task kind {}", a.kind),
+                retryable: false,
+            }),
+        }
+    }
+
+    fn train_stage<B: burn::tensor::backend::AutodiffBackend>(
+        &self,
+        mut trainer: Trainer<B>,
+        recorder: RecordingObserver,
+        a: &pb::Assignment,
+    ) -> Result<pb::TaskSucceeded, pb::TaskFailed> {
+        if trainer.progress.next_stage != a.stage_index as usize {
+            return Err(pb::TaskFailed {
+                reason: format!(
+                    "the input state is at stage {}, the task is stage {}",
+                    trainer.progress.next_stage, a.stage_index
+                ),
+                retryable: false,
+            });
+        }
+        let recorder = Arc::new(Mutex::new(recorder));
+        trainer.checkpointer = Some(Box::new(StoreCheckpointer {
+            root: self.root.clone(),
+            attempt_rel: self.attempt_rel.clone(),
+            every: a.checkpoint_every_steps,
+            recorder: recorder.clone(),
+            state: self.state.clone(),
+        }));
+        let mut observer = DaemonObserver {
+            stage_index: a.task_index,
+            recorder: recorder.clone(),
+            state: self.state.clone(),
+            cancel: self.cancel.clone(),
+        };
+        let record = run_next_stage(&mut trainer, &mut observer)
+            .map_err(|e| failed(&e))?
+            .ok_or_else(|| pb::TaskFailed {
+                reason: "the plan was already complete".into(),
+                retryable: false,
+            })?;
+        trainer.checkpointer = None;
+        let state_rel = self.attempt_rel.join("state");
+        let digest = checkpoint::save(&trainer, None, &self.root.join(&state_rel))
+            .map_err(|e| failed(&e))?;
+        let metrics_rel = self.attempt_rel.join("metrics.jsonl");
+        let events = lock_recorder(&recorder).events.clone();
+        let metrics =
+            write_events(&self.root.join(&metrics_rel), &events).map_err(|e| failed(&e))?;
+        Ok(pb::TaskSucceeded {
+            artifacts: vec![artifact(&self.root, &state_rel, &digest)],
+            result_json: serde_json::to_string(&record).unwrap_or_default(),
+            early_exit: trainer.progress.early_exit.is_some(),
+            metrics: Some(artifact(&self.root, &metrics_rel, &metrics)),
+        })
+    }
+
+    fn export<B: burn::tensor::backend::AutodiffBackend>(
+        &self,
+        mut trainer: Trainer<B>,
+        a: &pb::Assignment,
+    ) -> Result<pb::TaskSucceeded, pb::TaskFailed> {
+        let mut recorder = RecordingObserver::default();
+        for m in &a.stage_metrics {
+            let path = self.root.join(&m.uri);
+            let digest = checkpoint::checksum_dir(&path).map_err(|e| failed(&e))?;
+            if digest.checksum != m.checksum {
+                return Err(pb::TaskFailed {
+                    reason: format!(
+                        "{}: checksum mismatch (corrupt metrics file)",
+                        path.display()
+                    ),
+                    retryable: false,
+                });
+            }
+            recorder
+                .events
+                .extend(read_events(&path).map_err(|e| failed(&e))?);
+        }
+        let out = self.root.join(&a.job_dir);
+        let wall_s: f64 = trainer.progress.records.iter().map(|r| r.wall_s).sum();
+        let summary = segprop_train::run::finish_run(
+            &mut trainer,
+            &out,
+            &recorder,
+            wall_s,
+            Some(5_000_000_000),
+        )
+        .map_err(|e| failed(&e))?;
+        let mut events = recorder.events;
+        events.push(TrainEvent::RunFinished(summary.clone()));
+        let metrics_rel = PathBuf::from(&a.job_dir).join("metrics.jsonl");
+        let metrics =
+            write_events(&self.root.join(&metrics_rel), &events).map_err(|e| failed(&e))?;
+        let model_rel = PathBuf::from(&a.job_dir).join("model");
+        let model =
+            checkpoint::checksum_dir(&self.root.join(&model_rel)).map_err(|e| failed(&e))?;
+        tracing::info!(model = %self.root.join(&model_rel).display(), eval_loss = summary.final_eval_loss, "model exported");
+        Ok(pb::TaskSucceeded {
+            artifacts: vec![artifact(&self.root, &model_rel, &model)],
+            result_json: serde_json::to_string(&summary).unwrap_or_default(),
+            early_exit: false,
+            metrics: Some(artifact(&self.root, &metrics_rel, &metrics)),
+        })
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn burn_cuda_device() -> burn::backend::cuda::CudaDevice {
+    burn::backend::cuda::CudaDevice::new(0)
+}
+
+fn lock_recorder(r: &Mutex<RecordingObserver>) -> MutexGuard<'_, RecordingObserver> {
+    r.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn events_path(checkpoint_dir: &Path) -> PathBuf {
+    let mut name = checkpoint_dir
+        .file_name()
+        .unwrap_or_default()
+        .to_os_string();
+    name.push(".events.jsonl");
+    checkpoint_dir.with_file_name(name)
+}
+
+fn write_events(path: &Path, events: &[TrainEvent]) -> Result<Digest, TrainError> {
+    let mut text = String::new();
+    for e in events {
+        text.push_str(&serde_json::to_string(e).unwrap_or_default());
+        text.push('\n');
+    }
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(TrainError::io(parent))?;
+    }
+    let tmp = path.with_extension("jsonl.partial");
+    std::fs::write(&tmp, &text).map_err(TrainError::io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(TrainError::io(path))?;
+    checkpoint::checksum_dir(path)
+}
+
+fn read_events(path: &Path) -> Result<Vec<TrainEvent>, TrainError> {
+    let text = std::fs::read_to_string(path).map_err(TrainError::io(path))?;
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .enumerate()
+        .map(|(i, line)| {
+            serde_json::from_str(line).map_err(|e| TrainError::State {
+                path: path.to_path_buf(),
+                message: format!("line {}: {e}", i + 1),
+            })
+        })
+        .collect()
+}
+
+/// Streams engine events to the heartbeat loop and keeps them for the stage's metrics file.
+struct DaemonObserver {
+    stage_index: u32,
+    recorder: Arc<Mutex<RecordingObserver>>,
+    state: Arc<Mutex<TaskState>>,
+    cancel: Arc<AtomicBool>,
+}
+
+impl TrainObserver for DaemonObserver {
+    fn on_event(&mut self, event: &TrainEvent) {
+        lock_recorder(&self.recorder).on_event(event);
+        let progress = match event {
+            TrainEvent::Step(s) => pb::Progress {
+                task_index: self.stage_index,
+                stage: s.stage.clone(),
+                step: s.step,
+                budget_steps: 0,
+                global_step: s.global_step,
+                loss: s.loss,
+                lr: s.lr,
+                eval_loss: None,
+                tokens_per_s: s.tokens_per_s,
+            },
+            TrainEvent::Eval(e) => pb::Progress {
+                task_index: self.stage_index,
+                stage: e.stage.clone(),
+                step: e.step,
+                budget_steps: 0,
+                global_step: e.global_step,
+                loss: f64::NAN,
+                lr: 0.0,
+                eval_loss: Some(e.eval_loss),
+                tokens_per_s: 0.0,
+            },
+            _ => return,
+        };
+        let budget = lock_recorder(&self.recorder)
+            .events
+            .iter()
+            .rev()
+            .find_map(|e| match e {
+                TrainEvent::StageStarted { budget_steps, .. } => Some(*budget_steps),
+                _ => None,
+            })
+            .unwrap_or(0);
+        let mut state = lock(&self.state);
+        state.events.push(pb::Progress {
+            budget_steps: budget,
+            ..progress
+        });
+        // A heartbeat that cannot get through must not grow memory without bound.
+        if state.events.len() > 10_000 {
+            state.events.drain(..5_000);
+        }
+    }
+
+    fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::SeqCst)
+    }
+}
+
+/// Writes mid-stage checkpoints to the store and hands the newest to the heartbeat loop.
+struct StoreCheckpointer {
+    root: PathBuf,
+    attempt_rel: PathBuf,
+    every: u64,
+    recorder: Arc<Mutex<RecordingObserver>>,
+    state: Arc<Mutex<TaskState>>,
+}
+
+impl<B: burn::tensor::backend::AutodiffBackend> Checkpointer<B> for StoreCheckpointer {
+    fn every_steps(&self) -> u64 {
+        self.every
+    }
+
+    fn save(
+        &mut self,
+        trainer: &Trainer<B>,
+        local_optimizer: &AdamWOptimizer<B>,
+        progress: &StageProgress,
+    ) -> Result<(), TrainError> {
+        let rel = self.attempt_rel.join(format!("ckpt-{:08}", progress.step));
+        let dir = self.root.join(&rel);
+        // Events first: a checkpoint that exists always has its events.
+        let events = lock_recorder(&self.recorder).events.clone();
+        write_events(&events_path(&dir), &events)?;
+        let digest = checkpoint::save(trainer, Some((local_optimizer, progress)), &dir)?;
+        tracing::debug!(step = progress.step, checkpoint = %dir.display(), "checkpoint saved");
+        lock(&self.state).checkpoint = Some(pb::CheckpointRef {
+            step: progress.step,
+            artifact: Some(artifact(&self.root, &rel, &digest)),
+        });
+        Ok(())
+    }
+}
