@@ -1,8 +1,20 @@
 # Everyday recipes. `just --list` shows them. (Install just with `pip install rust-just`.)
 
-# Run the demo job on embedded defaults (tiny LLaMA, SegProp, CPU).
-demo out="runs/demo":
+# The demo: coordinator + one local CPU worker + local store, the demo job watched to the end.
+demo:
+    cargo build --release && target/release/segprop-coord demo
+
+# The demo job standalone (no coordinator): one process trains it.
+demo-standalone out="runs/demo":
     cargo run --release -p segprop-worker -- train --out {{out}}
+
+# A coordinator on 127.0.0.1:50051 (token from SEGPROP_TOKEN) and one local worker.
+serve:
+    cargo build --release && (target/release/segprop-worker serve & target/release/segprop-coord serve)
+
+# Load test: 1,000 simulated workers against a real coordinator (docs/benchmarks.md).
+loadtest:
+    cargo build --release -p segprop-coordinator && target/release/segprop-loadtest --workers 1000 --jobs 200
 
 # The test command CI runs (README): format, lints, GPU paths compile, all tests.
 test:

