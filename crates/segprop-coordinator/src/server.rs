@@ -8,8 +8,8 @@ use std::time::Duration;
 use segprop_proto::v1::cluster_service_server::ClusterServiceServer;
 use segprop_proto::v1::job_service_server::JobServiceServer;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::InterceptorLayer;
+use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 
 use crate::auth::BearerAuth;
@@ -91,7 +91,8 @@ pub async fn start(config: CoordConfig) -> anyhow::Result<Running> {
         }
     });
     let task = tokio::spawn(router.serve_with_incoming_shutdown(
-        TcpListenerStream::new(listener),
+        // Small replies (assignments) must not wait for Nagle + delayed ACK (~40 ms each).
+        TcpIncoming::from(listener).with_nodelay(Some(true)),
         async {
             let _ = rx.await;
         },

@@ -36,7 +36,10 @@ struct Worker {
 }
 
 struct Inner {
+    /// Unfinished jobs, in submission order: the only ones the scheduler looks at.
     jobs: Vec<Job>,
+    /// Finished jobs (succeeded, failed, cancelled), for status and listing.
+    done: Vec<Job>,
     next_seq: u64,
     workers: HashMap<String, Worker>,
     next_worker: u64,
@@ -97,7 +100,8 @@ impl Coordinator {
         let (events, _) = broadcast::channel(4096);
         Ok(Arc::new(Self {
             inner: Mutex::new(Inner {
-                jobs,
+                done: jobs.iter().filter(|j| j.is_terminal()).cloned().collect(),
+                jobs: jobs.into_iter().filter(|j| !j.is_terminal()).collect(),
                 next_seq,
                 workers: HashMap::new(),
                 next_worker: 1,
@@ -133,6 +137,7 @@ impl Coordinator {
         let jobs: Vec<&Job> = inner
             .jobs
             .iter()
+            .chain(&inner.done)
             .filter(|j| ids.contains(&j.id.as_str()))
             .collect();
         self.store.save(&jobs, inner.next_seq).map_err(internal)
@@ -150,8 +155,20 @@ impl Coordinator {
     }
 
     fn publish_changed(&self, inner: &Inner, ids: &[String]) {
-        for job in inner.jobs.iter().filter(|j| ids.contains(&j.id)) {
+        for job in inner
+            .jobs
+            .iter()
+            .chain(&inner.done)
+            .filter(|j| ids.contains(&j.id))
+        {
             self.publish(inner, job);
+        }
+    }
+
+    /// Wakes up to `n` long-polling idle workers (one per task that became assignable).
+    fn wake(&self, n: usize) {
+        for _ in 0..n.min(64) {
+            self.ready.notify_one();
         }
     }
 
@@ -177,16 +194,15 @@ impl Coordinator {
             }
             alive
         });
-        let assignable = inner.jobs.iter().any(|j| {
-            !j.is_terminal()
-                && j.tasks
-                    .iter()
-                    .any(|t| t.status == TaskStatus::Ready && t.not_before <= now)
-        });
+        let assignable = inner
+            .jobs
+            .iter()
+            .flat_map(|j| &j.tasks)
+            .filter(|t| t.status == TaskStatus::Ready && t.not_before <= now)
+            .count();
+        retire(&mut inner);
         drop(inner);
-        if assignable {
-            self.ready.notify_waiters();
-        }
+        self.wake(assignable);
         Ok(())
     }
 
@@ -233,21 +249,21 @@ impl Coordinator {
         self.publish(&inner, job);
         let reply = convert::job(job, &inner.progress, &self.config);
         drop(inner);
-        self.ready.notify_waiters();
+        self.wake(1);
         Ok(reply)
     }
 
     pub fn get(&self, job_id: &str) -> Result<pb::Job, Status> {
         let inner = self.lock();
-        let job = find(&inner.jobs, job_id)?;
+        let job = find(&inner.jobs, job_id).or_else(|_| find(&inner.done, job_id))?;
         Ok(convert::job(job, &inner.progress, &self.config))
     }
 
     pub fn list(&self) -> Vec<pb::Job> {
         let inner = self.lock();
-        inner
-            .jobs
-            .iter()
+        let mut jobs: Vec<&Job> = inner.jobs.iter().chain(&inner.done).collect();
+        jobs.sort_by_key(|j| j.seq);
+        jobs.into_iter()
             .map(|j| convert::job(j, &inner.progress, &self.config))
             .collect()
     }
@@ -255,9 +271,13 @@ impl Coordinator {
     pub fn cancel(&self, job_id: &str) -> Result<pb::Job, Status> {
         let now = now_ms();
         let mut inner = self.lock();
-        let index = position(&inner.jobs, job_id)?;
+        let Ok(index) = position(&inner.jobs, job_id) else {
+            // Already finished (cancelling is idempotent), or unknown.
+            let job = find(&inner.done, job_id)?;
+            return Ok(convert::job(job, &inner.progress, &self.config));
+        };
         let revoked = sched::cancel(&mut inner.jobs[index], now);
-        if !revoked.is_empty() || inner.jobs[index].status == JobStatus::Cancelled {
+        if inner.jobs[index].status == JobStatus::Cancelled {
             self.persist(&inner, &[job_id])?;
         }
         for (task, lease) in &revoked {
@@ -265,7 +285,9 @@ impl Coordinator {
         }
         let job = &inner.jobs[index];
         self.publish(&inner, job);
-        Ok(convert::job(job, &inner.progress, &self.config))
+        let reply = convert::job(job, &inner.progress, &self.config);
+        retire(&mut inner);
+        Ok(reply)
     }
 
     pub fn register(
@@ -440,9 +462,8 @@ impl Coordinator {
             .jobs
             .iter()
             .flat_map(|j| j.running_leases())
-            .filter(|(_, l)| l.worker_id == worker_id)
-            .count() as u32;
-        if busy > 0 {
+            .any(|(_, l)| l.worker_id == worker_id);
+        if busy {
             return Ok(Vec::new());
         }
         let view = sched::WorkerView {
@@ -486,7 +507,14 @@ impl Coordinator {
         };
         let succeeded = matches!(outcome, Outcome::Succeeded { .. });
         let mut inner = self.lock();
-        let index = position(&inner.jobs, &req.job_id)?;
+        let Ok(index) = position(&inner.jobs, &req.job_id) else {
+            find(&inner.done, &req.job_id)?;
+            self.lock_counters().rejected_reports += 1;
+            return Err(Status::failed_precondition(format!(
+                "report for job {} task {} rejected: the job has ended",
+                req.job_id, req.task_index
+            )));
+        };
         let result = sched::complete(
             &mut inner.jobs[index],
             req.task_index,
@@ -517,8 +545,14 @@ impl Coordinator {
         }
         let job = &inner.jobs[index];
         self.publish(&inner, job);
+        let ready = job
+            .tasks
+            .iter()
+            .filter(|t| t.status == TaskStatus::Ready && t.not_before <= now)
+            .count();
+        retire(&mut inner);
         drop(inner);
-        self.ready.notify_waiters();
+        self.wake(ready);
         Ok(())
     }
 
@@ -567,6 +601,20 @@ impl Coordinator {
             }
         });
         Ok(ReceiverStream::new(rx))
+    }
+}
+
+/// Moves finished jobs out of the scheduler's list.
+fn retire(inner: &mut Inner) {
+    if inner.jobs.iter().any(Job::is_terminal) {
+        let (done, active): (Vec<Job>, Vec<Job>) = std::mem::take(&mut inner.jobs)
+            .into_iter()
+            .partition(Job::is_terminal);
+        inner.jobs = active;
+        for job in &done {
+            inner.progress.retain(|(id, _), _| *id != job.id);
+        }
+        inner.done.extend(done);
     }
 }
 

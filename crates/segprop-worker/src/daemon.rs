@@ -40,6 +40,8 @@ pub struct DaemonOptions {
     /// Scratch space (SnapCheck spill files).
     pub work_dir: PathBuf,
     pub backend: String,
+    /// CA certificate (PEM) of a TLS coordinator with a private CA.
+    pub tls_ca: Option<PathBuf>,
 }
 
 type Client = ClusterServiceClient<InterceptedService<Channel, AttachToken>>;
@@ -82,11 +84,20 @@ pub async fn serve(options: DaemonOptions) -> anyhow::Result<()> {
             .parse()
             .map_err(|_| anyhow::anyhow!("token: must be printable ASCII"))?,
     );
-    let channel = Endpoint::from_shared(options.coordinator.clone())
+    let mut endpoint = Endpoint::from_shared(options.coordinator.clone())
         .map_err(|e| anyhow::anyhow!("--coordinator `{}`: {e}", options.coordinator))?
         .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true)
-        .connect_lazy();
+        .tcp_nodelay(true);
+    if options.coordinator.starts_with("https://") {
+        let mut tls = tonic::transport::ClientTlsConfig::new().with_enabled_roots();
+        if let Some(ca) = &options.tls_ca {
+            let pem =
+                std::fs::read(ca).map_err(|e| anyhow::anyhow!("--tls-ca {}: {e}", ca.display()))?;
+            tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(pem));
+        }
+        endpoint = endpoint.tls_config(tls)?;
+    }
+    let channel = endpoint.connect_lazy();
     let mut client = ClusterServiceClient::with_interceptor(channel, token);
 
     let shutdown = Arc::new(AtomicBool::new(false));
@@ -166,6 +177,17 @@ pub async fn serve(options: DaemonOptions) -> anyhow::Result<()> {
             }
         }
         if finished && let Some(task) = running.take() {
+            if shutdown.load(Ordering::SeqCst) {
+                let mut state = lock(&task.state);
+                let step = state.checkpoint.as_ref().map_or(0, |c| c.step);
+                if let Some(Err(f)) = &mut state.result {
+                    f.reason = format!(
+                        "worker {} shut down (SIGTERM); the stage checkpointed at step {step}",
+                        options.name
+                    );
+                    f.retryable = true;
+                }
+            }
             report(&mut client, &worker_id, task).await;
             continue;
         }

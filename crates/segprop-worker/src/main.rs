@@ -69,6 +69,9 @@ enum Command {
         /// Training backend of this worker: cpu, or cuda (builds with the `cuda` feature).
         #[arg(long, default_value = "cpu")]
         backend: String,
+        /// CA certificate (PEM) of an `https://` coordinator with a private CA.
+        #[arg(long)]
+        tls_ca: Option<PathBuf>,
     },
 }
 
@@ -96,6 +99,7 @@ fn main() -> ExitCode {
             artifact_root,
             work_dir,
             backend,
+            tls_ca,
         } => {
             if backend != "cpu" && !(backend == "cuda" && cfg!(feature = "cuda")) {
                 eprintln!(
@@ -120,6 +124,7 @@ fn main() -> ExitCode {
                 artifact_root,
                 work_dir,
                 backend,
+                tls_ca,
             };
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
