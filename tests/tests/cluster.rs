@@ -97,8 +97,14 @@ impl Drop for Worker {
 
 /// Starts `segprop-coord serve` on `listen` with state and artifacts under `dir`.
 fn coordinator(dir: &Path, listen: &str) -> Coordinator {
+    coordinator_with(dir, listen, &[])
+}
+
+/// [`coordinator`] with extra `SEGPROP_*` settings.
+fn coordinator_with(dir: &Path, listen: &str, env: &[(&str, PathBuf)]) -> Coordinator {
     let mut child = Command::new(bin("segprop-coord"))
         .arg("serve")
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .env("SEGPROP_TOKEN", TOKEN)
         .env("SEGPROP_LISTEN", listen)
         .env("SEGPROP_STATE_DIR", dir.join("state"))
@@ -723,26 +729,14 @@ fn tls_coordinator_serves_cli_and_workers() {
         rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
     std::fs::write(dir.join("cert.pem"), cert.cert.pem()).unwrap();
     std::fs::write(dir.join("key.pem"), cert.signing_key.serialize_pem()).unwrap();
-    let mut child = Command::new(bin("segprop-coord"))
-        .arg("serve")
-        .env("SEGPROP_TOKEN", TOKEN)
-        .env("SEGPROP_LISTEN", "127.0.0.1:0")
-        .env("SEGPROP_STATE_DIR", dir.join("state"))
-        .env("SEGPROP_ARTIFACT_ROOT", dir.join("artifacts"))
-        .env("SEGPROP_TLS__CERT", dir.join("cert.pem"))
-        .env("SEGPROP_TLS__KEY", dir.join("key.pem"))
-        .env("SEGPROP_HEARTBEAT_INTERVAL_MS", "200")
-        .env("SEGPROP_LEASE_MS", "3000")
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(dir.join("coordinator.log")).unwrap())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line.trim().rsplit(' ').next().unwrap().to_string();
-    let coord = Coordinator { child, addr };
+    let coord = coordinator_with(
+        dir,
+        "127.0.0.1:0",
+        &[
+            ("SEGPROP_TLS__CERT", dir.join("cert.pem")),
+            ("SEGPROP_TLS__KEY", dir.join("key.pem")),
+        ],
+    );
     let url = format!("https://{}", coord.addr);
     let ca = dir.join("cert.pem");
 
