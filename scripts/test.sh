@@ -11,6 +11,12 @@ cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 
+echo "== the coordinator does not link burn (DESIGN.md §3)"
+if cargo tree -p segprop-coordinator -e normal --prefix none | grep -q '^burn'; then
+    echo "error: segprop-coordinator depends on burn" >&2
+    exit 1
+fi
+
 echo "== cargo check --features cuda (GPU paths compile; no GPU needed)"
 cargo check -p segprop-worker -p segprop-bench --features cuda
 
