@@ -616,6 +616,37 @@ fn sigterm_checkpoints_the_current_step_reports_and_exits_cleanly() {
 }
 
 #[test]
+fn a_task_that_cannot_succeed_fails_the_job_with_its_reason() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let coord = coordinator(dir, "127.0.0.1:0");
+    // The corpus exists when the spec is checked and is gone when the worker reads it.
+    let corpus = dir.join("corpus.txt");
+    std::fs::write(&corpus, "to be or not to be ".repeat(2000)).unwrap();
+    let yaml = std::fs::read_to_string(spec(dir, "e2e-fail", 5, 0))
+        .unwrap()
+        .replace("builtin:synthetic", corpus.to_str().unwrap());
+    let job_spec = dir.join("e2e-fail.yaml");
+    std::fs::write(&job_spec, yaml).unwrap();
+    let job_id = submit(&coord, &job_spec);
+    std::fs::remove_file(&corpus).unwrap();
+    let _w = worker(dir, &coord, "w1");
+    let out = coord_cli(&coord, &["watch", &job_id], TOKEN);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let job = get_job(&coord, &job_id);
+    assert_eq!(state(&job), pb::JobState::Failed);
+    assert!(job.error.contains("stage1"), "{}", job.error);
+    assert!(job.error.contains("corpus.txt"), "{}", job.error);
+    // Not retryable: one attempt, and every later task is cancelled.
+    assert_eq!(job.tasks[0].attempts, 1);
+    assert!(
+        job.tasks[1..]
+            .iter()
+            .all(|t| t.state == pb::TaskState::Cancelled as i32)
+    );
+}
+
+#[test]
 fn invalid_specs_exit_2_naming_the_field_and_create_no_job() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
