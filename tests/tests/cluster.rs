@@ -298,9 +298,30 @@ fn submitted_job_completes_and_matches_a_standalone_run() {
     let job_id = text(&out.stdout).trim().to_string();
     let job = get_job(&coord, &job_id);
     assert_eq!(state(&job), pb::JobState::Succeeded);
-    // stage1 + 2 segments + export
-    assert_eq!(job.tasks.len(), 4);
+    // stage1, segment, SnapCheck advance, segment, export
+    let names: Vec<&str> = job.tasks.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "stage1",
+            "segment-1-2",
+            "snapshots-2",
+            "segment-2-3",
+            "export"
+        ]
+    );
     assert!(job.tasks.iter().all(|t| t.attempts == 1));
+    // The second segment read every prefix output from the stored snapshots: no recompute.
+    let advance: serde_json::Value = serde_json::from_str(&job.tasks[2].result_json).unwrap();
+    assert!(advance["batches"].as_u64().unwrap() > 0, "{advance}");
+    let segment: serde_json::Value = serde_json::from_str(&job.tasks[3].result_json).unwrap();
+    assert_eq!(segment["snapshots"]["misses"], 0, "{segment}");
+    assert!(
+        segment["snapshots"]["hits"].as_u64().unwrap() > 0,
+        "{segment}"
+    );
+    let worker_log = std::fs::read_to_string(dir.join("w1.log")).unwrap();
+    assert!(worker_log.contains("imported snapshots"), "{worker_log}");
 
     let run_dir = PathBuf::from(&job.run_dir);
     for f in [

@@ -107,6 +107,11 @@ pub fn describe(job: &pb::Job) -> String {
                 .and_then(|v| v.as_u64())
                 .unwrap_or(0);
             format!("{layers}-layer model, held-out loss {eval:.4}")
+        } else if let Ok(r) = serde_json::from_str::<serde_json::Value>(&t.result_json)
+            && let Some(batches) = r.get("batches").and_then(|v| v.as_u64())
+        {
+            let depth = r.get("depth").and_then(|v| v.as_u64()).unwrap_or(0);
+            format!("S[{depth}] of {batches} batches stored")
         } else if let Ok(r) = serde_json::from_str::<serde_json::Value>(&t.result_json) {
             let steps = r.get("steps").and_then(|v| v.as_u64()).unwrap_or(0);
             let eval = r

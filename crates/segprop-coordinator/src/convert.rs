@@ -45,10 +45,7 @@ pub fn job(
             .iter()
             .map(|t| pb::Task {
                 index: t.index,
-                kind: match t.kind {
-                    TaskKind::TrainStage { .. } => pb::TaskKind::TrainStage,
-                    TaskKind::Export => pb::TaskKind::Export,
-                } as i32,
+                kind: task_kind(&t.kind) as i32,
                 name: t.kind.name().to_string(),
                 state: task_state(t.status) as i32,
                 attempts: t.attempts,
@@ -72,6 +69,14 @@ pub fn job(
             .to_string(),
         created_unix_ms: job.created_at,
         finished_unix_ms: job.finished_at.unwrap_or(0),
+    }
+}
+
+pub fn task_kind(kind: &TaskKind) -> pb::TaskKind {
+    match kind {
+        TaskKind::TrainStage { .. } => pb::TaskKind::TrainStage,
+        TaskKind::AdvanceSnapshots { .. } => pb::TaskKind::AdvanceSnapshots,
+        TaskKind::Export => pb::TaskKind::Export,
     }
 }
 
@@ -105,10 +110,29 @@ pub fn checkpoint_in(c: &pb::CheckpointRef) -> Option<Checkpoint> {
 /// What a worker needs to run task `index` of `job` under lease `epoch`.
 pub fn assignment(job: &Job, index: u32, epoch: u64) -> pb::Assignment {
     let task = &job.tasks[index as usize];
-    let stage_index = match &task.kind {
-        TaskKind::TrainStage { stage_index, .. } => *stage_index,
-        TaskKind::Export => 0,
+    let (stage_index, snapshot_from, snapshot_to) = match &task.kind {
+        TaskKind::TrainStage { stage_index, .. } => (*stage_index, 0, 0),
+        TaskKind::AdvanceSnapshots {
+            stage_index,
+            from,
+            to,
+            ..
+        } => (*stage_index, *from, *to),
+        TaskKind::Export => (0, 0, 0),
     };
+    // SnapCheck inputs: the newest stored snapshots (a later train stage or advance starts there).
+    let snapshots = job.tasks[..index as usize]
+        .iter()
+        .rev()
+        .find(|t| {
+            t.status == TaskStatus::Succeeded && matches!(t.kind, TaskKind::AdvanceSnapshots { .. })
+        })
+        .and_then(|t| match &t.kind {
+            TaskKind::AdvanceSnapshots { to, .. } => {
+                t.outputs.first().map(|a| (artifact_out(a), *to))
+            }
+            _ => None,
+        });
     // The state the task starts from: the output of the latest succeeded training stage.
     let input_state = job.tasks[..index as usize]
         .iter()
@@ -131,10 +155,7 @@ pub fn assignment(job: &Job, index: u32, epoch: u64) -> pb::Assignment {
         job_id: job.id.clone(),
         task_index: index,
         epoch,
-        kind: match task.kind {
-            TaskKind::TrainStage { .. } => pb::TaskKind::TrainStage,
-            TaskKind::Export => pb::TaskKind::Export,
-        } as i32,
+        kind: task_kind(&task.kind) as i32,
         stage_index,
         spec_yaml: job.spec_yaml.clone(),
         job_dir: job_dir(&job.id),
@@ -145,5 +166,9 @@ pub fn assignment(job: &Job, index: u32, epoch: u64) -> pb::Assignment {
         }),
         stage_metrics,
         checkpoint_every_steps: job.checkpoint_every_steps,
+        snapshot_depth: snapshots.as_ref().map_or(0, |(_, depth)| *depth),
+        input_snapshots: snapshots.map(|(a, _)| a),
+        snapshot_from,
+        snapshot_to,
     }
 }

@@ -234,7 +234,10 @@ impl Coordinator {
             spec.resources.backend.to_string(),
             spec.resources.devices_per_gang as u32,
             spec.checkpoint.every_steps,
-            &plan,
+            sched::plan_tasks(
+                &plan,
+                spec.regime == segprop_core::Regime::Segprop && spec.segprop.snapcheck,
+            ),
             now,
         );
         inner.next_seq += 1;

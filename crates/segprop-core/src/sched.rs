@@ -32,7 +32,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::plan::StagePlan;
+use crate::plan::{StageKind, StagePlan};
 
 /// Scheduler tuning.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -78,6 +78,14 @@ impl SchedConfig {
 pub enum TaskKind {
     /// Trains one stage of the plan.
     TrainStage { stage_index: u32, name: String },
+    /// SnapCheck: after stage-2 segment `[from, to)` (plan entry `stage_index`) commits,
+    /// computes `S[to] = F_{from:to}(S[from])` for every batch and stores it for the next segment.
+    AdvanceSnapshots {
+        stage_index: u32,
+        from: u32,
+        to: u32,
+        name: String,
+    },
     /// Assembles the trained stages into the final model.
     Export,
 }
@@ -86,7 +94,7 @@ impl TaskKind {
     /// The stage's name (`stage1`, `segment-2-5`, ...), or `export`.
     pub fn name(&self) -> &str {
         match self {
-            TaskKind::TrainStage { name, .. } => name,
+            TaskKind::TrainStage { name, .. } | TaskKind::AdvanceSnapshots { name, .. } => name,
             TaskKind::Export => "export",
         }
     }
@@ -245,9 +253,42 @@ pub struct Job {
     pub finished_at: Option<u64>,
 }
 
+/// The task chain of `plan`: one `TrainStage` per entry, then `Export`. With
+/// `advance_snapshots` (SegProp with SnapCheck), every stage-2 segment that another segment
+/// follows is followed by an `AdvanceSnapshots` task producing the next segment's inputs.
+pub fn plan_tasks(plan: &StagePlan, advance_snapshots: bool) -> Vec<TaskKind> {
+    let mut kinds = Vec::new();
+    let segments: Vec<usize> = plan
+        .stages
+        .iter()
+        .filter(|e| matches!(e.kind, StageKind::Segment { .. }))
+        .map(|e| e.index)
+        .collect();
+    for entry in &plan.stages {
+        let stage_index = u32::try_from(entry.index).unwrap_or(u32::MAX);
+        kinds.push(TaskKind::TrainStage {
+            stage_index,
+            name: entry.name.clone(),
+        });
+        if let StageKind::Segment { start, end } = entry.kind
+            && advance_snapshots
+            && segments.last().is_some_and(|&last| last > entry.index)
+        {
+            kinds.push(TaskKind::AdvanceSnapshots {
+                stage_index,
+                from: u32::try_from(start).unwrap_or(u32::MAX),
+                to: u32::try_from(end).unwrap_or(u32::MAX),
+                name: format!("snapshots-{end}"),
+            });
+        }
+    }
+    kinds.push(TaskKind::Export);
+    kinds
+}
+
 impl Job {
-    /// A new `Pending` job whose tasks come from `plan`: one `TrainStage` per entry (the first
-    /// `Ready`, the others `Waiting`), then `Export` (`Waiting`, or `Ready` for an empty plan).
+    /// A new `Pending` job running `kinds` in order (see [`plan_tasks`]): the first task `Ready`,
+    /// the others `Waiting`.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         id: String,
@@ -258,18 +299,9 @@ impl Job {
         backend: String,
         devices_per_gang: u32,
         checkpoint_every_steps: u64,
-        plan: &StagePlan,
+        kinds: Vec<TaskKind>,
         now: u64,
     ) -> Job {
-        let mut kinds: Vec<TaskKind> = plan
-            .stages
-            .iter()
-            .map(|entry| TaskKind::TrainStage {
-                stage_index: u32::try_from(entry.index).unwrap_or(u32::MAX),
-                name: entry.name.clone(),
-            })
-            .collect();
-        kinds.push(TaskKind::Export);
         let tasks = kinds
             .into_iter()
             .enumerate()
@@ -786,7 +818,7 @@ pub fn extend_leases(jobs: &mut [Job], now: u64, cfg: &SchedConfig) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plan::{StageKind, StagePlanEntry};
+    use crate::plan::StagePlanEntry;
 
     fn plan(stages: usize) -> StagePlan {
         StagePlan {
@@ -812,9 +844,51 @@ mod tests {
             backend.into(),
             devices,
             50,
-            &plan(stages),
+            plan_tasks(&plan(stages), false),
             7,
         )
+    }
+
+    #[test]
+    fn segprop_plans_advance_snapshots_between_segments() {
+        let entry = |index: usize, name: &str, kind| StagePlanEntry {
+            index,
+            name: name.into(),
+            kind,
+        };
+        let plan = StagePlan {
+            num_layers: 6,
+            head_layers: 2,
+            stages: vec![
+                entry(0, "stage1", StageKind::Stage1 { base_depth: 2 }),
+                entry(1, "segment-2-3", StageKind::Segment { start: 2, end: 3 }),
+                entry(2, "segment-3-4", StageKind::Segment { start: 3, end: 4 }),
+            ],
+        };
+        let names: Vec<String> = plan_tasks(&plan, true)
+            .iter()
+            .map(|k| k.name().to_string())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "stage1",
+                "segment-2-3",
+                "snapshots-3",
+                "segment-3-4",
+                "export"
+            ]
+        );
+        assert!(matches!(
+            plan_tasks(&plan, true)[2],
+            TaskKind::AdvanceSnapshots {
+                stage_index: 1,
+                from: 2,
+                to: 3,
+                ..
+            }
+        ));
+        assert_eq!(plan_tasks(&plan, false).len(), 4);
     }
 
     fn job(id: &str, seq: u64, stages: usize) -> Job {

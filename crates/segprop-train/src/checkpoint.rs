@@ -389,6 +389,55 @@ seed: 5
     }
 
     #[test]
+    fn filled_snapshots_are_the_prefix_outputs_bit_for_bit() {
+        use crate::snapcheck::{SnapshotKey, Split};
+        let tmp = tempfile::tempdir().unwrap();
+        // From nothing: every S[3] is a full prefix forward.
+        let mut a = trainer(&tmp.path().join("a"));
+        let (advanced, recomputed) = a.fill_snapshots(2, 3);
+        assert_eq!(advanced, 0);
+        let batches = a.data.train.len() + 2; // eval.max_batches: 2
+        assert_eq!(recomputed, batches);
+        // From S[2]: one block's forward per batch.
+        let mut b = trainer(&tmp.path().join("b"));
+        b.model = a.model.clone();
+        let _ = b.fill_snapshots(0, 2);
+        let (advanced, recomputed) = b.fill_snapshots(2, 3);
+        assert_eq!((advanced, recomputed), (batches, 0));
+        for split in [Split::Train, Split::Eval] {
+            for id in 0..2 {
+                let key = SnapshotKey {
+                    depth: 3,
+                    split,
+                    id,
+                };
+                let x: Vec<f32> = a
+                    .cache
+                    .as_mut()
+                    .unwrap()
+                    .get(key)
+                    .unwrap()
+                    .into_data()
+                    .into_vec()
+                    .unwrap();
+                let y: Vec<f32> = b
+                    .cache
+                    .as_mut()
+                    .unwrap()
+                    .get(key)
+                    .unwrap()
+                    .into_data()
+                    .into_vec()
+                    .unwrap();
+                assert!(
+                    x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()),
+                    "{split:?} {id}"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn corrupt_checkpoint_is_refused_naming_the_file() {
         let tmp = tempfile::tempdir().unwrap();
         let t = trainer(&tmp.path().join("a"));

@@ -124,6 +124,9 @@ pub struct Trainer<B: AutodiffBackend> {
     pub checkpointer: Option<Box<dyn Checkpointer<B>>>,
     /// Set by a checkpoint load: the next `train_stage` of this stage resumes from it.
     pub resume: Option<StageResume<B>>,
+    /// Whether a commit advances the cached snapshots in place (one process runs the whole plan).
+    /// A worker daemon turns it off: separate `advance_snapshots` tasks produce them instead.
+    pub advance_in_place: bool,
 }
 
 impl<B: AutodiffBackend> Trainer<B> {
@@ -181,6 +184,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             head_baseline: None,
             checkpointer: None,
             resume: None,
+            advance_in_place: true,
         })
     }
 
@@ -300,6 +304,62 @@ impl<B: AutodiffBackend> Trainer<B> {
             tracing::warn!(error = %err, depth, "cannot store snapshot; continuing without it");
         }
         z
+    }
+
+    /// SnapCheck's advance step for a whole dataset: `S[to]` for every train batch and every
+    /// evaluated eval batch, from `S[from]` where cached (one segment's forward), else from the
+    /// committed prefix (a full forward; the same bits). Returns (advanced, recomputed).
+    pub fn fill_snapshots(&mut self, from: usize, to: usize) -> (usize, usize) {
+        let model = self.model.valid();
+        let limit = match self.spec.eval.max_batches {
+            0 => self.data.eval.len(),
+            n => n.min(self.data.eval.len()),
+        };
+        let batches: Vec<(Split, Batch)> = self
+            .data
+            .train
+            .iter()
+            .map(|b| (Split::Train, b.clone()))
+            .chain(
+                self.data.eval[..limit]
+                    .iter()
+                    .map(|b| (Split::Eval, b.clone())),
+            )
+            .collect();
+        let (mut advanced, mut recomputed) = (0, 0);
+        for (split, batch) in &batches {
+            let key = |depth| SnapshotKey {
+                depth,
+                split: *split,
+                id: batch.id,
+            };
+            let Some(cache) = self.cache.as_mut() else {
+                return (0, 0);
+            };
+            if cache.get(key(to)).is_some() {
+                continue;
+            }
+            match cache.get(key(from)) {
+                Some(z) => {
+                    let out = model.forward_blocks(z, from..to, &self.rope_inner);
+                    if let Err(err) = cache.put(key(to), out) {
+                        tracing::warn!(error = %err, "cannot store snapshot");
+                    }
+                    advanced += 1;
+                }
+                None => {
+                    // Fills the cache at `to` itself.
+                    self.prefix_output(to, *split, batch);
+                    recomputed += 1;
+                }
+            }
+        }
+        if let Some(cache) = self.cache.as_mut()
+            && from != to
+        {
+            cache.drop_depth(from);
+        }
+        (advanced, recomputed)
     }
 
     /// Forward + loss of one micro-batch on the autodiff model.

@@ -168,6 +168,10 @@ pub fn advance_snapshots<B: AutodiffBackend>(
     let Some(cache) = trainer.cache.as_mut() else {
         return Ok(());
     };
+    if !trainer.advance_in_place {
+        cache.drop_depth(from);
+        return Ok(());
+    }
     let committed = trainer.model.valid();
     let rope =
         segprop_model::RopeTables::new(&trainer.config, trainer.spec.data.seq_len, &trainer.device);

@@ -191,6 +191,76 @@ impl<B: Backend> SnapshotCache<B> {
     }
 }
 
+impl<B: Backend> SnapshotCache<B> {
+    /// Writes every entry of `depth` to `dir`, one file per batch (`train-<id>.snap`,
+    /// `eval-<id>.snap`, the spill format with its checksum). Returns how many were written.
+    pub fn export_depth(&mut self, depth: usize, dir: &Path) -> std::io::Result<usize> {
+        std::fs::create_dir_all(dir)?;
+        let mut keys: Vec<SnapshotKey> = self
+            .memory
+            .keys()
+            .chain(self.disk.keys())
+            .filter(|k| k.depth == depth)
+            .copied()
+            .collect();
+        keys.sort();
+        let mut written = 0;
+        for key in keys {
+            if let Some(value) = self.get(key) {
+                write_spilled(&dir.join(entry_name(key)), value)?;
+                written += 1;
+            }
+        }
+        Ok(written)
+    }
+
+    /// Loads the entries `export_depth` wrote into the cache at `depth`. A file whose checksum or
+    /// size is wrong is skipped and counted as corrupt (the entry is recomputed on first use).
+    /// Returns (loaded, corrupt).
+    pub fn import_depth(&mut self, depth: usize, dir: &Path) -> std::io::Result<(usize, usize)> {
+        let (mut loaded, mut corrupt) = (0, 0);
+        for entry in std::fs::read_dir(dir)? {
+            let path = entry?.path();
+            let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+                continue;
+            };
+            let Some((split, id)) = parse_entry_name(name) else {
+                continue;
+            };
+            match read_spilled::<B>(&path, &self.device) {
+                Some(value) => {
+                    self.put(SnapshotKey { depth, split, id }, value)?;
+                    loaded += 1;
+                }
+                None => {
+                    self.stats.corrupt += 1;
+                    corrupt += 1;
+                }
+            }
+        }
+        Ok((loaded, corrupt))
+    }
+}
+
+fn entry_name(key: SnapshotKey) -> String {
+    let split = match key.split {
+        Split::Train => "train",
+        Split::Eval => "eval",
+    };
+    format!("{split}-{}.snap", key.id)
+}
+
+fn parse_entry_name(name: &str) -> Option<(Split, usize)> {
+    let stem = name.strip_suffix(".snap")?;
+    let (split, id) = stem.split_once('-')?;
+    let split = match split {
+        "train" => Split::Train,
+        "eval" => Split::Eval,
+        _ => return None,
+    };
+    Some((split, id.parse().ok()?))
+}
+
 fn fnv1a(bytes: &[u8]) -> u64 {
     let mut hash = 0xcbf2_9ce4_8422_2325u64;
     for b in bytes {
@@ -318,5 +388,39 @@ mod tests {
             .into_data()
             .assert_eq(&tensor(2.0).mul_scalar(2.0).into_data(), true);
         assert_eq!(cache.stats().advanced, 2);
+    }
+
+    #[test]
+    fn export_import_round_trip_skips_corrupt_files() {
+        let tmp = tempfile::tempdir().unwrap();
+        let device = Default::default();
+        let mut cache = SnapshotCache::<B>::new(u64::MAX, &tmp.path().join("spill"), &device);
+        for id in 0..3 {
+            let t = Tensor::<B, 3>::from_data(
+                TensorData::new(vec![id as f32 + 0.5; 8], [1, 2, 4]),
+                &device,
+            );
+            cache.put(key(4, id), t).unwrap();
+        }
+        let dir = tmp.path().join("depth-4");
+        assert_eq!(cache.export_depth(4, &dir).unwrap(), 3);
+        // Flip one payload byte of one file.
+        let victim = dir.join("train-1.snap");
+        let mut bytes = std::fs::read(&victim).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        std::fs::write(&victim, bytes).unwrap();
+
+        let mut other = SnapshotCache::<B>::new(u64::MAX, &tmp.path().join("spill2"), &device);
+        assert_eq!(other.import_depth(4, &dir).unwrap(), (2, 1));
+        let got: Vec<f32> = other
+            .get(key(4, 2))
+            .unwrap()
+            .into_data()
+            .into_vec()
+            .unwrap();
+        assert_eq!(got, vec![2.5; 8]);
+        assert!(other.get(key(4, 1)).is_none());
+        assert_eq!(other.stats().corrupt, 1);
     }
 }

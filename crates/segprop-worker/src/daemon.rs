@@ -503,8 +503,29 @@ impl TaskContext {
             let dir = self.root.join(&input.uri);
             checkpoint::load(&mut trainer, &dir, Some(&input.checksum)).map_err(|e| failed(&e))?;
         }
+        // SnapCheck: the stored snapshots of the committed prefix replace recomputing it;
+        // commits drop snapshots instead of advancing them (advance tasks do that).
+        trainer.advance_in_place = false;
+        let export = a.kind == pb::TaskKind::Export as i32;
+        if let (Some(snaps), Some(cache), false) =
+            (&a.input_snapshots, trainer.cache.as_mut(), export)
+        {
+            let dir = self.root.join(&snaps.uri);
+            match cache.import_depth(a.snapshot_depth as usize, &dir) {
+                Ok((loaded, corrupt)) => {
+                    if corrupt > 0 {
+                        tracing::warn!(dir = %dir.display(), corrupt, "corrupt snapshots skipped; they will be recomputed");
+                    }
+                    tracing::info!(dir = %dir.display(), depth = a.snapshot_depth, loaded, "imported snapshots");
+                }
+                Err(e) => {
+                    tracing::warn!(dir = %dir.display(), error = %e, "cannot read stored snapshots; recomputing them");
+                }
+            }
+        }
         match pb::TaskKind::try_from(a.kind) {
             Ok(pb::TaskKind::TrainStage) => self.train_stage(trainer, recorder, a),
+            Ok(pb::TaskKind::AdvanceSnapshots) => self.advance(trainer, a),
             Ok(pb::TaskKind::Export) => self.export(trainer, a),
             _ => Err(pb::TaskFailed {
                 reason: format!("unknown task kind {}", a.kind),
@@ -561,6 +582,58 @@ impl TaskContext {
             result_json: serde_json::to_string(&record).unwrap_or_default(),
             early_exit: trainer.progress.early_exit.is_some(),
             metrics: Some(artifact(&self.root, &metrics_rel, &metrics)),
+        })
+    }
+
+    /// `S[to] = F_{from:to}(S[from])` for every batch, stored under the job's `snapshots/`.
+    fn advance<B: burn::tensor::backend::AutodiffBackend>(
+        &self,
+        mut trainer: Trainer<B>,
+        a: &pb::Assignment,
+    ) -> Result<pb::TaskSucceeded, pb::TaskFailed> {
+        let (from, to) = (a.snapshot_from as usize, a.snapshot_to as usize);
+        if trainer.committed_depth < to {
+            return Err(pb::TaskFailed {
+                reason: format!(
+                    "the input state has committed depth {}, the task needs {to}",
+                    trainer.committed_depth
+                ),
+                retryable: false,
+            });
+        }
+        if trainer.cache.is_none() {
+            return Err(pb::TaskFailed {
+                reason: "advance_snapshots for a job without SnapCheck".into(),
+                retryable: false,
+            });
+        }
+        let (advanced, recomputed) = trainer.fill_snapshots(from, to);
+        let rel = PathBuf::from(&a.job_dir)
+            .join("snapshots")
+            .join(format!("depth-{to:03}"))
+            .join(format!("attempt-{}", a.epoch));
+        let dir = self.root.join(&rel);
+        let _ = std::fs::remove_dir_all(&dir);
+        let written = trainer
+            .cache
+            .as_mut()
+            .map(|c| c.export_depth(to, &dir))
+            .transpose()
+            .map_err(|e| failed(&TrainError::io(&dir)(e)))?
+            .unwrap_or(0);
+        let digest = checkpoint::checksum_dir(&dir).map_err(|e| failed(&e))?;
+        tracing::info!(depth = to, batches = written, advanced, recomputed, dir = %dir.display(), "snapshots stored");
+        Ok(pb::TaskSucceeded {
+            artifacts: vec![artifact(&self.root, &rel, &digest)],
+            result_json: serde_json::json!({
+                "depth": to,
+                "batches": written,
+                "advanced": advanced,
+                "recomputed": recomputed,
+            })
+            .to_string(),
+            early_exit: false,
+            metrics: None,
         })
     }
 
