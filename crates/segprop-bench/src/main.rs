@@ -123,14 +123,22 @@ fn orchestration(reps: usize, job: Option<&std::path::Path>) -> Result<()> {
         cluster.push(c);
         alone.push(w);
     }
-    let median = |v: &mut Vec<f64>| {
+    let median = |v: &[f64]| {
+        let mut v = v.to_vec();
         v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
+        let n = v.len();
+        if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        }
     };
-    let (c, w) = (median(&mut cluster), median(&mut alone));
+    let ratios: Vec<f64> = cluster.iter().zip(&alone).map(|(c, w)| c / w).collect();
     println!(
-        "median: coordinator + worker {c:.1} s, standalone {w:.1} s, overhead ratio {:.3}",
-        c / w
+        "median: coordinator + worker {:.1} s, standalone {:.1} s; median per-rep ratio {:.3}",
+        median(&cluster),
+        median(&alone),
+        median(&ratios)
     );
     Ok(())
 }
