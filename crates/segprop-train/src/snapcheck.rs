@@ -168,15 +168,7 @@ impl<B: Backend> SnapshotCache<B> {
         to: usize,
         mut segment: impl FnMut(Tensor<B, 3>) -> Tensor<B, 3>,
     ) -> std::io::Result<()> {
-        let mut keys: Vec<_> = self
-            .memory
-            .keys()
-            .chain(self.disk.keys())
-            .filter(|k| k.depth == from)
-            .copied()
-            .collect();
-        keys.sort();
-        for key in keys {
+        for key in self.keys_at(from) {
             let hits = self.stats.hits;
             let Some(input) = self.get(key) else { continue };
             self.stats.hits = hits; // advancing is not a training-time hit
@@ -192,10 +184,8 @@ impl<B: Backend> SnapshotCache<B> {
 }
 
 impl<B: Backend> SnapshotCache<B> {
-    /// Writes every entry of `depth` to `dir`, one file per batch (`train-<id>.snap`,
-    /// `eval-<id>.snap`, the spill format with its checksum). Returns how many were written.
-    pub fn export_depth(&mut self, depth: usize, dir: &Path) -> std::io::Result<usize> {
-        std::fs::create_dir_all(dir)?;
+    /// Keys of every entry at `depth` (memory and disk), sorted.
+    fn keys_at(&self, depth: usize) -> Vec<SnapshotKey> {
         let mut keys: Vec<SnapshotKey> = self
             .memory
             .keys()
@@ -204,8 +194,15 @@ impl<B: Backend> SnapshotCache<B> {
             .copied()
             .collect();
         keys.sort();
+        keys
+    }
+
+    /// Writes every entry of `depth` to `dir`, one file per batch (`train-<id>.snap`,
+    /// `eval-<id>.snap`, the spill format with its checksum). Returns how many were written.
+    pub fn export_depth(&mut self, depth: usize, dir: &Path) -> std::io::Result<usize> {
+        std::fs::create_dir_all(dir)?;
         let mut written = 0;
-        for key in keys {
+        for key in self.keys_at(depth) {
             if let Some(value) = self.get(key) {
                 write_spilled(&dir.join(entry_name(key)), value)?;
                 written += 1;
