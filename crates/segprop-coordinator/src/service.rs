@@ -578,12 +578,10 @@ impl Coordinator {
         let snapshot = move |job| pb::JobEvent {
             event: Some(pb::job_event::Event::Job(job)),
         };
-        let coordinator_view = self.get(&job_id);
         tokio::spawn(async move {
             if tx.send(Ok(snapshot(first))).await.is_err() || done {
                 return;
             }
-            drop(coordinator_view);
             loop {
                 match events.recv().await {
                     Ok(event) => {

@@ -454,8 +454,7 @@ fn failed(err: &TrainError) -> pb::TaskFailed {
     }
 }
 
-fn artifact(root: &Path, rel: &Path, digest: &Digest) -> pb::ArtifactRef {
-    let _ = root;
+fn artifact(rel: &Path, digest: &Digest) -> pb::ArtifactRef {
     pb::ArtifactRef {
         uri: rel.display().to_string(),
         checksum: digest.checksum.clone(),
@@ -578,10 +577,10 @@ impl TaskContext {
         let metrics =
             write_events(&self.root.join(&metrics_rel), &events).map_err(|e| failed(&e))?;
         Ok(pb::TaskSucceeded {
-            artifacts: vec![artifact(&self.root, &state_rel, &digest)],
+            artifacts: vec![artifact(&state_rel, &digest)],
             result_json: serde_json::to_string(&record).unwrap_or_default(),
             early_exit: trainer.progress.early_exit.is_some(),
-            metrics: Some(artifact(&self.root, &metrics_rel, &metrics)),
+            metrics: Some(artifact(&metrics_rel, &metrics)),
         })
     }
 
@@ -624,7 +623,7 @@ impl TaskContext {
         let digest = checkpoint::checksum_dir(&dir).map_err(|e| failed(&e))?;
         tracing::info!(depth = to, batches = written, advanced, recomputed, dir = %dir.display(), "snapshots stored");
         Ok(pb::TaskSucceeded {
-            artifacts: vec![artifact(&self.root, &rel, &digest)],
+            artifacts: vec![artifact(&rel, &digest)],
             result_json: serde_json::json!({
                 "depth": to,
                 "batches": written,
@@ -679,10 +678,10 @@ impl TaskContext {
             checkpoint::checksum_dir(&self.root.join(&model_rel)).map_err(|e| failed(&e))?;
         tracing::info!(model = %self.root.join(&model_rel).display(), eval_loss = summary.final_eval_loss, "model exported");
         Ok(pb::TaskSucceeded {
-            artifacts: vec![artifact(&self.root, &model_rel, &model)],
+            artifacts: vec![artifact(&model_rel, &model)],
             result_json: serde_json::to_string(&summary).unwrap_or_default(),
             early_exit: false,
-            metrics: Some(artifact(&self.root, &metrics_rel, &metrics)),
+            metrics: Some(artifact(&metrics_rel, &metrics)),
         })
     }
 }
@@ -824,7 +823,7 @@ impl<B: burn::tensor::backend::AutodiffBackend> Checkpointer<B> for StoreCheckpo
         tracing::debug!(step = progress.step, checkpoint = %dir.display(), "checkpoint saved");
         lock(&self.state).checkpoint = Some(pb::CheckpointRef {
             step: progress.step,
-            artifact: Some(artifact(&self.root, &rel, &digest)),
+            artifact: Some(artifact(&rel, &digest)),
         });
         Ok(())
     }
