@@ -5,8 +5,13 @@ use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
-    let files = ["common.proto", "job_service.proto", "cluster_service.proto"]
-        .map(|f| root.join("segprop/v1").join(f));
+    let files = [
+        "common.proto",
+        "job_service.proto",
+        "cluster_service.proto",
+        "snapshot_service.proto",
+    ]
+    .map(|f| root.join("segprop/v1").join(f));
     for f in &files {
         println!("cargo:rerun-if-changed={}", f.display());
     }

@@ -3,284 +3,15 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::*;
 use segprop_proto::v1 as pb;
-use segprop_proto::v1::cluster_service_client::ClusterServiceClient;
-use segprop_proto::v1::job_service_client::JobServiceClient;
 use tonic::Request;
-
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// `target/<profile>/<name>`, building the coordinator and worker binaries on first use.
-fn bin(name: &str) -> PathBuf {
-    static BUILD: std::sync::Once = std::sync::Once::new();
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
-    BUILD.call_once(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.args([
-            "build",
-            "--quiet",
-            "-p",
-            "segprop-worker",
-            "-p",
-            "segprop-coordinator",
-        ])
-        .current_dir(repo());
-        if dir.file_name().is_some_and(|n| n == "release") {
-            cmd.arg("--release");
-        }
-        assert!(
-            cmd.status().unwrap().success(),
-            "building the binaries failed"
-        );
-    });
-    let path = dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
-    assert!(path.is_file(), "{} is missing", path.display());
-    path
-}
-
-const TOKEN: &str = "test-token-4f1c";
-
-/// A spec for cluster tests: tiny, fast, with mid-stage checkpoints every `every` steps.
-fn spec(dir: &Path, name: &str, segment_steps: u64, every: u64) -> PathBuf {
-    let text = format!(
-        "version: 1
-name: {name}
-model: {{ preset: tiny, overrides: {{ num_layers: 5 }} }}
-data: {{ corpus: builtin:synthetic, seq_len: 32, batch_size: 8, eval_fraction: 0.05, synthetic_tokens: 30000 }}
-regime: segprop
-segprop:
-  base_depth: 1
-  head_layers: 2
-  segment_size: 1
-  head_policy: persistent
-  exit: {{ stage1: {{ max_steps: 12 }}, segment: {{ max_steps: {segment_steps} }} }}
-optimizer: {{ lr: 3.0e-3, grad_clip: 1.0 }}
-eval: {{ every_steps: 10, max_batches: 2 }}
-checkpoint: {{ every_steps: {every} }}
-seed: 11
-"
-    );
-    let path = dir.join(format!("{name}.yaml"));
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
-struct Coordinator {
-    child: Child,
-    addr: String,
-}
-
-impl Drop for Coordinator {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-struct Worker(Child);
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts `segprop-coord serve` on `listen` with state and artifacts under `dir`.
-fn coordinator(dir: &Path, listen: &str) -> Coordinator {
-    coordinator_with(dir, listen, &[])
-}
-
-/// [`coordinator`] with extra `SEGPROP_*` settings.
-fn coordinator_with(dir: &Path, listen: &str, env: &[(&str, PathBuf)]) -> Coordinator {
-    let mut child = Command::new(bin("segprop-coord"))
-        .arg("serve")
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .env("SEGPROP_TOKEN", TOKEN)
-        .env("SEGPROP_LISTEN", listen)
-        .env("SEGPROP_STATE_DIR", dir.join("state"))
-        .env("SEGPROP_ARTIFACT_ROOT", dir.join("artifacts"))
-        .env("SEGPROP_HEARTBEAT_INTERVAL_MS", "200")
-        .env("SEGPROP_LEASE_MS", "3000")
-        .env("SEGPROP_BACKOFF_BASE_MS", "100")
-        .env("SEGPROP_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(dir.join("coordinator.log")).unwrap())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("coordinator listening on ")
-        .unwrap_or_else(|| panic!("unexpected coordinator output {line:?}"))
-        .to_string();
-    Coordinator { child, addr }
-}
-
-fn worker(dir: &Path, coord: &Coordinator, name: &str) -> Worker {
-    let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
-    Worker(
-        Command::new(bin("segprop-worker"))
-            .args(["serve", "--coordinator", &format!("http://{}", coord.addr)])
-            .args(["--name", name, "--work-dir"])
-            .arg(dir.join(format!("{name}-work")))
-            .env("SEGPROP_TOKEN", TOKEN)
-            .env("SEGPROP_LOG", "info")
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    )
-}
-
-fn coord_cli(coord: &Coordinator, args: &[&str], token: &str) -> Output {
-    Command::new(bin("segprop-coord"))
-        .args(args)
-        .env("SEGPROP_COORDINATOR", format!("http://{}", coord.addr))
-        .env("SEGPROP_TOKEN", token)
-        .env("SEGPROP_LOG", "warn")
-        .output()
-        .unwrap()
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-fn submit(coord: &Coordinator, spec: &Path) -> String {
-    let out = coord_cli(coord, &["submit", spec.to_str().unwrap()], TOKEN);
-    assert!(out.status.success(), "submit failed: {}", text(&out.stderr));
-    text(&out.stdout).trim().to_string()
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-fn with_token<T>(message: T, token: &str) -> Request<T> {
-    let mut req = Request::new(message);
-    req.metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    req
-}
-
-async fn jobs_client(addr: &str) -> JobServiceClient<tonic::transport::Channel> {
-    JobServiceClient::connect(format!("http://{addr}"))
-        .await
-        .unwrap()
-}
-
-async fn cluster_client(addr: &str) -> ClusterServiceClient<tonic::transport::Channel> {
-    ClusterServiceClient::connect(format!("http://{addr}"))
-        .await
-        .unwrap()
-}
-
-fn get_job(coord: &Coordinator, job_id: &str) -> pb::Job {
-    runtime().block_on(async {
-        jobs_client(&coord.addr)
-            .await
-            .get_job(with_token(
-                pb::GetJobRequest {
-                    job_id: job_id.into(),
-                },
-                TOKEN,
-            ))
-            .await
-            .unwrap()
-            .into_inner()
-    })
-}
-
-/// Polls the job until `done` holds (or panics after `limit`).
-fn wait_for(
-    coord: &Coordinator,
-    job_id: &str,
-    limit: Duration,
-    what: &str,
-    done: impl Fn(&pb::Job) -> bool,
-) -> pb::Job {
-    let started = Instant::now();
-    loop {
-        let job = get_job(coord, job_id);
-        if done(&job) {
-            return job;
-        }
-        assert!(
-            started.elapsed() < limit,
-            "timed out waiting for {what}; job is {job:#?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn state(job: &pb::Job) -> pb::JobState {
-    pb::JobState::try_from(job.state).unwrap()
-}
-
-fn finished(job: &pb::Job) -> bool {
-    state(job) != pb::JobState::Running && state(job) != pb::JobState::Pending
-}
-
-fn task_running(job: &pb::Job, index: usize) -> bool {
-    job.tasks[index].state == pb::TaskState::Running as i32
-}
-
-/// The standalone `segprop-worker train` run of `spec`: its final model bytes and eval loss.
-fn standalone(spec: &Path, out: &Path) -> (Vec<u8>, f64) {
-    let result = Command::new(bin("segprop-worker"))
-        .args(["train", spec.to_str().unwrap(), "--quiet", "--out"])
-        .arg(out)
-        .env("SEGPROP_LOG", "warn")
-        .output()
-        .unwrap();
-    assert!(result.status.success(), "{}", text(&result.stderr));
-    run_outputs(out)
-}
-
-fn run_outputs(dir: &Path) -> (Vec<u8>, f64) {
-    let summary: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap();
-    (
-        std::fs::read(dir.join("model/model.safetensors")).unwrap(),
-        summary["final_eval_loss"].as_f64().unwrap(),
-    )
-}
-
-/// Every stage's steps appear exactly once, 1..=n, in the job's metrics (no step lost or
-/// duplicated by a retry).
-fn assert_steps_once(metrics: &Path) {
-    let mut steps: std::collections::BTreeMap<String, Vec<u64>> = Default::default();
-    for line in std::fs::read_to_string(metrics).unwrap().lines() {
-        let v: serde_json::Value = serde_json::from_str(line).unwrap();
-        if v["event"] == "step" {
-            steps
-                .entry(v["stage"].as_str().unwrap().to_string())
-                .or_default()
-                .push(v["step"].as_u64().unwrap());
-        }
-    }
-    assert!(!steps.is_empty());
-    for (stage, s) in steps {
-        let expected: Vec<u64> = (1..=s.len() as u64).collect();
-        assert_eq!(s, expected, "steps of {stage}");
-    }
-}
 
 #[test]
 fn submitted_job_completes_and_matches_a_standalone_run() {
@@ -298,12 +29,13 @@ fn submitted_job_completes_and_matches_a_standalone_run() {
     let job_id = text(&out.stdout).trim().to_string();
     let job = get_job(&coord, &job_id);
     assert_eq!(state(&job), pb::JobState::Succeeded);
-    // stage1, segment, SnapCheck advance, segment, export
+    // stage1, SnapCheck advance (one shard: one worker), segment, advance, segment, export
     let names: Vec<&str> = job.tasks.iter().map(|t| t.name.as_str()).collect();
     assert_eq!(
         names,
         [
             "stage1",
+            "snapshots-1",
             "segment-1-2",
             "snapshots-2",
             "segment-2-3",
@@ -311,17 +43,24 @@ fn submitted_job_completes_and_matches_a_standalone_run() {
         ]
     );
     assert!(job.tasks.iter().all(|t| t.attempts == 1));
-    // The second segment read every prefix output from the stored snapshots: no recompute.
-    let advance: serde_json::Value = serde_json::from_str(&job.tasks[2].result_json).unwrap();
-    assert!(advance["batches"].as_u64().unwrap() > 0, "{advance}");
-    let segment: serde_json::Value = serde_json::from_str(&job.tasks[3].result_json).unwrap();
-    assert_eq!(segment["snapshots"]["misses"], 0, "{segment}");
-    assert!(
-        segment["snapshots"]["hits"].as_u64().unwrap() > 0,
-        "{segment}"
-    );
+    // Both segments read every prefix output from the stored snapshots: no recompute.
+    for (advance, segment) in [(1, 2), (3, 4)] {
+        let advance: serde_json::Value =
+            serde_json::from_str(&job.tasks[advance].result_json).unwrap();
+        assert!(advance["batches"].as_u64().unwrap() > 0, "{advance}");
+        let segment: serde_json::Value =
+            serde_json::from_str(&job.tasks[segment].result_json).unwrap();
+        assert_eq!(segment["snapshots"]["misses"], 0, "{segment}");
+        assert!(
+            segment["snapshots"]["fetched"].as_u64().unwrap() > 0,
+            "{segment}"
+        );
+    }
     let worker_log = std::fs::read_to_string(dir.join("w1.log")).unwrap();
-    assert!(worker_log.contains("imported snapshots"), "{worker_log}");
+    assert!(
+        worker_log.contains("reading snapshots from the store"),
+        "{worker_log}"
+    );
 
     let run_dir = PathBuf::from(&job.run_dir);
     for f in [
@@ -364,8 +103,8 @@ fn killed_worker_resumes_from_its_checkpoint_on_another_worker() {
         Duration::from_secs(120),
         "mid-segment progress",
         |j| {
-            let t = &j.tasks[1];
-            task_running(j, 1)
+            let t = &j.tasks[2];
+            task_running(j, 2)
                 && t.checkpoint_step >= every
                 && t.progress
                     .as_ref()
@@ -374,8 +113,8 @@ fn killed_worker_resumes_from_its_checkpoint_on_another_worker() {
     );
     a.0.kill().unwrap();
     a.0.wait().unwrap();
-    let killed_at = seen.tasks[1].progress.as_ref().unwrap().step;
-    let checkpoint = seen.tasks[1].checkpoint_step;
+    let killed_at = seen.tasks[2].progress.as_ref().unwrap().step;
+    let checkpoint = seen.tasks[2].checkpoint_step;
 
     let _b = worker(dir, &coord, "worker-b");
     let job = wait_for(
@@ -386,7 +125,7 @@ fn killed_worker_resumes_from_its_checkpoint_on_another_worker() {
         finished,
     );
     assert_eq!(state(&job), pb::JobState::Succeeded, "{job:#?}");
-    let segment = &job.tasks[1];
+    let segment = &job.tasks[2];
     assert_eq!(segment.attempts, 2, "the segment ran twice");
     // The retry started from the checkpoint, not from step 0: at most one interval redone.
     let log = std::fs::read_to_string(dir.join("worker-b.log")).unwrap();
@@ -420,7 +159,7 @@ fn coordinator_restart_mid_job_continues_without_recommitting() {
         &job_id,
         Duration::from_secs(120),
         "segment running",
-        |j| task_running(j, 1) && j.tasks[1].progress.as_ref().is_some_and(|p| p.step > 3),
+        |j| task_running(j, 2) && j.tasks[2].progress.as_ref().is_some_and(|p| p.step > 3),
     );
     drop(coord); // SIGKILL
     std::thread::sleep(Duration::from_millis(300));
@@ -573,7 +312,7 @@ fn a_cancelled_job_stops_its_worker_which_then_runs_the_next_job() {
     let long = spec(dir, "e2e-long", 100_000, 0);
     let job_id = submit(&coord, &long);
     wait_for(&coord, &job_id, Duration::from_secs(120), "training", |j| {
-        task_running(j, 1) && j.tasks[1].progress.is_some()
+        task_running(j, 2) && j.tasks[2].progress.is_some()
     });
     let out = coord_cli(&coord, &["cancel", &job_id], TOKEN);
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -601,7 +340,7 @@ fn sigterm_checkpoints_the_current_step_reports_and_exits_cleanly() {
     // No periodic checkpoints: the only checkpoint is the one SIGTERM causes.
     let job_id = submit(&coord, &spec(dir, "e2e-term", 100_000, 0));
     wait_for(&coord, &job_id, Duration::from_secs(120), "training", |j| {
-        task_running(j, 1) && j.tasks[1].progress.as_ref().is_some_and(|p| p.step > 3)
+        task_running(j, 2) && j.tasks[2].progress.as_ref().is_some_and(|p| p.step > 3)
     });
     let pid = w.0.id().to_string();
     assert!(
@@ -624,7 +363,7 @@ fn sigterm_checkpoints_the_current_step_reports_and_exits_cleanly() {
     };
     assert!(status.success(), "worker exit status {status}");
     let job = get_job(&coord, &job_id);
-    let segment = &job.tasks[1];
+    let segment = &job.tasks[2];
     assert!(segment.checkpoint_step > 3, "{segment:#?}");
     assert!(segment.error.contains("SIGTERM"), "{segment:#?}");
     assert_ne!(
@@ -893,12 +632,4 @@ fn grpcurl_submits_a_job_and_reads_its_status_by_reflection() {
         "{}",
         text(&out.stderr)
     );
-}
-
-fn which(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|p| p.join(name))
-            .find(|p| p.is_file())
-    })
 }

@@ -12,6 +12,8 @@
 //!   (coordinator + worker daemon + store, stage tasks with checkpoints) vs `segprop-worker train`
 //!   standalone, alternating runs of the release binaries next to this one.
 
+mod cluster;
+
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -55,6 +57,15 @@ enum Command {
         /// Job spec to run (default: the built-in demo job).
         #[arg(long)]
         job: Option<std::path::PathBuf>,
+    },
+    /// Stage-2 wall of a 16-block job: distributed SnapCheck on 2 workers vs 1 vs SnapCheck off
+    /// (real coordinator and worker processes; build them first with `cargo build --release`).
+    SnapcheckCluster {
+        #[arg(long, default_value_t = 2)]
+        reps: usize,
+        /// Training steps of each stage-2 segment.
+        #[arg(long, default_value_t = 20)]
+        segment_steps: u64,
     },
     Matmul,
     Throughput,
@@ -148,6 +159,10 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Backends => backends(cli.steps),
         Command::Orchestration { reps, job } => orchestration(reps, job.as_deref()),
+        Command::SnapcheckCluster {
+            reps,
+            segment_steps,
+        } => cluster::snapcheck_cluster(reps, segment_steps),
         Command::Matmul => matmul().map(|_| ()),
         Command::Throughput | Command::Snapcheck if cli.backend == "cuda" => cuda(&cli),
         Command::Throughput => throughput::<CpuBackend>(cli.steps, &Default::default(), "cpu"),

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Yaml};
 use segprop_core::sched::SchedConfig;
+use segprop_store::StoreConfig;
 use serde::{Deserialize, Serialize};
 
 /// The coordinator's settings. Every field has a default; `token` must come from the file or
@@ -34,6 +35,11 @@ pub struct CoordConfig {
     /// Retry backoff: base doubling per failure, capped.
     pub backoff_base_ms: u64,
     pub backoff_max_ms: u64,
+    /// The SnapCheck snapshot store: the coordinator serves it to workers over gRPC
+    /// (SnapshotService) and deletes snapshots no stage needs any more. Absent: the directory
+    /// `snapshot-store/` under `artifact_root` (where workers look by default). Workers that
+    /// reach an object store directly must be given the same url.
+    pub snapshot_store: Option<StoreConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -56,6 +62,7 @@ impl Default for CoordConfig {
             max_attempts: 3,
             backoff_base_ms: 1000,
             backoff_max_ms: 30_000,
+            snapshot_store: None,
         }
     }
 }
@@ -74,6 +81,11 @@ const ENV_KEYS: &[&str] = &[
     "max_attempts",
     "backoff_base_ms",
     "backoff_max_ms",
+    "snapshot_store.url",
+    "snapshot_store.s3_endpoint",
+    "snapshot_store.s3_region",
+    "snapshot_store.allow_http",
+    "snapshot_store.multipart_threshold_bytes",
 ];
 
 /// A configuration error: names the file or the key.
@@ -131,7 +143,21 @@ impl CoordConfig {
         if self.token.as_deref().is_some_and(|t| t.trim().is_empty()) {
             return Err(ConfigError("token: must not be empty".into()));
         }
+        if let Some(store) = &self.snapshot_store {
+            store
+                .validate()
+                .map_err(|e| ConfigError(format!("snapshot_store: {e}")))?;
+        }
         Ok(())
+    }
+
+    /// Opens the snapshot store (see [`Self::snapshot_store`]).
+    pub fn open_snapshot_store(&self) -> Result<segprop_store::Store, ConfigError> {
+        match &self.snapshot_store {
+            Some(config) => segprop_store::Store::open(config),
+            None => segprop_store::Store::local(self.artifact_root.join("snapshot-store")),
+        }
+        .map_err(|e| ConfigError(format!("snapshot_store: {e}")))
     }
 
     pub fn sched(&self) -> SchedConfig {

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use segprop_core::sched::{Artifact, Checkpoint, Job, JobStatus, TaskKind, TaskStatus};
+use segprop_core::sched::{Artifact, Checkpoint, Job, JobStatus, Task, TaskKind, TaskStatus};
 use segprop_proto::v1 as pb;
 
 use crate::config::CoordConfig;
@@ -107,41 +107,67 @@ pub fn checkpoint_in(c: &pb::CheckpointRef) -> Option<Checkpoint> {
     })
 }
 
-/// What a worker needs to run task `index` of `job` under lease `epoch`.
-pub fn assignment(job: &Job, index: u32, epoch: u64) -> pb::Assignment {
-    let task = &job.tasks[index as usize];
-    let (stage_index, snapshot_from, snapshot_to) = match &task.kind {
-        TaskKind::TrainStage { stage_index, .. } => (*stage_index, 0, 0),
-        TaskKind::AdvanceSnapshots {
-            stage_index,
-            from,
-            to,
-            ..
-        } => (*stage_index, *from, *to),
-        TaskKind::Export => (0, 0, 0),
-    };
-    // SnapCheck inputs: the newest stored snapshots (a later train stage or advance starts there).
-    let snapshots = job.tasks[..index as usize]
-        .iter()
-        .rev()
-        .find(|t| {
-            t.status == TaskStatus::Succeeded && matches!(t.kind, TaskKind::AdvanceSnapshots { .. })
-        })
-        .and_then(|t| match &t.kind {
-            TaskKind::AdvanceSnapshots { to, .. } => {
-                t.outputs.first().map(|a| (artifact_out(a), *to))
-            }
-            _ => None,
-        });
-    // The state the task starts from: the output of the latest succeeded training stage.
-    let input_state = job.tasks[..index as usize]
+/// The state a task starts from: the output of the latest succeeded training stage before it.
+fn state_before(job: &Job, index: u32) -> Option<&Artifact> {
+    job.tasks[..index as usize]
         .iter()
         .rev()
         .find(|t| {
             t.status == TaskStatus::Succeeded && matches!(t.kind, TaskKind::TrainStage { .. })
         })
         .and_then(|t| t.outputs.first())
-        .map(artifact_out);
+}
+
+/// The shards that write `S[depth]` (task indices, in order).
+fn shards_of(job: &Job, depth: u32) -> Vec<&Task> {
+    job.tasks
+        .iter()
+        .filter(|t| matches!(t.kind, TaskKind::AdvanceSnapshots { to, .. } if to == depth))
+        .collect()
+}
+
+/// The fingerprint stored with `S[depth]`: the checksum of the committed state its shards
+/// started from (so a snapshot of other weights can never be read as this one).
+fn snapshot_fingerprint(job: &Job, depth: u32) -> String {
+    shards_of(job, depth)
+        .first()
+        .and_then(|t| state_before(job, t.index))
+        .map(|a| a.checksum.clone())
+        .unwrap_or_default()
+}
+
+/// What a worker needs to run task `index` of `job` under lease `epoch`.
+pub fn assignment(job: &Job, index: u32, epoch: u64) -> pb::Assignment {
+    let task = &job.tasks[index as usize];
+    // SnapCheck: the depth the task reads from the snapshot store (0 = none). A training stage
+    // reads the newest depth planned before it; a shard reads its `from`.
+    let newest_depth = job.tasks[..index as usize]
+        .iter()
+        .rev()
+        .find_map(|t| match t.kind {
+            TaskKind::AdvanceSnapshots { to, .. } => Some(to),
+            _ => None,
+        });
+    let (stage_index, snapshot_depth, snapshot_from, snapshot_to, snapshot_shard) = match &task.kind
+    {
+        TaskKind::TrainStage { stage_index, .. } => {
+            (*stage_index, newest_depth.unwrap_or(0), 0, 0, 0)
+        }
+        TaskKind::AdvanceSnapshots {
+            stage_index,
+            from,
+            to,
+            shard,
+            ..
+        } => (*stage_index, *from, *from, *to, *shard),
+        TaskKind::Export => (0, 0, 0, 0, 0),
+    };
+    let input_shards = shards_of(job, snapshot_depth);
+    let snapshot_shards = match &task.kind {
+        TaskKind::AdvanceSnapshots { shards, .. } => *shards,
+        _ => u32::try_from(input_shards.len()).unwrap_or(u32::MAX),
+    };
+    let input_state = state_before(job, index).map(artifact_out);
     let stage_metrics = if task.kind == TaskKind::Export {
         job.tasks
             .iter()
@@ -166,9 +192,23 @@ pub fn assignment(job: &Job, index: u32, epoch: u64) -> pb::Assignment {
         }),
         stage_metrics,
         checkpoint_every_steps: job.checkpoint_every_steps,
-        snapshot_depth: snapshots.as_ref().map_or(0, |(_, depth)| *depth),
-        input_snapshots: snapshots.map(|(a, _)| a),
+        snapshot_depth,
         snapshot_from,
         snapshot_to,
+        snapshot_shard,
+        snapshot_shards,
+        snapshot_in_fingerprint: if snapshot_depth > 0 {
+            snapshot_fingerprint(job, snapshot_depth)
+        } else {
+            String::new()
+        },
+        snapshot_out_fingerprint: if snapshot_to > 0 {
+            snapshot_fingerprint(job, snapshot_to)
+        } else {
+            String::new()
+        },
+        snapshots_complete: input_shards
+            .iter()
+            .all(|t| t.status == TaskStatus::Succeeded),
     }
 }

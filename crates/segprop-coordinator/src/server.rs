@@ -1,5 +1,6 @@
-//! The coordinator's gRPC server: JobService, ClusterService and reflection (v1 and v1alpha, so
-//! grpcurl and grpcio clients can call it), all behind bearer-token auth, with optional TLS.
+//! The coordinator's gRPC server: JobService, ClusterService, SnapshotService (the snapshot
+//! store, for workers without direct access) and reflection (v1 and v1alpha, so grpcurl and
+//! grpcio clients can call it), all behind bearer-token auth, with optional TLS.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -75,6 +76,9 @@ pub async fn start(config: CoordConfig) -> anyhow::Result<Running> {
         .layer(InterceptorLayer::new(move |req| auth.check(req)))
         .add_service(JobServiceServer::new(Api(coordinator.clone())))
         .add_service(ClusterServiceServer::new(Api(coordinator.clone())))
+        .add_service(segprop_store::grpc::service(
+            coordinator.snapshot_store().clone(),
+        ))
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
 
@@ -97,7 +101,7 @@ pub async fn start(config: CoordConfig) -> anyhow::Result<Running> {
             let _ = rx.await;
         },
     ));
-    tracing::info!(%addr, state = %config.state_dir.display(), artifacts = %config.artifact_root.display(), tls = config.tls.is_some(), "coordinator listening");
+    tracing::info!(%addr, state = %config.state_dir.display(), artifacts = %config.artifact_root.display(), snapshots = coordinator.snapshot_store().location(), tls = config.tls.is_some(), "coordinator listening");
     Ok(Running {
         addr,
         coordinator,

@@ -59,6 +59,8 @@ pub struct Counters {
 pub struct Coordinator {
     inner: Mutex<Inner>,
     store: StateStore,
+    /// The SnapCheck snapshot store (served to workers, garbage-collected here).
+    snapshots: segprop_store::Store,
     config: CoordConfig,
     sched: SchedConfig,
     /// Distinguishes this process's worker ids from those of an earlier run.
@@ -82,8 +84,9 @@ fn internal(err: StoreError) -> Status {
 impl Coordinator {
     /// Opens the state store and reloads every job. Leases of running tasks get a fresh grace
     /// period (one lease) for their workers to re-register.
-    pub fn open(config: CoordConfig) -> Result<Arc<Self>, StoreError> {
+    pub fn open(config: CoordConfig) -> anyhow::Result<Arc<Self>> {
         let store = StateStore::open(&config.state_dir)?;
+        let snapshots = config.open_snapshot_store()?;
         let (mut jobs, next_seq) = store.load()?;
         sched::extend_leases(&mut jobs, now_ms(), &config.sched());
         let running: usize = jobs.iter().map(|j| j.running_leases().count()).sum();
@@ -108,6 +111,7 @@ impl Coordinator {
                 progress: HashMap::new(),
             }),
             store,
+            snapshots,
             sched: config.sched(),
             config,
             boot: boot.iter().map(|b| format!("{b:02x}")).collect(),
@@ -119,6 +123,48 @@ impl Coordinator {
 
     pub fn config(&self) -> &CoordConfig {
         &self.config
+    }
+
+    /// The snapshot store (for the SnapshotService).
+    pub fn snapshot_store(&self) -> &segprop_store::Store {
+        &self.snapshots
+    }
+
+    /// Deletes the snapshot depths no pending task can read (all of a finished job's), in the
+    /// background. Returns the jobs whose `snapshots_collected` changed (to persist).
+    fn collect_snapshots(&self, inner: &mut Inner) -> Vec<String> {
+        let mut changed = Vec::new();
+        for job in inner.jobs.iter_mut().chain(inner.done.iter_mut()) {
+            let dead = job.snapshot_gc().dead;
+            if dead.is_empty() {
+                continue;
+            }
+            job.snapshots_collected.extend(&dead);
+            changed.push(job.id.clone());
+            let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+                tracing::warn!(job = %job.id, ?dead, "no runtime: snapshots left in the store");
+                continue;
+            };
+            let (store, job_dir, job_id) = (
+                self.snapshots.clone(),
+                convert::job_dir(&job.id),
+                job.id.clone(),
+            );
+            runtime.spawn(async move {
+                for depth in dead {
+                    let prefix = segprop_store::depth_prefix(&job_dir, depth);
+                    match store.delete_prefix(&prefix).await {
+                        Ok((objects, bytes)) => {
+                            tracing::info!(job = %job_id, depth, objects, bytes, "snapshots collected")
+                        }
+                        Err(e) => {
+                            tracing::warn!(job = %job_id, depth, error = %e, "cannot delete snapshots")
+                        }
+                    }
+                }
+            });
+        }
+        changed
     }
 
     pub fn counters(&self) -> Counters {
@@ -186,6 +232,11 @@ impl Coordinator {
             self.persist(&inner, &ids)?;
             self.publish_changed(&inner, &changed);
         }
+        let collected = self.collect_snapshots(&mut inner);
+        if !collected.is_empty() {
+            let ids: Vec<&str> = collected.iter().map(String::as_str).collect();
+            self.persist(&inner, &ids)?;
+        }
         let timeout = 2 * self.config.lease_ms;
         inner.workers.retain(|id, w| {
             let alive = now.saturating_sub(w.last_seen) <= timeout;
@@ -225,19 +276,33 @@ impl Coordinator {
         let mut inner = self.lock();
         let seq = inner.next_seq;
         let id = format!("j{seq}-{}", slug(&spec.name));
+        let backend = spec.resources.backend.to_string();
+        // SnapCheck on a cluster: shards per snapshot depth, one per live worker by default.
+        let fanout =
+            (spec.regime == segprop_core::Regime::Segprop && spec.segprop.snapcheck).then(|| {
+                let live = inner
+                    .workers
+                    .values()
+                    .filter(|w| w.backend == backend)
+                    .count();
+                sched::SnapshotFanout {
+                    shards: match spec.segprop.snapshot_shards {
+                        0 => u32::try_from(live.clamp(1, 16)).unwrap_or(1),
+                        n => n,
+                    },
+                    overlap: spec.segprop.snapshot_overlap,
+                }
+            });
         let job = Job::new(
             id.clone(),
             seq,
             spec.name.clone(),
             spec.regime.to_string(),
             spec_yaml.to_string(),
-            spec.resources.backend.to_string(),
+            backend,
             spec.resources.devices_per_gang as u32,
             spec.checkpoint.every_steps,
-            sched::plan_tasks(
-                &plan,
-                spec.regime == segprop_core::Regime::Segprop && spec.segprop.snapcheck,
-            ),
+            sched::plan_tasks(&plan, fanout),
             now,
         );
         inner.next_seq += 1;
@@ -281,7 +346,10 @@ impl Coordinator {
         };
         let revoked = sched::cancel(&mut inner.jobs[index], now);
         if inner.jobs[index].status == JobStatus::Cancelled {
-            self.persist(&inner, &[job_id])?;
+            let mut changed = self.collect_snapshots(&mut inner);
+            changed.push(job_id.to_string());
+            let ids: Vec<&str> = changed.iter().map(String::as_str).collect();
+            self.persist(&inner, &ids)?;
         }
         for (task, lease) in &revoked {
             tracing::info!(job = %job_id, task, worker = %lease.worker_id, "task cancelled");
@@ -538,7 +606,10 @@ impl Coordinator {
                 )));
             }
         };
-        self.persist(&inner, &[&req.job_id])?;
+        let mut changed = self.collect_snapshots(&mut inner);
+        changed.push(req.job_id.clone());
+        let ids: Vec<&str> = changed.iter().map(String::as_str).collect();
+        self.persist(&inner, &ids)?;
         inner.progress.remove(&(req.job_id.clone(), req.task_index));
         for t in &transitions {
             tracing::info!(?t, "task report accepted");

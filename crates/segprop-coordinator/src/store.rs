@@ -61,8 +61,9 @@ impl StateStore {
         let mut jobs = Vec::new();
         for entry in table.iter().map_err(|e| self.error(e))? {
             let (key, value) = entry.map_err(|e| self.error(e))?;
-            let job: Job = serde_json::from_slice(value.value())
+            let mut job: Job = serde_json::from_slice(value.value())
                 .map_err(|e| self.error(format!("job {} is unreadable: {e}", key.value())))?;
+            job.upgrade_legacy_chain();
             jobs.push(job);
         }
         jobs.sort_by_key(|j| j.seq);

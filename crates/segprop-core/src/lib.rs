@@ -19,5 +19,5 @@ pub use plan::{StageKind, StagePlan, StagePlanEntry};
 pub use spec::{
     CheckpointSpec, DataSpec, DecaySchedule, E2eSpec, EvalSpec, ExitSpec, GlobalExitSpec,
     HeadPolicy, JobSpec, LwSpec, ModelSpec, OptimizerSpec, Precision, Regime, ResourcesSpec,
-    ScheduleSpec, SegPropSpec, ShardingSpec, TokenizerKind,
+    ScheduleSpec, SegPropSpec, ShardingSpec, SnapshotDtype, TokenizerKind,
 };

@@ -271,8 +271,40 @@ pub struct SegPropSpec {
     /// In-memory byte budget of the SnapCheck cache; the rest spills to the run directory.
     #[serde(default = "default_snapcheck_budget")]
     pub snapcheck_memory_bytes: u64,
+    /// Element type of snapshots in the shared store: `f32` (exact), `bf16` or `f16` (half the
+    /// bytes; the next segment trains on rounded inputs).
+    #[serde(default)]
+    pub snapshot_dtype: SnapshotDtype,
+    /// `advance_snapshots` tasks per snapshot depth on a cluster, each computing `1/shards` of
+    /// the batches on its own worker; 0 = one per live worker of the job's backend at submit.
+    #[serde(default)]
+    pub snapshot_shards: u32,
+    /// Streaming overlap: a segment starts once the first shard of its input is stored and waits
+    /// for the other shards' batches as it reaches them.
+    #[serde(default = "default_true")]
+    pub snapshot_overlap: bool,
     #[serde(default)]
     pub exit: SegPropExitSpec,
+}
+
+/// Element type of stored SnapCheck snapshots.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SnapshotDtype {
+    #[default]
+    F32,
+    Bf16,
+    F16,
+}
+
+impl std::fmt::Display for SnapshotDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SnapshotDtype::F32 => "f32",
+            SnapshotDtype::Bf16 => "bf16",
+            SnapshotDtype::F16 => "f16",
+        })
+    }
 }
 
 fn default_base_depth() -> usize {
@@ -300,6 +332,9 @@ impl Default for SegPropSpec {
             head_policy: HeadPolicy::default(),
             snapcheck: true,
             snapcheck_memory_bytes: default_snapcheck_budget(),
+            snapshot_dtype: SnapshotDtype::default(),
+            snapshot_shards: 0,
+            snapshot_overlap: true,
             exit: SegPropExitSpec::default(),
         }
     }

@@ -79,6 +79,12 @@ impl JobSpec {
                         "must be at least 1 (stage 1 trains blocks 0..p)",
                     ));
                 }
+                if s.snapshot_shards > 256 {
+                    return Err(SpecError::invalid(
+                        "segprop.snapshot_shards",
+                        "must be at most 256 (0 = one per live worker)",
+                    ));
+                }
                 s.exit.stage1.validate("segprop.exit.stage1")?;
                 s.exit.segment.validate("segprop.exit.segment")?;
                 if let Some(global) = &s.exit.global {

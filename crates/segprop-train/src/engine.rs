@@ -306,17 +306,14 @@ impl<B: AutodiffBackend> Trainer<B> {
         z
     }
 
-    /// SnapCheck's advance step for a whole dataset: `S[to]` for every train batch and every
-    /// evaluated eval batch, from `S[from]` where cached (one segment's forward), else from the
-    /// committed prefix (a full forward; the same bits). Returns (advanced, recomputed).
-    pub fn fill_snapshots(&mut self, from: usize, to: usize) -> (usize, usize) {
-        let model = self.model.valid();
+    /// The batches SnapCheck keeps snapshots of: every train batch, then every evaluated eval
+    /// batch (`eval.max_batches` of them), in id order.
+    pub fn snapshot_batches(&self) -> Vec<(Split, Batch)> {
         let limit = match self.spec.eval.max_batches {
             0 => self.data.eval.len(),
             n => n.min(self.data.eval.len()),
         };
-        let batches: Vec<(Split, Batch)> = self
-            .data
+        self.data
             .train
             .iter()
             .map(|b| (Split::Train, b.clone()))
@@ -325,33 +322,69 @@ impl<B: AutodiffBackend> Trainer<B> {
                     .iter()
                     .map(|b| (Split::Eval, b.clone())),
             )
-            .collect();
+            .collect()
+    }
+
+    /// SnapCheck's advance step for one batch: `S[to] = F_{from:to}(S[from])` when `S[from]` is
+    /// cached (or its source has it): one segment's forward; else the committed prefix's full
+    /// forward (the same bits). Returns the output and whether it was advanced. `S[to]` is not
+    /// cached.
+    pub fn advance_batch(
+        &mut self,
+        from: usize,
+        to: usize,
+        split: Split,
+        batch: &Batch,
+    ) -> (Tensor<B::InnerBackend, 3>, bool) {
+        let key = SnapshotKey {
+            depth: from,
+            split,
+            id: batch.id,
+        };
+        let input = match (&mut self.cache, from) {
+            (Some(cache), 1..) => cache.get(key),
+            _ => None,
+        };
+        match input {
+            Some(z) => {
+                let model = self.model.valid();
+                (model.forward_blocks(z, from..to, &self.rope_inner), true)
+            }
+            None => {
+                if self.frozen.as_ref().is_none_or(|f| f.blocks.len() < to) {
+                    self.freeze_prefix(to);
+                }
+                let frozen = self.frozen.as_ref().expect("frozen prefix was just taken");
+                let tokens = Self::tokens::<B::InnerBackend>(&batch.inputs, batch, &self.device);
+                (frozen.forward(tokens, to, &self.rope_inner), false)
+            }
+        }
+    }
+
+    /// SnapCheck's advance step for a whole dataset: `S[to]` for every train batch and every
+    /// evaluated eval batch, from `S[from]` where cached (one segment's forward), else from the
+    /// committed prefix (a full forward; the same bits). Returns (advanced, recomputed).
+    pub fn fill_snapshots(&mut self, from: usize, to: usize) -> (usize, usize) {
         let (mut advanced, mut recomputed) = (0, 0);
-        for (split, batch) in &batches {
-            let key = |depth| SnapshotKey {
-                depth,
-                split: *split,
+        for (split, batch) in self.snapshot_batches() {
+            let key = SnapshotKey {
+                depth: to,
+                split,
                 id: batch.id,
             };
-            let Some(cache) = self.cache.as_mut() else {
-                return (0, 0);
-            };
-            if cache.get(key(to)).is_some() {
+            if self.cache.as_mut().is_none_or(|c| c.get(key).is_some()) {
                 continue;
             }
-            match cache.get(key(from)) {
-                Some(z) => {
-                    let out = model.forward_blocks(z, from..to, &self.rope_inner);
-                    if let Err(err) = cache.put(key(to), out) {
-                        tracing::warn!(error = %err, "cannot store snapshot");
-                    }
-                    advanced += 1;
-                }
-                None => {
-                    // Fills the cache at `to` itself.
-                    self.prefix_output(to, *split, batch);
-                    recomputed += 1;
-                }
+            let (out, was_advanced) = self.advance_batch(from, to, split, &batch);
+            if was_advanced {
+                advanced += 1;
+            } else {
+                recomputed += 1;
+            }
+            if let Some(cache) = self.cache.as_mut()
+                && let Err(err) = cache.put(key, out)
+            {
+                tracing::warn!(error = %err, "cannot store snapshot");
             }
         }
         if let Some(cache) = self.cache.as_mut()

@@ -43,6 +43,24 @@ pub struct SnapshotStats {
     pub entries: usize,
     /// Entries produced by [`SnapshotCache::advance`] rather than a prefix forward.
     pub advanced: u64,
+    /// Entries loaded from the [`SnapshotSource`] (the shared store) on a miss.
+    #[serde(default)]
+    pub fetched: u64,
+}
+
+/// One stored snapshot entry as plain numbers: `S[key]` of shape `dims` (`[batch, seq, hidden]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SourcedEntry {
+    pub key: SnapshotKey,
+    pub dims: [usize; 3],
+    pub values: Vec<f32>,
+}
+
+/// Where the cache looks for an entry it does not hold before reporting a miss: the shared
+/// snapshot store, which advance tasks on other workers fill. A source returns every entry of
+/// the blob holding `key` (the cache keeps them all), or nothing (the caller recomputes).
+pub trait SnapshotSource: Send {
+    fn fetch(&mut self, key: SnapshotKey) -> Vec<SourcedEntry>;
 }
 
 const MAGIC: &[u8; 8] = b"SPSNAP01";
@@ -54,6 +72,7 @@ pub struct SnapshotCache<B: Backend> {
     memory: HashMap<SnapshotKey, Tensor<B, 3>>,
     disk: HashMap<SnapshotKey, (PathBuf, u64)>,
     stats: SnapshotStats,
+    source: Option<Box<dyn SnapshotSource>>,
 }
 
 impl<B: Backend> SnapshotCache<B> {
@@ -66,7 +85,13 @@ impl<B: Backend> SnapshotCache<B> {
             memory: HashMap::new(),
             disk: HashMap::new(),
             stats: SnapshotStats::default(),
+            source: None,
         }
+    }
+
+    /// Consults `source` on every miss from now on.
+    pub fn set_source(&mut self, source: Box<dyn SnapshotSource>) {
+        self.source = Some(source);
     }
 
     pub fn stats(&self) -> SnapshotStats {
@@ -91,8 +116,7 @@ impl<B: Backend> SnapshotCache<B> {
             return Some(t.clone());
         }
         let Some((path, bytes)) = self.disk.get(&key).cloned() else {
-            self.stats.misses += 1;
-            return None;
+            return self.fetch(key);
         };
         match read_spilled::<B>(&path, &self.device) {
             Some(t) => {
@@ -105,6 +129,37 @@ impl<B: Backend> SnapshotCache<B> {
                 self.disk.remove(&key);
                 self.stats.disk_bytes -= bytes;
                 let _ = std::fs::remove_file(&path);
+                None
+            }
+        }
+    }
+
+    /// A miss in memory and on disk: asks the source, keeping every entry it returns.
+    fn fetch(&mut self, key: SnapshotKey) -> Option<Tensor<B, 3>> {
+        let entries = self
+            .source
+            .as_mut()
+            .map(|source| source.fetch(key))
+            .unwrap_or_default();
+        let mut found = None;
+        for entry in entries {
+            let tensor =
+                Tensor::<B, 3>::from_data(TensorData::new(entry.values, entry.dims), &self.device);
+            self.stats.fetched += 1;
+            if entry.key == key {
+                found = Some(tensor.clone());
+            }
+            if let Err(err) = self.put(entry.key, tensor) {
+                tracing::warn!(error = %err, "cannot keep a fetched snapshot");
+            }
+        }
+        match found {
+            Some(t) => {
+                self.stats.hits += 1;
+                Some(t)
+            }
+            None => {
+                self.stats.misses += 1;
                 None
             }
         }
@@ -196,66 +251,17 @@ impl<B: Backend> SnapshotCache<B> {
         keys.sort();
         keys
     }
-
-    /// Writes every entry of `depth` to `dir`, one file per batch (`train-<id>.snap`,
-    /// `eval-<id>.snap`, the spill format with its checksum). Returns how many were written.
-    pub fn export_depth(&mut self, depth: usize, dir: &Path) -> std::io::Result<usize> {
-        std::fs::create_dir_all(dir)?;
-        let mut written = 0;
-        for key in self.keys_at(depth) {
-            if let Some(value) = self.get(key) {
-                write_spilled(&dir.join(entry_name(key)), value)?;
-                written += 1;
-            }
-        }
-        Ok(written)
-    }
-
-    /// Loads the entries `export_depth` wrote into the cache at `depth`. A file whose checksum or
-    /// size is wrong is skipped and counted as corrupt (the entry is recomputed on first use).
-    /// Returns (loaded, corrupt).
-    pub fn import_depth(&mut self, depth: usize, dir: &Path) -> std::io::Result<(usize, usize)> {
-        let (mut loaded, mut corrupt) = (0, 0);
-        for entry in std::fs::read_dir(dir)? {
-            let path = entry?.path();
-            let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
-                continue;
-            };
-            let Some((split, id)) = parse_entry_name(name) else {
-                continue;
-            };
-            match read_spilled::<B>(&path, &self.device) {
-                Some(value) => {
-                    self.put(SnapshotKey { depth, split, id }, value)?;
-                    loaded += 1;
-                }
-                None => {
-                    self.stats.corrupt += 1;
-                    corrupt += 1;
-                }
-            }
-        }
-        Ok((loaded, corrupt))
-    }
 }
 
-fn entry_name(key: SnapshotKey) -> String {
-    let split = match key.split {
-        Split::Train => "train",
-        Split::Eval => "eval",
-    };
-    format!("{split}-{}.snap", key.id)
-}
-
-fn parse_entry_name(name: &str) -> Option<(Split, usize)> {
-    let stem = name.strip_suffix(".snap")?;
-    let (split, id) = stem.split_once('-')?;
-    let split = match split {
-        "train" => Split::Train,
-        "eval" => Split::Eval,
-        _ => return None,
-    };
-    Some((split, id.parse().ok()?))
+/// `S[key]` as plain numbers (for the shared store).
+pub fn entry_values<B: Backend>(key: SnapshotKey, value: Tensor<B, 3>) -> SourcedEntry {
+    let dims = value.dims();
+    let values = value
+        .into_data()
+        .convert::<f32>()
+        .into_vec()
+        .unwrap_or_default();
+    SourcedEntry { key, dims, values }
 }
 
 fn fnv1a(bytes: &[u8]) -> u64 {
@@ -387,37 +393,35 @@ mod tests {
         assert_eq!(cache.stats().advanced, 2);
     }
 
-    #[test]
-    fn export_import_round_trip_skips_corrupt_files() {
-        let tmp = tempfile::tempdir().unwrap();
-        let device = Default::default();
-        let mut cache = SnapshotCache::<B>::new(u64::MAX, &tmp.path().join("spill"), &device);
-        for id in 0..3 {
-            let t = Tensor::<B, 3>::from_data(
-                TensorData::new(vec![id as f32 + 0.5; 8], [1, 2, 4]),
-                &device,
-            );
-            cache.put(key(4, id), t).unwrap();
-        }
-        let dir = tmp.path().join("depth-4");
-        assert_eq!(cache.export_depth(4, &dir).unwrap(), 3);
-        // Flip one payload byte of one file.
-        let victim = dir.join("train-1.snap");
-        let mut bytes = std::fs::read(&victim).unwrap();
-        let last = bytes.len() - 1;
-        bytes[last] ^= 1;
-        std::fs::write(&victim, bytes).unwrap();
+    /// Hands out the two entries of one "blob" once, then nothing.
+    struct OneBlob(Option<Vec<SourcedEntry>>);
 
-        let mut other = SnapshotCache::<B>::new(u64::MAX, &tmp.path().join("spill2"), &device);
-        assert_eq!(other.import_depth(4, &dir).unwrap(), (2, 1));
-        let got: Vec<f32> = other
-            .get(key(4, 2))
-            .unwrap()
-            .into_data()
-            .into_vec()
-            .unwrap();
-        assert_eq!(got, vec![2.5; 8]);
-        assert!(other.get(key(4, 1)).is_none());
-        assert_eq!(other.stats().corrupt, 1);
+    impl SnapshotSource for OneBlob {
+        fn fetch(&mut self, _key: SnapshotKey) -> Vec<SourcedEntry> {
+            self.0.take().unwrap_or_default()
+        }
+    }
+
+    #[test]
+    fn a_miss_asks_the_source_and_keeps_its_whole_blob() {
+        let dir = tempfile::tempdir().unwrap();
+        let device = Default::default();
+        let mut cache = SnapshotCache::<B>::new(1 << 20, dir.path(), &device);
+        let entry = |id: usize, v: f32| SourcedEntry {
+            key: key(3, id),
+            dims: [1, 2, 2],
+            values: vec![v; 4],
+        };
+        cache.set_source(Box::new(OneBlob(Some(vec![entry(0, 1.5), entry(1, 2.5)]))));
+        let got = cache.get(key(3, 1)).unwrap();
+        assert_eq!(got.into_data().to_vec::<f32>().unwrap(), vec![2.5; 4]);
+        // The blob's other entry is now cached: no second fetch needed.
+        let other = cache.get(key(3, 0)).unwrap();
+        assert_eq!(other.into_data().to_vec::<f32>().unwrap(), vec![1.5; 4]);
+        let stats = cache.stats();
+        assert_eq!((stats.fetched, stats.hits, stats.misses), (2, 2, 0));
+        // A key the source does not have is a miss (the caller recomputes it).
+        assert!(cache.get(key(3, 7)).is_none());
+        assert_eq!(cache.stats().misses, 1);
     }
 }

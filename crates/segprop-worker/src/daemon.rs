@@ -20,14 +20,18 @@ use std::time::Duration;
 use segprop_core::JobSpec;
 use segprop_proto::v1 as pb;
 use segprop_proto::v1::cluster_service_client::ClusterServiceClient;
+use segprop_store::{SnapshotHeader, Store, StoreConfig};
 use segprop_train::checkpoint::{self, Digest};
 use segprop_train::engine::{AdamWOptimizer, Checkpointer, StageProgress};
 use segprop_train::metrics::{RecordingObserver, TrainEvent, TrainObserver};
 use segprop_train::segprop::run_next_stage;
+use segprop_train::snapcheck::entry_values;
 use segprop_train::{TrainError, Trainer};
 use tokio::sync::Notify;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
+
+use crate::snapshots::{self, SnapshotIo, StoreSource};
 
 /// Command-line options of `serve`.
 #[derive(Debug, Clone)]
@@ -42,6 +46,11 @@ pub struct DaemonOptions {
     pub backend: String,
     /// CA certificate (PEM) of a TLS coordinator with a private CA.
     pub tls_ca: Option<PathBuf>,
+    /// The snapshot store: `None` = a directory `snapshot-store/` under the artifact root,
+    /// `grpc` = the coordinator's SnapshotService, else an object store URL (`s3://…`, `file://…`).
+    pub snapshot_store: Option<StoreConfig>,
+    /// Exit (0) after reporting this many tasks: for preemptible hosts and rolling restarts.
+    pub max_tasks: Option<u64>,
 }
 
 type Client = ClusterServiceClient<InterceptedService<Channel, AttachToken>>;
@@ -98,7 +107,7 @@ pub async fn serve(options: DaemonOptions) -> anyhow::Result<()> {
         endpoint = endpoint.tls_config(tls)?;
     }
     let channel = endpoint.connect_lazy();
-    let mut client = ClusterServiceClient::with_interceptor(channel, token);
+    let mut client = ClusterServiceClient::with_interceptor(channel.clone(), token);
 
     let shutdown = Arc::new(AtomicBool::new(false));
     let wake = Arc::new(Notify::new());
@@ -114,8 +123,10 @@ pub async fn serve(options: DaemonOptions) -> anyhow::Result<()> {
     }
 
     let mut running: Option<TaskHandle> = None;
+    let mut reported = 0u64;
     let (mut worker_id, mut interval, mut root) =
         register(&mut client, &options, &running, &shutdown).await?;
+    let store = open_store(&options, &root, channel)?;
     loop {
         if shutdown.load(Ordering::SeqCst) {
             match &running {
@@ -161,7 +172,13 @@ pub async fn serve(options: DaemonOptions) -> anyhow::Result<()> {
                         tracing::warn!(job = %assignment.job_id, "assignment while busy or stopping: ignored (its lease will expire)");
                         continue;
                     }
-                    running = Some(start_task(assignment, &root, &options, wake.clone()));
+                    running = Some(start_task(
+                        assignment,
+                        &root,
+                        &options,
+                        store.clone(),
+                        wake.clone(),
+                    ));
                 }
             }
             Err(status) if status.code() == tonic::Code::Unauthenticated => {
@@ -189,6 +206,11 @@ pub async fn serve(options: DaemonOptions) -> anyhow::Result<()> {
                 }
             }
             report(&mut client, &worker_id, task).await;
+            reported += 1;
+            if options.max_tasks.is_some_and(|max| reported >= max) {
+                tracing::info!(tasks = reported, "ran --max-tasks tasks: exiting");
+                break;
+            }
             continue;
         }
         if running.is_some() {
@@ -200,6 +222,21 @@ pub async fn serve(options: DaemonOptions) -> anyhow::Result<()> {
     }
     tracing::info!("worker stopped");
     Ok(())
+}
+
+/// The snapshot store this worker reads and writes (see [`DaemonOptions::snapshot_store`]).
+fn open_store(options: &DaemonOptions, root: &Path, channel: Channel) -> anyhow::Result<Store> {
+    let store = match &options.snapshot_store {
+        None => Store::local(root.join("snapshot-store"))
+            .map_err(|e| anyhow::anyhow!("snapshot store under {}: {e}", root.display()))?,
+        Some(config) if config.url == "grpc" => {
+            Store::grpc(channel, Some(options.token.clone()))
+                .map_err(|e| anyhow::anyhow!("--snapshot-store grpc: {e}"))?
+        }
+        Some(config) => Store::open(config)
+            .map_err(|e| anyhow::anyhow!("--snapshot-store {}: {e}", config.url))?,
+    };
+    Ok(store)
 }
 
 async fn wait_for_signal() {
@@ -385,6 +422,7 @@ fn start_task(
     assignment: pb::Assignment,
     root: &Path,
     options: &DaemonOptions,
+    store: Store,
     wake: Arc<Notify>,
 ) -> TaskHandle {
     let stage_dir = format!("stages/{:03}", assignment.task_index);
@@ -407,6 +445,10 @@ fn start_task(
         backend: options.backend.clone(),
         cancel: handle.cancel.clone(),
         state: handle.state.clone(),
+        store,
+        runtime: tokio::runtime::Handle::current(),
+        snapshot_io: Arc::default(),
+        worker_name: options.name.clone(),
     };
     tracing::info!(job = %assignment.job_id, task = assignment.task_index, epoch = assignment.epoch, resume_step = assignment.resume_from.as_ref().map_or(0, |c| c.step), "task starts");
     let name = format!("task-{}-{}", assignment.job_id, assignment.task_index);
@@ -437,6 +479,11 @@ struct TaskContext {
     backend: String,
     cancel: Arc<AtomicBool>,
     state: Arc<Mutex<TaskState>>,
+    store: Store,
+    runtime: tokio::runtime::Handle,
+    snapshot_io: Arc<Mutex<SnapshotIo>>,
+    /// This worker's name, recorded in task results.
+    worker_name: String,
 }
 
 fn failed(err: &TrainError) -> pb::TaskFailed {
@@ -505,24 +552,24 @@ impl TaskContext {
         // SnapCheck: the stored snapshots of the committed prefix replace recomputing it;
         // commits drop snapshots instead of advancing them (advance tasks do that).
         trainer.advance_in_place = false;
-        let export = a.kind == pb::TaskKind::Export as i32;
-        if let (Some(snaps), Some(cache), false) =
-            (&a.input_snapshots, trainer.cache.as_mut(), export)
+        let kind = pb::TaskKind::try_from(a.kind);
+        if a.snapshot_depth > 0
+            && a.snapshot_shards > 0
+            && kind != Ok(pb::TaskKind::Export)
+            && trainer.cache.is_some()
         {
-            let dir = self.root.join(&snaps.uri);
-            match cache.import_depth(a.snapshot_depth as usize, &dir) {
-                Ok((loaded, corrupt)) => {
-                    if corrupt > 0 {
-                        tracing::warn!(dir = %dir.display(), corrupt, "corrupt snapshots skipped; they will be recomputed");
-                    }
-                    tracing::info!(dir = %dir.display(), depth = a.snapshot_depth, loaded, "imported snapshots");
-                }
-                Err(e) => {
-                    tracing::warn!(dir = %dir.display(), error = %e, "cannot read stored snapshots; recomputing them");
-                }
+            let source = self.snapshot_source(&trainer, a, a.snapshot_depth);
+            if let Some(cache) = trainer.cache.as_mut() {
+                cache.set_source(Box::new(source));
             }
+            tracing::info!(
+                depth = a.snapshot_depth,
+                shards = a.snapshot_shards,
+                complete = a.snapshots_complete,
+                "reading snapshots from the store"
+            );
         }
-        match pb::TaskKind::try_from(a.kind) {
+        match kind {
             Ok(pb::TaskKind::TrainStage) => self.train_stage(trainer, recorder, a),
             Ok(pb::TaskKind::AdvanceSnapshots) => self.advance(trainer, a),
             Ok(pb::TaskKind::Export) => self.export(trainer, a),
@@ -576,15 +623,67 @@ impl TaskContext {
         let events = lock_recorder(&recorder).events.clone();
         let metrics =
             write_events(&self.root.join(&metrics_rel), &events).map_err(|e| failed(&e))?;
+        let mut result = serde_json::to_value(&record).unwrap_or_default();
+        if let Some(map) = result.as_object_mut() {
+            let io = self
+                .snapshot_io
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            map.insert(
+                "snapshot_io".into(),
+                serde_json::to_value(io).unwrap_or_default(),
+            );
+            map.insert("worker".into(), self.worker_name.clone().into());
+        }
         Ok(pb::TaskSucceeded {
             artifacts: vec![artifact(&state_rel, &digest)],
-            result_json: serde_json::to_string(&record).unwrap_or_default(),
+            result_json: result.to_string(),
             early_exit: trainer.progress.early_exit.is_some(),
             metrics: Some(artifact(&metrics_rel, &metrics)),
         })
     }
 
-    /// `S[to] = F_{from:to}(S[from])` for every batch, stored under the job's `snapshots/`.
+    /// The blob layout of the job's snapshots and a store reader for `S[depth]`.
+    fn snapshot_source<B: burn::tensor::backend::AutodiffBackend>(
+        &self,
+        trainer: &Trainer<B>,
+        a: &pb::Assignment,
+        depth: u32,
+    ) -> StoreSource {
+        StoreSource::new(
+            self.store.clone(),
+            self.runtime.clone(),
+            a.job_dir.clone(),
+            SnapshotHeader {
+                job: a.job_id.clone(),
+                depth,
+                fingerprint: a.snapshot_in_fingerprint.clone(),
+                dtype: snapshots::storage_dtype(trainer.spec.segprop.snapshot_dtype),
+            },
+            self.blob_plan(trainer, a),
+            a.snapshots_complete,
+            self.snapshot_io.clone(),
+            self.cancel.clone(),
+        )
+    }
+
+    fn blob_plan<B: burn::tensor::backend::AutodiffBackend>(
+        &self,
+        trainer: &Trainer<B>,
+        a: &pb::Assignment,
+    ) -> Vec<snapshots::BlobPlan> {
+        let ids: Vec<_> = trainer
+            .snapshot_batches()
+            .iter()
+            .map(|(split, b)| (*split, b.id))
+            .collect();
+        let per_blob = snapshots::batches_per_blob(&trainer.spec, trainer.config.hidden_size);
+        snapshots::blob_plan(&ids, a.snapshot_shards, per_blob)
+    }
+
+    /// One shard of SnapCheck's advance step: `S[to] = F_{from:to}(S[from])` for this shard's
+    /// batches (`from = 0`: the full prefix forward after stage 1), stored blob by blob.
     fn advance<B: burn::tensor::backend::AutodiffBackend>(
         &self,
         mut trainer: Trainer<B>,
@@ -606,29 +705,115 @@ impl TaskContext {
                 retryable: false,
             });
         }
-        let (advanced, recomputed) = trainer.fill_snapshots(from, to);
-        let rel = PathBuf::from(&a.job_dir)
-            .join("snapshots")
-            .join(format!("depth-{to:03}"))
-            .join(format!("attempt-{}", a.epoch));
-        let dir = self.root.join(&rel);
-        let _ = std::fs::remove_dir_all(&dir);
-        let written = trainer
-            .cache
-            .as_mut()
-            .map(|c| c.export_depth(to, &dir))
-            .transpose()
-            .map_err(|e| failed(&TrainError::io(&dir)(e)))?
-            .unwrap_or(0);
-        let digest = checkpoint::checksum_dir(&dir).map_err(|e| failed(&e))?;
-        tracing::info!(depth = to, batches = written, advanced, recomputed, dir = %dir.display(), "snapshots stored");
+        let header = SnapshotHeader {
+            job: a.job_id.clone(),
+            depth: a.snapshot_to,
+            fingerprint: a.snapshot_out_fingerprint.clone(),
+            dtype: snapshots::storage_dtype(trainer.spec.segprop.snapshot_dtype),
+        };
+        let batches: std::collections::HashMap<_, _> = trainer
+            .snapshot_batches()
+            .into_iter()
+            .map(|(split, b)| ((split, b.id), b))
+            .collect();
+        let mine: Vec<_> = self
+            .blob_plan(&trainer, a)
+            .into_iter()
+            .filter(|b| b.shard == a.snapshot_shard)
+            .collect();
+        let (mut advanced, mut recomputed, mut written) = (0u64, 0u64, 0u64);
+        for blob in &mine {
+            if self.cancel.load(Ordering::SeqCst) {
+                return Err(pb::TaskFailed {
+                    reason: "cancelled".into(),
+                    retryable: true,
+                });
+            }
+            let mut entries = Vec::with_capacity(blob.ids.len());
+            for id in &blob.ids {
+                let batch = batches
+                    .get(&(blob.split, *id))
+                    .ok_or_else(|| pb::TaskFailed {
+                        reason: format!("snapshot layout names batch {id}, which the data lacks"),
+                        retryable: false,
+                    })?;
+                let (out, was_advanced) = trainer.advance_batch(from, to, blob.split, batch);
+                if was_advanced {
+                    advanced += 1;
+                } else {
+                    recomputed += 1;
+                }
+                let values = entry_values(
+                    segprop_train::snapcheck::SnapshotKey {
+                        depth: to,
+                        split: blob.split,
+                        id: *id,
+                    },
+                    out,
+                );
+                entries.push(segprop_store::SnapshotEntry {
+                    split: snapshots::store_split(blob.split),
+                    id: *id as u64,
+                    shape: values.dims.to_vec(),
+                    data: values.values,
+                });
+            }
+            let key = snapshots::blob_key(&a.job_dir, a.snapshot_to, blob);
+            let bytes =
+                segprop_store::encode_snapshot(&header, &entries).map_err(|e| pb::TaskFailed {
+                    reason: format!("cannot encode snapshot blob {key}: {e}"),
+                    retryable: false,
+                })?;
+            let len = bytes.len() as u64;
+            self.runtime
+                .block_on(self.store.put(&key, bytes.into()))
+                .map_err(|e| pb::TaskFailed {
+                    reason: format!("cannot store snapshot blob {key}: {e}"),
+                    retryable: true,
+                })?;
+            written += blob.ids.len() as u64;
+            {
+                let mut io = self.snapshot_io.lock().unwrap_or_else(|e| e.into_inner());
+                io.blobs_written += 1;
+                io.bytes_written += len;
+            }
+            // The blob of S[from] this one came from is no longer needed here.
+            if let Some(cache) = trainer.cache.as_mut() {
+                cache.drop_depth(from);
+            }
+        }
+        let io = self
+            .snapshot_io
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        tracing::info!(
+            depth = to,
+            shard = a.snapshot_shard,
+            shards = a.snapshot_shards,
+            blobs = mine.len(),
+            batches = written,
+            advanced,
+            recomputed,
+            bytes = io.bytes_written,
+            "snapshots stored"
+        );
+        let prefix = segprop_store::depth_prefix(&a.job_dir, a.snapshot_to);
         Ok(pb::TaskSucceeded {
-            artifacts: vec![artifact(&rel, &digest)],
+            artifacts: vec![pb::ArtifactRef {
+                uri: prefix,
+                checksum: String::new(),
+                bytes: io.bytes_written,
+            }],
             result_json: serde_json::json!({
                 "depth": to,
+                "shard": a.snapshot_shard,
+                "shards": a.snapshot_shards,
                 "batches": written,
                 "advanced": advanced,
                 "recomputed": recomputed,
+                "snapshot_io": io,
+                "worker": self.worker_name,
             })
             .to_string(),
             early_exit: false,

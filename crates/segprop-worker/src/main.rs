@@ -3,6 +3,7 @@
 //! (check a spec and print its stage plan).
 
 mod daemon;
+mod snapshots;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -30,6 +31,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once per process: the size of the `serve` variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Run a job spec on this machine and write the final model and metrics.
@@ -72,6 +75,24 @@ enum Command {
         /// CA certificate (PEM) of an `https://` coordinator with a private CA.
         #[arg(long)]
         tls_ca: Option<PathBuf>,
+        /// SnapCheck snapshot store shared by the workers: `grpc` (through the coordinator,
+        /// for hosts without shared storage), `s3://bucket/prefix`, `file:///dir`, or a
+        /// directory. Default: `snapshot-store/` under the artifact root.
+        #[arg(long, env = "SEGPROP_SNAPSHOT_STORE")]
+        snapshot_store: Option<String>,
+        /// Endpoint of an S3-compatible server (MinIO, Ceph, moto, …); credentials come from
+        /// AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY.
+        #[arg(long, env = "SEGPROP_S3_ENDPOINT")]
+        s3_endpoint: Option<String>,
+        /// Region of the S3 bucket.
+        #[arg(long, env = "SEGPROP_S3_REGION")]
+        s3_region: Option<String>,
+        /// Allow a plain-http S3 endpoint.
+        #[arg(long, env = "SEGPROP_S3_ALLOW_HTTP")]
+        s3_allow_http: bool,
+        /// Exit after running this many tasks (preemptible hosts, rolling restarts).
+        #[arg(long)]
+        max_tasks: Option<u64>,
     },
 }
 
@@ -100,6 +121,11 @@ fn main() -> ExitCode {
             work_dir,
             backend,
             tls_ca,
+            snapshot_store,
+            s3_endpoint,
+            s3_region,
+            s3_allow_http,
+            max_tasks,
         } => {
             if backend != "cpu" && !(backend == "cuda" && cfg!(feature = "cuda")) {
                 eprintln!(
@@ -125,6 +151,14 @@ fn main() -> ExitCode {
                 work_dir,
                 backend,
                 tls_ca,
+                snapshot_store: snapshot_store.map(|url| segprop_store::StoreConfig {
+                    url,
+                    s3_endpoint,
+                    s3_region,
+                    allow_http: s3_allow_http,
+                    ..Default::default()
+                }),
+                max_tasks,
             };
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
