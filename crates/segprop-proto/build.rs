@@ -22,6 +22,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         prost::Message::encode_to_vec(&fds),
     )?;
     tonic_prost_build::configure()
+        // Blob chunks as `bytes::Bytes`: sliced and handed on without copies.
+        .bytes(".segprop.v1.PutBlobChunk.data")
+        .bytes(".segprop.v1.BlobChunk.data")
         .build_client(true)
         .build_server(true)
         .compile_fds(fds)?;

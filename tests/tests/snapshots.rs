@@ -280,8 +280,8 @@ fn step_losses(run_dir: &Path) -> Vec<(String, u64, f64)> {
         .collect()
 }
 
-/// bf16 snapshots take half the bytes and the loss curve stays within 1% (relative) of f32
-/// storage at every step.
+/// bf16 snapshots take half the bytes and the loss curve stays within 0.1% (relative) of f32
+/// storage at every step (measured: under 1e-5).
 #[test]
 fn bf16_snapshots_halve_the_bytes_and_track_the_f32_loss_curve() {
     let tmp = tempfile::tempdir().unwrap();
@@ -327,7 +327,7 @@ fn bf16_snapshots_halve_the_bytes_and_track_the_f32_loss_curve() {
             .filter(|(a, _)| a.0 == "stage1")
             .all(|(a, b)| a.2 == b.2)
     );
-    assert!(worst < 0.01, "worst relative loss difference {worst}");
+    assert!(worst < 1e-3, "worst relative loss difference {worst}");
     eprintln!(
         "bf16 vs f32 snapshots: bytes ratio {ratio:.3}, worst step-loss rel diff {worst:.2e}"
     );

@@ -62,7 +62,10 @@ pub async fn start(config: CoordConfig) -> anyhow::Result<Running> {
         .register_encoded_file_descriptor_set(segprop_proto::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
-    let mut builder = Server::builder();
+    // Wide HTTP/2 windows: snapshot blobs stream through the SnapshotService in 1 MiB chunks.
+    let mut builder = Server::builder()
+        .initial_stream_window_size(Some(segprop_store::grpc::STREAM_WINDOW_BYTES))
+        .initial_connection_window_size(Some(segprop_store::grpc::CONNECTION_WINDOW_BYTES));
     if let Some(tls) = &config.tls {
         let cert = std::fs::read(&tls.cert)
             .map_err(|e| anyhow::anyhow!("tls.cert {}: {e}", tls.cert.display()))?;

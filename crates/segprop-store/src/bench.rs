@@ -4,8 +4,8 @@
 //!
 //! - **gRPC**: `SnapshotService` Put and Get on loopback (a [`Store::grpc`] client against
 //!   [`service`] over an in-memory store) against a plain tokio TCP server and client moving the
-//!   same blobs with a length prefix. Measured with tonic's default HTTP/2 windows and with
-//!   adaptive windows on both sides.
+//!   same blobs with a length prefix. Measured with tonic's default HTTP/2 windows and with the
+//!   8 MiB stream windows the coordinator and workers use.
 //! - **Local filesystem**: [`Store::local`] put and get against `std::fs` `write_all` into a new
 //!   file and `read` back (neither side fsyncs; both read from the page cache).
 
@@ -116,13 +116,13 @@ pub async fn store_io(options: &StoreIoOptions) -> Result<StoreIoReport, BenchEr
         .map(|i| pseudo_random(options.blob_bytes, i as u64))
         .collect();
     let mut rows = Vec::new();
-    for adaptive in [false, true] {
-        let label = if adaptive {
-            "adaptive windows"
+    for large_windows in [false, true] {
+        let label = if large_windows {
+            "8 MiB stream windows"
         } else {
             "tonic defaults"
         };
-        let (put, get) = grpc_vs_tcp(&blobs, options.reps, adaptive).await?;
+        let (put, get) = grpc_vs_tcp(&blobs, options.reps, large_windows).await?;
         rows.push(put.named(format!("grpc put vs tcp ({label})")));
         rows.push(get.named(format!("grpc get vs tcp ({label})")));
     }
@@ -184,8 +184,10 @@ fn median(mut values: Vec<f64>) -> f64 {
 async fn grpc_vs_tcp(
     blobs: &[Bytes],
     reps: usize,
-    adaptive: bool,
+    large_windows: bool,
 ) -> Result<(Samples, Samples), BenchError> {
+    let stream_window = large_windows.then_some(crate::grpc::STREAM_WINDOW_BYTES);
+    let connection_window = large_windows.then_some(crate::grpc::CONNECTION_WINDOW_BYTES);
     let bytes = blobs.iter().map(|b| b.len() as u64).sum();
     let (mut put, mut get) = (
         Samples {
@@ -205,7 +207,8 @@ async fn grpc_vs_tcp(
     let (stop, stopped) = oneshot::channel::<()>();
     let server = tokio::spawn(
         Server::builder()
-            .http2_adaptive_window(Some(adaptive))
+            .initial_stream_window_size(stream_window)
+            .initial_connection_window_size(connection_window)
             .add_service(service(Store::memory()))
             .serve_with_incoming_shutdown(
                 // As the coordinator serves: Nagle off (serve_with_incoming ignores the builder's
@@ -218,7 +221,8 @@ async fn grpc_vs_tcp(
     );
     let channel = Endpoint::from_shared(format!("http://{addr}"))?
         .tcp_nodelay(true)
-        .http2_adaptive_window(adaptive)
+        .initial_stream_window_size(stream_window)
+        .initial_connection_window_size(connection_window)
         .connect()
         .await?;
     let client = Store::grpc(channel, None)?;

@@ -32,6 +32,12 @@ use crate::{Error, Result, Store};
 
 /// Largest `data` of one Put or Get chunk.
 pub const MAX_CHUNK_BYTES: usize = 1 << 20;
+
+/// HTTP/2 stream window for servers and clients of the service: several chunks in flight per
+/// call, so a sender is not stalled waiting for a window update after every chunk.
+pub const STREAM_WINDOW_BYTES: u32 = 8 << 20;
+/// HTTP/2 connection window (a few concurrent calls at full speed).
+pub const CONNECTION_WINDOW_BYTES: u32 = 32 << 20;
 /// Largest message either side accepts: chunks are far below it, a Stat of a prefix that holds
 /// many blobs is not.
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
@@ -114,7 +120,7 @@ impl SnapshotService for SnapshotServer {
             Box::pin(futures::stream::once(async {
                 Ok(BlobChunk {
                     total_bytes: 0,
-                    data: Vec::new(),
+                    data: Bytes::new(),
                 })
             }))
         } else {
@@ -189,7 +195,7 @@ impl SnapshotService for SnapshotServer {
 async fn receive(
     writer: &mut BlobWriter,
     key: &str,
-    mut data: Vec<u8>,
+    mut data: Bytes,
     chunks: &mut Streaming<PutBlobChunk>,
 ) -> Result<(), Status> {
     loop {
@@ -204,7 +210,7 @@ async fn receive(
             .into());
         }
         if !data.is_empty() {
-            writer.write(Bytes::from(data)).await?;
+            writer.write(std::mem::take(&mut data)).await?;
         }
         match chunks.message().await? {
             Some(chunk) if !chunk.key.is_empty() && chunk.key != key => {
@@ -290,7 +296,7 @@ impl GrpcBackend {
                     String::new()
                 },
                 total_bytes: if first { total } else { 0 },
-                data: bytes[start..end].to_vec(),
+                data: bytes.slice(start..end),
             }
         }));
         let reply = self

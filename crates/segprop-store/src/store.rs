@@ -32,6 +32,9 @@ pub(crate) const CHUNKS_IN_FLIGHT: usize = 4;
 #[derive(Clone)]
 pub struct Store {
     backend: Backend,
+    /// The directory of a local store: `get` reads its files directly (object_store's local
+    /// reads zero-fill their buffers first, which halves read throughput).
+    local_dir: Option<Arc<std::path::Path>>,
     counters: Arc<Counters>,
     multipart_threshold: u64,
     describe: Arc<str>,
@@ -166,7 +169,9 @@ impl Store {
             .map_err(|e| io_error(format!("cannot open {}: {e}", dir.display())))?
             .with_automatic_cleanup(true);
         let describe = format!("file://{}", dir.display());
-        Ok(Self::from_backend(Backend::Object(Arc::new(fs)), &describe))
+        let mut store = Self::from_backend(Backend::Object(Arc::new(fs)), &describe);
+        store.local_dir = Some(Arc::from(dir));
+        Ok(store)
     }
 
     /// A client of the coordinator's `SnapshotService` on `channel`, sending
@@ -179,6 +184,7 @@ impl Store {
     fn from_backend(backend: Backend, describe: &str) -> Self {
         Self {
             backend,
+            local_dir: None,
             counters: Arc::default(),
             multipart_threshold: StoreConfig::default().multipart_threshold_bytes,
             describe: describe.into(),
@@ -273,12 +279,37 @@ impl Store {
     /// The blob under `key`; [`Error::NotFound`] if there is none.
     pub async fn get(&self, key: &str) -> Result<Bytes> {
         let path = parse_key(key)?;
-        let result = match &self.backend {
-            Backend::Object(store) => match store.get(&path).await {
+        let result = match (&self.backend, &self.local_dir) {
+            (Backend::Object(_), Some(dir)) => {
+                let (file, owned) = (dir.join(key), key.to_string());
+                tokio::task::spawn_blocking(move || match std::fs::read(&file) {
+                    Ok(bytes) => Ok(Bytes::from(bytes)),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        Err(Error::NotFound { key: owned })
+                    }
+                    Err(e) => Err(Error::Backend {
+                        op: "get",
+                        key: owned,
+                        source: object_store::Error::Generic {
+                            store: "LocalFileSystem",
+                            source: Box::new(e),
+                        },
+                    }),
+                })
+                .await
+                .unwrap_or_else(|e| {
+                    Err(Error::Backend {
+                        op: "get",
+                        key: key.to_string(),
+                        source: object_store::Error::JoinError { source: e },
+                    })
+                })
+            }
+            (Backend::Object(store), None) => match store.get(&path).await {
                 Ok(got) => got.bytes().await.map_err(|e| backend_error("get", key, e)),
                 Err(e) => Err(backend_error("get", key, e)),
             },
-            Backend::Grpc(grpc) => grpc.get(key).await,
+            (Backend::Grpc(grpc), _) => grpc.get(key).await,
         };
         match result {
             Ok(bytes) => {
@@ -304,7 +335,7 @@ impl Store {
         &self,
         key: &str,
         chunk_bytes: usize,
-    ) -> Result<(u64, mpsc::Receiver<Result<Vec<u8>>>)> {
+    ) -> Result<(u64, mpsc::Receiver<Result<Bytes>>)> {
         let path = parse_key(key)?;
         let chunk_bytes = chunk_bytes.max(1);
         let (tx, rx) = mpsc::channel(CHUNKS_IN_FLIGHT);
@@ -338,8 +369,9 @@ impl Store {
                 let bytes = grpc.get(key).await?;
                 let size = bytes.len() as u64;
                 tokio::spawn(async move {
-                    for chunk in bytes.chunks(chunk_bytes) {
-                        if tx.send(Ok(chunk.to_vec())).await.is_err() {
+                    for start in (0..bytes.len()).step_by(chunk_bytes) {
+                        let end = (start + chunk_bytes).min(bytes.len());
+                        if tx.send(Ok(bytes.slice(start..end))).await.is_err() {
                             break;
                         }
                     }
@@ -513,7 +545,7 @@ fn read_file_chunks(
     range: std::ops::Range<u64>,
     chunk_bytes: usize,
     key: &str,
-    tx: &mpsc::Sender<Result<Vec<u8>>>,
+    tx: &mpsc::Sender<Result<Bytes>>,
 ) {
     let io_error = |e: std::io::Error| Error::Backend {
         op: "get",
@@ -533,7 +565,7 @@ fn read_file_chunks(
         let mut chunk = vec![0u8; n];
         let item = file
             .read_exact(&mut chunk)
-            .map(|()| chunk)
+            .map(|()| Bytes::from(chunk))
             .map_err(io_error);
         let failed = item.is_err();
         if tx.blocking_send(item).is_err() || failed {
@@ -543,14 +575,15 @@ fn read_file_chunks(
     }
 }
 
-/// Regroups a network byte stream into chunks of `chunk_bytes` (the last may be shorter).
+/// Regroups a byte stream into chunks of `chunk_bytes` (the last may be shorter). Pieces
+/// already that large are sliced, not copied.
 async fn rechunk(
     mut stream: futures::stream::BoxStream<'static, object_store::Result<Bytes>>,
     chunk_bytes: usize,
     key: String,
-    tx: mpsc::Sender<Result<Vec<u8>>>,
+    tx: mpsc::Sender<Result<Bytes>>,
 ) {
-    let mut chunk = Vec::with_capacity(chunk_bytes);
+    let mut chunk = BytesMut::new();
     while let Some(item) = stream.next().await {
         let mut bytes = match item {
             Ok(bytes) => bytes,
@@ -560,18 +593,21 @@ async fn rechunk(
             }
         };
         while !bytes.is_empty() {
-            let take = bytes.len().min(chunk_bytes - chunk.len());
-            chunk.extend_from_slice(&bytes.split_to(take));
-            if chunk.len() == chunk_bytes {
-                let full = std::mem::replace(&mut chunk, Vec::with_capacity(chunk_bytes));
-                if tx.send(Ok(full)).await.is_err() {
+            if chunk.is_empty() && bytes.len() >= chunk_bytes {
+                if tx.send(Ok(bytes.split_to(chunk_bytes))).await.is_err() {
                     return;
                 }
+                continue;
+            }
+            let take = bytes.len().min(chunk_bytes - chunk.len());
+            chunk.extend_from_slice(&bytes.split_to(take));
+            if chunk.len() == chunk_bytes && tx.send(Ok(chunk.split().freeze())).await.is_err() {
+                return;
             }
         }
     }
     if !chunk.is_empty() {
-        let _ = tx.send(Ok(chunk)).await;
+        let _ = tx.send(Ok(chunk.freeze())).await;
     }
 }
 

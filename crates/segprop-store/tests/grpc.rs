@@ -249,7 +249,7 @@ async fn an_interrupted_put_commits_nothing() {
             String::new()
         },
         total_bytes: if first { 4 << 20 } else { 0 },
-        data: blob(len, 0).to_vec(),
+        data: blob(len, 0),
     };
 
     // The stream ends after 3 of the 4 announced MiB.

@@ -96,7 +96,9 @@ pub async fn serve(options: DaemonOptions) -> anyhow::Result<()> {
     let mut endpoint = Endpoint::from_shared(options.coordinator.clone())
         .map_err(|e| anyhow::anyhow!("--coordinator `{}`: {e}", options.coordinator))?
         .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true);
+        .tcp_nodelay(true)
+        .initial_stream_window_size(segprop_store::grpc::STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(segprop_store::grpc::CONNECTION_WINDOW_BYTES);
     if options.coordinator.starts_with("https://") {
         let mut tls = tonic::transport::ClientTlsConfig::new().with_enabled_roots();
         if let Some(ca) = &options.tls_ca {
