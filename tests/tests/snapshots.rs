@@ -332,3 +332,91 @@ fn bf16_snapshots_halve_the_bytes_and_track_the_f32_loss_curve() {
         "bf16 vs f32 snapshots: bytes ratio {ratio:.3}, worst step-loss rel diff {worst:.2e}"
     );
 }
+
+/// The snapshot store on a real S3-compatible server (moto): coordinator and worker both point
+/// at `s3://bucket/prefix`; the shards' blobs go there (none under the local default), the
+/// segments read them back, the coordinator deletes them after the job, and the model equals a
+/// standalone run's.
+#[test]
+fn snapshots_on_s3_complete_the_job_and_are_collected() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let moto = Moto::start("segprop-snaps");
+    let aws = [
+        ("AWS_ACCESS_KEY_ID", "testing"),
+        ("AWS_SECRET_ACCESS_KEY", "testing"),
+    ];
+    let url = "s3://segprop-snaps/cluster";
+    let mut coord_env: Vec<(&str, PathBuf)> = vec![
+        ("SEGPROP_SNAPSHOT_STORE__URL", url.into()),
+        (
+            "SEGPROP_SNAPSHOT_STORE__S3_ENDPOINT",
+            moto.endpoint.clone().into(),
+        ),
+        ("SEGPROP_SNAPSHOT_STORE__ALLOW_HTTP", "true".into()),
+    ];
+    coord_env.extend(aws.iter().map(|(k, v)| (*k, PathBuf::from(v))));
+    let coord = coordinator_with(dir, "127.0.0.1:0", &coord_env);
+    let _w = worker_with_env(
+        dir,
+        &coord,
+        "w1",
+        &[
+            "--snapshot-store",
+            url,
+            "--s3-endpoint",
+            &moto.endpoint,
+            "--s3-allow-http",
+        ],
+        &aws,
+    );
+    let job_spec = snap_spec(dir, "on-s3", "snapshot_shards: 2,");
+    let job_id = submit(&coord, &job_spec);
+    let job = wait_for(
+        &coord,
+        &job_id,
+        Duration::from_secs(240),
+        "the job",
+        finished,
+    );
+    assert_eq!(state(&job), pb::JobState::Succeeded, "{job:#?}");
+    let written: u64 = job
+        .tasks
+        .iter()
+        .filter(|t| t.name.starts_with("snapshots-"))
+        .map(|t| result(t)["snapshot_io"]["blobs_written"].as_u64().unwrap())
+        .sum();
+    assert!(written >= 4, "blobs written: {written}");
+    for name in ["segment-1-2", "segment-2-3"] {
+        let segment = result(task(&job, name));
+        assert!(
+            segment["snapshot_io"]["blobs_read"].as_u64().unwrap() >= 2,
+            "{segment}"
+        );
+        assert_eq!(segment["snapshots"]["misses"], 0, "{segment}");
+    }
+    assert!(
+        !dir.join("artifacts/snapshot-store").exists(),
+        "snapshots went to the local default store"
+    );
+    // The coordinator deletes them from the bucket once the job has ended.
+    let started = Instant::now();
+    loop {
+        let listing = moto.http("GET", "/segprop-snaps?list-type=2&prefix=cluster/");
+        if !listing.contains("<Key>") {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "snapshots left in the bucket: {listing}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (model, loss) = run_outputs(Path::new(&job.run_dir));
+    let (alone_model, alone_loss) = standalone(&job_spec, &dir.join("alone"));
+    assert_eq!(loss, alone_loss);
+    assert!(
+        model == alone_model,
+        "weights differ from the standalone run"
+    );
+}

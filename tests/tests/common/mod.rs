@@ -151,6 +151,101 @@ pub fn worker_with(dir: &Path, coord: &Coordinator, name: &str, args: &[&str]) -
     )
 }
 
+/// [`worker_with`] with extra environment variables.
+pub fn worker_with_env(
+    dir: &Path,
+    coord: &Coordinator,
+    name: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> Worker {
+    let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
+    Worker(
+        Command::new(bin("segprop-worker"))
+            .args(["serve", "--coordinator", &format!("http://{}", coord.addr)])
+            .args(["--name", name, "--work-dir"])
+            .arg(dir.join(format!("{name}-work")))
+            .args(args)
+            .envs(env.iter().copied())
+            .env("SEGPROP_TOKEN", TOKEN)
+            .env("SEGPROP_LOG", "info")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// A moto S3 server (`pip install 'moto[server]'`) on a free loopback port, killed on drop.
+pub struct Moto {
+    child: Child,
+    pub endpoint: String,
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Moto {
+    /// Starts the server and creates `bucket`.
+    pub fn start(bucket: &str) -> Moto {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new("moto_server")
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot start moto_server ({e}): install `pip install 'moto[server]'`")
+            });
+        let moto = Moto {
+            child,
+            endpoint: format!("http://127.0.0.1:{port}"),
+        };
+        let started = Instant::now();
+        while !moto.http("GET", "/").starts_with("HTTP/1.1 200") {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "moto_server never answered"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let created = moto.http("PUT", &format!("/{bucket}"));
+        assert!(
+            created.starts_with("HTTP/1.1 200"),
+            "create bucket: {created}"
+        );
+        moto
+    }
+
+    /// One unsigned HTTP/1.1 request (moto accepts them); the whole response, or "" when the
+    /// server is not up yet.
+    pub fn http(&self, method: &str, path: &str) -> String {
+        use std::io::{Read, Write};
+        let Some(addr) = self.endpoint.strip_prefix("http://") else {
+            return String::new();
+        };
+        let Ok(mut conn) = std::net::TcpStream::connect(addr) else {
+            return String::new();
+        };
+        let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+        let _ = write!(
+            conn,
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        );
+        let mut response = String::new();
+        let _ = conn.read_to_string(&mut response);
+        response
+    }
+}
+
 pub fn coord_cli(coord: &Coordinator, args: &[&str], token: &str) -> Output {
     Command::new(bin("segprop-coord"))
         .args(args)
