@@ -82,6 +82,17 @@ fn live_depths(dir: &Path, job_id: &str) -> usize {
     depths.len()
 }
 
+/// The job's exported model and held-out loss equal a standalone run of the same spec.
+fn assert_same_as_standalone(job: &pb::Job, job_spec: &Path, dir: &Path) {
+    let (model, loss) = run_outputs(Path::new(&job.run_dir));
+    let (alone_model, alone_loss) = standalone(job_spec, &dir.join("alone"));
+    assert_eq!(loss, alone_loss);
+    assert!(
+        model == alone_model,
+        "weights differ from the standalone run"
+    );
+}
+
 fn wait_exit(w: &mut Worker, limit: Duration) -> std::process::ExitStatus {
     let started = Instant::now();
     loop {
@@ -144,13 +155,7 @@ fn a_segment_trains_on_snapshots_another_worker_stored_and_recomputes_a_corrupt_
     let log = std::fs::read_to_string(dir.join("wb.log")).unwrap();
     assert!(log.contains("corrupt snapshot blob"), "{log}");
 
-    let (model, loss) = run_outputs(Path::new(&job.run_dir));
-    let (alone_model, alone_loss) = standalone(&job_spec, &dir.join("alone"));
-    assert_eq!(loss, alone_loss);
-    assert!(
-        model == alone_model,
-        "weights differ from the standalone run"
-    );
+    assert_same_as_standalone(&job, &job_spec, dir);
 }
 
 /// Two workers, two shards per depth with streaming overlap; worker 2 reaches the store only
@@ -254,13 +259,7 @@ fn two_workers_fan_out_snapshots_collect_them_and_match_a_standalone_run() {
         std::thread::sleep(Duration::from_millis(50));
     }
 
-    let (model, loss) = run_outputs(Path::new(&job.run_dir));
-    let (alone_model, alone_loss) = standalone(&job_spec, &dir.join("alone"));
-    assert_eq!(loss, alone_loss);
-    assert!(
-        model == alone_model,
-        "weights differ from the standalone run"
-    );
+    assert_same_as_standalone(&job, &job_spec, dir);
 }
 
 /// Per-step training losses of every stage in a run's metrics.jsonl.
@@ -412,11 +411,5 @@ fn snapshots_on_s3_complete_the_job_and_are_collected() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let (model, loss) = run_outputs(Path::new(&job.run_dir));
-    let (alone_model, alone_loss) = standalone(&job_spec, &dir.join("alone"));
-    assert_eq!(loss, alone_loss);
-    assert!(
-        model == alone_model,
-        "weights differ from the standalone run"
-    );
+    assert_same_as_standalone(&job, &job_spec, dir);
 }

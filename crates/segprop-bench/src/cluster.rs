@@ -12,6 +12,8 @@ use anyhow::{Context, Result};
 use segprop_proto::v1 as pb;
 use segprop_proto::v1::job_service_client::JobServiceClient;
 
+use crate::median;
+
 const TOKEN: &str = "bench-token";
 
 /// A configuration of the comparison.
@@ -172,17 +174,6 @@ fn run_once(bin_dir: &Path, dir: &Path, setup: &Setup, steps: u64) -> Result<f64
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     })
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
 }
 
 pub fn snapcheck_cluster(reps: usize, steps: u64) -> Result<()> {

@@ -134,16 +134,6 @@ fn orchestration(reps: usize, job: Option<&std::path::Path>) -> Result<()> {
         cluster.push(c);
         alone.push(w);
     }
-    let median = |v: &[f64]| {
-        let mut v = v.to_vec();
-        v.sort_by(f64::total_cmp);
-        let n = v.len();
-        if n % 2 == 1 {
-            v[n / 2]
-        } else {
-            (v[n / 2 - 1] + v[n / 2]) / 2.0
-        }
-    };
     let ratios: Vec<f64> = cluster.iter().zip(&alone).map(|(c, w)| c / w).collect();
     println!(
         "median: coordinator + worker {:.1} s, standalone {:.1} s; median per-rep ratio {:.3}",
@@ -233,7 +223,7 @@ fn time_steps<B: AutodiffBackend>(
             times.push(start.elapsed().as_secs_f64());
         }
     }
-    median(&mut times)
+    median(&times)
 }
 
 /// Like [`time_steps`] for several trainers, one step of each in turn, so that machine noise and
@@ -269,12 +259,18 @@ fn time_interleaved<B: AutodiffBackend>(
             }
         }
     }
-    state.iter_mut().map(|s| median(&mut s.3)).collect()
+    state.iter_mut().map(|s| median(&s.3)).collect()
 }
 
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(|a, b| a.total_cmp(b));
-    values[values.len() / 2]
+/// The median of `values` (the mean of the middle two for an even count; NaN when empty).
+fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
 }
 
 fn tokens_per_step(trainer: &Trainer<impl AutodiffBackend>) -> f64 {
@@ -317,7 +313,7 @@ fn backends(steps: usize) -> Result<()> {
             tf.push(time_steps(&mut flex, route, 1, steps.div_ceil(3)));
             tn.push(time_steps(&mut nd, route, 1, steps.div_ceil(3)));
         }
-        let (t_flex, t_nd) = (median(&mut tf), median(&mut tn));
+        let (t_flex, t_nd) = (median(&tf), median(&tn));
         let tok = tokens_per_step(&flex);
         println!(
             "| {label} | {:.0} | {:.0} | {:.2} |",
@@ -348,14 +344,14 @@ fn matmul_rate<Bk: Backend>(device: &Bk::Device) -> Vec<(usize, f64)> {
         let a = Tensor::<Bk, 2>::random([n, n], burn::tensor::Distribution::Default, device);
         let b = Tensor::<Bk, 2>::random([n, n], burn::tensor::Distribution::Default, device);
         let _ = a.clone().matmul(b.clone()).into_data();
-        let mut times: Vec<f64> = (0..5)
+        let times: Vec<f64> = (0..5)
             .map(|_| {
                 let start = Instant::now();
                 let _ = a.clone().matmul(b.clone()).into_data();
                 start.elapsed().as_secs_f64()
             })
             .collect();
-        out.push((n, 2.0 * (n as f64).powi(3) / median(&mut times) / 1e9));
+        out.push((n, 2.0 * (n as f64).powi(3) / median(&times) / 1e9));
     }
     out
 }

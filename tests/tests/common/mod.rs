@@ -135,20 +135,7 @@ pub fn worker(dir: &Path, coord: &Coordinator, name: &str) -> Worker {
 
 /// [`worker`] with extra `serve` arguments.
 pub fn worker_with(dir: &Path, coord: &Coordinator, name: &str, args: &[&str]) -> Worker {
-    let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
-    Worker(
-        Command::new(bin("segprop-worker"))
-            .args(["serve", "--coordinator", &format!("http://{}", coord.addr)])
-            .args(["--name", name, "--work-dir"])
-            .arg(dir.join(format!("{name}-work")))
-            .args(args)
-            .env("SEGPROP_TOKEN", TOKEN)
-            .env("SEGPROP_LOG", "info")
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    )
+    worker_with_env(dir, coord, name, args, &[])
 }
 
 /// [`worker_with`] with extra environment variables.
