@@ -158,17 +158,31 @@ fn a_segment_trains_on_snapshots_another_worker_stored_and_recomputes_a_corrupt_
     assert_same_as_standalone(&job, &job_spec, dir);
 }
 
-/// Two workers, two shards per depth with streaming overlap; worker 2 reaches the store only
-/// through the coordinator's SnapshotService. The shards run on both workers, every segment
-/// reads its whole input from the store, at most two depths are ever stored, none after the
-/// job, and the model equals a standalone run's.
+/// Two workers, two shards per depth with streaming overlap; worker 2 shares no directory with
+/// the others: it reaches both the snapshot and the artifact store only through the
+/// coordinator's SnapshotService. The shards run on both workers, every segment reads its whole
+/// input from the store, at most two depths are ever stored, none after the job, and the model
+/// equals a standalone run's.
 #[test]
 fn two_workers_fan_out_snapshots_collect_them_and_match_a_standalone_run() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let coord = coordinator(dir, "127.0.0.1:0");
     let _w1 = worker(dir, &coord, "w1");
-    let _w2 = worker_with(dir, &coord, "w2", &["--snapshot-store", "grpc"]);
+    let private = dir.join("w2-private-root");
+    let _w2 = worker_with(
+        dir,
+        &coord,
+        "w2",
+        &[
+            "--snapshot-store",
+            "grpc",
+            "--artifact-store",
+            "grpc",
+            "--artifact-root",
+            private.to_str().unwrap(),
+        ],
+    );
     // Both registered before the submit, so `snapshot_shards: 0` (auto) plans two shards.
     let started = Instant::now();
     while !["w1", "w2"].iter().all(|w| {
@@ -259,6 +273,10 @@ fn two_workers_fan_out_snapshots_collect_them_and_match_a_standalone_run() {
         std::thread::sleep(Duration::from_millis(50));
     }
 
+    // w2 (which ran tasks: see the shards above) wrote nothing outside the stores it was given.
+    assert!(!private.exists(), "w2 used a local artifact root");
+    let w2_log = std::fs::read_to_string(dir.join("w2.log")).unwrap();
+    assert!(w2_log.contains("grpc (artifacts)"), "{w2_log}");
     assert_same_as_standalone(&job, &job_spec, dir);
 }
 
@@ -346,6 +364,7 @@ fn snapshots_on_s3_complete_the_job_and_are_collected() {
         ("AWS_SECRET_ACCESS_KEY", "testing"),
     ];
     let url = "s3://segprop-snaps/cluster";
+    let artifacts_url = "s3://segprop-snaps/artifacts";
     let mut coord_env: Vec<(&str, PathBuf)> = vec![
         ("SEGPROP_SNAPSHOT_STORE__URL", url.into()),
         (
@@ -353,6 +372,12 @@ fn snapshots_on_s3_complete_the_job_and_are_collected() {
             moto.endpoint.clone().into(),
         ),
         ("SEGPROP_SNAPSHOT_STORE__ALLOW_HTTP", "true".into()),
+        ("SEGPROP_ARTIFACT_STORE__URL", artifacts_url.into()),
+        (
+            "SEGPROP_ARTIFACT_STORE__S3_ENDPOINT",
+            moto.endpoint.clone().into(),
+        ),
+        ("SEGPROP_ARTIFACT_STORE__ALLOW_HTTP", "true".into()),
     ];
     coord_env.extend(aws.iter().map(|(k, v)| (*k, PathBuf::from(v))));
     let coord = coordinator_with(dir, "127.0.0.1:0", &coord_env);
@@ -363,6 +388,8 @@ fn snapshots_on_s3_complete_the_job_and_are_collected() {
         &[
             "--snapshot-store",
             url,
+            "--artifact-store",
+            artifacts_url,
             "--s3-endpoint",
             &moto.endpoint,
             "--s3-allow-http",
@@ -411,5 +438,34 @@ fn snapshots_on_s3_complete_the_job_and_are_collected() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert_same_as_standalone(&job, &job_spec, dir);
+    // Artifacts live in the bucket too (none in the local artifact root), and the model comes
+    // back through the coordinator with `segprop-coord fetch`.
+    assert_eq!(
+        job.run_dir,
+        format!("{artifacts_url}/jobs/{job_id}"),
+        "run_dir names the store"
+    );
+    assert!(!dir.join("artifacts/jobs").exists());
+    let listing = moto.http(
+        "GET",
+        &format!("/segprop-snaps?list-type=2&prefix=artifacts/jobs/{job_id}/model"),
+    );
+    assert!(
+        listing.contains("model/model.safetensors</Key>") && listing.contains("model.manifest"),
+        "{listing}"
+    );
+    let fetched = dir.join("fetched");
+    let out = coord_cli(
+        &coord,
+        &["fetch", &job_id, "--out", fetched.to_str().unwrap()],
+        TOKEN,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let (model, loss) = run_outputs(&fetched);
+    let (alone_model, alone_loss) = standalone(&job_spec, &dir.join("alone"));
+    assert_eq!(loss, alone_loss);
+    assert!(
+        model == alone_model,
+        "weights differ from the standalone run"
+    );
 }

@@ -20,7 +20,9 @@ pub struct CoordConfig {
     pub listen: SocketAddr,
     /// Directory of the coordinator's state database (`coordinator.redb`).
     pub state_dir: PathBuf,
-    /// Root of the artifact store (a directory every worker sees at the same path).
+    /// Directory of the artifact store when `artifact_store` is absent (announced to workers,
+    /// which use it unless started with `--artifact-store`), and parent of the default snapshot
+    /// store.
     pub artifact_root: PathBuf,
     /// Bearer token every RPC must carry.
     pub token: Option<String>,
@@ -40,6 +42,11 @@ pub struct CoordConfig {
     /// `snapshot-store/` under `artifact_root` (where workers look by default). Workers that
     /// reach an object store directly must be given the same url.
     pub snapshot_store: Option<StoreConfig>,
+    /// The artifact store (stage states, checkpoints, metrics, exported models): the coordinator
+    /// serves it to workers over gRPC (SnapshotService, artifacts namespace). Absent: the
+    /// directory `artifact_root`. Workers that reach an object store directly must be given the
+    /// same url (`--artifact-store`).
+    pub artifact_store: Option<StoreConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -63,6 +70,7 @@ impl Default for CoordConfig {
             backoff_base_ms: 1000,
             backoff_max_ms: 30_000,
             snapshot_store: None,
+            artifact_store: None,
         }
     }
 }
@@ -86,6 +94,11 @@ const ENV_KEYS: &[&str] = &[
     "snapshot_store.s3_region",
     "snapshot_store.allow_http",
     "snapshot_store.multipart_threshold_bytes",
+    "artifact_store.url",
+    "artifact_store.s3_endpoint",
+    "artifact_store.s3_region",
+    "artifact_store.allow_http",
+    "artifact_store.multipart_threshold_bytes",
 ];
 
 /// A configuration error: names the file or the key.
@@ -148,6 +161,11 @@ impl CoordConfig {
                 .validate()
                 .map_err(|e| ConfigError(format!("snapshot_store: {e}")))?;
         }
+        if let Some(store) = &self.artifact_store {
+            store
+                .validate()
+                .map_err(|e| ConfigError(format!("artifact_store: {e}")))?;
+        }
         Ok(())
     }
 
@@ -158,6 +176,15 @@ impl CoordConfig {
             None => segprop_store::Store::local(self.artifact_root.join("snapshot-store")),
         }
         .map_err(|e| ConfigError(format!("snapshot_store: {e}")))
+    }
+
+    /// Opens the artifact store (see [`Self::artifact_store`]).
+    pub fn open_artifact_store(&self) -> Result<segprop_store::Store, ConfigError> {
+        match &self.artifact_store {
+            Some(config) => segprop_store::Store::open(config),
+            None => segprop_store::Store::local(&self.artifact_root),
+        }
+        .map_err(|e| ConfigError(format!("artifact_store: {e}")))
     }
 
     pub fn sched(&self) -> SchedConfig {

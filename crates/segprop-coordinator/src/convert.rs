@@ -62,11 +62,14 @@ pub fn job(
             })
             .collect(),
         error: job.error.clone().unwrap_or_default(),
-        run_dir: config
-            .artifact_root
-            .join(job_dir(&job.id))
-            .display()
-            .to_string(),
+        run_dir: match &config.artifact_store {
+            Some(store) => format!("{}/{}", store.url.trim_end_matches('/'), job_dir(&job.id)),
+            None => config
+                .artifact_root
+                .join(job_dir(&job.id))
+                .display()
+                .to_string(),
+        },
         created_unix_ms: job.created_at,
         finished_unix_ms: job.finished_at.unwrap_or(0),
     }

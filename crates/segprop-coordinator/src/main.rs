@@ -84,6 +84,16 @@ enum Command {
         #[command(flatten)]
         connect: ConnectArgs,
     },
+    /// Download a succeeded job's exported model (and its summary, loss plot and metrics) from
+    /// the coordinator's artifact store, checking every file against its manifest.
+    Fetch {
+        job_id: String,
+        /// Directory to write `model/`, `summary.txt`, … into (created if missing).
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
     /// Start a coordinator, one local CPU worker and a local store, run the demo job (or --job)
     /// to the end, and print where the model and the loss plot are.
     Demo {
@@ -268,8 +278,70 @@ async fn run(command: Command) -> Result<(), Failure> {
             let mut client = client::job_client(&connect(&args)?).await?;
             follow(&mut client, &job_id, false).await.map(|_| ())
         }
+        Command::Fetch {
+            job_id,
+            out,
+            connect: args,
+        } => fetch(&connect(&args)?, &job_id, &out).await,
         Command::Demo { dir, job, quiet } => demo(&dir, job.as_deref(), quiet).await,
     }
+}
+
+/// Files `export` stores under the job's key; `model` is required, the others are fetched when
+/// present.
+const EXPORTED: [&str; 5] = [
+    "model",
+    "summary.txt",
+    "summary.json",
+    "loss.svg",
+    "metrics.jsonl",
+];
+
+async fn fetch(c: &Connect, job_id: &str, out: &Path) -> Result<(), Failure> {
+    let mut client = client::job_client(c).await?;
+    let job = client
+        .get_job(pb::GetJobRequest {
+            job_id: job_id.to_string(),
+        })
+        .await?
+        .into_inner();
+    if job.state != pb::JobState::Succeeded as i32 {
+        return Err(Failure::input(format!(
+            "job {job_id} is {}: only a succeeded job has an exported model",
+            client::job_state_name(job.state)
+        )));
+    }
+    let channel = client::channel(&c.url, c.tls_ca.as_deref()).await?;
+    let store = segprop_store::Store::grpc_namespace(
+        channel,
+        Some(c.token.clone()),
+        segprop_store::Namespace::Artifacts,
+    )
+    .map_err(|e| Failure::input(e.to_string()))?;
+    std::fs::create_dir_all(out)
+        .map_err(|e| Failure::runtime(format!("--out {}: {e}", out.display())))?;
+    let job_key = segprop_coordinator::convert::job_dir(job_id);
+    for name in EXPORTED {
+        let target = out.join(name);
+        match store
+            .get_artifact(&format!("{job_key}/{name}"), &target)
+            .await
+        {
+            Ok(manifest) => println!(
+                "{}: {} file(s), {} bytes, verified",
+                target.display(),
+                manifest.files.len(),
+                manifest.bytes
+            ),
+            Err(segprop_store::Error::NotFound { .. }) if name != "model" => {}
+            Err(e) => {
+                return Err(Failure::runtime(format!(
+                    "cannot fetch {name} of job {job_id}: {e}"
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 async fn submit(

@@ -81,6 +81,7 @@ pub async fn start(config: CoordConfig) -> anyhow::Result<Running> {
         .add_service(ClusterServiceServer::new(Api(coordinator.clone())))
         .add_service(segprop_store::grpc::service(
             coordinator.snapshot_store().clone(),
+            Some(coordinator.artifact_store().clone()),
         ))
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha);
@@ -104,7 +105,7 @@ pub async fn start(config: CoordConfig) -> anyhow::Result<Running> {
             let _ = rx.await;
         },
     ));
-    tracing::info!(%addr, state = %config.state_dir.display(), artifacts = %config.artifact_root.display(), snapshots = coordinator.snapshot_store().location(), tls = config.tls.is_some(), "coordinator listening");
+    tracing::info!(%addr, state = %config.state_dir.display(), artifacts = %config.artifact_root.display(), snapshots = coordinator.snapshot_store().location(), artifact_store = coordinator.artifact_store().location(), tls = config.tls.is_some(), "coordinator listening");
     Ok(Running {
         addr,
         coordinator,

@@ -61,6 +61,8 @@ pub struct Coordinator {
     store: StateStore,
     /// The SnapCheck snapshot store (served to workers, garbage-collected here).
     snapshots: segprop_store::Store,
+    /// The artifact store (stage states, checkpoints, metrics, models), served to workers.
+    artifacts: segprop_store::Store,
     config: CoordConfig,
     sched: SchedConfig,
     /// Distinguishes this process's worker ids from those of an earlier run.
@@ -87,6 +89,7 @@ impl Coordinator {
     pub fn open(config: CoordConfig) -> anyhow::Result<Arc<Self>> {
         let store = StateStore::open(&config.state_dir)?;
         let snapshots = config.open_snapshot_store()?;
+        let artifacts = config.open_artifact_store()?;
         let (mut jobs, next_seq) = store.load()?;
         sched::extend_leases(&mut jobs, now_ms(), &config.sched());
         let running: usize = jobs.iter().map(|j| j.running_leases().count()).sum();
@@ -112,6 +115,7 @@ impl Coordinator {
             }),
             store,
             snapshots,
+            artifacts,
             sched: config.sched(),
             config,
             boot: boot.iter().map(|b| format!("{b:02x}")).collect(),
@@ -128,6 +132,11 @@ impl Coordinator {
     /// The snapshot store (for the SnapshotService).
     pub fn snapshot_store(&self) -> &segprop_store::Store {
         &self.snapshots
+    }
+
+    /// The artifact store (for the SnapshotService's artifacts namespace).
+    pub fn artifact_store(&self) -> &segprop_store::Store {
+        &self.artifacts
     }
 
     /// Deletes the snapshot depths no pending task can read (all of a finished job's), in the

@@ -209,7 +209,7 @@ async fn grpc_vs_tcp(
         Server::builder()
             .initial_stream_window_size(stream_window)
             .initial_connection_window_size(connection_window)
-            .add_service(service(Store::memory()))
+            .add_service(service(Store::memory(), None))
             .serve_with_incoming_shutdown(
                 // As the coordinator serves: Nagle off (serve_with_incoming ignores the builder's
                 // tcp_nodelay, and Nagle with delayed ACKs stalls HTTP/2 window updates).

@@ -14,6 +14,7 @@ use std::pin::Pin;
 
 use bytes::{Bytes, BytesMut};
 use futures::{Stream, StreamExt};
+pub use segprop_proto::v1::Namespace;
 use segprop_proto::v1::snapshot_service_client::SnapshotServiceClient;
 use segprop_proto::v1::snapshot_service_server::{SnapshotService, SnapshotServiceServer};
 use segprop_proto::v1::stat_blob_request::Target;
@@ -53,26 +54,49 @@ impl From<Error> for Status {
             Error::Mismatch { .. } => Status::failed_precondition(message),
             Error::Backend { .. } => Status::unavailable(message),
             Error::Rpc { code, .. } => Status::new(code, message),
-            Error::Config { .. } | Error::Encode { .. } => Status::internal(message),
+            Error::Config { .. } | Error::Encode { .. } | Error::Local { .. } => {
+                Status::internal(message)
+            }
         }
     }
 }
 
-/// Serves a [`Store`] as the `SnapshotService`.
+/// Serves the snapshot store (and, when given, the artifact store) as the `SnapshotService`.
 #[derive(Debug, Clone)]
 pub struct SnapshotServer {
-    store: Store,
+    snapshots: Store,
+    artifacts: Option<Store>,
 }
 
 impl SnapshotServer {
-    pub fn new(store: Store) -> Self {
-        Self { store }
+    pub fn new(snapshots: Store, artifacts: Option<Store>) -> Self {
+        Self {
+            snapshots,
+            artifacts,
+        }
+    }
+
+    /// The store a call addresses (`namespace` as sent: unknown values are refused).
+    fn store(&self, namespace: i32) -> Result<&Store, Status> {
+        match Namespace::try_from(namespace) {
+            Ok(Namespace::Snapshots) => Ok(&self.snapshots),
+            Ok(Namespace::Artifacts) => self.artifacts.as_ref().ok_or_else(|| {
+                Status::failed_precondition("this service does not serve the artifact store")
+            }),
+            Err(_) => Err(Status::invalid_argument(format!(
+                "unknown namespace {namespace} (0 = snapshots, 1 = artifacts)"
+            ))),
+        }
     }
 }
 
-/// The tonic service for `store`, ready to be wrapped (bearer auth) and mounted.
-pub fn service(store: Store) -> SnapshotServiceServer<SnapshotServer> {
-    SnapshotServiceServer::new(SnapshotServer::new(store))
+/// The tonic service for the snapshot store `snapshots` and, when given, the artifact store,
+/// ready to be wrapped (bearer auth) and mounted.
+pub fn service(
+    snapshots: Store,
+    artifacts: Option<Store>,
+) -> SnapshotServiceServer<SnapshotServer> {
+    SnapshotServiceServer::new(SnapshotServer::new(snapshots, artifacts))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES)
 }
@@ -92,7 +116,8 @@ impl SnapshotService for SnapshotServer {
                 Status::invalid_argument("empty Put stream: the first chunk names key and size")
             })?;
             tracing::Span::current().record("key", first.key.as_str());
-            let mut writer = self.store.put_writer(&first.key, first.total_bytes).await?;
+            let store = self.store(first.namespace)?;
+            let mut writer = store.put_writer(&first.key, first.total_bytes).await?;
             if let Err(status) = receive(&mut writer, &first.key, first.data, &mut chunks).await {
                 writer.abort().await;
                 return Err(status);
@@ -109,10 +134,10 @@ impl SnapshotService for SnapshotServer {
     type GetStream = BlobStream;
 
     async fn get(&self, request: Request<GetBlobRequest>) -> Result<Response<BlobStream>, Status> {
-        let key = request.into_inner().key;
+        let GetBlobRequest { key, namespace } = request.into_inner();
         let span = tracing::debug_span!("snapshot_get", key);
         let (size, chunks) = self
-            .store
+            .store(namespace)?
             .get_chunks(&key, MAX_CHUNK_BYTES)
             .instrument(span)
             .await?;
@@ -142,9 +167,11 @@ impl SnapshotService for SnapshotServer {
         &self,
         request: Request<StatBlobRequest>,
     ) -> Result<Response<StatBlobReply>, Status> {
-        let reply = match request.into_inner().target {
+        let StatBlobRequest { target, namespace } = request.into_inner();
+        let store = self.store(namespace)?;
+        let reply = match target {
             Some(Target::Key(key)) => {
-                let size = self.store.stat(&key).await?;
+                let size = store.stat(&key).await?;
                 StatBlobReply {
                     exists: size.is_some(),
                     bytes: size.unwrap_or(0),
@@ -152,7 +179,7 @@ impl SnapshotService for SnapshotServer {
                 }
             }
             Some(Target::Prefix(prefix)) => {
-                let blobs = self.store.list(&prefix).await?;
+                let blobs = store.list(&prefix).await?;
                 StatBlobReply {
                     exists: !blobs.is_empty(),
                     bytes: blobs.iter().map(|(_, bytes)| bytes).sum(),
@@ -171,15 +198,20 @@ impl SnapshotService for SnapshotServer {
         &self,
         request: Request<DeleteBlobRequest>,
     ) -> Result<Response<DeleteBlobReply>, Status> {
-        let DeleteBlobRequest { key_prefix, exact } = request.into_inner();
+        let DeleteBlobRequest {
+            key_prefix,
+            exact,
+            namespace,
+        } = request.into_inner();
         let span = tracing::debug_span!("snapshot_delete", key_prefix, exact);
+        let store = self.store(namespace)?;
         async move {
             let (objects, bytes) = if exact {
-                let size = self.store.stat(&key_prefix).await?;
-                self.store.delete(&key_prefix).await?;
+                let size = store.stat(&key_prefix).await?;
+                store.delete(&key_prefix).await?;
                 (usize::from(size.is_some()), size.unwrap_or(0))
             } else {
-                self.store.delete_prefix(&key_prefix).await?
+                store.delete_prefix(&key_prefix).await?
             };
             Ok(Response::new(DeleteBlobReply {
                 objects: objects as u64,
@@ -231,6 +263,8 @@ async fn receive(
 pub(crate) struct GrpcBackend {
     client: SnapshotServiceClient<Channel>,
     authorization: Option<MetadataValue<Ascii>>,
+    /// The [`Namespace`] every call names.
+    namespace: i32,
 }
 
 /// Maps a status from the service back to a store error.
@@ -253,7 +287,7 @@ fn status_error(op: &'static str, key: &str, status: &Status) -> Error {
 }
 
 impl GrpcBackend {
-    pub(crate) fn new(channel: Channel, token: Option<&str>) -> Result<Self> {
+    pub(crate) fn new(channel: Channel, token: Option<&str>, namespace: Namespace) -> Result<Self> {
         let authorization = token
             .map(|t| {
                 format!("Bearer {t}").parse().map_err(|_| Error::Config {
@@ -268,6 +302,7 @@ impl GrpcBackend {
         Ok(Self {
             client,
             authorization,
+            namespace: namespace as i32,
         })
     }
 
@@ -285,6 +320,7 @@ impl GrpcBackend {
         let total = bytes.len() as u64;
         let first_key = key.to_string();
         let chunk_count = bytes.len().div_ceil(MAX_CHUNK_BYTES).max(1);
+        let namespace = self.namespace;
         let chunks = futures::stream::iter((0..chunk_count).map(move |i| {
             let start = i * MAX_CHUNK_BYTES;
             let end = (start + MAX_CHUNK_BYTES).min(bytes.len());
@@ -297,6 +333,7 @@ impl GrpcBackend {
                 },
                 total_bytes: if first { total } else { 0 },
                 data: bytes.slice(start..end),
+                namespace,
             }
         }));
         let reply = self
@@ -324,6 +361,7 @@ impl GrpcBackend {
             .clone()
             .get(self.request(GetBlobRequest {
                 key: key.to_string(),
+                namespace: self.namespace,
             }))
             .await
             .map_err(status)?
@@ -361,6 +399,7 @@ impl GrpcBackend {
             .clone()
             .stat(self.request(StatBlobRequest {
                 target: Some(Target::Key(key.to_string())),
+                namespace: self.namespace,
             }))
             .await
             .map_err(|s| status_error("stat", key, &s))?
@@ -374,6 +413,7 @@ impl GrpcBackend {
             .clone()
             .stat(self.request(StatBlobRequest {
                 target: Some(Target::Prefix(prefix.to_string())),
+                namespace: self.namespace,
             }))
             .await
             .map_err(|s| status_error("list", prefix, &s))?
@@ -393,6 +433,7 @@ impl GrpcBackend {
             .delete(self.request(DeleteBlobRequest {
                 key_prefix: key_prefix.to_string(),
                 exact,
+                namespace: self.namespace,
             }))
             .await
             .map_err(|s| status_error("delete", key_prefix, &s))?

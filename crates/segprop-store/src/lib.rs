@@ -15,6 +15,7 @@
 //! This crate never links burn: the coordinator serves the store without building the training
 //! engine, and the snapshot codec ([`snapshot`]) speaks plain `f32` slices.
 
+pub mod artifact;
 pub mod bench;
 mod checked;
 pub mod config;
@@ -23,7 +24,9 @@ mod key;
 pub mod snapshot;
 pub mod store;
 
+pub use artifact::{ArtifactKind, ArtifactManifest, manifest_key};
 pub use config::StoreConfig;
+pub use grpc::Namespace;
 pub use snapshot::{
     SnapshotEntry, SnapshotHeader, Split, StorageDtype, decode_snapshot, depth_prefix,
     encode_snapshot, snapshot_key,
@@ -64,6 +67,14 @@ pub enum Error {
     /// or did not name its key. Nothing was committed.
     #[error("upload of {key:?} refused: {reason}")]
     Transfer { key: String, reason: String },
+    /// A local file of an artifact being stored or fetched could not be read or written.
+    #[error("{op} {}: {source}", path.display())]
+    Local {
+        op: &'static str,
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// The object store failed (I/O, network, permissions).
     #[error("object store: {op} {key}: {source}")]
     Backend {

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use crate::config::{MULTIPART_PART_BYTES, StoreConfig, StoreLocation};
-use crate::grpc::GrpcBackend;
+use crate::grpc::{GrpcBackend, Namespace};
 use crate::key::{parse_key, parse_prefix};
 use crate::snapshot::{SnapshotEntry, SnapshotHeader, decode_snapshot, encode_snapshot};
 use crate::{Error, Result, checked};
@@ -174,11 +174,24 @@ impl Store {
         Ok(store)
     }
 
-    /// A client of the coordinator's `SnapshotService` on `channel`, sending
-    /// `authorization: Bearer <token>` with every call when a token is given.
+    /// A client of the coordinator's snapshot store through its `SnapshotService` on
+    /// `channel`, sending `authorization: Bearer <token>` with every call when a token is given.
     pub fn grpc(channel: tonic::transport::Channel, token: Option<String>) -> Result<Self> {
-        let backend = GrpcBackend::new(channel, token.as_deref())?;
-        Ok(Self::from_backend(Backend::Grpc(backend), "grpc"))
+        Self::grpc_namespace(channel, token, Namespace::Snapshots)
+    }
+
+    /// Like [`Store::grpc`], for the coordinator's store of `namespace`.
+    pub fn grpc_namespace(
+        channel: tonic::transport::Channel,
+        token: Option<String>,
+        namespace: Namespace,
+    ) -> Result<Self> {
+        let backend = GrpcBackend::new(channel, token.as_deref(), namespace)?;
+        let describe = match namespace {
+            Namespace::Snapshots => "grpc",
+            Namespace::Artifacts => "grpc (artifacts)",
+        };
+        Ok(Self::from_backend(Backend::Grpc(backend), describe))
     }
 
     fn from_backend(backend: Backend, describe: &str) -> Self {

@@ -10,7 +10,7 @@ use futures::StreamExt;
 use segprop_proto::v1::snapshot_service_client::SnapshotServiceClient;
 use segprop_proto::v1::{GetBlobRequest, PutBlobChunk};
 use segprop_store::grpc::{MAX_CHUNK_BYTES, service};
-use segprop_store::{Error, Store};
+use segprop_store::{ArtifactKind, Error, Namespace, Store};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::service::interceptor::InterceptedService;
@@ -24,16 +24,18 @@ struct Harness {
     addr: SocketAddr,
     /// The store behind the service (multipart above 2 MiB, so large Puts stream into parts).
     backing: Store,
+    /// The artifact store behind the service (`None`: the service serves snapshots only).
+    artifacts: Option<Store>,
     stop: Option<oneshot::Sender<()>>,
     server: tokio::task::JoinHandle<()>,
 }
 
 impl Harness {
     async fn start() -> Self {
-        Self::serve(Store::memory().with_multipart_threshold(2 << 20)).await
+        Self::serve(Store::memory().with_multipart_threshold(2 << 20), None).await
     }
 
-    async fn serve(backing: Store) -> Self {
+    async fn serve(backing: Store, artifacts: Option<Store>) -> Self {
         let expected = format!("Bearer {TOKEN}");
         let auth = move |request: Request<()>| {
             let presented = request.metadata().get("authorization");
@@ -46,8 +48,10 @@ impl Harness {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
-        let router =
-            Server::builder().add_service(InterceptedService::new(service(backing.clone()), auth));
+        let router = Server::builder().add_service(InterceptedService::new(
+            service(backing.clone(), artifacts.clone()),
+            auth,
+        ));
         let server = tokio::spawn(async move {
             router
                 .serve_with_incoming_shutdown(
@@ -62,6 +66,7 @@ impl Harness {
         Self {
             addr,
             backing,
+            artifacts,
             stop: Some(stop),
             server,
         }
@@ -85,6 +90,66 @@ impl Harness {
         }
         self.server.await.unwrap();
     }
+}
+
+#[tokio::test]
+async fn artifacts_namespace_reaches_the_artifact_store_only() {
+    let harness = Harness::serve(Store::memory(), Some(Store::memory())).await;
+    let client = Store::grpc_namespace(
+        harness.channel().await,
+        Some(TOKEN.into()),
+        Namespace::Artifacts,
+    )
+    .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("state");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("weights.bin"), blob(3 << 20, 9)).unwrap();
+    std::fs::write(dir.join("state.yaml"), b"step: 3").unwrap();
+    let manifest = client
+        .put_artifact("jobs/j/stages/002/attempt-1/state", &dir, "fnv1a64:abc")
+        .await
+        .unwrap();
+    assert_eq!(manifest.kind, ArtifactKind::Dir);
+    // Stored in the artifact store, not in the snapshot store.
+    let artifacts = harness.artifacts.clone().unwrap();
+    assert_eq!(
+        artifacts.list_artifacts("jobs/j").await.unwrap(),
+        ["jobs/j/stages/002/attempt-1/state"]
+    );
+    assert!(harness.backing.list("").await.unwrap().is_empty());
+    let out = tmp.path().join("fetched");
+    let fetched = client
+        .get_artifact("jobs/j/stages/002/attempt-1/state", &out)
+        .await
+        .unwrap();
+    assert_eq!(fetched.checksum, "fnv1a64:abc");
+    assert_eq!(
+        std::fs::read(out.join("weights.bin")).unwrap(),
+        blob(3 << 20, 9)
+    );
+    harness.stop().await;
+
+    // A service without an artifact store says so.
+    let harness = Harness::start().await;
+    let client = Store::grpc_namespace(
+        harness.channel().await,
+        Some(TOKEN.into()),
+        Namespace::Artifacts,
+    )
+    .unwrap();
+    let err = client.get("jobs/j/x").await.unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            Error::Rpc {
+                code: Code::FailedPrecondition,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    harness.stop().await;
 }
 
 fn blob(len: usize, seed: u8) -> Bytes {
@@ -185,7 +250,10 @@ async fn get_streams_bounded_chunks_and_not_found() {
         .unwrap();
     let mut raw = SnapshotServiceClient::new(harness.channel().await);
     let mut chunks = raw
-        .get(authorized(GetBlobRequest { key: "k".into() }))
+        .get(authorized(GetBlobRequest {
+            key: "k".into(),
+            ..Default::default()
+        }))
         .await
         .unwrap()
         .into_inner();
@@ -203,13 +271,19 @@ async fn get_streams_bounded_chunks_and_not_found() {
     assert_eq!(totals, [(3 << 20) + 5, 0, 0, 0]);
 
     let status = raw
-        .get(authorized(GetBlobRequest { key: "none".into() }))
+        .get(authorized(GetBlobRequest {
+            key: "none".into(),
+            ..Default::default()
+        }))
         .await
         .err()
         .unwrap();
     assert_eq!(status.code(), Code::NotFound);
     let status = raw
-        .get(authorized(GetBlobRequest { key: "a//b".into() }))
+        .get(authorized(GetBlobRequest {
+            key: "a//b".into(),
+            ..Default::default()
+        }))
         .await
         .err()
         .unwrap();
@@ -250,6 +324,7 @@ async fn an_interrupted_put_commits_nothing() {
         },
         total_bytes: if first { 4 << 20 } else { 0 },
         data: blob(len, 0),
+        ..Default::default()
     };
 
     // The stream ends after 3 of the 4 announced MiB.
@@ -279,6 +354,7 @@ async fn an_interrupted_put_commits_nothing() {
         Store::local(dir.path())
             .unwrap()
             .with_multipart_threshold(2 << 20),
+        None,
     )
     .await;
     let mut raw = SnapshotServiceClient::new(harness.channel().await);

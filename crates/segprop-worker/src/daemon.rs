@@ -7,10 +7,16 @@
 //! progress events and newest checkpoint. Results carry the lease epoch they were run under; the
 //! coordinator refuses results of superseded or expired attempts.
 //!
-//! Artifact layout under the store root (`jobs/<job>/`):
-//! - `stages/<stage>/attempt-<epoch>/ckpt-<step>/` (+ `.events.jsonl`): mid-stage checkpoints;
+//! Artifact keys in the artifact store (`jobs/<job>/`), each with its `.manifest`
+//! ([`segprop_store::artifact`]):
+//! - `stages/<stage>/attempt-<epoch>/ckpt-<step>/` (+ `.events.jsonl`): mid-stage checkpoints
+//!   (the newest accepted one and the one before it are kept);
 //! - `stages/<stage>/attempt-<epoch>/state/` and `metrics.jsonl`: the state after the stage;
 //! - `model/`, `metrics.jsonl`, `summary.json`, `summary.txt`, `loss.svg`: written by `export`.
+//!
+//! A corrupt or missing checkpoint to resume from falls back to the previous checkpoint, then to
+//! the stage's input state (the stage restarts); a corrupt input state or metrics file fails the
+//! task, naming the artifact and the file.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -31,6 +37,7 @@ use tokio::sync::Notify;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::artifacts::{self, Artifacts, FetchError};
 use crate::snapshots::{self, SnapshotIo, StoreSource};
 
 /// Command-line options of `serve`.
@@ -49,6 +56,9 @@ pub struct DaemonOptions {
     /// The snapshot store: `None` = a directory `snapshot-store/` under the artifact root,
     /// `grpc` = the coordinator's SnapshotService, else an object store URL (`s3://…`, `file://…`).
     pub snapshot_store: Option<StoreConfig>,
+    /// The artifact store: `None` = the artifact root directory, `grpc` = the coordinator's
+    /// SnapshotService (artifacts namespace), else an object store URL.
+    pub artifact_store: Option<StoreConfig>,
     /// Exit (0) after reporting this many tasks: for preemptible hosts and rolling restarts.
     pub max_tasks: Option<u64>,
 }
@@ -70,14 +80,16 @@ impl tonic::service::Interceptor for AttachToken {
 struct TaskState {
     events: Vec<pb::Progress>,
     checkpoint: Option<pb::CheckpointRef>,
-    /// Newest checkpoint step the coordinator has accepted (older ones may be deleted).
+    /// Newest checkpoint step the coordinator has accepted (checkpoints older than the one
+    /// accepted before it are deleted).
     acked_step: u64,
     result: Option<Result<pb::TaskSucceeded, pb::TaskFailed>>,
 }
 
 struct TaskHandle {
     assignment: pb::Assignment,
-    attempt_dir: PathBuf,
+    /// This attempt's key prefix in the artifact store.
+    attempt_key: String,
     cancel: Arc<AtomicBool>,
     state: Arc<Mutex<TaskState>>,
 }
@@ -126,9 +138,15 @@ pub async fn serve(options: DaemonOptions) -> anyhow::Result<()> {
 
     let mut running: Option<TaskHandle> = None;
     let mut reported = 0u64;
-    let (mut worker_id, mut interval, mut root) =
+    let (mut worker_id, mut interval, root) =
         register(&mut client, &options, &running, &shutdown).await?;
-    let store = open_store(&options, &root, channel)?;
+    let store = open_store(&options, &root, channel.clone())?;
+    let artifact_store = open_artifact_store(&options, &root, channel)?;
+    tracing::info!(
+        snapshots = store.location(),
+        artifacts = artifact_store.location(),
+        "stores opened"
+    );
     loop {
         if shutdown.load(Ordering::SeqCst) {
             match &running {
@@ -152,7 +170,7 @@ pub async fn serve(options: DaemonOptions) -> anyhow::Result<()> {
                     tracing::warn!(
                         "coordinator does not know this worker (restarted?): registering again"
                     );
-                    (worker_id, interval, root) =
+                    (worker_id, interval, _) =
                         register(&mut client, &options, &running, &shutdown).await?;
                     continue;
                 }
@@ -165,8 +183,21 @@ pub async fn serve(options: DaemonOptions) -> anyhow::Result<()> {
                         tracing::info!(job = %a.job_id, task = a.task_index, "coordinator cancelled the task");
                         task.cancel.store(true, Ordering::SeqCst);
                     } else if let Some(step) = sent_checkpoint {
-                        lock(&task.state).acked_step = step;
-                        prune_checkpoints(&task.attempt_dir, step);
+                        let previous = {
+                            let mut state = lock(&task.state);
+                            let previous = state.acked_step;
+                            state.acked_step = state.acked_step.max(step);
+                            (step > previous).then_some(previous)
+                        };
+                        // Keep the accepted checkpoint and the one before it (a fallback
+                        // should the newest be damaged).
+                        if let Some(keep_from) = previous.filter(|p| *p > 0) {
+                            let (store, prefix) =
+                                (artifact_store.clone(), task.attempt_key.clone());
+                            tokio::spawn(async move {
+                                artifacts::prune_checkpoints(&store, &prefix, keep_from).await;
+                            });
+                        }
                     }
                 }
                 for assignment in reply.assignments {
@@ -176,9 +207,9 @@ pub async fn serve(options: DaemonOptions) -> anyhow::Result<()> {
                     }
                     running = Some(start_task(
                         assignment,
-                        &root,
                         &options,
                         store.clone(),
+                        artifact_store.clone(),
                         wake.clone(),
                     ));
                 }
@@ -237,6 +268,27 @@ fn open_store(options: &DaemonOptions, root: &Path, channel: Channel) -> anyhow:
         }
         Some(config) => Store::open(config)
             .map_err(|e| anyhow::anyhow!("--snapshot-store {}: {e}", config.url))?,
+    };
+    Ok(store)
+}
+
+/// The artifact store this worker reads and writes (see [`DaemonOptions::artifact_store`]).
+fn open_artifact_store(
+    options: &DaemonOptions,
+    root: &Path,
+    channel: Channel,
+) -> anyhow::Result<Store> {
+    let store = match &options.artifact_store {
+        None => Store::local(root)
+            .map_err(|e| anyhow::anyhow!("artifact store {}: {e}", root.display()))?,
+        Some(config) if config.url == "grpc" => Store::grpc_namespace(
+            channel,
+            Some(options.token.clone()),
+            segprop_store::Namespace::Artifacts,
+        )
+        .map_err(|e| anyhow::anyhow!("--artifact-store grpc: {e}"))?,
+        Some(config) => Store::open(config)
+            .map_err(|e| anyhow::anyhow!("--artifact-store {}: {e}", config.url))?,
     };
     Ok(store)
 }
@@ -398,48 +450,31 @@ async fn report(client: &mut Client, worker_id: &str, task: TaskHandle) {
     tracing::error!(job = %a.job_id, task = a.task_index, "could not report the task; its lease will expire and it will be retried");
 }
 
-/// Deletes this attempt's checkpoints older than the accepted `step`.
-fn prune_checkpoints(attempt_dir: &Path, step: u64) {
-    let Ok(entries) = std::fs::read_dir(attempt_dir) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().to_string();
-        let Some(rest) = name.strip_prefix("ckpt-") else {
-            continue;
-        };
-        let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
-        if digits.parse::<u64>().is_ok_and(|s| s < step) {
-            let path = entry.path();
-            let _ = if path.is_dir() {
-                std::fs::remove_dir_all(path)
-            } else {
-                std::fs::remove_file(path)
-            };
-        }
-    }
-}
-
 fn start_task(
     assignment: pb::Assignment,
-    root: &Path,
     options: &DaemonOptions,
     store: Store,
+    artifact_store: Store,
     wake: Arc<Notify>,
 ) -> TaskHandle {
-    let stage_dir = format!("stages/{:03}", assignment.task_index);
-    let attempt_rel = PathBuf::from(&assignment.job_dir)
-        .join(stage_dir)
-        .join(format!("attempt-{}", assignment.epoch));
+    let attempt_key = format!(
+        "{}/stages/{:03}/attempt-{}",
+        assignment.job_dir.trim_end_matches('/'),
+        assignment.task_index,
+        assignment.epoch
+    );
     let handle = TaskHandle {
-        attempt_dir: root.join(&attempt_rel),
+        attempt_key: attempt_key.clone(),
         assignment: assignment.clone(),
         cancel: Arc::new(AtomicBool::new(false)),
         state: Arc::new(Mutex::new(TaskState::default())),
     };
     let ctx = TaskContext {
-        root: root.to_path_buf(),
-        attempt_rel,
+        artifacts: Artifacts {
+            store: artifact_store,
+            runtime: tokio::runtime::Handle::current(),
+        },
+        attempt_key,
         work_dir: options.work_dir.join(&assignment.job_id).join(format!(
             "task-{}-epoch-{}",
             assignment.task_index, assignment.epoch
@@ -474,9 +509,9 @@ fn start_task(
 
 /// Everything the training thread needs.
 struct TaskContext {
-    root: PathBuf,
-    /// This attempt's directory, relative to the root.
-    attempt_rel: PathBuf,
+    artifacts: Artifacts,
+    /// This attempt's key prefix in the artifact store.
+    attempt_key: String,
     work_dir: PathBuf,
     backend: String,
     cancel: Arc<AtomicBool>,
@@ -503,12 +538,9 @@ fn failed(err: &TrainError) -> pb::TaskFailed {
     }
 }
 
-fn artifact(rel: &Path, digest: &Digest) -> pb::ArtifactRef {
-    pb::ArtifactRef {
-        uri: rel.display().to_string(),
-        checksum: digest.checksum.clone(),
-        bytes: digest.bytes,
-    }
+/// A task failure about an artifact that could not be stored or fetched.
+fn artifact_failed(reason: String, retryable: bool) -> pb::TaskFailed {
+    pb::TaskFailed { reason, retryable }
 }
 
 impl TaskContext {
@@ -542,15 +574,7 @@ impl TaskContext {
         let mut trainer =
             Trainer::<B>::new(spec, device, &self.work_dir).map_err(|e| failed(&e))?;
         let mut recorder = RecordingObserver::default();
-        if let Some(resume) = a.resume_from.as_ref().and_then(|c| c.artifact.as_ref()) {
-            let dir = self.root.join(&resume.uri);
-            checkpoint::load(&mut trainer, &dir, Some(&resume.checksum)).map_err(|e| failed(&e))?;
-            recorder.events = read_events(&events_path(&dir)).map_err(|e| failed(&e))?;
-            tracing::info!(checkpoint = %dir.display(), "resuming from checkpoint");
-        } else if let Some(input) = &a.input_state {
-            let dir = self.root.join(&input.uri);
-            checkpoint::load(&mut trainer, &dir, Some(&input.checksum)).map_err(|e| failed(&e))?;
-        }
+        let recovered = self.restore(&mut trainer, &mut recorder, a)?;
         // SnapCheck: the stored snapshots of the committed prefix replace recomputing it;
         // commits drop snapshots instead of advancing them (advance tasks do that).
         trainer.advance_in_place = false;
@@ -572,7 +596,7 @@ impl TaskContext {
             );
         }
         match kind {
-            Ok(pb::TaskKind::TrainStage) => self.train_stage(trainer, recorder, a),
+            Ok(pb::TaskKind::TrainStage) => self.train_stage(trainer, recorder, a, recovered),
             Ok(pb::TaskKind::AdvanceSnapshots) => self.advance(trainer, a),
             Ok(pb::TaskKind::Export) => self.export(trainer, a),
             _ => Err(pb::TaskFailed {
@@ -582,11 +606,106 @@ impl TaskContext {
         }
     }
 
+    /// Loads the task's starting point: the checkpoint to resume from or the stage's input
+    /// state. A damaged or missing checkpoint falls back to the one before it, then to the input
+    /// state (the stage restarts; training is deterministic, so the result is the same); the
+    /// returned note says so. A damaged input state fails the task: it has no earlier version.
+    fn restore<B: burn::tensor::backend::AutodiffBackend>(
+        &self,
+        trainer: &mut Trainer<B>,
+        recorder: &mut RecordingObserver,
+        a: &pb::Assignment,
+    ) -> Result<Option<String>, pb::TaskFailed> {
+        let mut recovered = None;
+        if let Some(resume) = a.resume_from.as_ref().and_then(|c| c.artifact.as_ref()) {
+            let damage = match self.load_checkpoint(
+                trainer,
+                recorder,
+                &resume.uri,
+                Some(&resume.checksum),
+            ) {
+                Ok(()) => {
+                    tracing::info!(checkpoint = %resume.uri, "resuming from checkpoint");
+                    return Ok(None);
+                }
+                Err(FetchError::Unavailable(m)) => return Err(artifact_failed(m, true)),
+                Err(FetchError::Corrupt(m)) => m,
+            };
+            tracing::warn!(checkpoint = %resume.uri, error = %damage, "the checkpoint to resume from is damaged: falling back to an earlier one");
+            let prefix = resume.uri.rsplit_once('/').map_or("", |(p, _)| p);
+            let newest = artifacts::checkpoint_step(&resume.uri).unwrap_or(u64::MAX);
+            let older = self
+                .artifacts
+                .checkpoints(prefix)
+                .map_err(|m| artifact_failed(m, true))?;
+            for (step, key) in older.into_iter().filter(|(s, _)| *s < newest) {
+                match self.load_checkpoint(trainer, recorder, &key, None) {
+                    Ok(()) => {
+                        let note = format!(
+                            "checkpoint {} is damaged ({damage}); resumed from step {step} ({key})",
+                            resume.uri
+                        );
+                        tracing::warn!("{note}");
+                        return Ok(Some(note));
+                    }
+                    Err(e) => {
+                        tracing::warn!(checkpoint = %key, error = %e, "earlier checkpoint unusable too")
+                    }
+                }
+            }
+            *recorder = RecordingObserver::default();
+            let note = format!(
+                "checkpoint {} is damaged ({damage}) and no earlier one is usable; the stage \
+                 restarted from its input state",
+                resume.uri
+            );
+            tracing::warn!("{note}");
+            recovered = Some(note);
+        }
+        if let Some(input) = &a.input_state {
+            let dir = self.work_dir.join("in/state");
+            self.artifacts
+                .fetch(&input.uri, Some(&input.checksum), &dir)
+                .map_err(|e| match e {
+                    FetchError::Corrupt(m) => artifact_failed(
+                        format!(
+                            "input state is damaged and has no earlier version: {m}; \
+                             resubmit the job (or restore the artifact store from a backup)"
+                        ),
+                        false,
+                    ),
+                    FetchError::Unavailable(m) => artifact_failed(m, true),
+                })?;
+            checkpoint::load(trainer, &dir, None).map_err(|e| failed(&e))?;
+        }
+        Ok(recovered)
+    }
+
+    /// Fetches the checkpoint `key` and its events and loads both.
+    fn load_checkpoint<B: burn::tensor::backend::AutodiffBackend>(
+        &self,
+        trainer: &mut Trainer<B>,
+        recorder: &mut RecordingObserver,
+        key: &str,
+        expected: Option<&str>,
+    ) -> Result<(), FetchError> {
+        let dir = self.work_dir.join("in/checkpoint");
+        self.artifacts.fetch(key, expected, &dir)?;
+        let events = events_path(&dir);
+        self.artifacts
+            .fetch(&format!("{key}.events.jsonl"), None, &events)?;
+        let loaded = read_events(&events).map_err(|e| FetchError::Corrupt(e.to_string()))?;
+        checkpoint::load(trainer, &dir, None).map_err(|e| FetchError::Corrupt(e.to_string()))?;
+        recorder.events = loaded;
+        Ok(())
+    }
+
     fn train_stage<B: burn::tensor::backend::AutodiffBackend>(
         &self,
         mut trainer: Trainer<B>,
         recorder: RecordingObserver,
         a: &pb::Assignment,
+        recovered: Option<String>,
     ) -> Result<pb::TaskSucceeded, pb::TaskFailed> {
         if trainer.progress.next_stage != a.stage_index as usize {
             return Err(pb::TaskFailed {
@@ -599,8 +718,9 @@ impl TaskContext {
         }
         let recorder = Arc::new(Mutex::new(recorder));
         trainer.checkpointer = Some(Box::new(StoreCheckpointer {
-            root: self.root.clone(),
-            attempt_rel: self.attempt_rel.clone(),
+            artifacts: self.artifacts.clone(),
+            attempt_key: self.attempt_key.clone(),
+            local_dir: self.work_dir.join("checkpoints"),
             every: a.checkpoint_every_steps,
             recorder: recorder.clone(),
             state: self.state.clone(),
@@ -618,15 +738,33 @@ impl TaskContext {
                 retryable: false,
             })?;
         trainer.checkpointer = None;
-        let state_rel = self.attempt_rel.join("state");
-        let digest = checkpoint::save(&trainer, None, &self.root.join(&state_rel))
-            .map_err(|e| failed(&e))?;
-        let metrics_rel = self.attempt_rel.join("metrics.jsonl");
+        let out = self.work_dir.join("out");
+        let state_local = out.join("state");
+        let digest = checkpoint::save(&trainer, None, &state_local).map_err(|e| failed(&e))?;
+        let state = self
+            .artifacts
+            .put(
+                &format!("{}/state", self.attempt_key),
+                &state_local,
+                &digest,
+            )
+            .map_err(|m| artifact_failed(m, true))?;
+        let metrics_local = out.join("metrics.jsonl");
         let events = lock_recorder(&recorder).events.clone();
-        let metrics =
-            write_events(&self.root.join(&metrics_rel), &events).map_err(|e| failed(&e))?;
+        let digest = write_events(&metrics_local, &events).map_err(|e| failed(&e))?;
+        let metrics = self
+            .artifacts
+            .put(
+                &format!("{}/metrics.jsonl", self.attempt_key),
+                &metrics_local,
+                &digest,
+            )
+            .map_err(|m| artifact_failed(m, true))?;
         let mut result = serde_json::to_value(&record).unwrap_or_default();
         if let Some(map) = result.as_object_mut() {
+            if let Some(note) = recovered {
+                map.insert("recovered".into(), note.into());
+            }
             let io = self
                 .snapshot_io
                 .lock()
@@ -639,10 +777,10 @@ impl TaskContext {
             map.insert("worker".into(), self.worker_name.clone().into());
         }
         Ok(pb::TaskSucceeded {
-            artifacts: vec![artifact(&state_rel, &digest)],
+            artifacts: vec![state],
             result_json: result.to_string(),
             early_exit: trainer.progress.early_exit.is_some(),
-            metrics: Some(artifact(&metrics_rel, &metrics)),
+            metrics: Some(metrics),
         })
     }
 
@@ -829,23 +967,21 @@ impl TaskContext {
         a: &pb::Assignment,
     ) -> Result<pb::TaskSucceeded, pb::TaskFailed> {
         let mut recorder = RecordingObserver::default();
-        for m in &a.stage_metrics {
-            let path = self.root.join(&m.uri);
-            let digest = checkpoint::checksum_dir(&path).map_err(|e| failed(&e))?;
-            if digest.checksum != m.checksum {
-                return Err(pb::TaskFailed {
-                    reason: format!(
-                        "{}: checksum mismatch (corrupt metrics file)",
-                        path.display()
-                    ),
-                    retryable: false,
-                });
-            }
+        for (i, m) in a.stage_metrics.iter().enumerate() {
+            let path = self.work_dir.join(format!("in/metrics-{i:03}.jsonl"));
+            self.artifacts
+                .fetch(&m.uri, Some(&m.checksum), &path)
+                .map_err(|e| match e {
+                    FetchError::Corrupt(m) => {
+                        artifact_failed(format!("stage metrics are damaged: {m}"), false)
+                    }
+                    FetchError::Unavailable(m) => artifact_failed(m, true),
+                })?;
             recorder
                 .events
                 .extend(read_events(&path).map_err(|e| failed(&e))?);
         }
-        let out = self.root.join(&a.job_dir);
+        let out = self.work_dir.join("export");
         let wall_s: f64 = trainer.progress.records.iter().map(|r| r.wall_s).sum();
         let summary = segprop_train::run::finish_run(
             &mut trainer,
@@ -857,18 +993,38 @@ impl TaskContext {
         .map_err(|e| failed(&e))?;
         let mut events = recorder.events;
         events.push(TrainEvent::RunFinished(summary.clone()));
-        let metrics_rel = PathBuf::from(&a.job_dir).join("metrics.jsonl");
-        let metrics =
-            write_events(&self.root.join(&metrics_rel), &events).map_err(|e| failed(&e))?;
-        let model_rel = PathBuf::from(&a.job_dir).join("model");
-        let model =
-            checkpoint::checksum_dir(&self.root.join(&model_rel)).map_err(|e| failed(&e))?;
-        tracing::info!(model = %self.root.join(&model_rel).display(), eval_loss = summary.final_eval_loss, "model exported");
+        write_events(&out.join("metrics.jsonl"), &events).map_err(|e| failed(&e))?;
+        // Everything finish_run wrote (model/, summary.json, summary.txt, loss.svg) and the
+        // job's metrics, each as its own artifact under the job's key.
+        let mut names: Vec<_> = std::fs::read_dir(&out)
+            .map_err(TrainError::io(&out))
+            .map_err(|e| failed(&e))?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        let job_key = a.job_dir.trim_end_matches('/');
+        let (mut model, mut metrics) = (None, None);
+        for name in names {
+            let local = out.join(&name);
+            let digest = checkpoint::checksum_dir(&local).map_err(|e| failed(&e))?;
+            let stored = self
+                .artifacts
+                .put(&format!("{job_key}/{name}"), &local, &digest)
+                .map_err(|m| artifact_failed(m, true))?;
+            match name.as_str() {
+                "model" => model = Some(stored),
+                "metrics.jsonl" => metrics = Some(stored),
+                _ => {}
+            }
+        }
+        let model = model.ok_or_else(|| artifact_failed("export wrote no model".into(), false))?;
+        tracing::info!(model = %model.uri, store = self.artifacts.store.location(), eval_loss = summary.final_eval_loss, "model exported");
         Ok(pb::TaskSucceeded {
-            artifacts: vec![artifact(&model_rel, &model)],
+            artifacts: vec![model],
             result_json: serde_json::to_string(&summary).unwrap_or_default(),
             early_exit: false,
-            metrics: Some(artifact(&metrics_rel, &metrics)),
+            metrics,
         })
     }
 }
@@ -981,10 +1137,12 @@ impl TrainObserver for DaemonObserver {
     }
 }
 
-/// Writes mid-stage checkpoints to the store and hands the newest to the heartbeat loop.
+/// Writes mid-stage checkpoints to the artifact store and hands the newest to the heartbeat loop.
 struct StoreCheckpointer {
-    root: PathBuf,
-    attempt_rel: PathBuf,
+    artifacts: Artifacts,
+    attempt_key: String,
+    /// Where a checkpoint is written before it is stored.
+    local_dir: PathBuf,
     every: u64,
     recorder: Arc<Mutex<RecordingObserver>>,
     state: Arc<Mutex<TaskState>>,
@@ -1001,16 +1159,31 @@ impl<B: burn::tensor::backend::AutodiffBackend> Checkpointer<B> for StoreCheckpo
         local_optimizer: &AdamWOptimizer<B>,
         progress: &StageProgress,
     ) -> Result<(), TrainError> {
-        let rel = self.attempt_rel.join(format!("ckpt-{:08}", progress.step));
-        let dir = self.root.join(&rel);
-        // Events first: a checkpoint that exists always has its events.
+        let name = format!("ckpt-{:08}", progress.step);
+        let key = format!("{}/{name}", self.attempt_key);
+        let dir = self.local_dir.join(&name);
+        let events_file = events_path(&dir);
         let events = lock_recorder(&self.recorder).events.clone();
-        write_events(&events_path(&dir), &events)?;
+        let events_digest = write_events(&events_file, &events)?;
         let digest = checkpoint::save(trainer, Some((local_optimizer, progress)), &dir)?;
-        tracing::debug!(step = progress.step, checkpoint = %dir.display(), "checkpoint saved");
+        let store_error = |m: String| TrainError::Io {
+            path: PathBuf::from(&key),
+            source: std::io::Error::other(m),
+        };
+        // Events first: a checkpoint that exists always has its events.
+        self.artifacts
+            .put(&format!("{key}.events.jsonl"), &events_file, &events_digest)
+            .map_err(store_error)?;
+        let stored = self
+            .artifacts
+            .put(&key, &dir, &digest)
+            .map_err(store_error)?;
+        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_file(&events_file);
+        tracing::debug!(step = progress.step, checkpoint = %key, "checkpoint stored");
         lock(&self.state).checkpoint = Some(pb::CheckpointRef {
             step: progress.step,
-            artifact: Some(artifact(&rel, &digest)),
+            artifact: Some(stored),
         });
         Ok(())
     }

@@ -2,6 +2,7 @@
 //! it assigns; the standalone modes are `train` (run a job spec on this machine) and `validate`
 //! (check a spec and print its stage plan).
 
+mod artifacts;
 mod daemon;
 mod snapshots;
 
@@ -80,6 +81,11 @@ enum Command {
         /// directory. Default: `snapshot-store/` under the artifact root.
         #[arg(long, env = "SEGPROP_SNAPSHOT_STORE")]
         snapshot_store: Option<String>,
+        /// Artifact store (stage states, checkpoints, metrics, the exported model): `grpc`
+        /// (through the coordinator), `s3://bucket/prefix`, `file:///dir`, or a directory.
+        /// Default: the artifact root directory.
+        #[arg(long, env = "SEGPROP_ARTIFACT_STORE")]
+        artifact_store: Option<String>,
         /// Endpoint of an S3-compatible server (MinIO, Ceph, moto, …); credentials come from
         /// AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY.
         #[arg(long, env = "SEGPROP_S3_ENDPOINT")]
@@ -94,6 +100,20 @@ enum Command {
         #[arg(long)]
         max_tasks: Option<u64>,
     },
+}
+
+/// A store at `url` with the S3 settings given on the command line (ignored by other stores).
+fn store_config(
+    url: String,
+    (endpoint, region, allow_http): &(Option<String>, Option<String>, bool),
+) -> segprop_store::StoreConfig {
+    segprop_store::StoreConfig {
+        url,
+        s3_endpoint: endpoint.clone(),
+        s3_region: region.clone(),
+        allow_http: *allow_http,
+        ..Default::default()
+    }
 }
 
 fn load_spec(job: Option<&PathBuf>) -> Result<JobSpec, segprop_core::SpecError> {
@@ -122,6 +142,7 @@ fn main() -> ExitCode {
             backend,
             tls_ca,
             snapshot_store,
+            artifact_store,
             s3_endpoint,
             s3_region,
             s3_allow_http,
@@ -143,6 +164,7 @@ fn main() -> ExitCode {
                     .map(|h| h.trim().to_string())
                     .unwrap_or_else(|_| "worker".into())
             });
+            let s3 = (s3_endpoint, s3_region, s3_allow_http);
             let options = daemon::DaemonOptions {
                 coordinator,
                 token,
@@ -151,13 +173,8 @@ fn main() -> ExitCode {
                 work_dir,
                 backend,
                 tls_ca,
-                snapshot_store: snapshot_store.map(|url| segprop_store::StoreConfig {
-                    url,
-                    s3_endpoint,
-                    s3_region,
-                    allow_http: s3_allow_http,
-                    ..Default::default()
-                }),
+                snapshot_store: snapshot_store.map(|url| store_config(url, &s3)),
+                artifact_store: artifact_store.map(|url| store_config(url, &s3)),
                 max_tasks,
             };
             let runtime = match tokio::runtime::Builder::new_multi_thread()
