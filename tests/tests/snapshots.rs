@@ -154,6 +154,18 @@ fn a_segment_trains_on_snapshots_another_worker_stored_and_recomputes_a_corrupt_
     assert!(segment["snapshots"]["misses"].as_u64().unwrap() > 0);
     let log = std::fs::read_to_string(dir.join("wb.log")).unwrap();
     assert!(log.contains("corrupt snapshot blob"), "{log}");
+    // Stage 1's estimate of a depth's bytes (the snapshot budget's starting point) covers the
+    // bytes the shard then wrote, with little to spare.
+    let estimate = result(&job.tasks[0])["snapshot_depth_bytes"]
+        .as_u64()
+        .unwrap();
+    let written = result(&job.tasks[1])["snapshot_io"]["bytes_written"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        written <= estimate && estimate <= written + written / 10,
+        "estimate {estimate}, written {written}"
+    );
 
     assert_same_as_standalone(&job, &job_spec, dir);
 }
@@ -468,4 +480,32 @@ fn snapshots_on_s3_complete_the_job_and_are_collected() {
         model == alone_model,
         "weights differ from the standalone run"
     );
+}
+
+/// A snapshot budget too small for a job's two live depths fails the job when its snapshots
+/// would start, with both numbers in the message; stage 1's work is kept in the store.
+#[test]
+fn a_job_that_cannot_fit_the_snapshot_budget_fails_with_both_numbers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let coord = coordinator_with(
+        dir,
+        "127.0.0.1:0",
+        &[("SEGPROP_SNAPSHOT_BUDGET_BYTES", "100000".into())],
+    );
+    let _w = worker(dir, &coord, "w1");
+    let job_spec = snap_spec(dir, "over-budget", "snapshot_shards: 1,");
+    let job_id = submit(&coord, &job_spec);
+    let out = coord_cli(&coord, &["watch", &job_id], TOKEN);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let job = get_job(&coord, &job_id);
+    assert_eq!(state(&job), pb::JobState::Failed, "{job:#?}");
+    assert_eq!(job.tasks[0].state, pb::TaskState::Succeeded as i32);
+    assert!(
+        job.error.contains("snapshot store budget of 100000 bytes"),
+        "{}",
+        job.error
+    );
+    assert!(job.error.contains("snapshot_budget_bytes"), "{}", job.error);
+    assert!(blobs(dir, &job_id).is_empty(), "nothing was written");
 }

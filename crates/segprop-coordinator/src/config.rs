@@ -42,6 +42,11 @@ pub struct CoordConfig {
     /// `snapshot-store/` under `artifact_root` (where workers look by default). Workers that
     /// reach an object store directly must be given the same url.
     pub snapshot_store: Option<StoreConfig>,
+    /// Byte budget of the snapshot store across all jobs (absent: unlimited). A SnapCheck job
+    /// reserves two snapshot depths (estimated after stage 1, then measured) when its first
+    /// `advance_snapshots` shard starts; jobs that do not fit next to the running ones wait, a
+    /// job that does not fit alone fails with both numbers.
+    pub snapshot_budget_bytes: Option<u64>,
     /// The artifact store (stage states, checkpoints, metrics, exported models): the coordinator
     /// serves it to workers over gRPC (SnapshotService, artifacts namespace). Absent: the
     /// directory `artifact_root`. Workers that reach an object store directly must be given the
@@ -70,6 +75,7 @@ impl Default for CoordConfig {
             backoff_base_ms: 1000,
             backoff_max_ms: 30_000,
             snapshot_store: None,
+            snapshot_budget_bytes: None,
             artifact_store: None,
         }
     }
@@ -94,6 +100,7 @@ const ENV_KEYS: &[&str] = &[
     "snapshot_store.s3_region",
     "snapshot_store.allow_http",
     "snapshot_store.multipart_threshold_bytes",
+    "snapshot_budget_bytes",
     "artifact_store.url",
     "artifact_store.s3_endpoint",
     "artifact_store.s3_region",
@@ -193,6 +200,7 @@ impl CoordConfig {
             max_attempts: self.max_attempts,
             backoff_base_ms: self.backoff_base_ms,
             backoff_max_ms: self.backoff_max_ms,
+            snapshot_budget_bytes: self.snapshot_budget_bytes,
         }
     }
 }

@@ -553,7 +553,7 @@ impl Coordinator {
             free_slots: 1,
         };
         let (assignments, transitions) = sched::assign(&mut inner.jobs, &[view], now, &self.sched);
-        if assignments.is_empty() {
+        if assignments.is_empty() && transitions.is_empty() {
             return Ok(Vec::new());
         }
         let changed = changed_jobs(&transitions);
@@ -566,6 +566,13 @@ impl Coordinator {
             out.push(convert::assignment(job, a.task_index, a.epoch));
         }
         self.publish_changed(&inner, &changed);
+        for t in transitions
+            .iter()
+            .filter(|t| matches!(t, sched::Transition::JobFinished { .. }))
+        {
+            tracing::warn!(?t, "job failed at assignment");
+        }
+        retire(&mut inner);
         self.lock_counters().assignments += assignments.len() as u64;
         Ok(out)
     }

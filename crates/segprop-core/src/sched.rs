@@ -47,6 +47,8 @@ pub struct SchedConfig {
     pub backoff_base_ms: u64,
     /// Upper bound of the retry delay.
     pub backoff_max_ms: u64,
+    /// Byte budget of the snapshot store (`None`: unlimited). See [`Job::snapshot_reservation`].
+    pub snapshot_budget_bytes: Option<u64>,
 }
 
 impl Default for SchedConfig {
@@ -56,6 +58,7 @@ impl Default for SchedConfig {
             max_attempts: 3,
             backoff_base_ms: 1_000,
             backoff_max_ms: 30_000,
+            snapshot_budget_bytes: None,
         }
     }
 }
@@ -466,6 +469,54 @@ impl Job {
         SnapshotDepths { live: depths, dead }
     }
 
+    /// Bytes of one stored snapshot depth of this job: the largest depth stored so far (the
+    /// sum of its shards' outputs), else the estimate its first training stage reported
+    /// (`snapshot_depth_bytes` in the stage's result), else `None`. Every depth holds the same
+    /// batches at the same width and dtype, so one depth predicts the next.
+    pub fn snapshot_depth_bytes(&self) -> Option<u64> {
+        let mut by_depth: Vec<(u32, u64)> = Vec::new();
+        for task in &self.tasks {
+            if let TaskKind::AdvanceSnapshots { to, .. } = task.kind
+                && task.status == TaskStatus::Succeeded
+            {
+                let bytes: u64 = task.outputs.iter().map(|a| a.bytes).sum();
+                match by_depth.iter_mut().find(|(d, _)| *d == to) {
+                    Some((_, total)) => *total += bytes,
+                    None => by_depth.push((to, bytes)),
+                }
+            }
+        }
+        let measured = by_depth.iter().map(|(_, b)| *b).max();
+        let estimated = self
+            .tasks
+            .iter()
+            .filter(|t| t.status == TaskStatus::Succeeded)
+            .filter_map(|t| t.result_json.as_deref())
+            .filter_map(|r| serde_json::from_str::<serde_json::Value>(r).ok())
+            .find_map(|v| {
+                v.get("snapshot_depth_bytes")
+                    .and_then(serde_json::Value::as_u64)
+            });
+        match (measured, estimated) {
+            (Some(m), Some(e)) => Some(m.max(e)),
+            (m, e) => m.or(e),
+        }
+    }
+
+    /// Bytes this job holds in the snapshot store budget: two depths (the most that are live
+    /// at once: the one a segment trains on and the one advanced from it) from the lease of its
+    /// first `advance_snapshots` shard until the job ends; 0 before and after.
+    pub fn snapshot_reservation(&self) -> u64 {
+        let started = self
+            .tasks
+            .iter()
+            .any(|t| matches!(t.kind, TaskKind::AdvanceSnapshots { .. }) && t.epoch > 0);
+        if self.is_terminal() || !started {
+            return 0;
+        }
+        2 * self.snapshot_depth_bytes().unwrap_or(0)
+    }
+
     /// Succeeded, Failed or Cancelled.
     pub fn is_terminal(&self) -> bool {
         self.status.is_terminal()
@@ -717,6 +768,12 @@ pub fn expire_leases(jobs: &mut [Job], now: u64, cfg: &SchedConfig) -> Vec<Trans
 ///
 /// A lease gets epoch `task.epoch + 1` and expires at `now + lease_ms`; `attempts` goes up by one
 /// and a `Pending` job becomes `Running`.
+///
+/// With a snapshot budget, a job's first `advance_snapshots` shard is held back (it stays
+/// `Ready`) while the other jobs' reservations plus its own ([`Job::snapshot_reservation`])
+/// exceed the budget; a job whose own reservation exceeds the whole budget fails there, with a
+/// message giving both numbers. Once started, a job is never held back again, so jobs admitted
+/// together cannot wait on each other.
 pub fn assign(
     jobs: &mut [Job],
     workers: &[WorkerView],
@@ -728,6 +785,7 @@ pub fn assign(
     order.sort_by_key(|&i| jobs[i].seq);
     let mut assignments = Vec::new();
     let mut transitions = Vec::new();
+    let mut reserved: u64 = jobs.iter().map(Job::snapshot_reservation).sum();
     for job_pos in order {
         let job = &mut jobs[job_pos];
         if job.is_terminal() {
@@ -737,6 +795,27 @@ pub fn assign(
             let task = &job.tasks[task_pos];
             if task.status != TaskStatus::Ready || task.not_before > now {
                 continue;
+            }
+            if let (Some(budget), TaskKind::AdvanceSnapshots { .. }) =
+                (cfg.snapshot_budget_bytes, &task.kind)
+                && job.snapshot_reservation() == 0
+            {
+                let need = 2 * job.snapshot_depth_bytes().unwrap_or(0);
+                if need > budget {
+                    let reason = format!(
+                        "SnapCheck keeps two snapshot depths of {} bytes each live ({need} \
+                         bytes), more than the snapshot store budget of {budget} bytes \
+                         (coordinator snapshot_budget_bytes): raise the budget, or turn \
+                         SnapCheck off (segprop.snapcheck: false)",
+                        need / 2
+                    );
+                    let index = task.index;
+                    transitions.extend(job.fail(index, reason, now));
+                    break;
+                }
+                if reserved.saturating_add(need) > budget {
+                    continue;
+                }
             }
             let chosen = workers
                 .iter()
@@ -753,6 +832,7 @@ pub fn assign(
             };
             free[w] -= 1;
             let worker_id = workers[w].id.clone();
+            let before = job.snapshot_reservation();
             let task = &mut job.tasks[task_pos];
             task.epoch += 1;
             task.attempts = task.attempts.saturating_add(1);
@@ -766,6 +846,7 @@ pub fn assign(
             if job.status == JobStatus::Pending {
                 job.status = JobStatus::Running;
             }
+            reserved = reserved.saturating_add(job.snapshot_reservation().saturating_sub(before));
             assignments.push(Assignment {
                 job_id: job.id.clone(),
                 task_index,
@@ -1156,6 +1237,119 @@ mod tests {
         assert_eq!(job.tasks[3].status, Ready);
     }
 
+    /// A SnapCheck job (1 shard per depth) whose stage 1 is done and reported `depth` bytes
+    /// per snapshot depth.
+    fn budget_job(id: &str, seq: u64, depth: u64, budget: Option<u64>) -> Job {
+        let fanout = SnapshotFanout {
+            shards: 1,
+            overlap: false,
+        };
+        let mut job = Job::new(
+            id.into(),
+            seq,
+            id.into(),
+            "segprop".into(),
+            "version: 1".into(),
+            "cpu".into(),
+            1,
+            50,
+            plan_tasks(&segprop_plan(), Some(fanout)),
+            0,
+        );
+        let cfg = SchedConfig {
+            snapshot_budget_bytes: budget,
+            ..cfg()
+        };
+        let (a, _) = assign(
+            std::slice::from_mut(&mut job),
+            &[worker("w0", "cpu", 1, 1)],
+            1,
+            &cfg,
+        );
+        let outcome = Outcome::Succeeded {
+            outputs: vec![artifact("state")],
+            metrics: None,
+            result_json: format!("{{\"snapshot_depth_bytes\":{depth}}}"),
+            early_exit: false,
+        };
+        complete(
+            &mut job,
+            a[0].task_index,
+            a[0].epoch,
+            "w0",
+            outcome,
+            1,
+            &cfg,
+        )
+        .unwrap();
+        job
+    }
+
+    #[test]
+    fn snapshot_budget_holds_back_jobs_that_do_not_fit_and_fails_one_that_never_can() {
+        let budget = Some(5_000);
+        let cfg = SchedConfig {
+            snapshot_budget_bytes: budget,
+            ..cfg()
+        };
+        let workers = [worker("w1", "cpu", 1, 1), worker("w2", "cpu", 1, 1)];
+        // a reserves 2 x 2000, b would need 2 x 2000 more: b waits.
+        let mut jobs = vec![
+            budget_job("a", 1, 2_000, budget),
+            budget_job("b", 2, 2_000, budget),
+        ];
+        assert_eq!(jobs[0].snapshot_reservation(), 0, "not started yet");
+        let (leased, _) = assign(&mut jobs, &workers, 2, &cfg);
+        assert_eq!(leased.len(), 1, "{leased:?}");
+        assert_eq!(leased[0].job_id, "a");
+        assert_eq!(jobs[0].snapshot_reservation(), 4_000);
+        assert_eq!(jobs[1].tasks[1].status, Ready, "b's shard is held back");
+        // The measured depth replaces the estimate when larger.
+        let outcome = Outcome::Succeeded {
+            outputs: vec![Artifact {
+                bytes: 2_400,
+                ..artifact("depth")
+            }],
+            metrics: None,
+            result_json: "{}".into(),
+            early_exit: false,
+        };
+        complete(&mut jobs[0], 1, leased[0].epoch, "w1", outcome, 3, &cfg).unwrap();
+        assert_eq!(jobs[0].snapshot_depth_bytes(), Some(2_400));
+        assert_eq!(jobs[0].snapshot_reservation(), 4_800);
+        // a ends: its reservation is released and b starts.
+        cancel(&mut jobs[0], 4);
+        assert_eq!(jobs[0].snapshot_reservation(), 0);
+        let (leased, _) = assign(&mut jobs, &workers, 5, &cfg);
+        assert_eq!(
+            leased.iter().map(|a| a.job_id.as_str()).collect::<Vec<_>>(),
+            ["b"]
+        );
+        // Without a budget nothing is held back.
+        let mut free = vec![
+            budget_job("c", 1, 2_000, None),
+            budget_job("d", 2, 2_000, None),
+        ];
+        let (leased, _) = assign(&mut free, &workers, 2, &SchedConfig::default());
+        assert_eq!(leased.len(), 2);
+
+        // A job whose two depths exceed the whole budget fails with both numbers.
+        let mut big = vec![budget_job("e", 1, 3_000, budget)];
+        let (leased, transitions) = assign(&mut big, &workers, 2, &cfg);
+        assert!(leased.is_empty());
+        assert_eq!(big[0].status, JobStatus::Failed);
+        let error = big[0].error.clone().unwrap();
+        assert!(
+            error.contains("6000 bytes") && error.contains("5000 bytes"),
+            "{error}"
+        );
+        assert!(
+            transitions
+                .iter()
+                .any(|t| matches!(t, Transition::JobFinished { .. }))
+        );
+    }
+
     #[test]
     fn snapshot_gc_keeps_at_most_two_depths_and_collects_all() {
         let plan = StagePlan {
@@ -1313,6 +1507,7 @@ mod tests {
                 max_attempts: 3,
                 backoff_base_ms: 1_000,
                 backoff_max_ms: 30_000,
+                snapshot_budget_bytes: None,
             }
         );
     }
@@ -2260,6 +2455,7 @@ mod tests {
                 max_attempts: 3,
                 backoff_base_ms: 100,
                 backoff_max_ms: 400,
+                snapshot_budget_bytes: None,
             }
         }
 

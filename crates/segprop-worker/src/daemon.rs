@@ -765,6 +765,21 @@ impl TaskContext {
             if let Some(note) = recovered {
                 map.insert("recovered".into(), note.into());
             }
+            if trainer.cache.is_some() {
+                let batches: Vec<_> = trainer
+                    .snapshot_batches()
+                    .iter()
+                    .map(|(split, b)| (*split, b.id, b.batch * b.seq))
+                    .collect();
+                let bytes = snapshots::depth_bytes_estimate(
+                    &batches,
+                    trainer.config.hidden_size,
+                    snapshots::storage_dtype(trainer.spec.segprop.snapshot_dtype),
+                    a.snapshot_shards.max(1),
+                    snapshots::batches_per_blob(&trainer.spec, trainer.config.hidden_size),
+                );
+                map.insert("snapshot_depth_bytes".into(), bytes.into());
+            }
             let io = self
                 .snapshot_io
                 .lock()

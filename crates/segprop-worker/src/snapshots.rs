@@ -79,6 +79,30 @@ pub fn storage_dtype(dtype: SnapshotDtype) -> StorageDtype {
     }
 }
 
+/// Header allowance per blob in [`depth_bytes_estimate`] (metadata JSON and safetensors
+/// header; measured headers of the tiny and small presets stay under 2 KiB).
+const BLOB_OVERHEAD_BYTES: u64 = 4096;
+
+/// Estimated bytes of one stored depth: every batch's activations `[batch, seq, hidden]` at the
+/// storage dtype, plus a header allowance per blob (blobs cut for `shards` shards, and a few
+/// spare in case a depth is cut into more). The coordinator's snapshot budget starts from this
+/// and switches to measured sizes once a depth is stored.
+pub fn depth_bytes_estimate(
+    batches: &[(Split, usize, usize)],
+    hidden_size: usize,
+    dtype: StorageDtype,
+    shards: u32,
+    per_blob: usize,
+) -> u64 {
+    let payload: u64 = batches
+        .iter()
+        .map(|(_, _, tokens)| (*tokens * hidden_size * dtype.bytes_per_element()) as u64)
+        .sum();
+    let ids: Vec<_> = batches.iter().map(|(split, id, _)| (*split, *id)).collect();
+    let blobs = blob_plan(&ids, shards, per_blob).len() as u64 + 8;
+    payload + blobs * BLOB_OVERHEAD_BYTES
+}
+
 /// The store key of `blob` at `depth`.
 pub fn blob_key(job_dir: &str, depth: u32, blob: &BlobPlan) -> String {
     let first = blob.ids.first().copied().unwrap_or(0) as u64;
