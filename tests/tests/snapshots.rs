@@ -498,6 +498,14 @@ fn a_job_that_cannot_fit_the_snapshot_budget_fails_with_both_numbers() {
     let job_id = submit(&coord, &job_spec);
     let out = coord_cli(&coord, &["watch", &job_id], TOKEN);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    // A blob put after the job ended (a cancelled shard finishing its write) is swept a lease
+    // later.
+    let late = dir
+        .join("artifacts/snapshot-store/jobs")
+        .join(&job_id)
+        .join("snapshots/depth-001/late.safetensors");
+    std::fs::create_dir_all(late.parent().unwrap()).unwrap();
+    std::fs::write(&late, b"late").unwrap();
     let job = get_job(&coord, &job_id);
     assert_eq!(state(&job), pb::JobState::Failed, "{job:#?}");
     assert_eq!(job.tasks[0].state, pb::TaskState::Succeeded as i32);
@@ -507,5 +515,14 @@ fn a_job_that_cannot_fit_the_snapshot_budget_fails_with_both_numbers() {
         job.error
     );
     assert!(job.error.contains("snapshot_budget_bytes"), "{}", job.error);
-    assert!(blobs(dir, &job_id).is_empty(), "nothing was written");
+    let started = Instant::now();
+    while late.exists() {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the late blob was never swept"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = std::fs::read_to_string(dir.join("coordinator.log")).unwrap();
+    assert!(log.contains("late snapshots swept"), "{log}");
 }

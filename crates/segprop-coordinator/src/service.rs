@@ -143,7 +143,39 @@ impl Coordinator {
     /// background. Returns the jobs whose `snapshots_collected` changed (to persist).
     fn collect_snapshots(&self, inner: &mut Inner) -> Vec<String> {
         let mut changed = Vec::new();
+        let now = now_ms();
         for job in inner.jobs.iter_mut().chain(inner.done.iter_mut()) {
+            if job.snapshots_swept {
+                continue;
+            }
+            // A lease after the job ended, no worker may still write for it: delete whatever a
+            // cancelled shard put after the first collection, then never look at the job again.
+            if job
+                .finished_at
+                .is_some_and(|at| now > at.saturating_add(self.config.lease_ms))
+            {
+                job.snapshots_swept = true;
+                changed.push(job.id.clone());
+                if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                    let (store, prefix, job_id) = (
+                        self.snapshots.clone(),
+                        format!("{}/snapshots", convert::job_dir(&job.id)),
+                        job.id.clone(),
+                    );
+                    runtime.spawn(async move {
+                        match store.delete_prefix(&prefix).await {
+                            Ok((0, _)) => {}
+                            Ok((objects, bytes)) => {
+                                tracing::info!(job = %job_id, objects, bytes, "late snapshots swept")
+                            }
+                            Err(e) => {
+                                tracing::warn!(job = %job_id, error = %e, "cannot sweep snapshots")
+                            }
+                        }
+                    });
+                }
+                continue;
+            }
             let dead = job.snapshot_gc().dead;
             if dead.is_empty() {
                 continue;

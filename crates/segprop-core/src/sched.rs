@@ -281,6 +281,10 @@ pub struct Job {
     /// SnapCheck depths whose snapshots were deleted from the store.
     #[serde(default)]
     pub snapshots_collected: Vec<u32>,
+    /// The job's whole snapshot prefix was deleted once more, a lease after it ended: a shard
+    /// cancelled while writing may put its last blob after the first collection.
+    #[serde(default)]
+    pub snapshots_swept: bool,
 }
 
 /// A task of a new job: what it does and which tasks (by index) it runs after.
@@ -418,6 +422,7 @@ impl Job {
             created_at: now,
             finished_at: None,
             snapshots_collected: Vec::new(),
+            snapshots_swept: false,
         }
     }
 
