@@ -20,6 +20,9 @@ fi
 echo "== cargo check --features cuda (GPU paths compile; no GPU needed)"
 cargo check -p segprop-worker -p segprop-bench --features cuda
 
+echo "== cargo check --features nccl (the NCCL collective compiles; libnccl loads at run time)"
+cargo check -p segprop-shard --features nccl
+
 echo "== cargo test"
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT

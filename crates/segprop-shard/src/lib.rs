@@ -1,0 +1,19 @@
+//! segprop-shard: the sharding layer of DESIGN §3.
+//!
+//! - [`collective`]: the [`Collective`] trait (all-gather, reduce-scatter, all-reduce, broadcast,
+//!   barrier over flat `f32` buffers, with rank and world size), a deadline on every call and
+//!   per-rank wire-byte accounting.
+//! - [`thread`]: N ranks as threads of one process ([`thread_group`]): CPU hosts, tests, CI.
+//! - [`flat`]: the flat, padded shard layout of an FSDP unit ([`ShardLayout`]).
+//! - `nccl` (feature `nccl`): the GPUs of one host over NCCL (cudarc), with the communicator's
+//!   unique id shipped by the coordinator.
+
+pub mod collective;
+pub mod flat;
+#[cfg(feature = "nccl")]
+pub mod nccl;
+pub mod thread;
+
+pub use collective::{Collective, CollectiveError, CollectiveStats, DEFAULT_DEADLINE, Op};
+pub use flat::ShardLayout;
+pub use thread::{ThreadCollective, thread_group};

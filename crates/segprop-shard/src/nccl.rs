@@ -1,0 +1,295 @@
+//! NCCL for the GPUs of one host (feature `nccl`, cudarc's `nccl` module; libnccl is loaded at
+//! run time, so building needs no CUDA).
+//!
+//! Rendezvous: rank 0 (or the coordinator) makes an [`NcclId`]; its 128 bytes
+//! ([`NcclId::to_bytes`]) travel to every rank of the gang, which builds its
+//! [`NcclCollective`] with [`NcclCollective::new`]. Because the id is plain bytes, a gang can
+//! later span hosts: the coordinator ships it in the assignment.
+//!
+//! The trait's host buffers are staged through device memory (copy in, collective, copy out):
+//! correct on any device, and what the sharding tests run on a GPU. FSDP units on burn-cuda use
+//! device buffers directly through [`NcclCollective::comm`].
+//!
+//! Deadline: the copy, the collective and an event are queued on the rank's stream and the event
+//! is polled. Past the deadline the call fails with [`CollectiveError::Timeout`] (NCCL does not
+//! say which peer is missing), the handle is poisoned, and dropping it aborts the communicator
+//! (`ncclCommAbort`), which releases the kernels still waiting for the missing peer.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
+use cudarc::nccl::{Comm, Id, ReduceOp};
+
+use crate::collective::{Collective, CollectiveError, CollectiveStats, Op, check_sizes};
+
+/// The unique id of an NCCL communicator: 128 opaque bytes every rank must receive.
+#[derive(Clone, PartialEq, Eq)]
+pub struct NcclId([u8; 128]);
+
+impl std::fmt::Debug for NcclId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("NcclId(..)")
+    }
+}
+
+impl NcclId {
+    /// A fresh id (needs libnccl; call it on one rank only).
+    pub fn new() -> Result<Self, CollectiveError> {
+        let id =
+            Id::new().map_err(|e| backend(Op::Barrier, 0, format!("ncclGetUniqueId: {e:?}")))?;
+        let mut bytes = [0u8; 128];
+        for (b, c) in bytes.iter_mut().zip(id.internal()) {
+            *b = *c as u8;
+        }
+        Ok(Self(bytes))
+    }
+
+    pub fn to_bytes(&self) -> [u8; 128] {
+        self.0
+    }
+
+    /// The id from the bytes another rank sent.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, String> {
+        let array: [u8; 128] = bytes
+            .try_into()
+            .map_err(|_| format!("an NCCL id has 128 bytes, got {}", bytes.len()))?;
+        Ok(Self(array))
+    }
+
+    fn to_id(&self) -> Id {
+        Id::uninit(self.0.map(|b| b as std::ffi::c_char))
+    }
+}
+
+fn backend(op: Op, seq: u64, message: String) -> CollectiveError {
+    CollectiveError::Backend { op, seq, message }
+}
+
+/// One rank of an NCCL communicator, on one CUDA device.
+pub struct NcclCollective {
+    comm: Comm,
+    stream: Arc<CudaStream>,
+    deadline: Duration,
+    seq: u64,
+    stats: CollectiveStats,
+    poisoned: Option<CollectiveError>,
+}
+
+impl NcclCollective {
+    /// Joins the communicator `id` as `rank` of `world` on CUDA device `device`. Blocks until
+    /// every rank has joined (NCCL's own initialisation).
+    pub fn new(
+        device: usize,
+        rank: usize,
+        world: usize,
+        id: &NcclId,
+        deadline: Duration,
+    ) -> Result<Self, CollectiveError> {
+        let init = |e: String| {
+            backend(
+                Op::Barrier,
+                0,
+                format!("init of rank {rank}/{world} on cuda:{device}: {e}"),
+            )
+        };
+        let ctx = CudaContext::new(device).map_err(|e| init(format!("{e:?}")))?;
+        let stream = ctx.new_stream().map_err(|e| init(format!("{e:?}")))?;
+        let comm = Comm::from_rank(stream.clone(), rank, world, id.to_id())
+            .map_err(|e| init(format!("ncclCommInitRank: {e:?}")))?;
+        Ok(Self {
+            comm,
+            stream,
+            deadline,
+            seq: 0,
+            stats: CollectiveStats::default(),
+            poisoned: None,
+        })
+    }
+
+    /// The communicator, for collectives on device buffers.
+    pub fn comm(&self) -> &Comm {
+        &self.comm
+    }
+
+    /// Stages `input` on the device, runs `launch` on it (it returns the output buffer), waits
+    /// for completion within the deadline and copies the output back.
+    fn run(
+        &mut self,
+        op: Op,
+        input: &[f32],
+        full_elems: usize,
+        launch: impl FnOnce(&Comm, &Arc<CudaStream>, &CudaSlice<f32>) -> Result<CudaSlice<f32>, String>,
+    ) -> Result<Vec<f32>, CollectiveError> {
+        if let Some(e) = &self.poisoned {
+            return Err(e.clone());
+        }
+        let seq = self.seq;
+        self.seq += 1;
+        let started = Instant::now();
+        let result = (|| {
+            let device_in = self
+                .stream
+                .clone_htod(input)
+                .map_err(|e| backend(op, seq, format!("copy to device: {e:?}")))?;
+            let device_out =
+                launch(&self.comm, &self.stream, &device_in).map_err(|m| backend(op, seq, m))?;
+            let done = self
+                .stream
+                .record_event(None)
+                .map_err(|e| backend(op, seq, format!("record event: {e:?}")))?;
+            loop {
+                match done.try_is_complete() {
+                    Ok(true) => break,
+                    Ok(false) => {}
+                    Err(e) => return Err(backend(op, seq, format!("{e:?}"))),
+                }
+                if started.elapsed() > self.deadline {
+                    return Err(CollectiveError::Timeout {
+                        op,
+                        seq,
+                        waited_ms: started.elapsed().as_millis() as u64,
+                        missing: Vec::new(),
+                        world: self.comm.world_size(),
+                    });
+                }
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            self.stream
+                .clone_dtoh(&device_out)
+                .map_err(|e| backend(op, seq, format!("copy to host: {e:?}")))
+        })();
+        match result {
+            Ok(out) => {
+                self.stats.record(op, full_elems, self.comm.world_size());
+                Ok(out)
+            }
+            Err(e) => {
+                tracing::warn!(rank = self.comm.rank(), error = %e, "NCCL collective failed: communicator poisoned");
+                self.poisoned = Some(e.clone());
+                Err(e)
+            }
+        }
+    }
+}
+
+fn nccl_error(what: &str, e: impl std::fmt::Debug) -> String {
+    format!("{what}: {e:?}")
+}
+
+impl Collective for NcclCollective {
+    fn rank(&self) -> usize {
+        self.comm.rank()
+    }
+
+    fn world_size(&self) -> usize {
+        self.comm.world_size()
+    }
+
+    fn all_gather(&mut self, send: &[f32], recv: &mut [f32]) -> Result<(), CollectiveError> {
+        let world = self.world_size();
+        check_sizes(Op::AllGather, world, send.len(), recv.len())?;
+        let out_len = recv.len();
+        let out = self.run(Op::AllGather, send, out_len, |comm, stream, input| {
+            let mut out = stream
+                .alloc_zeros::<f32>(out_len)
+                .map_err(|e| nccl_error("alloc", e))?;
+            comm.all_gather(input, &mut out)
+                .map_err(|e| nccl_error("ncclAllGather", e))?;
+            Ok(out)
+        })?;
+        recv.copy_from_slice(&out);
+        Ok(())
+    }
+
+    fn reduce_scatter(&mut self, send: &[f32], recv: &mut [f32]) -> Result<(), CollectiveError> {
+        let world = self.world_size();
+        check_sizes(Op::ReduceScatter, world, send.len(), recv.len())?;
+        let out_len = recv.len();
+        let out = self.run(
+            Op::ReduceScatter,
+            send,
+            send.len(),
+            |comm, stream, input| {
+                let mut out = stream
+                    .alloc_zeros::<f32>(out_len)
+                    .map_err(|e| nccl_error("alloc", e))?;
+                comm.reduce_scatter(input, &mut out, &ReduceOp::Sum)
+                    .map_err(|e| nccl_error("ncclReduceScatter", e))?;
+                Ok(out)
+            },
+        )?;
+        recv.copy_from_slice(&out);
+        Ok(())
+    }
+
+    fn all_reduce(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
+        let len = buf.len();
+        let out = self.run(Op::AllReduce, buf, len, |comm, stream, input| {
+            let mut out = stream
+                .alloc_zeros::<f32>(len)
+                .map_err(|e| nccl_error("alloc", e))?;
+            comm.all_reduce(input, &mut out, &ReduceOp::Sum)
+                .map_err(|e| nccl_error("ncclAllReduce", e))?;
+            Ok(out)
+        })?;
+        buf.copy_from_slice(&out);
+        Ok(())
+    }
+
+    fn broadcast(&mut self, buf: &mut [f32], root: usize) -> Result<(), CollectiveError> {
+        let world = self.world_size();
+        if root >= world {
+            return Err(CollectiveError::Usage {
+                op: Op::Broadcast,
+                message: format!("root {root} is not a rank of a group of {world}"),
+            });
+        }
+        let len = buf.len();
+        let out = self.run(Op::Broadcast, buf, len, |comm, stream, input| {
+            let mut out = stream
+                .alloc_zeros::<f32>(len)
+                .map_err(|e| nccl_error("alloc", e))?;
+            comm.broadcast(Some(input), &mut out, root as i32)
+                .map_err(|e| nccl_error("ncclBroadcast", e))?;
+            Ok(out)
+        })?;
+        buf.copy_from_slice(&out);
+        Ok(())
+    }
+
+    fn barrier(&mut self) -> Result<(), CollectiveError> {
+        // NCCL has no barrier: an all-reduce of one element is the usual stand-in.
+        let mut one = [0.0f32];
+        self.run(Op::Barrier, &one.clone(), 0, |comm, stream, input| {
+            let mut out = stream
+                .alloc_zeros::<f32>(1)
+                .map_err(|e| nccl_error("alloc", e))?;
+            comm.all_reduce(input, &mut out, &ReduceOp::Sum)
+                .map_err(|e| nccl_error("ncclAllReduce (barrier)", e))?;
+            Ok(out)
+        })
+        .map(|out| one.copy_from_slice(&out))
+    }
+
+    fn stats(&self) -> CollectiveStats {
+        self.stats
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_round_trip_as_bytes() {
+        let bytes: Vec<u8> = (0..128u8).collect();
+        let id = NcclId::from_bytes(&bytes).unwrap();
+        assert_eq!(id.to_bytes().to_vec(), bytes);
+        assert!(
+            NcclId::from_bytes(&bytes[..5])
+                .unwrap_err()
+                .contains("128 bytes")
+        );
+    }
+}
