@@ -5,6 +5,10 @@
 //!   per-rank wire-byte accounting.
 //! - [`thread`]: N ranks as threads of one process ([`thread_group`]): CPU hosts, tests, CI.
 //! - [`flat`]: the flat, padded shard layout of an FSDP unit ([`ShardLayout`]).
+//! - [`optim`]: AdamW on a rank's fp32 shard, bit-identical to burn's ([`ShardedAdamW`]), and
+//!   clipping over the global norm of sharded gradients.
+//! - [`unit`]: FSDP units over burn modules ([`unit::FsdpUnit`]): flatten, shard, gather into a
+//!   fresh module, reduce-scatter its gradients, step the shard.
 //! - `nccl` (feature `nccl`): the GPUs of one host over NCCL (cudarc), with the communicator's
 //!   unique id shipped by the coordinator.
 
@@ -12,8 +16,11 @@ pub mod collective;
 pub mod flat;
 #[cfg(feature = "nccl")]
 pub mod nccl;
+pub mod optim;
 pub mod thread;
+pub mod unit;
 
 pub use collective::{Collective, CollectiveError, CollectiveStats, DEFAULT_DEADLINE, Op};
 pub use flat::ShardLayout;
+pub use optim::{AdamWConfig, ShardedAdamW, clip_factor, global_grad_norm};
 pub use thread::{ThreadCollective, thread_group};

@@ -1,0 +1,213 @@
+//! FSDP units over burn modules (applied from outside the model, as torchtitan's
+//! `fully_shard` does per block).
+//!
+//! A unit (one decoder block; the embedding; the LM head with the final norm) is flattened into
+//! one fp32 buffer in parameter-visit order and sharded with [`ShardLayout`]: each rank keeps its
+//! chunk of the master weights and of the AdamW moments. The module itself stays as a skeleton
+//! whose parameters are one-element placeholders (same parameter ids), so a rank holds `1/N` of
+//! the unit, not all of it.
+//!
+//! A step per unit: [`FsdpUnit::gather`] all-gathers the full weights into a fresh module (used
+//! for forward and backward, then dropped: "free after use"); [`FsdpUnit::reduce_scatter_grads`]
+//! reduce-scatters the unit's gradients to this rank's chunk; [`FsdpUnit::step`] runs AdamW on
+//! the chunk.
+
+use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param};
+use burn::optim::GradientsParams;
+use burn::tensor::backend::{AutodiffBackend, Backend};
+use burn::tensor::{Tensor, TensorData};
+
+use crate::collective::{Collective, CollectiveError};
+use crate::flat::ShardLayout;
+use crate::optim::{AdamWConfig, ShardedAdamW};
+
+/// The float parameters of `module`, flattened in visit order.
+pub fn flatten<B: Backend, M: Module<B>>(module: &M) -> Vec<f32> {
+    struct Collect(Vec<f32>);
+    impl<B: Backend> ModuleVisitor<B> for Collect {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            self.0.extend(param.val().into_data().iter::<f32>());
+        }
+    }
+    let mut collect = Collect(Vec::new());
+    module.visit(&mut collect);
+    collect.0
+}
+
+/// The shapes of `module`'s float parameters, in visit order.
+pub fn param_shapes<B: Backend, M: Module<B>>(module: &M) -> Vec<Vec<usize>> {
+    struct Shapes(Vec<Vec<usize>>);
+    impl<B: Backend> ModuleVisitor<B> for Shapes {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            self.0.push(param.val().dims().to_vec());
+        }
+    }
+    let mut shapes = Shapes(Vec::new());
+    module.visit(&mut shapes);
+    shapes.0
+}
+
+/// Replaces `module`'s float parameters (same ids, same gradient requirement) with tensors of
+/// `shapes` filled from `flat` in visit order; `flat = None` makes one-element placeholders.
+fn refill<B: Backend, M: Module<B>>(module: M, shapes: &[Vec<usize>], flat: Option<&[f32]>) -> M {
+    struct Refill<'a> {
+        shapes: &'a [Vec<usize>],
+        flat: Option<&'a [f32]>,
+        index: usize,
+        at: usize,
+    }
+    impl<B: Backend> ModuleMapper<B> for Refill<'_> {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+            let (id, tensor, mapper) = param.consume();
+            let device = tensor.device();
+            let fresh = match self.flat {
+                Some(flat) => {
+                    let shape = self.shapes[self.index].clone();
+                    let n: usize = shape.iter().product();
+                    let values = flat[self.at..self.at + n].to_vec();
+                    self.at += n;
+                    Tensor::<B, D>::from_data(TensorData::new(values, shape), &device)
+                }
+                None => Tensor::<B, D>::from_data(TensorData::new(vec![0.0f32], [1; D]), &device),
+            };
+            self.index += 1;
+            let fresh = if tensor.is_require_grad() {
+                fresh.require_grad()
+            } else {
+                fresh
+            };
+            Param::from_mapped_value(id, fresh, mapper)
+        }
+    }
+    let mut refill = Refill {
+        shapes,
+        flat,
+        index: 0,
+        at: 0,
+    };
+    let module = module.map(&mut refill);
+    if let Some(flat) = flat {
+        assert_eq!(
+            refill.at,
+            flat.len(),
+            "the flat buffer does not match the unit"
+        );
+    }
+    module
+}
+
+/// The gradients of `module`'s parameters in visit order (zeros where a parameter has none).
+pub fn flatten_grads<B: AutodiffBackend, M: AutodiffModule<B>>(
+    module: &M,
+    grads: &GradientsParams,
+) -> Vec<f32> {
+    struct Collect<'a>(&'a GradientsParams, Vec<f32>);
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Collect<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            match self.0.get::<B::InnerBackend, D>(param.id) {
+                Some(g) => self.1.extend(g.into_data().iter::<f32>()),
+                None => {
+                    let n = param.val().shape().num_elements();
+                    self.1.extend(std::iter::repeat_n(0.0, n));
+                }
+            }
+        }
+    }
+    let mut collect = Collect(grads, Vec::new());
+    module.visit(&mut collect);
+    collect.1
+}
+
+/// Bytes one rank holds for a unit (fp32 throughout).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UnitMemory {
+    /// This rank's chunk of the master weights.
+    pub params: u64,
+    /// This rank's chunk of both AdamW moments.
+    pub optimizer: u64,
+    /// The full weights while gathered (forward, backward), freed after use.
+    pub gathered: u64,
+    /// The full gradient before the reduce-scatter.
+    pub full_grad: u64,
+}
+
+/// One FSDP unit on one rank.
+pub struct FsdpUnit<M> {
+    /// The module's structure with placeholder parameters (ids kept).
+    skeleton: M,
+    shapes: Vec<Vec<usize>>,
+    pub layout: ShardLayout,
+    pub rank: usize,
+    /// This rank's chunk of the fp32 master weights (padding included, always zero).
+    pub master: Vec<f32>,
+    pub optimizer: ShardedAdamW,
+}
+
+impl<M> FsdpUnit<M> {
+    /// Shards `module` (whose weights every rank starts with, e.g. from one seed) for `rank` of
+    /// `world`; the full weights are dropped.
+    pub fn new<B: Backend>(module: M, rank: usize, world: usize, config: AdamWConfig) -> Self
+    where
+        M: Module<B>,
+    {
+        let flat = flatten::<B, M>(&module);
+        let shapes = param_shapes::<B, M>(&module);
+        let layout = ShardLayout::new(flat.len(), world);
+        let master = layout.shard(&flat, rank);
+        Self {
+            skeleton: refill::<B, M>(module, &shapes, None),
+            shapes,
+            layout,
+            rank,
+            optimizer: ShardedAdamW::new(config, layout.chunk),
+            master,
+        }
+    }
+
+    /// All-gathers the unit: a module with the full current weights.
+    pub fn gather<B: Backend>(&self, collective: &mut dyn Collective) -> Result<M, CollectiveError>
+    where
+        M: Module<B>,
+    {
+        let full = self.layout.all_gather(collective, &self.master)?;
+        Ok(refill::<B, M>(
+            self.skeleton.clone(),
+            &self.shapes,
+            Some(&full),
+        ))
+    }
+
+    /// Reduce-scatters the gradients of `gathered` (the module [`Self::gather`] returned, after
+    /// backward): this rank's chunk of their sum over ranks.
+    pub fn reduce_scatter_grads<B: AutodiffBackend>(
+        &self,
+        collective: &mut dyn Collective,
+        gathered: &M,
+        grads: &GradientsParams,
+    ) -> Result<Vec<f32>, CollectiveError>
+    where
+        M: AutodiffModule<B>,
+    {
+        let full = flatten_grads::<B, M>(gathered, grads);
+        self.layout.reduce_scatter(collective, &full)
+    }
+
+    /// AdamW on this rank's chunk.
+    pub fn step(&mut self, lr: f64, grad_shard: &[f32]) {
+        self.optimizer.step(lr, &mut self.master, grad_shard);
+    }
+
+    /// Real (non-padding) elements of this rank's chunk.
+    pub fn valid(&self) -> usize {
+        self.layout.valid(self.rank)
+    }
+
+    pub fn memory(&self) -> UnitMemory {
+        UnitMemory {
+            params: (self.master.len() * 4) as u64,
+            optimizer: self.optimizer.state_bytes(),
+            gathered: (self.layout.len * 4) as u64,
+            full_grad: (self.layout.len * 4) as u64,
+        }
+    }
+}
