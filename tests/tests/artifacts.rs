@@ -101,13 +101,7 @@ fn a_damaged_checkpoint_falls_back_to_the_one_before_it() {
 
     let run_dir = PathBuf::from(&job.run_dir);
     assert_steps_once(&run_dir.join("metrics.jsonl"));
-    let (model, loss) = run_outputs(&run_dir);
-    let (alone_model, alone_loss) = standalone(&job_spec, &dir.join("alone"));
-    assert_eq!(loss, alone_loss);
-    assert!(
-        model == alone_model,
-        "weights differ from an undisturbed run"
-    );
+    assert_matches_standalone(&run_dir, &job_spec, dir);
 }
 
 /// Stage 1's stored state is damaged before the next task reads it: that task fails without a
@@ -120,14 +114,7 @@ fn a_damaged_input_state_fails_the_task_naming_the_file() {
     let coord = coordinator(dir, "127.0.0.1:0");
     let job_id = submit(&coord, &job_spec);
     let mut a = worker_with(dir, &coord, "wa", &["--max-tasks", "1"]);
-    let started = std::time::Instant::now();
-    while a.0.try_wait().unwrap().is_none() {
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "wa did not exit"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    assert!(wait_exit(&mut a, Duration::from_secs(120)).success());
     let job = get_job(&coord, &job_id);
     assert_eq!(job.tasks[0].state, pb::TaskState::Succeeded as i32);
     let stage1 = dir.join("artifacts/jobs").join(&job_id).join("stages/000");

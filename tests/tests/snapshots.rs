@@ -82,28 +82,6 @@ fn live_depths(dir: &Path, job_id: &str) -> usize {
     depths.len()
 }
 
-/// The job's exported model and held-out loss equal a standalone run of the same spec.
-fn assert_same_as_standalone(job: &pb::Job, job_spec: &Path, dir: &Path) {
-    let (model, loss) = run_outputs(Path::new(&job.run_dir));
-    let (alone_model, alone_loss) = standalone(job_spec, &dir.join("alone"));
-    assert_eq!(loss, alone_loss);
-    assert!(
-        model == alone_model,
-        "weights differ from the standalone run"
-    );
-}
-
-fn wait_exit(w: &mut Worker, limit: Duration) -> std::process::ExitStatus {
-    let started = Instant::now();
-    loop {
-        if let Some(status) = w.0.try_wait().unwrap() {
-            return status;
-        }
-        assert!(started.elapsed() < limit, "worker did not exit");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// Worker A runs stage 1 and the first snapshot shard, then leaves (`--max-tasks 2`); one byte
 /// of one stored blob is flipped; worker B trains the segment on A's snapshots. B detects the
 /// corrupt blob and recomputes its batches, reads the others from the store, and the job ends
@@ -167,7 +145,7 @@ fn a_segment_trains_on_snapshots_another_worker_stored_and_recomputes_a_corrupt_
         "estimate {estimate}, written {written}"
     );
 
-    assert_same_as_standalone(&job, &job_spec, dir);
+    assert_matches_standalone(Path::new(&job.run_dir), &job_spec, dir);
 }
 
 /// Two workers, two shards per depth with streaming overlap; worker 2 shares no directory with
@@ -289,7 +267,7 @@ fn two_workers_fan_out_snapshots_collect_them_and_match_a_standalone_run() {
     assert!(!private.exists(), "w2 used a local artifact root");
     let w2_log = std::fs::read_to_string(dir.join("w2.log")).unwrap();
     assert!(w2_log.contains("grpc (artifacts)"), "{w2_log}");
-    assert_same_as_standalone(&job, &job_spec, dir);
+    assert_matches_standalone(Path::new(&job.run_dir), &job_spec, dir);
 }
 
 /// Per-step training losses of every stage in a run's metrics.jsonl.
@@ -473,13 +451,7 @@ fn snapshots_on_s3_complete_the_job_and_are_collected() {
         TOKEN,
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let (model, loss) = run_outputs(&fetched);
-    let (alone_model, alone_loss) = standalone(&job_spec, &dir.join("alone"));
-    assert_eq!(loss, alone_loss);
-    assert!(
-        model == alone_model,
-        "weights differ from the standalone run"
-    );
+    assert_matches_standalone(&fetched, &job_spec, dir);
 }
 
 /// A snapshot budget too small for a job's two live depths fails the job when its snapshots

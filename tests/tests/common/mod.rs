@@ -341,6 +341,30 @@ pub fn standalone(spec: &Path, out: &Path) -> (Vec<u8>, f64) {
     run_outputs(out)
 }
 
+/// The model and held-out loss in `run_dir` (a job's run directory, or where `fetch` put it)
+/// equal a standalone run of `job_spec` (run under `dir/alone`).
+pub fn assert_matches_standalone(run_dir: &Path, job_spec: &Path, dir: &Path) {
+    let (model, loss) = run_outputs(run_dir);
+    let (alone_model, alone_loss) = standalone(job_spec, &dir.join("alone"));
+    assert_eq!(loss, alone_loss);
+    assert!(
+        model == alone_model,
+        "weights differ from the standalone run"
+    );
+}
+
+/// Waits for a worker started with `--max-tasks` to exit.
+pub fn wait_exit(w: &mut Worker, limit: std::time::Duration) -> std::process::ExitStatus {
+    let started = std::time::Instant::now();
+    loop {
+        if let Some(status) = w.0.try_wait().unwrap() {
+            return status;
+        }
+        assert!(started.elapsed() < limit, "worker did not exit");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 pub fn run_outputs(dir: &Path) -> (Vec<u8>, f64) {
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap();
