@@ -35,6 +35,10 @@ pub struct JobSpec {
     pub resources: ResourcesSpec,
     #[serde(default)]
     pub sharding: ShardingSpec,
+    /// Recompute each trained unit's forward during backward instead of keeping its activations
+    /// (per decoder block; the embedding and the head are units too). Applies sharded or not.
+    #[serde(default)]
+    pub activation_checkpointing: bool,
     #[serde(default)]
     pub checkpoint: CheckpointSpec,
     #[serde(default = "default_seed")]
@@ -570,13 +574,34 @@ pub enum Offload {
     Cpu,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ShardingSpec {
+    /// `full_shard`: every trained unit is sharded over the gang's `resources.devices_per_gang`
+    /// ranks (FSDP); `none`: one rank holds the whole model.
     #[serde(default)]
     pub strategy: ShardingStrategy,
+    /// Where each rank's shards of the master weights and optimizer state live.
     #[serde(default)]
     pub offload: Offload,
+    /// Deadline of every collective: a rank that does not join within it fails the attempt,
+    /// naming the rank and the collective, instead of hanging the gang.
+    #[serde(default = "default_collective_timeout_s")]
+    pub collective_timeout_s: f64,
+}
+
+fn default_collective_timeout_s() -> f64 {
+    300.0
+}
+
+impl Default for ShardingSpec {
+    fn default() -> Self {
+        Self {
+            strategy: ShardingStrategy::None,
+            offload: Offload::None,
+            collective_timeout_s: default_collective_timeout_s(),
+        }
+    }
 }
 
 pub use self::Backend as BackendKind;

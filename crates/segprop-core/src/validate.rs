@@ -123,13 +123,46 @@ impl JobSpec {
                 "more than one device per gang needs `sharding.strategy: full_shard`",
             ));
         }
-        if self.sharding.strategy == ShardingStrategy::FullShard
-            || self.sharding.offload == Offload::Cpu
+        let sharded = self.sharding.strategy == ShardingStrategy::FullShard;
+        if self.sharding.offload == Offload::Cpu && !sharded {
+            return Err(SpecError::invalid(
+                "sharding.offload",
+                "`offload: cpu` offloads the shards of `strategy: full_shard`; set the strategy \
+                 too (one rank is fine: `resources.devices_per_gang: 1`)",
+            ));
+        }
+        if sharded
+            && self.resources.backend == crate::spec::Backend::Cuda
+            && self.sharding.offload == Offload::None
         {
             return Err(SpecError::invalid(
-                "sharding",
-                "sharded training (full_shard, cpu offload) is not available in this release; \
-                 use `strategy: none, offload: none`",
+                "sharding.offload",
+                "full_shard keeps each rank's shard of the weights and of the optimizer state in \
+                 host memory and steps it there (FSDP + CPU offload); device-resident shards are \
+                 not available in this release: set `offload: cpu`",
+            ));
+        }
+        if sharded
+            && !self
+                .optimizer
+                .grad_accum
+                .is_multiple_of(self.resources.devices_per_gang)
+        {
+            return Err(SpecError::invalid(
+                "optimizer.grad_accum",
+                format!(
+                    "is {}: a sharded step splits its micro-batches over the {} ranks of \
+                     `resources.devices_per_gang`, so it must be a multiple of that",
+                    self.optimizer.grad_accum, self.resources.devices_per_gang
+                ),
+            ));
+        }
+        if !(self.sharding.collective_timeout_s.is_finite()
+            && self.sharding.collective_timeout_s > 0.0)
+        {
+            return Err(SpecError::invalid(
+                "sharding.collective_timeout_s",
+                "must be a positive number of seconds",
             ));
         }
         if self.resources.precision == Precision::Bf16 {

@@ -197,6 +197,50 @@ impl<M> FsdpUnit<M> {
         self.optimizer.step(lr, &mut self.master, grad_shard);
     }
 
+    /// All-gathers the unit on the inner (no-autodiff) backend, for a forward pass that builds
+    /// no graph: the weights are freed as soon as the returned module is dropped.
+    pub fn gather_valid<B: AutodiffBackend>(
+        &self,
+        collective: &mut dyn Collective,
+    ) -> Result<M::InnerModule, CollectiveError>
+    where
+        M: AutodiffModule<B>,
+    {
+        Ok(self.gather::<B>(collective)?.valid())
+    }
+
+    /// The module's structure with one-element placeholder parameters (the ids of the original).
+    pub fn skeleton(&self) -> &M {
+        &self.skeleton
+    }
+
+    /// Loads AdamW state of the whole unit (both moments in visit order, `len` elements each, and
+    /// the step count): this rank keeps its chunk.
+    pub fn load_optimizer_state(&mut self, moment_1: &[f32], moment_2: &[f32], time: i32) {
+        self.optimizer.moment_1 = self.layout.shard(moment_1, self.rank);
+        self.optimizer.moment_2 = self.layout.shard(moment_2, self.rank);
+        self.optimizer.time = time;
+    }
+
+    /// All-gathers the unit's AdamW moments (`len` elements each, visit order). Every rank must
+    /// call it.
+    pub fn gather_optimizer_state(
+        &self,
+        collective: &mut dyn Collective,
+    ) -> Result<(Vec<f32>, Vec<f32>), CollectiveError> {
+        Ok((
+            self.layout
+                .all_gather(collective, &self.optimizer.moment_1)?,
+            self.layout
+                .all_gather(collective, &self.optimizer.moment_2)?,
+        ))
+    }
+
+    /// The shapes of the unit's parameters, in visit order.
+    pub fn shapes(&self) -> &[Vec<usize>] {
+        &self.shapes
+    }
+
     /// Real (non-padding) elements of this rank's chunk.
     pub fn valid(&self) -> usize {
         self.layout.valid(self.rank)

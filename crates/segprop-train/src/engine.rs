@@ -24,6 +24,7 @@ use crate::metrics::{EvalRecord, StageRecord, StepRecord, TrainEvent, TrainObser
 use crate::route::{Route, RouteInput};
 use crate::schedule::LrSchedule;
 use crate::segprop::HeadBaseline;
+use crate::sharded::{MicroBatch, ShardRank, ShardedStage, StepInput};
 use crate::snapcheck::{SnapshotCache, SnapshotKey, Split};
 
 pub type AdamWOptimizer<B> = OptimizerAdaptor<AdamW, Llama<B>, B>;
@@ -127,6 +128,9 @@ pub struct Trainer<B: AutodiffBackend> {
     /// Whether a commit advances the cached snapshots in place (one process runs the whole plan).
     /// A worker daemon turns it off: separate `advance_snapshots` tasks produce them instead.
     pub advance_in_place: bool,
+    /// This rank's place in a sharded gang (FSDP units, activation checkpointing); `None` trains
+    /// the whole model on this device.
+    pub shard: Option<ShardRank>,
 }
 
 impl<B: AutodiffBackend> Trainer<B> {
@@ -185,6 +189,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             checkpointer: None,
             resume: None,
             advance_in_place: true,
+            shard: None,
         })
     }
 
@@ -238,6 +243,17 @@ impl<B: AutodiffBackend> Trainer<B> {
         Trainable {
             local: local.0,
             head: head.0,
+        }
+    }
+
+    /// The optimizer settings as the sharded AdamW takes them (the same update as burn's).
+    pub fn sharded_adamw(&self) -> segprop_shard::AdamWConfig {
+        let o = &self.spec.optimizer;
+        segprop_shard::AdamWConfig {
+            beta_1: o.betas[0] as f32,
+            beta_2: o.betas[1] as f32,
+            epsilon: o.eps as f32,
+            weight_decay: o.weight_decay as f32,
         }
     }
 
@@ -471,6 +487,104 @@ impl<B: AutodiffBackend> Trainer<B> {
         (loss_sum * scale, norm)
     }
 
+    /// One optimizer step of a sharded stage: this rank takes micro-batches `rank, rank + N, …`
+    /// of the step's `batches` (so the global batch, and the loss curve, do not depend on N).
+    /// Returns (mean loss over all ranks, global grad norm).
+    fn sharded_step(
+        &mut self,
+        stage: &mut ShardedStage<B>,
+        route: Route,
+        batches: &[&Batch],
+        lr: f64,
+    ) -> Result<(f64, f64), TrainError> {
+        let mut shard = self.shard.take().expect("a sharded stage has a shard rank");
+        let (rank, world) = (shard.rank(), shard.world());
+        let mut micro = Vec::new();
+        for batch in batches.iter().skip(rank).step_by(world) {
+            let input = match route.input() {
+                RouteInput::Embed => StepInput::Tokens(batch.inputs.clone()),
+                RouteInput::Prefix { depth } => {
+                    StepInput::Hidden(self.prefix_output(depth, Split::Train, batch))
+                }
+            };
+            micro.push(MicroBatch { batch, input });
+        }
+        let scale = 1.0 / batches.len() as f64;
+        let stepped = stage
+            .step(
+                &mut shard,
+                micro,
+                scale,
+                lr,
+                self.spec.optimizer.grad_clip,
+                &self.adapter,
+                &self.rope,
+                &self.rope_inner,
+                &self.device,
+            )
+            .and_then(|(local_loss, norm)| {
+                let mut total = [local_loss as f32];
+                shard.collective.all_reduce(&mut total)?;
+                Ok((f64::from(total[0]) * scale, norm))
+            });
+        self.shard = Some(shard);
+        Ok(stepped?)
+    }
+
+    /// Whether any rank of the gang was cancelled (every rank must ask at the same point).
+    fn gang_cancelled(&mut self, local: bool) -> Result<bool, TrainError> {
+        let Some(shard) = self.shard.as_mut() else {
+            return Ok(local);
+        };
+        let mut flag = [if local { 1.0 } else { 0.0 }];
+        shard.collective.all_reduce(&mut flag)?;
+        Ok(flag[0] > 0.0)
+    }
+
+    /// Gathers a sharded stage's weights into `self.model`, and its optimizer moments into the
+    /// engine's optimizers (`local_opt`, `self.head_optimizer`).
+    fn materialize(
+        &mut self,
+        stage: &ShardedStage<B>,
+        local_opt: AdamWOptimizer<B>,
+    ) -> Result<AdamWOptimizer<B>, TrainError> {
+        let fresh = self.new_optimizer();
+        let shard = self
+            .shard
+            .as_mut()
+            .expect("a sharded stage has a shard rank");
+        let c = shard.collective.as_mut();
+        stage.materialize(c, &mut self.model)?;
+        let (local, head) = stage.export_optimizers(
+            c,
+            &self.model,
+            local_opt,
+            self.head_optimizer.take(),
+            fresh,
+        )?;
+        self.head_optimizer = head;
+        Ok(local)
+    }
+
+    /// Evaluates `route`, gathering a sharded stage's weights for it first.
+    fn evaluate_stage(
+        &mut self,
+        route: Route,
+        stage: Option<&ShardedStage<B>>,
+    ) -> Result<f64, TrainError> {
+        let Some(stage) = stage else {
+            return Ok(self.evaluate(route));
+        };
+        let shard = self
+            .shard
+            .as_mut()
+            .expect("a sharded stage has a shard rank");
+        stage.materialize(shard.collective.as_mut(), &mut self.model)?;
+        let loss = self.evaluate(route);
+        stage.dematerialize(&mut self.model);
+        Ok(loss)
+    }
+
     /// Mean held-out loss of the network `route` describes, on the current weights.
     pub fn evaluate(&mut self, route: Route) -> f64 {
         let model = self.model.valid();
@@ -538,6 +652,19 @@ impl<B: AutodiffBackend> Trainer<B> {
                 },
             ),
         };
+        let adamw = self.sharded_adamw();
+        let mut sharded = match &self.shard {
+            Some(shard) => Some(ShardedStage::new(
+                &mut self.model,
+                route,
+                &trainable,
+                &local_opt,
+                self.head_optimizer.as_ref(),
+                adamw,
+                shard,
+            )),
+            None => None,
+        };
         let budget = at.tracker.step_budget(steps_per_epoch);
         let schedule = LrSchedule::new(
             self.spec.optimizer.lr,
@@ -564,7 +691,10 @@ impl<B: AutodiffBackend> Trainer<B> {
                 .data
                 .epoch_order(self.spec.seed ^ ((entry.index as u64) << 32), at.epoch);
             for chunk in order.chunks_exact(accum).skip(at.chunk) {
-                if observer.cancelled() {
+                if self.gang_cancelled(observer.cancelled())? {
+                    if let Some(stage) = sharded.take() {
+                        local_opt = self.materialize(&stage, local_opt)?;
+                    }
                     if at.step > checkpointed {
                         at.wall_s = wall_before + started.elapsed().as_secs_f64();
                         self.save_checkpoint(&local_opt, &at)?;
@@ -576,8 +706,10 @@ impl<B: AutodiffBackend> Trainer<B> {
                 let refs: Vec<&Batch> = batches.iter().collect();
                 let step_started = Instant::now();
                 let lr = schedule.lr(at.step);
-                let (loss, grad_norm) =
-                    self.train_step(route, &refs, &trainable, &mut local_opt, lr);
+                let (loss, grad_norm) = match sharded.as_mut() {
+                    Some(stage) => self.sharded_step(stage, route, &refs, lr)?,
+                    None => self.train_step(route, &refs, &trainable, &mut local_opt, lr),
+                };
                 if !loss.is_finite() {
                     return Err(TrainError::NonFiniteLoss {
                         stage: entry.name.clone(),
@@ -601,7 +733,7 @@ impl<B: AutodiffBackend> Trainer<B> {
                 }));
                 let mut stop = None;
                 if at.step % self.spec.eval.every_steps == 0 {
-                    let eval_loss = self.evaluate(route);
+                    let eval_loss = self.evaluate_stage(route, sharded.as_ref())?;
                     at.last_eval = Some((at.step, eval_loss));
                     self.emit_eval(observer, entry, at.step, eval_loss);
                     stop = at.tracker.on_eval(eval_loss);
@@ -615,7 +747,13 @@ impl<B: AutodiffBackend> Trainer<B> {
                 let every = self.checkpointer.as_ref().map_or(0, |c| c.every_steps());
                 if every > 0 && at.step % every == 0 {
                     at.wall_s = wall_before + started.elapsed().as_secs_f64();
+                    if let Some(stage) = &sharded {
+                        local_opt = self.materialize(stage, local_opt)?;
+                    }
                     self.save_checkpoint(&local_opt, &at)?;
+                    if let Some(stage) = &sharded {
+                        stage.dematerialize(&mut self.model);
+                    }
                     checkpointed = at.step;
                 }
             }
@@ -625,6 +763,12 @@ impl<B: AutodiffBackend> Trainer<B> {
                 break reason;
             }
         };
+        let sharding = sharded.as_ref().map(ShardedStage::memory);
+        if let Some(stage) = sharded.take() {
+            // The stage's weights and optimizer state go back into whole modules (stage states,
+            // commits and the export are the same files sharded or not).
+            drop(self.materialize(&stage, local_opt)?);
+        }
         let step = at.step;
         let last_loss = at.last_loss;
         let last_eval = at.last_eval;
@@ -651,6 +795,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             trainable_params,
             peak_bytes: alloc::peak_bytes().map(|b| b as u64),
             snapshots: self.cache.as_ref().map(|c| c.stats()),
+            sharding,
         };
         observer.on_event(&TrainEvent::StageFinished(record.clone()));
         Ok(record)

@@ -32,6 +32,13 @@ pub enum TrainError {
     /// A trainer checkpoint cannot be read or written.
     #[error("checkpoint {path}: {message}")]
     State { path: PathBuf, message: String },
+    /// A collective of a sharded gang failed (a rank left, stalled past the deadline, or
+    /// diverged): the attempt is lost, a retry resumes from the last checkpoint.
+    #[error("sharded training: {0}")]
+    Collective(#[from] segprop_shard::CollectiveError),
+    /// A rank of a sharded gang panicked.
+    #[error("rank {rank} of the gang failed: {message}")]
+    RankFailed { rank: usize, message: String },
     #[error("training was cancelled")]
     Cancelled,
 }

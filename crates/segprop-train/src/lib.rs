@@ -23,6 +23,7 @@ pub mod route;
 pub mod run;
 pub mod schedule;
 pub mod segprop;
+pub mod sharded;
 pub mod snapcheck;
 
 pub use engine::Trainer;

@@ -50,6 +50,9 @@ pub struct StageRecord {
     /// Peak live host heap during the stage (only with the counting allocator installed).
     pub peak_bytes: Option<u64>,
     pub snapshots: Option<SnapshotStats>,
+    /// What one rank held in a sharded stage (rank 0's view; ranks differ only by padding).
+    #[serde(default)]
+    pub sharding: Option<crate::sharded::RankMemory>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

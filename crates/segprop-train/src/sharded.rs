@@ -1,0 +1,808 @@
+//! Sharded training of one stage (DESIGN §3): the units a stage trains (embedding, each trained
+//! decoder block, each block of LL(r), the LM head with the final norm) are flattened and sharded
+//! 1/N over the ranks of a [`Collective`], as torchtitan's `fully_shard` does per block, from
+//! outside the model. Units the stage does not train are not sharded: the frozen prefix of a
+//! SegProp segment is read from SnapCheck or run forward-only, exactly as unsharded.
+//!
+//! A step over this rank's micro-batches, with activation checkpointing (the default):
+//! 1. **forward**, unit by unit in route order: all-gather the unit, run every micro-batch
+//!    through it without a graph, keep only the unit's input, free the gathered weights;
+//! 2. **loss**: gather the head, forward with a graph from the saved input, backward: the head's
+//!    gradient and the gradient at its input;
+//! 3. **backward**, unit by unit in reverse: re-gather the unit, recompute its forward from the
+//!    saved input with a graph, back-propagate the upstream gradient (`sum(y · g)`), accumulate
+//!    the unit's gradient over micro-batches, free the weights, reduce-scatter the gradient;
+//! 4. clip over the global norm of the sharded gradients, AdamW on each shard.
+//!
+//! Each unit is gathered twice and its gradient reduce-scattered once per step: the
+//! `3 × unit × (N − 1)/N` wire bytes of FSDP, whatever the number of micro-batches.
+//!
+//! Without activation checkpointing every trained unit is gathered once, the whole route runs
+//! with a graph as unsharded, and the gathered weights live until backward ends (burn's graph
+//! holds them; it cannot re-gather them in place as PyTorch's FSDP hooks do): `2 × unit` wire
+//! bytes per step, all trained units gathered at the peak.
+//!
+//! Where shards live: each rank's chunk of the fp32 master weights and of both AdamW moments is
+//! host memory (`Vec<f32>`), stepped by a host AdamW (bit-identical to burn's): this is the
+//! "offload: cpu" layout of FSDP + CPU offload; gathered weights are uploaded to the device for
+//! use and freed after.
+//!
+//! Between stages the trainer holds whole modules again ([`ShardedStage::finish`] gathers the
+//! weights and the optimizer moments back into burn's optimizers), so checkpoints, stage states,
+//! SnapCheck advances and the export are the same files sharded or not.
+
+use burn::module::{AutodiffModule, ParamId};
+use burn::nn::Embedding;
+use burn::optim::record::{AdaptorRecord, AdaptorRecordV1};
+use burn::optim::{AdamWState, AdaptiveMomentumState, GradientsParams, Optimizer};
+use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
+use segprop_model::model::cross_entropy;
+use segprop_model::{Block, Llama, LmHead, ParamIds, RopeTables};
+use segprop_shard::unit::{FsdpUnit, UnitMemory, flatten_grads};
+use segprop_shard::{AdamWConfig, Collective, CollectiveError, clip_factor, global_grad_norm};
+use serde::{Deserialize, Serialize};
+
+use crate::adapter::Adapter;
+use crate::data::Batch;
+use crate::engine::{AdamWOptimizer, Trainable};
+use crate::route::Route;
+
+/// This rank's place in a sharded gang.
+pub struct ShardRank {
+    pub collective: Box<dyn Collective>,
+    /// Recompute each unit's forward in backward (re-gathering its weights) instead of keeping
+    /// the gathered weights and the graph from forward to backward.
+    pub activation_checkpointing: bool,
+}
+
+impl ShardRank {
+    pub fn rank(&self) -> usize {
+        self.collective.rank()
+    }
+
+    pub fn world(&self) -> usize {
+        self.collective.world_size()
+    }
+}
+
+/// What one rank holds during a sharded stage, in bytes (reported in the stage's metrics).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RankMemory {
+    pub rank: usize,
+    pub world: usize,
+    /// Units sharded in this stage.
+    pub units: usize,
+    /// The trained units whole (fp32): what one unsharded rank would hold.
+    pub unit_bytes: u64,
+    /// This rank's shards of the fp32 master weights (host memory).
+    pub params_bytes: u64,
+    /// This rank's shards of both AdamW moments (host memory).
+    pub optimizer_bytes: u64,
+    /// This rank's gradient shards plus the largest full-gradient buffer held at once.
+    pub grad_bytes: u64,
+    /// The most gathered (full) weights held at once.
+    pub gathered_peak_bytes: u64,
+    /// Unit-boundary activations saved for backward in the last step (activation
+    /// checkpointing); the graph's own activations show in the stage's `peak_bytes`.
+    pub activation_bytes: u64,
+    /// Wire bytes this rank moved in the last training step (ring model).
+    pub comm_bytes_per_step: u64,
+    /// What the schedule should move per step, `(N − 1)/N` of: with activation checkpointing
+    /// `3 ×` every unit but the head (gathered for forward, re-gathered for backward,
+    /// reduce-scattered) and `2 ×` the head (its backward follows its forward at once); without,
+    /// `2 ×` every unit. Padding included; the few scalars of the loss and norm all-reduces not.
+    pub expected_comm_bytes_per_step: u64,
+}
+
+/// Which optimizer a unit's parameters belong to in the unsharded engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Group {
+    /// The stage's own optimizer (fresh each stage).
+    Local,
+    /// LL(r)'s optimizer, kept across SegProp stages.
+    Head,
+}
+
+// A handful of units per stage: boxing the large variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
+enum Kind<B: AutodiffBackend> {
+    Embed(FsdpUnit<Embedding<B>>),
+    Block(usize, FsdpUnit<Block<B>>),
+    Head(FsdpUnit<LmHead<B>>),
+}
+
+struct Unit<B: AutodiffBackend> {
+    kind: Kind<B>,
+    group: Group,
+}
+
+/// Runs `$body` with `$u` bound to the unit's `FsdpUnit` whatever its module type.
+macro_rules! with_unit {
+    ($kind:expr, $u:ident => $body:expr) => {
+        match $kind {
+            Kind::Embed($u) => $body,
+            Kind::Block(_, $u) => $body,
+            Kind::Head($u) => $body,
+        }
+    };
+}
+
+type OptimRecord<B> = <AdamWOptimizer<B> as Optimizer<Llama<B>, B>>::Record;
+
+/// The trained units of one stage on one rank.
+pub struct ShardedStage<B: AutodiffBackend> {
+    units: Vec<Unit<B>>,
+    route: Route,
+    memory: RankMemory,
+}
+
+/// A micro-batch's input to the route.
+pub enum StepInput<I: Backend> {
+    /// Token ids (the route starts at the trainable embedding).
+    Tokens(Vec<i64>),
+    /// `S[depth]`: the frozen prefix's output.
+    Hidden(Tensor<I, 3>),
+}
+
+/// One micro-batch of this rank.
+pub struct MicroBatch<'a, I: Backend> {
+    pub batch: &'a Batch,
+    pub input: StepInput<I>,
+}
+
+fn tokens<Bk: Backend>(values: &[i64], batch: &Batch, device: &Bk::Device) -> Tensor<Bk, 2, Int> {
+    Tensor::from_data(
+        TensorData::new(values.to_vec(), [batch.batch, batch.seq]),
+        device,
+    )
+}
+
+impl<B: AutodiffBackend> ShardedStage<B> {
+    /// Shards the units `route` trains out of `model` (which keeps one-element placeholders in
+    /// their place), with AdamW state from `local_opt` / `head_opt` where they have it.
+    pub fn new(
+        model: &mut Llama<B>,
+        route: Route,
+        trainable: &Trainable,
+        local_opt: &AdamWOptimizer<B>,
+        head_opt: Option<&AdamWOptimizer<B>>,
+        adamw: AdamWConfig,
+        shard: &ShardRank,
+    ) -> Self {
+        let (rank, world) = (shard.rank(), shard.world());
+        let group_of = |ids: &[ParamId]| {
+            if ids.first().is_some_and(|id| trainable.head.contains(id)) {
+                Group::Head
+            } else {
+                Group::Local
+            }
+        };
+        let (trained, head_blocks) = route.blocks();
+        let mut units = Vec::new();
+        if matches!(route.input(), crate::route::RouteInput::Embed) {
+            let module = model.embed_tokens.clone();
+            let group = group_of(&ParamIds::of(&module).0);
+            let unit = FsdpUnit::new::<B>(module, rank, world, adamw);
+            model.embed_tokens = unit.skeleton().clone();
+            units.push(Unit {
+                kind: Kind::Embed(unit),
+                group,
+            });
+        }
+        for index in trained.chain(head_blocks) {
+            let module = model.blocks[index].clone();
+            let group = group_of(&ParamIds::of(&module).0);
+            let unit = FsdpUnit::new::<B>(module, rank, world, adamw);
+            model.blocks[index] = unit.skeleton().clone();
+            units.push(Unit {
+                kind: Kind::Block(index, unit),
+                group,
+            });
+        }
+        let module = model.head.clone();
+        let group = group_of(&ParamIds::of(&module).0);
+        let unit = FsdpUnit::new::<B>(module, rank, world, adamw);
+        model.head = unit.skeleton().clone();
+        units.push(Unit {
+            kind: Kind::Head(unit),
+            group,
+        });
+        let mut stage = Self {
+            units,
+            route,
+            memory: RankMemory {
+                rank,
+                world,
+                ..RankMemory::default()
+            },
+        };
+        let local = local_opt.to_record();
+        let head = head_opt.map(Optimizer::to_record);
+        for unit in &mut stage.units {
+            let record = match unit.group {
+                Group::Local => Some(&local),
+                Group::Head => head.as_ref(),
+            };
+            if let Some(record) = record {
+                with_unit!(&mut unit.kind, u => import_moments::<B, _>(u, record));
+            }
+        }
+        stage.memory.units = stage.units.len();
+        for unit in &stage.units {
+            let m: UnitMemory = with_unit!(&unit.kind, u => u.memory());
+            stage.memory.unit_bytes += m.gathered;
+            stage.memory.params_bytes += m.params;
+            stage.memory.optimizer_bytes += m.optimizer;
+            stage.memory.grad_bytes += m.params;
+        }
+        stage
+    }
+
+    /// What this rank holds (updated by every step).
+    pub fn memory(&self) -> RankMemory {
+        self.memory
+    }
+
+    /// Gathers every unit's current weights into `model` (for evaluation, a checkpoint, the end
+    /// of the stage). Every rank must call it.
+    pub fn materialize(
+        &self,
+        c: &mut dyn Collective,
+        model: &mut Llama<B>,
+    ) -> Result<(), CollectiveError> {
+        for unit in &self.units {
+            match &unit.kind {
+                Kind::Embed(u) => model.embed_tokens = u.gather::<B>(c)?,
+                Kind::Block(i, u) => model.blocks[*i] = u.gather::<B>(c)?,
+                Kind::Head(u) => model.head = u.gather::<B>(c)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts the placeholders back into `model` (after [`Self::materialize`]).
+    pub fn dematerialize(&self, model: &mut Llama<B>) {
+        for unit in &self.units {
+            match &unit.kind {
+                Kind::Embed(u) => model.embed_tokens = u.skeleton().clone(),
+                Kind::Block(i, u) => model.blocks[*i] = u.skeleton().clone(),
+                Kind::Head(u) => model.head = u.skeleton().clone(),
+            }
+        }
+    }
+
+    /// Gathers the AdamW moments of every unit into the engine's optimizers (the local one, and
+    /// LL(r)'s, created if needed), as burn's own `AdamW` would hold them. Every rank must call it.
+    pub fn export_optimizers(
+        &self,
+        c: &mut dyn Collective,
+        model: &Llama<B>,
+        local_opt: AdamWOptimizer<B>,
+        head_opt: Option<AdamWOptimizer<B>>,
+        fresh: AdamWOptimizer<B>,
+    ) -> Result<(AdamWOptimizer<B>, Option<AdamWOptimizer<B>>), CollectiveError> {
+        let mut local = local_opt.to_record();
+        let has_head = self.units.iter().any(|u| u.group == Group::Head);
+        let head_opt = match head_opt {
+            Some(opt) => Some(opt),
+            None if has_head => Some(fresh),
+            None => None,
+        };
+        let mut head = head_opt.as_ref().map(Optimizer::to_record);
+        for unit in &self.units {
+            let record = match unit.group {
+                Group::Local => &mut local,
+                Group::Head => head.as_mut().expect("a head optimizer exists"),
+            };
+            let device = model.head.output.weight.device();
+            with_unit!(&unit.kind, u => export_moments::<B, _>(u, c, record, &device)?);
+        }
+        Ok((
+            local_opt.load_record(local),
+            head_opt.zip(head).map(|(opt, rec)| opt.load_record(rec)),
+        ))
+    }
+
+    /// One optimizer step over this rank's `micro` micro-batches; `scale` is `1 / (micro-batches
+    /// of the step over all ranks)`. Returns (sum of this rank's unscaled losses, global grad
+    /// norm).
+    #[allow(clippy::too_many_arguments)]
+    pub fn step<A: Adapter>(
+        &mut self,
+        shard: &mut ShardRank,
+        micro: Vec<MicroBatch<'_, B::InnerBackend>>,
+        scale: f64,
+        lr: f64,
+        clip: Option<f64>,
+        adapter: &A,
+        rope: &RopeTables<B>,
+        rope_inner: &RopeTables<B::InnerBackend>,
+        device: &B::Device,
+    ) -> Result<(f64, f64), CollectiveError> {
+        let c = shard.collective.as_mut();
+        let before = c.stats().total_wire_bytes();
+        let world = c.world_size() as u64;
+        let padded = |u: &Unit<B>| with_unit!(&u.kind, u => (u.layout.padded() * 4) as u64);
+        let all: u64 = self.units.iter().map(padded).sum();
+        let head = self.units.last().map_or(0, padded);
+        let passes = if shard.activation_checkpointing {
+            3 * all - head
+        } else {
+            2 * all
+        };
+        self.memory.expected_comm_bytes_per_step = passes * (world - 1) / world;
+        let (loss_sum, shards) = if shard.activation_checkpointing {
+            self.grads_recompute(c, micro, scale, adapter, (rope, rope_inner), device)?
+        } else {
+            self.grads_keep(c, micro, scale, adapter, rope, device)?
+        };
+        let valid: Vec<usize> = self
+            .units
+            .iter()
+            .map(|u| with_unit!(&u.kind, u => u.valid()))
+            .collect();
+        let pairs: Vec<(&[f32], usize)> = shards.iter().map(|s| &s[..]).zip(valid).collect();
+        let norm = global_grad_norm(c, &pairs)?;
+        let factor = clip_factor(norm, clip);
+        for (unit, mut grad) in self.units.iter_mut().zip(shards) {
+            if let Some(f) = factor {
+                grad.iter_mut()
+                    .for_each(|x| *x = (f64::from(*x) * f) as f32);
+            }
+            with_unit!(&mut unit.kind, u => u.step(lr, &grad));
+        }
+        self.memory.comm_bytes_per_step = c.stats().total_wire_bytes() - before;
+        Ok((loss_sum, norm))
+    }
+
+    /// Where the adapter sits: after the unit holding block `depth - 1` (Stage 1 and segments).
+    fn adapter_depth(&self) -> Option<usize> {
+        match self.route {
+            Route::Stage1 { .. } | Route::Segment { .. } => Some(self.route.blocks().0.end),
+            Route::Full { .. } | Route::LwBlock { .. } => None,
+        }
+    }
+
+    /// Activation checkpointing: forward without a graph keeping unit inputs, then per unit in
+    /// reverse re-gather, recompute and back-propagate.
+    fn grads_recompute<A: Adapter>(
+        &mut self,
+        c: &mut dyn Collective,
+        micro: Vec<MicroBatch<'_, B::InnerBackend>>,
+        scale: f64,
+        adapter: &A,
+        (rope, rope_inner): (&RopeTables<B>, &RopeTables<B::InnerBackend>),
+        device: &B::Device,
+    ) -> Result<(f64, Vec<Vec<f32>>), CollectiveError> {
+        let adapter_depth = self.adapter_depth();
+        let n = self.units.len();
+        let mut gathered_peak = 0u64;
+        // Forward: saved[u][m] is unit u's input for micro-batch m (blocks and the head).
+        let mut saved: Vec<Vec<Tensor<B::InnerBackend, 3>>> = Vec::with_capacity(n);
+        let mut xs: Vec<Tensor<B::InnerBackend, 3>> = Vec::with_capacity(micro.len());
+        let mut first = 0;
+        if let Some(Unit {
+            kind: Kind::Embed(u),
+            ..
+        }) = self.units.first()
+        {
+            let embed = u.gather_valid::<B>(c)?;
+            gathered_peak = gathered_peak.max(u.memory().gathered);
+            for m in &micro {
+                let StepInput::Tokens(ids) = &m.input else {
+                    unreachable!("an embedding unit reads tokens")
+                };
+                xs.push(embed.forward(tokens(ids, m.batch, device)));
+            }
+            saved.push(Vec::new());
+            first = 1;
+        } else {
+            for m in micro.iter() {
+                let StepInput::Hidden(x) = &m.input else {
+                    unreachable!("a route without the embedding reads S[depth]")
+                };
+                xs.push(x.clone());
+            }
+        }
+        for unit in &self.units[first..n - 1] {
+            let Kind::Block(index, u) = &unit.kind else {
+                unreachable!("units between the embedding and the head are blocks")
+            };
+            let block = u.gather_valid::<B>(c)?;
+            gathered_peak = gathered_peak.max(u.memory().gathered);
+            saved.push(xs.clone());
+            xs = xs
+                .into_iter()
+                .map(|x| {
+                    let y = block.forward(x, rope_inner);
+                    if adapter_depth == Some(index + 1) {
+                        adapter.forward(y, index + 1)
+                    } else {
+                        y
+                    }
+                })
+                .collect();
+        }
+        saved.push(xs);
+        self.memory.activation_bytes = saved
+            .iter()
+            .flatten()
+            .map(|x| (x.shape().num_elements() * 4) as u64)
+            .sum();
+
+        // The head: loss, its gradient and the gradient at its input.
+        let mut shards: Vec<Vec<f32>> = vec![Vec::new(); n];
+        let mut upstream: Vec<Tensor<B::InnerBackend, 3>> = Vec::with_capacity(micro.len());
+        let mut loss_sum = 0.0;
+        let Kind::Head(head_unit) = &self.units[n - 1].kind else {
+            unreachable!("the last unit is the head")
+        };
+        let head = head_unit.gather::<B>(c)?;
+        gathered_peak = gathered_peak.max(head_unit.memory().gathered);
+        let mut acc: Option<Vec<f32>> = None;
+        for (m, x) in micro.iter().zip(saved.pop().expect("the head's input")) {
+            let x = Tensor::<B, 3>::from_inner(x).require_grad();
+            let logits = head.forward(x.clone());
+            let loss = cross_entropy(logits, tokens(&m.batch.targets, m.batch, device));
+            loss_sum += loss.clone().into_scalar().elem::<f64>();
+            let grads = loss.mul_scalar(scale).backward();
+            if n > 1 {
+                upstream.push(
+                    x.grad(&grads)
+                        .expect("the head's input requires a gradient"),
+                );
+            }
+            add_grads(
+                &mut acc,
+                flatten_grads::<B, _>(&head, &GradientsParams::from_grads(grads, &head)),
+            );
+        }
+        drop(head);
+        self.memory.grad_bytes = self.memory.params_bytes + head_unit.memory().full_grad;
+        shards[n - 1] = head_unit
+            .layout
+            .reduce_scatter(c, &acc.expect("at least one micro-batch"))?;
+
+        // Blocks in reverse: re-gather, recompute, back-propagate.
+        for ui in (first..n - 1).rev() {
+            let Kind::Block(index, u) = &self.units[ui].kind else {
+                unreachable!("units between the embedding and the head are blocks")
+            };
+            let block = u.gather::<B>(c)?;
+            gathered_peak = gathered_peak.max(u.memory().gathered);
+            let inputs = saved.pop().expect("a saved input per block");
+            let mut acc: Option<Vec<f32>> = None;
+            let needs_input_grad = ui > 0;
+            for (x, g) in inputs.into_iter().zip(upstream.iter_mut()) {
+                let x = Tensor::<B, 3>::from_inner(x);
+                let x = if needs_input_grad {
+                    x.require_grad()
+                } else {
+                    x
+                };
+                let mut y = block.forward(x.clone(), rope);
+                if adapter_depth == Some(index + 1) {
+                    y = adapter.forward(y, index + 1);
+                }
+                let surrogate = (y * Tensor::<B, 3>::from_inner(g.clone())).sum();
+                let grads = surrogate.backward();
+                if needs_input_grad {
+                    *g = x
+                        .grad(&grads)
+                        .expect("the block's input requires a gradient");
+                }
+                add_grads(
+                    &mut acc,
+                    flatten_grads::<B, _>(&block, &GradientsParams::from_grads(grads, &block)),
+                );
+            }
+            drop(block);
+            self.memory.grad_bytes = self
+                .memory
+                .grad_bytes
+                .max(self.memory.params_bytes + u.memory().full_grad);
+            shards[ui] = u
+                .layout
+                .reduce_scatter(c, &acc.expect("at least one micro-batch"))?;
+        }
+
+        // The embedding.
+        if first == 1 {
+            let Kind::Embed(u) = &self.units[0].kind else {
+                unreachable!("unit 0 is the embedding")
+            };
+            let embed = u.gather::<B>(c)?;
+            let mut acc: Option<Vec<f32>> = None;
+            for (m, g) in micro.iter().zip(upstream) {
+                let y = embed.forward(tokens(&m.batch.inputs, m.batch, device));
+                let grads = (y * Tensor::<B, 3>::from_inner(g)).sum().backward();
+                add_grads(
+                    &mut acc,
+                    flatten_grads::<B, _>(&embed, &GradientsParams::from_grads(grads, &embed)),
+                );
+            }
+            drop(embed);
+            self.memory.grad_bytes = self
+                .memory
+                .grad_bytes
+                .max(self.memory.params_bytes + u.memory().full_grad);
+            shards[0] = u
+                .layout
+                .reduce_scatter(c, &acc.expect("at least one micro-batch"))?;
+        }
+        self.memory.gathered_peak_bytes = gathered_peak;
+        Ok((loss_sum, shards))
+    }
+
+    /// No activation checkpointing: gather every trained unit, run the route with a graph, keep
+    /// the weights until backward is done.
+    fn grads_keep<A: Adapter>(
+        &mut self,
+        c: &mut dyn Collective,
+        micro: Vec<MicroBatch<'_, B::InnerBackend>>,
+        scale: f64,
+        adapter: &A,
+        rope: &RopeTables<B>,
+        device: &B::Device,
+    ) -> Result<(f64, Vec<Vec<f32>>), CollectiveError> {
+        let adapter_depth = self.adapter_depth();
+        let mut gathered: Vec<Gathered<B>> = Vec::with_capacity(self.units.len());
+        let mut gathered_bytes = 0;
+        for unit in &self.units {
+            gathered.push(match &unit.kind {
+                Kind::Embed(u) => Gathered::Embed(u.gather::<B>(c)?),
+                Kind::Block(i, u) => Gathered::Block(*i, u.gather::<B>(c)?),
+                Kind::Head(u) => Gathered::Head(u.gather::<B>(c)?),
+            });
+            gathered_bytes += with_unit!(&unit.kind, u => u.memory().gathered);
+        }
+        let mut accs: Vec<Option<Vec<f32>>> = vec![None; self.units.len()];
+        let mut loss_sum = 0.0;
+        for m in &micro {
+            let mut x = match &m.input {
+                StepInput::Tokens(_) => None,
+                StepInput::Hidden(x) => Some(Tensor::<B, 3>::from_inner(x.clone())),
+            };
+            let mut logits = None;
+            for g in &gathered {
+                match g {
+                    Gathered::Embed(e) => {
+                        x = Some(e.forward(tokens(&m.batch.inputs, m.batch, device)));
+                    }
+                    Gathered::Block(i, b) => {
+                        let mut y = b.forward(x.take().expect("a block's input"), rope);
+                        if adapter_depth == Some(i + 1) {
+                            y = adapter.forward(y, i + 1);
+                        }
+                        x = Some(y);
+                    }
+                    Gathered::Head(h) => {
+                        logits = Some(h.forward(x.take().expect("the head's input")));
+                    }
+                }
+            }
+            let loss = cross_entropy(
+                logits.expect("the route ends at the head"),
+                tokens(&m.batch.targets, m.batch, device),
+            );
+            loss_sum += loss.clone().into_scalar().elem::<f64>();
+            let mut grads = loss.mul_scalar(scale).backward();
+            for (g, acc) in gathered.iter().zip(&mut accs) {
+                let flat = match g {
+                    Gathered::Embed(e) => {
+                        flatten_grads::<B, _>(e, &GradientsParams::from_module(&mut grads, e))
+                    }
+                    Gathered::Block(_, b) => {
+                        flatten_grads::<B, _>(b, &GradientsParams::from_module(&mut grads, b))
+                    }
+                    Gathered::Head(h) => {
+                        flatten_grads::<B, _>(h, &GradientsParams::from_module(&mut grads, h))
+                    }
+                };
+                add_grads(acc, flat);
+            }
+        }
+        drop(gathered);
+        let mut shards = Vec::with_capacity(self.units.len());
+        for (unit, acc) in self.units.iter().zip(accs) {
+            let acc = acc.expect("at least one micro-batch");
+            shards.push(with_unit!(&unit.kind, u => u.layout.reduce_scatter(c, &acc)?));
+        }
+        self.memory.gathered_peak_bytes = gathered_bytes;
+        self.memory.grad_bytes = self.memory.params_bytes + gathered_bytes;
+        self.memory.activation_bytes = 0;
+        Ok((loss_sum, shards))
+    }
+}
+
+#[allow(clippy::large_enum_variant)]
+enum Gathered<B: AutodiffBackend> {
+    Embed(Embedding<B>),
+    Block(usize, Block<B>),
+    Head(LmHead<B>),
+}
+
+fn add_grads(acc: &mut Option<Vec<f32>>, grad: Vec<f32>) {
+    match acc {
+        None => *acc = Some(grad),
+        Some(sum) => sum.iter_mut().zip(grad).for_each(|(s, g)| *s += g),
+    }
+}
+
+/// Loads a unit's AdamW moments from burn's optimizer record, when it holds all of them.
+fn import_moments<B: AutodiffBackend, M: AutodiffModule<B>>(
+    unit: &mut FsdpUnit<M>,
+    record: &OptimRecord<B>,
+) {
+    let ids = ParamIds::of(unit.skeleton()).0;
+    let mut m1 = Vec::new();
+    let mut m2 = Vec::new();
+    let mut time = None;
+    for id in &ids {
+        let Some(AdaptorRecord::V1(state)) = record.get(id) else {
+            return;
+        };
+        let (t, a, b) = match state {
+            AdaptorRecordV1::Rank1(s) => moments(&s.momentum),
+            AdaptorRecordV1::Rank2(s) => moments(&s.momentum),
+            AdaptorRecordV1::Rank3(s) => moments(&s.momentum),
+            _ => panic!("parameters of LLaMA units have rank 1 to 3"),
+        };
+        time.get_or_insert(t);
+        m1.extend(a);
+        m2.extend(b);
+    }
+    if let Some(time) = time {
+        unit.load_optimizer_state(&m1, &m2, time as i32);
+    }
+}
+
+fn moments<I: Backend, const D: usize>(
+    state: &AdaptiveMomentumState<I, D>,
+) -> (usize, Vec<f32>, Vec<f32>) {
+    (
+        state.time,
+        state.moment_1.to_data().iter::<f32>().collect(),
+        state.moment_2.to_data().iter::<f32>().collect(),
+    )
+}
+
+/// Writes a unit's gathered AdamW moments into burn's optimizer record.
+fn export_moments<B: AutodiffBackend, M: AutodiffModule<B>>(
+    unit: &FsdpUnit<M>,
+    c: &mut dyn Collective,
+    record: &mut OptimRecord<B>,
+    device: &B::Device,
+) -> Result<(), CollectiveError> {
+    let (m1, m2) = unit.gather_optimizer_state(c)?;
+    let time = unit.optimizer.time;
+    if time == 0 {
+        return Ok(());
+    }
+    let ids = ParamIds::of(unit.skeleton()).0;
+    let mut at = 0;
+    for (id, shape) in ids.iter().zip(unit.shapes()) {
+        let n: usize = shape.iter().product();
+        let part = |v: &[f32]| TensorData::new(v[at..at + n].to_vec(), shape.clone());
+        let state = match shape.len() {
+            1 => AdaptorRecordV1::Rank1(adamw_state(time, part(&m1), part(&m2), device)),
+            2 => AdaptorRecordV1::Rank2(adamw_state(time, part(&m1), part(&m2), device)),
+            3 => AdaptorRecordV1::Rank3(adamw_state(time, part(&m1), part(&m2), device)),
+            d => panic!("parameters of LLaMA units have rank 1 to 3, not {d}"),
+        };
+        record.insert(*id, AdaptorRecord::V1(state));
+        at += n;
+    }
+    Ok(())
+}
+
+fn adamw_state<I: Backend, const D: usize>(
+    time: i32,
+    moment_1: TensorData,
+    moment_2: TensorData,
+    device: &I::Device,
+) -> AdamWState<I, D> {
+    AdamWState {
+        momentum: AdaptiveMomentumState {
+            time: time as usize,
+            moment_1: Tensor::from_data(moment_1, device),
+            moment_2: Tensor::from_data(moment_2, device),
+            max_moment_2: None,
+        },
+    }
+}
+
+/// The number of ranks `spec` trains on: `resources.devices_per_gang` with `full_shard`, else 1.
+/// `None` when the spec trains unsharded without activation checkpointing (the plain engine).
+pub fn gang_size(spec: &segprop_core::JobSpec) -> Option<usize> {
+    if spec.sharding.strategy == segprop_core::spec::ShardingStrategy::FullShard {
+        Some(spec.resources.devices_per_gang)
+    } else if spec.activation_checkpointing {
+        Some(1)
+    } else {
+        None
+    }
+}
+
+/// Runs one trainer per rank of `spec`'s gang, ranks joined by a thread collective with the
+/// spec's deadline: the leader (rank 0) on the calling thread, the followers on threads of their
+/// own. Each rank's trainer gets its own `work_dir/rank<r>` and `devices[r]`.
+///
+/// A rank that fails or panics leaves the group, so the others fail within the deadline instead
+/// of waiting; the error returned is the leader's, unless the leader only saw a follower leave,
+/// then the follower's own error.
+pub fn run_gang<B, R>(
+    spec: &segprop_core::JobSpec,
+    devices: Vec<B::Device>,
+    work_dir: &std::path::Path,
+    leader: impl FnOnce(&mut crate::Trainer<B>) -> Result<R, crate::TrainError>,
+    follower: impl Fn(&mut crate::Trainer<B>) -> Result<(), crate::TrainError> + Sync,
+) -> Result<R, crate::TrainError>
+where
+    B: AutodiffBackend,
+    B::Device: Send,
+{
+    use crate::TrainError;
+    let world = devices.len();
+    assert!(world > 0, "a gang has at least one rank");
+    let deadline = std::time::Duration::from_secs_f64(spec.sharding.collective_timeout_s);
+    let checkpointing = spec.activation_checkpointing;
+    let mut group = segprop_shard::thread_group(world, deadline).into_iter();
+    let leader_collective = group.next().expect("rank 0");
+    let mut devices = devices.into_iter();
+    let leader_device = devices.next().expect("rank 0's device");
+    let make = |rank: usize, device: B::Device, collective: Box<dyn Collective>| {
+        let mut trainer =
+            crate::Trainer::<B>::new(spec.clone(), device, &work_dir.join(format!("rank{rank}")))?;
+        trainer.shard = Some(ShardRank {
+            collective,
+            activation_checkpointing: checkpointing,
+        });
+        Ok::<_, TrainError>(trainer)
+    };
+    std::thread::scope(|scope| {
+        let followers: Vec<_> = group
+            .zip(devices)
+            .map(|(collective, device)| {
+                let rank = collective.rank();
+                let make = &make;
+                let follower = &follower;
+                std::thread::Builder::new()
+                    .name(format!("rank-{rank}"))
+                    .stack_size(64 << 20)
+                    .spawn_scoped(scope, move || {
+                        let mut trainer = make(rank, device, Box::new(collective))?;
+                        follower(&mut trainer)
+                    })
+                    .expect("spawn a rank thread")
+            })
+            .collect();
+        let led = make(0, leader_device, Box::new(leader_collective))
+            .and_then(|mut trainer| leader(&mut trainer));
+        let mut first_follower_error = None;
+        for (i, handle) in followers.into_iter().enumerate() {
+            let outcome = handle.join().unwrap_or_else(|panic| {
+                let message = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "panicked".into());
+                Err(TrainError::RankFailed {
+                    rank: i + 1,
+                    message,
+                })
+            });
+            if let Err(err) = outcome
+                && first_follower_error.is_none()
+                && !matches!(err, TrainError::Collective(_))
+            {
+                first_follower_error = Some(err);
+            }
+        }
+        match (led, first_follower_error) {
+            (Err(TrainError::Collective(_)), Some(err)) => Err(err),
+            (led, _) => led,
+        }
+    })
+}

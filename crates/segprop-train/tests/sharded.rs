@@ -1,0 +1,248 @@
+//! Sharded training through the engine (issue "sharding layer"): N CPU ranks (threads) training
+//! with FSDP units give the loss curve of one unsharded rank within 1e-5 relative, for e2e and
+//! for SegProp (stage 1 and stage-2 segments with SnapCheck), with activation checkpointing on
+//! and off and with CPU offload; and the stage's optimizer state survives the round trip into
+//! burn's optimizers.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use segprop_core::JobSpec;
+use segprop_train::metrics::{RecordingObserver, TrainEvent};
+use segprop_train::segprop::{parameter_values, run_plan};
+use segprop_train::sharded::{gang_size, run_gang};
+use segprop_train::{CpuBackend as B, Trainer};
+
+const E2E: &str = "
+version: 1
+name: shard-e2e
+model: { preset: tiny, overrides: { num_layers: 2 } }
+data: { corpus: builtin:synthetic, seq_len: 16, batch_size: 2, synthetic_tokens: 4000, eval_fraction: 0.1 }
+regime: e2e
+e2e: { exit: { max_steps: 4 } }
+optimizer: { lr: 3.0e-3, grad_accum: 8, grad_clip: 0.5, weight_decay: 0.01 }
+eval: { every_steps: 2, max_batches: 2 }
+seed: 11
+";
+
+const SEGPROP: &str = "
+version: 1
+name: shard-segprop
+model: { preset: tiny, overrides: { num_layers: 4 } }
+data: { corpus: builtin:synthetic, seq_len: 16, batch_size: 2, synthetic_tokens: 4000, eval_fraction: 0.1 }
+regime: segprop
+segprop:
+  base_depth: 1
+  head_layers: 1
+  segment_size: 1
+  snapcheck: true
+  exit: { stage1: { max_steps: 3 }, segment: { max_steps: 3 } }
+optimizer: { lr: 3.0e-3, grad_accum: 8, grad_clip: 0.5 }
+eval: { every_steps: 2, max_batches: 2 }
+seed: 13
+";
+
+/// The spec with a sharding section.
+fn spec(base: &str, sharding: &str) -> JobSpec {
+    JobSpec::from_yaml_str(&format!("{base}{sharding}\n"), "shard.yaml").unwrap()
+}
+
+struct Run {
+    /// (stage, step, loss) of every optimizer step, in order.
+    losses: Vec<(String, u64, f64)>,
+    evals: Vec<f64>,
+    weights: Vec<(burn::module::ParamId, Vec<u32>)>,
+    sharding: Vec<Option<segprop_train::sharded::RankMemory>>,
+}
+
+fn collect(t: &Trainer<B>, obs: &RecordingObserver) -> Run {
+    let mut losses = Vec::new();
+    let mut evals = Vec::new();
+    for e in &obs.events {
+        match e {
+            TrainEvent::Step(s) => losses.push((s.stage.clone(), s.step, s.loss)),
+            TrainEvent::Eval(e) => evals.push(e.eval_loss),
+            _ => {}
+        }
+    }
+    Run {
+        losses,
+        evals,
+        weights: parameter_values(&t.model),
+        sharding: t.progress.records.iter().map(|r| r.sharding).collect(),
+    }
+}
+
+fn run(spec: &JobSpec) -> Run {
+    let dir = tempfile::tempdir().unwrap();
+    match gang_size(spec) {
+        None => {
+            let mut t = Trainer::<B>::new(spec.clone(), Default::default(), dir.path()).unwrap();
+            let mut obs = RecordingObserver::default();
+            run_plan(&mut t, &mut obs).unwrap();
+            collect(&t, &obs)
+        }
+        Some(world) => run_gang::<B, _>(
+            spec,
+            vec![Default::default(); world],
+            dir.path(),
+            |t| {
+                let mut obs = RecordingObserver::default();
+                run_plan(t, &mut obs)?;
+                Ok(collect(t, &obs))
+            },
+            |t| {
+                run_plan(t, &mut RecordingObserver::default())?;
+                Ok(())
+            },
+        )
+        .unwrap(),
+    }
+}
+
+fn assert_same_curve(what: &str, got: &Run, want: &Run) {
+    assert_eq!(got.losses.len(), want.losses.len(), "{what}: step count");
+    assert!(!want.losses.is_empty());
+    let mut worst = 0.0f64;
+    for ((gs, gi, g), (ws, wi, w)) in got.losses.iter().zip(&want.losses) {
+        assert_eq!((gs, gi), (ws, wi), "{what}: same stages and steps");
+        let rel = (g - w).abs() / w.abs();
+        worst = worst.max(rel);
+        assert!(
+            rel < 1e-5,
+            "{what}: {gs} step {gi}: loss {g} vs {w} (rel {rel:e})"
+        );
+    }
+    assert_eq!(got.evals.len(), want.evals.len(), "{what}: eval count");
+    for (g, w) in got.evals.iter().zip(&want.evals) {
+        assert!((g - w).abs() / w.abs() < 1e-5, "{what}: eval {g} vs {w}");
+    }
+    let mut worst_w = 0.0f32;
+    assert_eq!(got.weights.len(), want.weights.len());
+    // Parameter ids are random per process; visit order is the model's structure.
+    for ((_, g), (_, w)) in got.weights.iter().zip(&want.weights) {
+        assert_eq!(g.len(), w.len());
+        for (a, b) in g.iter().zip(w) {
+            worst_w = worst_w.max((f32::from_bits(*a) - f32::from_bits(*b)).abs());
+        }
+    }
+    // Adam divides by sqrt(v): last-bit differences of near-zero gradients (another summation
+    // order over ranks) can move a weight by a few lr x 1e-3 over the run.
+    assert!(
+        worst_w < 5e-5,
+        "{what}: weights differ by up to {worst_w:e}"
+    );
+    eprintln!("{what}: worst loss rel diff {worst:e}, worst weight diff {worst_w:e}");
+}
+
+#[test]
+fn e2e_on_2_4_and_8_ranks_matches_one_unsharded_rank() {
+    let reference = run(&spec(E2E, ""));
+    for world in [2, 4, 8] {
+        let sharded = run(&spec(
+            E2E,
+            &format!(
+                "sharding: {{ strategy: full_shard }}\nactivation_checkpointing: true\n\
+                 resources: {{ devices_per_gang: {world} }}"
+            ),
+        ));
+        assert_same_curve(&format!("e2e, {world} ranks, AC"), &sharded, &reference);
+        let memory = sharded.sharding[0].expect("a sharded stage reports its memory");
+        assert_eq!((memory.world, memory.rank, memory.units), (world, 0, 4));
+        // Each rank holds 1/N of the units (plus padding) and moves (N-1)/N of 3 x each unit
+        // (2 x the head, whose backward follows its forward) per step: no hidden gathers.
+        let n = world as u64;
+        assert!(memory.params_bytes <= memory.unit_bytes / n + 4 * memory.units as u64);
+        assert_eq!(memory.optimizer_bytes, 2 * memory.params_bytes);
+        let theory = memory.expected_comm_bytes_per_step as f64;
+        let three_x = 3.0 * memory.unit_bytes as f64 * (n - 1) as f64 / n as f64;
+        assert!(theory < three_x && theory > 0.9 * three_x);
+        let moved = memory.comm_bytes_per_step as f64;
+        assert!(
+            (moved - theory).abs() / theory < 0.001,
+            "{world} ranks: {moved} bytes per step vs {theory}"
+        );
+        assert!(memory.activation_bytes > 0);
+    }
+}
+
+#[test]
+fn e2e_without_checkpointing_and_with_offload_matches_too() {
+    let reference = run(&spec(E2E, ""));
+    let keep = run(&spec(
+        E2E,
+        "sharding: { strategy: full_shard, offload: cpu }\nresources: { devices_per_gang: 4 }",
+    ));
+    assert_same_curve("e2e, 4 ranks, no AC, offload", &keep, &reference);
+    let memory = keep.sharding[0].unwrap();
+    // Without re-gathering for backward: 2 x unit x (N-1)/N, every unit gathered at the peak.
+    let theory = memory.expected_comm_bytes_per_step as f64;
+    assert!((theory - 2.0 * memory.unit_bytes as f64 * 3.0 / 4.0).abs() / theory < 0.001);
+    assert!((memory.comm_bytes_per_step as f64 - theory).abs() / theory < 0.001);
+    assert_eq!(memory.gathered_peak_bytes, memory.unit_bytes);
+    // Activation checkpointing on one unsharded rank: the same curve as well.
+    let ac = run(&spec(E2E, "activation_checkpointing: true"));
+    assert_same_curve("e2e, 1 rank, AC", &ac, &reference);
+    assert_eq!(ac.sharding[0].unwrap().comm_bytes_per_step, 0);
+}
+
+#[test]
+fn segprop_stage1_and_segments_on_2_and_4_ranks_match_one_unsharded_rank() {
+    let reference = run(&spec(SEGPROP, ""));
+    assert_eq!(reference.sharding.len(), 3, "stage 1 and two segments");
+    for (world, extra) in [
+        (2, "activation_checkpointing: true"),
+        (
+            4,
+            "activation_checkpointing: true\nsharding: { strategy: full_shard, offload: cpu }",
+        ),
+        (4, ""),
+    ] {
+        let sharding = if extra.contains("sharding") {
+            extra.to_string()
+        } else {
+            format!("{extra}\nsharding: {{ strategy: full_shard }}")
+        };
+        let sharded = run(&spec(
+            SEGPROP,
+            &format!("{sharding}\nresources: {{ devices_per_gang: {world} }}"),
+        ));
+        assert_same_curve(
+            &format!("segprop, {world} ranks, {extra:?}"),
+            &sharded,
+            &reference,
+        );
+        // A stage-2 segment shards only the segment and LL(r): one block, one head block, the
+        // head (the frozen prefix comes from SnapCheck).
+        let segment = sharded.sharding[1].unwrap();
+        assert_eq!(segment.units, 3);
+        let stage1 = sharded.sharding[0].unwrap();
+        assert_eq!(stage1.units, 4, "embedding, base block, head block, head");
+    }
+}
+
+#[test]
+fn bad_sharding_specs_name_the_field() {
+    let err = JobSpec::from_yaml_str(
+        &format!(
+            "{E2E}sharding: {{ strategy: full_shard }}\nresources: {{ devices_per_gang: 3 }}\n"
+        ),
+        "shard.yaml",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("optimizer.grad_accum"), "{err}");
+    let err = JobSpec::from_yaml_str(
+        &format!("{E2E}sharding: {{ offload: cpu }}\n"),
+        "shard.yaml",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("sharding.offload"), "{err}");
+    let err = JobSpec::from_yaml_str(
+        &format!("{E2E}sharding: {{ strategy: full_shard, collective_timeout_s: 0 }}\n"),
+        "shard.yaml",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("sharding.collective_timeout_s"), "{err}");
+}
