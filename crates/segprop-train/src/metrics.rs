@@ -99,6 +99,14 @@ pub trait TrainObserver {
     }
 }
 
+/// Drops every event (the follower ranks of a sharded gang: rank 0 reports for the gang).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NullObserver;
+
+impl TrainObserver for NullObserver {
+    fn on_event(&mut self, _event: &TrainEvent) {}
+}
+
 /// Keeps every event (tests, benches).
 #[derive(Debug, Default)]
 pub struct RecordingObserver {

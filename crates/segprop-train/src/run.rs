@@ -70,7 +70,44 @@ pub fn run_job<B: AutodiffBackend>(
     write(&out.join("job.yaml"), &resolved)?;
     let started = Instant::now();
     let work_dir = out.join("work");
-    let mut trainer = Trainer::<B>::new(spec, device, &work_dir)?;
+    let summary = match crate::sharded::gang_size(&spec) {
+        None => {
+            let mut trainer = Trainer::<B>::new(spec, device, &work_dir)?;
+            lead_run(&mut trainer, out, options, observer, started)?
+        }
+        Some(world) => {
+            tracing::info!(
+                ranks = world,
+                strategy = ?spec.sharding.strategy,
+                activation_checkpointing = spec.activation_checkpointing,
+                "sharded run: one trainer per rank"
+            );
+            let devices = crate::sharded::gang_devices::<B>(&device, world);
+            crate::sharded::train_gang::<B, _>(
+                &spec,
+                devices,
+                &work_dir,
+                |trainer| lead_run(trainer, out, options, observer, started),
+                |trainer| {
+                    run_plan(trainer, &mut crate::metrics::NullObserver)?;
+                    Ok(())
+                },
+            )?
+        }
+    };
+    let _ = std::fs::remove_dir_all(&work_dir);
+    Ok(summary)
+}
+
+/// Runs the plan on `trainer` (rank 0 of a gang, or the only trainer), writing the events, and
+/// finishes the run directory.
+fn lead_run<B: AutodiffBackend>(
+    trainer: &mut Trainer<B>,
+    out: &Path,
+    options: &RunOptions,
+    observer: &mut dyn TrainObserver,
+    started: Instant,
+) -> Result<RunSummary, TrainError> {
     tracing::info!(
         job = %trainer.spec.name,
         regime = %trainer.spec.regime,
@@ -80,7 +117,6 @@ pub fn run_job<B: AutodiffBackend>(
         eval_batches = trainer.data.eval.len(),
         "job starts"
     );
-
     let mut jsonl = JsonlWriter::create(&out.join("metrics.jsonl"))
         .map_err(TrainError::io(out.join("metrics.jsonl")))?;
     let mut recorder = RecordingObserver::default();
@@ -88,18 +124,10 @@ pub fn run_job<B: AutodiffBackend>(
         let mut fanout = Fanout {
             observers: vec![&mut jsonl, &mut recorder, observer],
         };
-        run_plan(&mut trainer, &mut fanout)?;
+        run_plan(trainer, &mut fanout)?;
     }
-
     let wall_s = started.elapsed().as_secs_f64();
-    let summary = finish_run(
-        &mut trainer,
-        out,
-        &recorder,
-        wall_s,
-        options.max_shard_bytes,
-    )?;
-    let _ = std::fs::remove_dir_all(&work_dir);
+    let summary = finish_run(trainer, out, &recorder, wall_s, options.max_shard_bytes)?;
     let event = TrainEvent::RunFinished(summary.clone());
     jsonl.on_event(&event);
     observer.on_event(&event);

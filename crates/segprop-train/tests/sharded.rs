@@ -9,7 +9,7 @@
 use segprop_core::JobSpec;
 use segprop_train::metrics::{RecordingObserver, TrainEvent};
 use segprop_train::segprop::{parameter_values, run_plan};
-use segprop_train::sharded::{gang_size, run_gang};
+use segprop_train::sharded::{gang_size, train_gang};
 use segprop_train::{CpuBackend as B, Trainer};
 
 const E2E: &str = "
@@ -81,7 +81,7 @@ fn run(spec: &JobSpec) -> Run {
             run_plan(&mut t, &mut obs).unwrap();
             collect(&t, &obs)
         }
-        Some(world) => run_gang::<B, _>(
+        Some(world) => train_gang::<B, _>(
             spec,
             vec![Default::default(); world],
             dir.path(),

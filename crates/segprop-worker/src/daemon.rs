@@ -29,7 +29,7 @@ use segprop_proto::v1::cluster_service_client::ClusterServiceClient;
 use segprop_store::{SnapshotHeader, Store, StoreConfig};
 use segprop_train::checkpoint::{self, Digest};
 use segprop_train::engine::{AdamWOptimizer, Checkpointer, StageProgress};
-use segprop_train::metrics::{RecordingObserver, TrainEvent, TrainObserver};
+use segprop_train::metrics::{RecordingObserver, StageRecord, TrainEvent, TrainObserver};
 use segprop_train::segprop::run_next_stage;
 use segprop_train::snapcheck::entry_values;
 use segprop_train::{TrainError, Trainer};
@@ -61,6 +61,8 @@ pub struct DaemonOptions {
     pub artifact_store: Option<StoreConfig>,
     /// Exit (0) after reporting this many tasks: for preemptible hosts and rolling restarts.
     pub max_tasks: Option<u64>,
+    /// Devices offered to gangs: CPU ranks, or GPUs `cuda:0..devices`.
+    pub devices: usize,
 }
 
 type Client = ClusterServiceClient<InterceptedService<Channel, AttachToken>>;
@@ -309,17 +311,26 @@ async fn wait_for_signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
-fn devices(backend: &str) -> Vec<pb::Device> {
+fn devices(backend: &str, count: usize) -> Vec<pb::Device> {
     if backend == "cuda" {
-        return vec![pb::Device {
-            name: "cuda:0".into(),
-            memory_bytes: 0,
-        }];
+        return (0..count)
+            .map(|i| pb::Device {
+                name: format!("cuda:{i}"),
+                memory_bytes: 0,
+            })
+            .collect();
     }
-    vec![pb::Device {
-        name: "cpu".into(),
-        memory_bytes: host_memory(),
-    }]
+    // CPU ranks share the host's memory.
+    (0..count)
+        .map(|i| pb::Device {
+            name: if count == 1 {
+                "cpu".into()
+            } else {
+                format!("cpu:{i}")
+            },
+            memory_bytes: host_memory() / count as u64,
+        })
+        .collect()
 }
 
 fn host_memory() -> u64 {
@@ -375,7 +386,7 @@ async fn register(
             protocol_version: segprop_proto::PROTOCOL_VERSION,
             name: options.name.clone(),
             backend: options.backend.clone(),
-            devices: devices(&options.backend),
+            devices: devices(&options.backend, options.devices),
             host_memory_bytes: host_memory(),
             running: running.iter().map(|t| running_task(t, false)).collect(),
         };
@@ -489,6 +500,7 @@ fn start_task(
     };
     tracing::info!(job = %assignment.job_id, task = assignment.task_index, epoch = assignment.epoch, resume_step = assignment.resume_from.as_ref().map_or(0, |c| c.step), "task starts");
     let name = format!("task-{}-{}", assignment.job_id, assignment.task_index);
+    let ctx = Arc::new(ctx);
     let spawned = std::thread::Builder::new().name(name).spawn(move || {
         let result = ctx.run(&assignment);
         if let Err(f) = &result {
@@ -544,7 +556,7 @@ fn artifact_failed(reason: String, retryable: bool) -> pb::TaskFailed {
 }
 
 impl TaskContext {
-    fn run(&self, a: &pb::Assignment) -> Result<pb::TaskSucceeded, pb::TaskFailed> {
+    fn run(self: &Arc<Self>, a: &pb::Assignment) -> Result<pb::TaskSucceeded, pb::TaskFailed> {
         let spec = JobSpec::from_yaml_str(&a.spec_yaml, &format!("job {}", a.job_id))
             .map_err(|e| failed(&TrainError::Spec(e)))?;
         match self.backend.as_str() {
@@ -566,25 +578,49 @@ impl TaskContext {
     }
 
     fn run_on<B: burn::tensor::backend::AutodiffBackend>(
-        &self,
+        self: &Arc<Self>,
         spec: JobSpec,
         device: B::Device,
         a: &pb::Assignment,
     ) -> Result<pb::TaskSucceeded, pb::TaskFailed> {
         let mut trainer =
-            Trainer::<B>::new(spec, device, &self.work_dir).map_err(|e| failed(&e))?;
+            Trainer::<B>::new(spec, device.clone(), &self.work_dir).map_err(|e| failed(&e))?;
         let mut recorder = RecordingObserver::default();
-        let recovered = self.restore(&mut trainer, &mut recorder, a)?;
-        // SnapCheck: the stored snapshots of the committed prefix replace recomputing it;
-        // commits drop snapshots instead of advancing them (advance tasks do that).
-        trainer.advance_in_place = false;
+        let (recovered, loaded) = self.restore(&mut trainer, &mut recorder, a)?;
         let kind = pb::TaskKind::try_from(a.kind);
+        self.prepare(&mut trainer, a);
+        match kind {
+            Ok(pb::TaskKind::TrainStage) => {
+                match segprop_train::sharded::gang_size(&trainer.spec) {
+                    None => self.train_stage(trainer, recorder, a, recovered),
+                    Some(world) => self
+                        .train_stage_gang(trainer, recorder, a, recovered, loaded, device, world),
+                }
+            }
+            Ok(pb::TaskKind::AdvanceSnapshots) => self.advance(trainer, a),
+            Ok(pb::TaskKind::Export) => self.export(trainer, a),
+            _ => Err(pb::TaskFailed {
+                reason: format!("unknown task kind {}", a.kind),
+                retryable: false,
+            }),
+        }
+    }
+
+    /// Task settings every rank's trainer takes: SnapCheck reads the stored snapshots of the
+    /// committed prefix instead of recomputing it, and commits drop snapshots instead of
+    /// advancing them (advance tasks do that).
+    fn prepare<B: burn::tensor::backend::AutodiffBackend>(
+        &self,
+        trainer: &mut Trainer<B>,
+        a: &pb::Assignment,
+    ) {
+        trainer.advance_in_place = false;
         if a.snapshot_depth > 0
             && a.snapshot_shards > 0
-            && kind != Ok(pb::TaskKind::Export)
+            && pb::TaskKind::try_from(a.kind) != Ok(pb::TaskKind::Export)
             && trainer.cache.is_some()
         {
-            let source = self.snapshot_source(&trainer, a, a.snapshot_depth);
+            let source = self.snapshot_source(trainer, a, a.snapshot_depth);
             if let Some(cache) = trainer.cache.as_mut() {
                 cache.set_source(Box::new(source));
             }
@@ -595,15 +631,79 @@ impl TaskContext {
                 "reading snapshots from the store"
             );
         }
-        match kind {
-            Ok(pb::TaskKind::TrainStage) => self.train_stage(trainer, recorder, a, recovered),
-            Ok(pb::TaskKind::AdvanceSnapshots) => self.advance(trainer, a),
-            Ok(pb::TaskKind::Export) => self.export(trainer, a),
-            _ => Err(pb::TaskFailed {
-                reason: format!("unknown task kind {}", a.kind),
-                retryable: false,
-            }),
-        }
+    }
+
+    /// Runs a training stage on a gang of `world` ranks in this process (one per device, or CPU
+    /// ranks as threads): rank 0 is `trainer`, which reports and checkpoints; every other rank
+    /// loads the same starting point (`loaded`) into a trainer of its own. A rank that stops
+    /// answering fails every rank's next collective within `sharding.collective_timeout_s`,
+    /// naming it, and the task fails retryably: the coordinator retries the stage from its last
+    /// checkpoint.
+    #[allow(clippy::too_many_arguments)]
+    fn train_stage_gang<B: burn::tensor::backend::AutodiffBackend>(
+        self: &Arc<Self>,
+        mut trainer: Trainer<B>,
+        recorder: RecordingObserver,
+        a: &pb::Assignment,
+        recovered: Option<String>,
+        loaded: Option<PathBuf>,
+        device: B::Device,
+        world: usize,
+    ) -> Result<pb::TaskSucceeded, pb::TaskFailed> {
+        self.check_stage(&trainer, a)?;
+        let spec = trainer.spec.clone();
+        let devices = segprop_train::sharded::gang_devices::<B>(&device, world);
+        tracing::info!(
+            ranks = world,
+            activation_checkpointing = spec.activation_checkpointing,
+            deadline_s = spec.sharding.collective_timeout_s,
+            "sharded stage: one trainer per rank"
+        );
+        let fault = crate::fault::StallRank::from_env();
+        let ran = segprop_train::sharded::run_gang(
+            world,
+            segprop_train::sharded::collective_deadline(&spec),
+            spec.activation_checkpointing,
+            |shard| {
+                trainer.shard = Some(shard);
+                let (record, recorder) = self.run_stage(&mut trainer, recorder, a)?;
+                trainer.shard = None;
+                Ok((trainer, record, recorder))
+            },
+            {
+                let ctx = self.clone();
+                let a = a.clone();
+                Arc::new(move |shard: segprop_train::sharded::ShardRank| {
+                    let rank = shard.rank();
+                    let mut follower = Trainer::<B>::new(
+                        spec.clone(),
+                        devices[rank].clone(),
+                        &ctx.work_dir.join(format!("rank{rank}")),
+                    )?;
+                    if let Some(dir) = &loaded {
+                        checkpoint::load(&mut follower, dir, None)?;
+                    }
+                    ctx.prepare(&mut follower, &a);
+                    follower.shard = Some(shard);
+                    follower.checkpointer = Some(Box::new(FollowerCheckpointer {
+                        every: a.checkpoint_every_steps,
+                    }));
+                    let mut observer = FollowerObserver {
+                        cancel: ctx.cancel.clone(),
+                        fault: fault.clone().filter(|f| f.rank == rank),
+                        steps: 0,
+                    };
+                    run_next_stage(&mut follower, &mut observer)?;
+                    Ok(())
+                })
+            },
+        );
+        let (trainer, record, recorder) = ran.map_err(|e| {
+            // Releases a follower still stalled by the fault injection (it watches the flag).
+            self.cancel.store(true, Ordering::SeqCst);
+            failed(&e)
+        })?;
+        self.publish(trainer, record, recorder, a, recovered)
     }
 
     /// Loads the task's starting point: the checkpoint to resume from or the stage's input
@@ -615,8 +715,9 @@ impl TaskContext {
         trainer: &mut Trainer<B>,
         recorder: &mut RecordingObserver,
         a: &pb::Assignment,
-    ) -> Result<Option<String>, pb::TaskFailed> {
+    ) -> Result<(Option<String>, Option<PathBuf>), pb::TaskFailed> {
         let mut recovered = None;
+        let checkpoint_dir = self.work_dir.join("in/checkpoint");
         if let Some(resume) = a.resume_from.as_ref().and_then(|c| c.artifact.as_ref()) {
             let damage = match self.load_checkpoint(
                 trainer,
@@ -626,7 +727,7 @@ impl TaskContext {
             ) {
                 Ok(()) => {
                     tracing::info!(checkpoint = %resume.uri, "resuming from checkpoint");
-                    return Ok(None);
+                    return Ok((None, Some(checkpoint_dir)));
                 }
                 Err(FetchError::Unavailable(m)) => return Err(artifact_failed(m, true)),
                 Err(FetchError::Corrupt(m)) => m,
@@ -646,7 +747,7 @@ impl TaskContext {
                             resume.uri
                         );
                         tracing::warn!("{note}");
-                        return Ok(Some(note));
+                        return Ok((Some(note), Some(checkpoint_dir)));
                     }
                     Err(e) => {
                         tracing::warn!(checkpoint = %key, error = %e, "earlier checkpoint unusable too")
@@ -677,8 +778,9 @@ impl TaskContext {
                     FetchError::Unavailable(m) => artifact_failed(m, true),
                 })?;
             checkpoint::load(trainer, &dir, None).map_err(|e| failed(&e))?;
+            return Ok((recovered, Some(dir)));
         }
-        Ok(recovered)
+        Ok((recovered, None))
     }
 
     /// Fetches the checkpoint `key` and its events and loads both.
@@ -707,6 +809,25 @@ impl TaskContext {
         a: &pb::Assignment,
         recovered: Option<String>,
     ) -> Result<pb::TaskSucceeded, pb::TaskFailed> {
+        self.check_stage(&trainer, a)?;
+        let (record, recorder) = self
+            .run_stage(&mut trainer, recorder, a)
+            .map_err(|e| failed(&e))?;
+        self.publish(trainer, record, recorder, a, recovered)
+    }
+
+    /// Whether the loaded state is where the task starts.
+    fn check_stage<B: burn::tensor::backend::AutodiffBackend>(
+        &self,
+        trainer: &Trainer<B>,
+        a: &pb::Assignment,
+    ) -> Result<(), pb::TaskFailed> {
+        if segprop_train::segprop::plan_done(trainer) {
+            return Err(pb::TaskFailed {
+                reason: "the plan was already complete".into(),
+                retryable: false,
+            });
+        }
         if trainer.progress.next_stage != a.stage_index as usize {
             return Err(pb::TaskFailed {
                 reason: format!(
@@ -716,6 +837,16 @@ impl TaskContext {
                 retryable: false,
             });
         }
+        Ok(())
+    }
+
+    /// Trains the task's stage with checkpoints to the store and progress to the heartbeat.
+    fn run_stage<B: burn::tensor::backend::AutodiffBackend>(
+        &self,
+        trainer: &mut Trainer<B>,
+        recorder: RecordingObserver,
+        a: &pb::Assignment,
+    ) -> Result<(StageRecord, RecordingObserver), TrainError> {
         let recorder = Arc::new(Mutex::new(recorder));
         trainer.checkpointer = Some(Box::new(StoreCheckpointer {
             artifacts: self.artifacts.clone(),
@@ -731,13 +862,30 @@ impl TaskContext {
             state: self.state.clone(),
             cancel: self.cancel.clone(),
         };
-        let record = run_next_stage(&mut trainer, &mut observer)
-            .map_err(|e| failed(&e))?
-            .ok_or_else(|| pb::TaskFailed {
-                reason: "the plan was already complete".into(),
-                retryable: false,
-            })?;
+        let record = run_next_stage(trainer, &mut observer);
         trainer.checkpointer = None;
+        drop(observer);
+        let record = record?.ok_or_else(|| TrainError::State {
+            path: PathBuf::from(&self.attempt_key),
+            message: "the plan was already complete".into(),
+        })?;
+        let recorder = Arc::try_unwrap(recorder)
+            .map(|m| m.into_inner().unwrap_or_else(|e| e.into_inner()))
+            .unwrap_or_else(|shared| RecordingObserver {
+                events: lock_recorder(&shared).events.clone(),
+            });
+        Ok((record, recorder))
+    }
+
+    /// Stores the stage's output state and metrics and builds the task's result.
+    fn publish<B: burn::tensor::backend::AutodiffBackend>(
+        &self,
+        trainer: Trainer<B>,
+        record: StageRecord,
+        recorder: RecordingObserver,
+        a: &pb::Assignment,
+        recovered: Option<String>,
+    ) -> Result<pb::TaskSucceeded, pb::TaskFailed> {
         let out = self.work_dir.join("out");
         let state_local = out.join("state");
         let digest = checkpoint::save(&trainer, None, &state_local).map_err(|e| failed(&e))?;
@@ -750,8 +898,7 @@ impl TaskContext {
             )
             .map_err(|m| artifact_failed(m, true))?;
         let metrics_local = out.join("metrics.jsonl");
-        let events = lock_recorder(&recorder).events.clone();
-        let digest = write_events(&metrics_local, &events).map_err(|e| failed(&e))?;
+        let digest = write_events(&metrics_local, &recorder.events).map_err(|e| failed(&e))?;
         let metrics = self
             .artifacts
             .put(
@@ -1149,6 +1296,50 @@ impl TrainObserver for DaemonObserver {
 
     fn cancelled(&self) -> bool {
         self.cancel.load(Ordering::SeqCst)
+    }
+}
+
+/// The observer of a follower rank: reports nothing (rank 0 reports for the gang), shares the
+/// task's cancel flag, and carries the fault injected for tests, if any.
+struct FollowerObserver {
+    cancel: Arc<AtomicBool>,
+    fault: Option<crate::fault::StallRank>,
+    steps: u64,
+}
+
+impl TrainObserver for FollowerObserver {
+    fn on_event(&mut self, event: &TrainEvent) {
+        if let TrainEvent::Step(_) = event {
+            self.steps += 1;
+            if let Some(fault) = &self.fault {
+                fault.maybe_stall(self.steps, &self.cancel);
+            }
+        }
+    }
+
+    fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::SeqCst)
+    }
+}
+
+/// A follower rank takes part in every checkpoint's gathers at the leader's interval, and
+/// writes nothing (rank 0 writes the gang's checkpoint).
+struct FollowerCheckpointer {
+    every: u64,
+}
+
+impl<B: burn::tensor::backend::AutodiffBackend> Checkpointer<B> for FollowerCheckpointer {
+    fn every_steps(&self) -> u64 {
+        self.every
+    }
+
+    fn save(
+        &mut self,
+        _trainer: &Trainer<B>,
+        _local_optimizer: &AdamWOptimizer<B>,
+        _progress: &StageProgress,
+    ) -> Result<(), TrainError> {
+        Ok(())
     }
 }
 

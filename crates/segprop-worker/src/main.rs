@@ -4,6 +4,7 @@
 
 mod artifacts;
 mod daemon;
+mod fault;
 mod snapshots;
 
 use std::path::PathBuf;
@@ -99,6 +100,11 @@ enum Command {
         /// Exit after running this many tasks (preemptible hosts, rolling restarts).
         #[arg(long)]
         max_tasks: Option<u64>,
+        /// Devices this worker offers a gang: with `--backend cpu`, the number of CPU ranks (threads)
+        /// a sharded job (`resources.devices_per_gang`) may run on; with cuda, the GPUs
+        /// `cuda:0..N`.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+        devices: u32,
     },
 }
 
@@ -147,6 +153,7 @@ fn main() -> ExitCode {
             s3_region,
             s3_allow_http,
             max_tasks,
+            devices,
         } => {
             if backend != "cpu" && !(backend == "cuda" && cfg!(feature = "cuda")) {
                 eprintln!(
@@ -176,6 +183,7 @@ fn main() -> ExitCode {
                 snapshot_store: snapshot_store.map(|url| store_config(url, &s3)),
                 artifact_store: artifact_store.map(|url| store_config(url, &s3)),
                 max_tasks,
+                devices: devices as usize,
             };
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
