@@ -295,3 +295,55 @@ fn a_corrupt_checkpoint_is_bad_input_naming_the_file() {
         stderr(&result)
     );
 }
+
+/// `train` runs a `full_shard` job as a gang of CPU ranks: the summary reports what a rank held,
+/// and the result is the unsharded run's (same global batch; float sums in another order).
+#[test]
+fn a_sharded_job_trains_like_the_unsharded_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sharded = train("tiny-sharded.yaml", &tmp.path().join("sharded"));
+    let text = std::fs::read_to_string(repo().join("configs/jobs/tiny-sharded.yaml")).unwrap();
+    let plain = text
+        .replace("devices_per_gang: 2", "devices_per_gang: 1")
+        .replace(
+            "sharding: { strategy: full_shard, offload: cpu, collective_timeout_s: 60 }",
+            "sharding: { strategy: none }",
+        )
+        .replace(
+            "activation_checkpointing: true",
+            "activation_checkpointing: false",
+        );
+    assert_ne!(plain, text);
+    let plain_job = tmp.path().join("plain.yaml");
+    std::fs::write(&plain_job, plain).unwrap();
+    let out = tmp.path().join("plain");
+    let result = run(&[
+        "train",
+        plain_job.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert!(result.status.success(), "{}", stderr(&result));
+    let plain: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap();
+
+    let stages = sharded["stages"].as_array().unwrap();
+    assert_eq!(stages.len(), 3);
+    for (s, p) in stages.iter().zip(plain["stages"].as_array().unwrap()) {
+        assert_eq!(s["sharding"]["world"], 2, "{s}");
+        assert!(p["sharding"].is_null());
+        let (a, b) = (
+            s["final_train_loss"].as_f64().unwrap(),
+            p["final_train_loss"].as_f64().unwrap(),
+        );
+        assert!((a - b).abs() / b < 1e-5, "{}: {a} vs {b}", s["stage"]);
+    }
+    let (a, b) = (
+        sharded["final_eval_loss"].as_f64().unwrap(),
+        plain["final_eval_loss"].as_f64().unwrap(),
+    );
+    assert!((a - b).abs() / b < 1e-5, "final eval loss {a} vs {b}");
+    let summary = std::fs::read_to_string(tmp.path().join("sharded/summary.txt")).unwrap();
+    assert!(summary.contains("sharded over 2 ranks"), "{summary}");
+}

@@ -8,11 +8,14 @@
 //!   of 16 blocks), and the achieved fraction of the ideal speedup;
 //! - `memory`: peak heap of one training step for e2e, stage 1 and every stage-2 segment of a
 //!   16-block model at the same batch (a counting global allocator).
+//! - `shard`: step time of `full_shard` on 2 and 4 CPU ranks (and activation checkpointing) vs
+//!   unsharded, and the wire bytes per step vs the FSDP schedule;
 //! - `orchestration`: wall time of a job (default: the demo) through `segprop-coord demo`
 //!   (coordinator + worker daemon + store, stage tasks with checkpoints) vs `segprop-worker train`
 //!   standalone, alternating runs of the release binaries next to this one.
 
 mod cluster;
+mod shard;
 
 use std::time::Instant;
 
@@ -66,6 +69,11 @@ enum Command {
         /// Training steps of each stage-2 segment.
         #[arg(long, default_value_t = 20)]
         segment_steps: u64,
+    },
+    /// Sharding overhead on CPU ranks and bytes moved per step (`--reps` rounds).
+    Shard {
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
     },
     Matmul,
     Throughput,
@@ -153,6 +161,7 @@ fn main() -> Result<()> {
             reps,
             segment_steps,
         } => cluster::snapcheck_cluster(reps, segment_steps),
+        Command::Shard { reps } => shard::shard(cli.steps, reps),
         Command::Matmul => matmul().map(|_| ()),
         Command::Throughput | Command::Snapcheck if cli.backend == "cuda" => cuda(&cli),
         Command::Throughput => throughput::<CpuBackend>(cli.steps, &Default::default(), "cpu"),

@@ -21,12 +21,19 @@ use crate::collective::{Collective, CollectiveError};
 use crate::flat::ShardLayout;
 use crate::optim::{AdamWConfig, ShardedAdamW};
 
+/// A tensor's values as f32, in one bulk conversion (not element by element).
+fn to_f32(data: TensorData) -> Vec<f32> {
+    data.convert::<f32>()
+        .into_vec::<f32>()
+        .expect("converted to f32")
+}
+
 /// The float parameters of `module`, flattened in visit order.
 pub fn flatten<B: Backend, M: Module<B>>(module: &M) -> Vec<f32> {
     struct Collect(Vec<f32>);
     impl<B: Backend> ModuleVisitor<B> for Collect {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-            self.0.extend(param.val().into_data().iter::<f32>());
+            self.0.extend_from_slice(&to_f32(param.val().into_data()));
         }
     }
     let mut collect = Collect(Vec::new());
@@ -105,7 +112,7 @@ pub fn flatten_grads<B: AutodiffBackend, M: AutodiffModule<B>>(
     impl<B: AutodiffBackend> ModuleVisitor<B> for Collect<'_> {
         fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
             match self.0.get::<B::InnerBackend, D>(param.id) {
-                Some(g) => self.1.extend(g.into_data().iter::<f32>()),
+                Some(g) => self.1.extend_from_slice(&to_f32(g.into_data())),
                 None => {
                     let n = param.val().shape().num_elements();
                     self.1.extend(std::iter::repeat_n(0.0, n));

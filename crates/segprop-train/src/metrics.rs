@@ -240,6 +240,24 @@ pub fn summary_table(summary: &RunSummary) -> String {
             peak
         ));
     }
+    if let Some((stage, m)) = summary
+        .stages
+        .iter()
+        .find_map(|s| s.sharding.map(|m| (&s.stage, m)))
+    {
+        let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+        out.push_str(&format!(
+            "sharded over {} ranks; per rank in {}: params {:.1} MiB + optimizer {:.1} MiB of \
+             {:.1} MiB of units, gathered peak {:.1} MiB, {:.1} MiB moved per step\n",
+            m.world,
+            stage,
+            mib(m.params_bytes),
+            mib(m.optimizer_bytes),
+            mib(m.unit_bytes),
+            mib(m.gathered_peak_bytes),
+            mib(m.comm_bytes_per_step),
+        ));
+    }
     out.push_str(&format!(
         "final model: {} layers, eval loss {:.4} (ppl {:.2}), {} steps in {:.1}s, {:.0} tok/s{}\n",
         summary.final_num_layers,

@@ -34,7 +34,9 @@
 use burn::module::{AutodiffModule, ParamId};
 use burn::nn::Embedding;
 use burn::optim::record::{AdaptorRecord, AdaptorRecordV1};
-use burn::optim::{AdamWState, AdaptiveMomentumState, GradientsParams, Optimizer};
+use burn::optim::{
+    AdamWState, AdaptiveMomentumState, GradientsAccumulator, GradientsParams, Optimizer,
+};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use segprop_model::model::cross_entropy;
@@ -378,6 +380,7 @@ impl<B: AutodiffBackend> ShardedStage<B> {
         let adapter_depth = self.adapter_depth();
         let n = self.units.len();
         let mut gathered_peak = 0u64;
+        let t0 = std::time::Instant::now();
         // Forward: saved[u][m] is unit u's input for micro-batch m (blocks and the head).
         let mut saved: Vec<Vec<Tensor<B::InnerBackend, 3>>> = Vec::with_capacity(n);
         let mut xs: Vec<Tensor<B::InnerBackend, 3>> = Vec::with_capacity(micro.len());
@@ -431,6 +434,7 @@ impl<B: AutodiffBackend> ShardedStage<B> {
             .map(|x| (x.shape().num_elements() * 4) as u64)
             .sum();
 
+        let t_forward = t0.elapsed();
         // The head: loss, its gradient and the gradient at its input.
         let mut shards: Vec<Vec<f32>> = vec![Vec::new(); n];
         let mut upstream: Vec<Tensor<B::InnerBackend, 3>> = Vec::with_capacity(micro.len());
@@ -440,7 +444,7 @@ impl<B: AutodiffBackend> ShardedStage<B> {
         };
         let head = head_unit.gather::<B>(c)?;
         gathered_peak = gathered_peak.max(head_unit.memory().gathered);
-        let mut acc: Option<Vec<f32>> = None;
+        let mut acc = GradientsAccumulator::<LmHead<B>>::new();
         for (m, x) in micro.iter().zip(saved.pop().expect("the head's input")) {
             let x = Tensor::<B, 3>::from_inner(x).require_grad();
             let logits = head.forward(x.clone());
@@ -453,17 +457,14 @@ impl<B: AutodiffBackend> ShardedStage<B> {
                         .expect("the head's input requires a gradient"),
                 );
             }
-            add_grads(
-                &mut acc,
-                flatten_grads::<B, _>(&head, &GradientsParams::from_grads(grads, &head)),
-            );
+            acc.accumulate(&head, GradientsParams::from_grads(grads, &head));
         }
+        let acc = flatten_grads::<B, _>(&head, &acc.grads());
         drop(head);
         self.memory.grad_bytes = self.memory.params_bytes + head_unit.memory().full_grad;
-        shards[n - 1] = head_unit
-            .layout
-            .reduce_scatter(c, &acc.expect("at least one micro-batch"))?;
+        shards[n - 1] = head_unit.layout.reduce_scatter(c, &acc)?;
 
+        let t_head = t0.elapsed();
         // Blocks in reverse: re-gather, recompute, back-propagate.
         for ui in (first..n - 1).rev() {
             let Kind::Block(index, u) = &self.units[ui].kind else {
@@ -472,7 +473,7 @@ impl<B: AutodiffBackend> ShardedStage<B> {
             let block = u.gather::<B>(c)?;
             gathered_peak = gathered_peak.max(u.memory().gathered);
             let inputs = saved.pop().expect("a saved input per block");
-            let mut acc: Option<Vec<f32>> = None;
+            let mut acc = GradientsAccumulator::<Block<B>>::new();
             let needs_input_grad = ui > 0;
             for (x, g) in inputs.into_iter().zip(upstream.iter_mut()) {
                 let x = Tensor::<B, 3>::from_inner(x);
@@ -492,19 +493,15 @@ impl<B: AutodiffBackend> ShardedStage<B> {
                         .grad(&grads)
                         .expect("the block's input requires a gradient");
                 }
-                add_grads(
-                    &mut acc,
-                    flatten_grads::<B, _>(&block, &GradientsParams::from_grads(grads, &block)),
-                );
+                acc.accumulate(&block, GradientsParams::from_grads(grads, &block));
             }
+            let acc = flatten_grads::<B, _>(&block, &acc.grads());
             drop(block);
             self.memory.grad_bytes = self
                 .memory
                 .grad_bytes
                 .max(self.memory.params_bytes + u.memory().full_grad);
-            shards[ui] = u
-                .layout
-                .reduce_scatter(c, &acc.expect("at least one micro-batch"))?;
+            shards[ui] = u.layout.reduce_scatter(c, &acc)?;
         }
 
         // The embedding.
@@ -513,25 +510,27 @@ impl<B: AutodiffBackend> ShardedStage<B> {
                 unreachable!("unit 0 is the embedding")
             };
             let embed = u.gather::<B>(c)?;
-            let mut acc: Option<Vec<f32>> = None;
+            let mut acc = GradientsAccumulator::<Embedding<B>>::new();
             for (m, g) in micro.iter().zip(upstream) {
                 let y = embed.forward(tokens(&m.batch.inputs, m.batch, device));
                 let grads = (y * Tensor::<B, 3>::from_inner(g)).sum().backward();
-                add_grads(
-                    &mut acc,
-                    flatten_grads::<B, _>(&embed, &GradientsParams::from_grads(grads, &embed)),
-                );
+                acc.accumulate(&embed, GradientsParams::from_grads(grads, &embed));
             }
+            let acc = flatten_grads::<B, _>(&embed, &acc.grads());
             drop(embed);
             self.memory.grad_bytes = self
                 .memory
                 .grad_bytes
                 .max(self.memory.params_bytes + u.memory().full_grad);
-            shards[0] = u
-                .layout
-                .reduce_scatter(c, &acc.expect("at least one micro-batch"))?;
+            shards[0] = u.layout.reduce_scatter(c, &acc)?;
         }
         self.memory.gathered_peak_bytes = gathered_peak;
+        tracing::trace!(
+            forward_ms = t_forward.as_secs_f64() * 1e3,
+            head_ms = (t_head - t_forward).as_secs_f64() * 1e3,
+            backward_ms = (t0.elapsed() - t_head).as_secs_f64() * 1e3,
+            "sharded step phases"
+        );
         Ok((loss_sum, shards))
     }
 
@@ -557,7 +556,14 @@ impl<B: AutodiffBackend> ShardedStage<B> {
             });
             gathered_bytes += with_unit!(&unit.kind, u => u.memory().gathered);
         }
-        let mut accs: Vec<Option<Vec<f32>>> = vec![None; self.units.len()];
+        let mut accs: Vec<Accumulated<B>> = gathered
+            .iter()
+            .map(|g| match g {
+                Gathered::Embed(_) => Accumulated::Embed(GradientsAccumulator::new()),
+                Gathered::Block(..) => Accumulated::Block(GradientsAccumulator::new()),
+                Gathered::Head(_) => Accumulated::Head(GradientsAccumulator::new()),
+            })
+            .collect();
         let mut loss_sum = 0.0;
         for m in &micro {
             let mut x = match &m.input {
@@ -589,26 +595,31 @@ impl<B: AutodiffBackend> ShardedStage<B> {
             loss_sum += loss.clone().into_scalar().elem::<f64>();
             let mut grads = loss.mul_scalar(scale).backward();
             for (g, acc) in gathered.iter().zip(&mut accs) {
-                let flat = match g {
-                    Gathered::Embed(e) => {
-                        flatten_grads::<B, _>(e, &GradientsParams::from_module(&mut grads, e))
+                match (g, acc) {
+                    (Gathered::Embed(e), Accumulated::Embed(a)) => {
+                        a.accumulate(e, GradientsParams::from_module(&mut grads, e));
                     }
-                    Gathered::Block(_, b) => {
-                        flatten_grads::<B, _>(b, &GradientsParams::from_module(&mut grads, b))
+                    (Gathered::Block(_, b), Accumulated::Block(a)) => {
+                        a.accumulate(b, GradientsParams::from_module(&mut grads, b));
                     }
-                    Gathered::Head(h) => {
-                        flatten_grads::<B, _>(h, &GradientsParams::from_module(&mut grads, h))
+                    (Gathered::Head(h), Accumulated::Head(a)) => {
+                        a.accumulate(h, GradientsParams::from_module(&mut grads, h));
                     }
-                };
-                add_grads(acc, flat);
+                    _ => unreachable!("one accumulator per gathered unit, same kind"),
+                }
             }
         }
-        drop(gathered);
         let mut shards = Vec::with_capacity(self.units.len());
-        for (unit, acc) in self.units.iter().zip(accs) {
-            let acc = acc.expect("at least one micro-batch");
-            shards.push(with_unit!(&unit.kind, u => u.layout.reduce_scatter(c, &acc)?));
+        for ((unit, g), acc) in self.units.iter().zip(&gathered).zip(accs) {
+            let flat = match (g, acc) {
+                (Gathered::Embed(e), Accumulated::Embed(mut a)) => flatten_grads(e, &a.grads()),
+                (Gathered::Block(_, b), Accumulated::Block(mut a)) => flatten_grads(b, &a.grads()),
+                (Gathered::Head(h), Accumulated::Head(mut a)) => flatten_grads(h, &a.grads()),
+                _ => unreachable!("one accumulator per gathered unit, same kind"),
+            };
+            shards.push(with_unit!(&unit.kind, u => u.layout.reduce_scatter(c, &flat)?));
         }
+        drop(gathered);
         self.memory.gathered_peak_bytes = gathered_bytes;
         self.memory.grad_bytes = self.memory.params_bytes + gathered_bytes;
         self.memory.activation_bytes = 0;
@@ -623,11 +634,11 @@ enum Gathered<B: AutodiffBackend> {
     Head(LmHead<B>),
 }
 
-fn add_grads(acc: &mut Option<Vec<f32>>, grad: Vec<f32>) {
-    match acc {
-        None => *acc = Some(grad),
-        Some(sum) => sum.iter_mut().zip(grad).for_each(|(s, g)| *s += g),
-    }
+/// Gradients of one gathered unit summed over micro-batches (on the device).
+enum Accumulated<B: AutodiffBackend> {
+    Embed(GradientsAccumulator<Embedding<B>>),
+    Block(GradientsAccumulator<Block<B>>),
+    Head(GradientsAccumulator<LmHead<B>>),
 }
 
 /// Loads a unit's AdamW moments from burn's optimizer record, when it holds all of them.
