@@ -790,7 +790,13 @@ pub fn assign(
     order.sort_by_key(|&i| jobs[i].seq);
     let mut assignments = Vec::new();
     let mut transitions = Vec::new();
-    let mut reserved: u64 = jobs.iter().map(Job::snapshot_reservation).sum();
+    // Reservations parse stage results: only a coordinator with a budget needs them.
+    let budgeted = cfg.snapshot_budget_bytes.is_some();
+    let mut reserved: u64 = if budgeted {
+        jobs.iter().map(Job::snapshot_reservation).sum()
+    } else {
+        0
+    };
     for job_pos in order {
         let job = &mut jobs[job_pos];
         if job.is_terminal() {
@@ -837,7 +843,11 @@ pub fn assign(
             };
             free[w] -= 1;
             let worker_id = workers[w].id.clone();
-            let before = job.snapshot_reservation();
+            let before = if budgeted {
+                job.snapshot_reservation()
+            } else {
+                0
+            };
             let task = &mut job.tasks[task_pos];
             task.epoch += 1;
             task.attempts = task.attempts.saturating_add(1);
@@ -851,7 +861,10 @@ pub fn assign(
             if job.status == JobStatus::Pending {
                 job.status = JobStatus::Running;
             }
-            reserved = reserved.saturating_add(job.snapshot_reservation().saturating_sub(before));
+            if budgeted {
+                reserved =
+                    reserved.saturating_add(job.snapshot_reservation().saturating_sub(before));
+            }
             assignments.push(Assignment {
                 job_id: job.id.clone(),
                 task_index,

@@ -220,6 +220,37 @@ fn segprop_stage1_and_segments_on_2_and_4_ranks_match_one_unsharded_rank() {
     }
 }
 
+const LW: &str = "
+version: 1
+name: shard-lw
+model: { preset: tiny, overrides: { num_layers: 3 } }
+data: { corpus: builtin:synthetic, seq_len: 16, batch_size: 2, synthetic_tokens: 4000, eval_fraction: 0.1 }
+regime: lw
+lw: { snapcheck: false, exit: { max_steps: 3 } }
+optimizer: { lr: 3.0e-3, grad_accum: 4 }
+eval: { every_steps: 2, max_batches: 2 }
+seed: 17
+";
+
+#[test]
+fn layer_wise_blocks_on_2_ranks_match_one_unsharded_rank() {
+    // Each block trains with a fresh local head; blocks after the first read the frozen prefix,
+    // recomputed here (SnapCheck off) on every rank.
+    let reference = run(&spec(LW, ""));
+    let sharded = run(&spec(
+        LW,
+        "sharding: { strategy: full_shard }\nactivation_checkpointing: true\nresources: { devices_per_gang: 2 }",
+    ));
+    assert_same_curve("lw, 2 ranks, AC", &sharded, &reference);
+    assert_eq!(sharded.sharding.len(), 3);
+    assert_eq!(
+        sharded.sharding[0].unwrap().units,
+        3,
+        "embedding, block 0, head"
+    );
+    assert_eq!(sharded.sharding[1].unwrap().units, 2, "block 1, head");
+}
+
 #[test]
 fn bad_sharding_specs_name_the_field() {
     let err = JobSpec::from_yaml_str(
