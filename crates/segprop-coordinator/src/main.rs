@@ -94,6 +94,43 @@ enum Command {
         #[command(flatten)]
         connect: ConnectArgs,
     },
+    /// How large a micro-batch fits, and at what memory, FLOPs and speed: e2e FSDP, FSDP + CPU
+    /// offload (with and without activation checkpointing), SegProp stage 1 and stage 2 (with and
+    /// without SnapCheck). For a job spec, or for --model on the given hardware.
+    Plan {
+        /// Job spec: its model, sequence length, precision, SegProp depths and gang size.
+        job: Option<PathBuf>,
+        /// A preset (tiny, small, llama3-8b, llama2-70b, llama3-70b) or an HF config.json.
+        #[arg(long, conflicts_with = "job")]
+        model: Option<String>,
+        /// GPUs of the gang (one host).
+        #[arg(long, default_value_t = 8)]
+        gpus: u32,
+        /// Memory of one GPU.
+        #[arg(long, default_value = "40GiB")]
+        gpu_mem: String,
+        /// Host RAM (what CPU offload may use).
+        #[arg(long, default_value = "1TiB")]
+        host_ram: String,
+        #[arg(long, default_value_t = 2048)]
+        seq: usize,
+        /// SegProp base depth p, head depth r, segment size k (--model only).
+        #[arg(long, default_value_t = 4)]
+        p: usize,
+        #[arg(long, default_value_t = 4)]
+        r: usize,
+        #[arg(long, default_value_t = 4)]
+        k: usize,
+        /// Compute precision (--model only): bf16 or f32.
+        #[arg(long, default_value = "bf16")]
+        precision: String,
+        /// Dense bf16 peak of one GPU, TFLOP/s.
+        #[arg(long, default_value_t = 312.0)]
+        gpu_tflops: f64,
+        /// Print JSON instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Start a coordinator, one local CPU worker and a local store, run the demo job (or --job)
     /// to the end, and print where the model and the loss plot are.
     Demo {
@@ -284,6 +321,88 @@ async fn run(command: Command) -> Result<(), Failure> {
             connect: args,
         } => fetch(&connect(&args)?, &job_id, &out).await,
         Command::Demo { dir, job, quiet } => demo(&dir, job.as_deref(), quiet).await,
+        Command::Plan {
+            job,
+            model,
+            gpus,
+            gpu_mem,
+            host_ram,
+            seq,
+            p,
+            r,
+            k,
+            precision,
+            gpu_tflops,
+            json,
+        } => {
+            use segprop_coordinator::plan::{PlanRequest, report, table};
+            use segprop_core::planner::{Cluster, parse_bytes};
+            if gpus == 0 {
+                return Err(Failure::input("--gpus: must be at least 1"));
+            }
+            let cluster = Cluster {
+                gpus,
+                gpu_mem_bytes: parse_bytes(&gpu_mem)
+                    .map_err(|e| Failure::input(format!("--gpu-mem: {e}")))?,
+                host_ram_bytes: parse_bytes(&host_ram)
+                    .map_err(|e| Failure::input(format!("--host-ram: {e}")))?,
+                gpu_flops: gpu_tflops * 1e12,
+                ..Cluster::a100_40g_x8()
+            };
+            let request = match (job, model) {
+                (Some(job), _) => {
+                    let spec =
+                        JobSpec::from_file(&job).map_err(|e| Failure::input(e.to_string()))?;
+                    PlanRequest::from_spec(&spec, cluster).map_err(Failure::input)?
+                }
+                (None, Some(model)) => {
+                    let (config, model_name) =
+                        PlanRequest::model(&model).map_err(Failure::input)?;
+                    let bf16 = match precision.as_str() {
+                        "bf16" => true,
+                        "f32" => false,
+                        other => {
+                            return Err(Failure::input(format!(
+                                "--precision {other}: use bf16 or f32"
+                            )));
+                        }
+                    };
+                    if p + r > config.num_layers || k == 0 {
+                        return Err(Failure::input(format!(
+                            "--p {p} --r {r} --k {k}: need p + r <= {} layers and k >= 1",
+                            config.num_layers
+                        )));
+                    }
+                    PlanRequest {
+                        config,
+                        model_name,
+                        cluster,
+                        seq_len: seq,
+                        base_depth: p,
+                        head_layers: r,
+                        segment_size: k,
+                        bf16,
+                        tokens: 1e9,
+                    }
+                }
+                (None, None) => {
+                    return Err(Failure::input(
+                        "plan what? give a job spec, or --model PRESET|config.json",
+                    ));
+                }
+            };
+            let report = report(&request);
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report)
+                        .map_err(|e| Failure::runtime(e.to_string()))?
+                );
+            } else {
+                print!("{}", table(&report));
+            }
+            Ok(())
+        }
     }
 }
 

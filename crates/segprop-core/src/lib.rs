@@ -9,6 +9,7 @@ pub mod checksum;
 pub mod error;
 pub mod llama_config;
 pub mod plan;
+pub mod planner;
 pub mod sched;
 pub mod spec;
 pub mod validate;

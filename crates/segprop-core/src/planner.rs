@@ -1,0 +1,542 @@
+//! The planner (DESIGN §3): per-GPU memory, host memory, FLOPs and an estimated step time of one
+//! training configuration, and the largest micro-batch that fits. A pure function of numbers:
+//! no burn, no I/O.
+//!
+//! # Model of memory (per GPU of a gang of `G` GPUs, micro-batch `b`, sequence `s`)
+//!
+//! Mixed precision as FSDP runs it: compute weights and gradients in `a` bytes (2 for bf16, 4
+//! for f32), fp32 master weights, fp32 AdamW moments.
+//! - **Sharded state** of the trainable parameters `P_t`: `(a + 4 + 8 + a) × P_t / G` (compute
+//!   copy, master, both moments, gradient shard; with f32 the compute copy is the master:
+//!   `(4 + 8 + 4) × P_t / G`). With CPU offload it lives in host memory instead, as PyTorch
+//!   FSDP's `CPUOffload` keeps it: fp32 master, both moments and the fp32 gradient, `16 × P_t`
+//!   per host (and `4 × P_f` for frozen weights).
+//! - **Frozen parameters** run forward-only (a SegProp prefix recomputed without SnapCheck):
+//!   `a × P_f / G`, or host memory with offload.
+//! - **Gathered units**: the unit in use and the prefetched next one, whole, `2 × a × U_max`,
+//!   plus one unit's full gradient before its reduce-scatter, `a × U_max`.
+//! - **Activations** saved for backward, per trained block and token, `a × (6h + 2·kv + 4i)`:
+//!   the block input, both norm outputs, q, k, v, the attention output, gate, up, SiLU(gate)
+//!   and their product. Attention is assumed memory-efficient (flash/SDPA: no `s × s` scores
+//!   kept). With activation checkpointing only the block input `a × h` is kept per block, and
+//!   one block's full set is live during its recompute. The embedding output `a × h` per token.
+//! - **Logits and loss**: `b × s × V × (a + 4 + 4)` (the logits, their fp32 upcast for the
+//!   log-softmax, the fp32 gradient).
+//! - **Workspace**: a fixed allowance (CUDA context, NCCL buffers, allocator) plus a fraction of
+//!   the device for fragmentation.
+//!
+//! # Model of compute
+//!
+//! Forward FLOPs per token of one block: `2 × (matmul parameters) + 2 × s × h` (causal
+//! attention: `QKᵀ` and `AV` over half the keys on average); the LM head `2 × h × V`. Training a
+//! unit costs forward + backward (`3×` its forward), plus one more forward with activation
+//! checkpointing; frozen blocks cost one forward. Step time is the larger of compute (at the
+//! cluster's achieved fraction of peak) and communication (FSDP gathers on NVLink; with offload
+//! also the PCIe traffic), plus the host AdamW with offload (not overlapped). The bound is
+//! named.
+
+use serde::{Deserialize, Serialize};
+
+use crate::llama_config::LlamaConfig;
+
+/// The hardware of one host (a gang is the GPUs of one host).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cluster {
+    pub gpus: u32,
+    pub gpu_mem_bytes: u64,
+    pub host_ram_bytes: u64,
+    /// Dense bf16 peak of one GPU (FLOP/s).
+    pub gpu_flops: f64,
+    /// Fraction of the peak training reaches (model FLOPs utilisation).
+    pub mfu: f64,
+    /// Collective (all-gather / reduce-scatter) bandwidth per GPU over NVLink, bytes/s.
+    pub nvlink_bytes_per_s: f64,
+    /// Host↔GPU bandwidth per GPU, each direction, bytes/s.
+    pub pcie_bytes_per_s: f64,
+    /// Parameters per second the host's AdamW updates (all cores).
+    pub cpu_adam_params_per_s: f64,
+    /// Fixed device allowance: CUDA context, NCCL buffers, allocator slack.
+    pub workspace_bytes: u64,
+    /// Fraction of device memory kept free for fragmentation.
+    pub fragmentation: f64,
+}
+
+impl Cluster {
+    /// 8 × A100 40 GiB (SXM, NVLink 3) on a host with 1 TiB of RAM: the paper's setting.
+    pub fn a100_40g_x8() -> Self {
+        Self {
+            gpus: 8,
+            gpu_mem_bytes: 40 << 30,
+            host_ram_bytes: 1 << 40,
+            gpu_flops: 312e12,
+            mfu: 0.4,
+            nvlink_bytes_per_s: 200e9,
+            pcie_bytes_per_s: 20e9,
+            cpu_adam_params_per_s: 2e9,
+            workspace_bytes: 1 << 30,
+            fragmentation: 0.05,
+        }
+    }
+}
+
+/// What one configuration trains and how.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Workload {
+    pub name: String,
+    /// Decoder blocks trained (activations, gradients, optimizer state).
+    pub trained_blocks: usize,
+    /// Whether the token embedding is trained (e2e, SegProp stage 1).
+    pub trained_embedding: bool,
+    /// Decoder blocks run forward-only every step (a SegProp prefix without SnapCheck).
+    pub frozen_blocks: usize,
+    /// Whether the frozen prefix starts at the embedding (it does when `frozen_blocks > 0`).
+    pub frozen_embedding: bool,
+    /// Sharded state in host memory (FSDP + CPU offload).
+    pub offload: bool,
+    pub activation_checkpointing: bool,
+}
+
+/// Bytes per GPU, by kind, and host bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Memory {
+    pub sharded_state: u64,
+    pub frozen_weights: u64,
+    pub gathered: u64,
+    pub activations: u64,
+    pub logits: u64,
+    pub workspace: u64,
+    /// Host memory the configuration needs (offloaded state).
+    pub host: u64,
+}
+
+impl Memory {
+    pub fn gpu_total(&self) -> u64 {
+        self.sharded_state
+            + self.frozen_weights
+            + self.gathered
+            + self.activations
+            + self.logits
+            + self.workspace
+    }
+}
+
+/// What bounds a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Bound {
+    /// GPU compute at the cluster's achieved rate.
+    Compute,
+    /// FSDP gathers and reduce-scatters over NVLink.
+    Communication,
+    /// CPU offload: PCIe transfers and the host AdamW.
+    HostTransfer,
+}
+
+impl std::fmt::Display for Bound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Bound::Compute => "compute",
+            Bound::Communication => "NVLink",
+            Bound::HostTransfer => "host (offload)",
+        })
+    }
+}
+
+/// One configuration's plan at a micro-batch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    pub workload: Workload,
+    pub micro_batch: usize,
+    pub seq_len: usize,
+    pub memory: Memory,
+    pub fits: bool,
+    /// Forward, backward and recompute FLOPs per token.
+    pub forward_flops_per_token: f64,
+    pub backward_flops_per_token: f64,
+    pub recompute_flops_per_token: f64,
+    /// Estimated step time of one micro-batch per GPU (the gang processes `gpus × micro_batch`
+    /// sequences per step).
+    pub step_s: f64,
+    pub bound: Bound,
+    pub tokens_per_s: f64,
+}
+
+/// Bytes of the compute copy of a parameter or activation.
+fn compute_bytes(bf16: bool) -> u64 {
+    if bf16 { 2 } else { 4 }
+}
+
+/// Matmul parameters of one block (everything but the norms).
+fn block_matmul_params(c: &LlamaConfig) -> u64 {
+    c.block_params() - 2 * c.hidden_size as u64
+}
+
+/// Plans `w` on `cluster` for `config` at micro-batch `b` and sequence `s`.
+pub fn plan(
+    config: &LlamaConfig,
+    cluster: &Cluster,
+    w: &Workload,
+    micro_batch: usize,
+    seq_len: usize,
+    bf16: bool,
+) -> Plan {
+    let a = compute_bytes(bf16);
+    let g = u64::from(cluster.gpus.max(1));
+    let (h, i, v) = (
+        config.hidden_size as u64,
+        config.intermediate_size as u64,
+        config.vocab_size as u64,
+    );
+    let kv = (config.num_kv_heads * config.head_dim()) as u64;
+    let tokens = (micro_batch * seq_len) as u64;
+    let embed = v * h;
+    let head = v * h + h;
+    let block = config.block_params();
+
+    let trained =
+        w.trained_blocks as u64 * block + head + if w.trained_embedding { embed } else { 0 };
+    let frozen = w.frozen_blocks as u64 * block + if w.frozen_embedding { embed } else { 0 };
+    let state_per_param = if bf16 { a + 4 + 8 + a } else { 4 + 8 + 4 };
+    let (sharded_state, frozen_weights, host) = if w.offload {
+        (0, 0, trained * (4 + 8 + 4) + frozen * 4)
+    } else {
+        (trained * state_per_param / g, frozen * a / g, 0)
+    };
+    let unit_max = block
+        .max(head)
+        .max(if w.trained_embedding || w.frozen_embedding {
+            embed
+        } else {
+            0
+        });
+    let gathered = 3 * a * unit_max;
+
+    let per_block_token = a * (6 * h + 2 * kv + 4 * i);
+    let blocks = w.trained_blocks as u64;
+    let saved = if w.activation_checkpointing {
+        blocks * a * h * tokens + per_block_token * tokens
+    } else {
+        blocks * per_block_token * tokens
+    };
+    // A frozen prefix keeps nothing: one block's temporaries at a time.
+    let frozen_live = if w.frozen_blocks > 0 {
+        per_block_token * tokens
+    } else {
+        0
+    };
+    let embed_out = if w.trained_embedding {
+        a * h * tokens
+    } else {
+        0
+    };
+    let activations = saved.max(frozen_live) + embed_out;
+    let logits = tokens * v * (a + 4 + 4);
+    let used = sharded_state + frozen_weights + gathered + activations + logits;
+    let workspace =
+        cluster.workspace_bytes + (cluster.fragmentation * cluster.gpu_mem_bytes as f64) as u64;
+    let memory = Memory {
+        sharded_state,
+        frozen_weights,
+        gathered,
+        activations,
+        logits,
+        workspace,
+        host,
+    };
+    let fits = used + workspace <= cluster.gpu_mem_bytes && host <= cluster.host_ram_bytes;
+
+    // FLOPs per token.
+    let block_fwd = 2.0 * block_matmul_params(config) as f64 + 2.0 * (seq_len as u64 * h) as f64;
+    let head_fwd = 2.0 * (h * v) as f64;
+    let trained_fwd = w.trained_blocks as f64 * block_fwd + head_fwd;
+    let frozen_fwd = w.frozen_blocks as f64 * block_fwd;
+    let forward = trained_fwd + frozen_fwd;
+    let backward = 2.0 * trained_fwd;
+    let recompute = if w.activation_checkpointing {
+        w.trained_blocks as f64 * block_fwd
+    } else {
+        0.0
+    };
+
+    // Step time of one micro-batch per GPU.
+    let flops = (forward + backward + recompute) * tokens as f64;
+    let compute_s = flops / (cluster.gpu_flops * cluster.mfu);
+    let ring = (g - 1) as f64 / g as f64;
+    let gathers = if w.activation_checkpointing { 2.0 } else { 1.0 };
+    let nvlink_bytes = ring * a as f64 * ((gathers + 1.0) * trained as f64 + frozen as f64);
+    let comm_s = nvlink_bytes / cluster.nvlink_bytes_per_s;
+    let (pcie_s, adam_s) = if w.offload {
+        // Each GPU uploads its weight shard (compute copy) and downloads its gradient shard.
+        let bytes = 2.0 * a as f64 * (trained + frozen) as f64 / g as f64;
+        (
+            bytes / cluster.pcie_bytes_per_s,
+            trained as f64 / cluster.cpu_adam_params_per_s,
+        )
+    } else {
+        (0.0, 0.0)
+    };
+    let (overlapped, bound) = [
+        (compute_s, Bound::Compute),
+        (comm_s, Bound::Communication),
+        (pcie_s, Bound::HostTransfer),
+    ]
+    .into_iter()
+    .fold(
+        (0.0, Bound::Compute),
+        |best, x| {
+            if x.0 > best.0 { x } else { best }
+        },
+    );
+    let bound = if adam_s > overlapped && w.offload {
+        Bound::HostTransfer
+    } else {
+        bound
+    };
+    let step_s = overlapped + adam_s;
+    Plan {
+        workload: w.clone(),
+        micro_batch,
+        seq_len,
+        memory,
+        fits,
+        forward_flops_per_token: forward,
+        backward_flops_per_token: backward,
+        recompute_flops_per_token: recompute,
+        step_s,
+        bound,
+        tokens_per_s: (tokens * g) as f64 / step_s.max(1e-12),
+    }
+}
+
+/// The largest micro-batch (≤ `limit`) at which `w` fits, with its plan; `None` if not even one
+/// sequence fits.
+pub fn max_micro_batch(
+    config: &LlamaConfig,
+    cluster: &Cluster,
+    w: &Workload,
+    seq_len: usize,
+    bf16: bool,
+    limit: usize,
+) -> Option<Plan> {
+    let fits = |b: usize| plan(config, cluster, w, b, seq_len, bf16).fits;
+    if !fits(1) {
+        return None;
+    }
+    let (mut lo, mut hi) = (1usize, 2usize);
+    while hi <= limit && fits(hi) {
+        lo = hi;
+        hi *= 2;
+    }
+    let mut hi = hi.min(limit + 1);
+    while hi - lo > 1 {
+        let mid = (lo + hi) / 2;
+        if fits(mid) { lo = mid } else { hi = mid }
+    }
+    Some(plan(config, cluster, w, lo, seq_len, bf16))
+}
+
+/// The comparison the planner prints: e2e FSDP, FSDP + CPU offload without and with activation
+/// checkpointing, SegProp stage 1, and a stage-2 segment with and without SnapCheck (the last
+/// segment: its prefix is the longest), for base depth `p`, head depth `r`, segment size `k`.
+pub fn comparison(num_layers: usize, p: usize, r: usize, k: usize) -> Vec<Workload> {
+    let e2e = |name: &str, offload, ac| Workload {
+        name: name.into(),
+        trained_blocks: num_layers,
+        trained_embedding: true,
+        frozen_blocks: 0,
+        frozen_embedding: false,
+        offload,
+        activation_checkpointing: ac,
+    };
+    let last_prefix = num_layers.saturating_sub(r + k);
+    vec![
+        e2e("e2e FSDP", false, false),
+        e2e("FSDP + CPU offload", true, false),
+        e2e("FSDP + CPU offload + AC", true, true),
+        Workload {
+            name: "SegProp stage 1".into(),
+            trained_blocks: p + r,
+            trained_embedding: true,
+            frozen_blocks: 0,
+            frozen_embedding: false,
+            offload: false,
+            activation_checkpointing: false,
+        },
+        Workload {
+            name: "SegProp stage 2, SnapCheck".into(),
+            trained_blocks: k + r,
+            trained_embedding: false,
+            frozen_blocks: 0,
+            frozen_embedding: false,
+            offload: false,
+            activation_checkpointing: false,
+        },
+        Workload {
+            name: "SegProp stage 2, no SnapCheck".into(),
+            trained_blocks: k + r,
+            trained_embedding: false,
+            frozen_blocks: last_prefix,
+            frozen_embedding: true,
+            offload: false,
+            activation_checkpointing: false,
+        },
+    ]
+}
+
+/// FLOPs of a whole SegProp schedule and of e2e, each stage trained on `tokens` tokens:
+/// stage 1, every stage-2 segment (with SnapCheck: no prefix recompute, plus one advance of
+/// the snapshots through the segment per segment), against e2e on the same `tokens`.
+/// Returns (e2e, SegProp with SnapCheck, SegProp without).
+pub fn schedule_flops(
+    config: &LlamaConfig,
+    p: usize,
+    r: usize,
+    k: usize,
+    seq_len: usize,
+    tokens: f64,
+) -> (f64, f64, f64) {
+    let n = config.num_layers;
+    let h = config.hidden_size as f64;
+    let block_fwd = 2.0 * block_matmul_params(config) as f64 + 2.0 * seq_len as f64 * h;
+    let head_fwd = 2.0 * h * config.vocab_size as f64;
+    let train = |blocks: usize| 3.0 * (blocks as f64 * block_fwd + head_fwd);
+    let e2e = tokens * train(n);
+    let stage1 = tokens * train(p + r);
+    let (mut with, mut without) = (stage1, stage1);
+    let mut q = p;
+    while q < n.saturating_sub(r) {
+        let end = (q + k).min(n - r);
+        let seg = train(end - q + r);
+        with += tokens * (seg + (end - q) as f64 * block_fwd);
+        without += tokens * (seg + q as f64 * block_fwd);
+        q = end;
+    }
+    (e2e, with, without)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn llama70b() -> LlamaConfig {
+        LlamaConfig::preset("llama3-70b").expect("preset")
+    }
+
+    #[test]
+    fn llama70b_on_8x40g_what_fits() {
+        let c = llama70b();
+        // Offload needs 16 bytes per parameter of host RAM: 1.13 TB for 70B, more than 1 TiB.
+        let small_host = Cluster::a100_40g_x8();
+        let w = comparison(c.num_layers, 4, 4, 4);
+        let p = plan(&c, &small_host, &w[2], 1, 2048, true);
+        assert!(!p.fits && p.memory.host > small_host.host_ram_bytes);
+        let cluster = Cluster {
+            host_ram_bytes: 2 << 40,
+            ..Cluster::a100_40g_x8()
+        };
+        let max = |i: usize| {
+            max_micro_batch(&c, &cluster, &w[i], 2048, true, 4096).map_or(0, |p| p.micro_batch)
+        };
+        let e2e = max(0);
+        let offload = max(1);
+        let offload_ac = max(2);
+        let segment = max(4);
+        // 70B of sharded state does not fit 8 x 40 GiB: 16 bytes x 70.6e9 / 8 = 141 GB.
+        assert_eq!(e2e, 0);
+        // Without checkpointing, 80 blocks of activations of one 2048-token sequence (54 GB)
+        // do not fit either; with it, offload fits a few sequences.
+        assert_eq!(offload, 0);
+        assert!(offload_ac >= 1, "{offload_ac}");
+        assert!(segment > offload, "segment {segment} vs offload {offload}");
+    }
+
+    #[test]
+    fn memory_terms_follow_the_formulas() {
+        let c = LlamaConfig::preset("tiny").expect("preset");
+        let cluster = Cluster {
+            gpus: 2,
+            ..Cluster::a100_40g_x8()
+        };
+        let w = &comparison(c.num_layers, 2, 2, 1)[0];
+        let p = plan(&c, &cluster, w, 4, 64, false);
+        let params = c.num_params();
+        assert_eq!(p.memory.sharded_state, params * 16 / 2);
+        let tokens = 4 * 64u64;
+        assert_eq!(p.memory.logits, tokens * c.vocab_size as u64 * 12);
+        // Doubling the batch doubles what scales with tokens and nothing else.
+        let p2 = plan(&c, &cluster, w, 8, 64, false);
+        assert_eq!(p2.memory.activations, 2 * p.memory.activations);
+        assert_eq!(p2.memory.sharded_state, p.memory.sharded_state);
+        // Training costs three forwards of the trained part.
+        assert!((p.backward_flops_per_token - 2.0 * p.forward_flops_per_token).abs() < 1.0);
+    }
+
+    #[test]
+    fn checkpointing_trades_activations_for_a_recompute() {
+        let c = llama70b();
+        let cluster = Cluster::a100_40g_x8();
+        let w = comparison(c.num_layers, 4, 4, 4);
+        let off = plan(&c, &cluster, &w[1], 1, 2048, true);
+        let on = plan(&c, &cluster, &w[2], 1, 2048, true);
+        assert!(on.memory.activations * 5 < off.memory.activations);
+        assert!(on.recompute_flops_per_token > 0.0 && off.recompute_flops_per_token == 0.0);
+        assert!(on.memory.host > 0 && on.memory.sharded_state == 0);
+    }
+
+    #[test]
+    fn snapcheck_removes_the_prefix_recompute_from_the_schedule() {
+        let c = llama70b();
+        let (e2e, with, without) = schedule_flops(&c, 4, 4, 4, 2048, 1e9);
+        assert!(with < without);
+        assert!(e2e > 0.0);
+    }
+}
+
+/// Parses a byte size: `40GiB`, `40GB`, `1.5TiB`, `512MiB`, or a plain number of bytes.
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a size (e.g. 40GiB, 80GB, 1TiB)"))?;
+    let scale: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        "tb" => 1e12,
+        "kib" => 1024.0,
+        "mib" => 1024f64.powi(2),
+        "gib" => 1024f64.powi(3),
+        "tib" => 1024f64.powi(4),
+        other => {
+            return Err(format!(
+                "`{other}` in `{text}` is not a unit (B, GB, GiB, TB, TiB…)"
+            ));
+        }
+    };
+    Ok((value * scale).round() as u64)
+}
+
+#[cfg(test)]
+mod parse_tests {
+    use super::parse_bytes;
+
+    #[test]
+    fn sizes_parse_with_binary_and_decimal_units() {
+        assert_eq!(parse_bytes("40GiB"), Ok(40 << 30));
+        assert_eq!(parse_bytes("80GB"), Ok(80_000_000_000));
+        assert_eq!(parse_bytes("1.5 TiB"), Ok(3 << 39));
+        assert_eq!(parse_bytes("123"), Ok(123));
+        assert!(
+            parse_bytes("40 parsecs")
+                .unwrap_err()
+                .contains("not a unit")
+        );
+        assert!(parse_bytes("GiB").unwrap_err().contains("not a size"));
+    }
+}
