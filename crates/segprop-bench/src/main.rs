@@ -15,6 +15,7 @@
 //!   standalone, alternating runs of the release binaries next to this one.
 
 mod cluster;
+mod planner;
 mod shard;
 
 use std::time::Instant;
@@ -79,6 +80,11 @@ enum Command {
     Throughput,
     Snapcheck,
     Memory,
+    /// The planner's CPU memory and FLOPs predictions vs measurement.
+    Planner {
+        #[arg(long)]
+        explore: bool,
+    },
     /// Everything above, in order.
     All,
 }
@@ -167,6 +173,13 @@ fn main() -> Result<()> {
         Command::Throughput => throughput::<CpuBackend>(cli.steps, &Default::default(), "cpu"),
         Command::Snapcheck => snapcheck::<CpuBackend>(cli.steps, &Default::default()),
         Command::Memory => memory(),
+        Command::Planner { explore } => {
+            if explore {
+                planner::explore()
+            } else {
+                planner::validate()
+            }
+        }
         Command::All => {
             backends(cli.steps)?;
             throughput::<CpuBackend>(cli.steps, &Default::default(), "cpu")?;

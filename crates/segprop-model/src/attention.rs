@@ -4,6 +4,7 @@ use burn::nn::{Initializer, Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::activation::softmax;
 
+use crate::flops;
 use crate::rope::RopeTables;
 
 #[derive(Config, Debug)]
@@ -64,19 +65,13 @@ impl<B: Backend> Attention<B> {
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
 
         // [batch, seq, heads * d] -> [batch, heads, seq, d]
-        let q = self
-            .q_proj
-            .forward(x.clone())
+        let q = flops::linear(&self.q_proj, x.clone())
             .reshape([batch, seq, h, d])
             .swap_dims(1, 2);
-        let k = self
-            .k_proj
-            .forward(x.clone())
+        let k = flops::linear(&self.k_proj, x.clone())
             .reshape([batch, seq, kvh, d])
             .swap_dims(1, 2);
-        let v = self
-            .v_proj
-            .forward(x)
+        let v = flops::linear(&self.v_proj, x)
             .reshape([batch, seq, kvh, d])
             .swap_dims(1, 2);
 
@@ -85,18 +80,17 @@ impl<B: Backend> Attention<B> {
         let v = repeat_kv(v, h / kvh);
 
         // [batch, heads, seq, seq]
-        let scores = q.matmul(k.swap_dims(2, 3)).div_scalar((d as f64).sqrt());
+        let scores = flops::matmul(q, k.swap_dims(2, 3)).div_scalar((d as f64).sqrt());
         // `tril_mask` is true strictly above the diagonal: the future positions to hide.
         let mask = Tensor::<B, 2, Bool>::tril_mask([seq, seq], 0, &scores.device());
         let scores = scores.mask_fill(mask.unsqueeze::<4>(), f32::NEG_INFINITY);
         let probs = softmax(scores, 3);
 
         // [batch, heads, seq, d] -> [batch, seq, hidden]
-        let out = probs
-            .matmul(v)
+        let out = flops::matmul(probs, v)
             .swap_dims(1, 2)
             .reshape([batch, seq, hidden]);
-        self.o_proj.forward(out)
+        flops::linear(&self.o_proj, out)
     }
 }
 

@@ -11,6 +11,7 @@
 pub mod attention;
 pub mod block;
 pub mod error;
+pub mod flops;
 pub mod hf;
 pub mod mlp;
 pub mod model;

@@ -5,6 +5,7 @@ use burn::prelude::*;
 use burn::tensor::activation::silu;
 
 use crate::attention::linear;
+use crate::flops;
 
 #[derive(Config, Debug)]
 pub struct MlpConfig {
@@ -51,7 +52,8 @@ impl<B: Backend> Mlp<B> {
     /// - x: `[batch, seq, hidden]`
     /// - output: `[batch, seq, hidden]`
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let gated = silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x);
-        self.down_proj.forward(gated)
+        let gated =
+            silu(flops::linear(&self.gate_proj, x.clone())) * flops::linear(&self.up_proj, x);
+        flops::linear(&self.down_proj, gated)
     }
 }

@@ -35,7 +35,7 @@ impl<B: Backend> LmHead<B> {
     /// - x: `[batch, seq, hidden]`
     /// - output: logits `[batch, seq, vocab]`
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.output.forward(self.norm.forward(x))
+        crate::flops::linear(&self.output, self.norm.forward(x))
     }
 }
 

@@ -77,3 +77,20 @@ pub fn peak_bytes() -> Option<usize> {
 pub fn reset_peak() {
     PEAK.store(CURRENT.load(Ordering::Relaxed), Ordering::Relaxed);
 }
+
+static FIRST_PHASE_PEAK: AtomicUsize = AtomicUsize::new(0);
+
+/// Ends the first phase of a measured window (the engine calls it between a step's backward
+/// passes and its optimizer update): the peak so far is kept for [`first_phase_peak`] and a new
+/// window starts.
+pub fn end_first_phase() {
+    FIRST_PHASE_PEAK.store(PEAK.load(Ordering::Relaxed), Ordering::Relaxed);
+    reset_peak();
+}
+
+/// The peak of the window [`end_first_phase`] closed last.
+pub fn first_phase_peak() -> Option<usize> {
+    INSTALLED
+        .load(Ordering::Relaxed)
+        .then(|| FIRST_PHASE_PEAK.load(Ordering::Relaxed))
+}

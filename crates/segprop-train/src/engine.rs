@@ -465,6 +465,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         }
         let mut local = local_acc.grads();
         let mut head = head_acc.grads();
+        alloc::end_first_phase();
         let norm = global_grad_norm::<B>(&self.model, &[&local, &head]);
         if let Some(clip) = self.spec.optimizer.grad_clip
             && norm > clip

@@ -19,6 +19,7 @@ pub mod error;
 pub mod exit;
 pub mod metrics;
 pub mod plot;
+pub mod probe;
 pub mod route;
 pub mod run;
 pub mod schedule;

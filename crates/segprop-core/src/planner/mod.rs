@@ -39,6 +39,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::llama_config::LlamaConfig;
 
+mod cpu;
+pub use cpu::{CpuProfile, CpuStep, cpu_step};
+
 /// The hardware of one host (a gang is the GPUs of one host).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -172,6 +175,48 @@ fn block_matmul_params(c: &LlamaConfig) -> u64 {
     c.block_params() - 2 * c.hidden_size as u64
 }
 
+/// How attention's `QKᵀ` and `AV` are computed, which sets their FLOPs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AttentionKernel {
+    /// A fused causal kernel (flash attention, SDPA) skips the masked half: `2·s·h` FLOPs per
+    /// token and block, no `s × s` scores kept. The GPU plan assumes it.
+    Causal,
+    /// The eager path of the CPU engine: full `s × s` scores, then the mask: `4·s·h`.
+    DenseMasked,
+}
+
+/// Forward matmul FLOPs per token of one decoder block at sequence length `seq`.
+pub fn block_forward_flops(c: &LlamaConfig, seq: usize, kernel: AttentionKernel) -> f64 {
+    let attention = match kernel {
+        AttentionKernel::Causal => 2.0,
+        AttentionKernel::DenseMasked => 4.0,
+    } * (seq * c.hidden_size) as f64;
+    2.0 * block_matmul_params(c) as f64 + attention
+}
+
+/// Matmul FLOPs per token of one step of `w`: (forward, backward, recompute). Training a part
+/// costs its forward and twice that in backward (the gradients of the activations and of the
+/// weights); a frozen prefix runs forward only; activation checkpointing runs the trained blocks
+/// forward once more.
+pub fn step_flops_per_token(
+    c: &LlamaConfig,
+    w: &Workload,
+    seq: usize,
+    kernel: AttentionKernel,
+) -> (f64, f64, f64) {
+    let block = block_forward_flops(c, seq, kernel);
+    let head = 2.0 * (c.hidden_size * c.vocab_size) as f64;
+    let trained = w.trained_blocks as f64 * block + head;
+    let forward = trained + w.frozen_blocks as f64 * block;
+    let recompute = if w.activation_checkpointing {
+        w.trained_blocks as f64 * block
+    } else {
+        0.0
+    };
+    (forward, 2.0 * trained, recompute)
+}
+
 /// Plans `w` on `cluster` for `config` at micro-batch `b` and sequence `s`.
 pub fn plan(
     config: &LlamaConfig,
@@ -246,18 +291,8 @@ pub fn plan(
     };
     let fits = used + workspace <= cluster.gpu_mem_bytes && host <= cluster.host_ram_bytes;
 
-    // FLOPs per token.
-    let block_fwd = 2.0 * block_matmul_params(config) as f64 + 2.0 * (seq_len as u64 * h) as f64;
-    let head_fwd = 2.0 * (h * v) as f64;
-    let trained_fwd = w.trained_blocks as f64 * block_fwd + head_fwd;
-    let frozen_fwd = w.frozen_blocks as f64 * block_fwd;
-    let forward = trained_fwd + frozen_fwd;
-    let backward = 2.0 * trained_fwd;
-    let recompute = if w.activation_checkpointing {
-        w.trained_blocks as f64 * block_fwd
-    } else {
-        0.0
-    };
+    let (forward, backward, recompute) =
+        step_flops_per_token(config, w, seq_len, AttentionKernel::Causal);
 
     // Step time of one micro-batch per GPU.
     let flops = (forward + backward + recompute) * tokens as f64;
@@ -398,7 +433,7 @@ pub fn schedule_flops(
 ) -> (f64, f64, f64) {
     let n = config.num_layers;
     let h = config.hidden_size as f64;
-    let block_fwd = 2.0 * block_matmul_params(config) as f64 + 2.0 * seq_len as f64 * h;
+    let block_fwd = block_forward_flops(config, seq_len, AttentionKernel::Causal);
     let head_fwd = 2.0 * h * config.vocab_size as f64;
     let train = |blocks: usize| 3.0 * (blocks as f64 * block_fwd + head_fwd);
     let e2e = tokens * train(n);
@@ -413,6 +448,35 @@ pub fn schedule_flops(
         q = end;
     }
     (e2e, with, without)
+}
+
+/// Parses a byte size: `40GiB`, `40GB`, `1.5TiB`, `512MiB`, or a plain number of bytes.
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a size (e.g. 40GiB, 80GB, 1TiB)"))?;
+    let scale: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        "tb" => 1e12,
+        "kib" => 1024.0,
+        "mib" => 1024f64.powi(2),
+        "gib" => 1024f64.powi(3),
+        "tib" => 1024f64.powi(4),
+        other => {
+            return Err(format!(
+                "`{other}` in `{text}` is not a unit (B, GB, GiB, TB, TiB…)"
+            ));
+        }
+    };
+    Ok((value * scale).round() as u64)
 }
 
 #[cfg(test)]
@@ -491,35 +555,6 @@ mod tests {
         assert!(with < without);
         assert!(e2e > 0.0);
     }
-}
-
-/// Parses a byte size: `40GiB`, `40GB`, `1.5TiB`, `512MiB`, or a plain number of bytes.
-pub fn parse_bytes(text: &str) -> Result<u64, String> {
-    let t = text.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (number, unit) = t.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("`{text}` is not a size (e.g. 40GiB, 80GB, 1TiB)"))?;
-    let scale: f64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1.0,
-        "kb" => 1e3,
-        "mb" => 1e6,
-        "gb" => 1e9,
-        "tb" => 1e12,
-        "kib" => 1024.0,
-        "mib" => 1024f64.powi(2),
-        "gib" => 1024f64.powi(3),
-        "tib" => 1024f64.powi(4),
-        other => {
-            return Err(format!(
-                "`{other}` in `{text}` is not a unit (B, GB, GiB, TB, TiB…)"
-            ));
-        }
-    };
-    Ok((value * scale).round() as u64)
 }
 
 #[cfg(test)]

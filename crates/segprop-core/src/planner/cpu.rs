@@ -1,0 +1,169 @@
+//! The planner's model of the CPU engine: peak heap of one unsharded training step on burn's
+//! ndarray backend (f32, eager autodiff). It is how the planner's structure is validated in CI
+//! against a counting allocator (docs/planner.md, "Validation"); the GPU plan shares its
+//! state terms and replaces the eager activation allowance with the kernel-level one.
+//!
+//! # Terms (bytes; `P_all` every parameter, `P_t` the trained ones, `T = b·s` tokens)
+//! - weights: `4·P_all` (the CPU engine keeps the whole model, frozen blocks included);
+//! - optimizer: `8·P_t` (AdamW's two f32 moments);
+//! - gradients: during backward, what the LM head's matmul backward holds: its weight gradient
+//!   and a transposed copy of the weight, `c_head·V·h`; all of `4·P_t` during the update;
+//! - activations: per trained block and token, `c_h·h + c_i·i + c_s·heads·s + c_0`: everything
+//!   eager autodiff saves (norm inputs and outputs, q, k, v before and after rotary, the repeated
+//!   k and v, the `s × s` scores and probabilities, gate, up, their product…);
+//! - logits: per token, `c_v·V + c_hv·h` (logits, log-softmax, its gradient, the final norm);
+//! - input: a snapshot `[b, s, h]` when the step starts from SnapCheck;
+//! - the update's transient: AdamW writes the new weight and moments of one tensor before the
+//!   old ones are freed, `8 ×` the largest trained tensor (the embedding or LM head);
+//! - a fixed allowance (rotary tables, the optimizer's records).
+//!
+//! The peak is the larger of the backward phase (weights, optimizer, live gradients,
+//! activations, logits, input) and the update phase (weights, optimizer, all gradients, the
+//! update's transient): small models with long sequences peak in backward, models with large
+//! vocabularies in the update.//!
+//! The coefficients were fitted once on a grid of tiny shapes that vary one dimension at a time
+//! (`segprop-bench planner --explore`) and are checked on the `tiny` and `small` presets, which
+//! were not in the grid (`segprop-bench planner`, and `tests/planner_memory.rs` in
+//! segprop-train).
+
+use serde::{Deserialize, Serialize};
+
+use super::Workload;
+use crate::llama_config::LlamaConfig;
+
+/// Coefficients of the eager-autodiff allowance, bytes per token.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct CpuProfile {
+    pub block_per_hidden: f64,
+    pub block_per_intermediate: f64,
+    pub block_per_score: f64,
+    pub block_fixed: f64,
+    pub head_per_vocab: f64,
+    pub head_per_hidden: f64,
+    /// Bytes per LM-head element live during the head's backward (its gradient, the
+    /// transposed weight).
+    pub head_backward_per_element: f64,
+    /// Bytes per element of the largest trained tensor allocated during its AdamW update.
+    pub update_per_largest: f64,
+    pub fixed_bytes: f64,
+}
+
+impl CpuProfile {
+    /// burn 0.21 ndarray, f32, calibrated as the module documentation says.
+    pub const NDARRAY_F32: CpuProfile = CpuProfile {
+        block_per_hidden: 41.0,
+        block_per_intermediate: 20.8,
+        block_per_score: 9.67,
+        block_fixed: 227.0,
+        head_per_vocab: 17.9,
+        head_per_hidden: 17.6,
+        head_backward_per_element: 9.0,
+        update_per_largest: 8.0,
+        fixed_bytes: 150e3,
+    };
+}
+
+/// Predicted peak heap of one step, by term.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct CpuStep {
+    pub weights: u64,
+    pub optimizer: u64,
+    /// Gradients live at the backward peak.
+    pub live_gradients: u64,
+    pub activations: u64,
+    pub logits: u64,
+    pub input: u64,
+    /// Every trained parameter's gradient (the update phase).
+    pub gradients: u64,
+    pub update_transient: u64,
+    pub fixed: u64,
+}
+
+impl CpuStep {
+    pub fn backward_peak(&self) -> u64 {
+        self.weights
+            + self.optimizer
+            + self.live_gradients
+            + self.activations
+            + self.logits
+            + self.input
+            + self.fixed
+    }
+
+    pub fn update_peak(&self) -> u64 {
+        self.weights + self.optimizer + self.gradients + self.update_transient + self.fixed
+    }
+
+    pub fn peak(&self) -> u64 {
+        self.backward_peak().max(self.update_peak())
+    }
+}
+
+/// The peak heap of one step of `w` on the CPU engine at micro-batch `b` and sequence `s`.
+/// Sharding and activation checkpointing are GPU-plan terms; `w` is taken unsharded, without
+/// them.
+pub fn cpu_step(
+    config: &LlamaConfig,
+    profile: &CpuProfile,
+    w: &Workload,
+    micro_batch: usize,
+    seq_len: usize,
+) -> CpuStep {
+    let (h, i, v) = (
+        config.hidden_size as f64,
+        config.intermediate_size as f64,
+        config.vocab_size as f64,
+    );
+    let tokens = (micro_batch * seq_len) as f64;
+    let embed = config.vocab_size as u64 * config.hidden_size as u64;
+    let head = embed + config.hidden_size as u64;
+    let trained = w.trained_blocks as u64 * config.block_params()
+        + head
+        + if w.trained_embedding { embed } else { 0 };
+    let per_block = profile.block_per_hidden * h
+        + profile.block_per_intermediate * i
+        + profile.block_per_score * (config.num_heads * seq_len) as f64
+        + profile.block_fixed;
+    let from_snapshot = !w.trained_embedding && w.frozen_blocks == 0;
+    // The LM head is trained by every workload; it or the embedding is the largest tensor of a
+    // LLaMA, else an MLP projection.
+    let largest = embed
+        .max((config.hidden_size * config.intermediate_size) as u64)
+        .max((config.hidden_size * config.hidden_size) as u64);
+    CpuStep {
+        weights: 4 * config.num_params(),
+        optimizer: 8 * trained,
+        live_gradients: (profile.head_backward_per_element * embed as f64) as u64,
+        gradients: 4 * trained,
+        update_transient: (profile.update_per_largest * largest as f64) as u64,
+        activations: (tokens * w.trained_blocks as f64 * per_block) as u64,
+        logits: (tokens * (profile.head_per_vocab * v + profile.head_per_hidden * h)) as u64,
+        input: if from_snapshot {
+            (4.0 * tokens * h) as u64
+        } else {
+            0
+        },
+        fixed: profile.fixed_bytes as u64,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::planner::comparison;
+
+    #[test]
+    fn a_segment_holds_less_than_e2e_and_snapcheck_adds_only_its_input() {
+        let c = LlamaConfig::preset("small").expect("preset");
+        let w = comparison(c.num_layers, 2, 2, 2);
+        let p = CpuProfile::NDARRAY_F32;
+        let e2e = cpu_step(&c, &p, &w[0], 2, 128);
+        let snap = cpu_step(&c, &p, &w[4], 2, 128);
+        let prefix = cpu_step(&c, &p, &w[5], 2, 128);
+        assert!(snap.peak() < e2e.peak());
+        // The whole model stays resident either way; only what is trained differs.
+        assert_eq!(snap.weights, e2e.weights);
+        assert_eq!(snap.backward_peak() - prefix.backward_peak(), snap.input);
+        assert_eq!(e2e.optimizer, 8 * c.num_params());
+    }
+}

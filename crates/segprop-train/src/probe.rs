@@ -1,0 +1,194 @@
+//! Measurements of one training step on the CPU engine, for validating the planner
+//! (docs/planner.md): the peak heap above what the process held before (a counting global
+//! allocator must be installed: [`crate::alloc::CountingAllocator`]), and the matmul FLOPs the
+//! model launched ([`segprop_model::flops`]).
+//!
+//! The step is the engine's own [`Trainer::train_step`] on one micro-batch, after warmup steps
+//! that allocate the optimizer state, so the peak is the steady state of training.
+
+use std::path::Path;
+
+use segprop_core::{JobSpec, StageKind, StagePlanEntry};
+
+use crate::alloc;
+use crate::engine::Trainer;
+use crate::error::TrainError;
+use crate::route::RouteInput;
+use crate::{CpuBackend, data::Dataset};
+
+/// What one step of a stage held and launched.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepProbe {
+    /// Peak live heap bytes during the measured step, above the bytes held before the trainer
+    /// was built, less the tokenized dataset (which the planner does not model).
+    pub peak_bytes: u64,
+    /// Peak of the step's forward and backward passes (up to the accumulated gradients), and of
+    /// its optimizer update; `peak_bytes` is the larger.
+    pub backward_peak_bytes: u64,
+    pub update_peak_bytes: u64,
+    /// Live heap bytes between steps (weights, optimizer state), measured the same way.
+    pub resident_bytes: u64,
+    /// Matmul FLOPs launched by the measured step: forward (including recompute), and the
+    /// backward matmuls autodiff runs for them.
+    pub forward_flops: u64,
+    pub backward_flops: u64,
+    /// Tokens of the measured step.
+    pub tokens: u64,
+}
+
+/// Heap bytes of a tokenized dataset (inputs and targets, i64).
+fn dataset_bytes(data: &Dataset) -> u64 {
+    data.train
+        .iter()
+        .chain(&data.eval)
+        .map(|b| ((b.inputs.capacity() + b.targets.capacity()) * 8) as u64)
+        .sum()
+}
+
+/// Trains `warmup` steps of stage `kind` of `spec`, then measures one more. With `snapcheck`,
+/// the stage's prefix snapshots are computed first and the step reads them (a stage-2 segment
+/// with SnapCheck); without, a segment recomputes its frozen prefix forward-only.
+pub fn step(
+    spec: JobSpec,
+    kind: StageKind,
+    warmup: usize,
+    work_dir: &Path,
+) -> Result<StepProbe, TrainError> {
+    let before = alloc::current_bytes().unwrap_or(0) as u64;
+    let mut t = Trainer::<CpuBackend>::new(spec, Default::default(), work_dir)?;
+    let data = dataset_bytes(&t.data);
+    let entry = StagePlanEntry {
+        index: 0,
+        name: kind.name(),
+        kind,
+    };
+    let route = t.route(&entry);
+    let trainable = t.trainable(route);
+    let mut opt = t.new_optimizer();
+    if let RouteInput::Prefix { depth } = route.input() {
+        t.freeze_prefix(depth);
+        if t.cache.is_some() {
+            t.fill_snapshots(depth, depth);
+        }
+    }
+    let batch = t.data.train[0].clone();
+    let lr = t.spec.optimizer.lr;
+    for _ in 0..warmup.max(1) {
+        t.train_step(route, &[&batch], &trainable, &mut opt, lr);
+    }
+    let resident = alloc::current_bytes().unwrap_or(0) as u64;
+    alloc::reset_peak();
+    let flops_before = segprop_model::flops::snapshot();
+    t.train_step(route, &[&batch], &trainable, &mut opt, lr);
+    let flops = segprop_model::flops::snapshot().since(flops_before);
+    let update = alloc::peak_bytes().unwrap_or(0) as u64;
+    let backward = alloc::first_phase_peak().unwrap_or(0) as u64;
+    let above = |bytes: u64| bytes.saturating_sub(before).saturating_sub(data);
+    Ok(StepProbe {
+        peak_bytes: above(update.max(backward)),
+        backward_peak_bytes: above(backward),
+        update_peak_bytes: above(update),
+        resident_bytes: above(resident),
+        forward_flops: flops.forward,
+        backward_flops: flops.backward,
+        tokens: (batch.batch * batch.seq) as u64,
+    })
+}
+
+/// One configuration's prediction against its measurement.
+#[derive(Debug, Clone)]
+pub struct Validation {
+    pub preset: String,
+    pub workload: String,
+    pub micro_batch: usize,
+    pub seq_len: usize,
+    pub predicted: segprop_core::planner::CpuStep,
+    pub measured: StepProbe,
+    /// The planner's matmul FLOPs of the step (forward incl. recompute, backward), with the
+    /// CPU engine's dense masked attention.
+    pub predicted_forward_flops: f64,
+    pub predicted_backward_flops: f64,
+}
+
+impl Validation {
+    /// `measured / predicted − 1` of the peak heap.
+    pub fn memory_error(&self) -> f64 {
+        self.measured.peak_bytes as f64 / self.predicted.peak() as f64 - 1.0
+    }
+
+    /// `launched / predicted − 1` of all matmul FLOPs of the step.
+    pub fn flops_error(&self) -> f64 {
+        (self.measured.forward_flops + self.measured.backward_flops) as f64
+            / (self.predicted_forward_flops + self.predicted_backward_flops)
+            - 1.0
+    }
+}
+
+/// Runs the planner's comparison workloads that the CPU engine runs unsharded (e2e, SegProp
+/// stage 1, the last stage-2 segment with and without SnapCheck) for `preset` with base depth
+/// `p`, head depth `r`, segment size `k`, and compares each measured step with the planner.
+pub fn validate_planner(
+    preset: &str,
+    (p, r, k): (usize, usize, usize),
+    micro_batch: usize,
+    seq_len: usize,
+    work_dir: &Path,
+) -> Result<Vec<Validation>, TrainError> {
+    use segprop_core::planner::{self, AttentionKernel, CpuProfile};
+
+    let text = |regime: &str| {
+        format!(
+            "version: 1\nname: planner-validation\nmodel: {{ preset: {preset} }}\n\
+             data: {{ corpus: builtin:synthetic, seq_len: {seq_len}, batch_size: {micro_batch}, \
+             synthetic_tokens: {} }}\n{regime}\noptimizer: {{ lr: 1.0e-3 }}\nseed: 3\n",
+            (micro_batch * seq_len * 8).max(20_000)
+        )
+    };
+    let config = JobSpec::from_yaml_str(&text("regime: e2e"), "planner validation")?
+        .resolve_model_config()?;
+    let n = config.num_layers;
+    let workloads = planner::comparison(n, p, r, k);
+    let segment = StageKind::Segment {
+        start: n - r - k,
+        end: n - r,
+    };
+    let segprop = |snapcheck: bool| {
+        format!(
+            "regime: segprop\nsegprop: {{ base_depth: {p}, head_layers: {r}, segment_size: {k}, \
+             snapcheck: {snapcheck}, snapcheck_memory_bytes: 0 }}"
+        )
+    };
+    let cases = [
+        (0, StageKind::E2e, "regime: e2e".to_string()),
+        (3, StageKind::Stage1 { base_depth: p }, segprop(false)),
+        (4, segment, segprop(true)),
+        (5, segment, segprop(false)),
+    ];
+    let mut rows = Vec::new();
+    for (index, kind, regime) in cases {
+        let w = &workloads[index];
+        let spec = JobSpec::from_yaml_str(&text(&regime), "planner validation")?;
+        let dir = work_dir.join(format!("case-{index}"));
+        let measured = step(spec, kind, 1, &dir)?;
+        let (fwd, bwd, recompute) =
+            planner::step_flops_per_token(&config, w, seq_len, AttentionKernel::DenseMasked);
+        let tokens = (micro_batch * seq_len) as f64;
+        rows.push(Validation {
+            preset: preset.to_string(),
+            workload: w.name.clone(),
+            micro_batch,
+            seq_len,
+            predicted: planner::cpu_step(
+                &config,
+                &CpuProfile::NDARRAY_F32,
+                w,
+                micro_batch,
+                seq_len,
+            ),
+            measured,
+            predicted_forward_flops: (fwd + recompute) * tokens,
+            predicted_backward_flops: bwd * tokens,
+        });
+    }
+    Ok(rows)
+}
