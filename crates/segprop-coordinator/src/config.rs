@@ -28,6 +28,10 @@ pub struct CoordConfig {
     pub token: Option<String>,
     /// Serve TLS with this certificate and key (PEM); plaintext when absent.
     pub tls: Option<TlsConfig>,
+    /// Address of the HTTP server for Prometheus `/metrics` and `/healthz` (plaintext, no
+    /// token: it serves nothing but counts); absent: not served.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
     /// How often busy workers heartbeat.
     pub heartbeat_interval_ms: u64,
     /// A task lease lasts this long without a heartbeat renewing it.
@@ -69,6 +73,7 @@ impl Default for CoordConfig {
             artifact_root: PathBuf::from("segprop-artifacts"),
             token: None,
             tls: None,
+            metrics_listen: None,
             heartbeat_interval_ms: 1000,
             lease_ms: 10_000,
             max_attempts: 3,
@@ -90,6 +95,7 @@ const ENV_KEYS: &[&str] = &[
     "token",
     "tls.cert",
     "tls.key",
+    "metrics_listen",
     "heartbeat_interval_ms",
     "lease_ms",
     "max_attempts",

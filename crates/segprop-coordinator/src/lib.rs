@@ -11,6 +11,7 @@ pub mod auth;
 pub mod client;
 pub mod config;
 pub mod convert;
+pub mod metrics;
 pub mod plan;
 pub mod server;
 pub mod service;

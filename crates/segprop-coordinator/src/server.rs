@@ -1,6 +1,8 @@
 //! The coordinator's gRPC server: JobService, ClusterService, SnapshotService (the snapshot
 //! store, for workers without direct access) and reflection (v1 and v1alpha, so grpcurl and
-//! grpcio clients can call it), all behind bearer-token auth, with optional TLS.
+//! grpcio clients can call it), all behind bearer-token auth, with optional TLS; and
+//! `grpc.health.v1.Health` without a token, for probes. With `metrics_listen`, an HTTP server
+//! for Prometheus `/metrics` and `/healthz`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -9,7 +11,7 @@ use std::time::Duration;
 use segprop_proto::v1::cluster_service_server::ClusterServiceServer;
 use segprop_proto::v1::job_service_server::JobServiceServer;
 use tokio::net::TcpListener;
-use tonic::service::InterceptorLayer;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 
@@ -20,6 +22,8 @@ use crate::service::{Api, Coordinator};
 /// A running coordinator.
 pub struct Running {
     pub addr: SocketAddr,
+    /// The bound `/metrics` address, with `metrics_listen`.
+    pub metrics_addr: Option<SocketAddr>,
     pub coordinator: Arc<Coordinator>,
     shutdown: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
@@ -75,16 +79,33 @@ pub async fn start(config: CoordConfig) -> anyhow::Result<Running> {
             builder.tls_config(ServerTlsConfig::new().identity(Identity::from_pem(cert, key)))?;
     }
     let auth = BearerAuth::new(&token);
+    let check = move |req| auth.check(req);
     let router = builder
-        .layer(InterceptorLayer::new(move |req| auth.check(req)))
-        .add_service(JobServiceServer::new(Api(coordinator.clone())))
-        .add_service(ClusterServiceServer::new(Api(coordinator.clone())))
-        .add_service(segprop_store::grpc::service(
-            coordinator.snapshot_store().clone(),
-            Some(coordinator.artifact_store().clone()),
+        .add_service(segprop_telemetry::health::service().await)
+        .add_service(InterceptedService::new(
+            JobServiceServer::new(Api(coordinator.clone())),
+            check.clone(),
         ))
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha);
+        .add_service(InterceptedService::new(
+            ClusterServiceServer::new(Api(coordinator.clone())),
+            check.clone(),
+        ))
+        .add_service(InterceptedService::new(
+            segprop_store::grpc::service(
+                coordinator.snapshot_store().clone(),
+                Some(coordinator.artifact_store().clone()),
+            ),
+            check.clone(),
+        ))
+        .add_service(InterceptedService::new(reflection_v1, check.clone()))
+        .add_service(InterceptedService::new(reflection_v1alpha, check));
+    let metrics_addr = match config.metrics_listen {
+        Some(addr) => {
+            let c = coordinator.clone();
+            Some(segprop_telemetry::metrics::serve(addr, Arc::new(move || c.metrics())).await?)
+        }
+        None => None,
+    };
 
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let tick_coordinator = coordinator.clone();
@@ -108,6 +129,7 @@ pub async fn start(config: CoordConfig) -> anyhow::Result<Running> {
     tracing::info!(%addr, state = %config.state_dir.display(), artifacts = %config.artifact_root.display(), snapshots = coordinator.snapshot_store().location(), artifact_store = coordinator.artifact_store().location(), tls = config.tls.is_some(), "coordinator listening");
     Ok(Running {
         addr,
+        metrics_addr,
         coordinator,
         shutdown: Some(tx),
         task,

@@ -47,6 +47,16 @@ struct Inner {
     progress: HashMap<(String, u32), pb::Progress>,
 }
 
+/// A registered worker, as metrics show it.
+#[derive(Debug, Clone)]
+pub struct WorkerInfo {
+    pub name: String,
+    pub backend: String,
+    pub devices: u32,
+    /// Unix milliseconds of its last heartbeat.
+    pub last_seen: u64,
+}
+
 /// Counters for logs, tests and the load test.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Counters {
@@ -210,6 +220,30 @@ impl Coordinator {
 
     pub fn counters(&self) -> Counters {
         *self.lock_counters()
+    }
+
+    /// The Prometheus exposition of the coordinator's state ([`crate::metrics`]).
+    pub fn metrics(&self) -> String {
+        let counters = self.counters();
+        let inner = self.lock();
+        crate::metrics::render(&crate::metrics::State {
+            jobs: &inner.jobs,
+            done: &inner.done,
+            workers: inner
+                .workers
+                .values()
+                .map(|w| WorkerInfo {
+                    name: w.name.clone(),
+                    backend: w.backend.clone(),
+                    devices: w.devices,
+                    last_seen: w.last_seen,
+                })
+                .collect(),
+            progress: &inner.progress,
+            counters,
+            now_ms: now_ms(),
+            snapshot_budget_bytes: self.config.snapshot_budget_bytes,
+        })
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {

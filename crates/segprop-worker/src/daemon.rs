@@ -2,7 +2,8 @@
 //! assigned tasks with the training engine on a dedicated thread, writes checkpoints, stage
 //! states, metrics and the final model to the artifact store, and reports.
 //!
-//! Workers pull: every call goes from the worker to the coordinator (no inbound port). An idle
+//! Workers pull: every call goes from the worker to the coordinator; the only inbound ports are
+//! the optional health and metrics servers (`--health-listen`, `--metrics-listen`). An idle
 //! worker's heartbeat long-polls for work; a busy worker heartbeats every interval with its
 //! progress events and newest checkpoint. Results carry the lease epoch they were run under; the
 //! coordinator refuses results of superseded or expired attempts.
@@ -39,6 +40,7 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::artifacts::{self, Artifacts, FetchError};
 use crate::snapshots::{self, SnapshotIo, StoreSource};
+use crate::telemetry::WorkerMetrics;
 
 /// Command-line options of `serve`.
 #[derive(Debug, Clone)]
@@ -63,6 +65,10 @@ pub struct DaemonOptions {
     pub max_tasks: Option<u64>,
     /// Devices offered to gangs: CPU ranks, or GPUs `cuda:0..devices`.
     pub devices: usize,
+    /// Address of the gRPC health service (none: not served).
+    pub health_listen: Option<std::net::SocketAddr>,
+    /// Address of `/metrics` and `/healthz` (none: not served).
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 type Client = ClusterServiceClient<InterceptedService<Channel, AttachToken>>;
@@ -125,6 +131,25 @@ pub async fn serve(options: DaemonOptions) -> anyhow::Result<()> {
     let channel = endpoint.connect_lazy();
     let mut client = ClusterServiceClient::with_interceptor(channel.clone(), token);
 
+    // Health and metrics first: they answer while the coordinator is unreachable, so a
+    // coordinator outage does not make probes restart every worker.
+    let metrics = Arc::new(WorkerMetrics::new(
+        &options.name,
+        &options.backend,
+        options.devices,
+    ));
+    if let Some(addr) = options.health_listen {
+        segprop_telemetry::health::serve(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("--health-listen {addr}: {e}"))?;
+    }
+    if let Some(addr) = options.metrics_listen {
+        let m = metrics.clone();
+        segprop_telemetry::metrics::serve(addr, Arc::new(move || m.render()))
+            .await
+            .map_err(|e| anyhow::anyhow!("--metrics-listen {addr}: {e}"))?;
+    }
+
     let shutdown = Arc::new(AtomicBool::new(false));
     let wake = Arc::new(Notify::new());
     {
@@ -161,6 +186,9 @@ pub async fn serve(options: DaemonOptions) -> anyhow::Result<()> {
             .as_ref()
             .is_some_and(|t| lock(&t.state).result.is_some());
         let request = heartbeat_request(&worker_id, running.as_ref(), &shutdown);
+        for task in &request.running {
+            metrics.progress(&task.job_id, &task.events);
+        }
         let sent_checkpoint = request
             .running
             .first()
@@ -240,7 +268,7 @@ pub async fn serve(options: DaemonOptions) -> anyhow::Result<()> {
                     f.retryable = true;
                 }
             }
-            report(&mut client, &worker_id, task).await;
+            report(&mut client, &worker_id, task, &metrics).await;
             reported += 1;
             if options.max_tasks.is_some_and(|max| reported >= max) {
                 tracing::info!(tasks = reported, "ran --max-tasks tasks: exiting");
@@ -426,10 +454,11 @@ async fn register(
     }
 }
 
-async fn report(client: &mut Client, worker_id: &str, task: TaskHandle) {
+async fn report(client: &mut Client, worker_id: &str, task: TaskHandle, metrics: &WorkerMetrics) {
     let Some(result) = lock(&task.state).result.take() else {
         return;
     };
+    metrics.finished(&result);
     let a = &task.assignment;
     let outcome = match result {
         Ok(s) => pb::report_task_request::Outcome::Succeeded(s),

@@ -6,6 +6,7 @@ mod artifacts;
 mod daemon;
 mod fault;
 mod snapshots;
+mod telemetry;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -105,6 +106,13 @@ enum Command {
         /// `cuda:0..N`.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
         devices: u32,
+        /// Serve `grpc.health.v1.Health` on this address (Kubernetes gRPC probes); it answers
+        /// while the process runs, whether or not the coordinator is reachable.
+        #[arg(long, env = "SEGPROP_HEALTH_LISTEN")]
+        health_listen: Option<std::net::SocketAddr>,
+        /// Serve Prometheus `/metrics` and `/healthz` over HTTP on this address.
+        #[arg(long, env = "SEGPROP_METRICS_LISTEN")]
+        metrics_listen: Option<std::net::SocketAddr>,
     },
 }
 
@@ -154,6 +162,8 @@ fn main() -> ExitCode {
             s3_allow_http,
             max_tasks,
             devices,
+            health_listen,
+            metrics_listen,
         } => {
             if backend != "cpu" && !(backend == "cuda" && cfg!(feature = "cuda")) {
                 eprintln!(
@@ -184,6 +194,8 @@ fn main() -> ExitCode {
                 artifact_store: artifact_store.map(|url| store_config(url, &s3)),
                 max_tasks,
                 devices: devices as usize,
+                health_listen,
+                metrics_listen,
             };
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

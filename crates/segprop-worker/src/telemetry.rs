@@ -1,0 +1,185 @@
+//! The worker's Prometheus metrics (`--metrics-listen`): tasks run, the running stage's progress,
+//! SnapCheck hits and snapshot bytes, and the peak heap of the last stage. Updated from the
+//! heartbeat loop (progress events) and from each report (the stage's result).
+
+use std::sync::Mutex;
+
+use segprop_proto::v1 as pb;
+use segprop_telemetry::metrics::{Exposition, Kind};
+
+#[derive(Debug, Default)]
+struct State {
+    succeeded: u64,
+    failed: u64,
+    /// The running task's job id and its latest training progress.
+    current: Option<(String, pb::Progress)>,
+    snapshot_hits: u64,
+    snapshot_misses: u64,
+    snapshot_fetched: u64,
+    snapshot_bytes_read: u64,
+    snapshot_bytes_written: u64,
+    last_peak_bytes: Option<u64>,
+}
+
+/// Shared by the daemon loop and the metrics server.
+#[derive(Debug)]
+pub struct WorkerMetrics {
+    name: String,
+    backend: String,
+    devices: usize,
+    state: Mutex<State>,
+}
+
+impl WorkerMetrics {
+    pub fn new(name: &str, backend: &str, devices: usize) -> Self {
+        Self {
+            name: name.to_string(),
+            backend: backend.to_string(),
+            devices,
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Progress events a heartbeat carries for `job_id` (eval events keep the last train loss).
+    pub fn progress(&self, job_id: &str, events: &[pb::Progress]) {
+        let mut s = self.lock();
+        for event in events.iter().filter(|e| !e.loss.is_nan()) {
+            s.current = Some((job_id.to_string(), event.clone()));
+        }
+    }
+
+    /// A task ended with `result`: counts it, and adds the stage's SnapCheck and memory figures
+    /// from its result JSON (a `StageRecord` with the worker's additions).
+    pub fn finished(&self, result: &Result<pb::TaskSucceeded, pb::TaskFailed>) {
+        let mut s = self.lock();
+        s.current = None;
+        let ok = match result {
+            Ok(ok) => ok,
+            Err(_) => {
+                s.failed += 1;
+                return;
+            }
+        };
+        s.succeeded += 1;
+        let Ok(value) = serde_json::from_str::<serde_json::Value>(&ok.result_json) else {
+            return;
+        };
+        let num = |path: &[&str]| {
+            path.iter()
+                .try_fold(&value, |v, key| v.get(key))
+                .and_then(serde_json::Value::as_u64)
+                .unwrap_or(0)
+        };
+        s.snapshot_hits += num(&["snapshots", "hits"]);
+        s.snapshot_misses += num(&["snapshots", "misses"]);
+        s.snapshot_fetched += num(&["snapshots", "fetched"]);
+        s.snapshot_bytes_read += num(&["snapshot_io", "bytes_read"]);
+        s.snapshot_bytes_written += num(&["snapshot_io", "bytes_written"]);
+        if let Some(peak) = value.get("peak_bytes").and_then(serde_json::Value::as_u64) {
+            s.last_peak_bytes = Some(peak);
+        }
+    }
+
+    /// The exposition.
+    pub fn render(&self) -> String {
+        let s = self.lock();
+        let worker = [("worker", self.name.as_str())];
+        let mut e = Exposition::new();
+        e.family(
+            "segprop_worker_info",
+            Kind::Gauge,
+            "This worker: backend and devices offered to gangs (value: devices).",
+        )
+        .sample(
+            &[("worker", &self.name), ("backend", &self.backend)],
+            self.devices as f64,
+        );
+        e.family(
+            "segprop_worker_tasks_total",
+            Kind::Counter,
+            "Tasks this worker finished, by outcome.",
+        )
+        .sample(
+            &[("worker", &self.name), ("outcome", "succeeded")],
+            s.succeeded as f64,
+        )
+        .sample(
+            &[("worker", &self.name), ("outcome", "failed")],
+            s.failed as f64,
+        );
+        e.family(
+            "segprop_worker_busy",
+            Kind::Gauge,
+            "1 while a training task reports progress.",
+        )
+        .sample(&worker, f64::from(u8::from(s.current.is_some())));
+        if let Some((job, p)) = &s.current {
+            let labels = [
+                ("worker", self.name.as_str()),
+                ("job", job.as_str()),
+                ("stage", p.stage.as_str()),
+            ];
+            e.family(
+                "segprop_worker_stage_step",
+                Kind::Gauge,
+                "Optimizer steps done in the running stage.",
+            )
+            .sample(&labels, p.step as f64);
+            e.family(
+                "segprop_worker_stage_loss",
+                Kind::Gauge,
+                "Train loss of the running stage's latest step.",
+            )
+            .sample(&labels, p.loss);
+            e.family(
+                "segprop_worker_stage_tokens_per_second",
+                Kind::Gauge,
+                "Training throughput of the running stage.",
+            )
+            .sample(&labels, p.tokens_per_s);
+        }
+        for (name, help, value) in [
+            (
+                "segprop_worker_snapshot_hits_total",
+                "SnapCheck snapshot lookups served from the cache or the store.",
+                s.snapshot_hits,
+            ),
+            (
+                "segprop_worker_snapshot_misses_total",
+                "SnapCheck snapshot lookups that recomputed the prefix.",
+                s.snapshot_misses,
+            ),
+            (
+                "segprop_worker_snapshot_fetched_total",
+                "Snapshot entries loaded from the shared store.",
+                s.snapshot_fetched,
+            ),
+            (
+                "segprop_worker_snapshot_read_bytes_total",
+                "Snapshot bytes read from the shared store.",
+                s.snapshot_bytes_read,
+            ),
+            (
+                "segprop_worker_snapshot_written_bytes_total",
+                "Snapshot bytes written to the shared store.",
+                s.snapshot_bytes_written,
+            ),
+        ] {
+            e.family(name, Kind::Counter, help)
+                .sample(&worker, value as f64);
+        }
+        if let Some(peak) = s.last_peak_bytes {
+            e.family(
+                "segprop_worker_stage_peak_memory_bytes",
+                Kind::Gauge,
+                "Peak host heap of the last finished stage (counting allocator).",
+            )
+            .sample(&worker, peak as f64);
+        }
+        e.finish()
+    }
+}
