@@ -253,3 +253,70 @@ fn the_deployment_configs_load() {
         assert!(config.metrics_listen.is_some(), "{path}: metrics_listen");
     }
 }
+
+#[test]
+fn submit_refuses_a_job_that_does_not_fit_the_worker_with_the_breakdown() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let metrics = free_port();
+    let coord = coordinator_with(
+        dir,
+        "127.0.0.1:0",
+        &[("SEGPROP_METRICS_LISTEN", metrics.clone().into())],
+    );
+    // A worker offering 256 MiB: the small preset (110M parameters, 1.3 GB of weights and AdamW
+    // moments) cannot train there; the tiny one can.
+    let _w = worker_with(dir, &coord, "w1", &["--memory", "256MiB"]);
+    wait_listening(&metrics);
+    let start = Instant::now();
+    while !http_get(&metrics, "/metrics")
+        .1
+        .contains("segprop_workers{backend=\"cpu\"} 1")
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the worker never registered"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    let big = dir.join("big.yaml");
+    std::fs::write(
+        &big,
+        "version: 1\nname: too-big\nmodel: { preset: small }\n\
+         data: { corpus: builtin:synthetic, seq_len: 128, batch_size: 4 }\nregime: segprop\n\
+         segprop: { base_depth: 2, head_layers: 2, segment_size: 2 }\noptimizer: { lr: 1.0e-3 }\n",
+    )
+    .unwrap();
+    let out = coord_cli(&coord, &["submit", big.to_str().unwrap()], TOKEN);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let message = text(&out.stderr);
+    for expected in [
+        "pre-flight: stage stage1 needs",
+        "of host memory at data.batch_size 4",
+        "worker w1 has 0.25 GiB",
+        "weights 0.41 GiB",
+        "optimizer",
+        "not even one sequence fits",
+    ] {
+        assert!(
+            message.contains(expected),
+            "`{expected}` missing from: {message}"
+        );
+    }
+    // Nothing was created.
+    let list = coord_cli(&coord, &["list"], TOKEN);
+    assert!(
+        !text(&list.stdout).contains("too-big"),
+        "{}",
+        text(&list.stdout)
+    );
+
+    // The tiny demo job fits the same worker and is accepted.
+    let tiny = repo().join("configs/jobs/tiny-segprop.yaml");
+    let out = coord_cli(&coord, &["submit", tiny.to_str().unwrap()], TOKEN);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let id = text(&out.stdout).trim().to_string();
+    let out = coord_cli(&coord, &["cancel", &id], TOKEN);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}

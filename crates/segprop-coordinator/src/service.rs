@@ -32,6 +32,9 @@ struct Worker {
     name: String,
     backend: String,
     devices: u32,
+    /// The smallest device's memory (0: not reported, as CUDA workers do not yet).
+    device_bytes: u64,
+    host_bytes: u64,
     last_seen: u64,
 }
 
@@ -349,6 +352,7 @@ impl Coordinator {
         let plan = StagePlan::new(&spec, model.num_layers);
         let now = now_ms();
         let mut inner = self.lock();
+        preflight(&spec, &model, &plan, &inner.workers)?;
         let seq = inner.next_seq;
         let id = format!("j{seq}-{}", slug(&spec.name));
         let backend = spec.resources.backend.to_string();
@@ -463,6 +467,13 @@ impl Coordinator {
                 name: req.name.clone(),
                 backend: req.backend.clone(),
                 devices: req.devices.len().max(1) as u32,
+                device_bytes: req
+                    .devices
+                    .iter()
+                    .map(|d| d.memory_bytes)
+                    .min()
+                    .unwrap_or(0),
+                host_bytes: req.host_memory_bytes,
                 last_seen: now,
             },
         );
@@ -819,6 +830,40 @@ fn absolute(path: &std::path::Path) -> String {
         .unwrap_or_else(|_| path.to_path_buf())
         .display()
         .to_string()
+}
+
+/// The submit-time pre-flight check (docs/planner.md): every stage of `spec` must fit the
+/// memory of the largest registered worker that could run it. Without such a worker, or one
+/// that reports no memory, nothing is checked (the job waits for a worker, and is logged).
+fn preflight(
+    spec: &JobSpec,
+    model: &segprop_core::LlamaConfig,
+    plan: &StagePlan,
+    workers: &HashMap<String, Worker>,
+) -> Result<(), Status> {
+    use segprop_core::planner::preflight::{self, WorkerMemory};
+    let backend = spec.resources.backend.to_string();
+    let gang = spec.resources.devices_per_gang as u32;
+    let Some(worker) = workers
+        .values()
+        .filter(|w| w.backend == backend && w.devices >= gang && w.device_bytes > 0)
+        .max_by_key(|w| (w.device_bytes, w.host_bytes))
+    else {
+        tracing::info!(job = %spec.name, %backend, gang, "pre-flight skipped: no registered worker reports its memory");
+        return Ok(());
+    };
+    let memory = WorkerMemory {
+        device_bytes: worker.device_bytes,
+        host_bytes: worker.host_bytes,
+    };
+    let fits = preflight::check(spec, model, plan, &memory, spec.data.batch_size);
+    match preflight::refusal(spec, &fits, &worker.name) {
+        Some(message) => {
+            tracing::warn!(job = %spec.name, worker = %worker.name, "{message}");
+            Err(Status::invalid_argument(message))
+        }
+        None => Ok(()),
+    }
 }
 
 /// The gRPC face of a [`Coordinator`] (both services).

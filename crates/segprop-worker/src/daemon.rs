@@ -65,6 +65,9 @@ pub struct DaemonOptions {
     pub max_tasks: Option<u64>,
     /// Devices offered to gangs: CPU ranks, or GPUs `cuda:0..devices`.
     pub devices: usize,
+    /// Memory offered to jobs (the coordinator's pre-flight check); none: the host's, capped
+    /// by the container's cgroup limit.
+    pub memory_bytes: Option<u64>,
     /// Address of the gRPC health service (none: not served).
     pub health_listen: Option<std::net::SocketAddr>,
     /// Address of `/metrics` and `/healthz` (none: not served).
@@ -339,7 +342,7 @@ async fn wait_for_signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
-fn devices(backend: &str, count: usize) -> Vec<pb::Device> {
+fn devices(backend: &str, count: usize, host: u64) -> Vec<pb::Device> {
     if backend == "cuda" {
         return (0..count)
             .map(|i| pb::Device {
@@ -356,13 +359,18 @@ fn devices(backend: &str, count: usize) -> Vec<pb::Device> {
             } else {
                 format!("cpu:{i}")
             },
-            memory_bytes: host_memory() / count as u64,
+            memory_bytes: host / count as u64,
         })
         .collect()
 }
 
-fn host_memory() -> u64 {
-    std::fs::read_to_string("/proc/meminfo")
+/// The memory this worker offers: `--memory`, else the host's total, capped by the cgroup
+/// (v2 `memory.max`, v1 `memory.limit_in_bytes`) limit of a container.
+fn host_memory(configured: Option<u64>) -> u64 {
+    if let Some(bytes) = configured {
+        return bytes;
+    }
+    let total = std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|m| {
             m.lines()
@@ -370,7 +378,18 @@ fn host_memory() -> u64 {
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|kb| kb.parse::<u64>().ok())
         })
-        .map_or(0, |kb| kb * 1024)
+        .map_or(0, |kb| kb * 1024);
+    let limit = [
+        "/sys/fs/cgroup/memory.max",
+        "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+    ]
+    .iter()
+    .find_map(|p| std::fs::read_to_string(p).ok())
+    .and_then(|t| t.trim().parse::<u64>().ok());
+    match limit {
+        Some(limit) if limit > 0 && (total == 0 || limit < total) => limit,
+        _ => total,
+    }
 }
 
 fn running_task(task: &TaskHandle, drain: bool) -> pb::RunningTask {
@@ -414,8 +433,12 @@ async fn register(
             protocol_version: segprop_proto::PROTOCOL_VERSION,
             name: options.name.clone(),
             backend: options.backend.clone(),
-            devices: devices(&options.backend, options.devices),
-            host_memory_bytes: host_memory(),
+            devices: devices(
+                &options.backend,
+                options.devices,
+                host_memory(options.memory_bytes),
+            ),
+            host_memory_bytes: host_memory(options.memory_bytes),
             running: running.iter().map(|t| running_task(t, false)).collect(),
         };
         match client.register_worker(request).await {

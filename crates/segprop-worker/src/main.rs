@@ -106,6 +106,11 @@ enum Command {
         /// `cuda:0..N`.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
         devices: u32,
+        /// Memory this worker offers jobs (`64GiB`, `512MiB`, bytes), which the coordinator's
+        /// pre-flight check sizes jobs against. Default: the host's, capped by the container's
+        /// cgroup limit.
+        #[arg(long, env = "SEGPROP_WORKER_MEMORY", value_parser = parse_memory)]
+        memory: Option<u64>,
         /// Serve `grpc.health.v1.Health` on this address (Kubernetes gRPC probes); it answers
         /// while the process runs, whether or not the coordinator is reachable.
         #[arg(long, env = "SEGPROP_HEALTH_LISTEN")]
@@ -114,6 +119,10 @@ enum Command {
         #[arg(long, env = "SEGPROP_METRICS_LISTEN")]
         metrics_listen: Option<std::net::SocketAddr>,
     },
+}
+
+fn parse_memory(text: &str) -> Result<u64, String> {
+    segprop_core::planner::parse_bytes(text)
 }
 
 /// A store at `url` with the S3 settings given on the command line (ignored by other stores).
@@ -162,6 +171,7 @@ fn main() -> ExitCode {
             s3_allow_http,
             max_tasks,
             devices,
+            memory,
             health_listen,
             metrics_listen,
         } => {
@@ -194,6 +204,7 @@ fn main() -> ExitCode {
                 artifact_store: artifact_store.map(|url| store_config(url, &s3)),
                 max_tasks,
                 devices: devices as usize,
+                memory_bytes: memory,
                 health_listen,
                 metrics_listen,
             };

@@ -40,6 +40,7 @@ use serde::{Deserialize, Serialize};
 use crate::llama_config::LlamaConfig;
 
 mod cpu;
+pub mod preflight;
 pub use cpu::{CpuProfile, CpuStep, cpu_step};
 
 /// The hardware of one host (a gang is the GPUs of one host).
