@@ -312,11 +312,53 @@ fn submit_refuses_a_job_that_does_not_fit_the_worker_with_the_breakdown() {
         text(&list.stdout)
     );
 
-    // The tiny demo job fits the same worker and is accepted.
-    let tiny = repo().join("configs/jobs/tiny-segprop.yaml");
-    let out = coord_cli(&coord, &["submit", tiny.to_str().unwrap()], TOKEN);
+    // `auto` on a model that cannot fit is refused the same way.
+    std::fs::write(
+        &big,
+        std::fs::read_to_string(&big)
+            .unwrap()
+            .replace("batch_size: 4", "batch_size: auto"),
+    )
+    .unwrap();
+    let out = coord_cli(&coord, &["submit", big.to_str().unwrap()], TOKEN);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("not even one sequence fits"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // A tiny job with `batch_size: auto` fits: the coordinator picks the batch (here the corpus
+    // caps it: 8000 tokens of 32 make 249 sequences, 13 of them eval), the job runs with it.
+    let auto = spec(dir, "auto", 4, 2);
+    std::fs::write(
+        &auto,
+        std::fs::read_to_string(&auto)
+            .unwrap()
+            .replace("batch_size: 8", "batch_size: auto")
+            .replace("synthetic_tokens: 30000", "synthetic_tokens: 8000"),
+    )
+    .unwrap();
+    let out = coord_cli(
+        &coord,
+        &["submit", auto.to_str().unwrap(), "--watch"],
+        TOKEN,
+    );
     assert!(out.status.success(), "{}", text(&out.stderr));
-    let id = text(&out.stdout).trim().to_string();
-    let out = coord_cli(&coord, &["cancel", &id], TOKEN);
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr)
+            .contains("data.batch_size: auto -> 13 on worker w1 (largest per stage: stage1 "),
+        "{}",
+        text(&out.stderr)
+    );
+    let job = get_job(&coord, text(&out.stdout).trim());
+    assert_eq!(state(&job), pb::JobState::Succeeded);
+    assert!(job.preflight.contains("auto -> 13"), "{}", job.preflight);
+    // The stages trained 13 sequences of 32 tokens per step.
+    let stage1: serde_json::Value = serde_json::from_str(&job.tasks[0].result_json).unwrap();
+    let (steps, tokens) = (
+        stage1["steps"].as_u64().unwrap(),
+        stage1["tokens"].as_u64().unwrap(),
+    );
+    assert_eq!(tokens, steps * 13 * 32, "{stage1}");
 }

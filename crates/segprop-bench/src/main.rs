@@ -296,7 +296,7 @@ fn median(values: &[f64]) -> f64 {
 }
 
 fn tokens_per_step(trainer: &Trainer<impl AutodiffBackend>) -> f64 {
-    (trainer.spec.data.batch_size * trainer.spec.data.seq_len) as f64
+    (trainer.spec.data.batch_size.get() * trainer.spec.data.seq_len) as f64
 }
 
 /// Training FLOPs per token of a full forward+backward: 6 x matmul params + attention scores.
@@ -416,7 +416,7 @@ fn throughput<B: AutodiffBackend>(steps: usize, device: &B::Device, label: &str)
         println!(
             "| {preset} ({:.1}M params) | {} x {} | {tok_s:.0} | {gflops:.1} | {:.0}% |",
             t.config.num_params() as f64 / 1e6,
-            t.spec.data.batch_size,
+            t.spec.data.batch_size.get(),
             t.spec.data.seq_len,
             100.0 * gflops / peak
         );

@@ -90,7 +90,8 @@ impl TrainObserver for Steps {
 /// `warmup` steps), and the stage's per-rank memory.
 fn run_once(spec: &JobSpec, warmup: usize) -> Result<(Vec<f64>, f64, Option<RankMemory>)> {
     let dir = tempfile::tempdir()?;
-    let tokens = (spec.optimizer.grad_accum * spec.data.batch_size * spec.data.seq_len) as f64;
+    let tokens =
+        (spec.optimizer.grad_accum * spec.data.batch_size.get() * spec.data.seq_len) as f64;
     let collect = |t: &mut Trainer<CpuBackend>| -> Result<_, segprop_train::TrainError> {
         let mut obs = Steps {
             tokens,

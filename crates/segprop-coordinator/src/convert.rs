@@ -72,6 +72,7 @@ pub fn job(
         },
         created_unix_ms: job.created_at,
         finished_unix_ms: job.finished_at.unwrap_or(0),
+        preflight: job.preflight.clone().unwrap_or_default(),
     }
 }
 

@@ -243,6 +243,9 @@ async fn run(command: Command) -> Result<(), Failure> {
             let mut client = client::job_client(&connect(&args)?).await?;
             let created = submit(&mut client, &spec, &job.display().to_string()).await?;
             println!("{}", created.job_id);
+            if !created.preflight.is_empty() {
+                eprintln!("{}", created.preflight);
+            }
             eprintln!(
                 "submitted {} ({}, {} tasks); follow it with: segprop-coord watch {}",
                 created.job_id,

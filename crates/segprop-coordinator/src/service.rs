@@ -342,7 +342,7 @@ impl Coordinator {
         } else {
             source_name
         };
-        let spec = JobSpec::from_yaml_str(spec_yaml, source)
+        let mut spec = JobSpec::from_yaml_str(spec_yaml, source)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         spec.check_files()
             .map_err(|e| Status::invalid_argument(e.with_source(source, None).to_string()))?;
@@ -352,7 +352,13 @@ impl Coordinator {
         let plan = StagePlan::new(&spec, model.num_layers);
         let now = now_ms();
         let mut inner = self.lock();
-        preflight(&spec, &model, &plan, &inner.workers)?;
+        let decided = preflight(&mut spec, &model, &plan, &inner.workers)?;
+        // A resolved `auto` is stored in the spec the workers receive.
+        let spec_yaml = match &decided {
+            Some(_) => serde_yaml::to_string(&spec)
+                .map_err(|e| Status::internal(format!("cannot encode the resolved spec: {e}")))?,
+            None => spec_yaml.to_string(),
+        };
         let seq = inner.next_seq;
         let id = format!("j{seq}-{}", slug(&spec.name));
         let backend = spec.resources.backend.to_string();
@@ -377,13 +383,15 @@ impl Coordinator {
             seq,
             spec.name.clone(),
             spec.regime.to_string(),
-            spec_yaml.to_string(),
+            spec_yaml,
             backend,
             spec.resources.devices_per_gang as u32,
             spec.checkpoint.every_steps,
             sched::plan_tasks(&plan, fanout),
             now,
         );
+        let mut job = job;
+        job.preflight = decided;
         inner.next_seq += 1;
         inner.jobs.push(job);
         if let Err(status) = self.persist(&inner, &[&id]) {
@@ -833,36 +841,54 @@ fn absolute(path: &std::path::Path) -> String {
 }
 
 /// The submit-time pre-flight check (docs/planner.md): every stage of `spec` must fit the
-/// memory of the largest registered worker that could run it. Without such a worker, or one
-/// that reports no memory, nothing is checked (the job waits for a worker, and is logged).
+/// memory of the largest registered worker that could run it, and `data.batch_size: auto`
+/// becomes the largest micro-batch that does. Without such a worker (or one that reports its
+/// memory) a fixed batch is not checked (the job waits for a worker; logged) and `auto` is
+/// refused. Returns what was decided about `auto`.
 fn preflight(
-    spec: &JobSpec,
+    spec: &mut JobSpec,
     model: &segprop_core::LlamaConfig,
     plan: &StagePlan,
     workers: &HashMap<String, Worker>,
-) -> Result<(), Status> {
+) -> Result<Option<String>, Status> {
     use segprop_core::planner::preflight::{self, WorkerMemory};
     let backend = spec.resources.backend.to_string();
     let gang = spec.resources.devices_per_gang as u32;
+    let auto = spec.data.batch_size == segprop_core::BatchSize::Auto;
     let Some(worker) = workers
         .values()
         .filter(|w| w.backend == backend && w.devices >= gang && w.device_bytes > 0)
         .max_by_key(|w| (w.device_bytes, w.host_bytes))
     else {
+        if auto {
+            return Err(Status::invalid_argument(format!(
+                "data.batch_size: auto is sized against a registered {backend} worker with at \
+                 least {gang} device(s) that reports its memory, and none is registered: start \
+                 one, or give data.batch_size a number"
+            )));
+        }
         tracing::info!(job = %spec.name, %backend, gang, "pre-flight skipped: no registered worker reports its memory");
-        return Ok(());
+        return Ok(None);
     };
     let memory = WorkerMemory {
         device_bytes: worker.device_bytes,
         host_bytes: worker.host_bytes,
     };
-    let fits = preflight::check(spec, model, plan, &memory, spec.data.batch_size);
+    let note = if auto {
+        let note = preflight::resolve_auto(spec, model, plan, &memory, &worker.name)
+            .map_err(Status::invalid_argument)?;
+        tracing::info!(job = %spec.name, "{note}");
+        Some(note)
+    } else {
+        None
+    };
+    let fits = preflight::check(spec, model, plan, &memory, spec.data.batch_size.get());
     match preflight::refusal(spec, &fits, &worker.name) {
         Some(message) => {
             tracing::warn!(job = %spec.name, worker = %worker.name, "{message}");
             Err(Status::invalid_argument(message))
         }
-        None => Ok(()),
+        None => Ok(note),
     }
 }
 

@@ -18,7 +18,7 @@ pub use error::{SpecError, SpecErrorKind};
 pub use llama_config::{LlamaConfig, RopeScaling};
 pub use plan::{StageKind, StagePlan, StagePlanEntry};
 pub use spec::{
-    CheckpointSpec, DataSpec, DecaySchedule, E2eSpec, EvalSpec, ExitSpec, GlobalExitSpec,
-    HeadPolicy, JobSpec, LwSpec, ModelSpec, OptimizerSpec, Precision, Regime, ResourcesSpec,
-    ScheduleSpec, SegPropSpec, ShardingSpec, SnapshotDtype, TokenizerKind,
+    BatchSize, CheckpointSpec, DataSpec, DecaySchedule, E2eSpec, EvalSpec, ExitSpec,
+    GlobalExitSpec, HeadPolicy, JobSpec, LwSpec, ModelSpec, OptimizerSpec, Precision, Regime,
+    ResourcesSpec, ScheduleSpec, SegPropSpec, ShardingSpec, SnapshotDtype, TokenizerKind,
 };

@@ -285,6 +285,9 @@ pub struct Job {
     /// cancelled while writing may put its last blob after the first collection.
     #[serde(default)]
     pub snapshots_swept: bool,
+    /// What the submit-time pre-flight check decided (the micro-batch `batch_size: auto` got).
+    #[serde(default)]
+    pub preflight: Option<String>,
 }
 
 /// A task of a new job: what it does and which tasks (by index) it runs after.
@@ -423,6 +426,7 @@ impl Job {
             finished_at: None,
             snapshots_collected: Vec::new(),
             snapshots_swept: false,
+            preflight: None,
         }
     }
 

@@ -139,8 +139,9 @@ pub struct DataSpec {
     #[serde(default = "default_tokenizer")]
     pub tokenizer: TokenizerKind,
     pub seq_len: usize,
-    /// Sequences per micro-batch.
-    pub batch_size: usize,
+    /// Sequences per micro-batch, or `auto`: the coordinator picks the largest that fits every
+    /// stage on the worker at submit (docs/planner.md).
+    pub batch_size: BatchSize,
     #[serde(default = "default_eval_fraction")]
     pub eval_fraction: f64,
     /// Number of tokens the built-in synthetic corpus generates.
@@ -149,6 +150,73 @@ pub struct DataSpec {
     /// Use at most this many tokens of the corpus (0 = all).
     #[serde(default)]
     pub max_tokens: usize,
+}
+
+/// `data.batch_size`: a number of sequences, or `auto`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchSize {
+    Fixed(usize),
+    /// Resolved by the coordinator's pre-flight check before any worker sees the job.
+    Auto,
+}
+
+impl BatchSize {
+    /// The number of sequences; 0 for an unresolved `auto` (the engine refuses it before use).
+    pub fn get(self) -> usize {
+        match self {
+            BatchSize::Fixed(n) => n,
+            BatchSize::Auto => 0,
+        }
+    }
+}
+
+impl std::fmt::Display for BatchSize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BatchSize::Fixed(n) => write!(f, "{n}"),
+            BatchSize::Auto => f.write_str("auto"),
+        }
+    }
+}
+
+impl Serialize for BatchSize {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            BatchSize::Fixed(n) => s.serialize_u64(*n as u64),
+            BatchSize::Auto => s.serialize_str("auto"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for BatchSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = BatchSize;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a number of sequences or `auto`")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<BatchSize, E> {
+                usize::try_from(v)
+                    .map(BatchSize::Fixed)
+                    .map_err(|_| E::custom("batch_size is too large"))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<BatchSize, E> {
+                u64::try_from(v)
+                    .map_err(|_| E::custom("batch_size must be positive"))
+                    .and_then(|v| self.visit_u64(v))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<BatchSize, E> {
+                match v {
+                    "auto" => Ok(BatchSize::Auto),
+                    other => Err(E::custom(format!(
+                        "`{other}` is not a batch size: give a number of sequences or `auto`"
+                    ))),
+                }
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 fn default_tokenizer() -> TokenizerKind {

@@ -237,7 +237,7 @@ impl JobSpec {
         if d.seq_len < 2 {
             return Err(SpecError::invalid("data.seq_len", "must be at least 2"));
         }
-        if d.batch_size == 0 {
+        if d.batch_size == crate::spec::BatchSize::Fixed(0) {
             return Err(SpecError::invalid("data.batch_size", "must be at least 1"));
         }
         if !(d.eval_fraction > 0.0 && d.eval_fraction < 0.5) {

@@ -170,7 +170,15 @@ impl Dataset {
         seed: u64,
     ) -> Result<Self, String> {
         let t = spec.seq_len;
-        let b = spec.batch_size;
+        let b = spec.batch_size.get();
+        if spec.batch_size == segprop_core::BatchSize::Auto {
+            return Err(
+                "data.batch_size: `auto` is resolved by the coordinator against a worker's \
+                 memory when the job is submitted (segprop-coord submit); give a number of \
+                 sequences to train here"
+                    .into(),
+            );
+        }
         let sequences: Vec<&[u32]> = tokens.windows(t + 1).step_by(t).collect();
         let num_eval = ((sequences.len() as f64) * spec.eval_fraction).ceil() as usize;
         let num_train = sequences.len().saturating_sub(num_eval);
@@ -237,7 +245,7 @@ mod tests {
             corpus: "builtin:synthetic".into(),
             tokenizer: TokenizerKind::Byte,
             seq_len,
-            batch_size,
+            batch_size: segprop_core::BatchSize::Fixed(batch_size),
             eval_fraction: 0.1,
             synthetic_tokens: 20_000,
             max_tokens: 0,
@@ -284,5 +292,20 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.contains("data.seq_len"), "{err}");
+    }
+
+    #[test]
+    fn an_unresolved_auto_batch_is_explained() {
+        let spec = DataSpec {
+            batch_size: segprop_core::BatchSize::Auto,
+            ..spec(16, 4)
+        };
+        let tokens: Vec<u32> = (0..2000).map(|i| i % 200).collect();
+        let err = Dataset::from_tokens(&tokens, &spec, Tokenizer::new(TokenizerKind::Byte), 0)
+            .unwrap_err();
+        assert!(
+            err.contains("`auto` is resolved by the coordinator"),
+            "{err}"
+        );
     }
 }

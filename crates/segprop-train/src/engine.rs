@@ -685,7 +685,8 @@ impl<B: AutodiffBackend> Trainer<B> {
         alloc::reset_peak();
         let started = Instant::now();
         let wall_before = at.wall_s;
-        let tokens_per_step = (accum * self.spec.data.batch_size * self.spec.data.seq_len) as u64;
+        let tokens_per_step =
+            (accum * self.spec.data.batch_size.get() * self.spec.data.seq_len) as u64;
         let mut checkpointed = at.step;
         let reason = 'train: loop {
             let order = self

@@ -23,7 +23,7 @@ const BLOB_TARGET_BYTES: usize = 16 << 20;
 
 /// Batches per blob: as many as fit [`BLOB_TARGET_BYTES`] at f32, between 1 and 64.
 pub fn batches_per_blob(spec: &JobSpec, hidden_size: usize) -> usize {
-    let batch_bytes = spec.data.batch_size * spec.data.seq_len * hidden_size * 4;
+    let batch_bytes = spec.data.batch_size.get() * spec.data.seq_len * hidden_size * 4;
     (BLOB_TARGET_BYTES / batch_bytes.max(1)).clamp(1, 64)
 }
 

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use super::{Cluster, CpuProfile, Workload, cpu_step, plan};
 use crate::llama_config::LlamaConfig;
 use crate::plan::{StageKind, StagePlan};
-use crate::spec::{Backend, JobSpec, Offload, Precision, Regime};
+use crate::spec::{Backend, BatchSize, JobSpec, Offload, Precision, Regime};
 
 /// The memory of the worker a job would run on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -86,6 +86,22 @@ fn corpus_tokens(spec: &JobSpec) -> Option<u64> {
         0 => tokens,
         max => tokens.min(max as u64),
     })
+}
+
+/// The largest micro-batch the corpus allows: both the train and the eval split must hold one
+/// batch of sequences (None: the corpus size is unknown). Counts tokens as the byte tokenizer
+/// does; with BPE the corpus has fewer tokens than bytes and the engine reports a batch too
+/// large for it.
+pub fn data_batch_cap(spec: &JobSpec) -> Option<usize> {
+    let tokens = corpus_tokens(spec)? as usize;
+    let t = spec.data.seq_len;
+    let sequences = if tokens > t {
+        (tokens - t - 1) / t + 1
+    } else {
+        0
+    };
+    let eval = (sequences as f64 * spec.data.eval_fraction).ceil() as usize;
+    Some(sequences.saturating_sub(eval).min(eval))
 }
 
 /// Host bytes the SnapCheck cache keeps in memory: two depths of f32 snapshots (the one a
@@ -218,6 +234,39 @@ pub fn check(
         .collect()
 }
 
+/// Resolves `data.batch_size: auto` in `spec` to the largest micro-batch every training stage
+/// fits on `worker` (and the corpus allows). Returns what was decided, for the job's record;
+/// `Err` with the refusal when not even one sequence fits.
+pub fn resolve_auto(
+    spec: &mut JobSpec,
+    config: &LlamaConfig,
+    stages: &StagePlan,
+    worker: &WorkerMemory,
+    worker_name: &str,
+) -> Result<String, String> {
+    let fits = check(spec, config, stages, worker, 1);
+    let per_stage: Vec<String> = fits
+        .iter()
+        .map(|f| format!("{} {}", f.stage, f.max_micro_batch))
+        .collect();
+    let memory_max = fits.iter().map(|f| f.max_micro_batch).min().unwrap_or(0);
+    if memory_max == 0 {
+        spec.data.batch_size = BatchSize::Fixed(1);
+        return Err(refusal(spec, &fits, worker_name).unwrap_or_default());
+    }
+    let cap = data_batch_cap(spec);
+    let batch = cap.map_or(memory_max, |c| memory_max.min(c.max(1)));
+    spec.data.batch_size = BatchSize::Fixed(batch);
+    Ok(format!(
+        "data.batch_size: auto -> {batch} on worker {worker_name} (largest per stage: {}{})",
+        per_stage.join(", "),
+        match cap {
+            Some(c) if c < memory_max => format!("; the corpus allows {c}"),
+            _ => String::new(),
+        }
+    ))
+}
+
 /// The largest `b ≤ limit` with `fits(b)` (0 if none), by doubling then bisection.
 fn largest(fits: impl Fn(usize) -> bool, limit: usize) -> usize {
     if !fits(1) {
@@ -259,7 +308,7 @@ pub fn refusal(spec: &JobSpec, fits: &[StageFit], worker_name: &str) -> Option<S
         "pre-flight: stage {} needs {:.2} GiB {resource} at data.batch_size {} and {available} ({}); {advice}",
         bad.stage,
         gib(needed),
-        spec.data.batch_size,
+        spec.data.batch_size.get(),
         bad.breakdown
     ))
 }
@@ -301,6 +350,42 @@ mod tests {
         assert!(refusal(&s, &fits, "w1").is_none());
         // Segments hold less than stage 1: they fit larger batches.
         assert!(fits[1].max_micro_batch >= fits[0].max_micro_batch);
+    }
+
+    #[test]
+    fn auto_takes_the_smallest_stage_maximum_and_the_corpus_cap() {
+        let mut s = spec(&SEGPROP.replace("batch_size: 4", "batch_size: auto"));
+        assert_eq!(s.data.batch_size, BatchSize::Auto);
+        let config = s.resolve_model_config().expect("config");
+        let stages = StagePlan::new(&s, config.num_layers);
+        let worker = WorkerMemory {
+            device_bytes: 8 << 30,
+            host_bytes: 8 << 30,
+        };
+        let note = resolve_auto(&mut s, &config, &stages, &worker, "w1").expect("fits");
+        let BatchSize::Fixed(b) = s.data.batch_size else {
+            panic!("unresolved")
+        };
+        let fits = check(&s, &config, &stages, &worker, b);
+        assert!(fits.iter().all(|f| f.fits), "{note}");
+        let smallest = fits
+            .iter()
+            .map(|f| f.max_micro_batch)
+            .min()
+            .expect("stages");
+        let cap = data_batch_cap(&s).expect("synthetic corpus");
+        assert_eq!(b, smallest.min(cap), "{note}");
+        assert!(
+            note.contains("auto -> ") && note.contains("stage1"),
+            "{note}"
+        );
+        let tiny = WorkerMemory {
+            device_bytes: 1 << 28,
+            host_bytes: 1 << 28,
+        };
+        let mut s = spec(&SEGPROP.replace("batch_size: 4", "batch_size: auto"));
+        let err = resolve_auto(&mut s, &config, &stages, &tiny, "w1").unwrap_err();
+        assert!(err.contains("not even one sequence fits"), "{err}");
     }
 
     #[test]
