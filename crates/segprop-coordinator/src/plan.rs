@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use segprop_core::planner::{self, Cluster, Plan};
+use segprop_core::planner::{self, Cluster, Plan, gib};
 use segprop_core::{JobSpec, LlamaConfig, Precision};
 use serde::Serialize;
 
@@ -141,10 +141,6 @@ pub fn report(req: &PlanRequest) -> Report {
         schedule_flops_segprop_snapcheck: with,
         schedule_flops_segprop_recompute: without,
     }
-}
-
-fn gib(bytes: u64) -> f64 {
-    bytes as f64 / (1u64 << 30) as f64
 }
 
 /// The report as the terminal table.

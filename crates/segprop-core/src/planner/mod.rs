@@ -355,9 +355,15 @@ pub fn max_micro_batch(
     bf16: bool,
     limit: usize,
 ) -> Option<Plan> {
-    let fits = |b: usize| plan(config, cluster, w, b, seq_len, bf16).fits;
+    let b = largest_fitting(|b| plan(config, cluster, w, b, seq_len, bf16).fits, limit);
+    (b > 0).then(|| plan(config, cluster, w, b, seq_len, bf16))
+}
+
+/// The largest `b ≤ limit` with `fits(b)` (0 if not even 1 fits), by doubling then bisection;
+/// `fits` must be monotone (true up to some batch, false beyond).
+pub fn largest_fitting(fits: impl Fn(usize) -> bool, limit: usize) -> usize {
     if !fits(1) {
-        return None;
+        return 0;
     }
     let (mut lo, mut hi) = (1usize, 2usize);
     while hi <= limit && fits(hi) {
@@ -369,7 +375,12 @@ pub fn max_micro_batch(
         let mid = (lo + hi) / 2;
         if fits(mid) { lo = mid } else { hi = mid }
     }
-    Some(plan(config, cluster, w, lo, seq_len, bf16))
+    lo
+}
+
+/// Bytes in GiB, for messages and tables.
+pub fn gib(bytes: u64) -> f64 {
+    bytes as f64 / (1u64 << 30) as f64
 }
 
 /// The comparison the planner prints: e2e FSDP, FSDP + CPU offload without and with activation

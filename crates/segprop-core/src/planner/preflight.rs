@@ -11,7 +11,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{Cluster, CpuProfile, Workload, cpu_step, plan};
+use super::{Cluster, CpuProfile, Workload, cpu_step, gib, largest_fitting, plan};
 use crate::llama_config::LlamaConfig;
 use crate::plan::{StageKind, StagePlan};
 use crate::spec::{Backend, BatchSize, JobSpec, Offload, Precision, Regime};
@@ -114,17 +114,15 @@ fn snapshot_memory(spec: &JobSpec, config: &LlamaConfig) -> u64 {
     })
 }
 
-fn gib(bytes: u64) -> f64 {
-    bytes as f64 / (1u64 << 30) as f64
-}
-
-/// What `w` needs at micro-batch `b` on `worker`: (needed, available, host needed, breakdown).
+/// What `w` needs at micro-batch `b` on `worker`, with `snapshots` bytes of SnapCheck cache in
+/// memory (CPU): (fits, needed, available, host needed, breakdown).
 fn need(
     spec: &JobSpec,
     config: &LlamaConfig,
     worker: &WorkerMemory,
     w: &Workload,
     b: usize,
+    snapshots: u64,
 ) -> (bool, u64, u64, u64, String) {
     let s = spec.data.seq_len;
     let ranks = spec.resources.devices_per_gang.max(1) as u64;
@@ -167,11 +165,7 @@ fn need(
         }
         Backend::Cpu => {
             let step = cpu_step(config, &CpuProfile::NDARRAY_F32, w, b, s);
-            let snapcheck = if spec.regime == Regime::Segprop && spec.segprop.snapcheck {
-                snapshot_memory(spec, config)
-            } else {
-                0
-            };
+            let snapcheck = snapshots;
             let needed = ranks * step.peak() + snapcheck;
             let breakdown = format!(
                 "{}weights {:.2} GiB, optimizer {:.2} GiB, activations {:.2} GiB, logits {:.2} GiB, \
@@ -212,14 +206,21 @@ pub fn check(
     worker: &WorkerMemory,
     micro_batch: usize,
 ) -> Vec<StageFit> {
+    let snapshots = match spec.resources.backend {
+        Backend::Cpu if spec.regime == Regime::Segprop && spec.segprop.snapcheck => {
+            snapshot_memory(spec, config)
+        }
+        _ => 0,
+    };
     stages
         .stages
         .iter()
         .map(|entry| {
             let w = stage_workload(spec, &entry.kind, config.num_layers);
             let (fits, needed, available, host, breakdown) =
-                need(spec, config, worker, &w, micro_batch);
-            let max_micro_batch = largest(|b| need(spec, config, worker, &w, b).0, 4096);
+                need(spec, config, worker, &w, micro_batch, snapshots);
+            let max_micro_batch =
+                largest_fitting(|b| need(spec, config, worker, &w, b, snapshots).0, 4096);
             StageFit {
                 stage: entry.name.clone(),
                 fits,
@@ -265,24 +266,6 @@ pub fn resolve_auto(
             _ => String::new(),
         }
     ))
-}
-
-/// The largest `b ≤ limit` with `fits(b)` (0 if none), by doubling then bisection.
-fn largest(fits: impl Fn(usize) -> bool, limit: usize) -> usize {
-    if !fits(1) {
-        return 0;
-    }
-    let (mut lo, mut hi) = (1usize, 2usize);
-    while hi <= limit && fits(hi) {
-        lo = hi;
-        hi *= 2;
-    }
-    let mut hi = hi.min(limit + 1);
-    while hi - lo > 1 {
-        let mid = (lo + hi) / 2;
-        if fits(mid) { lo = mid } else { hi = mid }
-    }
-    lo
 }
 
 /// The refusal message for the first stage that does not fit, if any.
