@@ -354,3 +354,216 @@ fn submit_refuses_a_job_that_does_not_fit_the_worker_with_the_breakdown() {
     );
     assert_eq!(tokens, steps * 13 * 32, "{stage1}");
 }
+
+/// `scripts/otlp_receiver.py` on loopback: a real OTLP/gRPC trace receiver writing one JSON line
+/// per span it receives.
+struct OtlpReceiver {
+    child: std::process::Child,
+    endpoint: String,
+    spans: std::path::PathBuf,
+}
+
+impl Drop for OtlpReceiver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl OtlpReceiver {
+    fn start(dir: &std::path::Path) -> OtlpReceiver {
+        use std::io::BufRead;
+        let spans = dir.join("spans.jsonl");
+        let mut child = Command::new("python3")
+            .arg(repo().join("scripts/otlp_receiver.py"))
+            .args(["--port", "0", "--out"])
+            .arg(&spans)
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(dir.join("otlp-receiver.log")).unwrap())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start python3 scripts/otlp_receiver.py: {e}"));
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line.trim().strip_prefix("listening on ").unwrap_or_else(|| {
+            panic!(
+                "the OTLP receiver did not start ({line:?}); it needs `pip install grpcio opentelemetry-proto`: {}",
+                std::fs::read_to_string(dir.join("otlp-receiver.log")).unwrap_or_default()
+            )
+        });
+        OtlpReceiver {
+            endpoint: format!("http://{addr}"),
+            child,
+            spans,
+        }
+    }
+
+    fn spans(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.spans)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+}
+
+fn field<'a>(span: &'a serde_json::Value, key: &str) -> &'a str {
+    span[key].as_str().unwrap_or("")
+}
+
+#[test]
+fn one_submitted_job_is_one_connected_trace_across_cli_coordinator_and_worker() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let receiver = OtlpReceiver::start(dir);
+    // Export every 100 ms: the daemons are killed at the end of the test, not drained.
+    let otel = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint.as_str()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+    ];
+    let coord = coordinator_with(
+        dir,
+        "127.0.0.1:0",
+        &otel.map(|(k, v)| (k, std::path::PathBuf::from(v))),
+    );
+    let _w = worker_with_env(dir, &coord, "w1", &[], &otel);
+
+    let job_spec = spec(dir, "traced", 3, 0);
+    let out = Command::new(bin("segprop-coord"))
+        .args(["submit", job_spec.to_str().unwrap(), "--watch"])
+        .env("SEGPROP_COORDINATOR", format!("http://{}", coord.addr))
+        .env("SEGPROP_TOKEN", TOKEN)
+        .envs(otel)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let job_id = text(&out.stdout).trim().to_string();
+    let job = get_job(&coord, &job_id);
+    assert_eq!(state(&job), pb::JobState::Succeeded);
+    let tasks = job.tasks.len();
+    let stages = job
+        .tasks
+        .iter()
+        .filter(|t| t.kind == pb::TaskKind::TrainStage as i32)
+        .count();
+    assert!(
+        stages >= 3 && tasks > stages,
+        "{tasks} tasks, {stages} stages"
+    );
+
+    // The CLI flushed its spans before exiting; the daemons export within 100 ms of a span's
+    // end. Wait for the last ones: every task's report to the coordinator.
+    let started = Instant::now();
+    let spans = loop {
+        let spans = receiver.spans();
+        let reports = spans
+            .iter()
+            .filter(|s| field(s, "name") == "ClusterService/ReportTask")
+            .count();
+        let stage_spans = spans
+            .iter()
+            .filter(|s| field(s, "name").starts_with("stage "))
+            .count();
+        if reports >= tasks && stage_spans >= stages {
+            break spans;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "after 60 s the receiver has {reports} ReportTask spans of {tasks} and {stage_spans} stage spans of {stages}: {spans:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+
+    // The root: the CLI's submit, with no parent.
+    let roots: Vec<_> = spans
+        .iter()
+        .filter(|s| field(s, "service_name") == "segprop-cli")
+        .collect();
+    assert_eq!(roots.len(), 1, "one CLI span: {roots:#?}");
+    let root = roots[0];
+    assert_eq!(field(root, "name"), "segprop-coord submit");
+    assert_eq!(field(root, "parent_span_id"), "");
+    assert_eq!(root["attributes"]["job.id"], job_id.as_str());
+    let trace_id = field(root, "trace_id");
+    assert_eq!(trace_id.len(), 32);
+
+    // One trace: every span of the job shares the root's trace id, and every parent is a span
+    // of the trace (nothing dangles), so the three processes' spans form one tree.
+    let trace: Vec<_> = spans
+        .iter()
+        .filter(|s| field(s, "trace_id") == trace_id)
+        .collect();
+    let ids: std::collections::HashSet<&str> = trace.iter().map(|s| field(s, "span_id")).collect();
+    for span in &trace {
+        let parent = field(span, "parent_span_id");
+        assert!(
+            parent.is_empty() && std::ptr::eq(*span, root) || ids.contains(parent),
+            "span {} of {} has a parent outside the trace: {span:#?}",
+            field(span, "name"),
+            field(span, "service_name")
+        );
+    }
+    let services: std::collections::BTreeSet<&str> =
+        trace.iter().map(|s| field(s, "service_name")).collect();
+    assert_eq!(
+        services.into_iter().collect::<Vec<_>>(),
+        ["segprop-cli", "segprop-coordinator", "segprop-worker"]
+    );
+
+    // CLI -> coordinator: the SubmitJob server span is the root's child.
+    let by_name = |name: &str| -> Vec<&serde_json::Value> {
+        trace
+            .iter()
+            .copied()
+            .filter(|s| field(s, "name") == name)
+            .collect()
+    };
+    let submit = by_name("JobService/SubmitJob");
+    assert_eq!(submit.len(), 1);
+    assert_eq!(field(submit[0], "service_name"), "segprop-coordinator");
+    assert_eq!(field(submit[0], "parent_span_id"), field(root, "span_id"));
+
+    // coordinator -> worker: one task span per task, each the SubmitJob span's child.
+    let task_spans: Vec<_> = trace
+        .iter()
+        .filter(|s| field(s, "name").starts_with("task "))
+        .collect();
+    assert_eq!(task_spans.len(), tasks, "{task_spans:#?}");
+    for task in &task_spans {
+        assert_eq!(field(task, "service_name"), "segprop-worker");
+        assert_eq!(field(task, "parent_span_id"), field(submit[0], "span_id"));
+        assert_eq!(task["attributes"]["job.id"], job_id.as_str());
+    }
+    let task_ids: std::collections::HashSet<&str> =
+        task_spans.iter().map(|s| field(s, "span_id")).collect();
+
+    // Per stage: a stage span under its task span; the worker's reports back to the
+    // coordinator are children of the task spans too.
+    let stage_spans: Vec<_> = trace
+        .iter()
+        .filter(|s| field(s, "name").starts_with("stage "))
+        .collect();
+    assert_eq!(stage_spans.len(), stages);
+    for stage in &stage_spans {
+        assert!(task_ids.contains(field(stage, "parent_span_id")));
+        assert!(
+            stage["attributes"]["stage.steps"]
+                .as_str()
+                .is_some_and(|s| s != "0")
+        );
+    }
+    let reports = by_name("ClusterService/ReportTask");
+    assert_eq!(reports.len(), tasks);
+    for report in &reports {
+        assert_eq!(field(report, "service_name"), "segprop-coordinator");
+        assert!(task_ids.contains(field(report, "parent_span_id")));
+    }
+    // Per-second calls stay out of the traces.
+    assert!(
+        spans
+            .iter()
+            .all(|s| field(s, "name") != "ClusterService/Heartbeat"),
+        "heartbeats must not be exported"
+    );
+}

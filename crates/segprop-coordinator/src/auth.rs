@@ -66,6 +66,7 @@ impl tonic::service::Interceptor for AttachToken {
         request
             .metadata_mut()
             .insert("authorization", self.value.clone());
+        segprop_telemetry::trace::inject(request.metadata_mut());
         Ok(request)
     }
 }

@@ -214,5 +214,6 @@ pub fn assignment(job: &Job, index: u32, epoch: u64) -> pb::Assignment {
         snapshots_complete: input_shards
             .iter()
             .all(|t| t.status == TaskStatus::Succeeded),
+        traceparent: job.traceparent.clone(),
     }
 }

@@ -190,17 +190,11 @@ impl From<anyhow::Error> for Failure {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // The server logs at info; client commands and the demo keep the terminal for progress.
-    let default_level = match cli.command {
-        Command::Serve { .. } => "info",
-        _ => "warn",
+    let (default_level, service) = match cli.command {
+        Command::Serve { .. } => ("info", "segprop-coordinator"),
+        Command::Demo { .. } => ("warn", "segprop-demo"),
+        _ => ("warn", "segprop-cli"),
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SEGPROP_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -211,7 +205,19 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(run(cli.command)) {
+    // Logs on stderr; spans over OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set (the exporter's
+    // connection lives on the runtime, so it is set up inside it).
+    let tracing =
+        match runtime.block_on(async { segprop_telemetry::trace::init(service, default_level) }) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                return ExitCode::from(2);
+            }
+        };
+    let result = runtime.block_on(run(cli.command));
+    tracing.shutdown();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
             eprintln!("error: {}", f.message);
@@ -472,18 +478,33 @@ async fn submit(
     source: &str,
 ) -> Result<pb::Job, Failure> {
     // The resolved spec: relative paths are made absolute against the spec file's directory.
+    use tracing::Instrument;
+
     let yaml = serde_yaml::to_string(spec)
         .map_err(|e| Failure::runtime(format!("cannot encode the spec: {e}")))?;
+    // The root of the job's trace: the coordinator's SubmitJob span and every task span of the
+    // job descend from it (when spans are exported).
+    let span = tracing::info_span!(
+        "submit",
+        otel.name = "segprop-coord submit",
+        otel.kind = "client",
+        job.name = %spec.name,
+        job.source = source,
+        job.id = tracing::field::Empty,
+    );
     let reply = client
         .submit_job(pb::SubmitJobRequest {
             spec_yaml: yaml,
             source_name: source.to_string(),
         })
+        .instrument(span.clone())
         .await?
         .into_inner();
-    reply
+    let job = reply
         .job
-        .ok_or_else(|| Failure::runtime("coordinator returned no job"))
+        .ok_or_else(|| Failure::runtime("coordinator returned no job"))?;
+    span.record("job.id", job.job_id.as_str());
+    Ok(job)
 }
 
 /// Watches to the end; a failed or cancelled job is a runtime failure.

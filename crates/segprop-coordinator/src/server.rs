@@ -67,7 +67,9 @@ pub async fn start(config: CoordConfig) -> anyhow::Result<Running> {
         .build_v1alpha()?;
 
     // Wide HTTP/2 windows: snapshot blobs stream through the SnapshotService in 1 MiB chunks.
+    // One span per call, parented to the caller's `traceparent` (segprop_telemetry::trace).
     let mut builder = Server::builder()
+        .trace_fn(segprop_telemetry::trace::server_span)
         .initial_stream_window_size(Some(segprop_store::grpc::STREAM_WINDOW_BYTES))
         .initial_connection_window_size(Some(segprop_store::grpc::CONNECTION_WINDOW_BYTES));
     if let Some(tls) = &config.tls {

@@ -392,6 +392,7 @@ impl Coordinator {
         );
         let mut job = job;
         job.preflight = decided;
+        job.traceparent = segprop_telemetry::trace::traceparent();
         inner.next_seq += 1;
         inner.jobs.push(job);
         if let Err(status) = self.persist(&inner, &[&id]) {

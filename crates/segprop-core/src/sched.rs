@@ -288,6 +288,10 @@ pub struct Job {
     /// What the submit-time pre-flight check decided (the micro-batch `batch_size: auto` got).
     #[serde(default)]
     pub preflight: Option<String>,
+    /// W3C trace context of the `SubmitJob` call: every task assignment carries it, so the
+    /// workers' spans join the submitter's trace. Empty when traces are not exported.
+    #[serde(default)]
+    pub traceparent: String,
 }
 
 /// A task of a new job: what it does and which tasks (by index) it runs after.
@@ -427,6 +431,7 @@ impl Job {
             snapshots_collected: Vec::new(),
             snapshots_swept: false,
             preflight: None,
+            traceparent: String::new(),
         }
     }
 

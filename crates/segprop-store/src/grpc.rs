@@ -313,6 +313,7 @@ impl GrpcBackend {
                 .metadata_mut()
                 .insert("authorization", value.clone());
         }
+        segprop_telemetry::trace::inject(request.metadata_mut());
         request
     }
 

@@ -66,6 +66,20 @@ pub fn run_next_stage<B: AutodiffBackend>(
         return Ok(None);
     }
     let entry = trainer.plan.stages[trainer.progress.next_stage].clone();
+    // One span per stage (exported with the worker's task span as its parent, see
+    // segprop_telemetry::trace); its outcome is recorded when it ends.
+    let span = tracing::info_span!(
+        "stage",
+        otel.name = %format!("stage {}", entry.name),
+        stage.index = entry.index,
+        stage.name = %entry.name,
+        stage.steps = tracing::field::Empty,
+        stage.exit = tracing::field::Empty,
+        stage.final_train_loss = tracing::field::Empty,
+        stage.eval_loss = tracing::field::Empty,
+        stage.tokens_per_s = tracing::field::Empty,
+    );
+    let _entered = span.enter();
     let record = match entry.kind {
         StageKind::E2e => e2e(trainer, &entry, observer)?,
         StageKind::LwBlock { block } => lw_block(trainer, &entry, block, observer)?,
@@ -106,6 +120,11 @@ pub fn run_next_stage<B: AutodiffBackend>(
             record
         }
     };
+    span.record("stage.steps", record.steps);
+    span.record("stage.exit", tracing::field::debug(&record.exit_reason));
+    span.record("stage.final_train_loss", record.final_train_loss);
+    span.record("stage.eval_loss", record.eval_loss);
+    span.record("stage.tokens_per_s", record.tokens_per_s);
     trainer.progress.records.push(record.clone());
     trainer.progress.next_stage += 1;
     if plan_done(trainer)

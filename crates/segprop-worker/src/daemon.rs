@@ -37,6 +37,7 @@ use segprop_train::{TrainError, Trainer};
 use tokio::sync::Notify;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
+use tracing::Instrument;
 
 use crate::artifacts::{self, Artifacts, FetchError};
 use crate::snapshots::{self, SnapshotIo, StoreSource};
@@ -82,6 +83,7 @@ struct AttachToken(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
 impl tonic::service::Interceptor for AttachToken {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
         req.metadata_mut().insert("authorization", self.0.clone());
+        segprop_telemetry::trace::inject(req.metadata_mut());
         Ok(req)
     }
 }
@@ -99,6 +101,9 @@ struct TaskState {
 
 struct TaskHandle {
     assignment: pb::Assignment,
+    /// The task's span: parented to the job's trace (the assignment's `traceparent`), entered
+    /// by the training thread, and the parent of the task's report to the coordinator.
+    span: tracing::Span,
     /// This attempt's key prefix in the artifact store.
     attempt_key: String,
     cancel: Arc<AtomicBool>,
@@ -271,7 +276,10 @@ pub async fn serve(options: DaemonOptions) -> anyhow::Result<()> {
                     f.retryable = true;
                 }
             }
-            report(&mut client, &worker_id, task, &metrics).await;
+            let span = task.span.clone();
+            report(&mut client, &worker_id, task, &metrics)
+                .instrument(span)
+                .await;
             reported += 1;
             if options.max_tasks.is_some_and(|max| reported >= max) {
                 tracing::info!(tasks = reported, "ran --max-tasks tasks: exiting");
@@ -526,7 +534,23 @@ fn start_task(
         assignment.task_index,
         assignment.epoch
     );
+    let kind = pb::TaskKind::try_from(assignment.kind)
+        .map_or("unknown", |k| k.as_str_name())
+        .trim_start_matches("TASK_KIND_")
+        .to_ascii_lowercase();
+    let span = tracing::info_span!(
+        "task",
+        otel.name = %format!("task {} {kind}", assignment.task_index),
+        job.id = %assignment.job_id,
+        task.index = assignment.task_index,
+        task.kind = %kind,
+        task.epoch = assignment.epoch,
+        task.stage_index = assignment.stage_index,
+        worker = %options.name,
+    );
+    segprop_telemetry::trace::set_parent(&span, &assignment.traceparent);
     let handle = TaskHandle {
+        span: span.clone(),
         attempt_key: attempt_key.clone(),
         assignment: assignment.clone(),
         cancel: Arc::new(AtomicBool::new(false)),
@@ -554,6 +578,7 @@ fn start_task(
     let name = format!("task-{}-{}", assignment.job_id, assignment.task_index);
     let ctx = Arc::new(ctx);
     let spawned = std::thread::Builder::new().name(name).spawn(move || {
+        let _entered = span.enter();
         let result = ctx.run(&assignment);
         if let Err(f) = &result {
             tracing::warn!(job = %assignment.job_id, task = assignment.task_index, reason = %f.reason, retryable = f.retryable, "task failed");

@@ -147,14 +147,35 @@ fn load_spec(job: Option<&PathBuf>) -> Result<JobSpec, segprop_core::SpecError> 
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("SEGPROP_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    // Logs on stderr; spans over OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set (the exporter's
+    // connection lives on the runtime, so it is set up inside it).
+    let tracing = match runtime
+        .block_on(async { segprop_telemetry::trace::init("segprop-worker", "info") })
+    {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let code = run(cli, &runtime);
+    tracing.shutdown();
+    code
+}
+
+fn run(cli: Cli, runtime: &tokio::runtime::Runtime) -> ExitCode {
     match cli.command {
         Command::Serve {
             coordinator,
@@ -207,17 +228,6 @@ fn main() -> ExitCode {
                 memory_bytes: memory,
                 health_listen,
                 metrics_listen,
-            };
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("error: cannot start the async runtime: {e}");
-                    return ExitCode::from(1);
-                }
             };
             match runtime.block_on(daemon::serve(options)) {
                 Ok(()) => ExitCode::SUCCESS,
