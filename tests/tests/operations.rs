@@ -205,6 +205,13 @@ fn daemons_serve_health_and_metrics_that_promtool_accepts() {
         ),
         0.0
     );
+    // The device offered: one CPU rank with all of the host's (or the cgroup's) memory.
+    assert!(
+        sample(
+            &worker_text,
+            "segprop_worker_device_memory_bytes{worker=\"w1\",device=\"cpu\"}"
+        ) > (1u64 << 30) as f64
+    );
     // Both segments read their prefixes from stored snapshots.
     assert!(
         sample(

@@ -32,3 +32,43 @@ pub fn cuda_available() -> bool {
     // SAFETY: only tries to dlopen the driver library; no CUDA call is made through it.
     unsafe { cudarc::driver::sys::is_culib_present() }
 }
+
+/// One CUDA device as the driver reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceInfo {
+    pub ordinal: usize,
+    /// The product name, e.g. `NVIDIA H100 80GB HBM3`.
+    pub name: String,
+    /// Total device memory in bytes.
+    pub total_bytes: u64,
+}
+
+/// Every CUDA device the driver shows this process (after `CUDA_VISIBLE_DEVICES`), with its
+/// total memory: what a worker offers the coordinator's pre-flight check. Creates no context, so
+/// it costs no device memory.
+#[allow(unsafe_code)]
+pub fn devices() -> Result<Vec<DeviceInfo>, String> {
+    use cudarc::driver::result;
+
+    if !cuda_available() {
+        return Err("no CUDA driver library (libcuda) on this machine".into());
+    }
+    result::init().map_err(|e| format!("cuInit: {e}"))?;
+    let count = result::device::get_count().map_err(|e| format!("cuDeviceGetCount: {e}"))?;
+    (0..count)
+        .map(|ordinal| {
+            let device =
+                result::device::get(ordinal).map_err(|e| format!("cuDeviceGet({ordinal}): {e}"))?;
+            let name = result::device::get_name(device)
+                .map_err(|e| format!("cuDeviceGetName({ordinal}): {e}"))?;
+            // SAFETY: `device` is a handle the driver just returned for a valid ordinal.
+            let total = unsafe { result::device::total_mem(device) }
+                .map_err(|e| format!("cuDeviceTotalMem({ordinal}): {e}"))?;
+            Ok(DeviceInfo {
+                ordinal: usize::try_from(ordinal).unwrap_or(0),
+                name,
+                total_bytes: total as u64,
+            })
+        })
+        .collect()
+}

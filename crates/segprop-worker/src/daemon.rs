@@ -139,12 +139,19 @@ pub async fn serve(options: DaemonOptions) -> anyhow::Result<()> {
     let channel = endpoint.connect_lazy();
     let mut client = ClusterServiceClient::with_interceptor(channel.clone(), token);
 
+    // What the worker offers, asked of the driver once: a missing GPU fails here, at start.
+    let offered = devices(
+        &options.backend,
+        options.devices,
+        host_memory(options.memory_bytes),
+    )?;
+
     // Health and metrics first: they answer while the coordinator is unreachable, so a
     // coordinator outage does not make probes restart every worker.
     let metrics = Arc::new(WorkerMetrics::new(
         &options.name,
         &options.backend,
-        options.devices,
+        &offered,
     ));
     if let Some(addr) = options.health_listen {
         segprop_telemetry::health::serve(addr)
@@ -174,7 +181,7 @@ pub async fn serve(options: DaemonOptions) -> anyhow::Result<()> {
     let mut running: Option<TaskHandle> = None;
     let mut reported = 0u64;
     let (mut worker_id, mut interval, root) =
-        register(&mut client, &options, &running, &shutdown).await?;
+        register(&mut client, &options, &offered, &running, &shutdown).await?;
     let store = open_store(&options, &root, channel.clone())?;
     let artifact_store = open_artifact_store(&options, &root, channel)?;
     tracing::info!(
@@ -209,7 +216,7 @@ pub async fn serve(options: DaemonOptions) -> anyhow::Result<()> {
                         "coordinator does not know this worker (restarted?): registering again"
                     );
                     (worker_id, interval, _) =
-                        register(&mut client, &options, &running, &shutdown).await?;
+                        register(&mut client, &options, &offered, &running, &shutdown).await?;
                     continue;
                 }
                 if let Some(task) = &running {
@@ -350,17 +357,14 @@ async fn wait_for_signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
-fn devices(backend: &str, count: usize, host: u64) -> Vec<pb::Device> {
+/// The devices this worker offers, with their memory (the coordinator's pre-flight check plans
+/// against it): GPUs `cuda:0..count` with the total memory the driver reports, or `count` CPU
+/// ranks sharing the host's memory.
+fn devices(backend: &str, count: usize, host: u64) -> anyhow::Result<Vec<pb::Device>> {
     if backend == "cuda" {
-        return (0..count)
-            .map(|i| pb::Device {
-                name: format!("cuda:{i}"),
-                memory_bytes: 0,
-            })
-            .collect();
+        return cuda_devices(count);
     }
-    // CPU ranks share the host's memory.
-    (0..count)
+    Ok((0..count)
         .map(|i| pb::Device {
             name: if count == 1 {
                 "cpu".into()
@@ -369,7 +373,46 @@ fn devices(backend: &str, count: usize, host: u64) -> Vec<pb::Device> {
             },
             memory_bytes: host / count as u64,
         })
-        .collect()
+        .collect())
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_devices(count: usize) -> anyhow::Result<Vec<pb::Device>> {
+    let found =
+        segprop_train::cuda::devices().map_err(|e| anyhow::anyhow!("--backend cuda: {e}"))?;
+    if found.len() < count {
+        anyhow::bail!(
+            "--devices {count}: this host shows {} CUDA device(s){} (check CUDA_VISIBLE_DEVICES and the pod's nvidia.com/gpu limit)",
+            found.len(),
+            if found.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    ": {}",
+                    found
+                        .iter()
+                        .map(|d| format!("cuda:{} {}", d.ordinal, d.name))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            }
+        );
+    }
+    for d in &found[..count] {
+        tracing::info!(device = d.ordinal, name = %d.name, memory_gib = d.total_bytes as f64 / f64::from(1u32 << 30), "CUDA device");
+    }
+    Ok(found[..count]
+        .iter()
+        .map(|d| pb::Device {
+            name: format!("cuda:{}", d.ordinal),
+            memory_bytes: d.total_bytes,
+        })
+        .collect())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_devices(_count: usize) -> anyhow::Result<Vec<pb::Device>> {
+    anyhow::bail!("--backend cuda: this worker was built without the `cuda` feature")
 }
 
 /// The memory this worker offers: `--memory`, else the host's total, capped by the cgroup
@@ -432,6 +475,7 @@ fn heartbeat_request(
 async fn register(
     client: &mut Client,
     options: &DaemonOptions,
+    offered: &[pb::Device],
     running: &Option<TaskHandle>,
     shutdown: &AtomicBool,
 ) -> anyhow::Result<(String, Duration, PathBuf)> {
@@ -441,11 +485,7 @@ async fn register(
             protocol_version: segprop_proto::PROTOCOL_VERSION,
             name: options.name.clone(),
             backend: options.backend.clone(),
-            devices: devices(
-                &options.backend,
-                options.devices,
-                host_memory(options.memory_bytes),
-            ),
+            devices: offered.to_vec(),
             host_memory_bytes: host_memory(options.memory_bytes),
             running: running.iter().map(|t| running_task(t, false)).collect(),
         };

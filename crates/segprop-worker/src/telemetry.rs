@@ -1,5 +1,6 @@
 //! The worker's Prometheus metrics (`--metrics-listen`): tasks run, the running stage's progress,
-//! SnapCheck hits and snapshot bytes, and the peak heap of the last stage. Updated from the
+//! SnapCheck hits and snapshot bytes, the memory of the devices offered, and the peak heap of the
+//! last stage. Updated from the
 //! heartbeat loop (progress events) and from each report (the stage's result).
 
 use std::sync::Mutex;
@@ -26,16 +27,20 @@ struct State {
 pub struct WorkerMetrics {
     name: String,
     backend: String,
-    devices: usize,
+    /// The devices offered: name and memory.
+    devices: Vec<(String, u64)>,
     state: Mutex<State>,
 }
 
 impl WorkerMetrics {
-    pub fn new(name: &str, backend: &str, devices: usize) -> Self {
+    pub fn new(name: &str, backend: &str, devices: &[pb::Device]) -> Self {
         Self {
             name: name.to_string(),
             backend: backend.to_string(),
-            devices,
+            devices: devices
+                .iter()
+                .map(|d| (d.name.clone(), d.memory_bytes))
+                .collect(),
             state: Mutex::new(State::default()),
         }
     }
@@ -96,8 +101,16 @@ impl WorkerMetrics {
         )
         .sample(
             &[("worker", &self.name), ("backend", &self.backend)],
-            self.devices as f64,
+            self.devices.len() as f64,
         );
+        let memory = e.family(
+            "segprop_worker_device_memory_bytes",
+            Kind::Gauge,
+            "Memory of each device offered to gangs (GPUs: the driver's total; CPU ranks: their share of the host's memory), what the coordinator's pre-flight check plans against.",
+        );
+        for (device, bytes) in &self.devices {
+            memory.sample(&[("worker", &self.name), ("device", device)], *bytes as f64);
+        }
         e.family(
             "segprop_worker_tasks_total",
             Kind::Counter,
