@@ -72,3 +72,38 @@ pub fn devices() -> Result<Vec<DeviceInfo>, String> {
         })
         .collect()
 }
+
+/// Reads how much memory is in use on each of a worker's GPUs (`cuMemGetInfo`), for `/metrics`.
+/// It holds each device's primary context, the one burn-cuda trains in, so it adds no context
+/// of its own beyond what training creates anyway.
+pub struct DeviceMemoryProbe {
+    contexts: Vec<std::sync::Arc<cudarc::driver::CudaContext>>,
+}
+
+impl DeviceMemoryProbe {
+    /// Retains the primary contexts of devices `0..count`.
+    pub fn new(count: usize) -> Result<Self, String> {
+        if !cuda_available() {
+            return Err("no CUDA driver library (libcuda) on this machine".into());
+        }
+        let contexts = (0..count)
+            .map(|ordinal| {
+                cudarc::driver::CudaContext::new(ordinal)
+                    .map_err(|e| format!("cuda:{ordinal}: cannot open its context: {e}"))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self { contexts })
+    }
+
+    /// Bytes in use (total − free) per device, in device order; a device whose query fails is
+    /// left out.
+    pub fn used_bytes(&self) -> Vec<(usize, u64)> {
+        self.contexts
+            .iter()
+            .filter_map(|ctx| {
+                let (free, total) = ctx.mem_get_info().ok()?;
+                Some((ctx.ordinal(), total.saturating_sub(free) as u64))
+            })
+            .collect()
+    }
+}

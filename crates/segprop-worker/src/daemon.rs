@@ -148,10 +148,9 @@ pub async fn serve(options: DaemonOptions) -> anyhow::Result<()> {
 
     // Health and metrics first: they answer while the coordinator is unreachable, so a
     // coordinator outage does not make probes restart every worker.
-    let metrics = Arc::new(WorkerMetrics::new(
-        &options.name,
-        &options.backend,
-        &offered,
+    let metrics = Arc::new(memory_probe(
+        WorkerMetrics::new(&options.name, &options.backend, &offered),
+        &options,
     ));
     if let Some(addr) = options.health_listen {
         segprop_telemetry::health::serve(addr)
@@ -408,6 +407,32 @@ fn cuda_devices(count: usize) -> anyhow::Result<Vec<pb::Device>> {
             memory_bytes: d.total_bytes,
         })
         .collect())
+}
+
+/// On a CUDA worker, `/metrics` also reports each GPU's memory in use.
+#[cfg(feature = "cuda")]
+fn memory_probe(metrics: WorkerMetrics, options: &DaemonOptions) -> WorkerMetrics {
+    if options.backend != "cuda" {
+        return metrics;
+    }
+    match segprop_train::cuda::DeviceMemoryProbe::new(options.devices) {
+        Ok(probe) => metrics.with_memory_probe(Box::new(move || {
+            probe
+                .used_bytes()
+                .into_iter()
+                .map(|(ordinal, bytes)| (format!("cuda:{ordinal}"), bytes))
+                .collect()
+        })),
+        Err(e) => {
+            tracing::warn!(error = %e, "GPU memory in use will not be reported");
+            metrics
+        }
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn memory_probe(metrics: WorkerMetrics, _options: &DaemonOptions) -> WorkerMetrics {
+    metrics
 }
 
 #[cfg(not(feature = "cuda"))]

@@ -22,13 +22,17 @@ struct State {
     last_peak_bytes: Option<u64>,
 }
 
+/// Reads the bytes in use per device at scrape time: `(device name, bytes)`.
+pub type MemoryProbe = Box<dyn Fn() -> Vec<(String, u64)> + Send + Sync>;
+
 /// Shared by the daemon loop and the metrics server.
-#[derive(Debug)]
 pub struct WorkerMetrics {
     name: String,
     backend: String,
     /// The devices offered: name and memory.
     devices: Vec<(String, u64)>,
+    /// GPUs: memory in use now (CPU ranks have none: their heap is the stage's peak below).
+    in_use: Option<MemoryProbe>,
     state: Mutex<State>,
 }
 
@@ -41,8 +45,16 @@ impl WorkerMetrics {
                 .iter()
                 .map(|d| (d.name.clone(), d.memory_bytes))
                 .collect(),
+            in_use: None,
             state: Mutex::new(State::default()),
         }
+    }
+
+    /// Reports the devices' memory in use, read by `probe` at every scrape.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub fn with_memory_probe(mut self, probe: MemoryProbe) -> Self {
+        self.in_use = Some(probe);
+        self
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -110,6 +122,16 @@ impl WorkerMetrics {
         );
         for (device, bytes) in &self.devices {
             memory.sample(&[("worker", &self.name), ("device", device)], *bytes as f64);
+        }
+        if let Some(probe) = &self.in_use {
+            let used = e.family(
+                "segprop_worker_device_memory_used_bytes",
+                Kind::Gauge,
+                "Memory in use on each GPU now (the driver's total minus free, every process).",
+            );
+            for (device, bytes) in probe() {
+                used.sample(&[("worker", &self.name), ("device", &device)], bytes as f64);
+            }
         }
         e.family(
             "segprop_worker_tasks_total",
@@ -194,5 +216,39 @@ impl WorkerMetrics {
             .sample(&worker, peak as f64);
         }
         e.finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn device(name: &str, memory_bytes: u64) -> pb::Device {
+        pb::Device {
+            name: name.into(),
+            memory_bytes,
+        }
+    }
+
+    #[test]
+    fn device_memory_is_offered_and_in_use_per_device() {
+        let devices = [device("cuda:0", 80 << 30), device("cuda:1", 40 << 30)];
+        let metrics = WorkerMetrics::new("w1", "cuda", &devices)
+            .with_memory_probe(Box::new(|| vec![("cuda:0".into(), 5 << 30)]));
+        let text = metrics.render();
+        for line in [
+            "segprop_worker_info{worker=\"w1\",backend=\"cuda\"} 2",
+            "segprop_worker_device_memory_bytes{worker=\"w1\",device=\"cuda:0\"} 85899345920",
+            "segprop_worker_device_memory_bytes{worker=\"w1\",device=\"cuda:1\"} 42949672960",
+            "segprop_worker_device_memory_used_bytes{worker=\"w1\",device=\"cuda:0\"} 5368709120",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line} missing from\n{text}"
+            );
+        }
+
+        let cpu = WorkerMetrics::new("w2", "cpu", &[device("cpu", 1 << 30)]).render();
+        assert!(!cpu.contains("segprop_worker_device_memory_used_bytes"));
     }
 }
