@@ -7,9 +7,10 @@
 
 use anyhow::{Context, Result};
 use segprop_core::JobSpec;
+use segprop_train::gang::{gang_size, train_gang};
 use segprop_train::metrics::{TrainEvent, TrainObserver};
 use segprop_train::segprop::run_plan;
-use segprop_train::sharded::{RankMemory, gang_size, train_gang};
+use segprop_train::sharded::RankMemory;
 use segprop_train::{CpuBackend, Trainer};
 
 use crate::median;

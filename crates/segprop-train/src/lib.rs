@@ -17,6 +17,7 @@ pub mod data;
 pub mod engine;
 pub mod error;
 pub mod exit;
+pub mod gang;
 pub mod metrics;
 pub mod plot;
 pub mod probe;

@@ -70,7 +70,7 @@ pub fn run_job<B: AutodiffBackend>(
     write(&out.join("job.yaml"), &resolved)?;
     let started = Instant::now();
     let work_dir = out.join("work");
-    let summary = match crate::sharded::gang_size(&spec) {
+    let summary = match crate::gang::gang_size(&spec) {
         None => {
             let mut trainer = Trainer::<B>::new(spec, device, &work_dir)?;
             lead_run(&mut trainer, out, options, observer, started)?
@@ -82,8 +82,8 @@ pub fn run_job<B: AutodiffBackend>(
                 activation_checkpointing = spec.activation_checkpointing,
                 "sharded run: one trainer per rank"
             );
-            let devices = crate::sharded::gang_devices::<B>(&device, world);
-            crate::sharded::train_gang::<B, _>(
+            let devices = crate::gang::gang_devices::<B>(&device, world);
+            crate::gang::train_gang::<B, _>(
                 &spec,
                 devices,
                 &work_dir,

@@ -7,9 +7,9 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use segprop_core::JobSpec;
+use segprop_train::gang::{gang_size, train_gang};
 use segprop_train::metrics::{RecordingObserver, TrainEvent};
 use segprop_train::segprop::{parameter_values, run_plan};
-use segprop_train::sharded::{gang_size, train_gang};
 use segprop_train::{CpuBackend as B, Trainer};
 
 const E2E: &str = "

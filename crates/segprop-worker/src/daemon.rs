@@ -732,13 +732,12 @@ impl TaskContext {
         let kind = pb::TaskKind::try_from(a.kind);
         self.prepare(&mut trainer, a);
         match kind {
-            Ok(pb::TaskKind::TrainStage) => {
-                match segprop_train::sharded::gang_size(&trainer.spec) {
-                    None => self.train_stage(trainer, recorder, a, recovered),
-                    Some(world) => self
-                        .train_stage_gang(trainer, recorder, a, recovered, loaded, device, world),
+            Ok(pb::TaskKind::TrainStage) => match segprop_train::gang::gang_size(&trainer.spec) {
+                None => self.train_stage(trainer, recorder, a, recovered),
+                Some(world) => {
+                    self.train_stage_gang(trainer, recorder, a, recovered, loaded, device, world)
                 }
-            }
+            },
             Ok(pb::TaskKind::AdvanceSnapshots) => self.advance(trainer, a),
             Ok(pb::TaskKind::Export) => self.export(trainer, a),
             _ => Err(pb::TaskFailed {
@@ -794,7 +793,7 @@ impl TaskContext {
     ) -> Result<pb::TaskSucceeded, pb::TaskFailed> {
         self.check_stage(&trainer, a)?;
         let spec = trainer.spec.clone();
-        let devices = segprop_train::sharded::gang_devices::<B>(&device, world);
+        let devices = segprop_train::gang::gang_devices::<B>(&device, world);
         tracing::info!(
             ranks = world,
             activation_checkpointing = spec.activation_checkpointing,
@@ -802,9 +801,9 @@ impl TaskContext {
             "sharded stage: one trainer per rank"
         );
         let fault = crate::fault::StallRank::from_env();
-        let ran = segprop_train::sharded::run_gang(
+        let ran = segprop_train::gang::run_gang(
             world,
-            segprop_train::sharded::collective_deadline(&spec),
+            segprop_train::gang::collective_deadline(&spec),
             spec.activation_checkpointing,
             |shard| {
                 trainer.shard = Some(shard);
