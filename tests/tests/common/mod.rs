@@ -34,6 +34,27 @@ pub fn bin(name: &str) -> PathBuf {
             "segprop-coordinator",
         ])
         .current_dir(repo());
+        // `cargo test` gives this process the package's CARGO_MANIFEST_DIR, CARGO_PKG_* and
+        // friends. Passed on, they change the fingerprint of build scripts that watch them
+        // (ring's reruns on CARGO_MANIFEST_DIR), and this build would recompile ring, rustls,
+        // tonic and everything above them that `cargo test` had just built.
+        for (key, _) in std::env::vars_os() {
+            let key = key.to_string_lossy();
+            if key.starts_with("CARGO_PKG_")
+                || key.starts_with("CARGO_MANIFEST_")
+                || [
+                    "CARGO_CRATE_NAME",
+                    "CARGO_PRIMARY_PACKAGE",
+                    "CARGO_TARGET_TMPDIR",
+                    "CARGO_BIN_NAME",
+                    "CARGO_RUSTC_CURRENT_DIR",
+                    "OUT_DIR",
+                ]
+                .contains(&key.as_ref())
+            {
+                cmd.env_remove(key.as_ref());
+            }
+        }
         if dir.file_name().is_some_and(|n| n == "release") {
             cmd.arg("--release");
         }
