@@ -345,14 +345,21 @@ fn submit_refuses_a_job_that_does_not_fit_the_worker_with_the_breakdown() {
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(
-        text(&out.stderr)
-            .contains("data.batch_size: auto -> 13 on worker w1 (largest per stage: stage1 "),
+        text(&out.stderr).contains(
+            "data.batch_size: auto -> 13 on worker w1 (largest whole batch per stage: stage1 "
+        ),
         "{}",
         text(&out.stderr)
     );
     let job = get_job(&coord, text(&out.stdout).trim());
     assert_eq!(state(&job), pb::JobState::Succeeded);
     assert!(job.preflight.contains("auto -> 13"), "{}", job.preflight);
+    assert!(
+        job.preflight
+            .ends_with("; every stage runs whole batches of 13"),
+        "{}",
+        job.preflight
+    );
     // The stages trained 13 sequences of 32 tokens per step.
     let stage1: serde_json::Value = serde_json::from_str(&job.tasks[0].result_json).unwrap();
     let (steps, tokens) = (
@@ -360,6 +367,94 @@ fn submit_refuses_a_job_that_does_not_fit_the_worker_with_the_breakdown() {
         stage1["tokens"].as_u64().unwrap(),
     );
     assert_eq!(tokens, steps * 13 * 32, "{stage1}");
+}
+
+#[test]
+fn micro_batch_auto_runs_a_batch_too_large_for_the_worker_in_passes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let metrics = free_port();
+    let coord = coordinator_with(
+        dir,
+        "127.0.0.1:0",
+        &[("SEGPROP_METRICS_LISTEN", metrics.clone().into())],
+    );
+    // 32 MiB: the tiny model's stages fit about 15 whole sequences of 32, not 40.
+    let _w = worker_with(dir, &coord, "w1", &["--memory", "32MiB"]);
+    wait_listening(&metrics);
+    let start = Instant::now();
+    while !http_get(&metrics, "/metrics")
+        .1
+        .contains("segprop_workers{backend=\"cpu\"} 1")
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the worker never registered"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let job = spec(dir, "passes", 3, 2);
+    let whole = std::fs::read_to_string(&job)
+        .unwrap()
+        .replace("batch_size: 8", "batch_size: 40")
+        .replace("stage1: { max_steps: 12 }", "stage1: { max_steps: 3 }");
+    std::fs::write(&job, &whole).unwrap();
+    // Whole batches of 40 are refused, with the pass that would fit.
+    let out = coord_cli(&coord, &["submit", job.to_str().unwrap()], TOKEN);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("data.micro_batch: { stage1: "),
+        "{}",
+        text(&out.stderr)
+    );
+    // `micro_batch: auto` keeps the batch of 40 and splits it per stage.
+    std::fs::write(
+        &job,
+        whole.replace("batch_size: 40", "batch_size: 40, micro_batch: auto"),
+    )
+    .unwrap();
+    let out = coord_cli(&coord, &["submit", job.to_str().unwrap(), "--watch"], TOKEN);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let job = get_job(&coord, text(&out.stdout).trim());
+    assert_eq!(state(&job), pb::JobState::Succeeded);
+    assert!(
+        job.preflight.starts_with(
+            "data.micro_batch: auto on worker w1; data.micro_batch -> passes of stage1 "
+        ),
+        "{}",
+        job.preflight
+    );
+    assert!(
+        job.preflight
+            .ends_with("(gradients accumulated over a batch of 40)"),
+        "{}",
+        job.preflight
+    );
+    let mut trained = 0;
+    for task in &job.tasks {
+        let Ok(record) = serde_json::from_str::<serde_json::Value>(&task.result_json) else {
+            continue;
+        };
+        let Some(micro) = record["micro_batch"].as_u64() else {
+            continue;
+        };
+        let stage = record["stage"].as_str().unwrap();
+        assert!(micro > 0 && micro < 40, "{record}");
+        assert!(
+            job.preflight.contains(&format!("{stage} {micro}")),
+            "{stage} ran passes of {micro}: {}",
+            job.preflight
+        );
+        // Every step still trained the whole batch of 40 sequences of 32 tokens.
+        let steps = record["steps"].as_u64().unwrap();
+        assert_eq!(
+            record["tokens"].as_u64().unwrap(),
+            steps * 40 * 32,
+            "{record}"
+        );
+        trained += 1;
+    }
+    assert_eq!(trained, 3, "stage 1 and two segments");
 }
 
 /// `scripts/otlp_receiver.py` on loopback: a real OTLP/gRPC trace receiver writing one JSON line

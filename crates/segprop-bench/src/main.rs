@@ -240,7 +240,7 @@ fn time_steps<B: AutodiffBackend>(
     for i in 0..warmup + steps {
         let batch = &batches[i % batches.len()];
         let start = Instant::now();
-        trainer.train_step(route, &[batch], &trainable, &mut opt, 1e-3);
+        trainer.train_step(route, &[batch], 0, &trainable, &mut opt, 1e-3);
         if i >= warmup {
             times.push(start.elapsed().as_secs_f64());
         }
@@ -275,7 +275,7 @@ fn time_interleaved<B: AutodiffBackend>(
         {
             let batch = &batches[i % batches.len()];
             let start = Instant::now();
-            t.train_step(*route, &[batch], trainable, opt, 1e-3);
+            t.train_step(*route, &[batch], 0, trainable, opt, 1e-3);
             if i >= warmup {
                 times.push(start.elapsed().as_secs_f64());
             }
@@ -521,10 +521,10 @@ fn memory() -> Result<()> {
         let batch = t.data.train[0].clone();
         // Two warmup steps allocate the optimizer state; then measure one step.
         for _ in 0..2 {
-            t.train_step(route, &[&batch], &trainable, &mut opt, 1e-3);
+            t.train_step(route, &[&batch], 0, &trainable, &mut opt, 1e-3);
         }
         alloc::reset_peak();
-        t.train_step(route, &[&batch], &trainable, &mut opt, 1e-3);
+        t.train_step(route, &[&batch], 0, &trainable, &mut opt, 1e-3);
         let peak =
             alloc::peak_bytes().unwrap_or(0).saturating_sub(before) as f64 / (1 << 20) as f64;
         if kind == StageKind::E2e {

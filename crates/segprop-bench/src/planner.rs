@@ -59,7 +59,7 @@ pub fn explore() -> Result<()> {
 pub fn validate() -> Result<()> {
     println!("## Planner vs measurement, CPU engine (one step after warmup, p = r = k = 2)");
     println!(
-        "| preset | workload | b x s | predicted MiB (backward / update) | measured MiB (backward / update) | error | predicted GFLOP | launched GFLOP | error |"
+        "| preset | workload | b (passes of) x s | predicted MiB (backward / update) | measured MiB (backward / update) | error | predicted GFLOP | launched GFLOP | error |"
     );
     println!("|---|---|---|---:|---:|---:|---:|---:|---:|");
     anyhow::ensure!(
@@ -67,14 +67,20 @@ pub fn validate() -> Result<()> {
         "the counting allocator is not installed"
     );
     let mut worst: f64 = 0.0;
-    for (preset, b, s) in [("tiny", 4, 64), ("tiny", 8, 128), ("small", 2, 128)] {
+    for (preset, b, m, s) in [
+        ("tiny", 4, 4, 64),
+        ("tiny", 8, 8, 128),
+        ("small", 2, 2, 128),
+        ("tiny", 8, 2, 128),
+        ("small", 4, 2, 128),
+    ] {
         let dir = tempfile::tempdir()?;
-        for row in probe::validate_planner(preset, (2, 2, 2), b, s, dir.path())? {
+        for row in probe::validate_planner(preset, (2, 2, 2), (b, m), s, dir.path())? {
             let mib = |x: u64| x as f64 / (1 << 20) as f64;
             let gflop = |x: f64| x / 1e9;
             worst = worst.max(row.memory_error().abs());
             println!(
-                "| {preset} | {} | {b} x {s} | {:.1} ({:.1} / {:.1}) | {:.1} ({:.1} / {:.1}) | {:+.1}% | {:.3} | {:.3} | {:+.2}% |",
+                "| {preset} | {} | {b} ({m}) x {s} | {:.1} ({:.1} / {:.1}) | {:.1} ({:.1} / {:.1}) | {:+.1}% | {:.3} | {:.3} | {:+.2}% |",
                 row.workload,
                 mib(row.predicted.peak()),
                 mib(row.predicted.backward_peak()),

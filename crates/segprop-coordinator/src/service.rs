@@ -842,10 +842,11 @@ fn absolute(path: &std::path::Path) -> String {
 }
 
 /// The submit-time pre-flight check (docs/planner.md): every stage of `spec` must fit the
-/// memory of the largest registered worker that could run it, and `data.batch_size: auto`
-/// becomes the largest micro-batch that does. Without such a worker (or one that reports its
-/// memory) a fixed batch is not checked (the job waits for a worker; logged) and `auto` is
-/// refused. Returns what was decided about `auto`.
+/// memory of the largest registered worker that could run it; `data.batch_size: auto` and
+/// `data.micro_batch: auto` become the batch and the per-stage passes that do
+/// ([`segprop_core::planner::preflight::resolve_auto`]). Without such a worker (or one that
+/// reports its memory) a fixed batch is not checked (the job waits for a worker; logged) and
+/// `auto` is refused. Returns what was decided about `auto`.
 fn preflight(
     spec: &mut JobSpec,
     model: &segprop_core::LlamaConfig,
@@ -855,17 +856,23 @@ fn preflight(
     use segprop_core::planner::preflight::{self, WorkerMemory};
     let backend = spec.resources.backend.to_string();
     let gang = spec.resources.devices_per_gang as u32;
-    let auto = spec.data.batch_size == segprop_core::BatchSize::Auto;
+    let auto = spec.data.batch_size == segprop_core::BatchSize::Auto
+        || spec.data.micro_batch == Some(segprop_core::MicroBatch::Auto);
     let Some(worker) = workers
         .values()
         .filter(|w| w.backend == backend && w.devices >= gang && w.device_bytes > 0)
         .max_by_key(|w| (w.device_bytes, w.host_bytes))
     else {
         if auto {
+            let field = if spec.data.batch_size == segprop_core::BatchSize::Auto {
+                "data.batch_size"
+            } else {
+                "data.micro_batch"
+            };
             return Err(Status::invalid_argument(format!(
-                "data.batch_size: auto is sized against a registered {backend} worker with at \
-                 least {gang} device(s) that reports its memory, and none is registered: start \
-                 one, or give data.batch_size a number"
+                "{field}: auto is sized against a registered {backend} worker with at least \
+                 {gang} device(s) that reports its memory, and none is registered: start one, \
+                 or give {field} a number"
             )));
         }
         tracing::info!(job = %spec.name, %backend, gang, "pre-flight skipped: no registered worker reports its memory");
@@ -875,15 +882,12 @@ fn preflight(
         device_bytes: worker.device_bytes,
         host_bytes: worker.host_bytes,
     };
-    let note = if auto {
-        let note = preflight::resolve_auto(spec, model, plan, &memory, &worker.name)
-            .map_err(Status::invalid_argument)?;
+    let note = preflight::resolve_auto(spec, model, plan, &memory, &worker.name)
+        .map_err(Status::invalid_argument)?;
+    if let Some(note) = &note {
         tracing::info!(job = %spec.name, "{note}");
-        Some(note)
-    } else {
-        None
-    };
-    let fits = preflight::check(spec, model, plan, &memory, spec.data.batch_size.get());
+    }
+    let fits = preflight::check(spec, model, plan, &memory);
     match preflight::refusal(spec, &fits, &worker.name) {
         Some(message) => {
             tracing::warn!(job = %spec.name, worker = %worker.name, "{message}");

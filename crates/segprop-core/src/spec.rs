@@ -150,6 +150,103 @@ pub struct DataSpec {
     /// Use at most this many tokens of the corpus (0 = all).
     #[serde(default)]
     pub max_tokens: usize,
+    /// Sequences per forward/backward pass when fewer than `batch_size` fit: each batch is
+    /// split into passes of at most this many sequences and their gradients are accumulated, so
+    /// the step (and the loss curve) is the same. A number for every stage, a map from stage
+    /// name (`stage1`, `segment-2-4`, `e2e`, `lw-block-0`) to a number, or `auto` (the
+    /// coordinator picks the largest that fits each stage on the worker at submit). Absent:
+    /// whole batches; `batch_size: auto` fills it per stage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub micro_batch: Option<MicroBatch>,
+}
+
+/// `data.micro_batch`: one number for every stage, one per stage name, or `auto`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MicroBatch {
+    Every(usize),
+    PerStage(std::collections::BTreeMap<String, usize>),
+    /// Resolved per stage by the coordinator's pre-flight check before any worker sees the job.
+    Auto,
+}
+
+impl MicroBatch {
+    /// The value given for `stage`, if any.
+    pub fn for_stage(&self, stage: &str) -> Option<usize> {
+        match self {
+            MicroBatch::Every(n) => Some(*n),
+            MicroBatch::PerStage(map) => map.get(stage).copied(),
+            MicroBatch::Auto => None,
+        }
+    }
+
+    /// Every (field, value) given, for validation: `data.micro_batch` or
+    /// `data.micro_batch.<stage>`.
+    pub fn entries(&self) -> Vec<(String, usize)> {
+        match self {
+            MicroBatch::Every(n) => vec![("data.micro_batch".into(), *n)],
+            MicroBatch::PerStage(map) => map
+                .iter()
+                .map(|(stage, n)| (format!("data.micro_batch.{stage}"), *n))
+                .collect(),
+            MicroBatch::Auto => Vec::new(),
+        }
+    }
+}
+
+impl Serialize for MicroBatch {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            MicroBatch::Every(n) => s.serialize_u64(*n as u64),
+            MicroBatch::PerStage(map) => map.serialize(s),
+            MicroBatch::Auto => s.serialize_str("auto"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for MicroBatch {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = MicroBatch;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a number of sequences, a map from stage name to a number, or `auto`")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<MicroBatch, E> {
+                match v {
+                    "auto" => Ok(MicroBatch::Auto),
+                    other => Err(E::custom(format!(
+                        "`{other}` is not a micro-batch: give a number of sequences, a map from \
+                         stage name to a number, or `auto`"
+                    ))),
+                }
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<MicroBatch, E> {
+                usize::try_from(v)
+                    .map(MicroBatch::Every)
+                    .map_err(|_| E::custom("micro_batch is too large"))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<MicroBatch, E> {
+                u64::try_from(v)
+                    .map_err(|_| E::custom("micro_batch must be positive"))
+                    .and_then(|v| self.visit_u64(v))
+            }
+            fn visit_map<M: serde::de::MapAccess<'de>>(
+                self,
+                mut access: M,
+            ) -> Result<MicroBatch, M::Error> {
+                let mut map = std::collections::BTreeMap::new();
+                while let Some((stage, n)) = access.next_entry::<String, usize>()? {
+                    if map.insert(stage.clone(), n).is_some() {
+                        return Err(serde::de::Error::custom(format!(
+                            "stage `{stage}` is given twice"
+                        )));
+                    }
+                }
+                Ok(MicroBatch::PerStage(map))
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 /// `data.batch_size`: a number of sequences, or `auto`.
@@ -723,6 +820,17 @@ impl JobSpec {
         }
     }
 
+    /// Sequences per forward/backward pass of `stage`: `data.micro_batch` for it, at most
+    /// `data.batch_size` (0 while `batch_size` is an unresolved `auto`).
+    pub fn micro_batch(&self, stage: &str) -> usize {
+        let batch = self.data.batch_size.get();
+        self.data
+            .micro_batch
+            .as_ref()
+            .and_then(|m| m.for_stage(stage))
+            .map_or(batch, |m| m.min(batch))
+    }
+
     /// Checks that every file the spec names exists.
     pub fn check_files(&self) -> Result<(), SpecError> {
         if !self.data.corpus.starts_with("builtin:") && !Path::new(&self.data.corpus).is_file() {
@@ -869,6 +977,75 @@ seed: 3
         let text = TINY.replace("stage1: { max_steps: 10 }", "stage1: { patience: 3 }");
         let err = JobSpec::from_yaml_str(&text, "job.yaml").unwrap_err();
         assert_eq!(err.field(), Some("segprop.exit.stage1"));
+    }
+
+    #[test]
+    fn micro_batch_is_a_number_or_a_map_by_stage_and_is_checked() {
+        let spec = JobSpec::from_yaml_str(TINY, "job.yaml").unwrap();
+        assert_eq!(spec.data.micro_batch, None);
+        assert_eq!(spec.micro_batch("stage1"), 4);
+
+        let every = TINY.replace("batch_size: 4 }", "batch_size: 4, micro_batch: 3 }");
+        let spec = JobSpec::from_yaml_str(&every, "job.yaml").unwrap();
+        assert_eq!(spec.micro_batch("stage1"), 3);
+        assert_eq!(spec.micro_batch("segment-2-3"), 3);
+
+        let per_stage = format!("{TINY}  \n").replace(
+            "batch_size: 4 }",
+            "batch_size: 4, micro_batch: { stage1: 2 } }",
+        );
+        let spec = JobSpec::from_yaml_str(&per_stage, "job.yaml").unwrap();
+        assert_eq!(spec.micro_batch("stage1"), 2);
+        assert_eq!(spec.micro_batch("segment-2-3"), 4);
+        // It survives the coordinator's re-encoding of a resolved spec.
+        let again =
+            JobSpec::from_yaml_str(&serde_yaml::to_string(&spec).unwrap(), "again").unwrap();
+        assert_eq!(again.data.micro_batch, spec.data.micro_batch);
+
+        let too_big = TINY.replace("batch_size: 4 }", "batch_size: 4, micro_batch: 5 }");
+        let err = JobSpec::from_yaml_str(&too_big, "job.yaml").unwrap_err();
+        assert_eq!(err.field(), Some("data.micro_batch"));
+        assert!(
+            err.to_string().contains("exceeds data.batch_size 4"),
+            "{err}"
+        );
+
+        let zero = TINY.replace(
+            "batch_size: 4 }",
+            "batch_size: 4, micro_batch: { stage1: 0 } }",
+        );
+        let err = JobSpec::from_yaml_str(&zero, "job.yaml").unwrap_err();
+        assert_eq!(err.field(), Some("data.micro_batch.stage1"));
+
+        let unknown = TINY.replace(
+            "batch_size: 4 }",
+            "batch_size: 4, micro_batch: { segment-9-10: 2 } }",
+        );
+        let message = JobSpec::from_yaml_str(&unknown, "job.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            message.contains("data.micro_batch.segment-9-10"),
+            "{message}"
+        );
+        assert!(
+            message.contains("its stages: stage1, segment-2-3"),
+            "{message}"
+        );
+
+        let wrong = TINY.replace("batch_size: 4 }", "batch_size: 4, micro_batch: lots }");
+        let message = JobSpec::from_yaml_str(&wrong, "job.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(message.contains("`lots` is not a micro-batch"), "{message}");
+        let auto = TINY.replace("batch_size: 4 }", "batch_size: 4, micro_batch: auto }");
+        let spec = JobSpec::from_yaml_str(&auto, "job.yaml").unwrap();
+        assert_eq!(spec.data.micro_batch, Some(MicroBatch::Auto));
+        assert_eq!(
+            spec.micro_batch("stage1"),
+            4,
+            "whole batches until resolved"
+        );
     }
 
     #[test]

@@ -240,6 +240,22 @@ impl JobSpec {
         if d.batch_size == crate::spec::BatchSize::Fixed(0) {
             return Err(SpecError::invalid("data.batch_size", "must be at least 1"));
         }
+        for (field, n) in d.micro_batch.iter().flat_map(|m| m.entries()) {
+            if n == 0 {
+                return Err(SpecError::invalid(field, "must be at least 1"));
+            }
+            if let crate::spec::BatchSize::Fixed(batch) = d.batch_size
+                && n > batch
+            {
+                return Err(SpecError::invalid(
+                    field,
+                    format!(
+                        "{n} exceeds data.batch_size {batch}: a micro-batch splits a batch \
+                         into passes"
+                    ),
+                ));
+            }
+        }
         if !(d.eval_fraction > 0.0 && d.eval_fraction < 0.5) {
             return Err(SpecError::invalid(
                 "data.eval_fraction",
@@ -335,6 +351,19 @@ impl JobSpec {
                     format!(
                         "base_depth {} + head_layers {} exceeds the model's {} layers",
                         s.base_depth, s.head_layers, n
+                    ),
+                ));
+            }
+        }
+        if let Some(crate::spec::MicroBatch::PerStage(map)) = &self.data.micro_batch {
+            let plan = crate::plan::StagePlan::new(self, n);
+            let names: Vec<&str> = plan.stages.iter().map(|s| s.name.as_str()).collect();
+            if let Some(unknown) = map.keys().find(|k| !names.contains(&k.as_str())) {
+                return Err(SpecError::invalid(
+                    format!("data.micro_batch.{unknown}"),
+                    format!(
+                        "the job has no stage `{unknown}`; its stages: {}",
+                        names.join(", ")
                     ),
                 ));
             }

@@ -125,6 +125,29 @@ impl Batch {
     pub fn num_tokens(&self) -> usize {
         self.batch * self.seq
     }
+
+    /// Sequences `rows` of this batch, as a batch of its own (same id: a micro-batch of the
+    /// batch the snapshot cache knows).
+    pub fn rows(&self, rows: std::ops::Range<usize>) -> Batch {
+        let span = rows.start * self.seq..rows.end * self.seq;
+        Batch {
+            id: self.id,
+            batch: rows.len(),
+            seq: self.seq,
+            inputs: self.inputs[span.clone()].to_vec(),
+            targets: self.targets[span].to_vec(),
+        }
+    }
+
+    /// The row ranges of passes of at most `micro` sequences (one pass when `micro` is 0 or
+    /// covers the batch).
+    pub fn passes(&self, micro: usize) -> Vec<std::ops::Range<usize>> {
+        let micro = if micro == 0 { self.batch } else { micro };
+        (0..self.batch)
+            .step_by(micro.max(1))
+            .map(|start| start..(start + micro).min(self.batch))
+            .collect()
+    }
 }
 
 /// The packed, split and batched data of a job.
@@ -176,6 +199,14 @@ impl Dataset {
                 "data.batch_size: `auto` is resolved by the coordinator against a worker's \
                  memory when the job is submitted (segprop-coord submit); give a number of \
                  sequences to train here"
+                    .into(),
+            );
+        }
+        if spec.micro_batch == Some(segprop_core::MicroBatch::Auto) {
+            return Err(
+                "data.micro_batch: `auto` is resolved by the coordinator against a worker's \
+                 memory when the job is submitted (segprop-coord submit); give a number of \
+                 sequences (or a map from stage name to a number) to train here"
                     .into(),
             );
         }
@@ -249,6 +280,7 @@ mod tests {
             eval_fraction: 0.1,
             synthetic_tokens: 20_000,
             max_tokens: 0,
+            micro_batch: None,
         }
     }
 
@@ -307,5 +339,34 @@ mod tests {
             err.contains("`auto` is resolved by the coordinator"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn an_unresolved_auto_micro_batch_is_explained() {
+        let spec = DataSpec {
+            micro_batch: Some(segprop_core::MicroBatch::Auto),
+            ..spec(16, 4)
+        };
+        let tokens: Vec<u32> = (0..2000).map(|i| i % 200).collect();
+        let err = Dataset::from_tokens(&tokens, &spec, Tokenizer::new(TokenizerKind::Byte), 0)
+            .unwrap_err();
+        assert!(err.starts_with("data.micro_batch: `auto`"), "{err}");
+    }
+
+    #[test]
+    fn a_batch_splits_into_passes_of_rows() {
+        let batch = Batch {
+            id: 7,
+            batch: 5,
+            seq: 2,
+            inputs: (0..10).collect(),
+            targets: (10..20).collect(),
+        };
+        assert_eq!(batch.passes(0), vec![(0..5)]);
+        assert_eq!(batch.passes(5), vec![(0..5)]);
+        assert_eq!(batch.passes(2), [0..2, 2..4, 4..5]);
+        let last = batch.rows(4..5);
+        assert_eq!((last.id, last.batch, last.seq), (7, 1, 2));
+        assert_eq!((last.inputs, last.targets), (vec![8, 9], vec![18, 19]));
     }
 }

@@ -411,15 +411,34 @@ impl<B: AutodiffBackend> Trainer<B> {
         (advanced, recomputed)
     }
 
+    /// The route's input for `batch` when it is not the embedding: `S[depth]` of the whole
+    /// batch (its passes take rows of it).
+    fn route_prefix(&mut self, route: Route, batch: &Batch) -> Option<Tensor<B::InnerBackend, 3>> {
+        match route.input() {
+            RouteInput::Embed => None,
+            RouteInput::Prefix { depth } => Some(self.prefix_output(depth, Split::Train, batch)),
+        }
+    }
+
     /// Forward + loss of one micro-batch on the autodiff model.
     fn loss(&mut self, route: Route, batch: &Batch) -> Tensor<B, 1> {
-        let x = match route.input() {
-            RouteInput::Embed => {
+        let prefix = self.route_prefix(route, batch);
+        self.loss_on(route, batch, prefix)
+    }
+
+    /// Forward + loss of `batch` from `prefix` (the route's input when it does not start at
+    /// the embedding).
+    fn loss_on(
+        &self,
+        route: Route,
+        batch: &Batch,
+        prefix: Option<Tensor<B::InnerBackend, 3>>,
+    ) -> Tensor<B, 1> {
+        let x = match prefix {
+            Some(z) => Tensor::from_inner(z),
+            None => {
                 let tokens = Self::tokens::<B>(&batch.inputs, batch, &self.device);
                 self.model.embed(tokens)
-            }
-            RouteInput::Prefix { depth } => {
-                Tensor::from_inner(self.prefix_output(depth, Split::Train, batch))
             }
         };
         let logits = route.forward(&self.model, x, &self.adapter, &self.rope);
@@ -439,11 +458,14 @@ impl<B: AutodiffBackend> Trainer<B> {
             .collect()
     }
 
-    /// One optimizer step over `batches` (gradient accumulation): returns (mean loss, grad norm).
+    /// One optimizer step over `batches` (gradient accumulation), each run in passes of at most
+    /// `micro` sequences (0: whole batches) whose gradients are accumulated too: returns (mean
+    /// loss, grad norm). The step does not depend on `micro` beyond float rounding.
     pub fn train_step(
         &mut self,
         route: Route,
         batches: &[&Batch],
+        micro: usize,
         trainable: &Trainable,
         local_opt: &mut AdamWOptimizer<B>,
         lr: f64,
@@ -451,16 +473,28 @@ impl<B: AutodiffBackend> Trainer<B> {
         let mut local_acc = GradientsAccumulator::<Llama<B>>::new();
         let mut head_acc = GradientsAccumulator::<Llama<B>>::new();
         let scale = 1.0 / batches.len() as f64;
-        let mut loss_sum = 0.0;
+        let mut loss_mean = 0.0;
         for batch in batches {
-            let loss = self.loss(route, batch);
-            loss_sum += loss.clone().into_scalar().elem::<f64>();
-            let mut grads = loss.mul_scalar(scale).backward();
-            let local = GradientsParams::from_params(&mut grads, &self.model, &trainable.local);
-            local_acc.accumulate(&self.model, local);
-            if !trainable.head.is_empty() {
-                let head = GradientsParams::from_params(&mut grads, &self.model, &trainable.head);
-                head_acc.accumulate(&self.model, head);
+            let passes = batch.passes(micro);
+            let prefix = self.route_prefix(route, batch);
+            for rows in passes.iter().cloned() {
+                let weight = scale * rows.len() as f64 / batch.batch as f64;
+                let loss = if passes.len() == 1 {
+                    self.loss_on(route, batch, prefix.clone())
+                } else {
+                    let part = batch.rows(rows.clone());
+                    let z = prefix.as_ref().map(|z| z.clone().slice([rows]));
+                    self.loss_on(route, &part, z)
+                };
+                loss_mean += weight * loss.clone().into_scalar().elem::<f64>();
+                let mut grads = loss.mul_scalar(weight).backward();
+                let local = GradientsParams::from_params(&mut grads, &self.model, &trainable.local);
+                local_acc.accumulate(&self.model, local);
+                if !trainable.head.is_empty() {
+                    let head =
+                        GradientsParams::from_params(&mut grads, &self.model, &trainable.head);
+                    head_acc.accumulate(&self.model, head);
+                }
             }
         }
         let mut local = local_acc.grads();
@@ -485,37 +519,52 @@ impl<B: AutodiffBackend> Trainer<B> {
                 .expect("head optimizer was just created");
             self.model = head_opt.step(lr, self.model.clone(), head);
         }
-        (loss_sum * scale, norm)
+        (loss_mean, norm)
     }
 
-    /// One optimizer step of a sharded stage: this rank takes micro-batches `rank, rank + N, …`
-    /// of the step's `batches` (so the global batch, and the loss curve, do not depend on N).
-    /// Returns (mean loss over all ranks, global grad norm).
+    /// One optimizer step of a sharded stage: this rank takes batches `rank, rank + N, …` of
+    /// the step's `batches` (so the global batch, and the loss curve, do not depend on N), each
+    /// in passes of at most `micro` sequences. Returns (mean loss over all ranks, global grad
+    /// norm).
     fn sharded_step(
         &mut self,
         stage: &mut ShardedStage<B>,
         route: Route,
         batches: &[&Batch],
+        micro: usize,
         lr: f64,
     ) -> Result<(f64, f64), TrainError> {
         let mut shard = self.shard.take().expect("a sharded stage has a shard rank");
         let (rank, world) = (shard.rank(), shard.world());
-        let mut micro = Vec::new();
-        for batch in batches.iter().skip(rank).step_by(world) {
-            let input = match route.input() {
-                RouteInput::Embed => StepInput::Tokens(batch.inputs.clone()),
-                RouteInput::Prefix { depth } => {
-                    StepInput::Hidden(self.prefix_output(depth, Split::Train, batch))
-                }
-            };
-            micro.push(MicroBatch { batch, input });
-        }
         let scale = 1.0 / batches.len() as f64;
+        let mut passes = Vec::new();
+        for batch in batches.iter().skip(rank).step_by(world) {
+            let prefix = self.route_prefix(route, batch);
+            let rows = batch.passes(micro);
+            let whole = rows.len() == 1;
+            for rows in rows {
+                let weight = scale * rows.len() as f64 / batch.batch as f64;
+                let input = match &prefix {
+                    None => StepInput::Tokens,
+                    Some(z) if whole => StepInput::Hidden(z.clone()),
+                    Some(z) => StepInput::Hidden(z.clone().slice([rows.clone()])),
+                };
+                let batch = if whole {
+                    (*batch).clone()
+                } else {
+                    batch.rows(rows)
+                };
+                passes.push(MicroBatch {
+                    batch,
+                    input,
+                    weight,
+                });
+            }
+        }
         let stepped = stage
             .step(
                 &mut shard,
-                micro,
-                scale,
+                passes,
                 lr,
                 self.spec.optimizer.grad_clip,
                 &self.adapter,
@@ -526,7 +575,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             .and_then(|(local_loss, norm)| {
                 let mut total = [local_loss as f32];
                 shard.collective.all_reduce(&mut total)?;
-                Ok((f64::from(total[0]) * scale, norm))
+                Ok((f64::from(total[0]), norm))
             });
         self.shard = Some(shard);
         Ok(stepped?)
@@ -629,6 +678,15 @@ impl<B: AutodiffBackend> Trainer<B> {
             RouteInput::Embed => self.frozen = None,
         }
         let accum = self.spec.optimizer.grad_accum;
+        let micro = self.spec.micro_batch(&entry.name);
+        if micro < self.spec.data.batch_size.get() {
+            tracing::info!(
+                stage = %entry.name,
+                batch = self.spec.data.batch_size.get(),
+                micro_batch = micro,
+                "batches run in passes of {micro} sequences (gradients accumulated)"
+            );
+        }
         let steps_per_epoch = (self.data.train.len() / accum).max(1) as u64;
         let resume = self
             .resume
@@ -709,8 +767,8 @@ impl<B: AutodiffBackend> Trainer<B> {
                 let step_started = Instant::now();
                 let lr = schedule.lr(at.step);
                 let (loss, grad_norm) = match sharded.as_mut() {
-                    Some(stage) => self.sharded_step(stage, route, &refs, lr)?,
-                    None => self.train_step(route, &refs, &trainable, &mut local_opt, lr),
+                    Some(stage) => self.sharded_step(stage, route, &refs, micro, lr)?,
+                    None => self.train_step(route, &refs, micro, &trainable, &mut local_opt, lr),
                 };
                 if !loss.is_finite() {
                     return Err(TrainError::NonFiniteLoss {
@@ -795,6 +853,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             tokens: step * tokens_per_step,
             tokens_per_s: (step * tokens_per_step) as f64 / wall_s.max(1e-9),
             trainable_params,
+            micro_batch: micro,
             peak_bytes: alloc::peak_bytes().map(|b| b as u64),
             snapshots: self.cache.as_ref().map(|c| c.stats()),
             sharding,

@@ -47,6 +47,10 @@ pub struct StageRecord {
     pub tokens: u64,
     pub tokens_per_s: f64,
     pub trainable_params: u64,
+    /// Sequences per forward/backward pass (`data.micro_batch`; the batch size when batches
+    /// run whole).
+    #[serde(default)]
+    pub micro_batch: usize,
     /// Peak live host heap during the stage (only with the counting allocator installed).
     pub peak_bytes: Option<u64>,
     pub snapshots: Option<SnapshotStats>,

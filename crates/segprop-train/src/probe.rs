@@ -73,13 +73,14 @@ pub fn step(
     }
     let batch = t.data.train[0].clone();
     let lr = t.spec.optimizer.lr;
+    let micro = t.spec.micro_batch(&entry.name);
     for _ in 0..warmup.max(1) {
-        t.train_step(route, &[&batch], &trainable, &mut opt, lr);
+        t.train_step(route, &[&batch], micro, &trainable, &mut opt, lr);
     }
     let resident = alloc::current_bytes().unwrap_or(0) as u64;
     alloc::reset_peak();
     let flops_before = segprop_model::flops::snapshot();
-    t.train_step(route, &[&batch], &trainable, &mut opt, lr);
+    t.train_step(route, &[&batch], micro, &trainable, &mut opt, lr);
     let flops = segprop_model::flops::snapshot().since(flops_before);
     let update = alloc::peak_bytes().unwrap_or(0) as u64;
     let backward = alloc::first_phase_peak().unwrap_or(0) as u64;
@@ -100,6 +101,8 @@ pub fn step(
 pub struct Validation {
     pub preset: String,
     pub workload: String,
+    /// Sequences of the measured batch, and of each of its passes.
+    pub batch: usize,
     pub micro_batch: usize,
     pub seq_len: usize,
     pub predicted: segprop_core::planner::CpuStep,
@@ -126,11 +129,12 @@ impl Validation {
 
 /// Runs the planner's comparison workloads that the CPU engine runs unsharded (e2e, SegProp
 /// stage 1, the last stage-2 segment with and without SnapCheck) for `preset` with base depth
-/// `p`, head depth `r`, segment size `k`, and compares each measured step with the planner.
+/// `p`, head depth `r`, segment size `k`, and compares each measured step with the planner: one
+/// batch of `batch` sequences, in passes of `micro_batch`.
 pub fn validate_planner(
     preset: &str,
     (p, r, k): (usize, usize, usize),
-    micro_batch: usize,
+    (batch, micro_batch): (usize, usize),
     seq_len: usize,
     work_dir: &Path,
 ) -> Result<Vec<Validation>, TrainError> {
@@ -139,9 +143,10 @@ pub fn validate_planner(
     let text = |regime: &str| {
         format!(
             "version: 1\nname: planner-validation\nmodel: {{ preset: {preset} }}\n\
-             data: {{ corpus: builtin:synthetic, seq_len: {seq_len}, batch_size: {micro_batch}, \
-             synthetic_tokens: {} }}\n{regime}\noptimizer: {{ lr: 1.0e-3 }}\nseed: 3\n",
-            (micro_batch * seq_len * 8).max(20_000)
+             data: {{ corpus: builtin:synthetic, seq_len: {seq_len}, batch_size: {batch}, \
+             micro_batch: {micro_batch}, synthetic_tokens: {} }}\n{regime}\n\
+             optimizer: {{ lr: 1.0e-3 }}\nseed: 3\n",
+            (batch * seq_len * 8).max(20_000)
         )
     };
     let config = JobSpec::from_yaml_str(&text("regime: e2e"), "planner validation")?
@@ -172,17 +177,18 @@ pub fn validate_planner(
         let measured = step(spec, kind, 1, &dir)?;
         let (fwd, bwd, recompute) =
             planner::step_flops_per_token(&config, w, seq_len, AttentionKernel::DenseMasked);
-        let tokens = (micro_batch * seq_len) as f64;
+        let tokens = (batch * seq_len) as f64;
         rows.push(Validation {
             preset: preset.to_string(),
             workload: w.name.clone(),
+            batch,
             micro_batch,
             seq_len,
-            predicted: planner::cpu_step(
+            predicted: planner::cpu_step_in_passes(
                 &config,
                 &CpuProfile::NDARRAY_F32,
                 w,
-                micro_batch,
+                (1, batch, micro_batch),
                 seq_len,
             ),
             measured,

@@ -141,16 +141,19 @@ pub struct ShardedStage<B: AutodiffBackend> {
 
 /// A micro-batch's input to the route.
 pub enum StepInput<I: Backend> {
-    /// Token ids (the route starts at the trainable embedding).
-    Tokens(Vec<i64>),
+    /// The micro-batch's token ids (the route starts at the trainable embedding).
+    Tokens,
     /// `S[depth]`: the frozen prefix's output.
     Hidden(Tensor<I, 3>),
 }
 
-/// One micro-batch of this rank.
-pub struct MicroBatch<'a, I: Backend> {
-    pub batch: &'a Batch,
+/// One forward/backward pass of this rank: a batch, or some of its rows.
+pub struct MicroBatch<I: Backend> {
+    pub batch: Batch,
     pub input: StepInput<I>,
+    /// Its loss's weight in the step's mean loss: `rows / batch rows / batches of the step`
+    /// (all ranks), so the step's gradient does not depend on how batches are split.
+    pub weight: f64,
 }
 
 fn tokens<Bk: Backend>(values: &[i64], batch: &Batch, device: &Bk::Device) -> Tensor<Bk, 2, Int> {
@@ -306,15 +309,13 @@ impl<B: AutodiffBackend> ShardedStage<B> {
         ))
     }
 
-    /// One optimizer step over this rank's `micro` micro-batches; `scale` is `1 / (micro-batches
-    /// of the step over all ranks)`. Returns (sum of this rank's unscaled losses, global grad
-    /// norm).
+    /// One optimizer step over this rank's `micro` passes. Returns (this rank's share of the
+    /// step's mean loss: the sum of its weighted losses, global grad norm).
     #[allow(clippy::too_many_arguments)]
     pub fn step<A: Adapter>(
         &mut self,
         shard: &mut ShardRank,
-        micro: Vec<MicroBatch<'_, B::InnerBackend>>,
-        scale: f64,
+        micro: Vec<MicroBatch<B::InnerBackend>>,
         lr: f64,
         clip: Option<f64>,
         adapter: &A,
@@ -335,9 +336,9 @@ impl<B: AutodiffBackend> ShardedStage<B> {
         };
         self.memory.expected_comm_bytes_per_step = passes * (world - 1) / world;
         let (loss_sum, shards) = if shard.activation_checkpointing {
-            self.grads_recompute(c, micro, scale, adapter, (rope, rope_inner), device)?
+            self.grads_recompute(c, micro, adapter, (rope, rope_inner), device)?
         } else {
-            self.grads_keep(c, micro, scale, adapter, rope, device)?
+            self.grads_keep(c, micro, adapter, rope, device)?
         };
         let valid: Vec<usize> = self
             .units
@@ -371,8 +372,7 @@ impl<B: AutodiffBackend> ShardedStage<B> {
     fn grads_recompute<A: Adapter>(
         &mut self,
         c: &mut dyn Collective,
-        micro: Vec<MicroBatch<'_, B::InnerBackend>>,
-        scale: f64,
+        micro: Vec<MicroBatch<B::InnerBackend>>,
         adapter: &A,
         (rope, rope_inner): (&RopeTables<B>, &RopeTables<B::InnerBackend>),
         device: &B::Device,
@@ -393,10 +393,10 @@ impl<B: AutodiffBackend> ShardedStage<B> {
             let embed = u.gather_valid::<B>(c)?;
             gathered_peak = gathered_peak.max(u.memory().gathered);
             for m in &micro {
-                let StepInput::Tokens(ids) = &m.input else {
+                let StepInput::Tokens = &m.input else {
                     unreachable!("an embedding unit reads tokens")
                 };
-                xs.push(embed.forward(tokens(ids, m.batch, device)));
+                xs.push(embed.forward(tokens(&m.batch.inputs, &m.batch, device)));
             }
             saved.push(Vec::new());
             first = 1;
@@ -448,9 +448,9 @@ impl<B: AutodiffBackend> ShardedStage<B> {
         for (m, x) in micro.iter().zip(saved.pop().expect("the head's input")) {
             let x = Tensor::<B, 3>::from_inner(x).require_grad();
             let logits = head.forward(x.clone());
-            let loss = cross_entropy(logits, tokens(&m.batch.targets, m.batch, device));
-            loss_sum += loss.clone().into_scalar().elem::<f64>();
-            let grads = loss.mul_scalar(scale).backward();
+            let loss = cross_entropy(logits, tokens(&m.batch.targets, &m.batch, device));
+            loss_sum += m.weight * loss.clone().into_scalar().elem::<f64>();
+            let grads = loss.mul_scalar(m.weight).backward();
             if n > 1 {
                 upstream.push(
                     x.grad(&grads)
@@ -512,7 +512,7 @@ impl<B: AutodiffBackend> ShardedStage<B> {
             let embed = u.gather::<B>(c)?;
             let mut acc = GradientsAccumulator::<Embedding<B>>::new();
             for (m, g) in micro.iter().zip(upstream) {
-                let y = embed.forward(tokens(&m.batch.inputs, m.batch, device));
+                let y = embed.forward(tokens(&m.batch.inputs, &m.batch, device));
                 let grads = (y * Tensor::<B, 3>::from_inner(g)).sum().backward();
                 acc.accumulate(&embed, GradientsParams::from_grads(grads, &embed));
             }
@@ -539,8 +539,7 @@ impl<B: AutodiffBackend> ShardedStage<B> {
     fn grads_keep<A: Adapter>(
         &mut self,
         c: &mut dyn Collective,
-        micro: Vec<MicroBatch<'_, B::InnerBackend>>,
-        scale: f64,
+        micro: Vec<MicroBatch<B::InnerBackend>>,
         adapter: &A,
         rope: &RopeTables<B>,
         device: &B::Device,
@@ -567,14 +566,14 @@ impl<B: AutodiffBackend> ShardedStage<B> {
         let mut loss_sum = 0.0;
         for m in &micro {
             let mut x = match &m.input {
-                StepInput::Tokens(_) => None,
+                StepInput::Tokens => None,
                 StepInput::Hidden(x) => Some(Tensor::<B, 3>::from_inner(x.clone())),
             };
             let mut logits = None;
             for g in &gathered {
                 match g {
                     Gathered::Embed(e) => {
-                        x = Some(e.forward(tokens(&m.batch.inputs, m.batch, device)));
+                        x = Some(e.forward(tokens(&m.batch.inputs, &m.batch, device)));
                     }
                     Gathered::Block(i, b) => {
                         let mut y = b.forward(x.take().expect("a block's input"), rope);
@@ -590,10 +589,10 @@ impl<B: AutodiffBackend> ShardedStage<B> {
             }
             let loss = cross_entropy(
                 logits.expect("the route ends at the head"),
-                tokens(&m.batch.targets, m.batch, device),
+                tokens(&m.batch.targets, &m.batch, device),
             );
-            loss_sum += loss.clone().into_scalar().elem::<f64>();
-            let mut grads = loss.mul_scalar(scale).backward();
+            loss_sum += m.weight * loss.clone().into_scalar().elem::<f64>();
+            let mut grads = loss.mul_scalar(m.weight).backward();
             for (g, acc) in gathered.iter().zip(&mut accs) {
                 match (g, acc) {
                     (Gathered::Embed(e), Accumulated::Embed(a)) => {

@@ -292,7 +292,7 @@ fn gradient_accumulation_averages_micro_batch_gradients() {
     ] {
         let trainable = t.trainable(route);
         let mut opt = t.new_optimizer();
-        let (loss, norm) = t.train_step(route, &batches, &trainable, &mut opt, 1e-2);
+        let (loss, norm) = t.train_step(route, &batches, 0, &trainable, &mut opt, 1e-2);
         assert!(loss.is_finite() && norm > 0.0);
     }
     let a = parameter_values(&once.model);

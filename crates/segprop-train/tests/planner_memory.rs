@@ -1,7 +1,8 @@
 //! The planner against measurement on the CPU engine (issue 6, docs/planner.md "Validation"):
 //! the predicted peak heap of one step of e2e, SegProp stage 1 and a stage-2 segment (with and
-//! without SnapCheck) is within 10% of the peak a counting allocator measures, and the predicted
-//! matmul FLOPs equal the FLOPs the model launched.
+//! without SnapCheck) is within 10% of the peak a counting allocator measures, whole batches and
+//! batches in passes of `data.micro_batch`, and the predicted matmul FLOPs equal the FLOPs the
+//! model launched.
 //!
 //! One test per binary: the allocator's counters are process-wide.
 
@@ -15,8 +16,13 @@ static ALLOC: CountingAllocator = CountingAllocator;
 fn planner_predicts_peak_memory_and_flops_of_tiny_and_small() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut rows = Vec::new();
-    for (preset, b, s) in [("tiny", 4, 64), ("tiny", 8, 128), ("small", 2, 128)] {
-        let cases = probe::validate_planner(preset, (2, 2, 2), b, s, dir.path())
+    for (preset, b, m, s) in [
+        ("tiny", 4, 4, 64),
+        ("tiny", 8, 8, 128),
+        ("small", 2, 2, 128),
+        ("tiny", 8, 2, 128),
+    ] {
+        let cases = probe::validate_planner(preset, (2, 2, 2), (b, m), s, dir.path())
             .unwrap_or_else(|e| panic!("{preset}: {e}"));
         assert_eq!(
             cases.len(),
@@ -27,8 +33,8 @@ fn planner_predicts_peak_memory_and_flops_of_tiny_and_small() {
     }
     for row in &rows {
         let what = format!(
-            "{} {} at {} x {}",
-            row.preset, row.workload, row.micro_batch, row.seq_len
+            "{} {} at {} (passes of {}) x {}",
+            row.preset, row.workload, row.batch, row.micro_batch, row.seq_len
         );
         assert!(row.measured.peak_bytes > 0, "{what}: nothing measured");
         assert!(
@@ -47,6 +53,24 @@ fn planner_predicts_peak_memory_and_flops_of_tiny_and_small() {
             row.measured.backward_flops as f64, row.predicted_backward_flops,
             "{what}: backward FLOPs"
         );
+    }
+    // A batch in passes holds a pass's activations (plus the accumulated gradients): the same
+    // 8 x 128 batch of tiny peaks far lower in passes of 2, as predicted.
+    let tiny = |m: usize| -> Vec<_> {
+        rows.iter()
+            .filter(|r| r.preset == "tiny" && r.batch == 8 && r.micro_batch == m)
+            .collect()
+    };
+    for (whole, passes) in tiny(8).iter().zip(tiny(2)) {
+        assert_eq!(whole.workload, passes.workload);
+        assert!(
+            2 * passes.measured.peak_bytes < whole.measured.peak_bytes,
+            "{}: {} bytes in passes of 2 vs {} whole",
+            whole.workload,
+            passes.measured.peak_bytes,
+            whole.measured.peak_bytes
+        );
+        assert!(passes.predicted.peak() < whole.predicted.peak());
     }
     // The cases differ in what the planner says they should: a segment holds less than e2e,
     // and without SnapCheck it launches the prefix's forward on top.

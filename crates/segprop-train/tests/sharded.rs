@@ -52,6 +52,8 @@ struct Run {
     evals: Vec<f64>,
     weights: Vec<(burn::module::ParamId, Vec<u32>)>,
     sharding: Vec<Option<segprop_train::sharded::RankMemory>>,
+    /// Sequences per pass of each stage.
+    micro: Vec<usize>,
 }
 
 fn collect(t: &Trainer<B>, obs: &RecordingObserver) -> Run {
@@ -69,6 +71,7 @@ fn collect(t: &Trainer<B>, obs: &RecordingObserver) -> Run {
         evals,
         weights: parameter_values(&t.model),
         sharding: t.progress.records.iter().map(|r| r.sharding).collect(),
+        micro: t.progress.records.iter().map(|r| r.micro_batch).collect(),
     }
 }
 
@@ -218,6 +221,47 @@ fn segprop_stage1_and_segments_on_2_and_4_ranks_match_one_unsharded_rank() {
         let stage1 = sharded.sharding[0].unwrap();
         assert_eq!(stage1.units, 4, "embedding, base block, head block, head");
     }
+}
+
+#[test]
+fn passes_of_fewer_sequences_give_the_same_curve_unsharded_and_sharded() {
+    // Batches of 3 sequences in passes of 2 + 1 (weighted 2/3 and 1/3) or of 1: the step is the
+    // step of the whole batch.
+    let e2e = E2E.replace("batch_size: 2", "batch_size: 3");
+    let reference = run(&spec(&e2e, ""));
+    assert_eq!(reference.micro, [3]);
+    let passes = e2e.replace("batch_size: 3", "batch_size: 3, micro_batch: 2");
+    let split = run(&spec(&passes, ""));
+    assert_eq!(split.micro, [2]);
+    assert_same_curve("e2e in passes of 2", &split, &reference);
+    assert_same_curve(
+        "e2e in passes of 2, 2 ranks, AC",
+        &run(&spec(
+            &passes,
+            "sharding: { strategy: full_shard }\nactivation_checkpointing: true\n\
+             resources: { devices_per_gang: 2 }",
+        )),
+        &reference,
+    );
+
+    // SegProp: the segments read S[depth] of the whole batch from SnapCheck and take its rows.
+    let segprop = SEGPROP.replace("batch_size: 2", "batch_size: 3");
+    let reference = run(&spec(&segprop, ""));
+    let passes = segprop.replace(
+        "batch_size: 3",
+        "batch_size: 3, micro_batch: { stage1: 1, segment-1-2: 2, segment-2-3: 1 }",
+    );
+    let split = run(&spec(&passes, ""));
+    assert_eq!(split.micro, [1, 2, 1]);
+    assert_same_curve("segprop in passes", &split, &reference);
+    assert_same_curve(
+        "segprop in passes, 2 ranks",
+        &run(&spec(
+            &passes,
+            "sharding: { strategy: full_shard }\nresources: { devices_per_gang: 2 }",
+        )),
+        &reference,
+    );
 }
 
 const LW: &str = "

@@ -75,6 +75,13 @@ pub struct CpuStep {
     pub input: u64,
     /// Every trained parameter's gradient (the update phase).
     pub gradients: u64,
+    /// Gradients accumulated over the step's earlier passes, live during a later pass's
+    /// backward (several batches per step, or batches in passes of `data.micro_batch`).
+    #[serde(default)]
+    pub accumulated: u64,
+    /// The route's input `S[depth]` of the whole batch, held while its passes take rows of it.
+    #[serde(default)]
+    pub batch_input: u64,
     pub update_transient: u64,
     pub fixed: u64,
 }
@@ -87,6 +94,8 @@ impl CpuStep {
             + self.activations
             + self.logits
             + self.input
+            + self.accumulated
+            + self.batch_input
             + self.fixed
     }
 
@@ -135,6 +144,8 @@ pub fn cpu_step(
         optimizer: 8 * trained,
         live_gradients: (profile.head_backward_per_element * embed as f64) as u64,
         gradients: 4 * trained,
+        accumulated: 0,
+        batch_input: 0,
         update_transient: (profile.update_per_largest * largest as f64) as u64,
         activations: (tokens * w.trained_blocks as f64 * per_block) as u64,
         logits: (tokens * (profile.head_per_vocab * v + profile.head_per_hidden * h)) as u64,
@@ -145,6 +156,28 @@ pub fn cpu_step(
         },
         fixed: profile.fixed_bytes as u64,
     }
+}
+
+/// [`cpu_step`] of a step of `batches` batches of `batch` sequences, each run in passes of at
+/// most `micro_batch` sequences: a pass holds the activations of `micro_batch` sequences, and
+/// from the second pass on the gradients accumulated so far; a route that starts from the frozen
+/// prefix holds the prefix's output for the whole batch.
+pub fn cpu_step_in_passes(
+    config: &LlamaConfig,
+    profile: &CpuProfile,
+    w: &Workload,
+    (batches, batch, micro_batch): (usize, usize, usize),
+    seq_len: usize,
+) -> CpuStep {
+    let micro = micro_batch.clamp(1, batch.max(1));
+    let mut step = cpu_step(config, profile, w, micro, seq_len);
+    if batches.max(1) * batch.div_ceil(micro) > 1 {
+        step.accumulated = step.gradients;
+    }
+    if micro < batch && !w.trained_embedding {
+        step.batch_input = (4 * batch * seq_len * config.hidden_size) as u64;
+    }
+    step
 }
 
 #[cfg(test)]

@@ -11,10 +11,10 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{Cluster, CpuProfile, Workload, cpu_step, gib, largest_fitting, plan};
+use super::{Cluster, CpuProfile, Workload, cpu_step_in_passes, gib, largest_fitting, plan};
 use crate::llama_config::LlamaConfig;
 use crate::plan::{StageKind, StagePlan};
-use crate::spec::{Backend, BatchSize, JobSpec, Offload, Precision, Regime};
+use crate::spec::{Backend, BatchSize, JobSpec, MicroBatch, Offload, Precision, Regime};
 
 /// The memory of the worker a job would run on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -38,7 +38,11 @@ pub struct StageFit {
     pub host_available_bytes: u64,
     /// The terms of `needed_bytes`, for the message.
     pub breakdown: String,
-    /// The largest micro-batch that fits this stage on this worker (0: none).
+    /// Sequences per pass the stage was checked at (the batch when it runs whole).
+    pub micro_batch: usize,
+    /// The largest batch this stage fits whole on this worker (0: none).
+    pub max_batch: usize,
+    /// The largest pass of the spec's batch this stage fits on this worker (0: none).
     pub max_micro_batch: usize,
 }
 
@@ -114,14 +118,15 @@ fn snapshot_memory(spec: &JobSpec, config: &LlamaConfig) -> u64 {
     })
 }
 
-/// What `w` needs at micro-batch `b` on `worker`, with `snapshots` bytes of SnapCheck cache in
-/// memory (CPU): (fits, needed, available, host needed, breakdown).
+/// What `w` needs for batches of `batch` sequences in passes of `micro` on `worker`, with
+/// `snapshots` bytes of SnapCheck cache in memory (CPU): (fits, needed, available, host needed,
+/// breakdown).
 fn need(
     spec: &JobSpec,
     config: &LlamaConfig,
     worker: &WorkerMemory,
     w: &Workload,
-    b: usize,
+    (batch, micro): (usize, usize),
     snapshots: u64,
 ) -> (bool, u64, u64, u64, String) {
     let s = spec.data.seq_len;
@@ -138,7 +143,7 @@ fn need(
                 config,
                 &cluster,
                 w,
-                b,
+                micro,
                 s,
                 spec.resources.precision == Precision::Bf16,
             );
@@ -164,12 +169,23 @@ fn need(
             )
         }
         Backend::Cpu => {
-            let step = cpu_step(config, &CpuProfile::NDARRAY_F32, w, b, s);
+            let step = cpu_step_in_passes(
+                config,
+                &CpuProfile::NDARRAY_F32,
+                w,
+                (spec.optimizer.grad_accum, batch, micro),
+                s,
+            );
             let snapcheck = snapshots;
             let needed = ranks * step.peak() + snapcheck;
+            let accumulated = if step.accumulated > 0 {
+                format!(", accumulated gradients {:.2} GiB", gib(step.accumulated))
+            } else {
+                String::new()
+            };
             let breakdown = format!(
                 "{}weights {:.2} GiB, optimizer {:.2} GiB, activations {:.2} GiB, logits {:.2} GiB, \
-                 gradients at the peak {:.2} GiB; SnapCheck snapshots in memory {:.2} GiB",
+                 gradients at the peak {:.2} GiB{accumulated}; SnapCheck snapshots in memory {:.2} GiB",
                 if ranks > 1 {
                     format!("{ranks} ranks x (")
                 } else {
@@ -197,30 +213,58 @@ fn need(
     }
 }
 
-/// Checks every training stage of `plan` at `micro_batch` (the spec's `data.batch_size`, or a
-/// candidate for `auto`).
+/// The stage's limits on `worker`: the largest batch it fits whole, and the largest pass of a
+/// `batch`-sequence batch it fits (0: none). Passes cost the accumulated gradients, so a pass
+/// of `batch - 1` can fail where the whole batch fits: the whole batch is tried first.
+fn limits(
+    spec: &JobSpec,
+    config: &LlamaConfig,
+    worker: &WorkerMemory,
+    w: &Workload,
+    batch: usize,
+    snapshots: u64,
+) -> (usize, usize) {
+    let fits = |b: usize, m: usize| need(spec, config, worker, w, (b, m), snapshots).0;
+    let whole = largest_fitting(|b| fits(b, b), 4096);
+    let micro = if batch == 0 {
+        0
+    } else if fits(batch, batch) {
+        batch
+    } else {
+        largest_fitting(|m| fits(batch, m), batch - 1)
+    };
+    (whole, micro)
+}
+
+/// Bytes of SnapCheck cache a CPU worker keeps in memory for `spec` (0 elsewhere).
+fn snapshots_in_memory(spec: &JobSpec, config: &LlamaConfig) -> u64 {
+    match spec.resources.backend {
+        Backend::Cpu if spec.regime == Regime::Segprop && spec.segprop.snapcheck => {
+            snapshot_memory(spec, config)
+        }
+        _ => 0,
+    }
+}
+
+/// Checks every training stage of `stages` at the spec's `data.batch_size` (resolved) and each
+/// stage's `data.micro_batch`.
 pub fn check(
     spec: &JobSpec,
     config: &LlamaConfig,
     stages: &StagePlan,
     worker: &WorkerMemory,
-    micro_batch: usize,
 ) -> Vec<StageFit> {
-    let snapshots = match spec.resources.backend {
-        Backend::Cpu if spec.regime == Regime::Segprop && spec.segprop.snapcheck => {
-            snapshot_memory(spec, config)
-        }
-        _ => 0,
-    };
+    let snapshots = snapshots_in_memory(spec, config);
+    let batch = spec.data.batch_size.get();
     stages
         .stages
         .iter()
         .map(|entry| {
             let w = stage_workload(spec, &entry.kind, config.num_layers);
+            let micro = spec.micro_batch(&entry.name);
             let (fits, needed, available, host, breakdown) =
-                need(spec, config, worker, &w, micro_batch, snapshots);
-            let max_micro_batch =
-                largest_fitting(|b| need(spec, config, worker, &w, b, snapshots).0, 4096);
+                need(spec, config, worker, &w, (batch, micro), snapshots);
+            let (max_batch, max_micro_batch) = limits(spec, config, worker, &w, batch, snapshots);
             StageFit {
                 stage: entry.name.clone(),
                 fits,
@@ -229,43 +273,148 @@ pub fn check(
                 host_needed_bytes: host,
                 host_available_bytes: worker.host_bytes,
                 breakdown,
+                micro_batch: micro,
+                max_batch,
                 max_micro_batch,
             }
         })
         .collect()
 }
 
-/// Resolves `data.batch_size: auto` in `spec` to the largest micro-batch every training stage
-/// fits on `worker` (and the corpus allows). Returns what was decided, for the job's record;
-/// `Err` with the refusal when not even one sequence fits.
+/// Resolves `data.batch_size: auto` and `data.micro_batch: auto` in `spec` on `worker`, and
+/// returns what was decided for the job's record (`None`: nothing was `auto`), or the refusal.
+///
+/// - `batch_size: auto`: the largest batch any training stage fits whole (the corpus caps it);
+///   the stages that do not fit it whole run it in passes (below). If some stage cannot run that
+///   batch even in passes of one sequence (the accumulated gradients do not fit), the batch is
+///   the largest every stage fits whole.
+/// - per stage, the pass: the largest number of sequences, up to the batch (and up to the
+///   stage's given `data.micro_batch`, unless that is `auto`), that fits.
 pub fn resolve_auto(
     spec: &mut JobSpec,
     config: &LlamaConfig,
     stages: &StagePlan,
     worker: &WorkerMemory,
     worker_name: &str,
-) -> Result<String, String> {
-    let fits = check(spec, config, stages, worker, 1);
-    let per_stage: Vec<String> = fits
-        .iter()
-        .map(|f| format!("{} {}", f.stage, f.max_micro_batch))
-        .collect();
-    let memory_max = fits.iter().map(|f| f.max_micro_batch).min().unwrap_or(0);
-    if memory_max == 0 {
-        spec.data.batch_size = BatchSize::Fixed(1);
-        return Err(refusal(spec, &fits, worker_name).unwrap_or_default());
+) -> Result<Option<String>, String> {
+    let batch_auto = spec.data.batch_size == BatchSize::Auto;
+    let micro_auto = spec.data.micro_batch == Some(MicroBatch::Auto);
+    if !batch_auto && !micro_auto {
+        return Ok(None);
     }
-    let cap = data_batch_cap(spec);
-    let batch = cap.map_or(memory_max, |c| memory_max.min(c.max(1)));
-    spec.data.batch_size = BatchSize::Fixed(batch);
-    Ok(format!(
-        "data.batch_size: auto -> {batch} on worker {worker_name} (largest per stage: {}{})",
-        per_stage.join(", "),
-        match cap {
-            Some(c) if c < memory_max => format!("; the corpus allows {c}"),
-            _ => String::new(),
+    let snapshots = snapshots_in_memory(spec, config);
+    let workloads: Vec<(String, Workload)> = stages
+        .stages
+        .iter()
+        .map(|e| {
+            (
+                e.name.clone(),
+                stage_workload(spec, &e.kind, config.num_layers),
+            )
+        })
+        .collect();
+    let given = |spec: &JobSpec, stage: &str| match &spec.data.micro_batch {
+        Some(MicroBatch::Auto) | None => usize::MAX,
+        Some(m) => m.for_stage(stage).unwrap_or(usize::MAX),
+    };
+    // Passes of at most `batch`, per stage; None when a stage fits not even one sequence.
+    let passes = |spec: &JobSpec, batch: usize| -> Option<Vec<(String, usize)>> {
+        workloads
+            .iter()
+            .map(|(name, w)| {
+                let cap = given(spec, name).min(batch);
+                let fits = |m: usize| need(spec, config, worker, w, (batch, m), snapshots).0;
+                let m = if fits(cap) {
+                    cap
+                } else if cap > 1 {
+                    largest_fitting(fits, cap - 1)
+                } else {
+                    0
+                };
+                (m > 0).then(|| (name.clone(), m))
+            })
+            .collect()
+    };
+    let refuse = |spec: &mut JobSpec| {
+        if spec.data.batch_size == BatchSize::Auto {
+            spec.data.batch_size = BatchSize::Fixed(1);
         }
-    ))
+        if spec.data.micro_batch == Some(MicroBatch::Auto) {
+            spec.data.micro_batch = None;
+        }
+        let fits = check(spec, config, stages, worker);
+        Err(refusal(spec, &fits, worker_name)
+            .unwrap_or_else(|| format!("pre-flight: the job does not fit worker {worker_name}")))
+    };
+    let mut note = Vec::new();
+    let (batch, chosen) = if batch_auto {
+        let whole: Vec<usize> = workloads
+            .iter()
+            .map(|(_, w)| {
+                largest_fitting(|b| need(spec, config, worker, w, (b, b), snapshots).0, 4096)
+            })
+            .collect();
+        let (smallest, largest) = (
+            whole.iter().copied().min().unwrap_or(0),
+            whole.iter().copied().max().unwrap_or(0),
+        );
+        if smallest == 0 {
+            return refuse(spec);
+        }
+        let cap = data_batch_cap(spec);
+        let capped = |b: usize| cap.map_or(b, |c| b.min(c.max(1)));
+        let mut batch = capped(largest);
+        let mut chosen = passes(spec, batch);
+        if chosen.is_none() {
+            batch = capped(smallest);
+            chosen = passes(spec, batch);
+        }
+        let per_stage: Vec<String> = workloads
+            .iter()
+            .zip(&whole)
+            .map(|((name, _), b)| format!("{name} {b}"))
+            .collect();
+        note.push(format!(
+            "data.batch_size: auto -> {batch} on worker {worker_name} (largest whole batch per \
+             stage: {}{})",
+            per_stage.join(", "),
+            match cap {
+                Some(c) if c < largest => format!("; the corpus allows {c}"),
+                _ => String::new(),
+            }
+        ));
+        (batch, chosen)
+    } else {
+        let batch = spec.data.batch_size.get();
+        (batch, passes(spec, batch))
+    };
+    let Some(chosen) = chosen else {
+        spec.data.batch_size = BatchSize::Fixed(batch);
+        return refuse(spec);
+    };
+    spec.data.batch_size = BatchSize::Fixed(batch);
+    let split: Vec<String> = chosen
+        .iter()
+        .filter(|(_, m)| *m < batch)
+        .map(|(name, m)| format!("{name} {m}"))
+        .collect();
+    spec.data.micro_batch = if split.is_empty() {
+        None
+    } else {
+        Some(MicroBatch::PerStage(chosen.into_iter().collect()))
+    };
+    note.push(if split.is_empty() {
+        format!("every stage runs whole batches of {batch}")
+    } else {
+        format!(
+            "data.micro_batch -> passes of {} (gradients accumulated over a batch of {batch})",
+            split.join(", ")
+        )
+    });
+    if !batch_auto {
+        note.insert(0, format!("data.micro_batch: auto on worker {worker_name}"));
+    }
+    Ok(Some(note.join("; ")))
 }
 
 /// The refusal message for the first stage that does not fit, if any.
@@ -283,15 +432,27 @@ pub fn refusal(spec: &JobSpec, fits: &[StageFit], worker_name: &str) -> Option<S
             (bad.needed_bytes, bad.available_bytes)
         };
     let available = format!("worker {worker_name} has {:.2} GiB", gib(available));
-    let advice = match bad.max_micro_batch {
-        0 => "not even one sequence fits: use SegProp stages with SnapCheck, activation_checkpointing, sharding over more devices, or a larger worker".to_string(),
-        n => format!("the largest data.batch_size that fits this stage is {n} (or use batch_size: auto)"),
+    let batch = spec.data.batch_size.get();
+    let advice = match (bad.max_batch, bad.max_micro_batch) {
+        (0, _) => "not even one sequence fits: use SegProp stages with SnapCheck, activation_checkpointing, sharding over more devices, or a larger worker".to_string(),
+        (b, 0) => format!("the largest data.batch_size that fits this stage is {b} (or use batch_size: auto)"),
+        (b, m) => format!(
+            "the largest data.batch_size that fits this stage whole is {b}; in passes it runs \
+             batches of {batch} with data.micro_batch: {{ {}: {m} }} (or use micro_batch: auto, \
+             or batch_size: auto)",
+            bad.stage
+        ),
+    };
+    let passes = if bad.micro_batch < batch {
+        format!(" in passes of {}", bad.micro_batch)
+    } else {
+        String::new()
     };
     Some(format!(
-        "pre-flight: stage {} needs {:.2} GiB {resource} at data.batch_size {} and {available} ({}); {advice}",
+        "pre-flight: stage {} needs {:.2} GiB {resource} at data.batch_size {batch}{passes} and \
+         {available} ({}); {advice}",
         bad.stage,
         gib(needed),
-        spec.data.batch_size.get(),
         bad.breakdown
     ))
 }
@@ -317,7 +478,7 @@ mod tests {
             device_bytes: 1 << 30,
             host_bytes: 1 << 30,
         };
-        let fits = check(&s, &config, &stages, &worker, 4);
+        let fits = check(&s, &config, &stages, &worker);
         // 110M parameters: 12 bytes each of weights and moments exceed 1 GiB in stage 1.
         assert!(!fits[0].fits);
         let message = refusal(&s, &fits, "w1").expect("refused");
@@ -328,40 +489,105 @@ mod tests {
             device_bytes: 64 << 30,
             host_bytes: 64 << 30,
         };
-        let fits = check(&s, &config, &stages, &big, 4);
+        let fits = check(&s, &config, &stages, &big);
         assert!(fits.iter().all(|f| f.fits));
         assert!(refusal(&s, &fits, "w1").is_none());
         // Segments hold less than stage 1: they fit larger batches.
-        assert!(fits[1].max_micro_batch >= fits[0].max_micro_batch);
+        assert!(fits[1].max_batch >= fits[0].max_batch);
+        assert!(
+            fits.iter()
+                .all(|f| f.micro_batch == 4 && f.max_micro_batch == 4)
+        );
+    }
+
+    /// A host on which stage 1 fits 4 whole sequences of 128 and every segment more.
+    fn host_for_four(s: &JobSpec, config: &LlamaConfig, stages: &StagePlan) -> WorkerMemory {
+        let w = stage_workload(s, &stages.stages[0].kind, config.num_layers);
+        let none = WorkerMemory {
+            device_bytes: 0,
+            host_bytes: 0,
+        };
+        let snapshots = snapshots_in_memory(s, config);
+        let at = |b: usize| need(s, config, &none, &w, (b, b), snapshots).1;
+        let host = (at(4) + at(5)) / 2;
+        WorkerMemory {
+            device_bytes: host,
+            host_bytes: host,
+        }
     }
 
     #[test]
-    fn auto_takes_the_smallest_stage_maximum_and_the_corpus_cap() {
-        let mut s = spec(&SEGPROP.replace("batch_size: 4", "batch_size: auto"));
+    fn a_batch_too_large_whole_fits_in_passes_and_the_refusal_says_so() {
+        let s = spec(&SEGPROP.replace("batch_size: 4", "batch_size: 16"));
+        let config = s.resolve_model_config().expect("config");
+        let stages = StagePlan::new(&s, config.num_layers);
+        let worker = host_for_four(&s, &config, &stages);
+        let fits = check(&s, &config, &stages, &worker);
+        assert!(!fits[0].fits);
+        assert_eq!(fits[0].max_batch, 4);
+        let m = fits[0].max_micro_batch;
+        assert!(
+            (1..4).contains(&m),
+            "passes cost the accumulated gradients: {m}"
+        );
+        let message = refusal(&s, &fits, "w1").expect("refused");
+        assert!(
+            message.contains(&format!("data.micro_batch: {{ stage1: {m} }}")),
+            "{message}"
+        );
+        // With that pass, stage 1 fits the batch of 16.
+        let passes = spec(&SEGPROP.replace(
+            "batch_size: 4",
+            &format!("batch_size: 16, micro_batch: {{ stage1: {m} }}"),
+        ));
+        let fits = check(&passes, &config, &stages, &worker);
+        assert!(fits[0].fits && fits[0].micro_batch == m, "{fits:?}");
+        assert!(fits[0].breakdown.contains("accumulated gradients"));
+    }
+
+    #[test]
+    fn auto_batch_is_the_largest_stage_maximum_with_passes_where_needed() {
+        let mut s = spec(&SEGPROP.replace(
+            "batch_size: 4",
+            "batch_size: auto, synthetic_tokens: 1000000",
+        ));
         assert_eq!(s.data.batch_size, BatchSize::Auto);
         let config = s.resolve_model_config().expect("config");
         let stages = StagePlan::new(&s, config.num_layers);
-        let worker = WorkerMemory {
-            device_bytes: 8 << 30,
-            host_bytes: 8 << 30,
-        };
-        let note = resolve_auto(&mut s, &config, &stages, &worker, "w1").expect("fits");
+        let worker = host_for_four(&s, &config, &stages);
+        let note = resolve_auto(&mut s, &config, &stages, &worker, "w1")
+            .expect("fits")
+            .expect("decided");
         let BatchSize::Fixed(b) = s.data.batch_size else {
             panic!("unresolved")
         };
-        let fits = check(&s, &config, &stages, &worker, b);
-        assert!(fits.iter().all(|f| f.fits), "{note}");
-        let smallest = fits
-            .iter()
-            .map(|f| f.max_micro_batch)
-            .min()
-            .expect("stages");
-        let cap = data_batch_cap(&s).expect("synthetic corpus");
-        assert_eq!(b, smallest.min(cap), "{note}");
+        let fits = check(&s, &config, &stages, &worker);
+        assert!(fits.iter().all(|f| f.fits), "{note}: {fits:?}");
+        // The batch is what the most permissive stage fits whole; stage 1 runs it in passes.
+        let largest = fits.iter().map(|f| f.max_batch).max().expect("stages");
+        assert_eq!(b, largest, "{note}");
+        assert!(b > 4, "{note}");
+        let stage1 = s.micro_batch("stage1");
+        assert!((1..4).contains(&stage1), "{note}");
+        assert_eq!(
+            fits[0].max_micro_batch, stage1,
+            "the largest pass that fits"
+        );
         assert!(
-            note.contains("auto -> ") && note.contains("stage1"),
+            note.starts_with(&format!("data.batch_size: auto -> {b} on worker w1 (largest whole batch per stage: stage1 4, ")),
             "{note}"
         );
+        assert!(
+            note.contains(&format!("data.micro_batch -> passes of stage1 {stage1}")),
+            "{note}"
+        );
+
+        // The corpus caps the batch.
+        let mut s = spec(&SEGPROP.replace("batch_size: 4", "batch_size: auto"));
+        resolve_auto(&mut s, &config, &stages, &worker, "w1").expect("fits");
+        let cap = data_batch_cap(&s).expect("synthetic corpus");
+        assert_eq!(s.data.batch_size, BatchSize::Fixed(cap.min(b)));
+
         let tiny = WorkerMemory {
             device_bytes: 1 << 28,
             host_bytes: 1 << 28,
@@ -369,6 +595,39 @@ mod tests {
         let mut s = spec(&SEGPROP.replace("batch_size: 4", "batch_size: auto"));
         let err = resolve_auto(&mut s, &config, &stages, &tiny, "w1").unwrap_err();
         assert!(err.contains("not even one sequence fits"), "{err}");
+    }
+
+    #[test]
+    fn auto_micro_batch_keeps_the_batch_and_splits_only_what_does_not_fit() {
+        let mut s = spec(&SEGPROP.replace("batch_size: 4", "batch_size: 8, micro_batch: auto"));
+        let config = s.resolve_model_config().expect("config");
+        let stages = StagePlan::new(&s, config.num_layers);
+        let worker = host_for_four(&s, &config, &stages);
+        let note = resolve_auto(&mut s, &config, &stages, &worker, "w1")
+            .expect("fits")
+            .expect("decided");
+        assert_eq!(s.data.batch_size, BatchSize::Fixed(8));
+        let Some(MicroBatch::PerStage(map)) = &s.data.micro_batch else {
+            panic!("resolved per stage: {:?}", s.data.micro_batch)
+        };
+        assert!(map["stage1"] < 4, "{note}");
+        let fits = check(&s, &config, &stages, &worker);
+        assert!(fits.iter().all(|f| f.fits), "{note}");
+        for f in &fits[1..] {
+            assert_eq!(map[&f.stage], f.max_micro_batch.min(8), "{note}");
+        }
+        assert!(
+            note.starts_with(
+                "data.micro_batch: auto on worker w1; data.micro_batch -> passes of stage1 "
+            ),
+            "{note}"
+        );
+        // Nothing is auto: nothing to decide.
+        let mut fixed = spec(SEGPROP);
+        assert_eq!(
+            resolve_auto(&mut fixed, &config, &stages, &worker, "w1"),
+            Ok(None)
+        );
     }
 
     #[test]
@@ -386,7 +645,7 @@ mod tests {
             device_bytes: 80 << 30,
             host_bytes: 512 << 30,
         };
-        let fits = check(&s, &config, &stages, &worker, 1);
+        let fits = check(&s, &config, &stages, &worker);
         let message = refusal(&s, &fits, "gpu-node-1").expect("refused");
         assert!(message.contains("host RAM for CPU offload"), "{message}");
     }
