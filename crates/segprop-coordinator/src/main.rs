@@ -195,28 +195,16 @@ fn main() -> ExitCode {
         Command::Demo { .. } => ("warn", "segprop-demo"),
         _ => ("warn", "segprop-cli"),
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
+    // Logs on stderr; spans over OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set.
+    let process = match segprop_telemetry::trace::Process::start(service, default_level, None) {
+        Ok(p) => p,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::from(1);
+            eprintln!("error: {e}");
+            return ExitCode::from(e.code);
         }
     };
-    // Logs on stderr; spans over OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set (the exporter's
-    // connection lives on the runtime, so it is set up inside it).
-    let tracing =
-        match runtime.block_on(async { segprop_telemetry::trace::init(service, default_level) }) {
-            Ok(t) => t,
-            Err(e) => {
-                eprintln!("error: {e:#}");
-                return ExitCode::from(2);
-            }
-        };
-    let result = runtime.block_on(run(cli.command));
-    tracing.shutdown();
+    let result = process.runtime.block_on(run(cli.command));
+    process.finish();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {

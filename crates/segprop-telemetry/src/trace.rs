@@ -59,17 +59,18 @@ impl Tracing {
     }
 }
 
-/// The OTLP endpoint from the environment: `None` when unset, empty, or when
-/// `OTEL_SDK_DISABLED=true`.
-pub fn otlp_endpoint() -> Option<String> {
+/// The OTLP endpoint from the environment, with the variable that gave it: `None` when unset,
+/// empty, or when `OTEL_SDK_DISABLED=true`.
+pub fn otlp_endpoint() -> Option<(&'static str, String)> {
     if std::env::var("OTEL_SDK_DISABLED").is_ok_and(|v| v.trim().eq_ignore_ascii_case("true")) {
         return None;
     }
-    ENDPOINT_VARS.iter().find_map(|var| {
+    ENDPOINT_VARS.iter().find_map(|&var| {
         std::env::var(var)
             .ok()
             .map(|v| v.trim().to_string())
             .filter(|v| !v.is_empty())
+            .map(|v| (var, v))
     })
 }
 
@@ -86,9 +87,10 @@ pub fn init(service: &str, default_level: &str) -> anyhow::Result<Tracing> {
         );
     let endpoint = otlp_endpoint();
     let provider = match &endpoint {
-        Some(endpoint) => Some(provider(service, endpoint)?),
+        Some((var, endpoint)) => Some(provider(service, var, endpoint)?),
         None => None,
     };
+    let endpoint = endpoint.map(|(_, endpoint)| endpoint);
     let spans = provider.as_ref().map(|provider| {
         tracing_opentelemetry::layer()
             .with_tracer(provider.tracer("segprop"))
@@ -104,14 +106,61 @@ pub fn init(service: &str, default_level: &str) -> anyhow::Result<Tracing> {
     Ok(Tracing { provider, endpoint })
 }
 
-fn provider(service: &str, endpoint: &str) -> anyhow::Result<SdkTracerProvider> {
+/// A daemon's or CLI's process: its tokio runtime, with [`init`]'s subscriber installed inside
+/// it (the exporter's connection lives on the runtime).
+pub struct Process {
+    pub runtime: tokio::runtime::Runtime,
+    tracing: Tracing,
+}
+
+/// Why a [`Process`] could not start, with the exit code it should end with.
+#[derive(Debug)]
+pub struct StartError {
+    /// 1: no runtime (the system refused threads); 2: bad telemetry configuration.
+    pub code: u8,
+    pub message: String,
+}
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl Process {
+    /// Starts the runtime (`worker_threads`: tokio's default when `None`) and installs the
+    /// subscriber for `service` with `default_level` (see [`init`]).
+    pub fn start(
+        service: &str,
+        default_level: &str,
+        worker_threads: Option<usize>,
+    ) -> Result<Self, StartError> {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        if let Some(n) = worker_threads {
+            builder.worker_threads(n);
+        }
+        let runtime = builder.enable_all().build().map_err(|e| StartError {
+            code: 1,
+            message: format!("cannot start the async runtime: {e}"),
+        })?;
+        let tracing = runtime
+            .block_on(async { init(service, default_level) })
+            .map_err(|e| StartError {
+                code: 2,
+                message: format!("{e:#}"),
+            })?;
+        Ok(Self { runtime, tracing })
+    }
+
+    /// Exports the spans still queued, then stops the runtime.
+    pub fn finish(self) {
+        self.tracing.shutdown();
+    }
+}
+
+fn provider(service: &str, var: &str, endpoint: &str) -> anyhow::Result<SdkTracerProvider> {
     use opentelemetry_otlp::WithExportConfig;
 
-    let var = ENDPOINT_VARS
-        .iter()
-        .find(|v| std::env::var(v).is_ok_and(|v| !v.trim().is_empty()))
-        .copied()
-        .unwrap_or(ENDPOINT_VARS[1]);
     if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
         anyhow::bail!(
             "{var}=`{endpoint}`: expected an http:// or https:// URL of an OTLP/gRPC receiver (e.g. http://otel-collector:4317)"
@@ -288,9 +337,15 @@ mod tests {
 
     #[test]
     fn the_endpoint_must_be_a_url() {
-        let Err(err) = provider("t", "localhost:4317") else {
+        let Err(err) = provider("t", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "localhost:4317") else {
             panic!("a bare host:port was accepted");
         };
-        assert!(err.to_string().contains("http://"), "{err}");
+        let message = err.to_string();
+        assert!(
+            message.starts_with(
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT=`localhost:4317`: expected an http://"
+            ),
+            "{message}"
+        );
     }
 }

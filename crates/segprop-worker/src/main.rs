@@ -148,30 +148,18 @@ fn load_spec(job: Option<&PathBuf>) -> Result<JobSpec, segprop_core::SpecError> 
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
+    // Logs on stderr; spans over OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set. Training runs on
+    // its own threads: two runtime threads serve the gRPC calls and heartbeats.
+    let process = match segprop_telemetry::trace::Process::start("segprop-worker", "info", Some(2))
     {
-        Ok(rt) => rt,
+        Ok(p) => p,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::from(1);
+            eprintln!("error: {e}");
+            return ExitCode::from(e.code);
         }
     };
-    // Logs on stderr; spans over OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set (the exporter's
-    // connection lives on the runtime, so it is set up inside it).
-    let tracing = match runtime
-        .block_on(async { segprop_telemetry::trace::init("segprop-worker", "info") })
-    {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            return ExitCode::from(2);
-        }
-    };
-    let code = run(cli, &runtime);
-    tracing.shutdown();
+    let code = run(cli, &process.runtime);
+    process.finish();
     code
 }
 
