@@ -23,8 +23,8 @@ if cargo tree -p segprop-coordinator -e normal --prefix none | grep -q '^burn'; 
     exit 1
 fi
 
-echo "== cargo check --features cuda (GPU paths compile; no GPU needed)"
-cargo check -p segprop-worker -p segprop-bench --features cuda
+echo "== cargo check --features cuda,nccl (GPU paths and NCCL gangs compile; no GPU needed)"
+cargo check -p segprop-worker -p segprop-bench --features cuda,segprop-worker/nccl
 
 echo "== cargo check --features nccl (the NCCL collective compiles; libnccl loads at run time)"
 cargo check -p segprop-shard --features nccl

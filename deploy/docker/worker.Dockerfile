@@ -14,9 +14,9 @@
 #       -e SEGPROP_COORDINATOR=http://coordinator:50051 segprop-worker:0.1.0 \
 #       serve --backend cuda --devices 8 --snapshot-store grpc --artifact-store grpc
 #
-# FEATURES are the segprop-worker cargo features of the CUDA build. The worker has `cuda` only
-# today; the NCCL collective (segprop-shard's `nccl`) is not wired into the worker yet. libnccl2
-# is in the CUDA image already, loaded at run time.
+# FEATURES are the segprop-worker cargo features of the CUDA build: `cuda,nccl` (a gang's ranks
+# talk over NCCL; libnccl2 is in the CUDA image already, loaded at run time). With `cuda` alone
+# the ranks of a gang are joined by threads over host memory.
 # Ports: 50061 gRPC health (grpc.health.v1), 9091 HTTP /metrics and /healthz. The work directory
 # (SnapCheck spill files, the GPU kernel cache under $HOME/.cache) is /var/lib/segprop-worker.
 
@@ -78,7 +78,7 @@ COPY crates crates
 COPY tests tests
 COPY proto proto
 COPY configs configs
-ARG FEATURES=cuda
+ARG FEATURES=cuda,nccl
 # cudarc's bindings for CUDA 12.4, the version of this image and of the runtime image below (it
 # would read the same from nvcc); the driver, NVRTC and NCCL are loaded at run time.
 ENV CUDARC_CUDA_VERSION=12040

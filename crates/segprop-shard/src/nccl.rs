@@ -107,6 +107,38 @@ impl NcclCollective {
         })
     }
 
+    /// The ranks of a gang inside one process, rank `r` on CUDA device `devices[r]`, joined by
+    /// one `ncclCommInitAll` from the calling thread: no rendezvous, so no rank can hang in
+    /// initialisation waiting for a peer that failed before joining (the trap of
+    /// `ncclCommInitRank` across threads). Each collective then moves to its rank's thread.
+    pub fn group(devices: &[usize], deadline: Duration) -> Result<Vec<Self>, CollectiveError> {
+        let world = devices.len();
+        let init = |e: String| backend(Op::Barrier, 0, format!("init of {world} ranks: {e}"));
+        let mut streams = Vec::with_capacity(world);
+        for &device in devices {
+            let ctx =
+                CudaContext::new(device).map_err(|e| init(format!("cuda:{device}: {e:?}")))?;
+            streams.push(
+                ctx.new_stream()
+                    .map_err(|e| init(format!("cuda:{device}: {e:?}")))?,
+            );
+        }
+        let comms = Comm::from_devices(streams.clone())
+            .map_err(|e| init(format!("ncclCommInitAll on {devices:?}: {e:?}")))?;
+        Ok(comms
+            .into_iter()
+            .zip(streams)
+            .map(|(comm, stream)| Self {
+                comm,
+                stream,
+                deadline,
+                seq: 0,
+                stats: CollectiveStats::default(),
+                poisoned: None,
+            })
+            .collect())
+    }
+
     /// The communicator, for collectives on device buffers.
     pub fn comm(&self) -> &Comm {
         &self.comm
@@ -172,6 +204,13 @@ impl NcclCollective {
         }
     }
 }
+
+// SAFETY: an `NcclCollective` owns its communicator and uses it only through `&mut self`, so
+// one thread at a time, which is all NCCL asks of a communicator (it need not stay on the thread
+// that created it; `ncclCommInitAll` creates every rank's on one thread by design). Its stream is
+// `Send + Sync` already; the raw `ncclComm_t` inside cudarc's `Comm` is what lacks the marker.
+#[allow(unsafe_code)]
+unsafe impl Send for NcclCollective {}
 
 fn nccl_error(what: &str, e: impl std::fmt::Debug) -> String {
     format!("{what}: {e:?}")

@@ -27,9 +27,42 @@ pub fn gang_size(spec: &segprop_core::JobSpec) -> Option<usize> {
 pub type Follower =
     std::sync::Arc<dyn Fn(ShardRank) -> Result<(), crate::TrainError> + Send + Sync>;
 
-/// Runs a gang of `world` ranks joined by a thread collective with `deadline` on every call:
+/// The collectives of a gang, one per rank in rank order, each free to move to its rank's thread.
+pub type Group = Vec<Box<dyn Collective + Send>>;
+
+/// How the ranks of `spec`'s gang on `devices` talk, with the spec's deadline on every call:
+/// NCCL across the GPUs when the job trains on CUDA and the worker is built with `nccl`;
+/// otherwise ranks joined by threads of this process over host buffers (CPU ranks; GPU ranks
+/// without NCCL, their buffers staged through the host).
+pub fn gang_group<B: Backend>(
+    spec: &segprop_core::JobSpec,
+    devices: &[B::Device],
+) -> Result<Group, crate::TrainError> {
+    let deadline = collective_deadline(spec);
+    #[cfg(feature = "nccl")]
+    if spec.resources.backend == segprop_core::spec::Backend::Cuda {
+        use burn::tensor::backend::Device as _;
+        let ordinals: Vec<usize> = devices
+            .iter()
+            .map(|d| usize::from(d.to_id().index_id))
+            .collect();
+        tracing::info!(devices = ?ordinals, "gang collective: NCCL");
+        let group = segprop_shard::nccl::NcclCollective::group(&ordinals, deadline)?;
+        return Ok(group
+            .into_iter()
+            .map(|c| Box::new(c) as Box<dyn Collective + Send>)
+            .collect());
+    }
+    Ok(segprop_shard::thread_group(devices.len(), deadline)
+        .into_iter()
+        .map(|c| Box::new(c) as Box<dyn Collective + Send>)
+        .collect())
+}
+
+/// Runs a gang of ranks joined by `group` (one collective per rank, a deadline on every call):
 /// the leader (rank 0) on the calling thread, each follower on a thread of its own. Each side
-/// builds and runs its own trainer around the [`ShardRank`] it is given.
+/// builds and runs its own trainer around the [`ShardRank`] it is given. `deadline` is the
+/// collectives' deadline, the time followers get to finish after the leader.
 ///
 /// A rank that fails or panics leaves the group, so the others fail within the deadline instead
 /// of waiting. Once the leader is done, followers get one more deadline to finish; one that is
@@ -37,18 +70,19 @@ pub type Follower =
 /// it. The error returned is the leader's, unless the leader only saw a follower leave, then the
 /// follower's own error.
 pub fn run_gang<R>(
-    world: usize,
+    group: Group,
     deadline: std::time::Duration,
     activation_checkpointing: bool,
     leader: impl FnOnce(ShardRank) -> Result<R, crate::TrainError>,
     follower: Follower,
 ) -> Result<R, crate::TrainError> {
     use crate::TrainError;
+    let world = group.len();
     assert!(world > 0, "a gang has at least one rank");
-    let mut group = segprop_shard::thread_group(world, deadline).into_iter();
+    let mut group = group.into_iter();
     let leader_collective = group.next().expect("rank 0");
-    let rank_of = move |collective: segprop_shard::ThreadCollective| ShardRank {
-        collective: Box::new(collective),
+    let rank_of = move |collective: Box<dyn Collective + Send>| ShardRank {
+        collective,
         activation_checkpointing,
     };
     let (done, results) = std::sync::mpsc::channel::<(usize, Result<(), TrainError>)>();
@@ -157,7 +191,7 @@ where
     let make = std::sync::Arc::new(make);
     let follower_make = make.clone();
     run_gang(
-        devices.len(),
+        gang_group::<B>(spec, &devices)?,
         collective_deadline(spec),
         spec.activation_checkpointing,
         |shard| leader(&mut make(shard)?),

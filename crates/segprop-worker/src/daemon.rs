@@ -801,8 +801,10 @@ impl TaskContext {
             "sharded stage: one trainer per rank"
         );
         let fault = crate::fault::StallRank::from_env();
+        let group =
+            segprop_train::gang::gang_group::<B>(&spec, &devices).map_err(|e| failed(&e))?;
         let ran = segprop_train::gang::run_gang(
-            world,
+            group,
             segprop_train::gang::collective_deadline(&spec),
             spec.activation_checkpointing,
             |shard| {
