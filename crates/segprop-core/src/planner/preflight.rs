@@ -14,7 +14,9 @@ use serde::{Deserialize, Serialize};
 use super::{Cluster, CpuProfile, Workload, cpu_step_in_passes, gib, largest_fitting, plan};
 use crate::llama_config::LlamaConfig;
 use crate::plan::{StageKind, StagePlan};
-use crate::spec::{Backend, BatchSize, JobSpec, MicroBatch, Offload, Precision, Regime};
+use crate::spec::{
+    Backend, BatchSize, JobSpec, MicroBatch, Offload, Precision, Regime, TokenizerKind,
+};
 
 /// The memory of the worker a job would run on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -78,13 +80,23 @@ pub fn stage_workload(spec: &JobSpec, kind: &StageKind, num_layers: usize) -> Wo
     }
 }
 
-/// Tokens of the job's corpus: the synthetic corpus's size, or the text file's bytes (the
-/// byte tokenizer's count; an upper bound for BPE), capped by `data.max_tokens`.
+/// Bytes of a file corpus the GPT-2 tokenizer reads to count its tokens; a larger file's count
+/// is extrapolated from them by size.
+const BPE_SAMPLE_BYTES: usize = 4 << 20;
+
+/// Tokens of the job's corpus, capped by `data.max_tokens`: the synthetic corpus's size (its
+/// bytes: exact with the byte tokenizer, an upper bound with GPT-2's), a text file's bytes with
+/// the byte tokenizer, and with GPT-2's the tokens of the file as the engine will count them
+/// (the first [`BPE_SAMPLE_BYTES`] tokenized, the rest extrapolated).
 fn corpus_tokens(spec: &JobSpec) -> Option<u64> {
     let tokens = if spec.data.corpus == "builtin:synthetic" {
         spec.data.synthetic_tokens as u64
     } else {
-        std::fs::metadata(&spec.data.corpus).ok()?.len()
+        let path = std::path::Path::new(&spec.data.corpus);
+        match spec.data.tokenizer {
+            TokenizerKind::Byte => std::fs::metadata(path).ok()?.len(),
+            TokenizerKind::Gpt2 => bpe_tokens(path, BPE_SAMPLE_BYTES)?,
+        }
     };
     Some(match spec.data.max_tokens {
         0 => tokens,
@@ -92,10 +104,41 @@ fn corpus_tokens(spec: &JobSpec) -> Option<u64> {
     })
 }
 
+/// GPT-2 BPE tokens of the text file at `path`: counted on its first `sample` bytes (cut at a
+/// character boundary), scaled by the file's size when it is larger.
+fn bpe_tokens(path: &std::path::Path, sample: usize) -> Option<u64> {
+    use std::io::Read;
+    let size = std::fs::metadata(path).ok()?.len();
+    let mut bytes = Vec::with_capacity(sample.min(size as usize));
+    std::fs::File::open(path)
+        .ok()?
+        .take(sample as u64)
+        .read_to_end(&mut bytes)
+        .ok()?;
+    let text = match std::str::from_utf8(&bytes) {
+        Ok(text) => text,
+        // A cut inside a character at the end of the sample; anything else is not UTF-8 text,
+        // which the engine refuses with its own message.
+        Err(e) if e.error_len().is_none() => std::str::from_utf8(&bytes[..e.valid_up_to()]).ok()?,
+        Err(_) => return None,
+    };
+    if text.is_empty() {
+        return Some(0);
+    }
+    let counted = tiktoken_rs::r50k_base_singleton()
+        .encode_ordinary(text)
+        .len() as u64;
+    Some(if (text.len() as u64) < size {
+        (counted as f64 * size as f64 / text.len() as f64).round() as u64
+    } else {
+        counted
+    })
+}
+
 /// The largest micro-batch the corpus allows: both the train and the eval split must hold one
-/// batch of sequences (None: the corpus size is unknown). Counts tokens as the byte tokenizer
-/// does; with BPE the corpus has fewer tokens than bytes and the engine reports a batch too
-/// large for it.
+/// batch of sequences (None: the corpus size is unknown). The engine packs the tokens the same
+/// way (`segprop-train` `Dataset`); with GPT-2's tokenizer on a file larger than the tokenizer's
+/// sample, and on the synthetic corpus, the count is an estimate.
 pub fn data_batch_cap(spec: &JobSpec) -> Option<usize> {
     let tokens = corpus_tokens(spec)? as usize;
     let t = spec.data.seq_len;
@@ -628,6 +671,46 @@ mod tests {
             resolve_auto(&mut fixed, &config, &stages, &worker, "w1"),
             Ok(None)
         );
+    }
+
+    #[test]
+    fn the_corpus_cap_counts_gpt2_tokens_as_the_engine_will() {
+        let dir = std::env::temp_dir().join(format!("segprop-bpe-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("corpus.txt");
+        let text = "In the beginning God created the heaven and the earth. ".repeat(400);
+        std::fs::write(&path, &text).expect("write");
+        let job = |tokenizer: &str| {
+            let mut s = spec(&SEGPROP.replace(
+                "corpus: builtin:synthetic, seq_len: 128",
+                &format!("corpus: corpus.txt, tokenizer: {tokenizer}, seq_len: 16"),
+            ));
+            s.data.corpus = path.display().to_string();
+            s
+        };
+        let tokens = tiktoken_rs::r50k_base_singleton()
+            .encode_ordinary(&text)
+            .len();
+        assert!(
+            tokens < text.len() / 3,
+            "{tokens} BPE tokens of {} bytes",
+            text.len()
+        );
+        // The engine: sequences of 17 tokens overlapping by one, ceil(5%) of them held out.
+        let sequences = (tokens - 17) / 16 + 1;
+        let eval = (sequences as f64 * 0.05).ceil() as usize;
+        assert_eq!(
+            data_batch_cap(&job("gpt2")),
+            Some(eval.min(sequences - eval))
+        );
+        assert!(data_batch_cap(&job("byte")) > data_batch_cap(&job("gpt2")));
+        // A sample of the file, scaled by size: within a few tokens here (the text repeats).
+        let estimate = bpe_tokens(&path, 1000).expect("count") as f64;
+        assert!(
+            (estimate / tokens as f64 - 1.0).abs() < 0.02,
+            "{estimate} vs {tokens}"
+        );
+        std::fs::remove_dir_all(&dir).expect("cleanup");
     }
 
     #[test]
