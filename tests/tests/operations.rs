@@ -253,19 +253,15 @@ fn the_deployment_configs_load() {
     }
 }
 
-#[test]
-fn submit_refuses_a_job_that_does_not_fit_the_worker_with_the_breakdown() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path();
+/// A coordinator and one CPU worker `w1` offering `memory`, once the coordinator has counted it.
+fn coordinator_and_registered_worker(dir: &std::path::Path, memory: &str) -> (Coordinator, Worker) {
     let metrics = free_port();
     let coord = coordinator_with(
         dir,
         "127.0.0.1:0",
         &[("SEGPROP_METRICS_LISTEN", metrics.clone().into())],
     );
-    // A worker offering 256 MiB: the small preset (110M parameters, 1.3 GB of weights and AdamW
-    // moments) cannot train there; the tiny one can.
-    let _w = worker_with(dir, &coord, "w1", &["--memory", "256MiB"]);
+    let worker = worker_with(dir, &coord, "w1", &["--memory", memory]);
     wait_listening(&metrics);
     let start = Instant::now();
     while !http_get(&metrics, "/metrics")
@@ -278,6 +274,16 @@ fn submit_refuses_a_job_that_does_not_fit_the_worker_with_the_breakdown() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    (coord, worker)
+}
+
+#[test]
+fn submit_refuses_a_job_that_does_not_fit_the_worker_with_the_breakdown() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    // A worker offering 256 MiB: the small preset (110M parameters, 1.3 GB of weights and AdamW
+    // moments) cannot train there; the tiny one can.
+    let (coord, _w) = coordinator_and_registered_worker(dir, "256MiB");
 
     let big = dir.join("big.yaml");
     std::fs::write(
@@ -373,26 +379,8 @@ fn submit_refuses_a_job_that_does_not_fit_the_worker_with_the_breakdown() {
 fn micro_batch_auto_runs_a_batch_too_large_for_the_worker_in_passes() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let metrics = free_port();
-    let coord = coordinator_with(
-        dir,
-        "127.0.0.1:0",
-        &[("SEGPROP_METRICS_LISTEN", metrics.clone().into())],
-    );
     // 32 MiB: the tiny model's stages fit about 15 whole sequences of 32, not 40.
-    let _w = worker_with(dir, &coord, "w1", &["--memory", "32MiB"]);
-    wait_listening(&metrics);
-    let start = Instant::now();
-    while !http_get(&metrics, "/metrics")
-        .1
-        .contains("segprop_workers{backend=\"cpu\"} 1")
-    {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "the worker never registered"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let (coord, _w) = coordinator_and_registered_worker(dir, "32MiB");
     let job = spec(dir, "passes", 3, 2);
     let whole = std::fs::read_to_string(&job)
         .unwrap()

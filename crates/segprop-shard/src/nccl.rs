@@ -97,14 +97,19 @@ impl NcclCollective {
         let stream = ctx.new_stream().map_err(|e| init(format!("{e:?}")))?;
         let comm = Comm::from_rank(stream.clone(), rank, world, id.to_id())
             .map_err(|e| init(format!("ncclCommInitRank: {e:?}")))?;
-        Ok(Self {
+        Ok(Self::joined(comm, stream, deadline))
+    }
+
+    /// A rank around its initialised communicator.
+    fn joined(comm: Comm, stream: Arc<CudaStream>, deadline: Duration) -> Self {
+        Self {
             comm,
             stream,
             deadline,
             seq: 0,
             stats: CollectiveStats::default(),
             poisoned: None,
-        })
+        }
     }
 
     /// The ranks of a gang inside one process, rank `r` on CUDA device `devices[r]`, joined by
@@ -128,14 +133,7 @@ impl NcclCollective {
         Ok(comms
             .into_iter()
             .zip(streams)
-            .map(|(comm, stream)| Self {
-                comm,
-                stream,
-                deadline,
-                seq: 0,
-                stats: CollectiveStats::default(),
-                poisoned: None,
-            })
+            .map(|(comm, stream)| Self::joined(comm, stream, deadline))
             .collect())
     }
 
