@@ -1,6 +1,7 @@
 //! `shard`: the cost of sharding on CPU ranks. The same e2e job (same global batch, same loss
 //! curve) runs unsharded, with activation checkpointing on one rank, and `full_shard` on 2 and 4
-//! thread ranks (with and without activation checkpointing); variants run round-robin for
+//! thread ranks (with and without activation checkpointing, with and without prefetch of the
+//! next unit's all-gather); variants run round-robin for
 //! `reps` rounds so machine drift hits them alike. Reported: the median step time and its ratio
 //! to unsharded, and the wire bytes each rank moved per step against the FSDP schedule's
 //! `3 x unit x (N-1)/N`.
@@ -20,7 +21,7 @@ struct Variant {
     yaml: &'static str,
 }
 
-const VARIANTS: [Variant; 5] = [
+const VARIANTS: [Variant; 7] = [
     Variant {
         name: "unsharded",
         yaml: "",
@@ -40,6 +41,14 @@ const VARIANTS: [Variant; 5] = [
     Variant {
         name: "4 ranks, AC",
         yaml: "sharding: { strategy: full_shard, offload: cpu }\nactivation_checkpointing: true\nresources: { devices_per_gang: 4 }",
+    },
+    Variant {
+        name: "2 ranks, AC, no prefetch",
+        yaml: "sharding: { strategy: full_shard, offload: cpu, prefetch: false }\nactivation_checkpointing: true\nresources: { devices_per_gang: 2 }",
+    },
+    Variant {
+        name: "4 ranks, AC, no prefetch",
+        yaml: "sharding: { strategy: full_shard, offload: cpu, prefetch: false }\nactivation_checkpointing: true\nresources: { devices_per_gang: 4 }",
     },
 ];
 
@@ -139,7 +148,7 @@ pub fn shard(steps: usize, reps: usize) -> Result<()> {
             cpu[i].push(cpu_s);
             memory[i] = mem;
             eprintln!(
-                "round {rep}: {:<15} median step {:.1} ms",
+                "round {rep}: {:<25} median step {:.1} ms",
                 VARIANTS[i].name,
                 1e3 * median(&steps[warmup..])
             );

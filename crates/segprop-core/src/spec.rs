@@ -753,6 +753,15 @@ pub struct ShardingSpec {
     /// naming the rank and the collective, instead of hanging the gang.
     #[serde(default = "default_collective_timeout_s")]
     pub collective_timeout_s: f64,
+    /// Start each unit's all-gather while the rank still computes with the previous unit, and
+    /// reduce-scatter each unit's gradient while it computes the next (FSDP's prefetch of one
+    /// unit): two units gathered at once instead of one, the collectives hidden behind compute.
+    #[serde(default = "default_prefetch")]
+    pub prefetch: bool,
+}
+
+fn default_prefetch() -> bool {
+    true
 }
 
 fn default_collective_timeout_s() -> f64 {
@@ -765,6 +774,7 @@ impl Default for ShardingSpec {
             strategy: ShardingStrategy::None,
             offload: Offload::None,
             collective_timeout_s: default_collective_timeout_s(),
+            prefetch: default_prefetch(),
         }
     }
 }

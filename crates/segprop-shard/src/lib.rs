@@ -3,6 +3,8 @@
 //! - [`collective`]: the [`Collective`] trait (all-gather, reduce-scatter, all-reduce, broadcast,
 //!   barrier over flat `f32` buffers, with rank and world size), a deadline on every call and
 //!   per-rank wire-byte accounting.
+//! - [`stream`]: a rank's collectives on a communication thread ([`CommStream`]), so a unit's
+//!   all-gather or reduce-scatter runs while the rank computes (prefetch).
 //! - [`thread`]: N ranks as threads of one process ([`thread_group`]): CPU hosts, tests, CI.
 //! - [`flat`]: the flat, padded shard layout of an FSDP unit ([`ShardLayout`]).
 //! - [`optim`]: AdamW on a rank's fp32 shard, bit-identical to burn's ([`ShardedAdamW`]), and
@@ -17,10 +19,12 @@ pub mod flat;
 #[cfg(feature = "nccl")]
 pub mod nccl;
 pub mod optim;
+pub mod stream;
 pub mod thread;
 pub mod unit;
 
 pub use collective::{Collective, CollectiveError, CollectiveStats, DEFAULT_DEADLINE, Op};
 pub use flat::ShardLayout;
 pub use optim::{AdamWConfig, ShardedAdamW, clip_factor, global_grad_norm};
+pub use stream::{CommStream, Pending};
 pub use thread::{ThreadCollective, thread_group};

@@ -20,6 +20,7 @@ use burn::tensor::{Tensor, TensorData};
 use crate::collective::{Collective, CollectiveError};
 use crate::flat::ShardLayout;
 use crate::optim::{AdamWConfig, ShardedAdamW};
+use crate::stream::{CommStream, Pending};
 
 /// A tensor's values as f32, in one bulk conversion (not element by element).
 fn to_f32(data: TensorData) -> Vec<f32> {
@@ -177,11 +178,21 @@ impl<M> FsdpUnit<M> {
         M: Module<B>,
     {
         let full = self.layout.all_gather(collective, &self.master)?;
-        Ok(refill::<B, M>(
-            self.skeleton.clone(),
-            &self.shapes,
-            Some(&full),
-        ))
+        Ok(self.assemble::<B>(&full))
+    }
+
+    /// Starts the all-gather of the unit on `stream` (prefetch): the full flat weights, for
+    /// [`Self::assemble`].
+    pub fn start_gather(&self, stream: &CommStream) -> Pending<Vec<f32>> {
+        stream.all_gather(self.layout, self.master.clone())
+    }
+
+    /// A module with the full weights `full` (`layout.len` elements, from an all-gather).
+    pub fn assemble<B: Backend>(&self, full: &[f32]) -> M
+    where
+        M: Module<B>,
+    {
+        refill::<B, M>(self.skeleton.clone(), &self.shapes, Some(full))
     }
 
     /// Reduce-scatters the gradients of `gathered` (the module [`Self::gather`] returned, after

@@ -14,6 +14,7 @@ use burn::tensor::backend::AutodiffBackend;
 use segprop_core::{ExitSpec, JobSpec, LlamaConfig, StagePlan, StagePlanEntry};
 use segprop_model::model::cross_entropy;
 use segprop_model::{Llama, LlamaInit, LmHead, ParamIds, RopeTables};
+use segprop_shard::Collective as _;
 
 use crate::adapter::IdentityAdapter;
 use crate::alloc;
@@ -603,7 +604,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             .shard
             .as_mut()
             .expect("a sharded stage has a shard rank");
-        let c = shard.collective.as_mut();
+        let c = &mut shard.collective;
         stage.materialize(c, &mut self.model)?;
         let (local, head) = stage.export_optimizers(
             c,
@@ -629,7 +630,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             .shard
             .as_mut()
             .expect("a sharded stage has a shard rank");
-        stage.materialize(shard.collective.as_mut(), &mut self.model)?;
+        stage.materialize(&mut shard.collective, &mut self.model)?;
         let loss = self.evaluate(route);
         stage.dematerialize(&mut self.model);
         Ok(loss)

@@ -7,9 +7,9 @@
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 
-use segprop_shard::Collective;
+use segprop_shard::{Collective, CommStream};
 
-use crate::sharded::ShardRank;
+use crate::sharded::{ShardOptions, ShardRank};
 
 /// The number of ranks `spec` trains on: `resources.devices_per_gang` with `full_shard`, else 1.
 /// `None` when the spec trains unsharded without activation checkpointing (the plain engine).
@@ -61,8 +61,9 @@ pub fn gang_group<B: Backend>(
 
 /// Runs a gang of ranks joined by `group` (one collective per rank, a deadline on every call):
 /// the leader (rank 0) on the calling thread, each follower on a thread of its own. Each side
-/// builds and runs its own trainer around the [`ShardRank`] it is given. `deadline` is the
-/// collectives' deadline, the time followers get to finish after the leader.
+/// builds and runs its own trainer around the [`ShardRank`] it is given, whose collective runs on
+/// a communication thread of its own ([`CommStream`]). `deadline` is the collectives' deadline,
+/// the time followers get to finish after the leader.
 ///
 /// A rank that fails or panics leaves the group, so the others fail within the deadline instead
 /// of waiting. Once the leader is done, followers get one more deadline to finish; one that is
@@ -72,7 +73,7 @@ pub fn gang_group<B: Backend>(
 pub fn run_gang<R>(
     group: Group,
     deadline: std::time::Duration,
-    activation_checkpointing: bool,
+    options: ShardOptions,
     leader: impl FnOnce(ShardRank) -> Result<R, crate::TrainError>,
     follower: Follower,
 ) -> Result<R, crate::TrainError> {
@@ -81,9 +82,17 @@ pub fn run_gang<R>(
     assert!(world > 0, "a gang has at least one rank");
     let mut group = group.into_iter();
     let leader_collective = group.next().expect("rank 0");
-    let rank_of = move |collective: Box<dyn Collective + Send>| ShardRank {
-        collective,
-        activation_checkpointing,
+    let rank_of = move |collective: Box<dyn Collective + Send>| {
+        let rank = collective.rank();
+        CommStream::new(collective)
+            .map(|collective| ShardRank {
+                collective,
+                options,
+            })
+            .map_err(|e| TrainError::RankFailed {
+                rank,
+                message: format!("cannot start its communication thread: {e}"),
+            })
     };
     let (done, results) = std::sync::mpsc::channel::<(usize, Result<(), TrainError>)>();
     for collective in group {
@@ -95,7 +104,7 @@ pub fn run_gang<R>(
             .stack_size(64 << 20)
             .spawn(move || {
                 let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    follower(rank_of(collective))
+                    follower(rank_of(collective)?)
                 }))
                 .unwrap_or_else(|panic| {
                     let message = panic
@@ -119,7 +128,7 @@ pub fn run_gang<R>(
         }
     }
     drop(done);
-    let led = leader(rank_of(leader_collective));
+    let led = rank_of(leader_collective).and_then(leader);
     let mut pending: std::collections::BTreeSet<usize> = (1..world).collect();
     let mut first_follower_error = None;
     let until = std::time::Instant::now() + deadline + std::time::Duration::from_secs(5);
@@ -193,7 +202,7 @@ where
     run_gang(
         gang_group::<B>(spec, &devices)?,
         collective_deadline(spec),
-        spec.activation_checkpointing,
+        ShardOptions::of(spec),
         |shard| leader(&mut make(shard)?),
         std::sync::Arc::new(move |shard| follower(&mut follower_make(shard)?)),
     )

@@ -17,6 +17,12 @@
 //! Each unit is gathered twice and its gradient reduce-scattered once per step: the
 //! `3 × unit × (N − 1)/N` wire bytes of FSDP, whatever the number of micro-batches.
 //!
+//! Prefetch (`sharding.prefetch`, the default): the rank's collectives run on its
+//! communication thread ([`CommStream`]); handing a unit to the compute starts the all-gather of
+//! the next unit in the step's order, and each unit's reduce-scatter runs while the next unit's
+//! gradient is computed. The same calls in the same order, so the same results; two units
+//! gathered at once instead of one.
+//!
 //! Without activation checkpointing every trained unit is gathered once, the whole route runs
 //! with a graph as unsharded, and the gathered weights live until backward ends (burn's graph
 //! holds them; it cannot re-gather them in place as PyTorch's FSDP hooks do): `2 × unit` wire
@@ -41,8 +47,11 @@ use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use segprop_model::model::cross_entropy;
 use segprop_model::{Block, Llama, LmHead, ParamIds, RopeTables};
+use segprop_shard::ShardLayout;
 use segprop_shard::unit::{FsdpUnit, UnitMemory, flatten_grads};
-use segprop_shard::{AdamWConfig, Collective, CollectiveError, clip_factor, global_grad_norm};
+use segprop_shard::{
+    AdamWConfig, Collective, CollectiveError, CommStream, Pending, clip_factor, global_grad_norm,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::adapter::Adapter;
@@ -52,10 +61,29 @@ use crate::route::Route;
 
 /// This rank's place in a sharded gang.
 pub struct ShardRank {
-    pub collective: Box<dyn Collective>,
+    /// The rank's collective, on a communication thread of its own.
+    pub collective: CommStream,
+    pub options: ShardOptions,
+}
+
+/// How a gang's ranks run a step (from the job spec).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShardOptions {
     /// Recompute each unit's forward in backward (re-gathering its weights) instead of keeping
     /// the gathered weights and the graph from forward to backward.
     pub activation_checkpointing: bool,
+    /// Start each unit's all-gather while the rank still computes with the previous unit, and
+    /// let each unit's reduce-scatter run while it computes the next (`sharding.prefetch`).
+    pub prefetch: bool,
+}
+
+impl ShardOptions {
+    pub fn of(spec: &segprop_core::JobSpec) -> Self {
+        Self {
+            activation_checkpointing: spec.activation_checkpointing,
+            prefetch: spec.sharding.prefetch,
+        }
+    }
 }
 
 impl ShardRank {
@@ -81,9 +109,11 @@ pub struct RankMemory {
     pub params_bytes: u64,
     /// This rank's shards of both AdamW moments (host memory).
     pub optimizer_bytes: u64,
-    /// This rank's gradient shards plus the largest full-gradient buffer held at once.
+    /// This rank's gradient shards plus the most full-gradient buffers held at once (with
+    /// prefetch, one unit's still being reduce-scattered while the next is computed).
     pub grad_bytes: u64,
-    /// The most gathered (full) weights held at once.
+    /// The most gathered (full) weights held at once: the unit in use and, with prefetch, the
+    /// next one arriving.
     pub gathered_peak_bytes: u64,
     /// Unit-boundary activations saved for backward in the last step (activation
     /// checkpointing); the graph's own activations show in the stage's `peak_bytes`.
@@ -323,22 +353,23 @@ impl<B: AutodiffBackend> ShardedStage<B> {
         rope_inner: &RopeTables<B::InnerBackend>,
         device: &B::Device,
     ) -> Result<(f64, f64), CollectiveError> {
-        let c = shard.collective.as_mut();
+        let prefetch = shard.options.prefetch;
+        let c = &mut shard.collective;
         let before = c.stats().total_wire_bytes();
         let world = c.world_size() as u64;
         let padded = |u: &Unit<B>| with_unit!(&u.kind, u => (u.layout.padded() * 4) as u64);
         let all: u64 = self.units.iter().map(padded).sum();
         let head = self.units.last().map_or(0, padded);
-        let passes = if shard.activation_checkpointing {
+        let passes = if shard.options.activation_checkpointing {
             3 * all - head
         } else {
             2 * all
         };
         self.memory.expected_comm_bytes_per_step = passes * (world - 1) / world;
-        let (loss_sum, shards) = if shard.activation_checkpointing {
-            self.grads_recompute(c, micro, adapter, (rope, rope_inner), device)?
+        let (loss_sum, shards) = if shard.options.activation_checkpointing {
+            self.grads_recompute(c, prefetch, micro, adapter, (rope, rope_inner), device)?
         } else {
-            self.grads_keep(c, micro, adapter, rope, device)?
+            self.grads_keep(c, prefetch, micro, adapter, rope, device)?
         };
         let valid: Vec<usize> = self
             .units
@@ -369,9 +400,11 @@ impl<B: AutodiffBackend> ShardedStage<B> {
 
     /// Activation checkpointing: forward without a graph keeping unit inputs, then per unit in
     /// reverse re-gather, recompute and back-propagate.
+    #[allow(clippy::too_many_arguments)]
     fn grads_recompute<A: Adapter>(
         &mut self,
-        c: &mut dyn Collective,
+        s: &CommStream,
+        prefetch: bool,
         micro: Vec<MicroBatch<B::InnerBackend>>,
         adapter: &A,
         (rope, rope_inner): (&RopeTables<B>, &RopeTables<B::InnerBackend>),
@@ -379,7 +412,9 @@ impl<B: AutodiffBackend> ShardedStage<B> {
     ) -> Result<(f64, Vec<Vec<f32>>), CollectiveError> {
         let adapter_depth = self.adapter_depth();
         let n = self.units.len();
-        let mut gathered_peak = 0u64;
+        // Forward uses every unit in order, the head included; backward the others in reverse.
+        let mut gathers = Gathers::new((0..n).chain((0..n - 1).rev()), prefetch);
+        let mut scatters = Scatters::new(n, prefetch);
         let t0 = std::time::Instant::now();
         // Forward: saved[u][m] is unit u's input for micro-batch m (blocks and the head).
         let mut saved: Vec<Vec<Tensor<B::InnerBackend, 3>>> = Vec::with_capacity(n);
@@ -390,8 +425,7 @@ impl<B: AutodiffBackend> ShardedStage<B> {
             ..
         }) = self.units.first()
         {
-            let embed = u.gather_valid::<B>(c)?;
-            gathered_peak = gathered_peak.max(u.memory().gathered);
+            let embed = u.assemble::<B>(&gathers.next(&self.units, s)?).valid();
             for m in &micro {
                 let StepInput::Tokens = &m.input else {
                     unreachable!("an embedding unit reads tokens")
@@ -412,8 +446,7 @@ impl<B: AutodiffBackend> ShardedStage<B> {
             let Kind::Block(index, u) = &unit.kind else {
                 unreachable!("units between the embedding and the head are blocks")
             };
-            let block = u.gather_valid::<B>(c)?;
-            gathered_peak = gathered_peak.max(u.memory().gathered);
+            let block = u.assemble::<B>(&gathers.next(&self.units, s)?).valid();
             saved.push(xs.clone());
             xs = xs
                 .into_iter()
@@ -436,14 +469,12 @@ impl<B: AutodiffBackend> ShardedStage<B> {
 
         let t_forward = t0.elapsed();
         // The head: loss, its gradient and the gradient at its input.
-        let mut shards: Vec<Vec<f32>> = vec![Vec::new(); n];
         let mut upstream: Vec<Tensor<B::InnerBackend, 3>> = Vec::with_capacity(micro.len());
         let mut loss_sum = 0.0;
         let Kind::Head(head_unit) = &self.units[n - 1].kind else {
             unreachable!("the last unit is the head")
         };
-        let head = head_unit.gather::<B>(c)?;
-        gathered_peak = gathered_peak.max(head_unit.memory().gathered);
+        let head = head_unit.assemble::<B>(&gathers.next(&self.units, s)?);
         let mut acc = GradientsAccumulator::<LmHead<B>>::new();
         for (m, x) in micro.iter().zip(saved.pop().expect("the head's input")) {
             let x = Tensor::<B, 3>::from_inner(x).require_grad();
@@ -461,8 +492,7 @@ impl<B: AutodiffBackend> ShardedStage<B> {
         }
         let acc = flatten_grads::<B, _>(&head, &acc.grads());
         drop(head);
-        self.memory.grad_bytes = self.memory.params_bytes + head_unit.memory().full_grad;
-        shards[n - 1] = head_unit.layout.reduce_scatter(c, &acc)?;
+        scatters.start(s, n - 1, head_unit.layout, acc)?;
 
         let t_head = t0.elapsed();
         // Blocks in reverse: re-gather, recompute, back-propagate.
@@ -470,8 +500,7 @@ impl<B: AutodiffBackend> ShardedStage<B> {
             let Kind::Block(index, u) = &self.units[ui].kind else {
                 unreachable!("units between the embedding and the head are blocks")
             };
-            let block = u.gather::<B>(c)?;
-            gathered_peak = gathered_peak.max(u.memory().gathered);
+            let block = u.assemble::<B>(&gathers.next(&self.units, s)?);
             let inputs = saved.pop().expect("a saved input per block");
             let mut acc = GradientsAccumulator::<Block<B>>::new();
             let needs_input_grad = ui > 0;
@@ -497,11 +526,7 @@ impl<B: AutodiffBackend> ShardedStage<B> {
             }
             let acc = flatten_grads::<B, _>(&block, &acc.grads());
             drop(block);
-            self.memory.grad_bytes = self
-                .memory
-                .grad_bytes
-                .max(self.memory.params_bytes + u.memory().full_grad);
-            shards[ui] = u.layout.reduce_scatter(c, &acc)?;
+            scatters.start(s, ui, u.layout, acc)?;
         }
 
         // The embedding.
@@ -509,7 +534,7 @@ impl<B: AutodiffBackend> ShardedStage<B> {
             let Kind::Embed(u) = &self.units[0].kind else {
                 unreachable!("unit 0 is the embedding")
             };
-            let embed = u.gather::<B>(c)?;
+            let embed = u.assemble::<B>(&gathers.next(&self.units, s)?);
             let mut acc = GradientsAccumulator::<Embedding<B>>::new();
             for (m, g) in micro.iter().zip(upstream) {
                 let y = embed.forward(tokens(&m.batch.inputs, &m.batch, device));
@@ -518,13 +543,11 @@ impl<B: AutodiffBackend> ShardedStage<B> {
             }
             let acc = flatten_grads::<B, _>(&embed, &acc.grads());
             drop(embed);
-            self.memory.grad_bytes = self
-                .memory
-                .grad_bytes
-                .max(self.memory.params_bytes + u.memory().full_grad);
-            shards[0] = u.layout.reduce_scatter(c, &acc)?;
+            scatters.start(s, 0, u.layout, acc)?;
         }
-        self.memory.gathered_peak_bytes = gathered_peak;
+        self.memory.gathered_peak_bytes = gathers.peak;
+        self.memory.grad_bytes = self.memory.params_bytes + scatters.peak;
+        let shards = scatters.finish()?;
         tracing::trace!(
             forward_ms = t_forward.as_secs_f64() * 1e3,
             head_ms = (t_head - t_forward).as_secs_f64() * 1e3,
@@ -538,20 +561,24 @@ impl<B: AutodiffBackend> ShardedStage<B> {
     /// the weights until backward is done.
     fn grads_keep<A: Adapter>(
         &mut self,
-        c: &mut dyn Collective,
+        s: &CommStream,
+        prefetch: bool,
         micro: Vec<MicroBatch<B::InnerBackend>>,
         adapter: &A,
         rope: &RopeTables<B>,
         device: &B::Device,
     ) -> Result<(f64, Vec<Vec<f32>>), CollectiveError> {
         let adapter_depth = self.adapter_depth();
-        let mut gathered: Vec<Gathered<B>> = Vec::with_capacity(self.units.len());
+        let n = self.units.len();
+        let mut gathers = Gathers::new(0..n, prefetch);
+        let mut gathered: Vec<Gathered<B>> = Vec::with_capacity(n);
         let mut gathered_bytes = 0;
         for unit in &self.units {
+            let full = gathers.next(&self.units, s)?;
             gathered.push(match &unit.kind {
-                Kind::Embed(u) => Gathered::Embed(u.gather::<B>(c)?),
-                Kind::Block(i, u) => Gathered::Block(*i, u.gather::<B>(c)?),
-                Kind::Head(u) => Gathered::Head(u.gather::<B>(c)?),
+                Kind::Embed(u) => Gathered::Embed(u.assemble::<B>(&full)),
+                Kind::Block(i, u) => Gathered::Block(*i, u.assemble::<B>(&full)),
+                Kind::Head(u) => Gathered::Head(u.assemble::<B>(&full)),
             });
             gathered_bytes += with_unit!(&unit.kind, u => u.memory().gathered);
         }
@@ -608,21 +635,126 @@ impl<B: AutodiffBackend> ShardedStage<B> {
                 }
             }
         }
-        let mut shards = Vec::with_capacity(self.units.len());
-        for ((unit, g), acc) in self.units.iter().zip(&gathered).zip(accs) {
+        let mut scatters = Scatters::new(n, prefetch);
+        for (ui, ((unit, g), acc)) in self.units.iter().zip(&gathered).zip(accs).enumerate() {
             let flat = match (g, acc) {
                 (Gathered::Embed(e), Accumulated::Embed(mut a)) => flatten_grads(e, &a.grads()),
                 (Gathered::Block(_, b), Accumulated::Block(mut a)) => flatten_grads(b, &a.grads()),
                 (Gathered::Head(h), Accumulated::Head(mut a)) => flatten_grads(h, &a.grads()),
                 _ => unreachable!("one accumulator per gathered unit, same kind"),
             };
-            shards.push(with_unit!(&unit.kind, u => u.layout.reduce_scatter(c, &flat)?));
+            let layout = with_unit!(&unit.kind, u => u.layout);
+            scatters.start(s, ui, layout, flat)?;
         }
         drop(gathered);
+        let shards = scatters.finish()?;
         self.memory.gathered_peak_bytes = gathered_bytes;
         self.memory.grad_bytes = self.memory.params_bytes + gathered_bytes;
         self.memory.activation_bytes = 0;
         Ok((loss_sum, shards))
+    }
+}
+
+/// The all-gathers of one step, in the order the step uses the units. With prefetch, handing
+/// out a unit starts the next one's gather, which then runs while the rank computes with this
+/// one: at most two units are gathered at once, as with FSDP's prefetch of one unit.
+struct Gathers {
+    order: std::iter::Peekable<Box<dyn Iterator<Item = usize>>>,
+    ahead: Option<(usize, Pending<Vec<f32>>)>,
+    prefetch: bool,
+    /// The most gathered bytes held at once (the unit handed out and the one arriving).
+    peak: u64,
+}
+
+impl Gathers {
+    fn new(order: impl Iterator<Item = usize> + 'static, prefetch: bool) -> Self {
+        let order: Box<dyn Iterator<Item = usize>> = Box::new(order);
+        Self {
+            order: order.peekable(),
+            ahead: None,
+            prefetch,
+            peak: 0,
+        }
+    }
+
+    /// The next unit's full weights. The caller drops the previous unit's module first.
+    fn next<B: AutodiffBackend>(
+        &mut self,
+        units: &[Unit<B>],
+        s: &CommStream,
+    ) -> Result<Vec<f32>, CollectiveError> {
+        let start = |i: usize| with_unit!(&units[i].kind, u => u.start_gather(s));
+        let bytes = |i: usize| with_unit!(&units[i].kind, u => u.memory().gathered);
+        let i = self.order.next().expect("a unit left to gather");
+        let pending = match self.ahead.take() {
+            Some((j, pending)) => {
+                debug_assert_eq!(i, j, "the prefetched unit is the next one");
+                pending
+            }
+            None => start(i),
+        };
+        let mut held = bytes(i);
+        if self.prefetch
+            && let Some(&j) = self.order.peek()
+        {
+            self.ahead = Some((j, start(j)));
+            held += bytes(j);
+        }
+        self.peak = self.peak.max(held);
+        pending.wait()
+    }
+}
+
+/// The reduce-scatters of one step. With prefetch one stays in flight while the rank computes
+/// the next unit's gradient; without, each is waited for at once.
+struct Scatters {
+    shards: Vec<Vec<f32>>,
+    in_flight: Option<(usize, u64, Pending<Vec<f32>>)>,
+    prefetch: bool,
+    /// The most full-gradient bytes held at once.
+    peak: u64,
+}
+
+impl Scatters {
+    fn new(units: usize, prefetch: bool) -> Self {
+        Self {
+            shards: vec![Vec::new(); units],
+            in_flight: None,
+            prefetch,
+            peak: 0,
+        }
+    }
+
+    /// Starts unit `i`'s reduce-scatter of its full gradient `grad`; with prefetch, then waits
+    /// for the one before it, without for this one.
+    fn start(
+        &mut self,
+        s: &CommStream,
+        i: usize,
+        layout: ShardLayout,
+        grad: Vec<f32>,
+    ) -> Result<(), CollectiveError> {
+        let bytes = (layout.padded() * 4) as u64;
+        let pending = s.reduce_scatter(layout, grad);
+        let before = self.in_flight.replace((i, bytes, pending));
+        self.peak = self
+            .peak
+            .max(bytes + before.as_ref().map_or(0, |(_, b, _)| *b));
+        if let Some((j, _, pending)) = before {
+            self.shards[j] = pending.wait()?;
+        }
+        if !self.prefetch {
+            let (j, _, pending) = self.in_flight.take().expect("just started");
+            self.shards[j] = pending.wait()?;
+        }
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<Vec<Vec<f32>>, CollectiveError> {
+        if let Some((j, _, pending)) = self.in_flight.take() {
+            self.shards[j] = pending.wait()?;
+        }
+        Ok(self.shards)
     }
 }
 

@@ -169,6 +169,45 @@ fn e2e_on_2_4_and_8_ranks_matches_one_unsharded_rank() {
 }
 
 #[test]
+fn prefetch_changes_when_units_are_gathered_not_the_step() {
+    // The next unit's all-gather and the last unit's reduce-scatter run on the rank's
+    // communication thread while it computes: the same calls in the same order, so the same
+    // losses and weights bit for bit and the same bytes; two units gathered at once instead of
+    // one.
+    let sharded = |prefetch: bool| {
+        run(&spec(
+            E2E,
+            &format!(
+                "sharding: {{ strategy: full_shard, prefetch: {prefetch} }}\n\
+                 activation_checkpointing: true\nresources: {{ devices_per_gang: 2 }}"
+            ),
+        ))
+    };
+    let (ahead, blocking) = (sharded(true), sharded(false));
+    assert_eq!(ahead.losses, blocking.losses);
+    // Parameter ids are random per run; the values, in the model's visit order, are not.
+    let values = |r: &Run| r.weights.iter().map(|(_, v)| v.clone()).collect::<Vec<_>>();
+    assert!(
+        values(&ahead) == values(&blocking),
+        "the same weights bit for bit"
+    );
+    let (a, b) = (ahead.sharding[0].unwrap(), blocking.sharding[0].unwrap());
+    assert_eq!(a.comm_bytes_per_step, b.comm_bytes_per_step);
+    assert!(a.comm_bytes_per_step > 0);
+    // Blocking holds one unit at a time, at most the largest; prefetch holds two neighbours.
+    assert!(
+        b.gathered_peak_bytes < a.gathered_peak_bytes,
+        "{a:?} vs {b:?}"
+    );
+    assert!(a.gathered_peak_bytes <= 2 * b.gathered_peak_bytes);
+    assert!(
+        a.gathered_peak_bytes < a.unit_bytes,
+        "not every unit at once"
+    );
+    assert!(b.grad_bytes < a.grad_bytes, "one reduce-scatter in flight");
+}
+
+#[test]
 fn e2e_without_checkpointing_and_with_offload_matches_too() {
     let reference = run(&spec(E2E, ""));
     let keep = run(&spec(

@@ -797,6 +797,7 @@ impl TaskContext {
         tracing::info!(
             ranks = world,
             activation_checkpointing = spec.activation_checkpointing,
+            prefetch = spec.sharding.prefetch,
             deadline_s = spec.sharding.collective_timeout_s,
             "sharded stage: one trainer per rank"
         );
@@ -806,7 +807,7 @@ impl TaskContext {
         let ran = segprop_train::gang::run_gang(
             group,
             segprop_train::gang::collective_deadline(&spec),
-            spec.activation_checkpointing,
+            segprop_train::sharded::ShardOptions::of(&spec),
             |shard| {
                 trainer.shard = Some(shard);
                 let (record, recorder) = self.run_stage(&mut trainer, recorder, a)?;
