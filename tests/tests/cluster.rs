@@ -633,3 +633,144 @@ fn grpcurl_submits_a_job_and_reads_its_status_by_reflection() {
         text(&out.stderr)
     );
 }
+
+/// The coordinator as the rendezvous of a gang's communicator: rank 0 of the current attempt
+/// publishes its id (an NCCL unique id), the other ranks receive it, waiting for rank 0 if they
+/// come first; anything but the attempt's lease holder, an old epoch or a malformed request is
+/// refused with the field or the reason named.
+#[test]
+fn rendezvous_hands_rank_0s_id_to_the_gang_of_the_current_attempt_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let coord = coordinator(dir, "127.0.0.1:0");
+    let job_spec = spec(dir, "e2e-rendezvous", 8, 5);
+    let job_id = submit(&coord, &job_spec);
+    runtime().block_on(async {
+        let mut cluster = cluster_client(&coord.addr).await;
+        let register = |name: &str| pb::RegisterWorkerRequest {
+            protocol_version: segprop_proto::PROTOCOL_VERSION,
+            name: name.into(),
+            backend: "cpu".into(),
+            devices: vec![pb::Device {
+                name: "cpu".into(),
+                memory_bytes: 1 << 30,
+            }],
+            host_memory_bytes: 1 << 30,
+            running: vec![],
+        };
+        let mut ids = Vec::new();
+        for name in ["sim-1", "sim-2"] {
+            ids.push(
+                cluster
+                    .register_worker(with_token(register(name), TOKEN))
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .worker_id,
+            );
+        }
+        let (w1, w2) = (ids[0].clone(), ids[1].clone());
+        let assigned = cluster
+            .heartbeat(with_token(
+                pb::HeartbeatRequest {
+                    worker_id: w1.clone(),
+                    running: vec![],
+                    free_slots: 1,
+                },
+                TOKEN,
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        let a = assigned.assignments[0].clone();
+        assert_eq!((a.job_id.as_str(), a.epoch), (job_id.as_str(), 1));
+        let rdv = |worker: &str, epoch: u64, rank: u32, world: u32, id: &[u8], wait_ms: u32| {
+            with_token(
+                pb::RendezvousRequest {
+                    worker_id: worker.into(),
+                    job_id: a.job_id.clone(),
+                    task_index: a.task_index,
+                    epoch,
+                    rank,
+                    world,
+                    unique_id: id.to_vec(),
+                    wait_ms,
+                },
+                TOKEN,
+            )
+        };
+
+        // Rank 0 never published: a rank's wait ends, naming the attempt.
+        let err = cluster
+            .rendezvous(rdv(&w1, 1, 1, 3, b"", 300))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::DeadlineExceeded, "{err}");
+        assert!(err.message().contains("has not published"), "{err}");
+
+        // Rank 1 comes first and waits; rank 0 publishes; both get the same bytes.
+        let waiting = {
+            let mut c = cluster.clone();
+            let req = rdv(&w1, 1, 1, 3, b"", 20_000);
+            tokio::spawn(async move { c.rendezvous(req).await })
+        };
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let id: Vec<u8> = (0..128u32).map(|i| (i as u8) ^ 0x5a).collect();
+        let published = cluster
+            .rendezvous(rdv(&w1, 1, 0, 3, &id, 0))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(published.unique_id, id);
+        let received = waiting.await.unwrap().unwrap().into_inner();
+        assert_eq!(received.unique_id, id);
+        // A later rank gets it at once; rank 0 may repeat itself, not change its id.
+        let later = cluster
+            .rendezvous(rdv(&w1, 1, 2, 3, b"", 0))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(later.unique_id, id);
+        cluster.rendezvous(rdv(&w1, 1, 0, 3, &id, 0)).await.unwrap();
+        let err = cluster
+            .rendezvous(rdv(&w1, 1, 0, 3, b"another", 0))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::AlreadyExists, "{err}");
+
+        // Fencing: an old or future epoch, another worker.
+        let err = cluster
+            .rendezvous(rdv(&w1, 2, 1, 3, b"", 0))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err}");
+        assert!(err.message().contains("that is epoch 1"), "{err}");
+        let err = cluster
+            .rendezvous(rdv(&w2, 1, 1, 3, b"", 0))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err}");
+        assert!(err.message().contains("another worker"), "{err}");
+
+        // Malformed requests name the field.
+        for (rank, world, bytes, field) in [
+            (3, 3, &b""[..], "rank"),
+            (0, 3, &b""[..], "unique_id"),
+            (1, 3, &b"x"[..], "unique_id"),
+            (0, 0, &b"x"[..], "rank"),
+        ] {
+            let err = cluster
+                .rendezvous(rdv(&w1, 1, rank, world, bytes, 0))
+                .await
+                .unwrap_err();
+            assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+            assert!(err.message().starts_with(field), "{err}");
+        }
+        // No token, no id.
+        let err = cluster
+            .rendezvous(Request::new(rdv(&w1, 1, 1, 3, b"", 0).into_inner()))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err}");
+    });
+}

@@ -48,6 +48,8 @@ struct Inner {
     next_worker: u64,
     /// Latest progress of each running task, by (job id, task index).
     progress: HashMap<(String, u32), pb::Progress>,
+    /// Communicator ids published by rank 0 of a gang, by task attempt (job id, task, epoch).
+    rendezvous: HashMap<(String, u32, u64), Vec<u8>>,
 }
 
 /// A registered worker, as metrics show it.
@@ -82,8 +84,15 @@ pub struct Coordinator {
     boot: String,
     events: broadcast::Sender<Arc<(String, pb::JobEvent)>>,
     ready: Notify,
+    /// Wakes ranks waiting in `rendezvous` when a rank 0 publishes.
+    published: Notify,
     counters: Mutex<Counters>,
 }
+
+/// The longest one `Rendezvous` call waits for rank 0's id.
+const MAX_RENDEZVOUS_WAIT_MS: u32 = 300_000;
+/// The largest communicator id accepted (an `ncclUniqueId` has 128 bytes).
+const MAX_UNIQUE_ID_BYTES: usize = 4096;
 
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -125,6 +134,7 @@ impl Coordinator {
                 workers: HashMap::new(),
                 next_worker: 1,
                 progress: HashMap::new(),
+                rendezvous: HashMap::new(),
             }),
             store,
             snapshots,
@@ -134,6 +144,7 @@ impl Coordinator {
             boot: boot.iter().map(|b| format!("{b:02x}")).collect(),
             events,
             ready: Notify::new(),
+            published: Notify::new(),
             counters: Mutex::new(Counters::default()),
         }))
     }
@@ -618,6 +629,105 @@ impl Coordinator {
         Ok(reply)
     }
 
+    /// The rendezvous of a gang's communicator: rank 0 publishes the id of its task attempt's
+    /// communicator, every other rank receives it (waiting up to `wait_ms` for rank 0). Only the
+    /// worker holding the attempt's lease takes part, and only while the attempt is current.
+    pub async fn rendezvous(
+        &self,
+        req: pb::RendezvousRequest,
+    ) -> Result<pb::RendezvousReply, Status> {
+        if req.rank >= req.world {
+            return Err(Status::invalid_argument(format!(
+                "rank: {} is not a rank of a gang of {} (world)",
+                req.rank, req.world
+            )));
+        }
+        match (req.rank, req.unique_id.len()) {
+            (0, 0) => {
+                return Err(Status::invalid_argument(
+                    "unique_id: rank 0 publishes the communicator's id, and it is empty",
+                ));
+            }
+            (0, n) if n > MAX_UNIQUE_ID_BYTES => {
+                return Err(Status::invalid_argument(format!(
+                    "unique_id: {n} bytes; at most {MAX_UNIQUE_ID_BYTES}"
+                )));
+            }
+            (rank, n) if rank > 0 && n > 0 => {
+                return Err(Status::invalid_argument(format!(
+                    "unique_id: only rank 0 publishes; rank {rank} sent {n} bytes"
+                )));
+            }
+            _ => {}
+        }
+        let key = (req.job_id.clone(), req.task_index, req.epoch);
+        let wait = Duration::from_millis(u64::from(req.wait_ms.min(MAX_RENDEZVOUS_WAIT_MS)));
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let mut notified = pin!(self.published.notified());
+            notified.as_mut().enable();
+            {
+                let mut inner = self.lock();
+                current_attempt(&inner.jobs, &req)?;
+                // Ids of attempts that ended (or were superseded) are of no use to anyone.
+                let jobs = &inner.jobs;
+                let live = |(job_id, task, epoch): &(String, u32, u64)| {
+                    jobs.iter().any(|j| {
+                        j.id == *job_id
+                            && j.tasks.get(*task as usize).is_some_and(|t| {
+                                t.lease.as_ref().is_some_and(|l| l.epoch == *epoch)
+                            })
+                    })
+                };
+                let stale: Vec<_> = inner
+                    .rendezvous
+                    .keys()
+                    .filter(|k| !live(k))
+                    .cloned()
+                    .collect();
+                for k in stale {
+                    inner.rendezvous.remove(&k);
+                }
+                if req.rank == 0 {
+                    match inner.rendezvous.get(&key) {
+                        Some(id) if *id != req.unique_id => {
+                            return Err(Status::already_exists(format!(
+                                "unique_id: rank 0 of job {} task {} (epoch {}) already published \
+                                 another id",
+                                req.job_id, req.task_index, req.epoch
+                            )));
+                        }
+                        Some(_) => {}
+                        None => {
+                            tracing::info!(job = %req.job_id, task = req.task_index, epoch = req.epoch, world = req.world, bytes = req.unique_id.len(), "gang communicator id published");
+                            inner.rendezvous.insert(key, req.unique_id.clone());
+                        }
+                    }
+                    drop(inner);
+                    self.published.notify_waiters();
+                    return Ok(pb::RendezvousReply {
+                        unique_id: req.unique_id,
+                    });
+                }
+                if let Some(id) = inner.rendezvous.get(&key) {
+                    return Ok(pb::RendezvousReply {
+                        unique_id: id.clone(),
+                    });
+                }
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Err(Status::deadline_exceeded(format!(
+                    "rank 0 of job {} task {} (epoch {}) has not published its communicator id \
+                     within {} ms",
+                    req.job_id,
+                    req.task_index,
+                    req.epoch,
+                    wait.as_millis()
+                )));
+            }
+        }
+    }
+
     fn assign_to(&self, worker_id: &str) -> Result<Vec<pb::Assignment>, Status> {
         let now = now_ms();
         let mut inner = self.lock();
@@ -809,6 +919,34 @@ fn changed_jobs(transitions: &[sched::Transition]) -> Vec<String> {
     ids
 }
 
+/// Refuses a rendezvous for anything but a running attempt leased to the calling worker.
+fn current_attempt(jobs: &[Job], req: &pb::RendezvousRequest) -> Result<(), Status> {
+    let what = format!(
+        "job {} task {} (epoch {})",
+        req.job_id, req.task_index, req.epoch
+    );
+    let job = jobs.iter().find(|j| j.id == req.job_id).ok_or_else(|| {
+        Status::failed_precondition(format!(
+            "{what}: no such running job (it ended, or never was)"
+        ))
+    })?;
+    let task = job.tasks.get(req.task_index as usize).ok_or_else(|| {
+        Status::failed_precondition(format!("{what}: the job has {} tasks", job.tasks.len()))
+    })?;
+    match &task.lease {
+        Some(lease) if lease.epoch == req.epoch && lease.worker_id == req.worker_id => Ok(()),
+        Some(lease) if lease.epoch != req.epoch => Err(Status::failed_precondition(format!(
+            "{what}: not the current attempt (that is epoch {})",
+            lease.epoch
+        ))),
+        Some(_) => Err(Status::failed_precondition(format!(
+            "{what}: leased to another worker, not to {}",
+            req.worker_id
+        ))),
+        None => Err(Status::failed_precondition(format!("{what}: not running"))),
+    }
+}
+
 fn position(jobs: &[Job], id: &str) -> Result<usize, Status> {
     jobs.iter()
         .position(|j| j.id == id)
@@ -977,5 +1115,14 @@ impl ClusterService for Api {
     ) -> Result<Response<pb::ReportTaskResponse>, Status> {
         self.report(request.into_inner())?;
         Ok(Response::new(pb::ReportTaskResponse {}))
+    }
+
+    async fn rendezvous(
+        &self,
+        request: Request<pb::RendezvousRequest>,
+    ) -> Result<Response<pb::RendezvousReply>, Status> {
+        Ok(Response::new(
+            Coordinator::rendezvous(&self.0, request.into_inner()).await?,
+        ))
     }
 }

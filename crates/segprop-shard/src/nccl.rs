@@ -1,10 +1,11 @@
 //! NCCL for the GPUs of one host (feature `nccl`, cudarc's `nccl` module; libnccl is loaded at
 //! run time, so building needs no CUDA).
 //!
-//! Rendezvous: rank 0 (or the coordinator) makes an [`NcclId`]; its 128 bytes
-//! ([`NcclId::to_bytes`]) travel to every rank of the gang, which builds its
-//! [`NcclCollective`] with [`NcclCollective::new`]. Because the id is plain bytes, a gang can
-//! later span hosts: the coordinator ships it in the assignment.
+//! Rendezvous: ranks in one process join with one `ncclCommInitAll` ([`NcclCollective::group`]).
+//! Ranks in different processes: rank 0 makes an [`NcclId`], publishes its 128 bytes
+//! ([`NcclId::to_bytes`]) through the coordinator's `ClusterService/Rendezvous` for its task
+//! attempt, every other rank receives them there, and each builds its [`NcclCollective`] with
+//! [`NcclCollective::new`].
 //!
 //! The trait's host buffers are staged through device memory (copy in, collective, copy out):
 //! correct on any device, and what the sharding tests run on a GPU. FSDP units on burn-cuda use
