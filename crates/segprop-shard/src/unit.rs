@@ -172,6 +172,17 @@ impl<M> FsdpUnit<M> {
         }
     }
 
+    /// Shards a unit no optimizer steps (a block of a frozen prefix): weights only, no AdamW
+    /// state.
+    pub fn frozen<B: Backend>(module: M, rank: usize, world: usize) -> Self
+    where
+        M: Module<B>,
+    {
+        let mut unit = Self::new::<B>(module, rank, world, AdamWConfig::default());
+        unit.optimizer = ShardedAdamW::new(AdamWConfig::default(), 0);
+        unit
+    }
+
     /// All-gathers the unit: a module with the full current weights.
     pub fn gather<B: Backend>(&self, collective: &mut dyn Collective) -> Result<M, CollectiveError>
     where

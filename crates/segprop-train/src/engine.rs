@@ -538,9 +538,21 @@ impl<B: AutodiffBackend> Trainer<B> {
         let mut shard = self.shard.take().expect("a sharded stage has a shard rank");
         let (rank, world) = (shard.rank(), shard.world());
         let scale = 1.0 / batches.len() as f64;
+        let mine: Vec<&Batch> = batches.iter().skip(rank).step_by(world).copied().collect();
+        let prefixes = match route.input() {
+            RouteInput::Embed => vec![None; mine.len()],
+            RouteInput::Prefix { depth } => {
+                match self.sharded_prefix(stage, &mut shard, depth, &mine) {
+                    Ok(z) => z.into_iter().map(Some).collect(),
+                    Err(e) => {
+                        self.shard = Some(shard);
+                        return Err(e);
+                    }
+                }
+            }
+        };
         let mut passes = Vec::new();
-        for batch in batches.iter().skip(rank).step_by(world) {
-            let prefix = self.route_prefix(route, batch);
+        for (batch, prefix) in mine.into_iter().zip(prefixes) {
             let rows = batch.passes(micro);
             let whole = rows.len() == 1;
             for rows in rows {
@@ -580,6 +592,51 @@ impl<B: AutodiffBackend> Trainer<B> {
             });
         self.shard = Some(shard);
         Ok(stepped?)
+    }
+
+    /// `S[depth]` of this rank's `batches` in a sharded stage: from SnapCheck where it has them,
+    /// else through the stage's sharded frozen prefix (and stored). Every rank gathers the prefix
+    /// when any rank misses, so the ranks' collectives stay in step.
+    fn sharded_prefix(
+        &mut self,
+        stage: &mut ShardedStage<B>,
+        shard: &mut crate::sharded::ShardRank,
+        depth: usize,
+        batches: &[&Batch],
+    ) -> Result<Vec<Tensor<B::InnerBackend, 3>>, TrainError> {
+        let key = |batch: &Batch| SnapshotKey {
+            depth,
+            split: Split::Train,
+            id: batch.id,
+        };
+        let mut out: Vec<Option<Tensor<B::InnerBackend, 3>>> = batches
+            .iter()
+            .map(|b| self.cache.as_mut().and_then(|c| c.get(key(b))))
+            .collect();
+        let missing: Vec<usize> = (0..out.len()).filter(|&i| out[i].is_none()).collect();
+        let mut any = [missing.len() as f32];
+        shard.collective.all_reduce(&mut any)?;
+        if any[0] > 0.0 {
+            let tokens = missing
+                .iter()
+                .map(|&i| {
+                    Self::tokens::<B::InnerBackend>(&batches[i].inputs, batches[i], &self.device)
+                })
+                .collect();
+            let computed = stage.prefix_forward(shard, tokens, &self.rope_inner)?;
+            for (i, z) in missing.into_iter().zip(computed) {
+                if let Some(cache) = &mut self.cache
+                    && let Err(err) = cache.put(key(batches[i]), z.clone())
+                {
+                    tracing::warn!(error = %err, depth, "cannot store snapshot; continuing without it");
+                }
+                out[i] = Some(z);
+            }
+        }
+        Ok(out
+            .into_iter()
+            .map(|z| z.expect("every prefix output is cached or computed"))
+            .collect())
     }
 
     /// Whether any rank of the gang was cancelled (every rank must ask at the same point).
@@ -633,6 +690,8 @@ impl<B: AutodiffBackend> Trainer<B> {
         stage.materialize(&mut shard.collective, &mut self.model)?;
         let loss = self.evaluate(route);
         stage.dematerialize(&mut self.model);
+        // The whole prefix evaluation froze goes with the gathered weights.
+        self.frozen = None;
         Ok(loss)
     }
 
@@ -725,6 +784,10 @@ impl<B: AutodiffBackend> Trainer<B> {
             )),
             None => None,
         };
+        if sharded.is_some() {
+            // The frozen prefix is sharded with the stage: no rank keeps it whole.
+            self.frozen = None;
+        }
         let budget = at.tracker.step_budget(steps_per_epoch);
         let schedule = LrSchedule::new(
             self.spec.optimizer.lr,

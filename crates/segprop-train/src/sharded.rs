@@ -1,8 +1,11 @@
 //! Sharded training of one stage (DESIGN §3): the units a stage trains (embedding, each trained
 //! decoder block, each block of LL(r), the LM head with the final norm) are flattened and sharded
 //! 1/N over the ranks of a [`Collective`], as torchtitan's `fully_shard` does per block, from
-//! outside the model. Units the stage does not train are not sharded: the frozen prefix of a
-//! SegProp segment is read from SnapCheck or run forward-only, exactly as unsharded.
+//! outside the model. The frozen prefix a route reads (`S[depth]`: the embedding and blocks
+//! `0..depth` of a SegProp segment or a layer-wise block) is sharded as well but never stepped:
+//! it is read from SnapCheck, and where SnapCheck does not have it, computed through the prefix
+//! units gathered one at a time, forward only, and freed ([`ShardedStage::prefix_forward`]).
+//! Blocks after the route (those of later segments) stay whole.
 //!
 //! A step over this rank's micro-batches, with activation checkpointing (the default):
 //! 1. **forward**, unit by unit in route order: all-gather the unit, run every micro-batch
@@ -101,8 +104,16 @@ impl ShardRank {
 pub struct RankMemory {
     pub rank: usize,
     pub world: usize,
-    /// Units sharded in this stage.
+    /// Trained units sharded in this stage.
     pub units: usize,
+    /// Units of the frozen prefix (the embedding and blocks `0..depth` of a route that reads
+    /// `S[depth]`), sharded too: gathered block by block, forward only, when `S[depth]` is not
+    /// in SnapCheck, and freed after use.
+    #[serde(default)]
+    pub prefix_units: usize,
+    /// This rank's shards of the frozen prefix (what each rank holds of it).
+    #[serde(default)]
+    pub prefix_bytes: u64,
     /// The trained units whole (fp32): what one unsharded rank would hold.
     pub unit_bytes: u64,
     /// This rank's shards of the fp32 master weights (host memory).
@@ -118,7 +129,8 @@ pub struct RankMemory {
     /// Unit-boundary activations saved for backward in the last step (activation
     /// checkpointing); the graph's own activations show in the stage's `peak_bytes`.
     pub activation_bytes: u64,
-    /// Wire bytes this rank moved in the last training step (ring model).
+    /// Wire bytes this rank moved in the last training step (ring model), the gathers of the
+    /// frozen prefix included when the step computed it.
     pub comm_bytes_per_step: u64,
     /// What the schedule should move per step, `(N − 1)/N` of: with activation checkpointing
     /// `3 ×` every unit but the head (gathered for forward, re-gathered for backward,
@@ -162,11 +174,16 @@ macro_rules! with_unit {
 
 type OptimRecord<B> = <AdamWOptimizer<B> as Optimizer<Llama<B>, B>>::Record;
 
-/// The trained units of one stage on one rank.
+/// The trained units of one stage on one rank, and the frozen prefix its route reads.
 pub struct ShardedStage<B: AutodiffBackend> {
     units: Vec<Unit<B>>,
+    /// The frozen prefix in forward order (the embedding, then blocks `0..depth`), sharded but
+    /// never stepped; empty when the route starts at the embedding.
+    prefix: Vec<Unit<B>>,
     route: Route,
     memory: RankMemory,
+    /// Wire bytes of the prefix gathers since the last step: (moved, expected).
+    prefix_comm: (u64, u64),
 }
 
 /// A micro-batch's input to the route.
@@ -243,14 +260,33 @@ impl<B: AutodiffBackend> ShardedStage<B> {
             kind: Kind::Head(unit),
             group,
         });
+        let mut prefix = Vec::new();
+        if let crate::route::RouteInput::Prefix { depth } = route.input() {
+            let unit = FsdpUnit::frozen::<B>(model.embed_tokens.clone(), rank, world);
+            model.embed_tokens = unit.skeleton().clone();
+            prefix.push(Unit {
+                kind: Kind::Embed(unit),
+                group: Group::Local,
+            });
+            for index in 0..depth {
+                let unit = FsdpUnit::frozen::<B>(model.blocks[index].clone(), rank, world);
+                model.blocks[index] = unit.skeleton().clone();
+                prefix.push(Unit {
+                    kind: Kind::Block(index, unit),
+                    group: Group::Local,
+                });
+            }
+        }
         let mut stage = Self {
             units,
+            prefix,
             route,
             memory: RankMemory {
                 rank,
                 world,
                 ..RankMemory::default()
             },
+            prefix_comm: (0, 0),
         };
         let local = local_opt.to_record();
         let head = head_opt.map(Optimizer::to_record);
@@ -264,6 +300,10 @@ impl<B: AutodiffBackend> ShardedStage<B> {
             }
         }
         stage.memory.units = stage.units.len();
+        stage.memory.prefix_units = stage.prefix.len();
+        for unit in &stage.prefix {
+            stage.memory.prefix_bytes += with_unit!(&unit.kind, u => u.memory().params);
+        }
         for unit in &stage.units {
             let m: UnitMemory = with_unit!(&unit.kind, u => u.memory());
             stage.memory.unit_bytes += m.gathered;
@@ -286,7 +326,7 @@ impl<B: AutodiffBackend> ShardedStage<B> {
         c: &mut dyn Collective,
         model: &mut Llama<B>,
     ) -> Result<(), CollectiveError> {
-        for unit in &self.units {
+        for unit in self.prefix.iter().chain(&self.units) {
             match &unit.kind {
                 Kind::Embed(u) => model.embed_tokens = u.gather::<B>(c)?,
                 Kind::Block(i, u) => model.blocks[*i] = u.gather::<B>(c)?,
@@ -298,7 +338,7 @@ impl<B: AutodiffBackend> ShardedStage<B> {
 
     /// Puts the placeholders back into `model` (after [`Self::materialize`]).
     pub fn dematerialize(&self, model: &mut Llama<B>) {
-        for unit in &self.units {
+        for unit in self.prefix.iter().chain(&self.units) {
             match &unit.kind {
                 Kind::Embed(u) => model.embed_tokens = u.skeleton().clone(),
                 Kind::Block(i, u) => model.blocks[*i] = u.skeleton().clone(),
@@ -386,8 +426,55 @@ impl<B: AutodiffBackend> ShardedStage<B> {
             }
             with_unit!(&mut unit.kind, u => u.step(lr, &grad));
         }
-        self.memory.comm_bytes_per_step = c.stats().total_wire_bytes() - before;
+        let (prefix_moved, prefix_expected) = std::mem::take(&mut self.prefix_comm);
+        self.memory.comm_bytes_per_step = c.stats().total_wire_bytes() - before + prefix_moved;
+        self.memory.expected_comm_bytes_per_step += prefix_expected;
         Ok((loss_sum, norm))
+    }
+
+    /// `S[depth]` of each of `inputs` (token ids) through the sharded frozen prefix: each unit
+    /// all-gathered in turn (the next one prefetched), run forward without a graph on every
+    /// input, and freed. Every rank must call it, with any number of inputs (none included).
+    pub fn prefix_forward(
+        &mut self,
+        shard: &mut ShardRank,
+        inputs: Vec<Tensor<B::InnerBackend, 2, Int>>,
+        rope: &RopeTables<B::InnerBackend>,
+    ) -> Result<Vec<Tensor<B::InnerBackend, 3>>, CollectiveError> {
+        let s = &shard.collective;
+        let before = s.stats().total_wire_bytes();
+        let mut gathers = Gathers::new(0..self.prefix.len(), shard.options.prefetch);
+        let mut xs: Vec<Tensor<B::InnerBackend, 3>> = Vec::with_capacity(inputs.len());
+        let mut inputs = Some(inputs);
+        for unit in &self.prefix {
+            let full = gathers.next(&self.prefix, s)?;
+            match &unit.kind {
+                Kind::Embed(u) => {
+                    let embed = u.assemble::<B>(&full).valid();
+                    xs = inputs
+                        .take()
+                        .expect("the embedding comes first")
+                        .into_iter()
+                        .map(|t| embed.forward(t))
+                        .collect();
+                }
+                Kind::Block(_, u) => {
+                    let block = u.assemble::<B>(&full).valid();
+                    xs = xs.into_iter().map(|x| block.forward(x, rope)).collect();
+                }
+                Kind::Head(_) => unreachable!("a frozen prefix has no head"),
+            }
+        }
+        let world = s.world_size() as u64;
+        let padded: u64 = self
+            .prefix
+            .iter()
+            .map(|u| with_unit!(&u.kind, u => (u.layout.padded() * 4) as u64))
+            .sum();
+        self.prefix_comm.0 += s.stats().total_wire_bytes() - before;
+        self.prefix_comm.1 += padded * (world - 1) / world;
+        self.memory.gathered_peak_bytes = self.memory.gathered_peak_bytes.max(gathers.peak);
+        Ok(xs)
     }
 
     /// Where the adapter sits: after the unit holding block `depth - 1` (Stage 1 and segments).
@@ -545,7 +632,7 @@ impl<B: AutodiffBackend> ShardedStage<B> {
             drop(embed);
             scatters.start(s, 0, u.layout, acc)?;
         }
-        self.memory.gathered_peak_bytes = gathers.peak;
+        self.memory.gathered_peak_bytes = self.memory.gathered_peak_bytes.max(gathers.peak);
         self.memory.grad_bytes = self.memory.params_bytes + scatters.peak;
         let shards = scatters.finish()?;
         tracing::trace!(
@@ -648,7 +735,7 @@ impl<B: AutodiffBackend> ShardedStage<B> {
         }
         drop(gathered);
         let shards = scatters.finish()?;
-        self.memory.gathered_peak_bytes = gathered_bytes;
+        self.memory.gathered_peak_bytes = self.memory.gathered_peak_bytes.max(gathered_bytes);
         self.memory.grad_bytes = self.memory.params_bytes + gathered_bytes;
         self.memory.activation_bytes = 0;
         Ok((loss_sum, shards))

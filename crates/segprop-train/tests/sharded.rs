@@ -253,10 +253,14 @@ fn segprop_stage1_and_segments_on_2_and_4_ranks_match_one_unsharded_rank() {
             &sharded,
             &reference,
         );
-        // A stage-2 segment shards only the segment and LL(r): one block, one head block, the
-        // head (the frozen prefix comes from SnapCheck).
+        // A stage-2 segment trains only the segment and LL(r): one block, one head block, the
+        // head.
         let segment = sharded.sharding[1].unwrap();
         assert_eq!(segment.units, 3);
+        // Its frozen prefix (embedding, block 0) is sharded as well, read only on SnapCheck
+        // misses.
+        assert_eq!(segment.prefix_units, 2);
+        assert!(segment.prefix_bytes > 0);
         let stage1 = sharded.sharding[0].unwrap();
         assert_eq!(stage1.units, 4, "embedding, base block, head block, head");
     }
@@ -332,6 +336,28 @@ fn layer_wise_blocks_on_2_ranks_match_one_unsharded_rank() {
         "embedding, block 0, head"
     );
     assert_eq!(sharded.sharding[1].unwrap().units, 2, "block 1, head");
+    // The frozen prefix of block 1's stage (the embedding and block 0) is sharded too: each rank
+    // holds half of it and gathers it unit by unit, forward only, every step (no SnapCheck).
+    let second = sharded.sharding[1].unwrap();
+    assert_eq!(second.prefix_units, 2, "embedding, block 0");
+    // embedding + block 0 is block 1 + head less the final norm: about the trained units.
+    let half = second.unit_bytes as f64 / 2.0;
+    let held = second.prefix_bytes as f64;
+    assert!(held <= half && held > 0.95 * half, "{second:?}");
+    // Per step: the prefix gathered once ((N-1)/N of it: what one rank holds, at N = 2) on top
+    // of the trained units' schedule (between 2 and 3 x unit x (N-1)/N with AC).
+    let trained = second.expected_comm_bytes_per_step - second.prefix_bytes;
+    assert!(
+        trained > second.unit_bytes && trained < 3 * second.unit_bytes / 2,
+        "{second:?}"
+    );
+    let (moved, theory) = (
+        second.comm_bytes_per_step as f64,
+        second.expected_comm_bytes_per_step as f64,
+    );
+    assert!((moved - theory).abs() / theory < 0.001, "{second:?}");
+    // Block 0's own stage reads the tokens: no prefix.
+    assert_eq!(sharded.sharding[0].unwrap().prefix_units, 0);
 }
 
 #[test]
