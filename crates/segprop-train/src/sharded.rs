@@ -148,13 +148,26 @@ enum Group {
     Head,
 }
 
+/// Something per kind of unit: `E` for the embedding, `K` for decoder block `index`, `H` for the
+/// LM head with the final norm.
 // A handful of units per stage: boxing the large variant would buy nothing.
 #[allow(clippy::large_enum_variant)]
-enum Kind<B: AutodiffBackend> {
-    Embed(FsdpUnit<Embedding<B>>),
-    Block(usize, FsdpUnit<Block<B>>),
-    Head(FsdpUnit<LmHead<B>>),
+enum Part<E, K, H> {
+    Embed(E),
+    Block(usize, K),
+    Head(H),
 }
+
+/// A unit's shards.
+type Kind<B> = Part<FsdpUnit<Embedding<B>>, FsdpUnit<Block<B>>, FsdpUnit<LmHead<B>>>;
+/// A unit's gathered (whole) module.
+type Gathered<B> = Part<Embedding<B>, Block<B>, LmHead<B>>;
+/// A gathered unit's gradients summed over micro-batches (on the device).
+type Accumulated<B> = Part<
+    GradientsAccumulator<Embedding<B>>,
+    GradientsAccumulator<Block<B>>,
+    GradientsAccumulator<LmHead<B>>,
+>;
 
 struct Unit<B: AutodiffBackend> {
     kind: Kind<B>,
@@ -673,7 +686,7 @@ impl<B: AutodiffBackend> ShardedStage<B> {
             .iter()
             .map(|g| match g {
                 Gathered::Embed(_) => Accumulated::Embed(GradientsAccumulator::new()),
-                Gathered::Block(..) => Accumulated::Block(GradientsAccumulator::new()),
+                Gathered::Block(i, _) => Accumulated::Block(*i, GradientsAccumulator::new()),
                 Gathered::Head(_) => Accumulated::Head(GradientsAccumulator::new()),
             })
             .collect();
@@ -712,7 +725,7 @@ impl<B: AutodiffBackend> ShardedStage<B> {
                     (Gathered::Embed(e), Accumulated::Embed(a)) => {
                         a.accumulate(e, GradientsParams::from_module(&mut grads, e));
                     }
-                    (Gathered::Block(_, b), Accumulated::Block(a)) => {
+                    (Gathered::Block(_, b), Accumulated::Block(_, a)) => {
                         a.accumulate(b, GradientsParams::from_module(&mut grads, b));
                     }
                     (Gathered::Head(h), Accumulated::Head(a)) => {
@@ -726,7 +739,9 @@ impl<B: AutodiffBackend> ShardedStage<B> {
         for (ui, ((unit, g), acc)) in self.units.iter().zip(&gathered).zip(accs).enumerate() {
             let flat = match (g, acc) {
                 (Gathered::Embed(e), Accumulated::Embed(mut a)) => flatten_grads(e, &a.grads()),
-                (Gathered::Block(_, b), Accumulated::Block(mut a)) => flatten_grads(b, &a.grads()),
+                (Gathered::Block(_, b), Accumulated::Block(_, mut a)) => {
+                    flatten_grads(b, &a.grads())
+                }
                 (Gathered::Head(h), Accumulated::Head(mut a)) => flatten_grads(h, &a.grads()),
                 _ => unreachable!("one accumulator per gathered unit, same kind"),
             };
@@ -843,20 +858,6 @@ impl Scatters {
         }
         Ok(self.shards)
     }
-}
-
-#[allow(clippy::large_enum_variant)]
-enum Gathered<B: AutodiffBackend> {
-    Embed(Embedding<B>),
-    Block(usize, Block<B>),
-    Head(LmHead<B>),
-}
-
-/// Gradients of one gathered unit summed over micro-batches (on the device).
-enum Accumulated<B: AutodiffBackend> {
-    Embed(GradientsAccumulator<Embedding<B>>),
-    Block(GradientsAccumulator<Block<B>>),
-    Head(GradientsAccumulator<LmHead<B>>),
 }
 
 /// Loads a unit's AdamW moments from burn's optimizer record, when it holds all of them.

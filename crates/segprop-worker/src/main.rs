@@ -6,6 +6,7 @@ mod artifacts;
 mod daemon;
 mod fault;
 mod snapshots;
+mod task;
 mod telemetry;
 
 use std::path::PathBuf;

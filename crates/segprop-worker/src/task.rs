@@ -1,0 +1,927 @@
+//! One assignment on the worker's training thread ([`TaskContext`]): train a stage (one rank,
+//! or a gang of ranks in this process), advance SnapCheck snapshots, or export the model; with
+//! its checkpoints, stage states and metrics in the artifact store.
+//!
+//! Artifact keys in the artifact store (`jobs/<job>/`), each with its `.manifest`
+//! ([`segprop_store::artifact`]):
+//! - `stages/<stage>/attempt-<epoch>/ckpt-<step>/` (+ `.events.jsonl`): mid-stage checkpoints
+//!   (the newest accepted one and the one before it are kept);
+//! - `stages/<stage>/attempt-<epoch>/state/` and `metrics.jsonl`: the state after the stage;
+//! - `model/`, `metrics.jsonl`, `summary.json`, `summary.txt`, `loss.svg`: written by `export`.
+//!
+//! A corrupt or missing checkpoint to resume from falls back to the previous checkpoint, then to
+//! the stage's input state (the stage restarts); a corrupt input state or metrics file fails the
+//! task, naming the artifact and the file.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use segprop_core::JobSpec;
+use segprop_proto::v1 as pb;
+use segprop_store::{SnapshotHeader, Store};
+use segprop_train::checkpoint::{self, Digest};
+use segprop_train::engine::{AdamWOptimizer, Checkpointer, StageProgress};
+use segprop_train::metrics::{RecordingObserver, StageRecord, TrainEvent, TrainObserver};
+use segprop_train::segprop::run_next_stage;
+use segprop_train::snapcheck::entry_values;
+use segprop_train::{TrainError, Trainer};
+
+use crate::artifacts::{self, Artifacts, FetchError};
+use crate::snapshots::{self, SnapshotIo, StoreSource};
+
+/// What the training thread and the heartbeat loop share about the running task.
+#[derive(Default)]
+pub(crate) struct TaskState {
+    pub(crate) events: Vec<pb::Progress>,
+    pub(crate) checkpoint: Option<pb::CheckpointRef>,
+    /// Newest checkpoint step the coordinator has accepted (checkpoints older than the one
+    /// accepted before it are deleted).
+    pub(crate) acked_step: u64,
+    pub(crate) result: Option<Result<pb::TaskSucceeded, pb::TaskFailed>>,
+}
+
+pub(crate) fn lock(state: &Mutex<TaskState>) -> MutexGuard<'_, TaskState> {
+    state.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Everything the training thread needs.
+pub(crate) struct TaskContext {
+    pub(crate) artifacts: Artifacts,
+    /// This attempt's key prefix in the artifact store.
+    pub(crate) attempt_key: String,
+    pub(crate) work_dir: PathBuf,
+    pub(crate) backend: String,
+    pub(crate) cancel: Arc<AtomicBool>,
+    pub(crate) state: Arc<Mutex<TaskState>>,
+    pub(crate) store: Store,
+    pub(crate) runtime: tokio::runtime::Handle,
+    pub(crate) snapshot_io: Arc<Mutex<SnapshotIo>>,
+    /// This worker's name, recorded in task results.
+    pub(crate) worker_name: String,
+}
+
+pub(crate) fn failed(err: &TrainError) -> pb::TaskFailed {
+    let retryable = !matches!(
+        err,
+        TrainError::Spec(_)
+            | TrainError::Corpus { .. }
+            | TrainError::Checkpoint(_)
+            | TrainError::NonFiniteLoss { .. }
+            | TrainError::State { .. }
+    );
+    pb::TaskFailed {
+        reason: err.to_string(),
+        retryable,
+    }
+}
+
+/// A task failure about an artifact that could not be stored or fetched.
+fn artifact_failed(reason: String, retryable: bool) -> pb::TaskFailed {
+    pb::TaskFailed { reason, retryable }
+}
+
+impl TaskContext {
+    pub(crate) fn run(
+        self: &Arc<Self>,
+        a: &pb::Assignment,
+    ) -> Result<pb::TaskSucceeded, pb::TaskFailed> {
+        let spec = JobSpec::from_yaml_str(&a.spec_yaml, &format!("job {}", a.job_id))
+            .map_err(|e| failed(&TrainError::Spec(e)))?;
+        match self.backend.as_str() {
+            "cpu" => self.run_on::<segprop_train::CpuBackend>(spec, Default::default(), a),
+            #[cfg(feature = "cuda")]
+            "cuda" => {
+                if !segprop_train::cuda::cuda_available() {
+                    return Err(failed(&TrainError::NoDevice {
+                        backend: "cuda".into(),
+                    }));
+                }
+                self.run_on::<segprop_train::cuda::CudaBackend>(spec, burn_cuda_device(), a)
+            }
+            other => Err(pb::TaskFailed {
+                reason: format!("backend {other} is not built into this worker"),
+                retryable: false,
+            }),
+        }
+    }
+
+    fn run_on<B: burn::tensor::backend::AutodiffBackend>(
+        self: &Arc<Self>,
+        spec: JobSpec,
+        device: B::Device,
+        a: &pb::Assignment,
+    ) -> Result<pb::TaskSucceeded, pb::TaskFailed> {
+        let mut trainer =
+            Trainer::<B>::new(spec, device.clone(), &self.work_dir).map_err(|e| failed(&e))?;
+        let mut recorder = RecordingObserver::default();
+        let (recovered, loaded) = self.restore(&mut trainer, &mut recorder, a)?;
+        let kind = pb::TaskKind::try_from(a.kind);
+        self.prepare(&mut trainer, a);
+        match kind {
+            Ok(pb::TaskKind::TrainStage) => match segprop_train::gang::gang_size(&trainer.spec) {
+                None => self.train_stage(trainer, recorder, a, recovered),
+                Some(world) => {
+                    self.train_stage_gang(trainer, recorder, a, recovered, loaded, device, world)
+                }
+            },
+            Ok(pb::TaskKind::AdvanceSnapshots) => self.advance(trainer, a),
+            Ok(pb::TaskKind::Export) => self.export(trainer, a),
+            _ => Err(pb::TaskFailed {
+                reason: format!("unknown task kind {}", a.kind),
+                retryable: false,
+            }),
+        }
+    }
+
+    /// Task settings every rank's trainer takes: SnapCheck reads the stored snapshots of the
+    /// committed prefix instead of recomputing it, and commits drop snapshots instead of
+    /// advancing them (advance tasks do that).
+    fn prepare<B: burn::tensor::backend::AutodiffBackend>(
+        &self,
+        trainer: &mut Trainer<B>,
+        a: &pb::Assignment,
+    ) {
+        trainer.advance_in_place = false;
+        if a.snapshot_depth > 0
+            && a.snapshot_shards > 0
+            && pb::TaskKind::try_from(a.kind) != Ok(pb::TaskKind::Export)
+            && trainer.cache.is_some()
+        {
+            let source = self.snapshot_source(trainer, a, a.snapshot_depth);
+            if let Some(cache) = trainer.cache.as_mut() {
+                cache.set_source(Box::new(source));
+            }
+            tracing::info!(
+                depth = a.snapshot_depth,
+                shards = a.snapshot_shards,
+                complete = a.snapshots_complete,
+                "reading snapshots from the store"
+            );
+        }
+    }
+
+    /// Runs a training stage on a gang of `world` ranks in this process (one per device, or CPU
+    /// ranks as threads): rank 0 is `trainer`, which reports and checkpoints; every other rank
+    /// loads the same starting point (`loaded`) into a trainer of its own. A rank that stops
+    /// answering fails every rank's next collective within `sharding.collective_timeout_s`,
+    /// naming it, and the task fails retryably: the coordinator retries the stage from its last
+    /// checkpoint.
+    #[allow(clippy::too_many_arguments)]
+    fn train_stage_gang<B: burn::tensor::backend::AutodiffBackend>(
+        self: &Arc<Self>,
+        mut trainer: Trainer<B>,
+        recorder: RecordingObserver,
+        a: &pb::Assignment,
+        recovered: Option<String>,
+        loaded: Option<PathBuf>,
+        device: B::Device,
+        world: usize,
+    ) -> Result<pb::TaskSucceeded, pb::TaskFailed> {
+        self.check_stage(&trainer, a)?;
+        let spec = trainer.spec.clone();
+        let devices = segprop_train::gang::gang_devices::<B>(&device, world);
+        tracing::info!(
+            ranks = world,
+            activation_checkpointing = spec.activation_checkpointing,
+            prefetch = spec.sharding.prefetch,
+            deadline_s = spec.sharding.collective_timeout_s,
+            "sharded stage: one trainer per rank"
+        );
+        let fault = crate::fault::StallRank::from_env();
+        let group =
+            segprop_train::gang::gang_group::<B>(&spec, &devices).map_err(|e| failed(&e))?;
+        let ran = segprop_train::gang::run_gang(
+            group,
+            segprop_train::gang::collective_deadline(&spec),
+            segprop_train::sharded::ShardOptions::of(&spec),
+            |shard| {
+                trainer.shard = Some(shard);
+                let (record, recorder) = self.run_stage(&mut trainer, recorder, a)?;
+                trainer.shard = None;
+                Ok((trainer, record, recorder))
+            },
+            {
+                let ctx = self.clone();
+                let a = a.clone();
+                Arc::new(move |shard: segprop_train::sharded::ShardRank| {
+                    let rank = shard.rank();
+                    let mut follower = Trainer::<B>::new(
+                        spec.clone(),
+                        devices[rank].clone(),
+                        &ctx.work_dir.join(format!("rank{rank}")),
+                    )?;
+                    if let Some(dir) = &loaded {
+                        checkpoint::load(&mut follower, dir, None)?;
+                    }
+                    ctx.prepare(&mut follower, &a);
+                    follower.shard = Some(shard);
+                    follower.checkpointer = Some(Box::new(FollowerCheckpointer {
+                        every: a.checkpoint_every_steps,
+                    }));
+                    let mut observer = FollowerObserver {
+                        cancel: ctx.cancel.clone(),
+                        fault: fault.clone().filter(|f| f.rank == rank),
+                        steps: 0,
+                    };
+                    run_next_stage(&mut follower, &mut observer)?;
+                    Ok(())
+                })
+            },
+        );
+        let (trainer, record, recorder) = ran.map_err(|e| {
+            // Releases a follower still stalled by the fault injection (it watches the flag).
+            self.cancel.store(true, Ordering::SeqCst);
+            failed(&e)
+        })?;
+        self.publish(trainer, record, recorder, a, recovered)
+    }
+
+    /// Loads the task's starting point: the checkpoint to resume from or the stage's input
+    /// state. A damaged or missing checkpoint falls back to the one before it, then to the input
+    /// state (the stage restarts; training is deterministic, so the result is the same); the
+    /// returned note says so. A damaged input state fails the task: it has no earlier version.
+    fn restore<B: burn::tensor::backend::AutodiffBackend>(
+        &self,
+        trainer: &mut Trainer<B>,
+        recorder: &mut RecordingObserver,
+        a: &pb::Assignment,
+    ) -> Result<(Option<String>, Option<PathBuf>), pb::TaskFailed> {
+        let mut recovered = None;
+        let checkpoint_dir = self.work_dir.join("in/checkpoint");
+        if let Some(resume) = a.resume_from.as_ref().and_then(|c| c.artifact.as_ref()) {
+            let damage = match self.load_checkpoint(
+                trainer,
+                recorder,
+                &resume.uri,
+                Some(&resume.checksum),
+            ) {
+                Ok(()) => {
+                    tracing::info!(checkpoint = %resume.uri, "resuming from checkpoint");
+                    return Ok((None, Some(checkpoint_dir)));
+                }
+                Err(FetchError::Unavailable(m)) => return Err(artifact_failed(m, true)),
+                Err(FetchError::Corrupt(m)) => m,
+            };
+            tracing::warn!(checkpoint = %resume.uri, error = %damage, "the checkpoint to resume from is damaged: falling back to an earlier one");
+            let prefix = resume.uri.rsplit_once('/').map_or("", |(p, _)| p);
+            let newest = artifacts::checkpoint_step(&resume.uri).unwrap_or(u64::MAX);
+            let older = self
+                .artifacts
+                .checkpoints(prefix)
+                .map_err(|m| artifact_failed(m, true))?;
+            for (step, key) in older.into_iter().filter(|(s, _)| *s < newest) {
+                match self.load_checkpoint(trainer, recorder, &key, None) {
+                    Ok(()) => {
+                        let note = format!(
+                            "checkpoint {} is damaged ({damage}); resumed from step {step} ({key})",
+                            resume.uri
+                        );
+                        tracing::warn!("{note}");
+                        return Ok((Some(note), Some(checkpoint_dir)));
+                    }
+                    Err(e) => {
+                        tracing::warn!(checkpoint = %key, error = %e, "earlier checkpoint unusable too")
+                    }
+                }
+            }
+            *recorder = RecordingObserver::default();
+            let note = format!(
+                "checkpoint {} is damaged ({damage}) and no earlier one is usable; the stage \
+                 restarted from its input state",
+                resume.uri
+            );
+            tracing::warn!("{note}");
+            recovered = Some(note);
+        }
+        if let Some(input) = &a.input_state {
+            let dir = self.work_dir.join("in/state");
+            self.artifacts
+                .fetch(&input.uri, Some(&input.checksum), &dir)
+                .map_err(|e| match e {
+                    FetchError::Corrupt(m) => artifact_failed(
+                        format!(
+                            "input state is damaged and has no earlier version: {m}; \
+                             resubmit the job (or restore the artifact store from a backup)"
+                        ),
+                        false,
+                    ),
+                    FetchError::Unavailable(m) => artifact_failed(m, true),
+                })?;
+            checkpoint::load(trainer, &dir, None).map_err(|e| failed(&e))?;
+            return Ok((recovered, Some(dir)));
+        }
+        Ok((recovered, None))
+    }
+
+    /// Fetches the checkpoint `key` and its events and loads both.
+    fn load_checkpoint<B: burn::tensor::backend::AutodiffBackend>(
+        &self,
+        trainer: &mut Trainer<B>,
+        recorder: &mut RecordingObserver,
+        key: &str,
+        expected: Option<&str>,
+    ) -> Result<(), FetchError> {
+        let dir = self.work_dir.join("in/checkpoint");
+        self.artifacts.fetch(key, expected, &dir)?;
+        let events = events_path(&dir);
+        self.artifacts
+            .fetch(&format!("{key}.events.jsonl"), None, &events)?;
+        let loaded = read_events(&events).map_err(|e| FetchError::Corrupt(e.to_string()))?;
+        checkpoint::load(trainer, &dir, None).map_err(|e| FetchError::Corrupt(e.to_string()))?;
+        recorder.events = loaded;
+        Ok(())
+    }
+
+    fn train_stage<B: burn::tensor::backend::AutodiffBackend>(
+        &self,
+        mut trainer: Trainer<B>,
+        recorder: RecordingObserver,
+        a: &pb::Assignment,
+        recovered: Option<String>,
+    ) -> Result<pb::TaskSucceeded, pb::TaskFailed> {
+        self.check_stage(&trainer, a)?;
+        let (record, recorder) = self
+            .run_stage(&mut trainer, recorder, a)
+            .map_err(|e| failed(&e))?;
+        self.publish(trainer, record, recorder, a, recovered)
+    }
+
+    /// Whether the loaded state is where the task starts.
+    fn check_stage<B: burn::tensor::backend::AutodiffBackend>(
+        &self,
+        trainer: &Trainer<B>,
+        a: &pb::Assignment,
+    ) -> Result<(), pb::TaskFailed> {
+        if segprop_train::segprop::plan_done(trainer) {
+            return Err(pb::TaskFailed {
+                reason: "the plan was already complete".into(),
+                retryable: false,
+            });
+        }
+        if trainer.progress.next_stage != a.stage_index as usize {
+            return Err(pb::TaskFailed {
+                reason: format!(
+                    "the input state is at stage {}, the task is stage {}",
+                    trainer.progress.next_stage, a.stage_index
+                ),
+                retryable: false,
+            });
+        }
+        Ok(())
+    }
+
+    /// Trains the task's stage with checkpoints to the store and progress to the heartbeat.
+    fn run_stage<B: burn::tensor::backend::AutodiffBackend>(
+        &self,
+        trainer: &mut Trainer<B>,
+        recorder: RecordingObserver,
+        a: &pb::Assignment,
+    ) -> Result<(StageRecord, RecordingObserver), TrainError> {
+        let recorder = Arc::new(Mutex::new(recorder));
+        trainer.checkpointer = Some(Box::new(StoreCheckpointer {
+            artifacts: self.artifacts.clone(),
+            attempt_key: self.attempt_key.clone(),
+            local_dir: self.work_dir.join("checkpoints"),
+            every: a.checkpoint_every_steps,
+            recorder: recorder.clone(),
+            state: self.state.clone(),
+        }));
+        let mut observer = DaemonObserver {
+            stage_index: a.task_index,
+            recorder: recorder.clone(),
+            state: self.state.clone(),
+            cancel: self.cancel.clone(),
+        };
+        let record = run_next_stage(trainer, &mut observer);
+        trainer.checkpointer = None;
+        drop(observer);
+        let record = record?.ok_or_else(|| TrainError::State {
+            path: PathBuf::from(&self.attempt_key),
+            message: "the plan was already complete".into(),
+        })?;
+        let recorder = Arc::try_unwrap(recorder)
+            .map(|m| m.into_inner().unwrap_or_else(|e| e.into_inner()))
+            .unwrap_or_else(|shared| RecordingObserver {
+                events: lock_recorder(&shared).events.clone(),
+            });
+        Ok((record, recorder))
+    }
+
+    /// Stores the stage's output state and metrics and builds the task's result.
+    fn publish<B: burn::tensor::backend::AutodiffBackend>(
+        &self,
+        trainer: Trainer<B>,
+        record: StageRecord,
+        recorder: RecordingObserver,
+        a: &pb::Assignment,
+        recovered: Option<String>,
+    ) -> Result<pb::TaskSucceeded, pb::TaskFailed> {
+        let out = self.work_dir.join("out");
+        let state_local = out.join("state");
+        let digest = checkpoint::save(&trainer, None, &state_local).map_err(|e| failed(&e))?;
+        let state = self
+            .artifacts
+            .put(
+                &format!("{}/state", self.attempt_key),
+                &state_local,
+                &digest,
+            )
+            .map_err(|m| artifact_failed(m, true))?;
+        let metrics_local = out.join("metrics.jsonl");
+        let digest = write_events(&metrics_local, &recorder.events).map_err(|e| failed(&e))?;
+        let metrics = self
+            .artifacts
+            .put(
+                &format!("{}/metrics.jsonl", self.attempt_key),
+                &metrics_local,
+                &digest,
+            )
+            .map_err(|m| artifact_failed(m, true))?;
+        let mut result = serde_json::to_value(&record).unwrap_or_default();
+        if let Some(map) = result.as_object_mut() {
+            if let Some(note) = recovered {
+                map.insert("recovered".into(), note.into());
+            }
+            if trainer.cache.is_some() {
+                let batches: Vec<_> = trainer
+                    .snapshot_batches()
+                    .iter()
+                    .map(|(split, b)| (*split, b.id, b.batch * b.seq))
+                    .collect();
+                let bytes = snapshots::depth_bytes_estimate(
+                    &batches,
+                    trainer.config.hidden_size,
+                    snapshots::storage_dtype(trainer.spec.segprop.snapshot_dtype),
+                    a.snapshot_shards.max(1),
+                    snapshots::batches_per_blob(&trainer.spec, trainer.config.hidden_size),
+                );
+                map.insert("snapshot_depth_bytes".into(), bytes.into());
+            }
+            let io = self
+                .snapshot_io
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            map.insert(
+                "snapshot_io".into(),
+                serde_json::to_value(io).unwrap_or_default(),
+            );
+            map.insert("worker".into(), self.worker_name.clone().into());
+        }
+        Ok(pb::TaskSucceeded {
+            artifacts: vec![state],
+            result_json: result.to_string(),
+            early_exit: trainer.progress.early_exit.is_some(),
+            metrics: Some(metrics),
+        })
+    }
+
+    /// The blob layout of the job's snapshots and a store reader for `S[depth]`.
+    fn snapshot_source<B: burn::tensor::backend::AutodiffBackend>(
+        &self,
+        trainer: &Trainer<B>,
+        a: &pb::Assignment,
+        depth: u32,
+    ) -> StoreSource {
+        StoreSource::new(
+            self.store.clone(),
+            self.runtime.clone(),
+            a.job_dir.clone(),
+            SnapshotHeader {
+                job: a.job_id.clone(),
+                depth,
+                fingerprint: a.snapshot_in_fingerprint.clone(),
+                dtype: snapshots::storage_dtype(trainer.spec.segprop.snapshot_dtype),
+            },
+            self.blob_plan(trainer, a),
+            a.snapshots_complete,
+            self.snapshot_io.clone(),
+            self.cancel.clone(),
+        )
+    }
+
+    fn blob_plan<B: burn::tensor::backend::AutodiffBackend>(
+        &self,
+        trainer: &Trainer<B>,
+        a: &pb::Assignment,
+    ) -> Vec<snapshots::BlobPlan> {
+        let ids: Vec<_> = trainer
+            .snapshot_batches()
+            .iter()
+            .map(|(split, b)| (*split, b.id))
+            .collect();
+        let per_blob = snapshots::batches_per_blob(&trainer.spec, trainer.config.hidden_size);
+        snapshots::blob_plan(&ids, a.snapshot_shards, per_blob)
+    }
+
+    /// One shard of SnapCheck's advance step: `S[to] = F_{from:to}(S[from])` for this shard's
+    /// batches (`from = 0`: the full prefix forward after stage 1), stored blob by blob.
+    fn advance<B: burn::tensor::backend::AutodiffBackend>(
+        &self,
+        mut trainer: Trainer<B>,
+        a: &pb::Assignment,
+    ) -> Result<pb::TaskSucceeded, pb::TaskFailed> {
+        let (from, to) = (a.snapshot_from as usize, a.snapshot_to as usize);
+        if trainer.committed_depth < to {
+            return Err(pb::TaskFailed {
+                reason: format!(
+                    "the input state has committed depth {}, the task needs {to}",
+                    trainer.committed_depth
+                ),
+                retryable: false,
+            });
+        }
+        if trainer.cache.is_none() {
+            return Err(pb::TaskFailed {
+                reason: "advance_snapshots for a job without SnapCheck".into(),
+                retryable: false,
+            });
+        }
+        let header = SnapshotHeader {
+            job: a.job_id.clone(),
+            depth: a.snapshot_to,
+            fingerprint: a.snapshot_out_fingerprint.clone(),
+            dtype: snapshots::storage_dtype(trainer.spec.segprop.snapshot_dtype),
+        };
+        let batches: std::collections::HashMap<_, _> = trainer
+            .snapshot_batches()
+            .into_iter()
+            .map(|(split, b)| ((split, b.id), b))
+            .collect();
+        let mine: Vec<_> = self
+            .blob_plan(&trainer, a)
+            .into_iter()
+            .filter(|b| b.shard == a.snapshot_shard)
+            .collect();
+        let (mut advanced, mut recomputed, mut written) = (0u64, 0u64, 0u64);
+        for blob in &mine {
+            if self.cancel.load(Ordering::SeqCst) {
+                return Err(pb::TaskFailed {
+                    reason: "cancelled".into(),
+                    retryable: true,
+                });
+            }
+            let mut entries = Vec::with_capacity(blob.ids.len());
+            for id in &blob.ids {
+                let batch = batches
+                    .get(&(blob.split, *id))
+                    .ok_or_else(|| pb::TaskFailed {
+                        reason: format!("snapshot layout names batch {id}, which the data lacks"),
+                        retryable: false,
+                    })?;
+                let (out, was_advanced) = trainer.advance_batch(from, to, blob.split, batch);
+                if was_advanced {
+                    advanced += 1;
+                } else {
+                    recomputed += 1;
+                }
+                let values = entry_values(
+                    segprop_train::snapcheck::SnapshotKey {
+                        depth: to,
+                        split: blob.split,
+                        id: *id,
+                    },
+                    out,
+                );
+                entries.push(segprop_store::SnapshotEntry {
+                    split: snapshots::store_split(blob.split),
+                    id: *id as u64,
+                    shape: values.dims.to_vec(),
+                    data: values.values,
+                });
+            }
+            let key = snapshots::blob_key(&a.job_dir, a.snapshot_to, blob);
+            let bytes =
+                segprop_store::encode_snapshot(&header, &entries).map_err(|e| pb::TaskFailed {
+                    reason: format!("cannot encode snapshot blob {key}: {e}"),
+                    retryable: false,
+                })?;
+            let len = bytes.len() as u64;
+            self.runtime
+                .block_on(self.store.put(&key, bytes.into()))
+                .map_err(|e| pb::TaskFailed {
+                    reason: format!("cannot store snapshot blob {key}: {e}"),
+                    retryable: true,
+                })?;
+            written += blob.ids.len() as u64;
+            {
+                let mut io = self.snapshot_io.lock().unwrap_or_else(|e| e.into_inner());
+                io.blobs_written += 1;
+                io.bytes_written += len;
+            }
+            // The blob of S[from] this one came from is no longer needed here.
+            if let Some(cache) = trainer.cache.as_mut() {
+                cache.drop_depth(from);
+            }
+        }
+        let io = self
+            .snapshot_io
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        tracing::info!(
+            depth = to,
+            shard = a.snapshot_shard,
+            shards = a.snapshot_shards,
+            blobs = mine.len(),
+            batches = written,
+            advanced,
+            recomputed,
+            bytes = io.bytes_written,
+            "snapshots stored"
+        );
+        let prefix = segprop_store::depth_prefix(&a.job_dir, a.snapshot_to);
+        Ok(pb::TaskSucceeded {
+            artifacts: vec![pb::ArtifactRef {
+                uri: prefix,
+                checksum: String::new(),
+                bytes: io.bytes_written,
+            }],
+            result_json: serde_json::json!({
+                "depth": to,
+                "shard": a.snapshot_shard,
+                "shards": a.snapshot_shards,
+                "batches": written,
+                "advanced": advanced,
+                "recomputed": recomputed,
+                "snapshot_io": io,
+                "worker": self.worker_name,
+            })
+            .to_string(),
+            early_exit: false,
+            metrics: None,
+        })
+    }
+
+    fn export<B: burn::tensor::backend::AutodiffBackend>(
+        &self,
+        mut trainer: Trainer<B>,
+        a: &pb::Assignment,
+    ) -> Result<pb::TaskSucceeded, pb::TaskFailed> {
+        let mut recorder = RecordingObserver::default();
+        for (i, m) in a.stage_metrics.iter().enumerate() {
+            let path = self.work_dir.join(format!("in/metrics-{i:03}.jsonl"));
+            self.artifacts
+                .fetch(&m.uri, Some(&m.checksum), &path)
+                .map_err(|e| match e {
+                    FetchError::Corrupt(m) => {
+                        artifact_failed(format!("stage metrics are damaged: {m}"), false)
+                    }
+                    FetchError::Unavailable(m) => artifact_failed(m, true),
+                })?;
+            recorder
+                .events
+                .extend(read_events(&path).map_err(|e| failed(&e))?);
+        }
+        let out = self.work_dir.join("export");
+        let wall_s: f64 = trainer.progress.records.iter().map(|r| r.wall_s).sum();
+        let summary = segprop_train::run::finish_run(
+            &mut trainer,
+            &out,
+            &recorder,
+            wall_s,
+            Some(5_000_000_000),
+        )
+        .map_err(|e| failed(&e))?;
+        let mut events = recorder.events;
+        events.push(TrainEvent::RunFinished(summary.clone()));
+        write_events(&out.join("metrics.jsonl"), &events).map_err(|e| failed(&e))?;
+        // Everything finish_run wrote (model/, summary.json, summary.txt, loss.svg) and the
+        // job's metrics, each as its own artifact under the job's key.
+        let mut names: Vec<_> = std::fs::read_dir(&out)
+            .map_err(TrainError::io(&out))
+            .map_err(|e| failed(&e))?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        let job_key = a.job_dir.trim_end_matches('/');
+        let (mut model, mut metrics) = (None, None);
+        for name in names {
+            let local = out.join(&name);
+            let digest = checkpoint::checksum_dir(&local).map_err(|e| failed(&e))?;
+            let stored = self
+                .artifacts
+                .put(&format!("{job_key}/{name}"), &local, &digest)
+                .map_err(|m| artifact_failed(m, true))?;
+            match name.as_str() {
+                "model" => model = Some(stored),
+                "metrics.jsonl" => metrics = Some(stored),
+                _ => {}
+            }
+        }
+        let model = model.ok_or_else(|| artifact_failed("export wrote no model".into(), false))?;
+        tracing::info!(model = %model.uri, store = self.artifacts.store.location(), eval_loss = summary.final_eval_loss, "model exported");
+        Ok(pb::TaskSucceeded {
+            artifacts: vec![model],
+            result_json: serde_json::to_string(&summary).unwrap_or_default(),
+            early_exit: false,
+            metrics,
+        })
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn burn_cuda_device() -> burn::backend::cuda::CudaDevice {
+    burn::backend::cuda::CudaDevice::new(0)
+}
+
+fn lock_recorder(r: &Mutex<RecordingObserver>) -> MutexGuard<'_, RecordingObserver> {
+    r.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn events_path(checkpoint_dir: &Path) -> PathBuf {
+    let mut name = checkpoint_dir
+        .file_name()
+        .unwrap_or_default()
+        .to_os_string();
+    name.push(".events.jsonl");
+    checkpoint_dir.with_file_name(name)
+}
+
+fn write_events(path: &Path, events: &[TrainEvent]) -> Result<Digest, TrainError> {
+    let mut text = String::new();
+    for e in events {
+        text.push_str(&serde_json::to_string(e).unwrap_or_default());
+        text.push('\n');
+    }
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(TrainError::io(parent))?;
+    }
+    let tmp = path.with_extension("jsonl.partial");
+    std::fs::write(&tmp, &text).map_err(TrainError::io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(TrainError::io(path))?;
+    checkpoint::checksum_dir(path)
+}
+
+fn read_events(path: &Path) -> Result<Vec<TrainEvent>, TrainError> {
+    let text = std::fs::read_to_string(path).map_err(TrainError::io(path))?;
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .enumerate()
+        .map(|(i, line)| {
+            serde_json::from_str(line).map_err(|e| TrainError::State {
+                path: path.to_path_buf(),
+                message: format!("line {}: {e}", i + 1),
+            })
+        })
+        .collect()
+}
+
+/// Streams engine events to the heartbeat loop and keeps them for the stage's metrics file.
+struct DaemonObserver {
+    stage_index: u32,
+    recorder: Arc<Mutex<RecordingObserver>>,
+    state: Arc<Mutex<TaskState>>,
+    cancel: Arc<AtomicBool>,
+}
+
+impl TrainObserver for DaemonObserver {
+    fn on_event(&mut self, event: &TrainEvent) {
+        lock_recorder(&self.recorder).on_event(event);
+        let progress = match event {
+            TrainEvent::Step(s) => pb::Progress {
+                task_index: self.stage_index,
+                stage: s.stage.clone(),
+                step: s.step,
+                budget_steps: 0,
+                global_step: s.global_step,
+                loss: s.loss,
+                lr: s.lr,
+                eval_loss: None,
+                tokens_per_s: s.tokens_per_s,
+            },
+            TrainEvent::Eval(e) => pb::Progress {
+                task_index: self.stage_index,
+                stage: e.stage.clone(),
+                step: e.step,
+                budget_steps: 0,
+                global_step: e.global_step,
+                loss: f64::NAN,
+                lr: 0.0,
+                eval_loss: Some(e.eval_loss),
+                tokens_per_s: 0.0,
+            },
+            _ => return,
+        };
+        let budget = lock_recorder(&self.recorder)
+            .events
+            .iter()
+            .rev()
+            .find_map(|e| match e {
+                TrainEvent::StageStarted { budget_steps, .. } => Some(*budget_steps),
+                _ => None,
+            })
+            .unwrap_or(0);
+        let mut state = lock(&self.state);
+        state.events.push(pb::Progress {
+            budget_steps: budget,
+            ..progress
+        });
+        // A heartbeat that cannot get through must not grow memory without bound.
+        if state.events.len() > 10_000 {
+            state.events.drain(..5_000);
+        }
+    }
+
+    fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::SeqCst)
+    }
+}
+
+/// The observer of a follower rank: reports nothing (rank 0 reports for the gang), shares the
+/// task's cancel flag, and carries the fault injected for tests, if any.
+struct FollowerObserver {
+    cancel: Arc<AtomicBool>,
+    fault: Option<crate::fault::StallRank>,
+    steps: u64,
+}
+
+impl TrainObserver for FollowerObserver {
+    fn on_event(&mut self, event: &TrainEvent) {
+        if let TrainEvent::Step(_) = event {
+            self.steps += 1;
+            if let Some(fault) = &self.fault {
+                fault.maybe_stall(self.steps, &self.cancel);
+            }
+        }
+    }
+
+    fn cancelled(&self) -> bool {
+        self.cancel.load(Ordering::SeqCst)
+    }
+}
+
+/// A follower rank takes part in every checkpoint's gathers at the leader's interval, and
+/// writes nothing (rank 0 writes the gang's checkpoint).
+struct FollowerCheckpointer {
+    every: u64,
+}
+
+impl<B: burn::tensor::backend::AutodiffBackend> Checkpointer<B> for FollowerCheckpointer {
+    fn every_steps(&self) -> u64 {
+        self.every
+    }
+
+    fn save(
+        &mut self,
+        _trainer: &Trainer<B>,
+        _local_optimizer: &AdamWOptimizer<B>,
+        _progress: &StageProgress,
+    ) -> Result<(), TrainError> {
+        Ok(())
+    }
+}
+
+/// Writes mid-stage checkpoints to the artifact store and hands the newest to the heartbeat loop.
+struct StoreCheckpointer {
+    artifacts: Artifacts,
+    attempt_key: String,
+    /// Where a checkpoint is written before it is stored.
+    local_dir: PathBuf,
+    every: u64,
+    recorder: Arc<Mutex<RecordingObserver>>,
+    state: Arc<Mutex<TaskState>>,
+}
+
+impl<B: burn::tensor::backend::AutodiffBackend> Checkpointer<B> for StoreCheckpointer {
+    fn every_steps(&self) -> u64 {
+        self.every
+    }
+
+    fn save(
+        &mut self,
+        trainer: &Trainer<B>,
+        local_optimizer: &AdamWOptimizer<B>,
+        progress: &StageProgress,
+    ) -> Result<(), TrainError> {
+        let name = format!("ckpt-{:08}", progress.step);
+        let key = format!("{}/{name}", self.attempt_key);
+        let dir = self.local_dir.join(&name);
+        let events_file = events_path(&dir);
+        let events = lock_recorder(&self.recorder).events.clone();
+        let events_digest = write_events(&events_file, &events)?;
+        let digest = checkpoint::save(trainer, Some((local_optimizer, progress)), &dir)?;
+        let store_error = |m: String| TrainError::Io {
+            path: PathBuf::from(&key),
+            source: std::io::Error::other(m),
+        };
+        // Events first: a checkpoint that exists always has its events.
+        self.artifacts
+            .put(&format!("{key}.events.jsonl"), &events_file, &events_digest)
+            .map_err(store_error)?;
+        let stored = self
+            .artifacts
+            .put(&key, &dir, &digest)
+            .map_err(store_error)?;
+        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_file(&events_file);
+        tracing::debug!(step = progress.step, checkpoint = %key, "checkpoint stored");
+        lock(&self.state).checkpoint = Some(pb::CheckpointRef {
+            step: progress.step,
+            artifact: Some(stored),
+        });
+        Ok(())
+    }
+}
