@@ -687,7 +687,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             .shard
             .as_mut()
             .expect("a sharded stage has a shard rank");
-        stage.materialize(&mut shard.collective, &mut self.model)?;
+        stage.materialize_route(&mut shard.collective, &mut self.model)?;
         let loss = self.evaluate(route);
         stage.dematerialize(&mut self.model);
         // The whole prefix evaluation froze goes with the gathered weights.

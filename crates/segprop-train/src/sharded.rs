@@ -5,7 +5,8 @@
 //! `0..depth` of a SegProp segment or a layer-wise block) is sharded as well but never stepped:
 //! it is read from SnapCheck, and where SnapCheck does not have it, computed through the prefix
 //! units gathered one at a time, forward only, and freed ([`ShardedStage::prefix_forward`]).
-//! Blocks after the route (those of later segments) stay whole.
+//! Blocks the stage neither trains nor reads (those of later segments) are sharded and parked:
+//! never gathered during the stage, gathered back for its checkpoints and at its end.
 //!
 //! A step over this rank's micro-batches, with activation checkpointing (the default):
 //! 1. **forward**, unit by unit in route order: all-gather the unit, run every micro-batch
@@ -114,6 +115,13 @@ pub struct RankMemory {
     /// This rank's shards of the frozen prefix (what each rank holds of it).
     #[serde(default)]
     pub prefix_bytes: u64,
+    /// Blocks the stage neither trains nor reads (those of later segments), sharded and left
+    /// alone until the stage's checkpoints and its end gather them back.
+    #[serde(default)]
+    pub parked_units: usize,
+    /// This rank's shards of the parked blocks.
+    #[serde(default)]
+    pub parked_bytes: u64,
     /// The trained units whole (fp32): what one unsharded rank would hold.
     pub unit_bytes: u64,
     /// This rank's shards of the fp32 master weights (host memory).
@@ -193,6 +201,9 @@ pub struct ShardedStage<B: AutodiffBackend> {
     /// The frozen prefix in forward order (the embedding, then blocks `0..depth`), sharded but
     /// never stepped; empty when the route starts at the embedding.
     prefix: Vec<Unit<B>>,
+    /// Blocks after the route's and before LL(r)'s (later segments): sharded, never gathered
+    /// during the stage.
+    parked: Vec<Unit<B>>,
     route: Route,
     memory: RankMemory,
     /// Wire bytes of the prefix gathers since the last step: (moved, expected).
@@ -290,9 +301,30 @@ impl<B: AutodiffBackend> ShardedStage<B> {
                 });
             }
         }
+        let mut parked = Vec::new();
+        let prefix_blocks = match route.input() {
+            crate::route::RouteInput::Prefix { depth } => 0..depth,
+            crate::route::RouteInput::Embed => 0..0,
+        };
+        let (trained, head_blocks) = route.blocks();
+        for index in 0..model.blocks.len() {
+            if prefix_blocks.contains(&index)
+                || trained.contains(&index)
+                || head_blocks.contains(&index)
+            {
+                continue;
+            }
+            let unit = FsdpUnit::frozen::<B>(model.blocks[index].clone(), rank, world);
+            model.blocks[index] = unit.skeleton().clone();
+            parked.push(Unit {
+                kind: Kind::Block(index, unit),
+                group: Group::Local,
+            });
+        }
         let mut stage = Self {
             units,
             prefix,
+            parked,
             route,
             memory: RankMemory {
                 rank,
@@ -317,6 +349,10 @@ impl<B: AutodiffBackend> ShardedStage<B> {
         for unit in &stage.prefix {
             stage.memory.prefix_bytes += with_unit!(&unit.kind, u => u.memory().params);
         }
+        stage.memory.parked_units = stage.parked.len();
+        for unit in &stage.parked {
+            stage.memory.parked_bytes += with_unit!(&unit.kind, u => u.memory().params);
+        }
         for unit in &stage.units {
             let m: UnitMemory = with_unit!(&unit.kind, u => u.memory());
             stage.memory.unit_bytes += m.gathered;
@@ -332,14 +368,34 @@ impl<B: AutodiffBackend> ShardedStage<B> {
         self.memory
     }
 
-    /// Gathers every unit's current weights into `model` (for evaluation, a checkpoint, the end
-    /// of the stage). Every rank must call it.
+    /// Gathers every unit's current weights into `model`, the parked blocks included (for a
+    /// checkpoint, the end of the stage). Every rank must call it.
     pub fn materialize(
         &self,
         c: &mut dyn Collective,
         model: &mut Llama<B>,
     ) -> Result<(), CollectiveError> {
-        for unit in self.prefix.iter().chain(&self.units) {
+        self.gather_into(c, model, true)
+    }
+
+    /// Gathers what the stage's route runs (the prefix and the trained units) into `model`, for
+    /// evaluation. Every rank must call it.
+    pub fn materialize_route(
+        &self,
+        c: &mut dyn Collective,
+        model: &mut Llama<B>,
+    ) -> Result<(), CollectiveError> {
+        self.gather_into(c, model, false)
+    }
+
+    fn gather_into(
+        &self,
+        c: &mut dyn Collective,
+        model: &mut Llama<B>,
+        parked: bool,
+    ) -> Result<(), CollectiveError> {
+        let parked = if parked { &self.parked[..] } else { &[] };
+        for unit in self.prefix.iter().chain(&self.units).chain(parked) {
             match &unit.kind {
                 Kind::Embed(u) => model.embed_tokens = u.gather::<B>(c)?,
                 Kind::Block(i, u) => model.blocks[*i] = u.gather::<B>(c)?,
@@ -351,7 +407,7 @@ impl<B: AutodiffBackend> ShardedStage<B> {
 
     /// Puts the placeholders back into `model` (after [`Self::materialize`]).
     pub fn dematerialize(&self, model: &mut Llama<B>) {
-        for unit in self.prefix.iter().chain(&self.units) {
+        for unit in self.prefix.iter().chain(&self.units).chain(&self.parked) {
             match &unit.kind {
                 Kind::Embed(u) => model.embed_tokens = u.skeleton().clone(),
                 Kind::Block(i, u) => model.blocks[*i] = u.skeleton().clone(),

@@ -261,6 +261,16 @@ fn segprop_stage1_and_segments_on_2_and_4_ranks_match_one_unsharded_rank() {
         // misses.
         assert_eq!(segment.prefix_units, 2);
         assert!(segment.prefix_bytes > 0);
+        // Blocks no route of the stage runs (later segments') are sharded and left alone: stage
+        // 1 parks blocks 1 and 2, segment-1-2 block 2, the last segment none.
+        let parked: Vec<usize> = sharded
+            .sharding
+            .iter()
+            .map(|m| m.unwrap().parked_units)
+            .collect();
+        assert_eq!(parked, [2, 1, 0]);
+        let stage1 = sharded.sharding[0].unwrap();
+        assert!(stage1.parked_bytes > 0 && stage1.parked_bytes < stage1.unit_bytes);
         let stage1 = sharded.sharding[0].unwrap();
         assert_eq!(stage1.units, 4, "embedding, base block, head block, head");
     }
