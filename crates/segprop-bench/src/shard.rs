@@ -132,6 +132,69 @@ fn run_once(spec: &JobSpec, warmup: usize) -> Result<(Vec<f64>, f64, Option<Rank
     Ok(out)
 }
 
+/// What each rank holds of the model in every stage of a SegProp job sharded over 2 ranks with
+/// SnapCheck off (so every step recomputes `S[depth]` through the sharded prefix): the trained
+/// units', the frozen prefix's and the parked blocks' shards, against the whole model; and the
+/// wire bytes of the last step against the schedule.
+fn segprop_memory() -> Result<()> {
+    let text = "version: 1\nname: shard-bench-segprop\n\
+         model: { preset: tiny, overrides: { hidden_size: 256, intermediate_size: 688, num_layers: 4, num_heads: 4, num_kv_heads: 2 } }\n\
+         data: { corpus: builtin:synthetic, seq_len: 128, batch_size: 2, synthetic_tokens: 200000, eval_fraction: 0.01 }\n\
+         regime: segprop\n\
+         segprop: { base_depth: 1, head_layers: 1, segment_size: 1, snapcheck: false, exit: { stage1: { max_steps: 2 }, segment: { max_steps: 2 } } }\n\
+         optimizer: { lr: 1.0e-3, grad_accum: 4 }\n\
+         eval: { every_steps: 100000, max_batches: 1 }\nseed: 3\n\
+         sharding: { strategy: full_shard, offload: cpu }\nactivation_checkpointing: true\n\
+         resources: { devices_per_gang: 2 }\n";
+    let spec = JobSpec::from_yaml_str(text, "shard-bench-segprop").context("segprop bench spec")?;
+    let config = spec.model_config().context("model config")?;
+    let whole = 4 * config.num_params();
+    let dir = tempfile::tempdir()?;
+    let records = train_gang::<CpuBackend, _>(
+        &spec,
+        vec![Default::default(); 2],
+        dir.path(),
+        |t| {
+            run_plan(t, &mut segprop_train::metrics::NullObserver)?;
+            Ok(t.progress.records.clone())
+        },
+        |t| {
+            run_plan(t, &mut segprop_train::metrics::NullObserver)?;
+            Ok(())
+        },
+    )?;
+    let kib = |b: u64| b as f64 / 1024.0;
+    println!();
+    println!(
+        "SegProp, 4 blocks, 2 ranks, SnapCheck off: what rank 0 holds of the model's {:.0} KiB of fp32 weights",
+        kib(whole)
+    );
+    println!();
+    println!(
+        "| stage | trained units (whole, KiB) | their shards | prefix units | prefix shards | parked blocks | parked shards | weights held per rank | of the model | wire bytes per step | schedule |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for r in &records {
+        let Some(m) = r.sharding else { continue };
+        let held = m.params_bytes + m.prefix_bytes + m.parked_bytes;
+        println!(
+            "| {} | {:.0} | {:.0} | {} | {:.0} | {} | {:.0} | {:.0} | {:.2} | {} | {} |",
+            r.stage,
+            kib(m.unit_bytes),
+            kib(m.params_bytes),
+            m.prefix_units,
+            kib(m.prefix_bytes),
+            m.parked_units,
+            kib(m.parked_bytes),
+            kib(held),
+            held as f64 / whole as f64,
+            m.comm_bytes_per_step,
+            m.expected_comm_bytes_per_step
+        );
+    }
+    Ok(())
+}
+
 pub fn shard(steps: usize, reps: usize) -> Result<()> {
     let warmup = 2;
     let specs: Vec<JobSpec> = VARIANTS
@@ -194,5 +257,5 @@ pub fn shard(steps: usize, reps: usize) -> Result<()> {
             c / base_cpu
         );
     }
-    Ok(())
+    segprop_memory()
 }
