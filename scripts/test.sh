@@ -24,7 +24,7 @@ if cargo tree -p segprop-coordinator -e normal --prefix none | grep -q '^burn'; 
 fi
 
 echo "== cargo check --features cuda,nccl (GPU paths and NCCL gangs compile; no GPU needed)"
-cargo check -p segprop-worker -p segprop-bench --features cuda,segprop-worker/nccl
+cargo check -p segprop-worker -p segprop-bench --features cuda,segprop-worker/nccl,segprop-bench/nccl
 
 echo "== cargo check --features nccl (the NCCL collective compiles; libnccl loads at run time)"
 cargo check -p segprop-shard --features nccl

@@ -12,9 +12,13 @@
 //!   unsharded, and the wire bytes per step vs the FSDP schedule;
 //! - `orchestration`: wall time of a job (default: the demo) through `segprop-coord demo`
 //!   (coordinator + worker daemon + store, stage tasks with checkpoints) vs `segprop-worker train`
-//!   standalone, alternating runs of the release binaries next to this one.
+//!   standalone, alternating runs of the release binaries next to this one;
+//! - `gpu-check` (feature `cuda`; `nccl` for the NCCL collective): a `full_shard` gang of one
+//!   rank with CPU offload on `cuda:0` against a plain rank, the same loss curve expected.
 
 mod cluster;
+#[cfg(feature = "cuda")]
+mod gpu_check;
 mod planner;
 mod shard;
 
@@ -85,6 +89,9 @@ enum Command {
         #[arg(long)]
         explore: bool,
     },
+    /// On a GPU: a sharded gang of one rank (NCCL with feature `nccl`, CPU offload, activation
+    /// checkpointing) against a plain rank on `cuda:0`.
+    GpuCheck,
     /// Everything above, in order.
     All,
 }
@@ -173,6 +180,7 @@ fn main() -> Result<()> {
         Command::Throughput => throughput::<CpuBackend>(cli.steps, &Default::default(), "cpu"),
         Command::Snapcheck => snapcheck::<CpuBackend>(cli.steps, &Default::default()),
         Command::Memory => memory(),
+        Command::GpuCheck => gpu_check(cli.steps),
         Command::Planner { explore } => {
             if explore {
                 planner::explore()
@@ -199,6 +207,16 @@ fn cuda(cli: &Cli) -> Result<()> {
         Command::Snapcheck => snapcheck::<CudaBackend>(cli.steps, &device),
         _ => throughput::<CudaBackend>(cli.steps, &device, "cuda"),
     }
+}
+
+#[cfg(feature = "cuda")]
+fn gpu_check(steps: usize) -> Result<()> {
+    gpu_check::gpu_check(steps)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_check(_steps: usize) -> Result<()> {
+    anyhow::bail!("segprop-bench was built without the `cuda` feature (use --features nccl)")
 }
 
 #[cfg(not(feature = "cuda"))]
