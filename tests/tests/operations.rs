@@ -153,6 +153,11 @@ fn daemons_serve_health_and_metrics_that_promtool_accepts() {
     }
 
     let job_spec = spec(dir, "metrics", 4, 2);
+    // Activation checkpointing alone runs each stage as a gang of one rank (the sharded step),
+    // so the worker also exposes a sharded stage's per-rank accounting.
+    let mut yaml = std::fs::read_to_string(&job_spec).unwrap();
+    yaml.push_str("activation_checkpointing: true\n");
+    std::fs::write(&job_spec, yaml).unwrap();
     let out = coord_cli(
         &coord,
         &["submit", job_spec.to_str().unwrap(), "--watch"],
@@ -231,6 +236,18 @@ fn daemons_serve_health_and_metrics_that_promtool_accepts() {
             "segprop_worker_stage_peak_memory_bytes{worker=\"w1\"}"
         ) > 0.0
     );
+    // The last stage's rank: its shards of the weights, of both moments, and what it moved.
+    let rank = |kind: &str| {
+        sample(
+            &worker_text,
+            &format!(
+                "segprop_worker_rank_memory_bytes{{worker=\"w1\",world=\"1\",kind=\"{kind}\"}}"
+            ),
+        )
+    };
+    assert!(rank("params") > 0.0);
+    assert_eq!(rank("optimizer"), 2.0 * rank("params"));
+    assert!(rank("gathered_peak") > 0.0 && rank("activations") > 0.0);
 }
 
 #[test]

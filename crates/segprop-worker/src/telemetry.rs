@@ -1,6 +1,6 @@
 //! The worker's Prometheus metrics (`--metrics-listen`): tasks run, the running stage's progress,
-//! SnapCheck hits and snapshot bytes, the memory of the devices offered, and the peak heap of the
-//! last stage. Updated from the
+//! SnapCheck hits and snapshot bytes, the memory of the devices offered, the peak heap of the
+//! last stage, and the per-rank accounting of the last sharded stage. Updated from the
 //! heartbeat loop (progress events) and from each report (the stage's result).
 
 use std::sync::Mutex;
@@ -20,7 +20,22 @@ struct State {
     snapshot_bytes_read: u64,
     snapshot_bytes_written: u64,
     last_peak_bytes: Option<u64>,
+    /// The last finished sharded stage's accounting of rank 0 (`RankMemory` in its result).
+    last_rank: Option<serde_json::Value>,
 }
+
+/// The per-rank accounting of a sharded stage that `/metrics` shows: (label, `RankMemory`
+/// field).
+const RANK_MEMORY: [(&str, &str); 8] = [
+    ("params", "params_bytes"),
+    ("optimizer", "optimizer_bytes"),
+    ("grads", "grad_bytes"),
+    ("gathered_peak", "gathered_peak_bytes"),
+    ("activations", "activation_bytes"),
+    ("prefix", "prefix_bytes"),
+    ("parked", "parked_bytes"),
+    ("units_whole", "unit_bytes"),
+];
 
 /// Reads the bytes in use per device at scrape time: `(device name, bytes)`.
 pub type MemoryProbe = Box<dyn Fn() -> Vec<(String, u64)> + Send + Sync>;
@@ -98,6 +113,9 @@ impl WorkerMetrics {
         s.snapshot_bytes_written += num(&["snapshot_io", "bytes_written"]);
         if let Some(peak) = value.get("peak_bytes").and_then(serde_json::Value::as_u64) {
             s.last_peak_bytes = Some(peak);
+        }
+        if let Some(rank) = value.get("sharding").filter(|v| v.is_object()) {
+            s.last_rank = Some(rank.clone());
         }
     }
 
@@ -215,6 +233,39 @@ impl WorkerMetrics {
             )
             .sample(&worker, peak as f64);
         }
+        if let Some(rank) = &s.last_rank {
+            let num = |key: &str| rank.get(key).and_then(serde_json::Value::as_u64);
+            let world = num("world").unwrap_or(1).to_string();
+            let memory = e.family(
+                "segprop_worker_rank_memory_bytes",
+                Kind::Gauge,
+                "What rank 0 of the last finished sharded stage held, by kind: its shards of the fp32 master weights (params), of both AdamW moments (optimizer), of the frozen prefix (prefix) and of the parked blocks (parked); gradient shards plus full-gradient buffers at once (grads); the most gathered weights at once (gathered_peak); saved unit-boundary activations (activations); and the trained units whole (units_whole).",
+            );
+            for (kind, key) in RANK_MEMORY {
+                if let Some(bytes) = num(key) {
+                    memory.sample(
+                        &[("worker", &self.name), ("world", &world), ("kind", kind)],
+                        bytes as f64,
+                    );
+                }
+            }
+            let wire = e.family(
+                "segprop_worker_rank_wire_bytes_per_step",
+                Kind::Gauge,
+                "Wire bytes rank 0 of the last finished sharded stage moved in its last step (ring model), and what the FSDP schedule says it should move (which: measured, schedule).",
+            );
+            for (which, key) in [
+                ("measured", "comm_bytes_per_step"),
+                ("schedule", "expected_comm_bytes_per_step"),
+            ] {
+                if let Some(bytes) = num(key) {
+                    wire.sample(
+                        &[("worker", &self.name), ("world", &world), ("which", which)],
+                        bytes as f64,
+                    );
+                }
+            }
+        }
         e.finish()
     }
 }
@@ -250,5 +301,54 @@ mod tests {
 
         let cpu = WorkerMetrics::new("w2", "cpu", &[device("cpu", 1 << 30)]).render();
         assert!(!cpu.contains("segprop_worker_device_memory_used_bytes"));
+    }
+
+    #[test]
+    fn a_sharded_stage_s_rank_accounting_is_exposed_by_kind() {
+        let metrics = WorkerMetrics::new("w1", "cpu", &[device("cpu", 1 << 30)]);
+        assert!(
+            !metrics
+                .render()
+                .contains("segprop_worker_rank_memory_bytes")
+        );
+        // The result of a sharded stage: a StageRecord whose `sharding` is a RankMemory.
+        let memory = segprop_train::sharded::RankMemory {
+            rank: 0,
+            world: 2,
+            units: 4,
+            unit_bytes: 4000,
+            params_bytes: 2000,
+            optimizer_bytes: 4000,
+            grad_bytes: 3000,
+            gathered_peak_bytes: 1500,
+            activation_bytes: 700,
+            prefix_bytes: 600,
+            comm_bytes_per_step: 5004,
+            expected_comm_bytes_per_step: 5000,
+            ..Default::default()
+        };
+        let result_json =
+            serde_json::json!({ "stage": "segment-1-2", "sharding": memory }).to_string();
+        metrics.finished(&Ok(pb::TaskSucceeded {
+            result_json,
+            ..Default::default()
+        }));
+        let text = metrics.render();
+        for line in [
+            "segprop_worker_rank_memory_bytes{worker=\"w1\",world=\"2\",kind=\"params\"} 2000",
+            "segprop_worker_rank_memory_bytes{worker=\"w1\",world=\"2\",kind=\"optimizer\"} 4000",
+            "segprop_worker_rank_memory_bytes{worker=\"w1\",world=\"2\",kind=\"grads\"} 3000",
+            "segprop_worker_rank_memory_bytes{worker=\"w1\",world=\"2\",kind=\"gathered_peak\"} 1500",
+            "segprop_worker_rank_memory_bytes{worker=\"w1\",world=\"2\",kind=\"activations\"} 700",
+            "segprop_worker_rank_memory_bytes{worker=\"w1\",world=\"2\",kind=\"prefix\"} 600",
+            "segprop_worker_rank_memory_bytes{worker=\"w1\",world=\"2\",kind=\"parked\"} 0",
+            "segprop_worker_rank_wire_bytes_per_step{worker=\"w1\",world=\"2\",which=\"measured\"} 5004",
+            "segprop_worker_rank_wire_bytes_per_step{worker=\"w1\",world=\"2\",which=\"schedule\"} 5000",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line} missing from\n{text}"
+            );
+        }
     }
 }
