@@ -191,6 +191,21 @@ fn coordinator_restart_mid_job_continues_without_recommitting() {
     assert!(model == alone_model);
 }
 
+/// Registration of a simulated CPU worker `name` (1 GiB, one device) speaking raw gRPC.
+fn register(name: &str) -> pb::RegisterWorkerRequest {
+    pb::RegisterWorkerRequest {
+        protocol_version: segprop_proto::PROTOCOL_VERSION,
+        name: name.into(),
+        backend: "cpu".into(),
+        devices: vec![pb::Device {
+            name: "cpu".into(),
+            memory_bytes: 1 << 30,
+        }],
+        host_memory_bytes: 1 << 30,
+        running: vec![],
+    }
+}
+
 #[test]
 fn expired_lease_results_are_rejected_and_cancel_reaches_the_worker() {
     let tmp = tempfile::tempdir().unwrap();
@@ -200,17 +215,6 @@ fn expired_lease_results_are_rejected_and_cancel_reaches_the_worker() {
     let job_id = submit(&coord, &job_spec);
     runtime().block_on(async {
         let mut cluster = cluster_client(&coord.addr).await;
-        let register = |name: &str| pb::RegisterWorkerRequest {
-            protocol_version: segprop_proto::PROTOCOL_VERSION,
-            name: name.into(),
-            backend: "cpu".into(),
-            devices: vec![pb::Device {
-                name: "cpu".into(),
-                memory_bytes: 1 << 30,
-            }],
-            host_memory_bytes: 1 << 30,
-            running: vec![],
-        };
         let w1 = cluster
             .register_worker(with_token(register("sim-1"), TOKEN))
             .await
@@ -647,17 +651,6 @@ fn rendezvous_hands_rank_0s_id_to_the_gang_of_the_current_attempt_only() {
     let job_id = submit(&coord, &job_spec);
     runtime().block_on(async {
         let mut cluster = cluster_client(&coord.addr).await;
-        let register = |name: &str| pb::RegisterWorkerRequest {
-            protocol_version: segprop_proto::PROTOCOL_VERSION,
-            name: name.into(),
-            backend: "cpu".into(),
-            devices: vec![pb::Device {
-                name: "cpu".into(),
-                memory_bytes: 1 << 30,
-            }],
-            host_memory_bytes: 1 << 30,
-            running: vec![],
-        };
         let mut ids = Vec::new();
         for name in ["sim-1", "sim-2"] {
             ids.push(
