@@ -138,6 +138,52 @@ fn global_early_exit_exports_a_pruned_model() {
     assert_eq!(config["num_hidden_layers"], 5);
 }
 
+/// The exported model as an outside reader sees it (scripts/read_hf_checkpoint.py: numpy only).
+fn read_with_python(model: &Path) -> serde_json::Value {
+    let out = Command::new("python3")
+        .arg(repo().join("scripts/read_hf_checkpoint.py"))
+        .arg(model)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "reader failed: {}", stderr(&out));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn a_bf16_job_trains_sharded_and_exports_a_bf16_model_an_outside_reader_loads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("run");
+    let summary = train("tiny-bf16.yaml", &out);
+    assert_eq!(summary["total_steps"], 60);
+    let last = summary["final_eval_loss"].as_f64().unwrap();
+    assert!(last.is_finite() && last < 5.0, "eval loss {last}");
+    let read = read_with_python(&out.join("model"));
+    assert_eq!(read["torch_dtype"], "bfloat16");
+    let tensors = read["tensors"].as_object().unwrap();
+    // 6 blocks of 9 tensors, the embedding, the final norm and the LM head, all BF16.
+    assert_eq!(tensors.len(), 6 * 9 + 3);
+    assert!(tensors.values().all(|t| t[0] == "BF16"), "{tensors:?}");
+    assert_eq!(
+        tensors["model.layers.5.mlp.down_proj.weight"][1],
+        serde_json::json!([64, 192])
+    );
+    assert_eq!(read["logits_shape"], serde_json::json!([1, 8, 256]));
+    assert_eq!(read["logits_finite"], true);
+
+    // The f32 job's export reads back as F32 through the same reader.
+    let f32_out = tmp.path().join("f32");
+    train("tiny-segprop.yaml", &f32_out);
+    let read = read_with_python(&f32_out.join("model"));
+    assert_eq!(read["torch_dtype"], "float32");
+    assert!(
+        read["tensors"]
+            .as_object()
+            .unwrap()
+            .values()
+            .all(|t| t[0] == "F32")
+    );
+}
+
 /// A tiny random HF checkpoint from scripts/make_tiny_llama.py.
 fn make_checkpoint(dir: &Path, args: &[&str]) {
     let status = Command::new("python3")

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use segprop_core::planner::{self, Cluster, Plan, gib};
-use segprop_core::{JobSpec, LlamaConfig, Precision};
+use segprop_core::{JobSpec, LlamaConfig};
 use serde::Serialize;
 
 /// What to plan and on what hardware.
@@ -33,7 +33,7 @@ impl PlanRequest {
             base_depth: spec.segprop.base_depth,
             head_layers: spec.segprop.head_layers,
             segment_size: spec.segprop.segment_size,
-            bf16: spec.resources.precision == Precision::Bf16,
+            bf16: spec.resources.precision.is_half(),
             cluster: Cluster { gpus, ..cluster },
             tokens: 1e9,
             config,

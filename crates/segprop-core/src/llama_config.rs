@@ -274,8 +274,9 @@ impl LlamaConfig {
         })
     }
 
-    /// Writes a Hugging Face `config.json` for this shape.
-    pub fn to_hf_json(&self) -> String {
+    /// Writes a Hugging Face `config.json` for this shape, its weights stored as `torch_dtype`
+    /// (`float32`, `bfloat16` or `float16`).
+    pub fn to_hf_json(&self, torch_dtype: &str) -> String {
         let mut value = serde_json::json!({
             "architectures": ["LlamaForCausalLM"],
             "model_type": "llama",
@@ -293,7 +294,7 @@ impl LlamaConfig {
             "tie_word_embeddings": self.tie_embeddings,
             "attention_bias": false,
             "mlp_bias": false,
-            "torch_dtype": "float32",
+            "torch_dtype": torch_dtype,
         });
         if let Some(s) = &self.rope_scaling {
             value["rope_scaling"] = serde_json::json!({
@@ -368,7 +369,7 @@ mod tests {
     #[test]
     fn hf_json_round_trips() {
         let config = LlamaConfig::preset("llama3-70b").unwrap();
-        let back = LlamaConfig::from_hf_json(&config.to_hf_json()).unwrap();
+        let back = LlamaConfig::from_hf_json(&config.to_hf_json("float32")).unwrap();
         assert_eq!(config, back);
     }
 

@@ -695,7 +695,41 @@ impl std::fmt::Display for Backend {
 pub enum Precision {
     #[default]
     F32,
+    /// bfloat16 compute and frozen weights, fp32 masters and moments for the trained units.
     Bf16,
+    /// IEEE half compute and frozen weights, fp32 masters and moments for the trained units.
+    F16,
+}
+
+impl Precision {
+    /// Whether compute and frozen weights use a 16-bit type (mixed precision).
+    pub fn is_half(self) -> bool {
+        !matches!(self, Precision::F32)
+    }
+
+    /// Bytes per element of compute and frozen weights.
+    pub fn bytes(self) -> u64 {
+        if self.is_half() { 2 } else { 4 }
+    }
+
+    /// The `torch_dtype` of an exported model (Hugging Face `config.json`).
+    pub fn torch_dtype(self) -> &'static str {
+        match self {
+            Precision::F32 => "float32",
+            Precision::Bf16 => "bfloat16",
+            Precision::F16 => "float16",
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+            Precision::F16 => "f16",
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -3,7 +3,7 @@
 
 use crate::error::SpecError;
 use crate::llama_config::{LlamaConfig, PRESETS};
-use crate::spec::{ExitSpec, JobSpec, Offload, Precision, Regime, ShardingStrategy};
+use crate::spec::{ExitSpec, JobSpec, Offload, Regime, ShardingStrategy};
 
 impl ExitSpec {
     pub(crate) fn validate(&self, field: &str) -> Result<(), SpecError> {
@@ -163,12 +163,6 @@ impl JobSpec {
             return Err(SpecError::invalid(
                 "sharding.collective_timeout_s",
                 "must be a positive number of seconds",
-            ));
-        }
-        if self.resources.precision == Precision::Bf16 {
-            return Err(SpecError::invalid(
-                "resources.precision",
-                "bf16 training is not available in this release; use f32",
             ));
         }
         if let Some(config) = self.model_config() {

@@ -2,9 +2,9 @@
 
 use burn::nn::{Initializer, Linear, LinearConfig};
 use burn::prelude::*;
-use burn::tensor::activation::softmax;
 
 use crate::flops;
+use crate::precision::softmax;
 use crate::rope::RopeTables;
 
 #[derive(Config, Debug)]

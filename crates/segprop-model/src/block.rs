@@ -6,6 +6,7 @@ use segprop_core::LlamaConfig;
 
 use crate::attention::{Attention, AttentionConfig};
 use crate::mlp::{Mlp, MlpConfig};
+use crate::precision::rms_norm;
 use crate::rope::RopeTables;
 
 #[derive(Config, Debug)]
@@ -64,7 +65,10 @@ impl<B: Backend> Block<B> {
         let h = x.clone()
             + self
                 .self_attn
-                .forward(self.input_layernorm.forward(x), rope);
-        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+                .forward(rms_norm(&self.input_layernorm, x), rope);
+        h.clone()
+            + self
+                .mlp
+                .forward(rms_norm(&self.post_attention_layernorm, h))
     }
 }

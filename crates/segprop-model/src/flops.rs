@@ -15,6 +15,8 @@ use std::cell::Cell;
 use burn::nn::Linear;
 use burn::prelude::*;
 
+use crate::precision::to_dtype;
+
 thread_local! {
     static COUNTS: Cell<Counts> = const { Cell::new(Counts { forward: 0, backward: 0 }) };
 }
@@ -51,7 +53,8 @@ fn record(flops: u64, grads: u64) {
     });
 }
 
-/// `layer.forward(x)`, counted: `x` is `[.., k]`, the weight `[k, n]`.
+/// `layer.forward(x)` in `x`'s dtype (the weight is cast to it: an fp32 master computes in
+/// bf16 when `x` is bf16), counted: `x` is `[.., k]`, the weight `[k, n]`.
 pub fn linear<B: Backend, const D: usize>(layer: &Linear<B>, x: Tensor<B, D>) -> Tensor<B, D> {
     let [k, n] = layer.weight.dims();
     let rows = x.shape().num_elements() / k;
@@ -61,7 +64,12 @@ pub fn linear<B: Backend, const D: usize>(layer: &Linear<B>, x: Tensor<B, D>) ->
         2 * (rows * k * n) as u64,
         u64::from(autodiff) + u64::from(autodiff && weight_grad),
     );
-    layer.forward(x)
+    let dtype = x.dtype();
+    burn::tensor::module::linear(
+        x,
+        to_dtype(layer.weight.val(), dtype),
+        layer.bias.as_ref().map(|b| to_dtype(b.val(), dtype)),
+    )
 }
 
 /// `a.matmul(b)` of two activations, counted (both operands need gradients on autodiff).

@@ -12,7 +12,7 @@ use burn::module::Param;
 use burn::nn::{Embedding, Linear, RmsNorm};
 use burn::prelude::*;
 use safetensors::{Dtype, SafeTensors};
-use segprop_core::LlamaConfig;
+use segprop_core::{LlamaConfig, Precision};
 
 use crate::attention::Attention;
 use crate::block::Block;
@@ -39,25 +39,30 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ModelError + '_ {
 
 /// Writes `model` as an HF checkpoint into `dir`: `model.safetensors`, or, when the tensors
 /// exceed `max_shard_bytes`, `model-0000i-of-0000n.safetensors` files and an index. Weight files
-/// of an earlier export in `dir` are removed first.
+/// of an earlier export in `dir` are removed first. Tensors are stored as `dtype` (f32 copies
+/// values exactly; bf16/f16 round to nearest even, exact for weights that are already 16-bit),
+/// and `config.json` states it as `torch_dtype`.
 pub fn export<B: Backend>(
     model: &Llama<B>,
     config: &LlamaConfig,
     dir: &Path,
     max_shard_bytes: Option<u64>,
+    dtype: Precision,
 ) -> Result<Vec<PathBuf>, ModelError> {
     std::fs::create_dir_all(dir).map_err(io_err(dir))?;
     let mut config = config.clone();
     config.num_layers = model.num_layers();
     config.tie_embeddings = false;
     let config_path = dir.join(CONFIG_FILE);
-    std::fs::write(&config_path, config.to_hf_json()).map_err(io_err(&config_path))?;
+    std::fs::write(&config_path, config.to_hf_json(dtype.torch_dtype()))
+        .map_err(io_err(&config_path))?;
+    let elem = dtype.bytes();
 
     let tensors = named_tensors(model);
     let mut shards: Vec<Vec<(String, HostTensor)>> = vec![Vec::new()];
     let mut shard_bytes = 0u64;
     for (name, tensor) in tensors {
-        let bytes = tensor.values.len() as u64 * 4;
+        let bytes = tensor.values.len() as u64 * elem;
         if let Some(limit) = max_shard_bytes
             && shard_bytes > 0
             && shard_bytes + bytes > limit
@@ -76,7 +81,7 @@ pub fn export<B: Backend>(
     remove_stale_weights(dir)?;
     if shards.len() == 1 {
         let path = dir.join(SINGLE_FILE);
-        write_safetensors(&path, &shards[0])?;
+        write_safetensors(&path, &shards[0], dtype)?;
         written.push(path);
         return Ok(written);
     }
@@ -86,10 +91,10 @@ pub fn export<B: Backend>(
     for (i, shard) in shards.iter().enumerate() {
         let file = format!("model-{:05}-of-{:05}.safetensors", i + 1, count);
         let path = dir.join(&file);
-        write_safetensors(&path, shard)?;
+        write_safetensors(&path, shard, dtype)?;
         for (name, tensor) in shard {
             weight_map.insert(name.clone(), file.clone());
-            total_size += tensor.values.len() as u64 * 4;
+            total_size += tensor.values.len() as u64 * elem;
         }
         written.push(path);
     }
@@ -117,18 +122,39 @@ fn remove_stale_weights(dir: &Path) -> Result<(), ModelError> {
     Ok(())
 }
 
-fn write_safetensors(path: &Path, tensors: &[(String, HostTensor)]) -> Result<(), ModelError> {
+fn write_safetensors(
+    path: &Path,
+    tensors: &[(String, HostTensor)],
+    dtype: Precision,
+) -> Result<(), ModelError> {
     let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
         .iter()
         .map(|(name, t)| {
-            let raw = t.values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            let raw = match dtype {
+                Precision::F32 => t.values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                Precision::Bf16 => t
+                    .values
+                    .iter()
+                    .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+                    .collect(),
+                Precision::F16 => t
+                    .values
+                    .iter()
+                    .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+                    .collect(),
+            };
             (name.clone(), raw, t.shape.clone())
         })
         .collect();
+    let st_dtype = match dtype {
+        Precision::F32 => Dtype::F32,
+        Precision::Bf16 => Dtype::BF16,
+        Precision::F16 => Dtype::F16,
+    };
     let views = bytes
         .iter()
         .map(|(name, raw, shape)| {
-            safetensors::tensor::TensorView::new(Dtype::F32, shape.clone(), raw)
+            safetensors::tensor::TensorView::new(st_dtype, shape.clone(), raw)
                 .map(|view| (name.clone(), view))
         })
         .collect::<Result<Vec<_>, _>>()
@@ -512,11 +538,11 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let a = tmp.path().join("a");
         let b = tmp.path().join("b");
-        export(&model, &config, &a, None).unwrap();
+        export(&model, &config, &a, None, Precision::F32).unwrap();
         let (loaded, loaded_config) = import::<B>(&a, &device).unwrap();
         assert_eq!(loaded_config, config);
         // Sharded export of the imported model: several files plus an index.
-        let written = export(&loaded, &loaded_config, &b, Some(100_000)).unwrap();
+        let written = export(&loaded, &loaded_config, &b, Some(100_000), Precision::F32).unwrap();
         assert!(
             written.len() > 3,
             "expected several shards, got {written:?}"
@@ -541,7 +567,7 @@ mod tests {
         let device = Default::default();
         let model = LlamaInit::random::<B>(&config, 6, &device);
         let tmp = tempfile::tempdir().unwrap();
-        export(&model, &config, tmp.path(), None).unwrap();
+        export(&model, &config, tmp.path(), None, Precision::F32).unwrap();
         let file = tmp.path().join(SINGLE_FILE);
         let mut bytes = std::fs::read(&file).unwrap();
         bytes.truncate(bytes.len() / 2);
@@ -551,9 +577,54 @@ mod tests {
 
         let mut wrong = config.clone();
         wrong.num_layers = 9;
-        export(&model, &config, tmp.path(), None).unwrap();
-        std::fs::write(tmp.path().join(CONFIG_FILE), wrong.to_hf_json()).unwrap();
+        export(&model, &config, tmp.path(), None, Precision::F32).unwrap();
+        std::fs::write(tmp.path().join(CONFIG_FILE), wrong.to_hf_json("float32")).unwrap();
         let err = import::<B>(tmp.path(), &device).unwrap_err().to_string();
         assert!(err.contains("model.layers.8"), "{err}");
+    }
+
+    #[test]
+    fn half_exports_store_their_dtype_and_round_to_nearest_even() {
+        let config = LlamaConfig::preset("tiny").unwrap();
+        let device = Default::default();
+        let model = LlamaInit::random::<B>(&config, 7, &device);
+        let tmp = tempfile::tempdir().unwrap();
+        let f32_dir = tmp.path().join("f32");
+        export(&model, &config, &f32_dir, None, Precision::F32).unwrap();
+        let exact = all_values(&f32_dir);
+        for (precision, dtype, torch) in [
+            (Precision::Bf16, Dtype::BF16, "bfloat16"),
+            (Precision::F16, Dtype::F16, "float16"),
+        ] {
+            let dir = tmp.path().join(torch);
+            export(&model, &config, &dir, Some(200_000), precision).unwrap();
+            let json: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(dir.join(CONFIG_FILE)).unwrap())
+                    .unwrap();
+            assert_eq!(json["torch_dtype"], torch);
+            let files = CheckpointFiles::open(&dir).unwrap();
+            let all = files.read_all().unwrap();
+            assert_eq!(all.len(), exact.len());
+            for (name, t) in all {
+                let (_, bits) = &exact[&name];
+                let want: Vec<f32> = bits
+                    .iter()
+                    .map(|b| match precision {
+                        Precision::Bf16 => half::bf16::from_f32(f32::from_bits(*b)).to_f32(),
+                        _ => half::f16::from_f32(f32::from_bits(*b)).to_f32(),
+                    })
+                    .collect();
+                assert_eq!(t.values, want, "{name}");
+            }
+            // Every file holds the 16-bit dtype.
+            for entry in std::fs::read_dir(&dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.extension().is_some_and(|e| e == "safetensors") {
+                    let bytes = std::fs::read(&path).unwrap();
+                    let st = SafeTensors::deserialize(&bytes).unwrap();
+                    assert!(st.tensors().iter().all(|(_, v)| v.dtype() == dtype));
+                }
+            }
+        }
     }
 }

@@ -15,6 +15,7 @@ pub mod flops;
 pub mod hf;
 pub mod mlp;
 pub mod model;
+pub mod precision;
 pub mod rope;
 
 pub use block::{Block, BlockConfig};

@@ -12,6 +12,7 @@ use segprop_core::LlamaConfig;
 
 use crate::attention::linear;
 use crate::block::{Block, BlockConfig};
+use crate::precision::{rms_norm, to_dtype};
 use crate::rope::RopeTables;
 
 /// The final norm and the LM head (`model.norm`, `lm_head` in HF names).
@@ -35,7 +36,7 @@ impl<B: Backend> LmHead<B> {
     /// - x: `[batch, seq, hidden]`
     /// - output: logits `[batch, seq, vocab]`
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        crate::flops::linear(&self.output, self.norm.forward(x))
+        crate::flops::linear(&self.output, rms_norm(&self.norm, x))
     }
 }
 
@@ -180,7 +181,7 @@ impl<B: Backend> Llama<B> {
     }
 }
 
-/// Mean next-token cross-entropy.
+/// Mean next-token cross-entropy, in fp32 (16-bit logits are widened first).
 ///
 /// # Shapes
 /// - logits: `[batch, seq, vocab]`
@@ -188,6 +189,8 @@ impl<B: Backend> Llama<B> {
 /// - output: `[1]`
 pub fn cross_entropy<B: Backend>(logits: Tensor<B, 3>, targets: Tensor<B, 2, Int>) -> Tensor<B, 1> {
     let [batch, seq, vocab] = logits.dims();
+    // The log-softmax and the mean are taken in fp32 whatever the compute dtype.
+    let logits = to_dtype(logits, burn::tensor::DType::F32);
     let logp = log_softmax(logits.reshape([batch * seq, vocab]), 1);
     let picked = logp.gather(1, targets.reshape([batch * seq, 1])); // [batch * seq, 1]
     picked.mean().neg()

@@ -4,6 +4,8 @@
 use burn::prelude::*;
 use segprop_core::{LlamaConfig, RopeScaling};
 
+use crate::precision::to_dtype;
+
 /// Precomputed `cos` and `sin` tables for positions `0..seq_len`.
 #[derive(Debug, Clone)]
 pub struct RopeTables<B: Backend> {
@@ -65,6 +67,19 @@ impl<B: Backend> RopeTables<B> {
         }
     }
 
+    /// The tables in `dtype` (a mixed-precision job's compute dtype).
+    pub fn cast(self, dtype: burn::tensor::DType) -> Self {
+        Self {
+            cos: to_dtype(self.cos, dtype),
+            sin: to_dtype(self.sin, dtype),
+        }
+    }
+
+    /// The dtype of the tables: the compute dtype of the layers that use them.
+    pub fn dtype(&self) -> burn::tensor::DType {
+        self.cos.dtype()
+    }
+
     /// Rotates `x` by position.
     ///
     /// # Shapes
@@ -72,8 +87,9 @@ impl<B: Backend> RopeTables<B> {
     /// - output: same as `x`
     pub fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let [_, _, seq, d] = x.dims();
-        let cos = self.cos.clone().narrow(0, 0, seq).unsqueeze::<4>(); // [1, 1, seq, d]
-        let sin = self.sin.clone().narrow(0, 0, seq).unsqueeze::<4>();
+        let dtype = x.dtype();
+        let cos = to_dtype(self.cos.clone().narrow(0, 0, seq), dtype).unsqueeze::<4>(); // [1, 1, seq, d]
+        let sin = to_dtype(self.sin.clone().narrow(0, 0, seq), dtype).unsqueeze::<4>();
         let x1 = x.clone().narrow(3, 0, d / 2);
         let x2 = x.clone().narrow(3, d / 2, d / 2);
         let rotated = Tensor::cat(vec![x2.neg(), x1], 3); // rotate_half(x)

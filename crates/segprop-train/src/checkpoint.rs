@@ -273,7 +273,12 @@ seed: 5
 "#;
 
     fn trainer(dir: &Path) -> Trainer<CpuBackend> {
-        let spec = segprop_core::JobSpec::from_yaml_str(SPEC, "ckpt-test.yaml").unwrap();
+        trainer_in::<CpuBackend>(dir, "f32")
+    }
+
+    fn trainer_in<B: AutodiffBackend>(dir: &Path, precision: &str) -> Trainer<B> {
+        let text = format!("{SPEC}resources: {{ precision: {precision} }}\n");
+        let spec = segprop_core::JobSpec::from_yaml_str(&text, "ckpt-test.yaml").unwrap();
         Trainer::new(spec, Default::default(), dir).unwrap()
     }
 
@@ -284,14 +289,14 @@ seed: 5
         saved: Vec<(usize, u64, PathBuf)>,
     }
 
-    impl Checkpointer<CpuBackend> for std::sync::Arc<std::sync::Mutex<EveryStep>> {
+    impl<B: AutodiffBackend> Checkpointer<B> for std::sync::Arc<std::sync::Mutex<EveryStep>> {
         fn every_steps(&self) -> u64 {
             self.lock().unwrap().every
         }
         fn save(
             &mut self,
-            trainer: &Trainer<CpuBackend>,
-            local: &AdamWOptimizer<CpuBackend>,
+            trainer: &Trainer<B>,
+            local: &AdamWOptimizer<B>,
             progress: &StageProgress,
         ) -> Result<(), TrainError> {
             let mut me = self.lock().unwrap();
@@ -307,14 +312,14 @@ seed: 5
     use crate::engine::Checkpointer;
 
     /// Bit patterns of every parameter, in module order (ids differ between trainers).
-    fn bits(t: &Trainer<CpuBackend>) -> Vec<Vec<u32>> {
+    fn bits<B: AutodiffBackend>(t: &Trainer<B>) -> Vec<Vec<u32>> {
         parameter_values(&t.model)
             .into_iter()
             .map(|(_, v)| v)
             .collect()
     }
 
-    fn assert_same_weights(a: &Trainer<CpuBackend>, b: &Trainer<CpuBackend>) {
+    fn assert_same_weights<B: AutodiffBackend>(a: &Trainer<B>, b: &Trainer<B>) {
         let (a, b) = (bits(a), bits(b));
         assert_eq!(a.len(), b.len(), "parameter count");
         for (i, (x, y)) in a.iter().zip(&b).enumerate() {
@@ -352,6 +357,18 @@ seed: 5
 
     #[test]
     fn mid_stage_resume_is_bit_identical() {
+        mid_stage_resume::<CpuBackend>("f32");
+    }
+
+    /// bf16: the checkpoint holds the fp32 masters, the 16-bit frozen weights (exactly, as f32)
+    /// and the moments, so the resumed run is bit-identical too.
+    #[test]
+    fn mid_stage_resume_in_bf16_is_bit_identical() {
+        mid_stage_resume::<crate::CpuHalfBackend>("bf16");
+    }
+
+    fn mid_stage_resume<B: AutodiffBackend>(precision: &str) {
+        let trainer = |dir: &Path| trainer_in::<B>(dir, precision);
         let tmp = tempfile::tempdir().unwrap();
         let mut whole = trainer(&tmp.path().join("a"));
         run_plan(&mut whole, &mut RecordingObserver::default()).unwrap();

@@ -9,10 +9,11 @@ use burn::module::{AutodiffModule, ModuleVisitor, Param, ParamId};
 use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::{AdamW, AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
 use burn::prelude::*;
-use burn::tensor::ElementConversion;
 use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{DType, ElementConversion};
 use segprop_core::{ExitSpec, JobSpec, LlamaConfig, StagePlan, StagePlanEntry};
 use segprop_model::model::cross_entropy;
+use segprop_model::precision::to_dtype;
 use segprop_model::{Llama, LlamaInit, LmHead, ParamIds, RopeTables};
 use segprop_shard::Collective as _;
 
@@ -22,6 +23,7 @@ use crate::data::{Batch, Dataset};
 use crate::error::TrainError;
 use crate::exit::{ExitReason, ExitTracker, GlobalExitTracker};
 use crate::metrics::{EvalRecord, StageRecord, StepRecord, TrainEvent, TrainObserver};
+use crate::precision;
 use crate::route::{Route, RouteInput};
 use crate::schedule::LrSchedule;
 use crate::segprop::HeadBaseline;
@@ -132,6 +134,9 @@ pub struct Trainer<B: AutodiffBackend> {
     /// This rank's place in a sharded gang (FSDP units, activation checkpointing); `None` trains
     /// the whole model on this device.
     pub shard: Option<ShardRank>,
+    /// The compute dtype (`resources.precision`): f32, or bf16/f16 with fp32 masters for the
+    /// trained units ([`crate::precision`]).
+    pub compute: DType,
 }
 
 impl<B: AutodiffBackend> Trainer<B> {
@@ -156,6 +161,8 @@ impl<B: AutodiffBackend> Trainer<B> {
                 (LlamaInit::random::<B>(&config, spec.seed, &device), config)
             }
         };
+        precision::check_backend::<B>(spec.resources.precision, &device)?;
+        let compute = precision::compute_dtype(spec.resources.precision);
         let data = Dataset::load(&spec.data, spec.seed)?;
         let plan = StagePlan::new(&spec, config.num_layers);
         let (snapcheck, budget) = match spec.regime {
@@ -165,10 +172,11 @@ impl<B: AutodiffBackend> Trainer<B> {
             segprop_core::Regime::Lw => (spec.lw.snapcheck, spec.lw.snapcheck_memory_bytes),
             segprop_core::Regime::E2e => (false, 0),
         };
-        let cache =
-            snapcheck.then(|| SnapshotCache::new(budget, &work_dir.join("snapshots"), &device));
-        let rope = RopeTables::new(&config, spec.data.seq_len, &device);
-        let rope_inner = RopeTables::new(&config, spec.data.seq_len, &device);
+        let cache = snapcheck.then(|| {
+            SnapshotCache::new(budget, &work_dir.join("snapshots"), &device).with_dtype(compute)
+        });
+        let rope = RopeTables::new(&config, spec.data.seq_len, &device).cast(compute);
+        let rope_inner = RopeTables::new(&config, spec.data.seq_len, &device).cast(compute);
         Ok(Self {
             spec,
             config,
@@ -191,6 +199,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             resume: None,
             advance_in_place: true,
             shard: None,
+            compute,
         })
     }
 
@@ -439,7 +448,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             Some(z) => Tensor::from_inner(z),
             None => {
                 let tokens = Self::tokens::<B>(&batch.inputs, batch, &self.device);
-                self.model.embed(tokens)
+                to_dtype(self.model.embed(tokens), self.compute)
             }
         };
         let logits = route.forward(&self.model, x, &self.adapter, &self.rope);
@@ -706,7 +715,10 @@ impl<B: AutodiffBackend> Trainer<B> {
         let mut total = 0.0;
         for batch in &batches {
             let x = match route.input() {
-                RouteInput::Embed => model.embed(Self::tokens(&batch.inputs, batch, &self.device)),
+                RouteInput::Embed => to_dtype(
+                    model.embed(Self::tokens(&batch.inputs, batch, &self.device)),
+                    self.compute,
+                ),
                 RouteInput::Prefix { depth } => self.prefix_output(depth, Split::Eval, batch),
             };
             let logits = route.forward(&model, x, &self.adapter, &self.rope_inner);
@@ -733,6 +745,8 @@ impl<B: AutodiffBackend> Trainer<B> {
         let route = self.route(entry);
         let trainable = self.trainable(route);
         let trainable_params = count_params(&self.model, &trainable.all());
+        // Mixed precision: fp32 masters for what this stage trains, 16 bits for the rest.
+        self.model = precision::set_layout(self.model.clone(), &trainable.all(), self.compute);
         match route.input() {
             RouteInput::Prefix { depth } => self.freeze_prefix(depth),
             RouteInput::Embed => self.frozen = None,
@@ -982,11 +996,10 @@ impl<B: Backend> FrozenPrefix<B> {
         depth: usize,
         rope: &RopeTables<B>,
     ) -> Tensor<B, 3> {
+        let x = to_dtype(self.embed.forward(tokens), rope.dtype());
         self.blocks[..depth]
             .iter()
-            .fold(self.embed.forward(tokens), |x, block| {
-                block.forward(x, rope)
-            })
+            .fold(x, |x, block| block.forward(x, rope))
     }
 }
 

@@ -20,6 +20,7 @@ pub mod exit;
 pub mod gang;
 pub mod metrics;
 pub mod plot;
+pub mod precision;
 pub mod probe;
 pub mod route;
 pub mod run;
@@ -36,3 +37,7 @@ pub use run::{RunOptions, run_job};
 /// The CPU training backend: burn's `ndarray` backend with autodiff. It trained 1.5-1.75x faster
 /// than `flex` on our models (docs/benchmarks.md, docs/adr/0001-burn-version.md).
 pub type CpuBackend = burn::backend::Autodiff<burn::backend::NdArray>;
+
+/// The CPU backend of mixed-precision jobs (`resources.precision: bf16 | f16`): burn's `flex`,
+/// which has the 16-bit types ndarray lacks (docs/adr/0003-cpu-backends.md).
+pub type CpuHalfBackend = burn::backend::Autodiff<burn::backend::Flex>;

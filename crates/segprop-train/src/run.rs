@@ -146,7 +146,13 @@ pub fn finish_run<B: AutodiffBackend>(
 ) -> Result<RunSummary, TrainError> {
     let final_eval_loss = trainer.evaluate_full_model();
     let model_dir = out.join("model");
-    segprop_model::hf::export(&trainer.model, &trainer.config, &model_dir, max_shard_bytes)?;
+    segprop_model::hf::export(
+        &trainer.model,
+        &trainer.config,
+        &model_dir,
+        max_shard_bytes,
+        trainer.spec.resources.precision,
+    )?;
     let stages = trainer.progress.records.clone();
     let total_steps = stages.iter().map(|s| s.steps).sum();
     let tokens: u64 = stages.iter().map(|s| s.tokens).sum();

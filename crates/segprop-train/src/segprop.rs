@@ -193,7 +193,8 @@ pub fn advance_snapshots<B: AutodiffBackend>(
     }
     let committed = trainer.model.valid();
     let rope =
-        segprop_model::RopeTables::new(&trainer.config, trainer.spec.data.seq_len, &trainer.device);
+        segprop_model::RopeTables::new(&trainer.config, trainer.spec.data.seq_len, &trainer.device)
+            .cast(trainer.compute);
     let spill = trainer.work_dir.join("snapshots");
     cache
         .advance(from, to, |z| committed.forward_blocks(z, from..to, &rope))

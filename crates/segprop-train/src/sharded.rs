@@ -50,6 +50,7 @@ use burn::optim::{
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use segprop_model::model::cross_entropy;
+use segprop_model::precision::to_dtype;
 use segprop_model::{Block, Llama, LmHead, ParamIds, RopeTables};
 use segprop_shard::ShardLayout;
 use segprop_shard::unit::{FsdpUnit, UnitMemory, flatten_grads};
@@ -524,7 +525,7 @@ impl<B: AutodiffBackend> ShardedStage<B> {
                         .take()
                         .expect("the embedding comes first")
                         .into_iter()
-                        .map(|t| embed.forward(t))
+                        .map(|t| to_dtype(embed.forward(t), rope.dtype()))
                         .collect();
                 }
                 Kind::Block(_, u) => {
@@ -586,7 +587,8 @@ impl<B: AutodiffBackend> ShardedStage<B> {
                 let StepInput::Tokens = &m.input else {
                     unreachable!("an embedding unit reads tokens")
                 };
-                xs.push(embed.forward(tokens(&m.batch.inputs, &m.batch, device)));
+                let y = embed.forward(tokens(&m.batch.inputs, &m.batch, device));
+                xs.push(to_dtype(y, rope_inner.dtype()));
             }
             saved.push(Vec::new());
             first = 1;
@@ -694,6 +696,7 @@ impl<B: AutodiffBackend> ShardedStage<B> {
             let mut acc = GradientsAccumulator::<Embedding<B>>::new();
             for (m, g) in micro.iter().zip(upstream) {
                 let y = embed.forward(tokens(&m.batch.inputs, &m.batch, device));
+                let y = to_dtype(y, rope.dtype());
                 let grads = (y * Tensor::<B, 3>::from_inner(g)).sum().backward();
                 acc.accumulate(&embed, GradientsParams::from_grads(grads, &embed));
             }
@@ -756,7 +759,8 @@ impl<B: AutodiffBackend> ShardedStage<B> {
             for g in &gathered {
                 match g {
                     Gathered::Embed(e) => {
-                        x = Some(e.forward(tokens(&m.batch.inputs, &m.batch, device)));
+                        let y = e.forward(tokens(&m.batch.inputs, &m.batch, device));
+                        x = Some(to_dtype(y, rope.dtype()));
                     }
                     Gathered::Block(i, b) => {
                         let mut y = b.forward(x.take().expect("a block's input"), rope);

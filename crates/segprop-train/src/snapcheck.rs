@@ -12,6 +12,8 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use burn::prelude::*;
+use burn::tensor::DType;
+use segprop_model::precision::to_dtype;
 use serde::Serialize;
 
 /// Train and eval batches have separate id spaces.
@@ -73,6 +75,9 @@ pub struct SnapshotCache<B: Backend> {
     disk: HashMap<SnapshotKey, (PathBuf, u64)>,
     stats: SnapshotStats,
     source: Option<Box<dyn SnapshotSource>>,
+    /// The compute dtype: entries are kept and returned in it (spill files and the shared store
+    /// hold f32, which represents every bf16/f16 value exactly).
+    dtype: DType,
 }
 
 impl<B: Backend> SnapshotCache<B> {
@@ -86,7 +91,19 @@ impl<B: Backend> SnapshotCache<B> {
             disk: HashMap::new(),
             stats: SnapshotStats::default(),
             source: None,
+            dtype: DType::F32,
         }
+    }
+
+    /// Keeps and returns entries in `dtype` (a mixed-precision job's compute dtype).
+    pub fn with_dtype(mut self, dtype: DType) -> Self {
+        self.dtype = dtype;
+        self
+    }
+
+    /// Bytes an entry of `value`'s shape takes in memory.
+    fn entry_bytes(&self, value: &Tensor<B, 3>) -> u64 {
+        (value.shape().num_elements() * self.dtype.size()) as u64
     }
 
     /// Consults `source` on every miss from now on.
@@ -120,6 +137,7 @@ impl<B: Backend> SnapshotCache<B> {
         };
         match read_spilled::<B>(&path, &self.device) {
             Some(t) => {
+                let t = to_dtype(t, self.dtype);
                 self.stats.hits += 1;
                 Some(t)
             }
@@ -143,8 +161,10 @@ impl<B: Backend> SnapshotCache<B> {
             .unwrap_or_default();
         let mut found = None;
         for entry in entries {
-            let tensor =
-                Tensor::<B, 3>::from_data(TensorData::new(entry.values, entry.dims), &self.device);
+            let tensor = to_dtype(
+                Tensor::<B, 3>::from_data(TensorData::new(entry.values, entry.dims), &self.device),
+                self.dtype,
+            );
             self.stats.fetched += 1;
             if entry.key == key {
                 found = Some(tensor.clone());
@@ -168,7 +188,8 @@ impl<B: Backend> SnapshotCache<B> {
     /// Stores `S[key]` (a detached tensor `[batch, seq, hidden]`).
     pub fn put(&mut self, key: SnapshotKey, value: Tensor<B, 3>) -> std::io::Result<()> {
         self.remove(key);
-        let bytes = (value.shape().num_elements() * 4) as u64;
+        let value = to_dtype(value, self.dtype);
+        let bytes = self.entry_bytes(&value);
         if self.stats.memory_bytes + bytes <= self.memory_budget {
             self.stats.memory_bytes += bytes;
             self.memory.insert(key, value);
@@ -193,7 +214,7 @@ impl<B: Backend> SnapshotCache<B> {
 
     fn remove(&mut self, key: SnapshotKey) {
         if let Some(t) = self.memory.remove(&key) {
-            self.stats.memory_bytes -= (t.shape().num_elements() * 4) as u64;
+            self.stats.memory_bytes -= self.entry_bytes(&t);
         }
         if let Some((path, bytes)) = self.disk.remove(&key) {
             self.stats.disk_bytes -= bytes;

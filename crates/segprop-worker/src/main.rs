@@ -282,6 +282,15 @@ fn train(spec: JobSpec, out: PathBuf, quiet: bool) -> Result<(), TrainError> {
         if quiet { &mut silent } else { &mut progress };
     let summary =
         match spec.resources.backend {
+            // bf16/f16 run on flex, which has the 16-bit types (docs/adr/0003-cpu-backends.md).
+            segprop_core::spec::BackendKind::Cpu if spec.resources.precision.is_half() => {
+                segprop_train::run_job::<segprop_train::CpuHalfBackend>(
+                    spec,
+                    Default::default(),
+                    &options,
+                    observer,
+                )?
+            }
             segprop_core::spec::BackendKind::Cpu => segprop_train::run_job::<
                 segprop_train::CpuBackend,
             >(

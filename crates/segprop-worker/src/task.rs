@@ -89,6 +89,10 @@ impl TaskContext {
         let spec = JobSpec::from_yaml_str(&a.spec_yaml, &format!("job {}", a.job_id))
             .map_err(|e| failed(&TrainError::Spec(e)))?;
         match self.backend.as_str() {
+            // bf16/f16 run on flex, which has the 16-bit types (docs/adr/0003-cpu-backends.md).
+            "cpu" if spec.resources.precision.is_half() => {
+                self.run_on::<segprop_train::CpuHalfBackend>(spec, Default::default(), a)
+            }
             "cpu" => self.run_on::<segprop_train::CpuBackend>(spec, Default::default(), a),
             #[cfg(feature = "cuda")]
             "cuda" => {

@@ -14,9 +14,7 @@ use serde::{Deserialize, Serialize};
 use super::{Cluster, CpuProfile, Workload, cpu_step_in_passes, gib, largest_fitting, plan};
 use crate::llama_config::LlamaConfig;
 use crate::plan::{StageKind, StagePlan};
-use crate::spec::{
-    Backend, BatchSize, JobSpec, MicroBatch, Offload, Precision, Regime, TokenizerKind,
-};
+use crate::spec::{Backend, BatchSize, JobSpec, MicroBatch, Offload, Regime, TokenizerKind};
 
 /// The memory of the worker a job would run on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -188,7 +186,7 @@ fn need(
                 w,
                 micro,
                 s,
-                spec.resources.precision == Precision::Bf16,
+                spec.resources.precision.is_half(),
             );
             let m = p.memory;
             let breakdown = format!(
