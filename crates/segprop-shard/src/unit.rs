@@ -15,7 +15,7 @@
 use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{FloatDType, Tensor, TensorData, bf16, f16};
 
 use crate::collective::{Collective, CollectiveError};
 use crate::flat::ShardLayout;
@@ -55,12 +55,57 @@ pub fn param_shapes<B: Backend, M: Module<B>>(module: &M) -> Vec<Vec<usize>> {
     shapes.0
 }
 
+/// Packs 16-bit values (`values` rounded to `dtype`, bf16 or f16) two to an f32 word, as bit
+/// patterns: a frozen unit's shard and its all-gather then carry 2 bytes per weight. Gathers
+/// only copy words, so the bits survive them.
+pub fn pack16(values: &[f32], dtype: FloatDType) -> Vec<f32> {
+    let bits = |v: f32| -> u32 {
+        match dtype {
+            FloatDType::F16 => u32::from(f16::from_f32(v).to_bits()),
+            _ => u32::from(bf16::from_f32(v).to_bits()),
+        }
+    };
+    values
+        .chunks(2)
+        .map(|pair| {
+            let high = pair.get(1).map_or(0, |v| bits(*v));
+            f32::from_bits(bits(pair[0]) | (high << 16))
+        })
+        .collect()
+}
+
+/// The first `len` values of words packed by [`pack16`], widened to f32 (exactly).
+pub fn unpack16(words: &[f32], len: usize, dtype: FloatDType) -> Vec<f32> {
+    let widen = |b: u16| match dtype {
+        FloatDType::F16 => f16::from_bits(b).to_f32(),
+        _ => bf16::from_bits(b).to_f32(),
+    };
+    let mut out = Vec::with_capacity(len + 1);
+    for word in words {
+        if out.len() >= len {
+            break;
+        }
+        let b = word.to_bits();
+        out.push(widen(b as u16));
+        out.push(widen((b >> 16) as u16));
+    }
+    out.truncate(len);
+    out
+}
+
 /// Replaces `module`'s float parameters (same ids, same gradient requirement) with tensors of
-/// `shapes` filled from `flat` in visit order; `flat = None` makes one-element placeholders.
-fn refill<B: Backend, M: Module<B>>(module: M, shapes: &[Vec<usize>], flat: Option<&[f32]>) -> M {
+/// `shapes` filled from `flat` in visit order, cast to `dtype` when given; `flat = None` makes
+/// one-element placeholders.
+fn refill<B: Backend, M: Module<B>>(
+    module: M,
+    shapes: &[Vec<usize>],
+    flat: Option<&[f32]>,
+    dtype: Option<FloatDType>,
+) -> M {
     struct Refill<'a> {
         shapes: &'a [Vec<usize>],
         flat: Option<&'a [f32]>,
+        dtype: Option<FloatDType>,
         index: usize,
         at: usize,
     }
@@ -74,7 +119,11 @@ fn refill<B: Backend, M: Module<B>>(module: M, shapes: &[Vec<usize>], flat: Opti
                     let n: usize = shape.iter().product();
                     let values = flat[self.at..self.at + n].to_vec();
                     self.at += n;
-                    Tensor::<B, D>::from_data(TensorData::new(values, shape), &device)
+                    let t = Tensor::<B, D>::from_data(TensorData::new(values, shape), &device);
+                    match self.dtype {
+                        Some(dtype) => t.cast(dtype),
+                        None => t,
+                    }
                 }
                 None => Tensor::<B, D>::from_data(TensorData::new(vec![0.0f32], [1; D]), &device),
             };
@@ -90,6 +139,7 @@ fn refill<B: Backend, M: Module<B>>(module: M, shapes: &[Vec<usize>], flat: Opti
     let mut refill = Refill {
         shapes,
         flat,
+        dtype,
         index: 0,
         at: 0,
     };
@@ -126,7 +176,7 @@ pub fn flatten_grads<B: AutodiffBackend, M: AutodiffModule<B>>(
     collect.1
 }
 
-/// Bytes one rank holds for a unit (fp32 throughout).
+/// Bytes one rank holds for a unit (fp32, or 16 bits for the weights of a frozen 16-bit unit).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct UnitMemory {
     /// This rank's chunk of the master weights.
@@ -146,9 +196,15 @@ pub struct FsdpUnit<M> {
     shapes: Vec<Vec<usize>>,
     pub layout: ShardLayout,
     pub rank: usize,
-    /// This rank's chunk of the fp32 master weights (padding included, always zero).
+    /// This rank's chunk of the fp32 master weights (padding included, always zero); for a
+    /// frozen 16-bit unit, its chunk of the [`pack16`] words.
     pub master: Vec<f32>,
     pub optimizer: ShardedAdamW,
+    /// `Some(bf16 | f16)`: a frozen unit stored and gathered in 16 bits, gathered modules in
+    /// that dtype.
+    half: Option<FloatDType>,
+    /// Weights in the unit (the layout's length is in words when packed).
+    values: usize,
 }
 
 impl<M> FsdpUnit<M> {
@@ -163,12 +219,14 @@ impl<M> FsdpUnit<M> {
         let layout = ShardLayout::new(flat.len(), world);
         let master = layout.shard(&flat, rank);
         Self {
-            skeleton: refill::<B, M>(module, &shapes, None),
+            skeleton: refill::<B, M>(module, &shapes, None, None),
             shapes,
             layout,
             rank,
             optimizer: ShardedAdamW::new(config, layout.chunk),
             master,
+            half: None,
+            values: flat.len(),
         }
     }
 
@@ -181,6 +239,32 @@ impl<M> FsdpUnit<M> {
         let mut unit = Self::new::<B>(module, rank, world, AdamWConfig::default());
         unit.optimizer = ShardedAdamW::new(AdamWConfig::default(), 0);
         unit
+    }
+
+    /// Shards a frozen unit in 16 bits (`dtype` bf16 or f16; f32 gives [`Self::frozen`]): each
+    /// rank keeps 2 bytes per weight of its chunk, the all-gather moves 2 bytes per weight, and
+    /// gathered modules hold `dtype` tensors.
+    pub fn frozen_in<B: Backend>(module: M, rank: usize, world: usize, dtype: FloatDType) -> Self
+    where
+        M: Module<B>,
+    {
+        if !matches!(dtype, FloatDType::BF16 | FloatDType::F16) {
+            return Self::frozen::<B>(module, rank, world);
+        }
+        let flat = flatten::<B, M>(&module);
+        let shapes = param_shapes::<B, M>(&module);
+        let words = pack16(&flat, dtype);
+        let layout = ShardLayout::new(words.len(), world);
+        Self {
+            skeleton: refill::<B, M>(module, &shapes, None, None),
+            shapes,
+            layout,
+            rank,
+            optimizer: ShardedAdamW::new(AdamWConfig::default(), 0),
+            master: layout.shard(&words, rank),
+            half: Some(dtype),
+            values: flat.len(),
+        }
     }
 
     /// All-gathers the unit: a module with the full current weights.
@@ -203,7 +287,18 @@ impl<M> FsdpUnit<M> {
     where
         M: Module<B>,
     {
-        refill::<B, M>(self.skeleton.clone(), &self.shapes, Some(full))
+        match self.half {
+            Some(dtype) => {
+                let values = unpack16(full, self.values, dtype);
+                refill::<B, M>(
+                    self.skeleton.clone(),
+                    &self.shapes,
+                    Some(&values),
+                    Some(dtype),
+                )
+            }
+            None => refill::<B, M>(self.skeleton.clone(), &self.shapes, Some(full), None),
+        }
     }
 
     /// Reduce-scatters the gradients of `gathered` (the module [`Self::gather`] returned, after
@@ -276,11 +371,12 @@ impl<M> FsdpUnit<M> {
     }
 
     pub fn memory(&self) -> UnitMemory {
+        let weight = if self.half.is_some() { 2 } else { 4 };
         UnitMemory {
             params: (self.master.len() * 4) as u64,
             optimizer: self.optimizer.state_bytes(),
-            gathered: (self.layout.len * 4) as u64,
-            full_grad: (self.layout.len * 4) as u64,
+            gathered: (self.values * weight) as u64,
+            full_grad: (self.values * 4) as u64,
         }
     }
 }

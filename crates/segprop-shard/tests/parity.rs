@@ -265,3 +265,60 @@ fn a_rank_holds_one_nth_of_each_unit() {
     assert_eq!(m.optimizer, 2 * m.params);
     assert_eq!(m.gathered, whole.params);
 }
+
+/// A frozen unit sharded in 16 bits: every rank holds 2 bytes per weight of its chunk, the
+/// all-gather moves 2 bytes per weight, and the gathered block is the bf16 (f16) rounding of the
+/// original, bit for bit, in that dtype; odd lengths and odd rank counts included.
+#[test]
+fn frozen_16_bit_units_gather_the_rounded_weights_in_half_the_bytes() {
+    use burn::backend::Flex;
+    use burn::module::Module;
+    use burn::tensor::{DType, FloatDType};
+
+    let model = LlamaInit::random::<Flex>(&config(), 9, &Default::default());
+    let block = model.blocks[0].clone();
+    let want = flatten::<Flex, _>(&block);
+    let n = want.len();
+    for (dtype, world) in [(FloatDType::BF16, 3), (FloatDType::F16, 2)] {
+        let rounded: Vec<u32> = want
+            .iter()
+            .map(|v| match dtype {
+                FloatDType::BF16 => burn::tensor::bf16::from_f32(*v).to_f32().to_bits(),
+                _ => burn::tensor::f16::from_f32(*v).to_f32().to_bits(),
+            })
+            .collect();
+        let groups = thread_group(world, Duration::from_secs(10));
+        let handles: Vec<_> = groups
+            .into_iter()
+            .enumerate()
+            .map(|(rank, mut c)| {
+                let block = block.clone();
+                std::thread::spawn(move || {
+                    let unit = FsdpUnit::frozen_in::<Flex>(block, rank, world, dtype);
+                    let memory = unit.memory();
+                    let before = c.stats().total_wire_bytes();
+                    let gathered = unit.gather::<Flex>(&mut c).unwrap();
+                    let moved = c.stats().total_wire_bytes() - before;
+                    let w = gathered.mlp.up_proj.weight.val();
+                    let bits: Vec<u32> = flatten::<Flex, _>(&gathered)
+                        .iter()
+                        .map(|v| v.to_bits())
+                        .collect();
+                    (memory, moved, w.dtype(), bits, gathered.num_params())
+                })
+            })
+            .collect();
+        for h in handles {
+            let (memory, moved, got_dtype, bits, params) = h.join().unwrap();
+            assert_eq!(params, n);
+            assert_eq!(got_dtype, DType::from(dtype));
+            assert_eq!(bits, rounded, "{dtype:?} on {world} ranks");
+            // 2 bytes per weight held (1/world of them, words padded) and gathered.
+            let words = n.div_ceil(2);
+            assert_eq!(memory.params, (words.div_ceil(world) * 4) as u64);
+            assert_eq!(memory.gathered, 2 * n as u64);
+            let padded = words.div_ceil(world) * world;
+            assert_eq!(moved, (padded * 4 * (world - 1) / world) as u64);
+        }
+    }
+}

@@ -795,6 +795,7 @@ impl<B: AutodiffBackend> Trainer<B> {
                 self.head_optimizer.as_ref(),
                 adamw,
                 shard,
+                self.compute,
             )),
             None => None,
         };

@@ -49,6 +49,7 @@ use burn::optim::{
 };
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::{DType, FloatDType};
 use segprop_model::model::cross_entropy;
 use segprop_model::precision::to_dtype;
 use segprop_model::{Block, Llama, LmHead, ParamIds, RopeTables};
@@ -237,7 +238,10 @@ fn tokens<Bk: Backend>(values: &[i64], batch: &Batch, device: &Bk::Device) -> Te
 
 impl<B: AutodiffBackend> ShardedStage<B> {
     /// Shards the units `route` trains out of `model` (which keeps one-element placeholders in
-    /// their place), with AdamW state from `local_opt` / `head_opt` where they have it.
+    /// their place), with AdamW state from `local_opt` / `head_opt` where they have it. The
+    /// trained units keep fp32 masters; the frozen prefix and the parked blocks are stored and
+    /// gathered in `compute` (16 bits in a mixed-precision job).
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         model: &mut Llama<B>,
         route: Route,
@@ -246,7 +250,9 @@ impl<B: AutodiffBackend> ShardedStage<B> {
         head_opt: Option<&AdamWOptimizer<B>>,
         adamw: AdamWConfig,
         shard: &ShardRank,
+        compute: DType,
     ) -> Self {
+        let frozen = FloatDType::from(compute);
         let (rank, world) = (shard.rank(), shard.world());
         let group_of = |ids: &[ParamId]| {
             if ids.first().is_some_and(|id| trainable.head.contains(id)) {
@@ -287,14 +293,15 @@ impl<B: AutodiffBackend> ShardedStage<B> {
         });
         let mut prefix = Vec::new();
         if let crate::route::RouteInput::Prefix { depth } = route.input() {
-            let unit = FsdpUnit::frozen::<B>(model.embed_tokens.clone(), rank, world);
+            let unit = FsdpUnit::frozen_in::<B>(model.embed_tokens.clone(), rank, world, frozen);
             model.embed_tokens = unit.skeleton().clone();
             prefix.push(Unit {
                 kind: Kind::Embed(unit),
                 group: Group::Local,
             });
             for index in 0..depth {
-                let unit = FsdpUnit::frozen::<B>(model.blocks[index].clone(), rank, world);
+                let unit =
+                    FsdpUnit::frozen_in::<B>(model.blocks[index].clone(), rank, world, frozen);
                 model.blocks[index] = unit.skeleton().clone();
                 prefix.push(Unit {
                     kind: Kind::Block(index, unit),
@@ -315,7 +322,7 @@ impl<B: AutodiffBackend> ShardedStage<B> {
             {
                 continue;
             }
-            let unit = FsdpUnit::frozen::<B>(model.blocks[index].clone(), rank, world);
+            let unit = FsdpUnit::frozen_in::<B>(model.blocks[index].clone(), rank, world, frozen);
             model.blocks[index] = unit.skeleton().clone();
             parked.push(Unit {
                 kind: Kind::Block(index, unit),

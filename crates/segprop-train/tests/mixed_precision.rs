@@ -13,6 +13,7 @@ use segprop_train::gang::{gang_size, train_gang};
 use segprop_train::metrics::{RecordingObserver, TrainEvent};
 use segprop_train::precision::param_bytes;
 use segprop_train::segprop::run_plan;
+use segprop_train::sharded::RankMemory;
 use segprop_train::{CpuBackend, CpuHalfBackend, Trainer};
 
 /// The tolerances the curves must meet, as (worst step, mean over the run) of
@@ -64,6 +65,8 @@ fn spec(base: &str, extra: &str) -> JobSpec {
 struct Run {
     losses: Vec<f64>,
     bytes: Option<(u64, u64)>,
+    /// What rank 0 held in each stage (sharded runs).
+    memory: Vec<Option<RankMemory>>,
 }
 
 fn losses(obs: &RecordingObserver) -> Vec<f64> {
@@ -86,6 +89,7 @@ fn run<B: AutodiffBackend>(spec: &JobSpec) -> Run {
             Run {
                 losses: losses(&obs),
                 bytes: Some(param_bytes::<B, _>(&t.model)),
+                memory: Vec::new(),
             }
         }
         Some(world) => train_gang::<B, _>(
@@ -98,6 +102,7 @@ fn run<B: AutodiffBackend>(spec: &JobSpec) -> Run {
                 Ok(Run {
                     losses: losses(&obs),
                     bytes: None,
+                    memory: t.progress.records.iter().map(|r| r.sharding).collect(),
                 })
             },
             |t| {
@@ -165,6 +170,25 @@ fn check(what: &str, base: &str, sharding: &str) {
                 assert!(
                     half16 > 0 && full16 < full32,
                     "{what} {precision}: {full16} / {half16}"
+                );
+            }
+        }
+        for (stage, (m32, m16)) in reference.memory.iter().zip(&half.memory).enumerate() {
+            let (m32, m16) = (m32.expect("a sharded stage"), m16.expect("a sharded stage"));
+            // The trained units keep fp32 masters and moments: the same bytes as f32.
+            assert_eq!(m16.params_bytes, m32.params_bytes, "{what} stage {stage}");
+            assert_eq!(
+                m16.optimizer_bytes, m32.optimizer_bytes,
+                "{what} stage {stage}"
+            );
+            // The frozen prefix and the parked blocks are held in 16 bits (words padded).
+            for (b16, b32) in [
+                (m16.prefix_bytes, m32.prefix_bytes),
+                (m16.parked_bytes, m32.parked_bytes),
+            ] {
+                assert!(
+                    b16 * 2 >= b32 && b16 * 2 <= b32 + 64,
+                    "{what} stage {stage}: {b16} vs {b32}"
                 );
             }
         }
