@@ -200,11 +200,36 @@ pub struct FsdpUnit<M> {
     /// frozen 16-bit unit, its chunk of the [`pack16`] words.
     pub master: Vec<f32>,
     pub optimizer: ShardedAdamW,
-    /// `Some(bf16 | f16)`: a frozen unit stored and gathered in 16 bits, gathered modules in
-    /// that dtype.
-    half: Option<FloatDType>,
+    storage: Storage,
     /// Weights in the unit (the layout's length is in words when packed).
     values: usize,
+}
+
+/// How a unit's weights are kept and gathered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Storage {
+    /// fp32 values, gathered in fp32.
+    F32,
+    /// fp32 master values (the optimizer steps them), gathered for compute in 16 bits, as
+    /// FSDP's `MixedPrecision(param_dtype=bf16)` does; the chunk is even so each rank packs its
+    /// own chunk. Gradients are reduce-scattered in fp32.
+    Master16(FloatDType),
+    /// A frozen unit: 16-bit values packed two to a word ([`pack16`]); the layout counts words.
+    Packed16(FloatDType),
+}
+
+impl Storage {
+    fn half(self) -> Option<FloatDType> {
+        match self {
+            Storage::F32 => None,
+            Storage::Master16(d) | Storage::Packed16(d) => Some(d),
+        }
+    }
+}
+
+/// Whether `dtype` is a 16-bit float type.
+fn is_half(dtype: FloatDType) -> bool {
+    matches!(dtype, FloatDType::BF16 | FloatDType::F16)
 }
 
 impl<M> FsdpUnit<M> {
@@ -225,7 +250,40 @@ impl<M> FsdpUnit<M> {
             rank,
             optimizer: ShardedAdamW::new(config, layout.chunk),
             master,
-            half: None,
+            storage: Storage::F32,
+            values: flat.len(),
+        }
+    }
+
+    /// Like [`Self::new`], computing in `compute`: with bf16/f16 the fp32 master shard is
+    /// all-gathered in 16 bits for forward and backward (2 bytes per weight on the wire and while
+    /// gathered); [`Self::gather`] still returns the fp32 masters.
+    pub fn new_in<B: Backend>(
+        module: M,
+        rank: usize,
+        world: usize,
+        config: AdamWConfig,
+        compute: FloatDType,
+    ) -> Self
+    where
+        M: Module<B>,
+    {
+        if !is_half(compute) {
+            return Self::new::<B>(module, rank, world, config);
+        }
+        let flat = flatten::<B, M>(&module);
+        let shapes = param_shapes::<B, M>(&module);
+        let mut layout = ShardLayout::new(flat.len(), world);
+        layout.chunk += layout.chunk % 2;
+        let master = layout.shard(&flat, rank);
+        Self {
+            skeleton: refill::<B, M>(module, &shapes, None, None),
+            shapes,
+            layout,
+            rank,
+            optimizer: ShardedAdamW::new(config, layout.chunk),
+            master,
+            storage: Storage::Master16(compute),
             values: flat.len(),
         }
     }
@@ -248,7 +306,7 @@ impl<M> FsdpUnit<M> {
     where
         M: Module<B>,
     {
-        if !matches!(dtype, FloatDType::BF16 | FloatDType::F16) {
+        if !is_half(dtype) {
             return Self::frozen::<B>(module, rank, world);
         }
         let flat = flatten::<B, M>(&module);
@@ -262,32 +320,65 @@ impl<M> FsdpUnit<M> {
             rank,
             optimizer: ShardedAdamW::new(AdamWConfig::default(), 0),
             master: layout.shard(&words, rank),
-            half: Some(dtype),
+            storage: Storage::Packed16(dtype),
             values: flat.len(),
         }
     }
 
-    /// All-gathers the unit: a module with the full current weights.
+    /// All-gathers the unit as it is stored: a module with the full current weights (the fp32
+    /// masters of a trained unit, the 16-bit weights of a frozen one). For checkpoints, stage
+    /// ends and evaluation.
     pub fn gather<B: Backend>(&self, collective: &mut dyn Collective) -> Result<M, CollectiveError>
     where
         M: Module<B>,
     {
         let full = self.layout.all_gather(collective, &self.master)?;
-        Ok(self.assemble::<B>(&full))
+        Ok(match self.storage {
+            Storage::Packed16(_) => self.assemble::<B>(&full),
+            Storage::F32 | Storage::Master16(_) => {
+                refill::<B, M>(self.skeleton.clone(), &self.shapes, Some(&full), None)
+            }
+        })
     }
 
-    /// Starts the all-gather of the unit on `stream` (prefetch): the full flat weights, for
-    /// [`Self::assemble`].
+    /// The layout of the words a 16-bit compute gather of a trained unit moves.
+    fn compute_words(&self) -> ShardLayout {
+        ShardLayout {
+            len: self.layout.padded() / 2,
+            world: self.layout.world,
+            chunk: self.layout.chunk / 2,
+        }
+    }
+
+    /// Starts the all-gather of the unit for compute on `stream` (prefetch): the full flat
+    /// weights (16-bit words when the unit computes in 16 bits), for [`Self::assemble`].
     pub fn start_gather(&self, stream: &CommStream) -> Pending<Vec<f32>> {
-        stream.all_gather(self.layout, self.master.clone())
+        match self.storage {
+            Storage::Master16(dtype) => {
+                stream.all_gather(self.compute_words(), pack16(&self.master, dtype))
+            }
+            Storage::F32 | Storage::Packed16(_) => {
+                stream.all_gather(self.layout, self.master.clone())
+            }
+        }
     }
 
-    /// A module with the full weights `full` (`layout.len` elements, from an all-gather).
+    /// Bytes of the full buffer one compute gather of this unit assembles (padding included):
+    /// the wire bytes are `(N - 1)/N` of it.
+    pub fn gather_bytes(&self) -> u64 {
+        match self.storage {
+            Storage::Master16(_) => (self.compute_words().padded() * 4) as u64,
+            Storage::F32 | Storage::Packed16(_) => (self.layout.padded() * 4) as u64,
+        }
+    }
+
+    /// A module with the weights of a compute gather `full` ([`Self::start_gather`]), in the
+    /// unit's compute dtype.
     pub fn assemble<B: Backend>(&self, full: &[f32]) -> M
     where
         M: Module<B>,
     {
-        match self.half {
+        match self.storage.half() {
             Some(dtype) => {
                 let values = unpack16(full, self.values, dtype);
                 refill::<B, M>(
@@ -371,7 +462,7 @@ impl<M> FsdpUnit<M> {
     }
 
     pub fn memory(&self) -> UnitMemory {
-        let weight = if self.half.is_some() { 2 } else { 4 };
+        let weight = if self.storage.half().is_some() { 2 } else { 4 };
         UnitMemory {
             params: (self.master.len() * 4) as u64,
             optimizer: self.optimizer.state_bytes(),

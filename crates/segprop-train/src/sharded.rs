@@ -266,7 +266,7 @@ impl<B: AutodiffBackend> ShardedStage<B> {
         if matches!(route.input(), crate::route::RouteInput::Embed) {
             let module = model.embed_tokens.clone();
             let group = group_of(&ParamIds::of(&module).0);
-            let unit = FsdpUnit::new::<B>(module, rank, world, adamw);
+            let unit = FsdpUnit::new_in::<B>(module, rank, world, adamw, frozen);
             model.embed_tokens = unit.skeleton().clone();
             units.push(Unit {
                 kind: Kind::Embed(unit),
@@ -276,7 +276,7 @@ impl<B: AutodiffBackend> ShardedStage<B> {
         for index in trained.chain(head_blocks) {
             let module = model.blocks[index].clone();
             let group = group_of(&ParamIds::of(&module).0);
-            let unit = FsdpUnit::new::<B>(module, rank, world, adamw);
+            let unit = FsdpUnit::new_in::<B>(module, rank, world, adamw, frozen);
             model.blocks[index] = unit.skeleton().clone();
             units.push(Unit {
                 kind: Kind::Block(index, unit),
@@ -285,7 +285,7 @@ impl<B: AutodiffBackend> ShardedStage<B> {
         }
         let module = model.head.clone();
         let group = group_of(&ParamIds::of(&module).0);
-        let unit = FsdpUnit::new::<B>(module, rank, world, adamw);
+        let unit = FsdpUnit::new_in::<B>(module, rank, world, adamw, frozen);
         model.head = unit.skeleton().clone();
         units.push(Unit {
             kind: Kind::Head(unit),
@@ -474,13 +474,17 @@ impl<B: AutodiffBackend> ShardedStage<B> {
         let c = &mut shard.collective;
         let before = c.stats().total_wire_bytes();
         let world = c.world_size() as u64;
-        let padded = |u: &Unit<B>| with_unit!(&u.kind, u => (u.layout.padded() * 4) as u64);
-        let all: u64 = self.units.iter().map(padded).sum();
-        let head = self.units.last().map_or(0, padded);
+        // Each unit is gathered for compute (16-bit words in a mixed-precision stage) and its
+        // fp32 gradient reduce-scattered.
+        let gather = |u: &Unit<B>| with_unit!(&u.kind, u => u.gather_bytes());
+        let scatter = |u: &Unit<B>| with_unit!(&u.kind, u => (u.layout.padded() * 4) as u64);
+        let gathers: u64 = self.units.iter().map(gather).sum();
+        let scatters: u64 = self.units.iter().map(scatter).sum();
+        let head = self.units.last().map_or(0, gather);
         let passes = if shard.options.activation_checkpointing {
-            3 * all - head
+            2 * gathers - head + scatters
         } else {
-            2 * all
+            gathers + scatters
         };
         self.memory.expected_comm_bytes_per_step = passes * (world - 1) / world;
         let (loss_sum, shards) = if shard.options.activation_checkpointing {
@@ -546,7 +550,7 @@ impl<B: AutodiffBackend> ShardedStage<B> {
         let padded: u64 = self
             .prefix
             .iter()
-            .map(|u| with_unit!(&u.kind, u => (u.layout.padded() * 4) as u64))
+            .map(|u| with_unit!(&u.kind, u => u.gather_bytes()))
             .sum();
         self.prefix_comm.0 += s.stats().total_wire_bytes() - before;
         self.prefix_comm.1 += padded * (world - 1) / world;

@@ -181,6 +181,18 @@ fn check(what: &str, base: &str, sharding: &str) {
                 m16.optimizer_bytes, m32.optimizer_bytes,
                 "{what} stage {stage}"
             );
+            // Trained units are gathered in 16 bits, their gradients reduce-scattered in fp32:
+            // fewer bytes than f32, exactly what the schedule says.
+            let (moved, expected) = (m16.comm_bytes_per_step, m16.expected_comm_bytes_per_step);
+            assert!(
+                moved < m32.comm_bytes_per_step,
+                "{what} stage {stage}: {moved}"
+            );
+            assert!(
+                moved.abs_diff(expected) * 1000 <= expected,
+                "{what} stage {stage}: {moved} vs {expected}"
+            );
+            assert!(m16.gathered_peak_bytes < m32.gathered_peak_bytes);
             // The frozen prefix and the parked blocks are held in 16 bits (words padded).
             for (b16, b32) in [
                 (m16.prefix_bytes, m32.prefix_bytes),
