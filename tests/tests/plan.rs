@@ -41,11 +41,13 @@ fn llama70b_on_8x40g_segprop_fits_where_fsdp_does_not() {
             .as_u64()
             .unwrap()
     };
-    assert_eq!(rows.len(), 6);
+    assert_eq!(rows.len(), 8);
     assert_eq!(batch("e2e FSDP"), 0, "141 GB of sharded state per GPU");
     // 16 bytes per parameter on the host: 1.13 TB, more than the default 1 TiB.
     assert_eq!(batch("FSDP + CPU offload + AC"), 0);
     assert!(batch("SegProp stage 2, SnapCheck") >= 1);
+    // Activation checkpointing against activation checkpointing.
+    assert!(batch("SegProp stage 2, SnapCheck + AC") > batch("SegProp stage 2, SnapCheck"));
     assert!(report["schedule_flops_segprop_snapcheck"].as_f64().unwrap() > 0.0);
 
     // With 2 TiB of host RAM offload fits; the table says so in words.

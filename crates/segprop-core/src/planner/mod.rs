@@ -4,17 +4,21 @@
 //!
 //! # Model of memory (per GPU of a gang of `G` GPUs, micro-batch `b`, sequence `s`)
 //!
-//! Mixed precision as FSDP runs it: compute weights and gradients in `a` bytes (2 for bf16, 4
-//! for f32), fp32 master weights, fp32 AdamW moments.
-//! - **Sharded state** of the trainable parameters `P_t`: `(a + 4 + 8 + a) × P_t / G` (compute
-//!   copy, master, both moments, gradient shard; with f32 the compute copy is the master:
-//!   `(4 + 8 + 4) × P_t / G`). With CPU offload it lives in host memory instead, as PyTorch
-//!   FSDP's `CPUOffload` keeps it: fp32 master, both moments and the fp32 gradient, `16 × P_t`
-//!   per host (and `4 × P_f` for frozen weights).
-//! - **Frozen parameters** run forward-only (a SegProp prefix recomputed without SnapCheck):
-//!   `a × P_f / G`, or host memory with offload.
-//! - **Gathered units**: the unit in use and the prefetched next one, whole, `2 × a × U_max`,
-//!   plus one unit's full gradient before its reduce-scatter, `a × U_max`.
+//! Mixed precision as the engine runs it (FSDP's `MixedPrecision(param_dtype=a,
+//! reduce_dtype=fp32)`): compute, gathered weights and frozen weights in `a` bytes (2 for bf16
+//! and f16, 4 for f32), fp32 master weights, fp32 AdamW moments, fp32 gradient shards.
+//! - **Sharded state** of the trainable parameters `P_t`: `(4 + 8 + 4) × P_t / G` (the fp32
+//!   master shard, which is what a rank stores, both moments, the fp32 gradient shard). With CPU
+//!   offload it lives in host memory instead, as PyTorch FSDP's `CPUOffload` keeps it: `16 × P_t`
+//!   per host.
+//! - **Frozen parameters** `P_f` run forward-only (a SegProp prefix recomputed without
+//!   SnapCheck): sharded in the compute dtype, `a × P_f / G`, or host memory with offload.
+//! - **Held parameters** `P_h` are kept but neither trained nor run (the prefix SnapCheck
+//!   replaces, the parked blocks of later segments, stage 1's intermediate blocks): never
+//!   gathered during the stage, their shards are parked in host memory, `a × P_h` per host.
+//! - **Gathered units**: the unit in use and the prefetched next one, whole, gathered in the
+//!   compute dtype, `2 × a × U_max`, plus one unit's full gradient before its reduce-scatter, in
+//!   the compute dtype and as the fp32 copy the reduce-scatter sends, `(a + 4) × U_max`.
 //! - **Activations** saved for backward, per trained block and token, `a × (6h + 2·kv + 4i)`:
 //!   the block input, both norm outputs, q, k, v, the attention output, gate, up, SiLU(gate)
 //!   and their product. Attention is assumed memory-efficient (flash/SDPA: no `s × s` scores
@@ -96,6 +100,13 @@ pub struct Workload {
     pub frozen_blocks: usize,
     /// Whether the frozen prefix starts at the embedding (it does when `frozen_blocks > 0`).
     pub frozen_embedding: bool,
+    /// Decoder blocks held but neither trained nor run (SnapCheck's prefix, parked later
+    /// segments, stage 1's intermediate blocks): sharded in the compute dtype.
+    #[serde(default)]
+    pub held_blocks: usize,
+    /// Whether the embedding is held that way (a stage-2 segment with SnapCheck).
+    #[serde(default)]
+    pub held_embedding: bool,
     /// Sharded state in host memory (FSDP + CPU offload).
     pub offload: bool,
     pub activation_checkpointing: bool,
@@ -243,11 +254,14 @@ pub fn plan(
     let trained =
         w.trained_blocks as u64 * block + head + if w.trained_embedding { embed } else { 0 };
     let frozen = w.frozen_blocks as u64 * block + if w.frozen_embedding { embed } else { 0 };
-    let state_per_param = if bf16 { a + 4 + 8 + a } else { 4 + 8 + 4 };
+    let held = w.held_blocks as u64 * block + if w.held_embedding { embed } else { 0 };
+    // fp32 master shard, both fp32 moments, fp32 gradient shard.
+    let state_per_param = 4 + 8 + 4;
+    // Held weights are never gathered during the stage: their shards are parked in host memory.
     let (sharded_state, frozen_weights, host) = if w.offload {
-        (0, 0, trained * (4 + 8 + 4) + frozen * 4)
+        (0, 0, trained * state_per_param + (frozen + held) * a)
     } else {
-        (trained * state_per_param / g, frozen * a / g, 0)
+        (trained * state_per_param / g, frozen * a / g, held * a)
     };
     let unit_max = block
         .max(head)
@@ -256,7 +270,7 @@ pub fn plan(
         } else {
             0
         });
-    let gathered = 3 * a * unit_max;
+    let gathered = 2 * a * unit_max + (a + 4) * unit_max;
 
     let per_block_token = a * (6 * h + 2 * kv + 4 * i);
     let blocks = w.trained_blocks as u64;
@@ -384,8 +398,9 @@ pub fn gib(bytes: u64) -> f64 {
 }
 
 /// The comparison the planner prints: e2e FSDP, FSDP + CPU offload without and with activation
-/// checkpointing, SegProp stage 1, and a stage-2 segment with and without SnapCheck (the last
-/// segment: its prefix is the longest), for base depth `p`, head depth `r`, segment size `k`.
+/// checkpointing, SegProp stage 1, a stage-2 segment with and without SnapCheck (the last
+/// segment: its prefix is the longest), and stage 1 and the SnapCheck segment with activation
+/// checkpointing (AC against AC), for base depth `p`, head depth `r`, segment size `k`.
 pub fn comparison(num_layers: usize, p: usize, r: usize, k: usize) -> Vec<Workload> {
     let e2e = |name: &str, offload, ac| Workload {
         name: name.into(),
@@ -393,41 +408,46 @@ pub fn comparison(num_layers: usize, p: usize, r: usize, k: usize) -> Vec<Worklo
         trained_embedding: true,
         frozen_blocks: 0,
         frozen_embedding: false,
+        held_blocks: 0,
+        held_embedding: false,
         offload,
         activation_checkpointing: ac,
     };
     let last_prefix = num_layers.saturating_sub(r + k);
+    let stage1 = |name: &str, ac| Workload {
+        name: name.into(),
+        trained_blocks: p + r,
+        trained_embedding: true,
+        frozen_blocks: 0,
+        frozen_embedding: false,
+        // The intermediate blocks wait for stage 2.
+        held_blocks: num_layers.saturating_sub(p + r),
+        held_embedding: false,
+        offload: false,
+        activation_checkpointing: ac,
+    };
+    // The last segment: its prefix is the longest; no later segment is parked.
+    let stage2 = |name: &str, snapcheck: bool, ac| Workload {
+        name: name.into(),
+        trained_blocks: k + r,
+        trained_embedding: false,
+        frozen_blocks: if snapcheck { 0 } else { last_prefix },
+        frozen_embedding: !snapcheck,
+        held_blocks: if snapcheck { last_prefix } else { 0 },
+        held_embedding: snapcheck,
+        offload: false,
+        activation_checkpointing: ac,
+    };
+    // The activation-checkpointing rows come last so the rows above keep their places.
     vec![
         e2e("e2e FSDP", false, false),
         e2e("FSDP + CPU offload", true, false),
         e2e("FSDP + CPU offload + AC", true, true),
-        Workload {
-            name: "SegProp stage 1".into(),
-            trained_blocks: p + r,
-            trained_embedding: true,
-            frozen_blocks: 0,
-            frozen_embedding: false,
-            offload: false,
-            activation_checkpointing: false,
-        },
-        Workload {
-            name: "SegProp stage 2, SnapCheck".into(),
-            trained_blocks: k + r,
-            trained_embedding: false,
-            frozen_blocks: 0,
-            frozen_embedding: false,
-            offload: false,
-            activation_checkpointing: false,
-        },
-        Workload {
-            name: "SegProp stage 2, no SnapCheck".into(),
-            trained_blocks: k + r,
-            trained_embedding: false,
-            frozen_blocks: last_prefix,
-            frozen_embedding: true,
-            offload: false,
-            activation_checkpointing: false,
-        },
+        stage1("SegProp stage 1", false),
+        stage2("SegProp stage 2, SnapCheck", true, false),
+        stage2("SegProp stage 2, no SnapCheck", false, false),
+        stage1("SegProp stage 1 + AC", true),
+        stage2("SegProp stage 2, SnapCheck + AC", true, true),
     ]
 }
 
@@ -558,6 +578,38 @@ mod tests {
         assert!(on.memory.activations * 5 < off.memory.activations);
         assert!(on.recompute_flops_per_token > 0.0 && off.recompute_flops_per_token == 0.0);
         assert!(on.memory.host > 0 && on.memory.sharded_state == 0);
+    }
+
+    #[test]
+    fn segprop_rows_compare_ac_against_ac_and_park_held_weights_on_the_host() {
+        let c = LlamaConfig::preset("llama2-70b").expect("preset");
+        let cluster = Cluster {
+            host_ram_bytes: 2 << 40,
+            ..Cluster::a100_40g_x8()
+        };
+        let w = comparison(c.num_layers, 4, 4, 4);
+        let names: Vec<&str> = w.iter().map(|w| w.name.as_str()).collect();
+        assert_eq!(names[6], "SegProp stage 1 + AC");
+        assert_eq!(names[7], "SegProp stage 2, SnapCheck + AC");
+        let max = |i: usize| {
+            max_micro_batch(&c, &cluster, &w[i], 2048, true, 4096).map_or(0, |p| p.micro_batch)
+        };
+        // AC against AC: the SnapCheck segment fits more sequences than FSDP + offload.
+        assert!(max(7) > max(2), "{} vs {}", max(7), max(2));
+        assert!(max(7) > max(4) && max(6) > max(3));
+        // The last segment holds the 72-block prefix and the embedding, parked on the host in
+        // bf16: 2 bytes per held parameter, nothing on the GPU.
+        let p = plan(&c, &cluster, &w[7], 1, 2048, true);
+        let held = 72 * c.block_params() + (c.vocab_size * c.hidden_size) as u64;
+        assert_eq!(p.memory.host, 2 * held);
+        assert_eq!(p.memory.frozen_weights, 0);
+        // f32 holds the same parameters in 4 bytes; the trained state is 16 bytes either way.
+        let f32_plan = plan(&c, &cluster, &w[7], 1, 2048, false);
+        assert_eq!(f32_plan.memory.host, 2 * p.memory.host);
+        assert_eq!(f32_plan.memory.sharded_state, p.memory.sharded_state);
+        // Without SnapCheck the prefix runs: its bf16 shards are on the GPUs.
+        let q = plan(&c, &cluster, &w[5], 1, 2048, true);
+        assert_eq!(q.memory.frozen_weights, 2 * held / 8);
     }
 
     #[test]

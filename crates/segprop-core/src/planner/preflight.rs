@@ -51,30 +51,56 @@ pub fn stage_workload(spec: &JobSpec, kind: &StageKind, num_layers: usize) -> Wo
     let offload = spec.sharding.offload == Offload::Cpu;
     let ac = spec.activation_checkpointing;
     let r = spec.segprop.head_layers;
-    let base = |name: String, trained_blocks, trained_embedding, frozen_blocks| Workload {
-        name,
-        trained_blocks,
-        trained_embedding,
-        frozen_blocks,
-        frozen_embedding: frozen_blocks > 0,
-        offload,
-        activation_checkpointing: ac,
-    };
+    let base =
+        |name: String, trained_blocks, trained_embedding, frozen_blocks, held_blocks| Workload {
+            name,
+            trained_blocks,
+            trained_embedding,
+            frozen_blocks,
+            frozen_embedding: frozen_blocks > 0,
+            held_blocks,
+            held_embedding: false,
+            offload,
+            activation_checkpointing: ac,
+        };
     match *kind {
-        StageKind::E2e => base("e2e".into(), num_layers, true, 0),
-        StageKind::Stage1 { base_depth } => base("stage1".into(), base_depth + r, true, 0),
+        StageKind::E2e => base("e2e".into(), num_layers, true, 0, 0),
+        StageKind::Stage1 { base_depth } => base(
+            "stage1".into(),
+            base_depth + r,
+            true,
+            0,
+            num_layers.saturating_sub(base_depth + r),
+        ),
         StageKind::Segment { start, end } => {
             let snapcheck = spec.regime == Regime::Segprop && spec.segprop.snapcheck;
-            let frozen = if snapcheck { 0 } else { start };
-            base(
+            // Later segments are parked; with SnapCheck the prefix (embedding included) is held,
+            // without it runs forward.
+            let parked = num_layers.saturating_sub(end + r);
+            let (frozen, held) = if snapcheck {
+                (0, start + parked)
+            } else {
+                (start, parked)
+            };
+            let mut w = base(
                 format!("segment-{start}-{end}"),
                 end - start + r,
                 false,
                 frozen,
-            )
+                held,
+            );
+            w.held_embedding = snapcheck;
+            w
         }
-        // A layer-wise block trains itself and a local head; its prefix runs forward-only.
-        StageKind::LwBlock { block } => base(format!("lw-block-{block}"), 1, block == 0, block),
+        // A layer-wise block trains itself and a local head; its prefix runs forward-only and
+        // the blocks after it wait.
+        StageKind::LwBlock { block } => base(
+            format!("lw-block-{block}"),
+            1,
+            block == 0,
+            block,
+            num_layers.saturating_sub(block + 1),
+        ),
     }
 }
 
