@@ -121,7 +121,7 @@ enum Command {
         r: usize,
         #[arg(long, default_value_t = 4)]
         k: usize,
-        /// Compute precision (--model only): bf16 or f32.
+        /// Compute precision (--model only): bf16, f16 (priced as bf16: 2 bytes) or f32.
         #[arg(long, default_value = "bf16")]
         precision: String,
         /// Dense bf16 peak of one GPU, TFLOP/s.
@@ -356,11 +356,11 @@ async fn run(command: Command) -> Result<(), Failure> {
                     let (config, model_name) =
                         PlanRequest::model(&model).map_err(Failure::input)?;
                     let bf16 = match precision.as_str() {
-                        "bf16" => true,
+                        "bf16" | "f16" => true,
                         "f32" => false,
                         other => {
                             return Err(Failure::input(format!(
-                                "--precision {other}: use bf16 or f32"
+                                "--precision {other}: use bf16, f16 or f32"
                             )));
                         }
                     };
