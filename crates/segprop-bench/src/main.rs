@@ -8,6 +8,9 @@
 //!   of 16 blocks), and the achieved fraction of the ideal speedup;
 //! - `memory`: peak heap of one training step for e2e, stage 1 and every stage-2 segment of a
 //!   16-block model at the same batch (a counting global allocator).
+//! - `precision`: step time and loss of bf16 and f16 (flex) against f32 (ndarray and flex) on
+//!   the same steps, and the bytes of frozen weights and snapshots per precision beside the
+//!   planner's prediction;
 //! - `shard`: step time of `full_shard` on 2 and 4 CPU ranks (and activation checkpointing) vs
 //!   unsharded, and the wire bytes per step vs the FSDP schedule;
 //! - `orchestration`: wall time of a job (default: the demo) through `segprop-coord demo`
@@ -20,6 +23,7 @@ mod cluster;
 #[cfg(feature = "cuda")]
 mod gpu_check;
 mod planner;
+mod precision;
 mod shard;
 
 use std::time::Instant;
@@ -81,6 +85,8 @@ enum Command {
         reps: usize,
     },
     Matmul,
+    /// Mixed precision on CPU: bf16/f16 against f32, step time, loss, bytes.
+    Precision,
     Throughput,
     Snapcheck,
     Memory,
@@ -176,6 +182,7 @@ fn main() -> Result<()> {
         } => cluster::snapcheck_cluster(reps, segment_steps),
         Command::Shard { reps } => shard::shard(cli.steps, reps),
         Command::Matmul => matmul().map(|_| ()),
+        Command::Precision => precision::precision(cli.steps),
         Command::Throughput | Command::Snapcheck if cli.backend == "cuda" => cuda(&cli),
         Command::Throughput => throughput::<CpuBackend>(cli.steps, &Default::default(), "cpu"),
         Command::Snapcheck => snapcheck::<CpuBackend>(cli.steps, &Default::default()),
