@@ -1,5 +1,15 @@
-//! `gpu-check`: the sharding checks issue 5 asks of a GPU machine, in one command (build with
-//! `--features nccl`, which implies `cuda`). A tiny e2e job trains on `cuda:0` twice: as one
+//! `gpu-check`: every check the GPU machine is for, in one command (build with `--features
+//! nccl`, which implies `cuda`; the machine needs no Rust toolchain: carry the release binary).
+//! It prints the device, then runs, in order:
+//!
+//! 1. the sharding check (issue 5, below);
+//! 2. a bf16 SegProp job on a slice of LLaMA-2-70B's width, each stage's device memory against
+//!    the planner ([`crate::gpu_slice::slice_stage`]);
+//! 3. one 70B-width decoder block's bf16 forward + backward against PyTorch on the same GPU
+//!    ([`crate::gpu_slice::block_vs_torch`]; needs `python3` with torch and
+//!    `scripts/gpu_block_torch.py`, or its path in `SEGPROP_TORCH_BLOCK`).
+//!
+//! The sharding check: a tiny e2e job trains on `cuda:0` twice: as one
 //! plain rank, and as a `full_shard` gang of one rank with CPU offload and activation
 //! checkpointing, whose collective is a world-size-1 NCCL communicator (`ncclCommInitAll` over
 //! `cuda:0`; threads over host memory when built with `cuda` alone). It prints both loss curves,
@@ -41,6 +51,29 @@ fn losses(observer: &RecordingObserver) -> Vec<f64> {
 
 pub fn gpu_check(steps: usize) -> Result<()> {
     anyhow::ensure!(cuda_available(), "no CUDA driver on this machine");
+    for d in segprop_train::cuda::devices().map_err(anyhow::Error::msg)? {
+        println!(
+            "device cuda:{}: {}, {:.1} GiB",
+            d.ordinal,
+            d.name,
+            segprop_core::planner::gib(d.total_bytes)
+        );
+    }
+    sharding_check(steps)?;
+    println!(
+        "
+## bf16 SegProp on a 70B-width slice (cuda:0)"
+    );
+    crate::gpu_slice::slice_stage(steps.min(3))?;
+    println!(
+        "
+## one 70B-width block against PyTorch"
+    );
+    crate::gpu_slice::block_vs_torch(10)
+}
+
+/// A `full_shard` gang of one rank against a plain rank (issue 5).
+fn sharding_check(steps: usize) -> Result<()> {
     let device = burn::backend::cuda::CudaDevice::new(0);
     let probe = DeviceMemoryProbe::new(1).map_err(anyhow::Error::msg)?;
     let in_use = || {

@@ -17,11 +17,15 @@
 //!   (coordinator + worker daemon + store, stage tasks with checkpoints) vs `segprop-worker train`
 //!   standalone, alternating runs of the release binaries next to this one;
 //! - `gpu-check` (feature `cuda`; `nccl` for the NCCL collective): a `full_shard` gang of one
-//!   rank with CPU offload on `cuda:0` against a plain rank, the same loss curve expected.
+//!   rank with CPU offload on `cuda:0` against a plain rank, the same loss curve expected; a bf16
+//!   SegProp job on a 70B-width slice with each stage's device memory against the planner; one
+//!   70B-width block's forward + backward against PyTorch.
 
 mod cluster;
 #[cfg(feature = "cuda")]
 mod gpu_check;
+#[cfg(feature = "cuda")]
+mod gpu_slice;
 mod planner;
 mod precision;
 mod shard;

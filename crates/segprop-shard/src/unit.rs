@@ -239,20 +239,7 @@ impl<M> FsdpUnit<M> {
     where
         M: Module<B>,
     {
-        let flat = flatten::<B, M>(&module);
-        let shapes = param_shapes::<B, M>(&module);
-        let layout = ShardLayout::new(flat.len(), world);
-        let master = layout.shard(&flat, rank);
-        Self {
-            skeleton: refill::<B, M>(module, &shapes, None, None),
-            shapes,
-            layout,
-            rank,
-            optimizer: ShardedAdamW::new(config, layout.chunk),
-            master,
-            storage: Storage::F32,
-            values: flat.len(),
-        }
+        Self::sharded::<B>(module, rank, world, config, Storage::F32)
     }
 
     /// Like [`Self::new`], computing in `compute`: with bf16/f16 the fp32 master shard is
@@ -268,13 +255,32 @@ impl<M> FsdpUnit<M> {
     where
         M: Module<B>,
     {
-        if !is_half(compute) {
-            return Self::new::<B>(module, rank, world, config);
-        }
+        let storage = if is_half(compute) {
+            Storage::Master16(compute)
+        } else {
+            Storage::F32
+        };
+        Self::sharded::<B>(module, rank, world, config, storage)
+    }
+
+    /// Shards the fp32 values of `module` (an even chunk per rank when gathered in 16 bits, so
+    /// each rank packs its own chunk).
+    fn sharded<B: Backend>(
+        module: M,
+        rank: usize,
+        world: usize,
+        config: AdamWConfig,
+        storage: Storage,
+    ) -> Self
+    where
+        M: Module<B>,
+    {
         let flat = flatten::<B, M>(&module);
         let shapes = param_shapes::<B, M>(&module);
         let mut layout = ShardLayout::new(flat.len(), world);
-        layout.chunk += layout.chunk % 2;
+        if matches!(storage, Storage::Master16(_)) {
+            layout.chunk += layout.chunk % 2;
+        }
         let master = layout.shard(&flat, rank);
         Self {
             skeleton: refill::<B, M>(module, &shapes, None, None),
@@ -283,7 +289,7 @@ impl<M> FsdpUnit<M> {
             rank,
             optimizer: ShardedAdamW::new(config, layout.chunk),
             master,
-            storage: Storage::Master16(compute),
+            storage,
             values: flat.len(),
         }
     }

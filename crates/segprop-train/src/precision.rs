@@ -26,7 +26,6 @@ use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::prelude::*;
 use burn::tensor::{DType, FloatDType};
 use segprop_core::{Precision, SpecError};
-use segprop_model::Llama;
 
 use crate::error::TrainError;
 
@@ -59,9 +58,10 @@ pub fn check_backend<B: Backend>(
     .into())
 }
 
-/// Casts every parameter of `model` in `trained` to fp32 (a master) and every other one to
-/// `half`. Keeps parameter ids and whether each parameter requires a gradient; a no-op for f32.
-pub fn set_layout<B: Backend>(model: Llama<B>, trained: &[ParamId], half: DType) -> Llama<B> {
+/// Casts every parameter of `model` (a [`segprop_model::Llama`] or any part of one) in `trained` to fp32 (a
+/// master) and every other one to `half`. Keeps parameter ids and whether each parameter
+/// requires a gradient; a no-op for f32.
+pub fn set_layout<B: Backend, M: Module<B>>(model: M, trained: &[ParamId], half: DType) -> M {
     if half == DType::F32 {
         return model;
     }
