@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use burn::module::{AutodiffModule, ModuleVisitor, Param, ParamId};
 use burn::optim::adaptor::OptimizerAdaptor;
-use burn::optim::{AdamW, AdamWConfig, GradientsAccumulator, GradientsParams, Optimizer};
+use burn::optim::{AdamW, AdamWConfig, GradientsParams};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, ElementConversion};
@@ -27,8 +27,9 @@ use crate::precision;
 use crate::route::{Route, RouteInput};
 use crate::schedule::LrSchedule;
 use crate::segprop::HeadBaseline;
-use crate::sharded::{MicroBatch, ShardRank, ShardedStage, StepInput};
+use crate::sharded::ShardRank;
 use crate::snapcheck::{SnapshotCache, SnapshotKey, Split};
+use crate::step::{LocalStep, ShardedStep, StageStep};
 
 pub type AdamWOptimizer<B> = OptimizerAdaptor<AdamW, Llama<B>, B>;
 
@@ -115,10 +116,10 @@ pub struct Trainer<B: AutodiffBackend> {
     pub global_step: u64,
     /// Depth of the committed (frozen) prefix: embed + blocks `0..committed_depth`.
     pub committed_depth: usize,
-    rope: RopeTables<B>,
-    rope_inner: RopeTables<B::InnerBackend>,
+    pub(crate) rope: RopeTables<B>,
+    pub(crate) rope_inner: RopeTables<B::InnerBackend>,
     /// Inner-backend copy of the frozen prefix (embed + blocks `0..depth`) taken at stage start.
-    frozen: Option<FrozenPrefix<B::InnerBackend>>,
+    pub(crate) frozen: Option<FrozenPrefix<B::InnerBackend>>,
     pub work_dir: PathBuf,
     /// Stages done, records, global exit state.
     pub progress: PlanProgress,
@@ -277,7 +278,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             .init::<B, Llama<B>>()
     }
 
-    fn tokens<Bk: Backend>(
+    pub(crate) fn tokens<Bk: Backend>(
         values: &[i64],
         batch: &Batch,
         device: &Bk::Device,
@@ -423,7 +424,11 @@ impl<B: AutodiffBackend> Trainer<B> {
 
     /// The route's input for `batch` when it is not the embedding: `S[depth]` of the whole
     /// batch (its passes take rows of it).
-    fn route_prefix(&mut self, route: Route, batch: &Batch) -> Option<Tensor<B::InnerBackend, 3>> {
+    pub(crate) fn route_prefix(
+        &mut self,
+        route: Route,
+        batch: &Batch,
+    ) -> Option<Tensor<B::InnerBackend, 3>> {
         match route.input() {
             RouteInput::Embed => None,
             RouteInput::Prefix { depth } => Some(self.prefix_output(depth, Split::Train, batch)),
@@ -438,7 +443,7 @@ impl<B: AutodiffBackend> Trainer<B> {
 
     /// Forward + loss of `batch` from `prefix` (the route's input when it does not start at
     /// the embedding).
-    fn loss_on(
+    pub(crate) fn loss_on(
         &self,
         route: Route,
         batch: &Batch,
@@ -468,186 +473,6 @@ impl<B: AutodiffBackend> Trainer<B> {
             .collect()
     }
 
-    /// One optimizer step over `batches` (gradient accumulation), each run in passes of at most
-    /// `micro` sequences (0: whole batches) whose gradients are accumulated too: returns (mean
-    /// loss, grad norm). The step does not depend on `micro` beyond float rounding.
-    pub fn train_step(
-        &mut self,
-        route: Route,
-        batches: &[&Batch],
-        micro: usize,
-        trainable: &Trainable,
-        local_opt: &mut AdamWOptimizer<B>,
-        lr: f64,
-    ) -> (f64, f64) {
-        let mut local_acc = GradientsAccumulator::<Llama<B>>::new();
-        let mut head_acc = GradientsAccumulator::<Llama<B>>::new();
-        let scale = 1.0 / batches.len() as f64;
-        let mut loss_mean = 0.0;
-        for batch in batches {
-            let passes = batch.passes(micro);
-            let prefix = self.route_prefix(route, batch);
-            for rows in passes.iter().cloned() {
-                let weight = scale * rows.len() as f64 / batch.batch as f64;
-                let loss = if passes.len() == 1 {
-                    self.loss_on(route, batch, prefix.clone())
-                } else {
-                    let part = batch.rows(rows.clone());
-                    let z = prefix.as_ref().map(|z| z.clone().slice([rows]));
-                    self.loss_on(route, &part, z)
-                };
-                loss_mean += weight * loss.clone().into_scalar().elem::<f64>();
-                let mut grads = loss.mul_scalar(weight).backward();
-                let local = GradientsParams::from_params(&mut grads, &self.model, &trainable.local);
-                local_acc.accumulate(&self.model, local);
-                if !trainable.head.is_empty() {
-                    let head =
-                        GradientsParams::from_params(&mut grads, &self.model, &trainable.head);
-                    head_acc.accumulate(&self.model, head);
-                }
-            }
-        }
-        let mut local = local_acc.grads();
-        let mut head = head_acc.grads();
-        alloc::end_first_phase();
-        let norm = global_grad_norm::<B>(&self.model, &[&local, &head]);
-        if let Some(clip) = self.spec.optimizer.grad_clip
-            && norm > clip
-        {
-            let factor = clip / (norm + 1e-6);
-            scale_grads::<B>(&self.model, &mut local, factor);
-            scale_grads::<B>(&self.model, &mut head, factor);
-        }
-        self.model = local_opt.step(lr, self.model.clone(), local);
-        if !trainable.head.is_empty() {
-            if self.head_optimizer.is_none() {
-                self.head_optimizer = Some(self.new_optimizer());
-            }
-            let head_opt = self
-                .head_optimizer
-                .as_mut()
-                .expect("head optimizer was just created");
-            self.model = head_opt.step(lr, self.model.clone(), head);
-        }
-        (loss_mean, norm)
-    }
-
-    /// One optimizer step of a sharded stage: this rank takes batches `rank, rank + N, …` of
-    /// the step's `batches` (so the global batch, and the loss curve, do not depend on N), each
-    /// in passes of at most `micro` sequences. Returns (mean loss over all ranks, global grad
-    /// norm).
-    fn sharded_step(
-        &mut self,
-        stage: &mut ShardedStage<B>,
-        route: Route,
-        batches: &[&Batch],
-        micro: usize,
-        lr: f64,
-    ) -> Result<(f64, f64), TrainError> {
-        let mut shard = self.shard.take().expect("a sharded stage has a shard rank");
-        let (rank, world) = (shard.rank(), shard.world());
-        let scale = 1.0 / batches.len() as f64;
-        let mine: Vec<&Batch> = batches.iter().skip(rank).step_by(world).copied().collect();
-        let prefixes = match route.input() {
-            RouteInput::Embed => vec![None; mine.len()],
-            RouteInput::Prefix { depth } => {
-                match self.sharded_prefix(stage, &mut shard, depth, &mine) {
-                    Ok(z) => z.into_iter().map(Some).collect(),
-                    Err(e) => {
-                        self.shard = Some(shard);
-                        return Err(e);
-                    }
-                }
-            }
-        };
-        let mut passes = Vec::new();
-        for (batch, prefix) in mine.into_iter().zip(prefixes) {
-            let rows = batch.passes(micro);
-            let whole = rows.len() == 1;
-            for rows in rows {
-                let weight = scale * rows.len() as f64 / batch.batch as f64;
-                let input = match &prefix {
-                    None => StepInput::Tokens,
-                    Some(z) if whole => StepInput::Hidden(z.clone()),
-                    Some(z) => StepInput::Hidden(z.clone().slice([rows.clone()])),
-                };
-                let batch = if whole {
-                    (*batch).clone()
-                } else {
-                    batch.rows(rows)
-                };
-                passes.push(MicroBatch {
-                    batch,
-                    input,
-                    weight,
-                });
-            }
-        }
-        let stepped = stage
-            .step(
-                &mut shard,
-                passes,
-                lr,
-                self.spec.optimizer.grad_clip,
-                &self.adapter,
-                &self.rope,
-                &self.rope_inner,
-                &self.device,
-            )
-            .and_then(|(local_loss, norm)| {
-                let mut total = [local_loss as f32];
-                shard.collective.all_reduce(&mut total)?;
-                Ok((f64::from(total[0]), norm))
-            });
-        self.shard = Some(shard);
-        Ok(stepped?)
-    }
-
-    /// `S[depth]` of this rank's `batches` in a sharded stage: from SnapCheck where it has them,
-    /// else through the stage's sharded frozen prefix (and stored). Every rank gathers the prefix
-    /// when any rank misses, so the ranks' collectives stay in step.
-    fn sharded_prefix(
-        &mut self,
-        stage: &mut ShardedStage<B>,
-        shard: &mut crate::sharded::ShardRank,
-        depth: usize,
-        batches: &[&Batch],
-    ) -> Result<Vec<Tensor<B::InnerBackend, 3>>, TrainError> {
-        let key = |batch: &Batch| SnapshotKey {
-            depth,
-            split: Split::Train,
-            id: batch.id,
-        };
-        let mut out: Vec<Option<Tensor<B::InnerBackend, 3>>> = batches
-            .iter()
-            .map(|b| self.cache.as_mut().and_then(|c| c.get(key(b))))
-            .collect();
-        let missing: Vec<usize> = (0..out.len()).filter(|&i| out[i].is_none()).collect();
-        let mut any = [missing.len() as f32];
-        shard.collective.all_reduce(&mut any)?;
-        if any[0] > 0.0 {
-            let tokens = missing
-                .iter()
-                .map(|&i| {
-                    Self::tokens::<B::InnerBackend>(&batches[i].inputs, batches[i], &self.device)
-                })
-                .collect();
-            let computed = stage.prefix_forward(shard, tokens, &self.rope_inner)?;
-            for (i, z) in missing.into_iter().zip(computed) {
-                if let Some(cache) = &mut self.cache
-                    && let Err(err) = cache.put(key(batches[i]), z.clone())
-                {
-                    tracing::warn!(error = %err, depth, "cannot store snapshot; continuing without it");
-                }
-                out[i] = Some(z);
-            }
-        }
-        Ok(out
-            .into_iter()
-            .map(|z| z.expect("every prefix output is cached or computed"))
-            .collect())
-    }
-
     /// Whether any rank of the gang was cancelled (every rank must ask at the same point).
     fn gang_cancelled(&mut self, local: bool) -> Result<bool, TrainError> {
         let Some(shard) = self.shard.as_mut() else {
@@ -656,52 +481,6 @@ impl<B: AutodiffBackend> Trainer<B> {
         let mut flag = [if local { 1.0 } else { 0.0 }];
         shard.collective.all_reduce(&mut flag)?;
         Ok(flag[0] > 0.0)
-    }
-
-    /// Gathers a sharded stage's weights into `self.model`, and its optimizer moments into the
-    /// engine's optimizers (`local_opt`, `self.head_optimizer`).
-    fn materialize(
-        &mut self,
-        stage: &ShardedStage<B>,
-        local_opt: AdamWOptimizer<B>,
-    ) -> Result<AdamWOptimizer<B>, TrainError> {
-        let fresh = self.new_optimizer();
-        let shard = self
-            .shard
-            .as_mut()
-            .expect("a sharded stage has a shard rank");
-        let c = &mut shard.collective;
-        stage.materialize(c, &mut self.model)?;
-        let (local, head) = stage.export_optimizers(
-            c,
-            &self.model,
-            local_opt,
-            self.head_optimizer.take(),
-            fresh,
-        )?;
-        self.head_optimizer = head;
-        Ok(local)
-    }
-
-    /// Evaluates `route`, gathering a sharded stage's weights for it first.
-    fn evaluate_stage(
-        &mut self,
-        route: Route,
-        stage: Option<&ShardedStage<B>>,
-    ) -> Result<f64, TrainError> {
-        let Some(stage) = stage else {
-            return Ok(self.evaluate(route));
-        };
-        let shard = self
-            .shard
-            .as_mut()
-            .expect("a sharded stage has a shard rank");
-        stage.materialize_route(&mut shard.collective, &mut self.model)?;
-        let loss = self.evaluate(route);
-        stage.dematerialize(&mut self.model);
-        // The whole prefix evaluation froze goes with the gathered weights.
-        self.frozen = None;
-        Ok(loss)
     }
 
     /// Mean held-out loss of the network `route` describes, on the current weights.
@@ -766,7 +545,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             .resume
             .take()
             .filter(|r| r.progress.stage_index == entry.index);
-        let (mut local_opt, mut at) = match resume {
+        let (local_opt, mut at) = match resume {
             Some(r) => {
                 tracing::info!(stage = %entry.name, step = r.progress.step, "stage resumes from a checkpoint");
                 (r.local_optimizer, r.progress)
@@ -785,24 +564,12 @@ impl<B: AutodiffBackend> Trainer<B> {
                 },
             ),
         };
-        let adamw = self.sharded_adamw();
-        let mut sharded = match &self.shard {
-            Some(shard) => Some(ShardedStage::new(
-                &mut self.model,
-                route,
-                &trainable,
-                &local_opt,
-                self.head_optimizer.as_ref(),
-                adamw,
-                shard,
-                self.compute,
-            )),
-            None => None,
+        // Parallelism is applied from outside the stage loop: the same loop runs the local and
+        // the sharded step.
+        let mut runner: Box<dyn StageStep<B>> = match &self.shard {
+            Some(_) => Box::new(ShardedStep::new(self, route, &trainable, local_opt)),
+            None => Box::new(LocalStep::new(trainable, local_opt)),
         };
-        if sharded.is_some() {
-            // The frozen prefix is sharded with the stage: no rank keeps it whole.
-            self.frozen = None;
-        }
         let budget = at.tracker.step_budget(steps_per_epoch);
         let schedule = LrSchedule::new(
             self.spec.optimizer.lr,
@@ -831,13 +598,11 @@ impl<B: AutodiffBackend> Trainer<B> {
                 .epoch_order(self.spec.seed ^ ((entry.index as u64) << 32), at.epoch);
             for chunk in order.chunks_exact(accum).skip(at.chunk) {
                 if self.gang_cancelled(observer.cancelled())? {
-                    if let Some(stage) = sharded.take() {
-                        local_opt = self.materialize(&stage, local_opt)?;
-                    }
                     if at.step > checkpointed {
                         at.wall_s = wall_before + started.elapsed().as_secs_f64();
-                        self.save_checkpoint(&local_opt, &at)?;
+                        runner.save_checkpoint(self, &at)?;
                     }
+                    runner.finish(self)?;
                     return Err(TrainError::Cancelled);
                 }
                 let batches: Vec<Batch> =
@@ -845,10 +610,7 @@ impl<B: AutodiffBackend> Trainer<B> {
                 let refs: Vec<&Batch> = batches.iter().collect();
                 let step_started = Instant::now();
                 let lr = schedule.lr(at.step);
-                let (loss, grad_norm) = match sharded.as_mut() {
-                    Some(stage) => self.sharded_step(stage, route, &refs, micro, lr)?,
-                    None => self.train_step(route, &refs, micro, &trainable, &mut local_opt, lr),
-                };
+                let (loss, grad_norm) = runner.step(self, route, &refs, micro, lr)?;
                 if !loss.is_finite() {
                     return Err(TrainError::NonFiniteLoss {
                         stage: entry.name.clone(),
@@ -872,7 +634,7 @@ impl<B: AutodiffBackend> Trainer<B> {
                 }));
                 let mut stop = None;
                 if at.step % self.spec.eval.every_steps == 0 {
-                    let eval_loss = self.evaluate_stage(route, sharded.as_ref())?;
+                    let eval_loss = runner.evaluate(self, route)?;
                     at.last_eval = Some((at.step, eval_loss));
                     self.emit_eval(observer, entry, at.step, eval_loss);
                     stop = at.tracker.on_eval(eval_loss);
@@ -886,13 +648,7 @@ impl<B: AutodiffBackend> Trainer<B> {
                 let every = self.checkpointer.as_ref().map_or(0, |c| c.every_steps());
                 if every > 0 && at.step % every == 0 {
                     at.wall_s = wall_before + started.elapsed().as_secs_f64();
-                    if let Some(stage) = &sharded {
-                        local_opt = self.materialize(stage, local_opt)?;
-                    }
-                    self.save_checkpoint(&local_opt, &at)?;
-                    if let Some(stage) = &sharded {
-                        stage.dematerialize(&mut self.model);
-                    }
+                    runner.save_checkpoint(self, &at)?;
                     checkpointed = at.step;
                 }
             }
@@ -902,12 +658,9 @@ impl<B: AutodiffBackend> Trainer<B> {
                 break reason;
             }
         };
-        let sharding = sharded.as_ref().map(ShardedStage::memory);
-        if let Some(stage) = sharded.take() {
-            // The stage's weights and optimizer state go back into whole modules (stage states,
-            // commits and the export are the same files sharded or not).
-            drop(self.materialize(&stage, local_opt)?);
-        }
+        // The stage's weights and optimizer state go back into whole modules (stage states,
+        // commits and the export are the same files sharded or not).
+        let sharding = runner.finish(self)?;
         let step = at.step;
         let last_loss = at.last_loss;
         let last_eval = at.last_eval;
@@ -941,7 +694,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         Ok(record)
     }
 
-    fn save_checkpoint(
+    pub(crate) fn save_checkpoint(
         &mut self,
         local_optimizer: &AdamWOptimizer<B>,
         progress: &StageProgress,
@@ -1025,48 +778,6 @@ fn has_grad<B: AutodiffBackend>(grads: &GradientsParams, model: &Llama<B>, id: P
     };
     model.visit(&mut probe);
     probe.found
-}
-
-/// L2 norm over every gradient in `sets` (the global norm that clipping uses).
-fn global_grad_norm<B: AutodiffBackend>(model: &Llama<B>, sets: &[&GradientsParams]) -> f64 {
-    // Sums on the device and reads back once: one host sync per step, not one per parameter.
-    struct Norm<'a, I: Backend> {
-        sets: &'a [&'a GradientsParams],
-        total: Option<Tensor<I, 1>>,
-    }
-    impl<B: AutodiffBackend> ModuleVisitor<B> for Norm<'_, B::InnerBackend> {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-            for set in self.sets {
-                if let Some(g) = set.get::<B::InnerBackend, D>(param.id) {
-                    let squares = g.square().sum();
-                    self.total = Some(match self.total.take() {
-                        Some(total) => total + squares,
-                        None => squares,
-                    });
-                }
-            }
-        }
-    }
-    let mut norm = Norm::<B::InnerBackend> { sets, total: None };
-    model.visit(&mut norm);
-    norm.total
-        .map_or(0.0, |t| t.into_scalar().elem::<f64>())
-        .sqrt()
-}
-
-fn scale_grads<B: AutodiffBackend>(model: &Llama<B>, grads: &mut GradientsParams, factor: f64) {
-    struct Scale<'a> {
-        grads: &'a mut GradientsParams,
-        factor: f64,
-    }
-    impl<B: AutodiffBackend> ModuleVisitor<B> for Scale<'_> {
-        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-            if let Some(g) = self.grads.remove::<B::InnerBackend, D>(param.id) {
-                self.grads.register(param.id, g.mul_scalar(self.factor));
-            }
-        }
-    }
-    model.visit(&mut Scale { grads, factor });
 }
 
 /// Number of scalar parameters among `ids`.

@@ -28,6 +28,7 @@ pub mod schedule;
 pub mod segprop;
 pub mod sharded;
 pub mod snapcheck;
+pub mod step;
 
 pub use engine::Trainer;
 pub use error::TrainError;
