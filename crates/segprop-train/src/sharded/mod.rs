@@ -43,22 +43,17 @@
 
 use burn::module::{AutodiffModule, ParamId};
 use burn::nn::Embedding;
-use burn::optim::record::{AdaptorRecord, AdaptorRecordV1};
-use burn::optim::{
-    AdamWState, AdaptiveMomentumState, GradientsAccumulator, GradientsParams, Optimizer,
-};
+use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, FloatDType};
 use segprop_model::model::cross_entropy;
 use segprop_model::precision::to_dtype;
 use segprop_model::{Block, Llama, LmHead, ParamIds, RopeTables};
-use segprop_shard::ShardLayout;
 use segprop_shard::unit::{FsdpUnit, UnitMemory, flatten_grads};
 use segprop_shard::{
-    AdamWConfig, Collective, CollectiveError, CommStream, Pending, clip_factor, global_grad_norm,
+    AdamWConfig, Collective, CollectiveError, CommStream, clip_factor, global_grad_norm,
 };
-use serde::{Deserialize, Serialize};
 
 use crate::adapter::Adapter;
 use crate::data::Batch;
@@ -100,53 +95,6 @@ impl ShardRank {
     pub fn world(&self) -> usize {
         self.collective.world_size()
     }
-}
-
-/// What one rank holds during a sharded stage, in bytes (reported in the stage's metrics).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RankMemory {
-    pub rank: usize,
-    pub world: usize,
-    /// Trained units sharded in this stage.
-    pub units: usize,
-    /// Units of the frozen prefix (the embedding and blocks `0..depth` of a route that reads
-    /// `S[depth]`), sharded too: gathered block by block, forward only, when `S[depth]` is not
-    /// in SnapCheck, and freed after use.
-    #[serde(default)]
-    pub prefix_units: usize,
-    /// This rank's shards of the frozen prefix (what each rank holds of it).
-    #[serde(default)]
-    pub prefix_bytes: u64,
-    /// Blocks the stage neither trains nor reads (those of later segments), sharded and left
-    /// alone until the stage's checkpoints and its end gather them back.
-    #[serde(default)]
-    pub parked_units: usize,
-    /// This rank's shards of the parked blocks.
-    #[serde(default)]
-    pub parked_bytes: u64,
-    /// The trained units whole (fp32): what one unsharded rank would hold.
-    pub unit_bytes: u64,
-    /// This rank's shards of the fp32 master weights (host memory).
-    pub params_bytes: u64,
-    /// This rank's shards of both AdamW moments (host memory).
-    pub optimizer_bytes: u64,
-    /// This rank's gradient shards plus the most full-gradient buffers held at once (with
-    /// prefetch, one unit's still being reduce-scattered while the next is computed).
-    pub grad_bytes: u64,
-    /// The most gathered (full) weights held at once: the unit in use and, with prefetch, the
-    /// next one arriving.
-    pub gathered_peak_bytes: u64,
-    /// Unit-boundary activations saved for backward in the last step (activation
-    /// checkpointing); the graph's own activations show in the stage's `peak_bytes`.
-    pub activation_bytes: u64,
-    /// Wire bytes this rank moved in the last training step (ring model), the gathers of the
-    /// frozen prefix included when the step computed it.
-    pub comm_bytes_per_step: u64,
-    /// What the schedule should move per step, `(N − 1)/N` of: with activation checkpointing
-    /// `3 ×` every unit but the head (gathered for forward, re-gathered for backward,
-    /// reduce-scattered) and `2 ×` the head (its backward follows its forward at once); without,
-    /// `2 ×` every unit. Padding included; the few scalars of the loss and norm all-reduces not.
-    pub expected_comm_bytes_per_step: u64,
 }
 
 /// Which optimizer a unit's parameters belong to in the unsharded engine.
@@ -196,6 +144,14 @@ macro_rules! with_unit {
 }
 
 type OptimRecord<B> = <AdamWOptimizer<B> as Optimizer<Llama<B>, B>>::Record;
+
+mod comm;
+mod memory;
+mod moments;
+
+use comm::{Gathers, Scatters};
+pub use memory::RankMemory;
+use moments::{export_moments, import_moments};
 
 /// The trained units of one stage on one rank, and the frozen prefix its route reads.
 pub struct ShardedStage<B: AutodiffBackend> {
@@ -825,191 +781,5 @@ impl<B: AutodiffBackend> ShardedStage<B> {
         self.memory.grad_bytes = self.memory.params_bytes + gathered_bytes;
         self.memory.activation_bytes = 0;
         Ok((loss_sum, shards))
-    }
-}
-
-/// The all-gathers of one step, in the order the step uses the units. With prefetch, handing
-/// out a unit starts the next one's gather, which then runs while the rank computes with this
-/// one: at most two units are gathered at once, as with FSDP's prefetch of one unit.
-struct Gathers {
-    order: std::iter::Peekable<Box<dyn Iterator<Item = usize>>>,
-    ahead: Option<(usize, Pending<Vec<f32>>)>,
-    prefetch: bool,
-    /// The most gathered bytes held at once (the unit handed out and the one arriving).
-    peak: u64,
-}
-
-impl Gathers {
-    fn new(order: impl Iterator<Item = usize> + 'static, prefetch: bool) -> Self {
-        let order: Box<dyn Iterator<Item = usize>> = Box::new(order);
-        Self {
-            order: order.peekable(),
-            ahead: None,
-            prefetch,
-            peak: 0,
-        }
-    }
-
-    /// The next unit's full weights. The caller drops the previous unit's module first.
-    fn next<B: AutodiffBackend>(
-        &mut self,
-        units: &[Unit<B>],
-        s: &CommStream,
-    ) -> Result<Vec<f32>, CollectiveError> {
-        let start = |i: usize| with_unit!(&units[i].kind, u => u.start_gather(s));
-        let bytes = |i: usize| with_unit!(&units[i].kind, u => u.memory().gathered);
-        let i = self.order.next().expect("a unit left to gather");
-        let pending = match self.ahead.take() {
-            Some((j, pending)) => {
-                debug_assert_eq!(i, j, "the prefetched unit is the next one");
-                pending
-            }
-            None => start(i),
-        };
-        let mut held = bytes(i);
-        if self.prefetch
-            && let Some(&j) = self.order.peek()
-        {
-            self.ahead = Some((j, start(j)));
-            held += bytes(j);
-        }
-        self.peak = self.peak.max(held);
-        pending.wait()
-    }
-}
-
-/// The reduce-scatters of one step. With prefetch one stays in flight while the rank computes
-/// the next unit's gradient; without, each is waited for at once.
-struct Scatters {
-    shards: Vec<Vec<f32>>,
-    in_flight: Option<(usize, u64, Pending<Vec<f32>>)>,
-    prefetch: bool,
-    /// The most full-gradient bytes held at once.
-    peak: u64,
-}
-
-impl Scatters {
-    fn new(units: usize, prefetch: bool) -> Self {
-        Self {
-            shards: vec![Vec::new(); units],
-            in_flight: None,
-            prefetch,
-            peak: 0,
-        }
-    }
-
-    /// Starts unit `i`'s reduce-scatter of its full gradient `grad`; with prefetch, then waits
-    /// for the one before it, without for this one.
-    fn start(
-        &mut self,
-        s: &CommStream,
-        i: usize,
-        layout: ShardLayout,
-        grad: Vec<f32>,
-    ) -> Result<(), CollectiveError> {
-        let bytes = (layout.padded() * 4) as u64;
-        let pending = s.reduce_scatter(layout, grad);
-        let before = self.in_flight.replace((i, bytes, pending));
-        self.peak = self
-            .peak
-            .max(bytes + before.as_ref().map_or(0, |(_, b, _)| *b));
-        if let Some((j, _, pending)) = before {
-            self.shards[j] = pending.wait()?;
-        }
-        if !self.prefetch {
-            let (j, _, pending) = self.in_flight.take().expect("just started");
-            self.shards[j] = pending.wait()?;
-        }
-        Ok(())
-    }
-
-    fn finish(mut self) -> Result<Vec<Vec<f32>>, CollectiveError> {
-        if let Some((j, _, pending)) = self.in_flight.take() {
-            self.shards[j] = pending.wait()?;
-        }
-        Ok(self.shards)
-    }
-}
-
-/// Loads a unit's AdamW moments from burn's optimizer record, when it holds all of them.
-fn import_moments<B: AutodiffBackend, M: AutodiffModule<B>>(
-    unit: &mut FsdpUnit<M>,
-    record: &OptimRecord<B>,
-) {
-    let ids = ParamIds::of(unit.skeleton()).0;
-    let mut m1 = Vec::new();
-    let mut m2 = Vec::new();
-    let mut time = None;
-    for id in &ids {
-        let Some(AdaptorRecord::V1(state)) = record.get(id) else {
-            return;
-        };
-        let (t, a, b) = match state {
-            AdaptorRecordV1::Rank1(s) => moments(&s.momentum),
-            AdaptorRecordV1::Rank2(s) => moments(&s.momentum),
-            AdaptorRecordV1::Rank3(s) => moments(&s.momentum),
-            _ => panic!("parameters of LLaMA units have rank 1 to 3"),
-        };
-        time.get_or_insert(t);
-        m1.extend(a);
-        m2.extend(b);
-    }
-    if let Some(time) = time {
-        unit.load_optimizer_state(&m1, &m2, time as i32);
-    }
-}
-
-fn moments<I: Backend, const D: usize>(
-    state: &AdaptiveMomentumState<I, D>,
-) -> (usize, Vec<f32>, Vec<f32>) {
-    (
-        state.time,
-        state.moment_1.to_data().iter::<f32>().collect(),
-        state.moment_2.to_data().iter::<f32>().collect(),
-    )
-}
-
-/// Writes a unit's gathered AdamW moments into burn's optimizer record.
-fn export_moments<B: AutodiffBackend, M: AutodiffModule<B>>(
-    unit: &FsdpUnit<M>,
-    c: &mut dyn Collective,
-    record: &mut OptimRecord<B>,
-    device: &B::Device,
-) -> Result<(), CollectiveError> {
-    let (m1, m2) = unit.gather_optimizer_state(c)?;
-    let time = unit.optimizer.time;
-    if time == 0 {
-        return Ok(());
-    }
-    let ids = ParamIds::of(unit.skeleton()).0;
-    let mut at = 0;
-    for (id, shape) in ids.iter().zip(unit.shapes()) {
-        let n: usize = shape.iter().product();
-        let part = |v: &[f32]| TensorData::new(v[at..at + n].to_vec(), shape.clone());
-        let state = match shape.len() {
-            1 => AdaptorRecordV1::Rank1(adamw_state(time, part(&m1), part(&m2), device)),
-            2 => AdaptorRecordV1::Rank2(adamw_state(time, part(&m1), part(&m2), device)),
-            3 => AdaptorRecordV1::Rank3(adamw_state(time, part(&m1), part(&m2), device)),
-            d => panic!("parameters of LLaMA units have rank 1 to 3, not {d}"),
-        };
-        record.insert(*id, AdaptorRecord::V1(state));
-        at += n;
-    }
-    Ok(())
-}
-
-fn adamw_state<I: Backend, const D: usize>(
-    time: i32,
-    moment_1: TensorData,
-    moment_2: TensorData,
-    device: &I::Device,
-) -> AdamWState<I, D> {
-    AdamWState {
-        momentum: AdaptiveMomentumState {
-            time: time as usize,
-            moment_1: Tensor::from_data(moment_1, device),
-            moment_2: Tensor::from_data(moment_2, device),
-            max_moment_2: None,
-        },
     }
 }

@@ -1,0 +1,50 @@
+//! What one rank holds during a sharded stage.
+
+use serde::{Deserialize, Serialize};
+
+/// What one rank holds during a sharded stage, in bytes (reported in the stage's metrics).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RankMemory {
+    pub rank: usize,
+    pub world: usize,
+    /// Trained units sharded in this stage.
+    pub units: usize,
+    /// Units of the frozen prefix (the embedding and blocks `0..depth` of a route that reads
+    /// `S[depth]`), sharded too: gathered block by block, forward only, when `S[depth]` is not
+    /// in SnapCheck, and freed after use.
+    #[serde(default)]
+    pub prefix_units: usize,
+    /// This rank's shards of the frozen prefix (what each rank holds of it).
+    #[serde(default)]
+    pub prefix_bytes: u64,
+    /// Blocks the stage neither trains nor reads (those of later segments), sharded and left
+    /// alone until the stage's checkpoints and its end gather them back.
+    #[serde(default)]
+    pub parked_units: usize,
+    /// This rank's shards of the parked blocks.
+    #[serde(default)]
+    pub parked_bytes: u64,
+    /// The trained units whole (fp32): what one unsharded rank would hold.
+    pub unit_bytes: u64,
+    /// This rank's shards of the fp32 master weights (host memory).
+    pub params_bytes: u64,
+    /// This rank's shards of both AdamW moments (host memory).
+    pub optimizer_bytes: u64,
+    /// This rank's gradient shards plus the most full-gradient buffers held at once (with
+    /// prefetch, one unit's still being reduce-scattered while the next is computed).
+    pub grad_bytes: u64,
+    /// The most gathered (full) weights held at once: the unit in use and, with prefetch, the
+    /// next one arriving.
+    pub gathered_peak_bytes: u64,
+    /// Unit-boundary activations saved for backward in the last step (activation
+    /// checkpointing); the graph's own activations show in the stage's `peak_bytes`.
+    pub activation_bytes: u64,
+    /// Wire bytes this rank moved in the last training step (ring model), the gathers of the
+    /// frozen prefix included when the step computed it.
+    pub comm_bytes_per_step: u64,
+    /// What the schedule should move per step, `(N − 1)/N` of: with activation checkpointing
+    /// `3 ×` every unit but the head (gathered for forward, re-gathered for backward,
+    /// reduce-scattered) and `2 ×` the head (its backward follows its forward at once); without,
+    /// `2 ×` every unit. Padding included; the few scalars of the loss and norm all-reduces not.
+    pub expected_comm_bytes_per_step: u64,
+}
