@@ -2,7 +2,7 @@
 //! leader (rank 0) runs on the calling thread and reports and checkpoints; every follower runs on
 //! a thread of its own with a trainer of its own; all of them are joined by a collective with a
 //! deadline on every call, so a rank that fails, panics or stalls fails the whole gang within the
-//! deadline instead of hanging it. What one rank does in a step is `sharded.rs`.
+//! deadline instead of hanging it. What one rank does in a step is `sharded/`.
 
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
