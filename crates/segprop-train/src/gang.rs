@@ -9,7 +9,7 @@ use burn::tensor::backend::AutodiffBackend;
 
 use segprop_shard::{Collective, CommStream};
 
-use crate::sharded::{ShardOptions, ShardRank};
+use crate::rank::{ShardOptions, ShardRank};
 
 /// The number of ranks `spec` trains on: `resources.devices_per_gang` with `full_shard`, else 1.
 /// `None` when the spec trains unsharded without activation checkpointing (the plain engine).

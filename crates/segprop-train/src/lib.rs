@@ -22,12 +22,14 @@ pub mod metrics;
 pub mod plot;
 pub mod precision;
 pub mod probe;
+pub mod rank;
 pub mod route;
 pub mod run;
 pub mod schedule;
 pub mod segprop;
 pub mod sharded;
 pub mod snapcheck;
+pub mod stage;
 pub mod step;
 
 pub use engine::Trainer;

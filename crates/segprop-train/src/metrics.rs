@@ -56,7 +56,7 @@ pub struct StageRecord {
     pub snapshots: Option<SnapshotStats>,
     /// What one rank held in a sharded stage (rank 0's view; ranks differ only by padding).
     #[serde(default)]
-    pub sharding: Option<crate::sharded::RankMemory>,
+    pub sharding: Option<crate::rank::RankMemory>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

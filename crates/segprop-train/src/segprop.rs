@@ -17,7 +17,7 @@ use burn::module::{AutodiffModule, ParamId};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use segprop_core::{HeadPolicy, Regime, StageKind, StagePlanEntry};
-use segprop_model::{Block, ParamIds};
+use segprop_model::ParamIds;
 
 use crate::engine::Trainer;
 use crate::error::TrainError;
@@ -32,11 +32,7 @@ pub struct PlanOutcome {
     pub early_exit: Option<ExitReason>,
 }
 
-/// The baseline weights of LL(r)'s decoder blocks, taken when stage 2 begins (head policy reset).
-#[derive(Clone)]
-pub struct HeadBaseline<B: AutodiffBackend> {
-    pub blocks: Vec<Block<B>>,
-}
+pub use crate::engine::HeadBaseline;
 
 /// Runs every remaining stage of the trainer's plan in order (Algorithm 1 for SegProp).
 pub fn run_plan<B: AutodiffBackend>(

@@ -17,8 +17,9 @@ use crate::alloc;
 use crate::data::Batch;
 use crate::engine::{AdamWOptimizer, StageProgress, Trainable, Trainer};
 use crate::error::TrainError;
+use crate::rank::{RankMemory, ShardRank};
 use crate::route::{Route, RouteInput};
-use crate::sharded::{MicroBatch, RankMemory, ShardedStage, StepInput};
+use crate::sharded::{MicroBatch, ShardedStage, StepInput};
 use crate::snapcheck::{SnapshotKey, Split};
 
 /// What the stage loop asks of a step, whoever runs it.
@@ -325,7 +326,7 @@ impl<B: AutodiffBackend> Trainer<B> {
     fn sharded_prefix(
         &mut self,
         stage: &mut ShardedStage<B>,
-        shard: &mut crate::sharded::ShardRank,
+        shard: &mut ShardRank,
         depth: usize,
         batches: &[&Batch],
     ) -> Result<Vec<Tensor<B::InnerBackend, 3>>, TrainError> {

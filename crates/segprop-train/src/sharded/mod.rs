@@ -60,43 +60,6 @@ use crate::data::Batch;
 use crate::engine::{AdamWOptimizer, Trainable};
 use crate::route::Route;
 
-/// This rank's place in a sharded gang.
-pub struct ShardRank {
-    /// The rank's collective, on a communication thread of its own.
-    pub collective: CommStream,
-    pub options: ShardOptions,
-}
-
-/// How a gang's ranks run a step (from the job spec).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ShardOptions {
-    /// Recompute each unit's forward in backward (re-gathering its weights) instead of keeping
-    /// the gathered weights and the graph from forward to backward.
-    pub activation_checkpointing: bool,
-    /// Start each unit's all-gather while the rank still computes with the previous unit, and
-    /// let each unit's reduce-scatter run while it computes the next (`sharding.prefetch`).
-    pub prefetch: bool,
-}
-
-impl ShardOptions {
-    pub fn of(spec: &segprop_core::JobSpec) -> Self {
-        Self {
-            activation_checkpointing: spec.activation_checkpointing,
-            prefetch: spec.sharding.prefetch,
-        }
-    }
-}
-
-impl ShardRank {
-    pub fn rank(&self) -> usize {
-        self.collective.rank()
-    }
-
-    pub fn world(&self) -> usize {
-        self.collective.world_size()
-    }
-}
-
 /// Which optimizer a unit's parameters belong to in the unsharded engine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Group {
@@ -146,11 +109,10 @@ macro_rules! with_unit {
 type OptimRecord<B> = <AdamWOptimizer<B> as Optimizer<Llama<B>, B>>::Record;
 
 mod comm;
-mod memory;
 mod moments;
 
+pub use crate::rank::{RankMemory, ShardOptions, ShardRank};
 use comm::{Gathers, Scatters};
-pub use memory::RankMemory;
 use moments::{export_moments, import_moments};
 
 /// The trained units of one stage on one rank, and the frozen prefix its route reads.

@@ -1,6 +1,47 @@
-//! What one rank holds during a sharded stage.
+//! A rank of a sharded gang: its place and collective ([`ShardRank`]), how it runs a step
+//! ([`ShardOptions`]), and what it holds during a sharded stage ([`RankMemory`], reported in the
+//! stage records). The engine, the sharded stage and the metrics all use these; this module
+//! uses none of them.
 
+use segprop_shard::{Collective as _, CommStream};
 use serde::{Deserialize, Serialize};
+
+/// This rank's place in a sharded gang.
+pub struct ShardRank {
+    /// The rank's collective, on a communication thread of its own.
+    pub collective: CommStream,
+    pub options: ShardOptions,
+}
+
+/// How a gang's ranks run a step (from the job spec).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ShardOptions {
+    /// Recompute each unit's forward in backward (re-gathering its weights) instead of keeping
+    /// the gathered weights and the graph from forward to backward.
+    pub activation_checkpointing: bool,
+    /// Start each unit's all-gather while the rank still computes with the previous unit, and
+    /// let each unit's reduce-scatter run while it computes the next (`sharding.prefetch`).
+    pub prefetch: bool,
+}
+
+impl ShardOptions {
+    pub fn of(spec: &segprop_core::JobSpec) -> Self {
+        Self {
+            activation_checkpointing: spec.activation_checkpointing,
+            prefetch: spec.sharding.prefetch,
+        }
+    }
+}
+
+impl ShardRank {
+    pub fn rank(&self) -> usize {
+        self.collective.rank()
+    }
+
+    pub fn world(&self) -> usize {
+        self.collective.world_size()
+    }
+}
 
 /// What one rank holds during a sharded stage, in bytes (reported in the stage's metrics).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
