@@ -2,7 +2,7 @@
 //! weights to it, so one model can hold fp32 master weights for the units being trained next to
 //! bf16/f16 frozen ones (docs/algorithm.md, "Mixed precision"). Statistics that lose too much in
 //! 16 bits are taken in fp32, as Hugging Face's LLaMA does: the RMS of a norm, the attention
-//! softmax, and the log-softmax of the loss ([`crate::model::cross_entropy`]).
+//! softmax, and the log-softmax of the loss (`cross_entropy` in `model.rs`).
 //!
 //! On an all-f32 model every cast here is skipped, so f32 runs compute exactly what they did.
 

@@ -1,6 +1,6 @@
-//! The trainer: one model, one dataset, and the mechanics every regime shares (a training step
-//! with accumulation and global-norm clipping, evaluation, prefix snapshots, a stage loop with
-//! exit criteria). The algorithm that sequences stages lives in [`crate::segprop`].
+//! The trainer: one model, one dataset, and what every regime shares: the parameters a route
+//! trains, evaluation, the frozen prefix and its snapshots. The stage loop is `stage.rs`, one
+//! optimizer step `step.rs`, and the algorithm that sequences stages `segprop.rs`.
 
 use std::path::{Path, PathBuf};
 
