@@ -11,13 +11,11 @@ use std::path::{Path, PathBuf};
 use burn::module::Param;
 use burn::nn::{Embedding, Linear, RmsNorm};
 use burn::prelude::*;
-use safetensors::{Dtype, SafeTensors};
+use safetensors::Dtype;
 use segprop_core::{LlamaConfig, Precision};
 
-use crate::attention::Attention;
 use crate::block::Block;
 use crate::error::ModelError;
-use crate::mlp::Mlp;
 use crate::model::{Llama, LmHead};
 
 pub const CONFIG_FILE: &str = "config.json";
@@ -25,12 +23,12 @@ pub const SINGLE_FILE: &str = "model.safetensors";
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
 
 /// One tensor in HF layout, as f32.
-struct HostTensor {
-    shape: Vec<usize>,
-    values: Vec<f32>,
+pub(crate) struct HostTensor {
+    pub(crate) shape: Vec<usize>,
+    pub(crate) values: Vec<f32>,
 }
 
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ModelError + '_ {
+pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ModelError + '_ {
     move |source| ModelError::Io {
         path: path.to_path_buf(),
         source,
@@ -108,7 +106,7 @@ pub fn export<B: Backend>(
 }
 
 /// Removes weight files of an earlier export so the directory holds exactly one checkpoint.
-fn remove_stale_weights(dir: &Path) -> Result<(), ModelError> {
+pub(crate) fn remove_stale_weights(dir: &Path) -> Result<(), ModelError> {
     for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
         let path = entry.map_err(io_err(dir))?.path();
         let name = path
@@ -122,7 +120,7 @@ fn remove_stale_weights(dir: &Path) -> Result<(), ModelError> {
     Ok(())
 }
 
-fn write_safetensors(
+pub(crate) fn write_safetensors(
     path: &Path,
     tensors: &[(String, HostTensor)],
     dtype: Precision,
@@ -176,60 +174,79 @@ fn write_safetensors(
 
 /// The model's tensors under their HF names, in HF layout.
 fn named_tensors<B: Backend>(model: &Llama<B>) -> Vec<(String, HostTensor)> {
-    let mut out = vec![(
-        "model.embed_tokens.weight".to_string(),
-        host(model.embed_tokens.weight.val(), false),
-    )];
+    let mut out = named_embed(&model.embed_tokens);
     for (i, block) in model.blocks.iter().enumerate() {
-        let p = format!("model.layers.{i}");
-        let a = &block.self_attn;
-        let m = &block.mlp;
-        out.push((
+        out.extend(named_block(i, block));
+    }
+    out.extend(named_head(&model.head));
+    out
+}
+
+/// The embedding's tensor under its HF name.
+pub(crate) fn named_embed<B: Backend>(embed: &Embedding<B>) -> Vec<(String, HostTensor)> {
+    vec![(
+        "model.embed_tokens.weight".to_string(),
+        host(embed.weight.val(), false),
+    )]
+}
+
+/// Decoder block `i`'s tensors under their HF names, in HF layout.
+pub(crate) fn named_block<B: Backend>(i: usize, block: &Block<B>) -> Vec<(String, HostTensor)> {
+    let p = format!("model.layers.{i}");
+    let a = &block.self_attn;
+    let m = &block.mlp;
+    vec![
+        (
             format!("{p}.input_layernorm.weight"),
             host1(block.input_layernorm.gamma.val()),
-        ));
-        out.push((
+        ),
+        (
             format!("{p}.self_attn.q_proj.weight"),
             host(a.q_proj.weight.val(), true),
-        ));
-        out.push((
+        ),
+        (
             format!("{p}.self_attn.k_proj.weight"),
             host(a.k_proj.weight.val(), true),
-        ));
-        out.push((
+        ),
+        (
             format!("{p}.self_attn.v_proj.weight"),
             host(a.v_proj.weight.val(), true),
-        ));
-        out.push((
+        ),
+        (
             format!("{p}.self_attn.o_proj.weight"),
             host(a.o_proj.weight.val(), true),
-        ));
-        out.push((
+        ),
+        (
             format!("{p}.post_attention_layernorm.weight"),
             host1(block.post_attention_layernorm.gamma.val()),
-        ));
-        out.push((
+        ),
+        (
             format!("{p}.mlp.gate_proj.weight"),
             host(m.gate_proj.weight.val(), true),
-        ));
-        out.push((
+        ),
+        (
             format!("{p}.mlp.up_proj.weight"),
             host(m.up_proj.weight.val(), true),
-        ));
-        out.push((
+        ),
+        (
             format!("{p}.mlp.down_proj.weight"),
             host(m.down_proj.weight.val(), true),
-        ));
-    }
-    out.push((
-        "model.norm.weight".to_string(),
-        host1(model.head.norm.gamma.val()),
-    ));
-    out.push((
-        "lm_head.weight".to_string(),
-        host(model.head.output.weight.val(), true),
-    ));
-    out
+        ),
+    ]
+}
+
+/// The final norm and the LM head under their HF names, in HF layout.
+pub(crate) fn named_head<B: Backend>(head: &LmHead<B>) -> Vec<(String, HostTensor)> {
+    vec![
+        (
+            "model.norm.weight".to_string(),
+            host1(head.norm.gamma.val()),
+        ),
+        (
+            "lm_head.weight".to_string(),
+            host(head.output.weight.val(), true),
+        ),
+    ]
 }
 
 fn to_f32_vec<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
@@ -273,13 +290,13 @@ fn transpose_values(values: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 }
 
 /// Where each tensor of a checkpoint lives.
-struct CheckpointFiles {
-    dir: PathBuf,
-    by_file: BTreeMap<PathBuf, Vec<String>>,
+pub(crate) struct CheckpointFiles {
+    pub(crate) dir: PathBuf,
+    pub(crate) by_file: BTreeMap<PathBuf, Vec<String>>,
 }
 
 impl CheckpointFiles {
-    fn open(dir: &Path) -> Result<Self, ModelError> {
+    pub(crate) fn open(dir: &Path) -> Result<Self, ModelError> {
         let index_path = dir.join(INDEX_FILE);
         let single = dir.join(SINGLE_FILE);
         let mut by_file: BTreeMap<PathBuf, Vec<String>> = BTreeMap::new();
@@ -329,12 +346,13 @@ impl CheckpointFiles {
         })
     }
 
-    /// Reads every tensor of every file into memory as f32.
+    /// Reads every tensor of every file into memory as f32 (tests compare checkpoints).
+    #[cfg(test)]
     fn read_all(&self) -> Result<HashMap<String, HostTensor>, ModelError> {
         let mut out = HashMap::new();
         for path in self.by_file.keys() {
             let bytes = std::fs::read(path).map_err(io_err(path))?;
-            let st = SafeTensors::deserialize(&bytes).map_err(|e| ModelError::Safetensors {
+            let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| ModelError::Safetensors {
                 path: path.clone(),
                 message: e.to_string(),
             })?;
@@ -359,7 +377,7 @@ impl CheckpointFiles {
     }
 }
 
-fn widen(dtype: Dtype, data: &[u8]) -> Option<Vec<f32>> {
+pub(crate) fn widen(dtype: Dtype, data: &[u8]) -> Option<Vec<f32>> {
     Some(match dtype {
         Dtype::F32 => data
             .chunks_exact(4)
@@ -392,107 +410,34 @@ pub fn read_config(dir: &Path) -> Result<LlamaConfig, ModelError> {
     Ok(config)
 }
 
-/// Loads an HF checkpoint directory. Tied embeddings become an untied LM head (a copy).
+/// Loads an HF checkpoint directory, tensor by tensor ([`crate::hf_stream::HfReader`]). Tied
+/// embeddings become an untied LM head (a copy).
 pub fn import<B: Backend>(
     dir: &Path,
     device: &B::Device,
 ) -> Result<(Llama<B>, LlamaConfig), ModelError> {
-    let config = read_config(dir)?;
-    let files = CheckpointFiles::open(dir)?;
-    let mut tensors = files.read_all()?;
-    let ckpt = files.dir.clone();
-    let h = config.hidden_size;
-    let kv = config.num_kv_heads * config.head_dim();
-    let i = config.intermediate_size;
-    let v = config.vocab_size;
-
-    let mut take = |name: &str, expected: &[usize]| -> Result<HostTensor, ModelError> {
-        let t = tensors
-            .remove(name)
-            .ok_or_else(|| ModelError::MissingTensor {
-                path: ckpt.clone(),
-                name: name.to_string(),
-            })?;
-        if t.shape != expected {
-            return Err(ModelError::ShapeMismatch {
-                path: ckpt.clone(),
-                name: name.to_string(),
-                found: t.shape,
-                expected: expected.to_vec(),
-            });
-        }
-        Ok(t)
-    };
-
-    let embed = take("model.embed_tokens.weight", &[v, h])?;
-    let mut blocks = Vec::with_capacity(config.num_layers);
-    for layer in 0..config.num_layers {
-        let p = format!("model.layers.{layer}");
-        let norm1 = take(&format!("{p}.input_layernorm.weight"), &[h])?;
-        let q = take(&format!("{p}.self_attn.q_proj.weight"), &[h, h])?;
-        let k = take(&format!("{p}.self_attn.k_proj.weight"), &[kv, h])?;
-        let vv = take(&format!("{p}.self_attn.v_proj.weight"), &[kv, h])?;
-        let o = take(&format!("{p}.self_attn.o_proj.weight"), &[h, h])?;
-        let norm2 = take(&format!("{p}.post_attention_layernorm.weight"), &[h])?;
-        let gate = take(&format!("{p}.mlp.gate_proj.weight"), &[i, h])?;
-        let up = take(&format!("{p}.mlp.up_proj.weight"), &[i, h])?;
-        let down = take(&format!("{p}.mlp.down_proj.weight"), &[h, i])?;
-        blocks.push(Block {
-            input_layernorm: norm(norm1, config.rms_norm_eps, device),
-            self_attn: Attention {
-                q_proj: linear_from_hf(q, device),
-                k_proj: linear_from_hf(k, device),
-                v_proj: linear_from_hf(vv, device),
-                o_proj: linear_from_hf(o, device),
-                num_heads: config.num_heads,
-                num_kv_heads: config.num_kv_heads,
-                head_dim: config.head_dim(),
-            },
-            post_attention_layernorm: norm(norm2, config.rms_norm_eps, device),
-            mlp: Mlp {
-                gate_proj: linear_from_hf(gate, device),
-                up_proj: linear_from_hf(up, device),
-                down_proj: linear_from_hf(down, device),
-            },
-        });
-    }
-    let final_norm = take("model.norm.weight", &[h])?;
-    let lm_head = if config.tie_embeddings {
-        HostTensor {
-            shape: embed.shape.clone(),
-            values: embed.values.clone(),
-        }
-    } else {
-        take("lm_head.weight", &[v, h])?
-    };
-    // Tied checkpoints may still carry an lm_head copy; anything else left over is an error.
-    tensors.remove("lm_head.weight");
-    if let Some(name) = tensors.keys().find(|n| !n.ends_with("rotary_emb.inv_freq")) {
-        return Err(ModelError::UnexpectedTensor {
-            path: ckpt,
-            name: name.clone(),
-        });
-    }
-    let model = Llama {
-        embed_tokens: Embedding {
-            weight: Param::from_tensor(tensor2(embed, device)),
+    let mut reader = crate::hf_stream::HfReader::open(dir)?;
+    let embed_tokens = reader.embed(device)?;
+    let blocks = (0..reader.config().num_layers)
+        .map(|layer| reader.block(layer, device))
+        .collect::<Result<Vec<_>, _>>()?;
+    let head = reader.head(device)?;
+    let config = reader.finish()?;
+    Ok((
+        Llama {
+            embed_tokens,
+            blocks,
+            head,
         },
-        blocks,
-        head: LmHead {
-            norm: norm(final_norm, config.rms_norm_eps, device),
-            output: linear_from_hf(lm_head, device),
-        },
-    };
-    let mut config = config;
-    config.tie_embeddings = false;
-    Ok((model, config))
+        config,
+    ))
 }
 
-fn tensor2<B: Backend>(t: HostTensor, device: &B::Device) -> Tensor<B, 2> {
+pub(crate) fn tensor2<B: Backend>(t: HostTensor, device: &B::Device) -> Tensor<B, 2> {
     Tensor::from_data(TensorData::new(t.values, [t.shape[0], t.shape[1]]), device)
 }
 
-fn linear_from_hf<B: Backend>(t: HostTensor, device: &B::Device) -> Linear<B> {
+pub(crate) fn linear_from_hf<B: Backend>(t: HostTensor, device: &B::Device) -> Linear<B> {
     let (out_dim, in_dim) = (t.shape[0], t.shape[1]);
     let values = transpose_values(&t.values, out_dim, in_dim);
     Linear {
@@ -504,7 +449,7 @@ fn linear_from_hf<B: Backend>(t: HostTensor, device: &B::Device) -> Linear<B> {
     }
 }
 
-fn norm<B: Backend>(t: HostTensor, epsilon: f64, device: &B::Device) -> RmsNorm<B> {
+pub(crate) fn norm<B: Backend>(t: HostTensor, epsilon: f64, device: &B::Device) -> RmsNorm<B> {
     let len = t.shape[0];
     RmsNorm {
         gamma: Param::from_tensor(Tensor::from_data(TensorData::new(t.values, [len]), device)),
@@ -517,6 +462,7 @@ mod tests {
     use super::*;
     use crate::model::LlamaInit;
     use burn::backend::NdArray;
+    use safetensors::SafeTensors;
 
     type B = NdArray;
 

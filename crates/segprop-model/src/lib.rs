@@ -13,6 +13,7 @@ pub mod block;
 pub mod error;
 pub mod flops;
 pub mod hf;
+pub mod hf_stream;
 pub mod mlp;
 pub mod model;
 pub mod precision;
@@ -20,6 +21,6 @@ pub mod rope;
 
 pub use block::{Block, BlockConfig};
 pub use error::ModelError;
-pub use model::{Llama, LlamaInit, LmHead, ParamIds};
+pub use model::{Llama, LlamaInit, LmHead, ParamIds, SeededUnits};
 pub use rope::RopeTables;
 pub use segprop_core::LlamaConfig;

@@ -57,23 +57,59 @@ pub struct LlamaInit;
 
 impl LlamaInit {
     pub fn random<B: Backend>(config: &LlamaConfig, seed: u64, device: &B::Device) -> Llama<B> {
-        let block = BlockConfig::from_llama(config);
-        let model = Llama {
-            embed_tokens: EmbeddingConfig::new(config.vocab_size, config.hidden_size)
-                .with_initializer(Initializer::Normal {
-                    mean: 0.0,
-                    std: 0.02,
-                })
-                .init(device),
-            blocks: (0..config.num_layers).map(|_| block.init(device)).collect(),
-            head: LmHead::init(config, device),
-        };
-        model.map(&mut SeededInit::new(seed))
+        let mut units = SeededUnits::new(config, seed);
+        Llama {
+            embed_tokens: units.embed(device),
+            blocks: (0..config.num_layers)
+                .map(|_| units.block(device))
+                .collect(),
+            head: units.head(device),
+        }
     }
 
     /// A freshly initialised LM head (final norm + output), seeded like [`LlamaInit::random`].
     pub fn head<B: Backend>(config: &LlamaConfig, seed: u64, device: &B::Device) -> LmHead<B> {
         LmHead::init(config, device).map(&mut SeededInit::new(seed))
+    }
+}
+
+/// [`LlamaInit::random`] one unit at a time, in the model's order (the embedding, each block,
+/// the head), from one generator: the same values as the whole model, without ever holding it
+/// whole (a sharded job shards each unit as it is made).
+pub struct SeededUnits {
+    config: LlamaConfig,
+    init: SeededInit,
+}
+
+impl SeededUnits {
+    pub fn new(config: &LlamaConfig, seed: u64) -> Self {
+        Self {
+            config: config.clone(),
+            init: SeededInit::new(seed),
+        }
+    }
+
+    /// The embedding (call first).
+    pub fn embed<B: Backend>(&mut self, device: &B::Device) -> Embedding<B> {
+        EmbeddingConfig::new(self.config.vocab_size, self.config.hidden_size)
+            .with_initializer(Initializer::Normal {
+                mean: 0.0,
+                std: 0.02,
+            })
+            .init(device)
+            .map(&mut self.init)
+    }
+
+    /// The next decoder block.
+    pub fn block<B: Backend>(&mut self, device: &B::Device) -> Block<B> {
+        BlockConfig::from_llama(&self.config)
+            .init(device)
+            .map(&mut self.init)
+    }
+
+    /// The LM head (call last).
+    pub fn head<B: Backend>(&mut self, device: &B::Device) -> LmHead<B> {
+        LmHead::init(&self.config, device).map(&mut self.init)
     }
 }
 

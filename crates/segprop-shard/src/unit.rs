@@ -315,20 +315,87 @@ impl<M> FsdpUnit<M> {
         if !is_half(dtype) {
             return Self::frozen::<B>(module, rank, world);
         }
-        let flat = flatten::<B, M>(&module);
-        let shapes = param_shapes::<B, M>(&module);
-        let words = pack16(&flat, dtype);
-        let layout = ShardLayout::new(words.len(), world);
-        Self {
-            skeleton: refill::<B, M>(module, &shapes, None, None),
-            shapes,
-            layout,
-            rank,
-            optimizer: ShardedAdamW::new(AdamWConfig::default(), 0),
-            master: layout.shard(&words, rank),
-            storage: Storage::Packed16(dtype),
-            values: flat.len(),
+        let mut unit = Self::stored_in::<B>(module, rank, world, dtype);
+        unit.freeze();
+        unit
+    }
+
+    /// Shards `module`'s fp32 values as a unit that computes in `compute` (16-bit compute
+    /// gathers with bf16/f16), with no optimizer state yet: what a unit is between stages before
+    /// a stage decides whether it trains it ([`Self::train`]) or freezes it ([`Self::freeze`]).
+    pub fn stored_in<B: Backend>(module: M, rank: usize, world: usize, compute: FloatDType) -> Self
+    where
+        M: Module<B>,
+    {
+        let mut unit = Self::new_in::<B>(module, rank, world, AdamWConfig::default(), compute);
+        unit.optimizer = ShardedAdamW::new(AdamWConfig::default(), 0);
+        unit
+    }
+
+    /// Freezes the unit: its optimizer state goes, and a 16-bit unit keeps its weights in 16
+    /// bits (its fp32 values rounded to nearest even, packed two to a word). Local: each rank
+    /// packs its own chunk, no collective.
+    pub fn freeze(&mut self) {
+        self.optimizer = ShardedAdamW::new(self.optimizer.config, 0);
+        if let Storage::Master16(dtype) = self.storage {
+            self.master = pack16(&self.master, dtype);
+            self.layout = self.compute_words();
+            self.storage = Storage::Packed16(dtype);
         }
+    }
+
+    /// Makes the unit trainable: fp32 master weights (a frozen 16-bit unit's weights widened
+    /// exactly) and AdamW state for `config`, kept when it already has some. Local, no
+    /// collective.
+    pub fn train(&mut self, config: AdamWConfig) {
+        if let Storage::Packed16(dtype) = self.storage {
+            let values = self.layout.chunk * 2;
+            self.master = unpack16(&self.master, values, dtype);
+            self.layout = ShardLayout {
+                len: self.values,
+                world: self.layout.world,
+                chunk: values,
+            };
+            self.storage = Storage::Master16(dtype);
+        }
+        if self.optimizer.moment_1.len() != self.layout.chunk {
+            self.optimizer = ShardedAdamW::new(config, self.layout.chunk);
+        }
+        self.optimizer.config = config;
+    }
+
+    /// Fresh AdamW state (no step taken) for a trainable unit; none for a frozen one.
+    pub fn reset_optimizer(&mut self) {
+        let len = self.optimizer.moment_1.len();
+        self.optimizer = ShardedAdamW::new(self.optimizer.config, len);
+    }
+
+    /// Drops the AdamW state and keeps the weights as they are stored (head policy `reset`:
+    /// LL's blocks lose their moments).
+    pub fn clear_optimizer(&mut self) {
+        self.optimizer = ShardedAdamW::new(self.optimizer.config, 0);
+    }
+
+    /// Whether the unit holds AdamW state (it is trained by the current stage).
+    pub fn is_trainable(&self) -> bool {
+        !self.optimizer.moment_1.is_empty()
+    }
+
+    /// Replaces this rank's chunk of the stored weights (a checkpoint's, a baseline's): `chunk`
+    /// elements in the unit's current storage.
+    pub fn set_master(&mut self, master: Vec<f32>) {
+        assert_eq!(master.len(), self.layout.chunk, "one chunk of the unit");
+        self.master = master;
+    }
+
+    /// Whether the weights are stored packed in 16 bits (a frozen unit of a 16-bit job).
+    pub fn is_packed(&self) -> bool {
+        matches!(self.storage, Storage::Packed16(_))
+    }
+
+    /// Number of weights in the unit (not words, not padding).
+    pub fn num_values(&self) -> usize {
+        self.values
     }
 
     /// All-gathers the unit as it is stored: a module with the full current weights (the fp32

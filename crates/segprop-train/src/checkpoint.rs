@@ -29,6 +29,7 @@ use serde::{Deserialize, Serialize};
 use crate::engine::{AdamWOptimizer, PlanProgress, StageProgress, StageResume, Trainer};
 use crate::error::TrainError;
 use crate::segprop::HeadBaseline;
+use crate::sharded::{ShardLayoutFile, ShardedStage};
 
 const STATE_FILE: &str = "state.yaml";
 const WEIGHTS_FILE: &str = "weights.bin";
@@ -67,16 +68,13 @@ pub fn save<B: AutodiffBackend>(
     stage: Option<(&AdamWOptimizer<B>, &StageProgress)>,
     dir: &Path,
 ) -> Result<Digest, TrainError> {
-    let state = StateFile {
-        format_version: FORMAT_VERSION,
-        job: trainer.spec.name.clone(),
-        seed: trainer.spec.seed,
-        config: trainer.config.clone(),
-        committed_depth: trainer.committed_depth,
-        global_step: trainer.global_step,
-        progress: trainer.progress.clone(),
-        stage: stage.map(|(_, p)| p.clone()),
-    };
+    if trainer.shards.is_some() {
+        return Err(state_error(
+            dir,
+            "a trainer with sharded units saves sharded checkpoints (save_sharded)".into(),
+        ));
+    }
+    let state = state_of(trainer, stage.map(|(_, p)| p));
     let record: WeightsRecord<B> = (
         trainer.model.clone().into_record(),
         trainer.head_optimizer.as_ref().map(|o| o.to_record()),
@@ -104,26 +102,25 @@ pub fn save<B: AutodiffBackend>(
     checksum_dir(dir)
 }
 
-/// Loads a checkpoint into `trainer` (built from the same spec). When `expected` is given, the
-/// checkpoint's checksum must match it. A mid-stage checkpoint arms `trainer.resume`.
-pub fn load<B: AutodiffBackend>(
-    trainer: &mut Trainer<B>,
-    dir: &Path,
-    expected: Option<&str>,
-) -> Result<(), TrainError> {
-    if let Some(expected) = expected {
-        let digest = checksum_dir(dir)?;
-        if digest.checksum != expected {
-            return Err(state_error(
-                dir,
-                format!(
-                    "checksum mismatch: the store recorded {expected}, the files hash to {} \
-                     (corrupt or overwritten checkpoint)",
-                    digest.checksum
-                ),
-            ));
-        }
+fn state_of<B: AutodiffBackend>(trainer: &Trainer<B>, stage: Option<&StageProgress>) -> StateFile {
+    StateFile {
+        format_version: FORMAT_VERSION,
+        job: trainer.spec.name.clone(),
+        seed: trainer.spec.seed,
+        config: trainer.config.clone(),
+        committed_depth: trainer.committed_depth,
+        global_step: trainer.global_step,
+        progress: trainer.progress.clone(),
+        stage: stage.cloned(),
     }
+}
+
+/// Reads and checks `state.yaml`: its format, that it belongs to this job (name and seed) and
+/// that its model has this job's shape.
+fn read_state<B: AutodiffBackend>(
+    trainer: &Trainer<B>,
+    dir: &Path,
+) -> Result<StateFile, TrainError> {
     let state_path = dir.join(STATE_FILE);
     let text = std::fs::read_to_string(&state_path).map_err(TrainError::io(&state_path))?;
     let state: StateFile = serde_yaml::from_str(&text)
@@ -146,6 +143,50 @@ pub fn load<B: AutodiffBackend>(
             ),
         ));
     }
+    check_shape(&state_path, &state.config, &trainer.config)?;
+    Ok(state)
+}
+
+/// What the plan carries between stages, from a loaded state.
+fn apply_state<B: AutodiffBackend>(trainer: &mut Trainer<B>, state: StateFile) {
+    trainer.config = state.config;
+    trainer.committed_depth = state.committed_depth;
+    trainer.global_step = state.global_step;
+    trainer.progress = state.progress;
+}
+
+/// Loads a checkpoint into `trainer` (built from the same spec). When `expected` is given, the
+/// checkpoint's checksum must match it. A mid-stage checkpoint arms `trainer.resume`. A
+/// sharded checkpoint ([`save_sharded`]) loads into a sharded trainer, at any world size.
+pub fn load<B: AutodiffBackend>(
+    trainer: &mut Trainer<B>,
+    dir: &Path,
+    expected: Option<&str>,
+) -> Result<(), TrainError> {
+    if let Some(expected) = expected {
+        let digest = checksum_dir(dir)?;
+        if digest.checksum != expected {
+            return Err(state_error(
+                dir,
+                format!(
+                    "checksum mismatch: the store recorded {expected}, the files hash to {} \
+                     (corrupt or overwritten checkpoint)",
+                    digest.checksum
+                ),
+            ));
+        }
+    }
+    if is_sharded(dir) || trainer.shards.is_some() {
+        if !is_sharded(dir) {
+            return Err(state_error(
+                &dir.join(SHARDS_FILE),
+                "a trainer with sharded units loads sharded checkpoints only; this one is whole"
+                    .into(),
+            ));
+        }
+        return load_sharded(trainer, dir);
+    }
+    let state = read_state(trainer, dir)?;
     let weights_path = dir.join(WEIGHTS_FILE);
     let bytes = std::fs::read(&weights_path).map_err(TrainError::io(&weights_path))?;
     let (model, head_opt, baseline, local_opt): WeightsRecord<B> =
@@ -160,7 +201,8 @@ pub fn load<B: AutodiffBackend>(
         LlamaInit::random::<B>(&state.config, trainer.spec.seed, &trainer.device)
     };
     trainer.model = template.load_record(model);
-    trainer.config = state.config;
+    let stage = state.stage.clone();
+    apply_state(trainer, state);
     trainer.head_optimizer = head_opt.map(|r| trainer.new_optimizer().load_record(r));
     trainer.head_baseline = match baseline {
         Some(records) => {
@@ -176,10 +218,7 @@ pub fn load<B: AutodiffBackend>(
         }
         None => None,
     };
-    trainer.committed_depth = state.committed_depth;
-    trainer.global_step = state.global_step;
-    trainer.progress = state.progress;
-    trainer.resume = match (state.stage, local_opt) {
+    trainer.resume = match (stage, local_opt) {
         (Some(progress), Some(opt)) => Some(StageResume {
             progress,
             local_optimizer: trainer.new_optimizer().load_record(opt),
@@ -246,6 +285,242 @@ fn state_error(path: &Path, message: String) -> TrainError {
         path: path.to_path_buf(),
         message,
     }
+}
+
+/// The manifest of a sharded checkpoint: how every unit was chunked, and each rank file's size
+/// and checksum.
+const SHARDS_FILE: &str = "shards.json";
+
+#[derive(Serialize, Deserialize)]
+struct ShardsManifest {
+    layout: ShardLayoutFile,
+    files: Vec<RankFile>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct RankFile {
+    file: String,
+    bytes: u64,
+    checksum: String,
+}
+
+fn rank_file_name(rank: usize, world: usize) -> String {
+    format!("rank-{:05}-of-{:05}.bin", rank + 1, world)
+}
+
+/// Size and checksum of one file, read in pieces (never whole in memory).
+fn checksum_file(path: &Path) -> Result<(u64, String), TrainError> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path).map_err(TrainError::io(path))?;
+    let mut hasher = Fnv1a64::default();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut bytes = 0u64;
+    loop {
+        let n = file.read(&mut buf).map_err(TrainError::io(path))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        bytes += n as u64;
+    }
+    Ok((bytes, hasher.label()))
+}
+
+/// Whether a checkpoint directory holds a sharded checkpoint.
+pub fn is_sharded(dir: &Path) -> bool {
+    dir.join(SHARDS_FILE).is_file()
+}
+
+/// Every rank of a gang at once: fails all of them when any failed.
+fn agree<B: AutodiffBackend>(trainer: &mut Trainer<B>, ok: bool) -> Result<bool, TrainError> {
+    use segprop_shard::Collective as _;
+    let shard = trainer
+        .shard
+        .as_mut()
+        .expect("a sharded trainer has a shard rank");
+    let mut failed = [if ok { 0.0 } else { 1.0 }];
+    shard.collective.all_reduce(&mut failed)?;
+    Ok(failed[0] == 0.0)
+}
+
+/// Saves a sharded trainer mid-stage (every rank calls it at the same step): each rank writes
+/// its chunks of every unit, with the moments of the units `stage` trains, to a file of its own;
+/// rank 0 then writes `state.yaml` and `shards.json` (the units' chunking, each file's checksum)
+/// and renames the directory into place. Returns the directory's digest (rank 0; the others get
+/// an empty one).
+pub fn save_sharded<B: AutodiffBackend>(
+    trainer: &mut Trainer<B>,
+    stage: &ShardedStage<B>,
+    progress: &StageProgress,
+    dir: &Path,
+) -> Result<Digest, TrainError> {
+    let (rank, world) = {
+        let shard = trainer
+            .shard
+            .as_ref()
+            .expect("a sharded trainer has a shard rank");
+        (shard.rank(), shard.world())
+    };
+    let partial = partial_path(dir);
+    let prepared = (rank != 0)
+        || (std::fs::remove_dir_all(&partial)
+            .or(Ok::<_, std::io::Error>(()))
+            .is_ok()
+            && std::fs::create_dir_all(&partial).is_ok());
+    if !agree(trainer, prepared)? {
+        return Err(state_error(
+            &partial,
+            "cannot create the checkpoint directory".into(),
+        ));
+    }
+    let path = partial.join(rank_file_name(rank, world));
+    let shards = trainer.shards.as_ref().expect("a sharded trainer");
+    let written = shards.write_rank_file(Some(stage), &path);
+    if !agree(trainer, written.is_ok())? {
+        return Err(match written {
+            Err(e) => TrainError::Io { path, source: e },
+            Ok(_) => state_error(
+                &partial,
+                "another rank could not write its shard file".into(),
+            ),
+        });
+    }
+    let layout = written.expect("agreed");
+    let mut outcome = Ok(Digest {
+        bytes: 0,
+        checksum: String::new(),
+    });
+    if rank == 0 {
+        outcome = (|| {
+            let mut files = Vec::with_capacity(world);
+            for r in 0..world {
+                let file = rank_file_name(r, world);
+                let (bytes, checksum) = checksum_file(&partial.join(&file))?;
+                files.push(RankFile {
+                    file,
+                    bytes,
+                    checksum,
+                });
+            }
+            let manifest = serde_json::to_string_pretty(&ShardsManifest { layout, files })
+                .map_err(|e| state_error(dir, format!("cannot encode the manifest: {e}")))?;
+            write_synced(&partial.join(SHARDS_FILE), manifest.as_bytes())?;
+            let state = state_of(trainer, Some(progress));
+            let yaml = serde_yaml::to_string(&state)
+                .map_err(|e| state_error(dir, format!("cannot encode state: {e}")))?;
+            write_synced(&partial.join(STATE_FILE), yaml.as_bytes())?;
+            if dir.exists() {
+                std::fs::remove_dir_all(dir).map_err(TrainError::io(dir))?;
+            }
+            std::fs::rename(&partial, dir).map_err(TrainError::io(dir))?;
+            checksum_dir(dir)
+        })();
+    }
+    if !agree(trainer, outcome.is_ok())? && outcome.is_ok() {
+        return Err(state_error(
+            dir,
+            "rank 0 could not finish the checkpoint".into(),
+        ));
+    }
+    outcome
+}
+
+/// Loads a sharded checkpoint into a sharded trainer of any world size (built from the same
+/// spec by `Trainer::new_sharded`, between stages): each rank reads its chunk of every unit
+/// from the byte ranges of the saved ranks' files that overlap it. Every rank file's checksum
+/// is verified first; a mismatch names the file.
+pub fn load_sharded<B: AutodiffBackend>(
+    trainer: &mut Trainer<B>,
+    dir: &Path,
+) -> Result<(), TrainError> {
+    let state = read_state(trainer, dir)?;
+    let manifest_path = dir.join(SHARDS_FILE);
+    let text = std::fs::read_to_string(&manifest_path).map_err(TrainError::io(&manifest_path))?;
+    let manifest: ShardsManifest = serde_json::from_str(&text)
+        .map_err(|e| state_error(&manifest_path, format!("not a shard manifest: {e}")))?;
+    let mut paths = Vec::with_capacity(manifest.files.len());
+    for f in &manifest.files {
+        if f.file.contains('/') || f.file.contains("..") {
+            return Err(state_error(
+                &manifest_path,
+                format!("`{}` is not a file name", f.file),
+            ));
+        }
+        let path = dir.join(&f.file);
+        let (bytes, checksum) = checksum_file(&path)?;
+        if bytes != f.bytes || checksum != f.checksum {
+            return Err(state_error(
+                &path,
+                format!(
+                    "checksum mismatch: the manifest recorded {} ({} bytes), the file hashes to \
+                     {checksum} ({bytes} bytes) (corrupt or overwritten shard file)",
+                    f.checksum, f.bytes
+                ),
+            ));
+        }
+        paths.push(path);
+    }
+    let adamw = trainer.sharded_adamw();
+    let shards = trainer.shards.as_mut().ok_or_else(|| {
+        state_error(
+            dir,
+            "a sharded checkpoint loads into a sharded trainer".into(),
+        )
+    })?;
+    if state.config.num_layers < shards.num_layers() {
+        // Pruned by an early exit.
+        let keep: Vec<usize> = (0..state.config.num_layers).collect();
+        shards.retain_blocks(&keep);
+    }
+    shards
+        .load_rank_files(&manifest.layout, &paths, adamw)
+        .map_err(|m| state_error(dir, m))?;
+    trainer.model = shards.skeleton();
+    let stage = state.stage.clone();
+    apply_state(trainer, state);
+    trainer.resume = stage.map(|progress| StageResume {
+        progress,
+        local_optimizer: trainer.new_optimizer(),
+    });
+    Ok(())
+}
+
+/// A checkpoint's model must be this job's: same widths, heads and vocabulary (its depth may be
+/// smaller after an early exit).
+fn check_shape(path: &Path, saved: &LlamaConfig, ours: &LlamaConfig) -> Result<(), TrainError> {
+    let fields = [
+        ("hidden_size", saved.hidden_size, ours.hidden_size),
+        (
+            "intermediate_size",
+            saved.intermediate_size,
+            ours.intermediate_size,
+        ),
+        ("num_heads", saved.num_heads, ours.num_heads),
+        ("num_kv_heads", saved.num_kv_heads, ours.num_kv_heads),
+        ("vocab_size", saved.vocab_size, ours.vocab_size),
+    ];
+    for (name, s, o) in fields {
+        if s != o {
+            return Err(state_error(
+                path,
+                format!(
+                    "checkpoint of a model with {name} {s} cannot resume this job's model \
+                     ({name} {o}): `model` differs from the job that wrote it"
+                ),
+            ));
+        }
+    }
+    if saved.num_layers > ours.num_layers {
+        return Err(state_error(
+            path,
+            format!(
+                "checkpoint of a model with {} layers cannot resume this job's model ({} \
+                 layers): `model` differs from the job that wrote it",
+                saved.num_layers, ours.num_layers
+            ),
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -5,8 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use burn::module::{AutodiffModule, ModuleVisitor, Param, ParamId};
-use burn::optim::adaptor::OptimizerAdaptor;
-use burn::optim::{AdamW, AdamWConfig, GradientsParams};
+use burn::optim::{AdamWConfig, GradientsParams};
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, ElementConversion};
@@ -24,23 +23,10 @@ use crate::metrics::StageRecord;
 use crate::precision;
 use crate::rank::ShardRank;
 use crate::route::{Route, RouteInput};
+use crate::sharded::ModelShards;
 use crate::snapcheck::{SnapshotCache, SnapshotKey, Split};
 
-pub type AdamWOptimizer<B> = OptimizerAdaptor<AdamW, Llama<B>, B>;
-
-/// Parameters a stage trains: `local` get a fresh optimizer per stage; `head` (LL(r) in SegProp)
-/// keep their optimizer state across stages.
-#[derive(Debug, Clone, Default)]
-pub struct Trainable {
-    pub local: Vec<ParamId>,
-    pub head: Vec<ParamId>,
-}
-
-impl Trainable {
-    pub fn all(&self) -> Vec<ParamId> {
-        self.local.iter().chain(&self.head).copied().collect()
-    }
-}
+pub use crate::params::{AdamWOptimizer, Trainable};
 
 /// Where a job stands between stages: what the plan carries from one stage to the next (besides
 /// the weights and optimizer state). Saved in every checkpoint.
@@ -92,6 +78,23 @@ pub trait Checkpointer<B: AutodiffBackend> {
         local_optimizer: &AdamWOptimizer<B>,
         progress: &StageProgress,
     ) -> Result<(), TrainError>;
+
+    /// Where the ranks of a trainer with sharded units write the checkpoint after
+    /// `progress.step` steps (the same directory on every rank, [`crate::checkpoint::save_sharded`]);
+    /// `None` when this checkpointer keeps whole checkpoints only.
+    fn sharded_dir(&self, _progress: &StageProgress) -> Option<PathBuf> {
+        None
+    }
+
+    /// Rank 0, once every rank's files of the sharded checkpoint in `dir` are in place.
+    fn sharded_saved(
+        &mut self,
+        _dir: &Path,
+        _digest: &crate::checkpoint::Digest,
+        _progress: &StageProgress,
+    ) -> Result<(), TrainError> {
+        Ok(())
+    }
 }
 
 /// The baseline weights of LL(r)'s decoder blocks, taken when stage 2 begins (head policy reset).
@@ -139,30 +142,89 @@ pub struct Trainer<B: AutodiffBackend> {
     /// The compute dtype (`resources.precision`): f32, or bf16/f16 with fp32 masters for the
     /// trained units ([`crate::precision`]).
     pub compute: DType,
+    /// This rank's shards of every unit, kept sharded between stages ([`Trainer::new_sharded`]):
+    /// `model` then holds placeholders only and no rank ever holds the model whole. `None`: the
+    /// trainer holds `model` whole between stages (and shards it per stage when `shard` is set).
+    pub shards: Option<ModelShards<B>>,
 }
 
 impl<B: AutodiffBackend> Trainer<B> {
     /// Builds the model (random with `spec.seed`, or imported from `model.from.hf_dir`) and loads
     /// the data. `work_dir` holds SnapCheck spill files.
     pub fn new(spec: JobSpec, device: B::Device, work_dir: &Path) -> Result<Self, TrainError> {
-        let (model, config) = match &spec.model.from {
+        let (model, config) = Self::whole_model(&spec, &device)?;
+        Self::with_model(spec, device, work_dir, model, config, None)
+    }
+
+    /// A trainer for rank `shard` of a sharded gang that never holds the model whole: each unit
+    /// (the embedding, each block, the head) is made (seeded init) or read (`model.from.hf_dir`,
+    /// tensor by tensor) and sharded at once, and stays sharded between stages.
+    pub fn new_sharded(
+        spec: JobSpec,
+        device: B::Device,
+        work_dir: &Path,
+        shard: ShardRank,
+    ) -> Result<Self, TrainError> {
+        precision::check_backend::<B>(spec.resources.precision, &device)?;
+        let compute = precision::compute_dtype(spec.resources.precision);
+        let place = (shard.rank(), shard.world());
+        let (shards, config) = match &spec.model.from {
             Some(from) => {
-                let (model, config) = segprop_model::hf::import::<B>(&from.hf_dir, &device)
+                let (shards, config) =
+                    ModelShards::<B>::import_hf(&from.hf_dir, place, compute, &device)
+                        .map_err(TrainError::Checkpoint)?;
+                spec.validate_against_model(&config)?;
+                (shards, config)
+            }
+            None => {
+                let config = Self::resolve_config(&spec)?;
+                let shards = ModelShards::init(&config, spec.seed, place, compute, &device);
+                (shards, config)
+            }
+        };
+        let model = shards.skeleton();
+        let mut trainer = Self::with_model(spec, device, work_dir, model, config, Some(shards))?;
+        trainer.shard = Some(shard);
+        Ok(trainer)
+    }
+
+    fn resolve_config(spec: &JobSpec) -> Result<LlamaConfig, TrainError> {
+        let mut config = spec.resolve_model_config()?;
+        if config.tie_embeddings {
+            // SegProp trains embed and LM head in different stages, so they cannot share a
+            // tensor: the head is its own parameter (docs/adr/0002).
+            tracing::info!("tied embeddings are trained as an untied LM head");
+            config.tie_embeddings = false;
+        }
+        Ok(config)
+    }
+
+    fn whole_model(
+        spec: &JobSpec,
+        device: &B::Device,
+    ) -> Result<(Llama<B>, LlamaConfig), TrainError> {
+        Ok(match &spec.model.from {
+            Some(from) => {
+                let (model, config) = segprop_model::hf::import::<B>(&from.hf_dir, device)
                     .map_err(TrainError::Checkpoint)?;
                 spec.validate_against_model(&config)?;
                 (model, config)
             }
             None => {
-                let mut config = spec.resolve_model_config()?;
-                if config.tie_embeddings {
-                    // SegProp trains embed and LM head in different stages, so they cannot share
-                    // a tensor: the head is its own parameter (docs/adr/0002).
-                    tracing::info!("tied embeddings are trained as an untied LM head");
-                    config.tie_embeddings = false;
-                }
-                (LlamaInit::random::<B>(&config, spec.seed, &device), config)
+                let config = Self::resolve_config(spec)?;
+                (LlamaInit::random::<B>(&config, spec.seed, device), config)
             }
-        };
+        })
+    }
+
+    fn with_model(
+        spec: JobSpec,
+        device: B::Device,
+        work_dir: &Path,
+        model: Llama<B>,
+        config: LlamaConfig,
+        shards: Option<ModelShards<B>>,
+    ) -> Result<Self, TrainError> {
         precision::check_backend::<B>(spec.resources.precision, &device)?;
         let compute = precision::compute_dtype(spec.resources.precision);
         let data = Dataset::load(&spec.data, spec.seed)?;
@@ -202,6 +264,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             advance_in_place: true,
             shard: None,
             compute,
+            shards,
         })
     }
 

@@ -171,7 +171,8 @@ pub fn run_gang<R>(
 
 /// [`run_gang`] for `spec`'s gang ([`gang_size`] ranks, the spec's collective deadline and
 /// activation checkpointing), each rank a fresh trainer with its own `work_dir/rank<r>` and
-/// `devices[r]`.
+/// `devices[r]` whose units stay sharded from its first byte to its last
+/// ([`crate::Trainer::new_sharded`]).
 pub fn train_gang<B, R>(
     spec: &segprop_core::JobSpec,
     devices: Vec<B::Device>,
@@ -188,13 +189,12 @@ where
         let devices = devices.clone();
         move |shard: ShardRank| {
             let rank = shard.rank();
-            let mut trainer = crate::Trainer::<B>::new(
+            crate::Trainer::<B>::new_sharded(
                 spec.clone(),
                 devices[rank].clone(),
                 &work_dir.join(format!("rank{rank}")),
-            )?;
-            trainer.shard = Some(shard);
-            Ok::<_, crate::TrainError>(trainer)
+                shard,
+            )
         }
     };
     let make = std::sync::Arc::new(make);

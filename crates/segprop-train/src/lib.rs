@@ -19,6 +19,8 @@ pub mod error;
 pub mod exit;
 pub mod gang;
 pub mod metrics;
+pub mod never_whole;
+pub mod params;
 pub mod plot;
 pub mod precision;
 pub mod probe;

@@ -90,7 +90,8 @@ pub fn run_job<B: AutodiffBackend>(
                 |trainer| lead_run(trainer, out, options, observer, started),
                 |trainer| {
                     run_plan(trainer, &mut crate::metrics::NullObserver)?;
-                    Ok(())
+                    // The final evaluation and the export gather every unit on every rank.
+                    trainer.follow_finish()
                 },
             )?
         }
@@ -144,15 +145,9 @@ pub fn finish_run<B: AutodiffBackend>(
     wall_s: f64,
     max_shard_bytes: Option<u64>,
 ) -> Result<RunSummary, TrainError> {
-    let final_eval_loss = trainer.evaluate_full_model();
+    let final_eval_loss = trainer.final_eval()?;
     let model_dir = out.join("model");
-    segprop_model::hf::export(
-        &trainer.model,
-        &trainer.config,
-        &model_dir,
-        max_shard_bytes,
-        trainer.spec.resources.precision,
-    )?;
+    trainer.export_model(&model_dir, max_shard_bytes)?;
     let stages = trainer.progress.records.clone();
     let total_steps = stages.iter().map(|s| s.steps).sum();
     let tokens: u64 = stages.iter().map(|s| s.tokens).sum();

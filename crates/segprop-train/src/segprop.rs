@@ -93,7 +93,16 @@ pub fn run_next_stage<B: AutodiffBackend>(
                 .resume
                 .as_ref()
                 .is_some_and(|r| r.progress.stage_index == entry.index);
-            if trainer.spec.segprop.head_policy == HeadPolicy::Reset && !resuming {
+            if trainer.spec.segprop.head_policy == HeadPolicy::Reset
+                && !resuming
+                && let Some(shards) = trainer.shards.as_mut()
+            {
+                let n = shards.num_layers();
+                match shards.has_baseline() {
+                    false => shards.take_baseline(n - trainer.plan.head_layers..n),
+                    true => shards.reset_to_baseline(),
+                }
+            } else if trainer.spec.segprop.head_policy == HeadPolicy::Reset && !resuming {
                 match trainer.head_baseline.take() {
                     None => trainer.head_baseline = Some(head_baseline(trainer)),
                     Some(b) => {
@@ -187,6 +196,9 @@ pub fn advance_snapshots<B: AutodiffBackend>(
         cache.drop_depth(from);
         return Ok(());
     }
+    if trainer.shards.is_some() {
+        return trainer.advance_sharded(from, to);
+    }
     let committed = trainer.model.valid();
     let rope =
         segprop_model::RopeTables::new(&trainer.config, trainer.spec.data.seq_len, &trainer.device)
@@ -233,6 +245,9 @@ pub fn prune_to_committed<B: AutodiffBackend>(trainer: &mut Trainer<B>, end: usi
     let r = trainer.plan.head_layers;
     let keep: Vec<usize> = (0..end).chain(n - r..n).collect();
     trainer.model = trainer.model.clone().retain_blocks(&keep);
+    if let Some(shards) = trainer.shards.as_mut() {
+        shards.retain_blocks(&keep);
+    }
     trainer.config.num_layers = keep.len();
     if let Some(cache) = &mut trainer.cache {
         for depth in cache.depths() {
@@ -266,7 +281,11 @@ pub fn lw_block<B: AutodiffBackend>(
         .as_ref()
         .is_some_and(|r| r.progress.stage_index == entry.index);
     if !resuming {
-        trainer.model.head = trainer.fresh_local_head();
+        let head = trainer.fresh_local_head();
+        trainer.model.head = match trainer.shards.as_mut() {
+            Some(shards) => shards.replace_head(head),
+            None => head,
+        };
     }
     let exit = trainer.spec.lw.exit.clone();
     let record = trainer.train_stage(entry, &exit, observer)?;

@@ -242,7 +242,28 @@ impl<B: Backend> SnapshotCache<B> {
         &mut self,
         from: usize,
         to: usize,
+        segment: impl FnMut(Tensor<B, 3>) -> Tensor<B, 3>,
+    ) -> std::io::Result<()> {
+        self.advance_counted(from, to, segment, true)
+    }
+
+    /// One step of an advance made block by block (a sharded trainer gathers one block at a
+    /// time): like [`Self::advance`], but counted in the stats only when `last`.
+    pub fn advance_step(
+        &mut self,
+        from: usize,
+        segment: impl FnMut(Tensor<B, 3>) -> Tensor<B, 3>,
+        last: bool,
+    ) -> std::io::Result<()> {
+        self.advance_counted(from, from + 1, segment, last)
+    }
+
+    fn advance_counted(
+        &mut self,
+        from: usize,
+        to: usize,
         mut segment: impl FnMut(Tensor<B, 3>) -> Tensor<B, 3>,
+        count: bool,
     ) -> std::io::Result<()> {
         for key in self.keys_at(from) {
             let hits = self.stats.hits;
@@ -252,7 +273,9 @@ impl<B: Backend> SnapshotCache<B> {
             self.remove(key);
             let output = segment(input);
             self.put(SnapshotKey { depth: to, ..key }, output)?;
-            self.stats.advanced += 1;
+            if count {
+                self.stats.advanced += 1;
+            }
         }
         self.drop_depth(from);
         Ok(())

@@ -31,12 +31,18 @@ impl<B: burn::tensor::backend::AutodiffBackend> Trainer<B> {
     ) -> Result<StageRecord, TrainError> {
         let route = self.route(entry);
         let trainable = self.trainable(route);
-        let trainable_params = count_params(&self.model, &trainable.all());
-        // Mixed precision: fp32 masters for what this stage trains, 16 bits for the rest.
-        self.model = precision::set_layout(self.model.clone(), &trainable.all(), self.compute);
+        let trainable_params = match &self.shards {
+            Some(shards) => shards.count_params(&trainable.all()),
+            None => count_params(&self.model, &trainable.all()),
+        };
+        if self.shards.is_none() {
+            // Mixed precision: fp32 masters for what this stage trains, 16 bits for the rest
+            // (sharded units take this layout when the stage takes them).
+            self.model = precision::set_layout(self.model.clone(), &trainable.all(), self.compute);
+        }
         match route.input() {
-            RouteInput::Prefix { depth } => self.freeze_prefix(depth),
-            RouteInput::Embed => self.frozen = None,
+            RouteInput::Prefix { depth } if self.shards.is_none() => self.freeze_prefix(depth),
+            _ => self.frozen = None,
         }
         let accum = self.spec.optimizer.grad_accum;
         let micro = self.spec.micro_batch(&entry.name);
@@ -53,6 +59,7 @@ impl<B: burn::tensor::backend::AutodiffBackend> Trainer<B> {
             .resume
             .take()
             .filter(|r| r.progress.stage_index == entry.index);
+        let resuming = resume.is_some();
         let (local_opt, mut at) = match resume {
             Some(r) => {
                 tracing::info!(stage = %entry.name, step = r.progress.step, "stage resumes from a checkpoint");
@@ -75,7 +82,9 @@ impl<B: burn::tensor::backend::AutodiffBackend> Trainer<B> {
         // Parallelism is applied from outside the stage loop: the same loop runs the local and
         // the sharded step.
         let mut runner: Box<dyn StageStep<B>> = match &self.shard {
-            Some(_) => Box::new(ShardedStep::new(self, route, &trainable, local_opt)),
+            Some(_) => Box::new(ShardedStep::new(
+                self, route, &trainable, local_opt, resuming,
+            )),
             None => Box::new(LocalStep::new(trainable, local_opt)),
         };
         let budget = at.tracker.step_budget(steps_per_epoch);
@@ -166,9 +175,6 @@ impl<B: burn::tensor::backend::AutodiffBackend> Trainer<B> {
                 break reason;
             }
         };
-        // The stage's weights and optimizer state go back into whole modules (stage states,
-        // commits and the export are the same files sharded or not).
-        let sharding = runner.finish(self)?;
         let step = at.step;
         let last_loss = at.last_loss;
         let last_eval = at.last_eval;
@@ -176,11 +182,14 @@ impl<B: burn::tensor::backend::AutodiffBackend> Trainer<B> {
         let eval_loss = match last_eval {
             Some((at, loss)) if at == step => loss,
             _ => {
-                let loss = self.evaluate(route);
+                let loss = runner.evaluate(self, route)?;
                 self.emit_eval(observer, entry, step, loss);
                 loss
             }
         };
+        // The stage's units go back to the trainer: whole modules, or this rank's shards when
+        // the trainer keeps them sharded between stages.
+        let sharding = runner.finish(self)?;
         let record = StageRecord {
             stage: entry.name.clone(),
             stage_index: entry.index,

@@ -114,24 +114,29 @@ pub struct ShardedStep<B: AutodiffBackend> {
 impl<B: AutodiffBackend> ShardedStep<B> {
     /// Shards the units `route` trains (and its frozen prefix, and the parked blocks) out of the
     /// trainer's model, with the moments of `optimizer` and of LL(r)'s optimizer.
+    /// A trainer whose units stay sharded between stages ([`Trainer::shards`]) lends the
+    /// stage its units instead (fresh moments for the stage's own units unless `resuming`).
     pub fn new(
         t: &mut Trainer<B>,
         route: Route,
         trainable: &Trainable,
         optimizer: AdamWOptimizer<B>,
+        resuming: bool,
     ) -> Self {
         let adamw = t.sharded_adamw();
-        let shard = t.shard.as_ref().expect("a sharded step has a shard rank");
-        let stage = ShardedStage::new(
-            &mut t.model,
-            route,
-            trainable,
-            &optimizer,
-            t.head_optimizer.as_ref(),
-            adamw,
-            shard,
-            t.compute,
-        );
+        let stage = match t.shards.as_mut() {
+            Some(shards) => ShardedStage::take(shards, route, trainable, adamw, !resuming),
+            None => ShardedStage::new(
+                &mut t.model,
+                route,
+                trainable,
+                &optimizer,
+                t.head_optimizer.as_ref(),
+                adamw,
+                t.shard.as_ref().expect("a sharded step has a shard rank"),
+                t.compute,
+            ),
+        };
         // The frozen prefix is sharded with the stage: no rank keeps it whole.
         t.frozen = None;
         Self {
@@ -162,6 +167,9 @@ impl<B: AutodiffBackend> StageStep<B> for ShardedStep<B> {
     }
 
     fn evaluate(&mut self, t: &mut Trainer<B>, route: Route) -> Result<f64, TrainError> {
+        if t.shards.is_some() {
+            return t.evaluate_sharded(&mut self.stage, route);
+        }
         t.evaluate_stage(route, Some(&self.stage))
     }
 
@@ -170,6 +178,9 @@ impl<B: AutodiffBackend> StageStep<B> for ShardedStep<B> {
         t: &mut Trainer<B>,
         progress: &StageProgress,
     ) -> Result<(), TrainError> {
+        if t.shards.is_some() {
+            return t.save_sharded_checkpoint(&self.stage, progress);
+        }
         let optimizer = self.gather_back(t)?;
         let saved = t.save_checkpoint(&optimizer, progress);
         self.optimizer = Some(optimizer);
@@ -179,7 +190,10 @@ impl<B: AutodiffBackend> StageStep<B> for ShardedStep<B> {
 
     fn finish(mut self: Box<Self>, t: &mut Trainer<B>) -> Result<Option<RankMemory>, TrainError> {
         let memory = self.stage.memory();
-        drop(self.gather_back(t)?);
+        match t.shards.as_mut() {
+            Some(shards) => self.stage.put_back(shards),
+            None => drop(self.gather_back(t)?),
+        }
         Ok(Some(memory))
     }
 }
@@ -268,7 +282,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         let prefixes = match route.input() {
             RouteInput::Embed => vec![None; mine.len()],
             RouteInput::Prefix { depth } => {
-                match self.sharded_prefix(stage, &mut shard, depth, &mine) {
+                match self.sharded_prefix(stage, &mut shard, (depth, Split::Train), &mine) {
                     Ok(z) => z.into_iter().map(Some).collect(),
                     Err(e) => {
                         self.shard = Some(shard);
@@ -323,16 +337,16 @@ impl<B: AutodiffBackend> Trainer<B> {
     /// `S[depth]` of this rank's `batches` in a sharded stage: from SnapCheck where it has them,
     /// else through the stage's sharded frozen prefix (and stored). Every rank gathers the prefix
     /// when any rank misses, so the ranks' collectives stay in step.
-    fn sharded_prefix(
+    pub(crate) fn sharded_prefix(
         &mut self,
         stage: &mut ShardedStage<B>,
         shard: &mut ShardRank,
-        depth: usize,
+        (depth, split): (usize, Split),
         batches: &[&Batch],
     ) -> Result<Vec<Tensor<B::InnerBackend, 3>>, TrainError> {
         let key = |batch: &Batch| SnapshotKey {
             depth,
-            split: Split::Train,
+            split,
             id: batch.id,
         };
         let mut out: Vec<Option<Tensor<B::InnerBackend, 3>>> = batches

@@ -56,7 +56,7 @@ struct Run {
     micro: Vec<usize>,
 }
 
-fn collect(t: &Trainer<B>, obs: &RecordingObserver) -> Run {
+fn collect(t: &mut Trainer<B>, obs: &RecordingObserver) -> Run {
     let mut losses = Vec::new();
     let mut evals = Vec::new();
     for e in &obs.events {
@@ -69,7 +69,7 @@ fn collect(t: &Trainer<B>, obs: &RecordingObserver) -> Run {
     Run {
         losses,
         evals,
-        weights: parameter_values(&t.model),
+        weights: parameter_values(&t.gather_model().unwrap()),
         sharding: t.progress.records.iter().map(|r| r.sharding).collect(),
         micro: t.progress.records.iter().map(|r| r.micro_batch).collect(),
     }
@@ -82,7 +82,7 @@ fn run(spec: &JobSpec) -> Run {
             let mut t = Trainer::<B>::new(spec.clone(), Default::default(), dir.path()).unwrap();
             let mut obs = RecordingObserver::default();
             run_plan(&mut t, &mut obs).unwrap();
-            collect(&t, &obs)
+            collect(&mut t, &obs)
         }
         Some(world) => train_gang::<B, _>(
             spec,
@@ -95,6 +95,7 @@ fn run(spec: &JobSpec) -> Run {
             },
             |t| {
                 run_plan(t, &mut RecordingObserver::default())?;
+                t.gather_model()?;
                 Ok(())
             },
         )

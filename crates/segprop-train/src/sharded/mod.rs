@@ -41,15 +41,15 @@
 //! weights and the optimizer moments back into burn's optimizers), so checkpoints, stage states,
 //! SnapCheck advances and the export are the same files sharded or not.
 
-use burn::module::{AutodiffModule, ParamId};
+use burn::module::AutodiffModule;
 use burn::nn::Embedding;
 use burn::optim::{GradientsAccumulator, GradientsParams, Optimizer};
 use burn::prelude::*;
+use burn::tensor::DType;
 use burn::tensor::backend::AutodiffBackend;
-use burn::tensor::{DType, FloatDType};
 use segprop_model::model::cross_entropy;
 use segprop_model::precision::to_dtype;
-use segprop_model::{Block, Llama, LmHead, ParamIds, RopeTables};
+use segprop_model::{Block, Llama, LmHead, RopeTables};
 use segprop_shard::unit::{FsdpUnit, UnitMemory, flatten_grads};
 use segprop_shard::{
     AdamWConfig, Collective, CollectiveError, CommStream, clip_factor, global_grad_norm,
@@ -57,7 +57,7 @@ use segprop_shard::{
 
 use crate::adapter::Adapter;
 use crate::data::Batch;
-use crate::engine::{AdamWOptimizer, Trainable};
+use crate::params::{AdamWOptimizer, Trainable};
 use crate::route::Route;
 
 /// Which optimizer a unit's parameters belong to in the unsharded engine.
@@ -108,8 +108,15 @@ macro_rules! with_unit {
 
 type OptimRecord<B> = <AdamWOptimizer<B> as Optimizer<Llama<B>, B>>::Record;
 
+mod checkpoint;
 mod comm;
+mod eval;
+mod model;
 mod moments;
+
+pub use checkpoint::{ShardLayoutFile, UnitEntry};
+pub use eval::Flow;
+pub use model::ModelShards;
 
 pub use crate::rank::{RankMemory, ShardOptions, ShardRank};
 use comm::{Gathers, Scatters};
@@ -170,83 +177,31 @@ impl<B: AutodiffBackend> ShardedStage<B> {
         shard: &ShardRank,
         compute: DType,
     ) -> Self {
-        let frozen = FloatDType::from(compute);
-        let (rank, world) = (shard.rank(), shard.world());
-        let group_of = |ids: &[ParamId]| {
-            if ids.first().is_some_and(|id| trainable.head.contains(id)) {
-                Group::Head
-            } else {
-                Group::Local
-            }
-        };
-        let (trained, head_blocks) = route.blocks();
-        let mut units = Vec::new();
-        if matches!(route.input(), crate::route::RouteInput::Embed) {
-            let module = model.embed_tokens.clone();
-            let group = group_of(&ParamIds::of(&module).0);
-            let unit = FsdpUnit::new_in::<B>(module, rank, world, adamw, frozen);
-            model.embed_tokens = unit.skeleton().clone();
-            units.push(Unit {
-                kind: Kind::Embed(unit),
-                group,
-            });
-        }
-        for index in trained.chain(head_blocks) {
-            let module = model.blocks[index].clone();
-            let group = group_of(&ParamIds::of(&module).0);
-            let unit = FsdpUnit::new_in::<B>(module, rank, world, adamw, frozen);
-            model.blocks[index] = unit.skeleton().clone();
-            units.push(Unit {
-                kind: Kind::Block(index, unit),
-                group,
-            });
-        }
-        let module = model.head.clone();
-        let group = group_of(&ParamIds::of(&module).0);
-        let unit = FsdpUnit::new_in::<B>(module, rank, world, adamw, frozen);
-        model.head = unit.skeleton().clone();
-        units.push(Unit {
-            kind: Kind::Head(unit),
-            group,
-        });
-        let mut prefix = Vec::new();
-        if let crate::route::RouteInput::Prefix { depth } = route.input() {
-            let unit = FsdpUnit::frozen_in::<B>(model.embed_tokens.clone(), rank, world, frozen);
-            model.embed_tokens = unit.skeleton().clone();
-            prefix.push(Unit {
-                kind: Kind::Embed(unit),
-                group: Group::Local,
-            });
-            for index in 0..depth {
-                let unit =
-                    FsdpUnit::frozen_in::<B>(model.blocks[index].clone(), rank, world, frozen);
-                model.blocks[index] = unit.skeleton().clone();
-                prefix.push(Unit {
-                    kind: Kind::Block(index, unit),
-                    group: Group::Local,
-                });
+        let mut shards = ModelShards::from_model(model, (shard.rank(), shard.world()), compute);
+        let mut stage = Self::take(&mut shards, route, trainable, adamw, false);
+        let local = local_opt.to_record();
+        let head = head_opt.map(Optimizer::to_record);
+        for unit in &mut stage.units {
+            let record = match unit.group {
+                Group::Local => Some(&local),
+                Group::Head => head.as_ref(),
+            };
+            if let Some(record) = record {
+                with_unit!(&mut unit.kind, u => import_moments::<B, _>(u, record));
             }
         }
-        let mut parked = Vec::new();
-        let prefix_blocks = match route.input() {
-            crate::route::RouteInput::Prefix { depth } => 0..depth,
-            crate::route::RouteInput::Embed => 0..0,
-        };
-        let (trained, head_blocks) = route.blocks();
-        for index in 0..model.blocks.len() {
-            if prefix_blocks.contains(&index)
-                || trained.contains(&index)
-                || head_blocks.contains(&index)
-            {
-                continue;
-            }
-            let unit = FsdpUnit::frozen_in::<B>(model.blocks[index].clone(), rank, world, frozen);
-            model.blocks[index] = unit.skeleton().clone();
-            parked.push(Unit {
-                kind: Kind::Block(index, unit),
-                group: Group::Local,
-            });
-        }
+        stage
+    }
+
+    /// A stage of `units` (trained, in route order), `prefix` and `parked`, with what this rank
+    /// holds counted.
+    fn assemble_stage(
+        units: Vec<Unit<B>>,
+        prefix: Vec<Unit<B>>,
+        parked: Vec<Unit<B>>,
+        route: Route,
+        (rank, world): (usize, usize),
+    ) -> Self {
         let mut stage = Self {
             units,
             prefix,
@@ -259,17 +214,6 @@ impl<B: AutodiffBackend> ShardedStage<B> {
             },
             prefix_comm: (0, 0),
         };
-        let local = local_opt.to_record();
-        let head = head_opt.map(Optimizer::to_record);
-        for unit in &mut stage.units {
-            let record = match unit.group {
-                Group::Local => Some(&local),
-                Group::Head => head.as_ref(),
-            };
-            if let Some(record) = record {
-                with_unit!(&mut unit.kind, u => import_moments::<B, _>(u, record));
-            }
-        }
         stage.memory.units = stage.units.len();
         stage.memory.prefix_units = stage.prefix.len();
         for unit in &stage.prefix {

@@ -1,0 +1,209 @@
+//! What a trainer whose units stay sharded between stages ([`Trainer::new_sharded`]) does
+//! around its stages, one unit gathered at a time: evaluation, SnapCheck advances, LL(r)'s
+//! baseline and reset, early-exit pruning, the layer-wise baseline's fresh head, the final
+//! evaluation and the export. Every rank of the gang calls each of these at the same point.
+
+use std::path::Path;
+
+use burn::prelude::*;
+use burn::tensor::backend::AutodiffBackend;
+use segprop_shard::Collective as _;
+
+use crate::data::Batch;
+use crate::engine::Trainer;
+use crate::error::TrainError;
+use crate::route::{Route, RouteInput};
+use crate::sharded::{Flow, ModelShards, ShardedStage};
+use crate::snapcheck::Split;
+
+const SHARDED: &str = "a trainer with sharded units has a shard rank";
+
+impl<B: AutodiffBackend> Trainer<B> {
+    /// The eval batches this rank evaluates: `rank, rank + N, …` of the first
+    /// `eval.max_batches`.
+    fn my_eval_batches(&self) -> Vec<Batch> {
+        let shard = self.shard.as_ref().expect(SHARDED);
+        let limit = match self.spec.eval.max_batches {
+            0 => self.data.eval.len(),
+            n => n.min(self.data.eval.len()),
+        };
+        self.data.eval[..limit]
+            .iter()
+            .skip(shard.rank())
+            .step_by(shard.world())
+            .cloned()
+            .collect()
+    }
+
+    fn targets(&self, batches: &[Batch]) -> Vec<Tensor<B::InnerBackend, 2, Int>> {
+        batches
+            .iter()
+            .map(|b| Self::tokens::<B::InnerBackend>(&b.targets, b, &self.device))
+            .collect()
+    }
+
+    fn inputs(&self, batches: &[Batch]) -> Vec<Tensor<B::InnerBackend, 2, Int>> {
+        batches
+            .iter()
+            .map(|b| Self::tokens::<B::InnerBackend>(&b.inputs, b, &self.device))
+            .collect()
+    }
+
+    /// The mean over every rank's batches of `losses` (each rank's sum and count all-reduced).
+    fn mean_over_ranks(&mut self, losses: Vec<f64>) -> Result<f64, TrainError> {
+        let shard = self.shard.as_mut().expect(SHARDED);
+        let mut sums = [losses.iter().sum::<f64>() as f32, losses.len() as f32];
+        shard.collective.all_reduce(&mut sums)?;
+        Ok(f64::from(sums[0]) / f64::from(sums[1]).max(1.0))
+    }
+
+    /// Held-out loss of a sharded stage's route: each rank evaluates its share of the eval
+    /// batches, the route's input read from SnapCheck or run through the sharded frozen prefix,
+    /// then the trained units one at a time.
+    pub(crate) fn evaluate_sharded(
+        &mut self,
+        stage: &mut ShardedStage<B>,
+        route: Route,
+    ) -> Result<f64, TrainError> {
+        let batches = self.my_eval_batches();
+        let targets = self.targets(&batches);
+        let flow = match route.input() {
+            RouteInput::Embed => Flow::Tokens(self.inputs(&batches)),
+            RouteInput::Prefix { depth } => {
+                let mut shard = self.shard.take().expect(SHARDED);
+                let refs: Vec<&Batch> = batches.iter().collect();
+                let z = self.sharded_prefix(stage, &mut shard, (depth, Split::Eval), &refs);
+                self.shard = Some(shard);
+                Flow::Hidden(z?)
+            }
+        };
+        let shard = self.shard.as_ref().expect(SHARDED);
+        let losses = stage.route_losses(
+            &shard.collective,
+            flow,
+            &targets,
+            &self.adapter,
+            &self.rope_inner,
+        )?;
+        self.mean_over_ranks(losses)
+    }
+
+    /// Held-out loss of the whole model (full forward, no snapshots), one unit at a time.
+    pub(crate) fn evaluate_full_sharded(&mut self) -> Result<f64, TrainError> {
+        let batches = self.my_eval_batches();
+        let (tokens, targets) = (self.inputs(&batches), self.targets(&batches));
+        let shard = self.shard.as_ref().expect(SHARDED);
+        let shards = self.shards.as_ref().expect("a sharded trainer");
+        let losses = shards.full_losses(&shard.collective, tokens, &targets, &self.rope_inner)?;
+        self.mean_over_ranks(losses)
+    }
+
+    /// `S[to] = F_{from:to}(S[from])` for every cached batch, block by block: each block of
+    /// the segment is gathered, run over every snapshot, and freed before the next.
+    pub(crate) fn advance_sharded(&mut self, from: usize, to: usize) -> Result<(), TrainError> {
+        let (Some(cache), Some(shards), Some(shard)) = (
+            self.cache.as_mut(),
+            self.shards.as_ref(),
+            self.shard.as_ref(),
+        ) else {
+            return Ok(());
+        };
+        let rope = &self.rope_inner;
+        shards.for_each_block(&shard.collective, from..to, |b, block| {
+            cache.advance_step(b, |z| block.forward(z, rope), b + 1 == to)
+        })
+    }
+
+    /// The final evaluation of a finished plan (full forward): one unit at a time when the
+    /// units are sharded (every rank calls it), else on the whole model.
+    pub fn final_eval(&mut self) -> Result<f64, TrainError> {
+        if self.shards.is_some() {
+            return self.evaluate_full_sharded();
+        }
+        Ok(self.evaluate_full_model())
+    }
+
+    /// Exports the model in HF layout into `dir`. Sharded units: every rank gathers one unit at
+    /// a time and rank 0 writes it to a file of its own, with an index. Whole: one file, or
+    /// files of at most `max_shard_bytes`.
+    pub fn export_model(
+        &mut self,
+        dir: &Path,
+        max_shard_bytes: Option<u64>,
+    ) -> Result<(), TrainError> {
+        let precision = self.spec.resources.precision;
+        match self.shards.as_ref() {
+            Some(shards) => {
+                let shard = self.shard.as_mut().expect(SHARDED);
+                shards.export(&mut shard.collective, &self.config, Some(dir), precision)
+            }
+            None => {
+                segprop_model::hf::export(
+                    &self.model,
+                    &self.config,
+                    dir,
+                    max_shard_bytes,
+                    precision,
+                )?;
+                Ok(())
+            }
+        }
+    }
+
+    /// A mid-stage checkpoint of a trainer with sharded units: every rank writes its own shard
+    /// file ([`crate::checkpoint::save_sharded`]) into the checkpointer's directory.
+    pub(crate) fn save_sharded_checkpoint(
+        &mut self,
+        stage: &ShardedStage<B>,
+        progress: &crate::engine::StageProgress,
+    ) -> Result<(), TrainError> {
+        let Some(mut checkpointer) = self.checkpointer.take() else {
+            return Ok(());
+        };
+        let saved =
+            match checkpointer.sharded_dir(progress) {
+                Some(dir) => crate::checkpoint::save_sharded(self, stage, progress, &dir).and_then(
+                    |digest| match self.shard.as_ref().is_some_and(|s| s.rank() == 0) {
+                        true => checkpointer.sharded_saved(&dir, &digest, progress),
+                        false => Ok(()),
+                    },
+                ),
+                None => Err(TrainError::State {
+                    path: self.work_dir.clone(),
+                    message: "this job keeps its units sharded, and its checkpointer writes whole \
+                          checkpoints only"
+                        .into(),
+                }),
+            };
+        self.checkpointer = Some(checkpointer);
+        saved
+    }
+
+    /// A follower rank's part in the end of a run whose units are sharded: the final
+    /// evaluation and the export, which gather every unit on every rank (rank 0 writes).
+    pub fn follow_finish(&mut self) -> Result<(), TrainError> {
+        if self.shards.is_none() {
+            return Ok(());
+        }
+        self.evaluate_full_sharded()?;
+        let precision = self.spec.resources.precision;
+        let shards = self.shards.as_ref().expect("a sharded trainer");
+        let shard = self.shard.as_mut().expect(SHARDED);
+        shards.export(&mut shard.collective, &self.config, None, precision)
+    }
+
+    /// The model whole (every rank calls it; each gathers every unit). Only for comparing
+    /// weights in tests and on small models: a sharded job never does this itself.
+    pub fn gather_model(&mut self) -> Result<segprop_model::Llama<B>, TrainError> {
+        let Some(shards) = self.shards.as_ref() else {
+            return Ok(self.model.clone());
+        };
+        let shard = self.shard.as_mut().expect(SHARDED);
+        Ok(shards.gather_whole(&mut shard.collective)?)
+    }
+
+    /// This rank's units (a trainer built by [`Trainer::new_sharded`]).
+    pub fn model_shards(&mut self) -> &mut ModelShards<B> {
+        self.shards.as_mut().expect("a sharded trainer")
+    }
+}
