@@ -352,9 +352,11 @@ impl CheckpointFiles {
         let mut out = HashMap::new();
         for path in self.by_file.keys() {
             let bytes = std::fs::read(path).map_err(io_err(path))?;
-            let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| ModelError::Safetensors {
-                path: path.clone(),
-                message: e.to_string(),
+            let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| {
+                ModelError::Safetensors {
+                    path: path.clone(),
+                    message: e.to_string(),
+                }
             })?;
             for (name, view) in st.tensors() {
                 let values = widen(view.dtype(), view.data()).ok_or_else(|| {

@@ -9,6 +9,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 static CURRENT: AtomicUsize = AtomicUsize::new(0);
 static PEAK: AtomicUsize = AtomicUsize::new(0);
+/// The high-water mark of a whole run: stages reset [`PEAK`], not this.
+static RUN_PEAK: AtomicUsize = AtomicUsize::new(0);
 static INSTALLED: AtomicBool = AtomicBool::new(false);
 
 /// Wraps the system allocator and counts live bytes and their high-water mark.
@@ -57,6 +59,7 @@ fn record_alloc(size: usize) {
     INSTALLED.store(true, Ordering::Relaxed);
     let now = CURRENT.fetch_add(size, Ordering::Relaxed) + size;
     PEAK.fetch_max(now, Ordering::Relaxed);
+    RUN_PEAK.fetch_max(now, Ordering::Relaxed);
 }
 
 /// Live heap bytes, when the counting allocator is installed.
@@ -76,6 +79,18 @@ pub fn peak_bytes() -> Option<usize> {
 /// Starts a new measurement window: the peak becomes the current live bytes.
 pub fn reset_peak() {
     PEAK.store(CURRENT.load(Ordering::Relaxed), Ordering::Relaxed);
+}
+
+/// Starts a whole-run measurement window (the stages' own windows do not reset it).
+pub fn reset_run_peak() {
+    RUN_PEAK.store(CURRENT.load(Ordering::Relaxed), Ordering::Relaxed);
+}
+
+/// Highest live heap bytes since the last [`reset_run_peak`].
+pub fn run_peak_bytes() -> Option<usize> {
+    INSTALLED
+        .load(Ordering::Relaxed)
+        .then(|| RUN_PEAK.load(Ordering::Relaxed))
 }
 
 static FIRST_PHASE_PEAK: AtomicUsize = AtomicUsize::new(0);

@@ -21,6 +21,7 @@ pub mod gang;
 pub mod metrics;
 pub mod never_whole;
 pub mod params;
+pub mod peak;
 pub mod plot;
 pub mod precision;
 pub mod probe;

@@ -77,6 +77,11 @@ pub struct RankMemory {
     /// The most gathered (full) weights held at once: the unit in use and, with prefetch, the
     /// next one arriving.
     pub gathered_peak_bytes: u64,
+    /// What a unit holds besides its gathered weights while it is back-propagated, for the
+    /// largest trained unit: its full gradient as burn's tensors, before it is flattened for
+    /// the reduce-scatter.
+    #[serde(default)]
+    pub transient_bytes: u64,
     /// Unit-boundary activations saved for backward in the last step (activation
     /// checkpointing); the graph's own activations show in the stage's `peak_bytes`.
     pub activation_bytes: u64,

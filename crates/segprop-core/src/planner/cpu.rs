@@ -180,6 +180,99 @@ pub fn cpu_step_in_passes(
     step
 }
 
+/// Predicted heap of one rank of a sharded CPU gang at the peak of a step (FSDP units with
+/// activation checkpointing, [`cpu_gang_step`]), by term.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct CpuGangStep {
+    /// This rank's chunks: fp32 masters, both AdamW moments and the gradient of the trained
+    /// units; the frozen units' weights (prefix, parked blocks).
+    pub shards: u64,
+    /// Full weights gathered at once (the unit in use and, with prefetch, the next).
+    pub gathered: u64,
+    /// Full gradients being reduce-scattered (one in flight with prefetch).
+    pub full_gradients: u64,
+    /// The largest unit's full gradient as tensors, before it is flattened.
+    pub transient: u64,
+    /// Unit inputs saved for backward (activation checkpointing).
+    pub saved_inputs: u64,
+    /// What eager autodiff holds for one unit's recompute with a graph, and the logits.
+    pub graph: u64,
+    /// SnapCheck entries this rank keeps.
+    pub snapshots: u64,
+}
+
+impl CpuGangStep {
+    pub fn total(&self) -> u64 {
+        self.shards
+            + self.gathered
+            + self.full_gradients
+            + self.transient
+            + self.saved_inputs
+            + self.graph
+            + self.snapshots
+    }
+}
+
+/// One rank of `world` training `w` sharded with activation checkpointing: `passes` passes of
+/// `micro_batch` sequences of `seq_len` per step on this rank, frozen weights stored in
+/// `frozen_bytes` per weight (4 in f32, 2 in a 16-bit job), `cached` snapshot entries
+/// `[micro_batch, seq_len, hidden]` kept, prefetch of the next unit on or off.
+#[allow(clippy::too_many_arguments)]
+pub fn cpu_gang_step(
+    config: &LlamaConfig,
+    profile: &CpuProfile,
+    w: &Workload,
+    world: usize,
+    (passes, micro_batch, seq_len): (usize, usize, usize),
+    frozen_bytes: u64,
+    cached: usize,
+    prefetch: bool,
+) -> CpuGangStep {
+    let n = world.max(1) as u64;
+    let embed = config.vocab_size as u64 * config.hidden_size as u64;
+    let head = embed + config.hidden_size as u64;
+    let block = config.block_params();
+    let trained =
+        w.trained_blocks as u64 * block + head + if w.trained_embedding { embed } else { 0 };
+    let frozen = (w.frozen_blocks + w.held_blocks) as u64 * block
+        + if w.frozen_embedding || w.held_embedding {
+            embed
+        } else {
+            0
+        };
+    let mut units: Vec<u64> = std::iter::repeat_n(block, w.trained_blocks).collect();
+    units.push(head);
+    if w.trained_embedding {
+        units.push(embed);
+    }
+    units.sort_unstable_by(|a, b| b.cmp(a));
+    let largest = units[0];
+    let pair = largest
+        + if prefetch {
+            units.get(1).copied().unwrap_or(0)
+        } else {
+            0
+        };
+    let tokens = (micro_batch * seq_len) as f64;
+    let h = config.hidden_size as f64;
+    let saved_inputs = (units.len() - 1) as f64 * passes as f64 * tokens * h * 4.0;
+    let per_block = profile.block_per_hidden * h
+        + profile.block_per_intermediate * config.intermediate_size as f64
+        + profile.block_per_score * (config.num_heads * seq_len) as f64
+        + profile.block_fixed;
+    let logits =
+        tokens * (profile.head_per_vocab * config.vocab_size as f64 + profile.head_per_hidden * h);
+    CpuGangStep {
+        shards: 16 * trained / n + frozen_bytes * frozen / n,
+        gathered: 4 * pair,
+        full_gradients: 4 * pair,
+        transient: 4 * largest,
+        saved_inputs: saved_inputs as u64,
+        graph: (tokens * per_block + logits) as u64,
+        snapshots: (cached as f64 * tokens * h * 4.0) as u64,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -45,7 +45,7 @@ use crate::llama_config::LlamaConfig;
 
 mod cpu;
 pub mod preflight;
-pub use cpu::{CpuProfile, CpuStep, cpu_step, cpu_step_in_passes};
+pub use cpu::{CpuGangStep, CpuProfile, CpuStep, cpu_gang_step, cpu_step, cpu_step_in_passes};
 
 /// The hardware of one host (a gang is the GPUs of one host).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -229,6 +229,7 @@ impl<B: AutodiffBackend> ShardedStage<B> {
             stage.memory.params_bytes += m.params;
             stage.memory.optimizer_bytes += m.optimizer;
             stage.memory.grad_bytes += m.params;
+            stage.memory.transient_bytes = stage.memory.transient_bytes.max(m.full_grad);
         }
         stage
     }
