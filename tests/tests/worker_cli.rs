@@ -63,13 +63,19 @@ fn train(job: &str, out: &Path) -> serde_json::Value {
         "summary.txt",
         "loss.svg",
         "model/config.json",
-        "model/model.safetensors",
     ] {
         assert!(
             out.join(file).is_file(),
             "{file} is missing from the run directory"
         );
     }
+    // One file, or (a sharded job: one file per unit) an index of them.
+    assert!(
+        out.join("model/model.safetensors").is_file()
+            || out.join("model/model.safetensors.index.json").is_file(),
+        "no weights in {}",
+        out.join("model").display()
+    );
     serde_json::from_str(&std::fs::read_to_string(out.join("summary.json")).unwrap()).unwrap()
 }
 
@@ -256,6 +262,12 @@ fn invalid_specs_exit_2_naming_the_field_and_line() {
     );
     // Malformed YAML.
     assert_rejected("version: 1\nname: [unclosed\n", &["job.yaml"]);
+    // Device-resident shards asked of CPU ranks.
+    let sharded = std::fs::read_to_string(repo().join("configs/jobs/tiny-sharded.yaml")).unwrap();
+    assert_rejected(
+        &sharded.replace("offload: cpu", "offload: none"),
+        &["sharding.offload", "device memory"],
+    );
 }
 
 #[test]
@@ -392,4 +404,121 @@ fn a_sharded_job_trains_like_the_unsharded_one() {
     assert!((a - b).abs() / b < 1e-5, "final eval loss {a} vs {b}");
     let summary = std::fs::read_to_string(tmp.path().join("sharded/summary.txt")).unwrap();
     assert!(summary.contains("sharded over 2 ranks"), "{summary}");
+}
+
+/// `train --checkpoint-every` on a gang writes sharded checkpoints (one file per rank and a
+/// manifest); `--resume` continues one on another number of ranks to the same end, and refuses,
+/// with exit 2 and before writing anything, a checkpoint of another model shape or with a
+/// corrupt shard file.
+#[test]
+fn a_sharded_run_checkpoints_and_resumes_on_another_number_of_ranks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let first = tmp.path().join("first");
+    let job = repo().join("configs/jobs/tiny-sharded.yaml");
+    let result = run(&[
+        "train",
+        job.to_str().unwrap(),
+        "--out",
+        first.to_str().unwrap(),
+        "--quiet",
+        "--checkpoint-every",
+        "10",
+    ]);
+    assert!(result.status.success(), "{}", stderr(&result));
+    let ckpt = first.join("checkpoints/stage1-step000010");
+    for name in [
+        "rank-00001-of-00002.bin",
+        "rank-00002-of-00002.bin",
+        "shards.json",
+        "state.yaml",
+    ] {
+        assert!(ckpt.join(name).is_file(), "{name} in {}", ckpt.display());
+    }
+    let done: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(first.join("summary.json")).unwrap())
+            .unwrap();
+
+    // One rank picks up where the two left off.
+    let text = std::fs::read_to_string(&job).unwrap();
+    let one = tmp.path().join("one.yaml");
+    std::fs::write(
+        &one,
+        text.replace("devices_per_gang: 2", "devices_per_gang: 1"),
+    )
+    .unwrap();
+    let resumed = tmp.path().join("resumed");
+    let result = run(&[
+        "train",
+        one.to_str().unwrap(),
+        "--out",
+        resumed.to_str().unwrap(),
+        "--quiet",
+        "--resume",
+        ckpt.to_str().unwrap(),
+    ]);
+    assert!(result.status.success(), "{}", stderr(&result));
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(resumed.join("summary.json")).unwrap())
+            .unwrap();
+    assert_eq!(summary["total_steps"], done["total_steps"]);
+    let (a, b) = (
+        summary["final_eval_loss"].as_f64().unwrap(),
+        done["final_eval_loss"].as_f64().unwrap(),
+    );
+    assert!((a - b).abs() / b < 1e-4, "final eval loss {a} vs {b}");
+    // The export of a gang is one file per unit, with an index.
+    assert!(resumed.join("model/model.safetensors.index.json").is_file());
+    assert!(
+        resumed
+            .join("model/model-00001-of-00008.safetensors")
+            .is_file()
+    );
+
+    // Another model shape: refused naming the field and the file, nothing written.
+    let wider = tmp.path().join("wider.yaml");
+    std::fs::write(
+        &wider,
+        text.replace(
+            "overrides: { num_layers: 6 }",
+            "overrides: { num_layers: 6, hidden_size: 96 }",
+        ),
+    )
+    .unwrap();
+    let refused = tmp.path().join("refused");
+    let result = run(&[
+        "train",
+        wider.to_str().unwrap(),
+        "--out",
+        refused.to_str().unwrap(),
+        "--resume",
+        ckpt.to_str().unwrap(),
+    ]);
+    assert_eq!(result.status.code(), Some(2), "{}", stderr(&result));
+    let message = stderr(&result);
+    assert!(
+        message.contains("hidden_size") && message.contains("state.yaml"),
+        "{message}"
+    );
+    assert!(!refused.exists(), "nothing written");
+
+    // A corrupt shard file: refused naming it.
+    let file = ckpt.join("rank-00002-of-00002.bin");
+    let mut bytes = std::fs::read(&file).unwrap();
+    bytes[64] ^= 1;
+    std::fs::write(&file, bytes).unwrap();
+    let result = run(&[
+        "train",
+        job.to_str().unwrap(),
+        "--out",
+        refused.to_str().unwrap(),
+        "--resume",
+        ckpt.to_str().unwrap(),
+    ]);
+    assert_eq!(result.status.code(), Some(2), "{}", stderr(&result));
+    assert!(
+        stderr(&result).contains("rank-00002-of-00002.bin"),
+        "{}",
+        stderr(&result)
+    );
+    assert!(!refused.exists(), "nothing written");
 }

@@ -26,6 +26,7 @@ mod cluster;
 mod gpu_check;
 #[cfg(feature = "cuda")]
 mod gpu_slice;
+mod never_whole;
 mod planner;
 mod precision;
 mod shard;
@@ -91,6 +92,11 @@ enum Command {
     Matmul,
     /// Mixed precision on CPU: bf16/f16 against f32, step time, loss, bytes.
     Precision,
+    /// Peak heap of a whole sharded job with the model never whole vs whole between stages.
+    NeverWhole {
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+    },
     Throughput,
     Snapcheck,
     Memory,
@@ -187,6 +193,7 @@ fn main() -> Result<()> {
         Command::Shard { reps } => shard::shard(cli.steps, reps),
         Command::Matmul => matmul().map(|_| ()),
         Command::Precision => precision::precision(cli.steps),
+        Command::NeverWhole { reps } => never_whole::never_whole(reps),
         Command::Throughput | Command::Snapcheck if cli.backend == "cuda" => cuda(&cli),
         Command::Throughput => throughput::<CpuBackend>(cli.steps, &Default::default(), "cpu"),
         Command::Snapcheck => snapcheck::<CpuBackend>(cli.steps, &Default::default()),

@@ -768,8 +768,13 @@ pub enum ShardingStrategy {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum Offload {
+    /// Where the backend keeps shards: host memory on CPU ranks; on CUDA it must be said
+    /// (`cpu`: device-resident shards are not available yet).
     #[default]
+    Auto,
+    /// Device memory.
     None,
+    /// Host memory, stepped there (FSDP + CPU offload).
     Cpu,
 }
 
@@ -780,7 +785,9 @@ pub struct ShardingSpec {
     /// ranks (FSDP); `none`: one rank holds the whole model.
     #[serde(default)]
     pub strategy: ShardingStrategy,
-    /// Where each rank's shards of the master weights and optimizer state live.
+    /// Where each rank's shards of the master weights and optimizer state live: `cpu` (host
+    /// memory, FSDP + CPU offload), `none` (device memory), or left out (`auto`: host memory on
+    /// CPU ranks).
     #[serde(default)]
     pub offload: Offload,
     /// Deadline of every collective: a rank that does not join within it fails the attempt,
@@ -806,7 +813,7 @@ impl Default for ShardingSpec {
     fn default() -> Self {
         Self {
             strategy: ShardingStrategy::None,
-            offload: Offload::None,
+            offload: Offload::Auto,
             collective_timeout_s: default_collective_timeout_s(),
             prefetch: default_prefetch(),
         }

@@ -132,8 +132,18 @@ impl JobSpec {
             ));
         }
         if sharded
-            && self.resources.backend == crate::spec::Backend::Cuda
+            && self.resources.backend == crate::spec::Backend::Cpu
             && self.sharding.offload == Offload::None
+        {
+            return Err(SpecError::invalid(
+                "sharding.offload",
+                "`offload: none` keeps shards in device memory, and CPU ranks have none: their \
+                 shards are host memory; leave `offload` out or set `offload: cpu`",
+            ));
+        }
+        if sharded
+            && self.resources.backend == crate::spec::Backend::Cuda
+            && self.sharding.offload != Offload::Cpu
         {
             return Err(SpecError::invalid(
                 "sharding.offload",

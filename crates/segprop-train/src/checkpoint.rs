@@ -242,11 +242,20 @@ pub fn checksum_dir(path: &Path) -> Result<Digest, TrainError> {
         } else {
             path.join(&rel)
         };
-        let data = std::fs::read(&full).map_err(TrainError::io(&full))?;
         hasher.update(rel.to_string_lossy().as_bytes());
         hasher.update(&[0]);
-        hasher.update(&data);
-        bytes += data.len() as u64;
+        // In pieces: a shard file or weights file is never read whole into memory.
+        use std::io::Read;
+        let mut file = std::fs::File::open(&full).map_err(TrainError::io(&full))?;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = file.read(&mut buf).map_err(TrainError::io(&full))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            bytes += n as u64;
+        }
     }
     Ok(Digest {
         bytes,
@@ -482,6 +491,87 @@ pub fn load_sharded<B: AutodiffBackend>(
         progress,
         local_optimizer: trainer.new_optimizer(),
     });
+    Ok(())
+}
+
+/// Checks, before a run writes anything, that the checkpoint in `dir` can resume `spec`: its
+/// state is this job's (name, seed, model shape), its files are whole and match their
+/// checksums, and its layout is the run's (`sharded`: one file per rank, which a gang of any
+/// size loads; else the whole model). Errors are [`TrainError::Resume`], naming the file.
+pub fn preflight(
+    dir: &Path,
+    spec: &segprop_core::JobSpec,
+    sharded: bool,
+) -> Result<(), TrainError> {
+    let resume = |path: &Path, message: String| TrainError::Resume {
+        path: path.to_path_buf(),
+        message,
+    };
+    let config = spec.resolve_model_config()?;
+    let state_path = dir.join(STATE_FILE);
+    let text = std::fs::read_to_string(&state_path)
+        .map_err(|e| resume(&state_path, format!("cannot read it: {e}")))?;
+    let state: StateFile = serde_yaml::from_str(&text)
+        .map_err(|e| resume(&state_path, format!("not a trainer state file: {e}")))?;
+    if state.job != spec.name || state.seed != spec.seed {
+        return Err(resume(
+            &state_path,
+            format!(
+                "checkpoint of job {:?} (seed {}), not of {:?} (seed {}): `name` and `seed` \
+                 must be the job's that wrote it",
+                state.job, state.seed, spec.name, spec.seed
+            ),
+        ));
+    }
+    check_shape(&state_path, &state.config, &config).map_err(|e| match e {
+        TrainError::State { path, message } => TrainError::Resume { path, message },
+        other => other,
+    })?;
+    match (sharded, is_sharded(dir)) {
+        (true, false) => {
+            return Err(resume(
+                dir,
+                "a whole checkpoint (an unsharded job's); this job runs on a gang, which \
+                 resumes from sharded checkpoints"
+                    .into(),
+            ));
+        }
+        (false, true) => {
+            return Err(resume(
+                dir,
+                "a sharded checkpoint (one file per rank); resume it with \
+                 `sharding.strategy: full_shard` or `activation_checkpointing: true`"
+                    .into(),
+            ));
+        }
+        _ => {}
+    }
+    if !sharded {
+        let weights = dir.join(WEIGHTS_FILE);
+        return match weights.is_file() {
+            true => Ok(()),
+            false => Err(resume(&weights, "missing".into())),
+        };
+    }
+    let manifest_path = dir.join(SHARDS_FILE);
+    let text = std::fs::read_to_string(&manifest_path)
+        .map_err(|e| resume(&manifest_path, format!("cannot read it: {e}")))?;
+    let manifest: ShardsManifest = serde_json::from_str(&text)
+        .map_err(|e| resume(&manifest_path, format!("not a shard manifest: {e}")))?;
+    for f in &manifest.files {
+        let path = dir.join(&f.file);
+        let (bytes, checksum) = checksum_file(&path).map_err(|e| resume(&path, e.to_string()))?;
+        if bytes != f.bytes || checksum != f.checksum {
+            return Err(resume(
+                &path,
+                format!(
+                    "checksum mismatch: the manifest recorded {}, the file hashes to {checksum} \
+                     (corrupt shard file)",
+                    f.checksum
+                ),
+            ));
+        }
+    }
     Ok(())
 }
 

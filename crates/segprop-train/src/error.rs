@@ -29,6 +29,10 @@ pub enum TrainError {
     },
     #[error("no {backend} device is available on this machine")]
     NoDevice { backend: String },
+    /// The checkpoint a run was asked to resume from does not fit it (another job or model
+    /// shape, damaged, or of the other layout): bad input, found before anything is written.
+    #[error("--resume {path}: {message}")]
+    Resume { path: PathBuf, message: String },
     /// A trainer checkpoint cannot be read or written.
     #[error("checkpoint {path}: {message}")]
     State { path: PathBuf, message: String },

@@ -7,7 +7,6 @@ use std::path::Path;
 
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
-use segprop_shard::Collective as _;
 
 use crate::data::Batch;
 use crate::engine::Trainer;
@@ -49,12 +48,37 @@ impl<B: AutodiffBackend> Trainer<B> {
             .collect()
     }
 
-    /// The mean over every rank's batches of `losses` (each rank's sum and count all-reduced).
+    /// The mean loss over the eval batches, from each rank's `losses` of its batches
+    /// ([`Self::my_eval_batches`]): every rank all-gathers every batch's f64 loss (its bits,
+    /// two words each) and sums them in batch order, as an unsharded trainer does, so the
+    /// result is the same bits.
     fn mean_over_ranks(&mut self, losses: Vec<f64>) -> Result<f64, TrainError> {
+        let limit = match self.spec.eval.max_batches {
+            0 => self.data.eval.len(),
+            n => n.min(self.data.eval.len()),
+        };
         let shard = self.shard.as_mut().expect(SHARDED);
-        let mut sums = [losses.iter().sum::<f64>() as f32, losses.len() as f32];
-        shard.collective.all_reduce(&mut sums)?;
-        Ok(f64::from(sums[0]) / f64::from(sums[1]).max(1.0))
+        let world = shard.world();
+        let per_rank = limit.div_ceil(world);
+        let mut words = vec![0.0f32; 2 * per_rank];
+        for (j, loss) in losses.iter().enumerate() {
+            let bits = loss.to_bits();
+            words[2 * j] = f32::from_bits(bits as u32);
+            words[2 * j + 1] = f32::from_bits((bits >> 32) as u32);
+        }
+        let layout = segprop_shard::ShardLayout {
+            len: 2 * per_rank * world,
+            world,
+            chunk: 2 * per_rank,
+        };
+        let all = layout.all_gather(&mut shard.collective, &words)?;
+        let mut total = 0.0f64;
+        for i in 0..limit {
+            let at = (i % world) * 2 * per_rank + 2 * (i / world);
+            let bits = u64::from(all[at].to_bits()) | (u64::from(all[at + 1].to_bits()) << 32);
+            total += f64::from_bits(bits);
+        }
+        Ok(total / limit.max(1) as f64)
     }
 
     /// Held-out loss of a sharded stage's route: each rank evaluates its share of the eval

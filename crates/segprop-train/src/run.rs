@@ -7,7 +7,9 @@
 //! - `summary.json`, and `summary.txt` (the table printed at the end);
 //! - `loss.svg`: stage-concatenated train loss and held-out loss;
 //! - `model/`: the final model in Hugging Face layout (`config.json` + `model.safetensors`, or
-//!   shards + `model.safetensors.index.json` above 5 GB).
+//!   shards + `model.safetensors.index.json` above 5 GB; a sharded job writes one file per unit);
+//! - `checkpoints/stage<i>-step<n>/`: mid-stage checkpoints, with `checkpoint_every` (whole, or
+//!   one file per rank and a manifest for a gang); `resume_from` continues from one.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -29,6 +31,10 @@ pub struct RunOptions {
     pub out_dir: PathBuf,
     /// Shard the exported safetensors above this size (HF's usual is 5 GB).
     pub max_shard_bytes: Option<u64>,
+    /// Save a mid-stage checkpoint every this many steps of a stage (0: none).
+    pub checkpoint_every: u64,
+    /// Continue from this checkpoint (one `checkpoint_every` wrote, for the same job).
+    pub resume_from: Option<PathBuf>,
 }
 
 impl RunOptions {
@@ -36,6 +42,8 @@ impl RunOptions {
         Self {
             out_dir: out_dir.into(),
             max_shard_bytes: Some(5_000_000_000),
+            checkpoint_every: 0,
+            resume_from: None,
         }
     }
 }
@@ -65,14 +73,35 @@ pub fn run_job<B: AutodiffBackend>(
     observer: &mut dyn TrainObserver,
 ) -> Result<RunSummary, TrainError> {
     let out = &options.out_dir;
+    // A checkpoint that cannot resume this job is refused before anything is written.
+    let gang = crate::gang::gang_size(&spec);
+    if let Some(dir) = &options.resume_from {
+        crate::checkpoint::preflight(dir, &spec, gang.is_some())?;
+    }
     std::fs::create_dir_all(out).map_err(TrainError::io(out))?;
     let resolved = serde_yaml::to_string(&spec).unwrap_or_default();
     write(&out.join("job.yaml"), &resolved)?;
     let started = Instant::now();
     let work_dir = out.join("work");
-    let summary = match crate::gang::gang_size(&spec) {
+    let checkpoints = LocalCheckpoints {
+        every: options.checkpoint_every,
+        dir: out.join("checkpoints"),
+    };
+    let resume = options.resume_from.clone();
+    let prepare = move |trainer: &mut Trainer<B>| -> Result<(), TrainError> {
+        if let Some(dir) = &resume {
+            crate::checkpoint::load(trainer, dir, None)?;
+            tracing::info!(checkpoint = %dir.display(), "resuming");
+        }
+        if checkpoints.every > 0 {
+            trainer.checkpointer = Some(Box::new(checkpoints.clone()));
+        }
+        Ok(())
+    };
+    let summary = match gang {
         None => {
             let mut trainer = Trainer::<B>::new(spec, device, &work_dir)?;
+            prepare(&mut trainer)?;
             lead_run(&mut trainer, out, options, observer, started)?
         }
         Some(world) => {
@@ -83,12 +112,17 @@ pub fn run_job<B: AutodiffBackend>(
                 "sharded run: one trainer per rank"
             );
             let devices = crate::gang::gang_devices::<B>(&device, world);
+            let follower_prepare = prepare.clone();
             crate::gang::train_gang::<B, _>(
                 &spec,
                 devices,
                 &work_dir,
-                |trainer| lead_run(trainer, out, options, observer, started),
                 |trainer| {
+                    prepare(trainer)?;
+                    lead_run(trainer, out, options, observer, started)
+                },
+                move |trainer| {
+                    follower_prepare(trainer)?;
                     run_plan(trainer, &mut crate::metrics::NullObserver)?;
                     // The final evaluation and the export gather every unit on every rank.
                     trainer.follow_finish()
@@ -98,6 +132,55 @@ pub fn run_job<B: AutodiffBackend>(
     };
     let _ = std::fs::remove_dir_all(&work_dir);
     Ok(summary)
+}
+
+/// Mid-stage checkpoints of a local run under `out/checkpoints/stage<i>-step<n>`: whole ones
+/// by an unsharded trainer, sharded ones (one file per rank) by a gang.
+#[derive(Clone)]
+struct LocalCheckpoints {
+    every: u64,
+    dir: PathBuf,
+}
+
+impl LocalCheckpoints {
+    fn path(&self, progress: &crate::engine::StageProgress) -> PathBuf {
+        self.dir.join(format!(
+            "stage{}-step{:06}",
+            progress.stage_index, progress.step
+        ))
+    }
+}
+
+impl<B: AutodiffBackend> crate::engine::Checkpointer<B> for LocalCheckpoints {
+    fn every_steps(&self) -> u64 {
+        self.every
+    }
+
+    fn save(
+        &mut self,
+        trainer: &Trainer<B>,
+        optimizer: &crate::engine::AdamWOptimizer<B>,
+        progress: &crate::engine::StageProgress,
+    ) -> Result<(), TrainError> {
+        let dir = self.path(progress);
+        let digest = crate::checkpoint::save(trainer, Some((optimizer, progress)), &dir)?;
+        tracing::info!(checkpoint = %dir.display(), bytes = digest.bytes, "checkpoint saved");
+        Ok(())
+    }
+
+    fn sharded_dir(&self, progress: &crate::engine::StageProgress) -> Option<PathBuf> {
+        Some(self.path(progress))
+    }
+
+    fn sharded_saved(
+        &mut self,
+        dir: &Path,
+        digest: &crate::checkpoint::Digest,
+        _progress: &crate::engine::StageProgress,
+    ) -> Result<(), TrainError> {
+        tracing::info!(checkpoint = %dir.display(), bytes = digest.bytes, "sharded checkpoint saved");
+        Ok(())
+    }
 }
 
 /// Runs the plan on `trainer` (rank 0 of a gang, or the only trainer), writing the events, and

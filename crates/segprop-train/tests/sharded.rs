@@ -396,4 +396,49 @@ fn bad_sharding_specs_name_the_field() {
     .unwrap_err()
     .to_string();
     assert!(err.contains("sharding.collective_timeout_s"), "{err}");
+    // CPU ranks have no device memory to keep shards in.
+    let err = JobSpec::from_yaml_str(
+        &format!(
+            "{E2E}sharding: {{ strategy: full_shard, offload: none }}\n\
+             resources: {{ devices_per_gang: 2 }}\n"
+        ),
+        "shard.yaml",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("sharding.offload") && err.contains("device memory"),
+        "{err}"
+    );
+}
+
+#[test]
+fn reset_head_and_early_exit_with_units_kept_sharded_match_one_unsharded_rank() {
+    // Head policy reset keeps LL(r)'s baseline as each rank's chunks and restores them at each
+    // segment; the global exit prunes the shards. The gang never holds the model whole, and
+    // still gives one unsharded rank's curve and pruned model.
+    let base = SEGPROP
+        .replace(
+            "  snapcheck: true\n",
+            "  snapcheck: true\n  head_policy: reset\n",
+        )
+        .replace(
+            "segment: { max_steps: 3 } }",
+            "segment: { max_steps: 3 }, global: { target_eval_loss: 100.0 } }",
+        );
+    assert_ne!(base, SEGPROP);
+    let reference = run(&spec(&base, ""));
+    assert_eq!(
+        reference.losses.len(),
+        6,
+        "stage 1 and one segment, then the exit"
+    );
+    let sharded = run(&spec(
+        &base,
+        "activation_checkpointing: true\nsharding: { strategy: full_shard }\n\
+         resources: { devices_per_gang: 2 }",
+    ));
+    assert_same_curve("segprop reset + early exit, 2 ranks", &sharded, &reference);
+    // Pruned to blocks 0..2 and LL(r)'s block: 3 blocks of 9 tensors, the embedding, the head.
+    assert_eq!(sharded.weights.len(), 3 * 9 + 3);
 }

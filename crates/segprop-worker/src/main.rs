@@ -49,6 +49,14 @@ enum Command {
         /// Do not draw progress bars.
         #[arg(long)]
         quiet: bool,
+        /// Save a mid-stage checkpoint every N steps of a stage, under `<out>/checkpoints/`
+        /// (one file per rank and a manifest for a sharded job).
+        #[arg(long, default_value_t = 0)]
+        checkpoint_every: u64,
+        /// Continue from a checkpoint of the same job (a sharded one resumes on any number of
+        /// ranks).
+        #[arg(long)]
+        resume: Option<PathBuf>,
     },
     /// Check a job spec and print its stage plan.
     Validate { job: PathBuf },
@@ -247,7 +255,13 @@ fn run(cli: Cli, runtime: &tokio::runtime::Runtime) -> ExitCode {
                 }
             }
         }
-        Command::Train { job, out, quiet } => {
+        Command::Train {
+            job,
+            out,
+            quiet,
+            checkpoint_every,
+            resume,
+        } => {
             let spec = match load_spec(job.as_ref()) {
                 Ok(spec) => spec,
                 Err(err) => {
@@ -255,12 +269,16 @@ fn run(cli: Cli, runtime: &tokio::runtime::Runtime) -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            match train(spec, out, quiet) {
+            let mut options = RunOptions::new(&out);
+            options.checkpoint_every = checkpoint_every;
+            options.resume_from = resume;
+            match train(spec, options, quiet) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(
                     err @ (TrainError::Spec(_)
                     | TrainError::Corpus { .. }
-                    | TrainError::Checkpoint(_)),
+                    | TrainError::Checkpoint(_)
+                    | TrainError::Resume { .. }),
                 ) => {
                     eprintln!("error: {err}");
                     ExitCode::from(2)
@@ -274,8 +292,8 @@ fn run(cli: Cli, runtime: &tokio::runtime::Runtime) -> ExitCode {
     }
 }
 
-fn train(spec: JobSpec, out: PathBuf, quiet: bool) -> Result<(), TrainError> {
-    let options = RunOptions::new(&out);
+fn train(spec: JobSpec, options: RunOptions, quiet: bool) -> Result<(), TrainError> {
+    let out = options.out_dir.clone();
     let mut progress = ProgressReporter::default();
     let mut silent = segprop_train::metrics::RecordingObserver::default();
     let observer: &mut dyn segprop_train::TrainObserver =

@@ -386,13 +386,21 @@ pub fn wait_exit(w: &mut Worker, limit: std::time::Duration) -> std::process::Ex
     }
 }
 
+/// The run's final model (every weight's bits in the model's order, however the export laid it
+/// out in files: one `model.safetensors`, or one file per unit with an index) and held-out loss.
 pub fn run_outputs(dir: &Path) -> (Vec<u8>, f64) {
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("summary.json")).unwrap()).unwrap();
-    (
-        std::fs::read(dir.join("model/model.safetensors")).unwrap(),
-        summary["final_eval_loss"].as_f64().unwrap(),
+    let (model, _) = segprop_model::hf::import::<segprop_train::CpuBackend>(
+        &dir.join("model"),
+        &Default::default(),
     )
+    .unwrap();
+    let bits: Vec<u8> = segprop_train::segprop::parameter_values(&model)
+        .into_iter()
+        .flat_map(|(_, values)| values.into_iter().flat_map(u32::to_le_bytes))
+        .collect();
+    (bits, summary["final_eval_loss"].as_f64().unwrap())
 }
 
 /// Every stage's steps appear exactly once, 1..=n, in the job's metrics (no step lost or
