@@ -3,6 +3,13 @@
 //! Not cryptographic: it detects torn writes, bit rot and mixed-up files, which is what the
 //! artifact store needs (every blob is checked on read).
 
+/// Size and checksum of a saved checkpoint (or any artifact directory).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Digest {
+    pub bytes: u64,
+    pub checksum: String,
+}
+
 /// Streaming FNV-1a (64 bit).
 #[derive(Debug, Clone, Copy)]
 pub struct Fnv1a64(u64);

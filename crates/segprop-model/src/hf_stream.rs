@@ -23,7 +23,7 @@ use segprop_core::{LlamaConfig, Precision};
 use crate::attention::Attention;
 use crate::block::Block;
 use crate::error::ModelError;
-use crate::hf::{
+use crate::hf_format::{
     CONFIG_FILE, CheckpointFiles, HostTensor, INDEX_FILE, io_err, linear_from_hf, named_block,
     named_embed, named_head, norm, read_config, remove_stale_weights, tensor2, widen,
     write_safetensors,

@@ -13,6 +13,7 @@ pub mod block;
 pub mod error;
 pub mod flops;
 pub mod hf;
+pub mod hf_format;
 pub mod hf_stream;
 pub mod mlp;
 pub mod model;

@@ -90,7 +90,7 @@ pub trait Checkpointer<B: AutodiffBackend> {
     fn sharded_saved(
         &mut self,
         _dir: &Path,
-        _digest: &crate::checkpoint::Digest,
+        _digest: &segprop_core::checksum::Digest,
         _progress: &StageProgress,
     ) -> Result<(), TrainError> {
         Ok(())
