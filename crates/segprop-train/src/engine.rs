@@ -383,6 +383,10 @@ impl<B: AutodiffBackend> Trainer<B> {
         {
             return z;
         }
+        assert!(
+            self.shards.is_none(),
+            "a trainer with sharded units runs its frozen prefix through its stage's shards"
+        );
         if self.frozen.as_ref().is_none_or(|f| f.blocks.len() < depth) {
             self.freeze_prefix(depth);
         }
@@ -549,6 +553,11 @@ impl<B: AutodiffBackend> Trainer<B> {
 
     /// Mean held-out loss of the network `route` describes, on the current weights.
     pub fn evaluate(&mut self, route: Route) -> f64 {
+        assert!(
+            self.shards.is_none(),
+            "a trainer with sharded units evaluates one unit at a time (Trainer::final_eval, its \
+             stage's step), never on the whole model"
+        );
         let model = self.model.valid();
         let limit = match self.spec.eval.max_batches {
             0 => self.data.eval.len(),

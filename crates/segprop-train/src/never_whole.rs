@@ -133,7 +133,8 @@ impl<B: AutodiffBackend> Trainer<B> {
             return Ok(());
         };
         let rope = &self.rope_inner;
-        shards.for_each_block(&shard.collective, from..to, |b, block| {
+        let spill = self.work_dir.join("snapshots");
+        shards.for_each_block(&shard.collective, from..to, &spill, |b, block| {
             cache.advance_step(b, |z| block.forward(z, rope), b + 1 == to)
         })
     }

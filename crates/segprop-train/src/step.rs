@@ -46,7 +46,8 @@ pub trait StageStep<B: AutodiffBackend> {
         progress: &StageProgress,
     ) -> Result<(), TrainError>;
 
-    /// Ends the stage: its weights and optimizer state back in the trainer as whole modules.
+    /// Ends the stage: its weights and optimizer state back in the trainer (as whole modules, or
+    /// as this rank's shards when the trainer keeps its units sharded).
     /// Returns what this rank held, for a sharded stage.
     fn finish(self: Box<Self>, t: &mut Trainer<B>) -> Result<Option<RankMemory>, TrainError>;
 }

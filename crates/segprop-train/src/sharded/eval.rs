@@ -142,18 +142,19 @@ impl<B: AutodiffBackend> ModelShards<B> {
     }
 
     /// Gathers each block of `range` in turn for `step(b, block)` (a SnapCheck advance runs
-    /// it over every cached input) and frees it before the next. Every rank must call it.
+    /// it over every cached input) and frees it before the next. Every rank must call it; an
+    /// I/O error of `step` names `spill` (the SnapCheck spill directory).
     pub fn for_each_block(
         &self,
         s: &CommStream,
         range: std::ops::Range<usize>,
+        spill: &std::path::Path,
         mut step: impl FnMut(usize, &segprop_model::Block<Inner<B>>) -> std::io::Result<()>,
     ) -> Result<(), crate::TrainError> {
         for b in range {
             let u = self.blocks[b].as_ref().expect("units are in their slots");
             let block = u.assemble::<B>(&u.start_gather(s).wait()?).valid();
-            step(b, &block)
-                .map_err(crate::TrainError::io(std::path::PathBuf::from("snapshots")))?;
+            step(b, &block).map_err(crate::TrainError::io(spill))?;
         }
         Ok(())
     }

@@ -6,7 +6,7 @@
 //! it is read from SnapCheck, and where SnapCheck does not have it, computed through the prefix
 //! units gathered one at a time, forward only, and freed ([`ShardedStage::prefix_forward`]).
 //! Blocks the stage neither trains nor reads (those of later segments) are sharded and parked:
-//! never gathered during the stage, gathered back for its checkpoints and at its end.
+//! never gathered during the stage.
 //!
 //! A step over this rank's micro-batches, with activation checkpointing (the default):
 //! 1. **forward**, unit by unit in route order: all-gather the unit, run every micro-batch
@@ -37,9 +37,13 @@
 //! "offload: cpu" layout of FSDP + CPU offload; gathered weights are uploaded to the device for
 //! use and freed after.
 //!
-//! Between stages the trainer holds whole modules again ([`ShardedStage::finish`] gathers the
-//! weights and the optimizer moments back into burn's optimizers), so checkpoints, stage states,
-//! SnapCheck advances and the export are the same files sharded or not.
+//! Between stages, either the units stay sharded ([`ModelShards`], `model.rs`: a trainer built
+//! by `Trainer::new_sharded` never holds the model whole; its checkpoints are one file per rank,
+//! `checkpoint.rs`; its evaluations and SnapCheck advances gather one unit at a time, `eval.rs`),
+//! or, for a trainer that holds the model whole between stages (a worker daemon's task), the
+//! stage is sharded out of the whole model ([`ShardedStage::new`]) and gathered back at its
+//! checkpoints and its end ([`ShardedStage::materialize`], with the moments back in burn's
+//! optimizers), so its checkpoints and states are the whole files.
 
 use burn::module::AutodiffModule;
 use burn::nn::Embedding;
