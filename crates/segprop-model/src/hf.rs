@@ -239,4 +239,66 @@ mod tests {
             }
         }
     }
+
+    // The streaming reader and the unit-by-unit writer (hf_stream.rs).
+    use crate::hf_stream::{HfReader, HfUnitWriter};
+
+    #[test]
+    fn unit_by_unit_export_imports_to_the_same_logits() {
+        let config = LlamaConfig::preset("tiny").unwrap();
+        let device = Default::default();
+        let model = LlamaInit::random::<B>(&config, 11, &device);
+        let tmp = tempfile::tempdir().unwrap();
+        let mut writer = HfUnitWriter::create(tmp.path(), &config, Precision::F32).unwrap();
+        writer.embed(&model.embed_tokens).unwrap();
+        for (i, b) in model.blocks.iter().enumerate() {
+            writer.block(i, b).unwrap();
+        }
+        writer.head(&model.head).unwrap();
+        let written = writer.finish().unwrap();
+        assert_eq!(written.len(), config.num_layers + 4, "config, units, index");
+        assert!(tmp.path().join(INDEX_FILE).is_file());
+        let (again, _) = import::<B>(tmp.path(), &device).unwrap();
+        let tokens =
+            Tensor::<B, 2, Int>::from_data(TensorData::new(vec![2i64, 7, 1], [1, 3]), &device);
+        model
+            .forward(tokens.clone(), &config)
+            .into_data()
+            .assert_eq(&again.forward(tokens, &config).into_data(), true);
+    }
+
+    #[test]
+    fn the_reader_checks_headers_before_reading() {
+        let config = LlamaConfig::preset("tiny").unwrap();
+        let device = Default::default();
+        let model = LlamaInit::random::<B>(&config, 12, &device);
+        let tmp = tempfile::tempdir().unwrap();
+        export(&model, &config, tmp.path(), None, Precision::Bf16).unwrap();
+        // A bf16 checkpoint streams in, widened exactly.
+        let mut reader = HfReader::open(tmp.path()).unwrap();
+        let embed = reader.embed::<B>(&device).unwrap();
+        let want: Vec<f32> = model
+            .embed_tokens
+            .weight
+            .val()
+            .into_data()
+            .iter::<f32>()
+            .map(|v| half::bf16::from_f32(v).to_f32())
+            .collect();
+        let got: Vec<f32> = embed.weight.val().into_data().iter::<f32>().collect();
+        assert_eq!(got, want);
+        // Unused tensors are named at the end.
+        let err = reader.finish().unwrap_err().to_string();
+        assert!(err.contains("unexpected tensor"), "{err}");
+        // A padded file is refused at open.
+        let file = tmp.path().join(SINGLE_FILE);
+        let mut bytes = std::fs::read(&file).unwrap();
+        bytes.extend_from_slice(&[0u8; 16]);
+        std::fs::write(&file, &bytes).unwrap();
+        let err = HfReader::open(tmp.path()).err().unwrap().to_string();
+        assert!(
+            err.contains("model.safetensors") && err.contains("truncated or padded"),
+            "{err}"
+        );
+    }
 }

@@ -80,7 +80,7 @@ pub trait Checkpointer<B: AutodiffBackend> {
     ) -> Result<(), TrainError>;
 
     /// Where the ranks of a trainer with sharded units write the checkpoint after
-    /// `progress.step` steps (the same directory on every rank, [`crate::checkpoint::save_sharded`]);
+    /// `progress.step` steps (the same directory on every rank, `checkpoint::save_sharded`);
     /// `None` when this checkpointer keeps whole checkpoints only.
     fn sharded_dir(&self, _progress: &StageProgress) -> Option<PathBuf> {
         None
