@@ -93,9 +93,65 @@ fn a_stalled_rank_fails_the_attempt_within_the_deadline_and_the_retry_completes(
     assert_eq!(result["sharding"]["world"], 2, "{result}");
     assert!(result["sharding"]["params_bytes"].as_u64().unwrap() > 0);
 
+    // Every task of the job ran as a gang whose units stayed sharded: its stage states and
+    // checkpoints are per-rank shard files with a manifest, never a whole model.
+    for kind in [
+        "TASK_KIND_TRAIN_STAGE",
+        "TASK_KIND_ADVANCE_SNAPSHOTS",
+        "TASK_KIND_EXPORT",
+    ] {
+        assert!(
+            log.lines()
+                .any(|l| l.contains("units never whole") && l.contains(kind)),
+            "no {kind} gang in the log:\n{log}"
+        );
+    }
+    let mut stored = Vec::new();
+    collect_named(&dir.join("artifacts"), &["state", "ckpt-"], &mut stored);
+    assert!(
+        stored.len() >= 3,
+        "stage states and checkpoints: {stored:?}"
+    );
+    for d in &stored {
+        assert!(
+            d.join("shards.json").is_file(),
+            "{} is not sharded",
+            d.display()
+        );
+        assert!(
+            d.join("rank-00002-of-00002.bin").is_file(),
+            "{}",
+            d.display()
+        );
+        assert!(
+            !d.join("weights.bin").exists(),
+            "{} holds the model whole",
+            d.display()
+        );
+    }
+
     let run_dir = PathBuf::from(&job.run_dir);
     assert_steps_once(&run_dir.join("metrics.jsonl"));
     assert_matches_standalone(&run_dir, &job_spec, dir);
+}
+
+/// Directories under `root` whose names start with one of `names`.
+fn collect_named(root: &Path, names: &[&str], out: &mut Vec<PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if !path.is_dir() {
+            continue;
+        }
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if names.iter().any(|n| name.starts_with(n)) && !name.ends_with(".partial") {
+            out.push(path);
+        } else {
+            collect_named(&path, names, out);
+        }
+    }
 }
 
 /// The log without terminal colour codes.

@@ -188,7 +188,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         Ok(trainer)
     }
 
-    fn resolve_config(spec: &JobSpec) -> Result<LlamaConfig, TrainError> {
+    pub(crate) fn resolve_config(spec: &JobSpec) -> Result<LlamaConfig, TrainError> {
         let mut config = spec.resolve_model_config()?;
         if config.tie_embeddings {
             // SegProp trains embed and LM head in different stages, so they cannot share a
@@ -217,7 +217,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         })
     }
 
-    fn with_model(
+    pub(crate) fn with_model(
         spec: JobSpec,
         device: B::Device,
         work_dir: &Path,

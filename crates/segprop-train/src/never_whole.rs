@@ -5,19 +5,60 @@
 
 use std::path::Path;
 
+use segprop_core::JobSpec;
+
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 
 use crate::data::Batch;
 use crate::engine::Trainer;
 use crate::error::TrainError;
+use crate::rank::ShardRank;
 use crate::route::{Route, RouteInput};
 use crate::sharded::{Flow, ModelShards, ShardedStage};
 use crate::snapcheck::Split;
 
+/// One batch's `S[to]` from an advance, and whether it was advanced from `S[from]` (`true`)
+/// or recomputed through the prefix.
+pub type AdvancedSnapshot<B> = (Tensor<<B as AutodiffBackend>::InnerBackend, 3>, bool);
+
 const SHARDED: &str = "a trainer with sharded units has a shard rank";
 
 impl<B: AutodiffBackend> Trainer<B> {
+    /// A trainer for rank `shard` that continues from the sharded checkpoint or stage state in
+    /// `dir` ([`crate::checkpoint::save_sharded`], written at any world size): its units are
+    /// laid out blank one at a time and filled from the rank files, so neither the seeded init
+    /// nor the HF import runs again (an HF job reads only its `config.json`). `verified`: the
+    /// rank files were already checked against the manifest ([`crate::checkpoint::preflight`]),
+    /// so this rank does not read every file again to hash it.
+    pub fn resume_sharded(
+        spec: JobSpec,
+        device: B::Device,
+        work_dir: &Path,
+        shard: ShardRank,
+        dir: &Path,
+        verified: bool,
+    ) -> Result<Self, TrainError> {
+        crate::precision::check_backend::<B>(spec.resources.precision, &device)?;
+        let compute = crate::precision::compute_dtype(spec.resources.precision);
+        let config = match &spec.model.from {
+            Some(from) => {
+                let mut config = segprop_model::hf_format::read_config(&from.hf_dir)
+                    .map_err(TrainError::Checkpoint)?;
+                config.tie_embeddings = false;
+                spec.validate_against_model(&config)?;
+                config
+            }
+            None => Self::resolve_config(&spec)?,
+        };
+        let shards = ModelShards::blank(&config, (shard.rank(), shard.world()), compute, &device);
+        let model = shards.skeleton();
+        let mut trainer = Self::with_model(spec, device, work_dir, model, config, Some(shards))?;
+        trainer.shard = Some(shard);
+        crate::checkpoint::load_sharded(&mut trainer, dir, !verified)?;
+        Ok(trainer)
+    }
+
     /// The eval batches this rank evaluates: `rank, rank + N, …` of the first
     /// `eval.max_batches`.
     fn my_eval_batches(&self) -> Vec<Batch> {
@@ -139,6 +180,82 @@ impl<B: AutodiffBackend> Trainer<B> {
         })
     }
 
+    /// SnapCheck's advance step for a few batches of this rank, as a gang: `S[to]` for each of
+    /// `batches`, from `S[from]` where the cache (or its store source) has it, else from the
+    /// tokens through the committed prefix (the same bits). Every rank calls it at the same
+    /// point, with batches of its own or none: the ranks agree whether any of them needs the
+    /// prefix, then gather the embedding (if so) and each block one at a time. Returns each
+    /// batch's `S[to]` and whether it was advanced (`true`) or recomputed.
+    pub fn advance_batches_sharded(
+        &mut self,
+        from: usize,
+        to: usize,
+        batches: &[(Split, &Batch)],
+    ) -> Result<Vec<AdvancedSnapshot<B>>, TrainError> {
+        use crate::sharded::Entry;
+        use crate::snapcheck::SnapshotKey;
+        let mut inputs = Vec::with_capacity(batches.len());
+        let mut advanced = Vec::with_capacity(batches.len());
+        for (split, batch) in batches {
+            let cached = match (&mut self.cache, from) {
+                (Some(cache), 1..) => cache.get(SnapshotKey {
+                    depth: from,
+                    split: *split,
+                    id: batch.id,
+                }),
+                _ => None,
+            };
+            advanced.push(cached.is_some());
+            inputs.push(match cached {
+                Some(z) => Entry::Hidden(from, z),
+                None => Entry::Tokens(Self::tokens::<B::InnerBackend>(
+                    &batch.inputs,
+                    batch,
+                    &self.device,
+                )),
+            });
+        }
+        let shard = self.shard.as_mut().expect(SHARDED);
+        let mut recompute = [advanced.iter().filter(|a| !**a).count() as f32];
+        segprop_shard::Collective::all_reduce(&mut shard.collective, &mut recompute)?;
+        let from_embed = recompute[0] > 0.0;
+        let first = if from_embed { 0 } else { from };
+        let shards = self.shards.as_ref().expect("a sharded trainer");
+        let out = shards.forward_to(
+            &shard.collective,
+            inputs,
+            (from_embed, first, to),
+            &self.rope_inner,
+        )?;
+        Ok(out.into_iter().zip(advanced).collect())
+    }
+
+    /// Sums `values` over the ranks of the gang (every rank calls it), exactly: each rank's
+    /// values travel as their bits.
+    pub fn sum_over_ranks(&mut self, values: &[u64]) -> Result<Vec<u64>, TrainError> {
+        let shard = self.shard.as_mut().expect(SHARDED);
+        let world = shard.world();
+        let n = values.len();
+        let words: Vec<f32> = values
+            .iter()
+            .flat_map(|v| [f32::from_bits(*v as u32), f32::from_bits((*v >> 32) as u32)])
+            .collect();
+        let layout = segprop_shard::ShardLayout {
+            len: 2 * n * world,
+            world,
+            chunk: 2 * n,
+        };
+        let all = layout.all_gather(&mut shard.collective, &words)?;
+        let mut sums = vec![0u64; n];
+        for r in 0..world {
+            for (i, sum) in sums.iter_mut().enumerate() {
+                let at = r * 2 * n + 2 * i;
+                *sum += u64::from(all[at].to_bits()) | (u64::from(all[at + 1].to_bits()) << 32);
+            }
+        }
+        Ok(sums)
+    }
+
     /// The final evaluation of a finished plan (full forward): one unit at a time when the
     /// units are sharded (every rank calls it), else on the whole model.
     pub fn final_eval(&mut self) -> Result<f64, TrainError> {
@@ -185,21 +302,21 @@ impl<B: AutodiffBackend> Trainer<B> {
         let Some(mut checkpointer) = self.checkpointer.take() else {
             return Ok(());
         };
-        let saved =
-            match checkpointer.sharded_dir(progress) {
-                Some(dir) => crate::checkpoint::save_sharded(self, stage, progress, &dir).and_then(
+        let saved = match checkpointer.sharded_dir(progress) {
+            Some(dir) => crate::checkpoint::save_sharded(self, Some((stage, progress)), &dir)
+                .and_then(
                     |digest| match self.shard.as_ref().is_some_and(|s| s.rank() == 0) {
                         true => checkpointer.sharded_saved(&dir, &digest, progress),
                         false => Ok(()),
                     },
                 ),
-                None => Err(TrainError::State {
-                    path: self.work_dir.clone(),
-                    message: "this job keeps its units sharded, and its checkpointer writes whole \
+            None => Err(TrainError::State {
+                path: self.work_dir.clone(),
+                message: "this job keeps its units sharded, and its checkpointer writes whole \
                           checkpoints only"
-                        .into(),
-                }),
-            };
+                    .into(),
+            }),
+        };
         self.checkpointer = Some(checkpointer);
         saved
     }

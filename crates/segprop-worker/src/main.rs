@@ -2,9 +2,11 @@
 //! it assigns; the standalone modes are `train` (run a job spec on this machine) and `validate`
 //! (check a spec and print its stage plan).
 
+mod advance;
 mod artifacts;
 mod daemon;
 mod fault;
+mod gang_task;
 mod snapshots;
 mod task;
 mod telemetry;

@@ -64,6 +64,27 @@ pub fn blob_plan(batches: &[(Split, usize)], shards: u32, per_blob: usize) -> Ve
     blobs
 }
 
+/// The batches of `blob`, found in `batches` (SnapCheck's batches, as the trainer lists them).
+/// A blob naming a batch the data lacks is an error naming it.
+pub fn blob_batches<'a>(
+    batches: &'a [(Split, segprop_train::data::Batch)],
+    blob: &BlobPlan,
+) -> Result<Vec<&'a segprop_train::data::Batch>, segprop_train::TrainError> {
+    blob.ids
+        .iter()
+        .map(|id| {
+            batches
+                .iter()
+                .find(|(split, b)| *split == blob.split && b.id == *id)
+                .map(|(_, b)| b)
+                .ok_or_else(|| segprop_train::TrainError::State {
+                    path: std::path::PathBuf::from(format!("{:?} batch {id}", blob.split)),
+                    message: "the snapshot layout names a batch the job's data lacks".into(),
+                })
+        })
+        .collect()
+}
+
 pub fn store_split(split: Split) -> segprop_store::Split {
     match split {
         Split::Train => segprop_store::Split::Train,

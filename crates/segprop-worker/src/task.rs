@@ -19,16 +19,15 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use segprop_core::JobSpec;
 use segprop_proto::v1 as pb;
-use segprop_store::{SnapshotHeader, Store};
+use segprop_store::Store;
 use segprop_train::checkpoint::{self, Digest};
 use segprop_train::engine::{AdamWOptimizer, Checkpointer, StageProgress};
 use segprop_train::metrics::{RecordingObserver, StageRecord, TrainEvent, TrainObserver};
 use segprop_train::segprop::run_next_stage;
-use segprop_train::snapcheck::entry_values;
 use segprop_train::{TrainError, Trainer};
 
 use crate::artifacts::{self, Artifacts, FetchError};
-use crate::snapshots::{self, SnapshotIo, StoreSource};
+use crate::snapshots::{self, SnapshotIo};
 
 /// What the training thread and the heartbeat loop share about the running task.
 #[derive(Default)]
@@ -77,8 +76,26 @@ pub(crate) fn failed(err: &TrainError) -> pb::TaskFailed {
 }
 
 /// A task failure about an artifact that could not be stored or fetched.
-fn artifact_failed(reason: String, retryable: bool) -> pb::TaskFailed {
+pub(crate) fn artifact_failed(reason: String, retryable: bool) -> pb::TaskFailed {
     pb::TaskFailed { reason, retryable }
+}
+
+/// A task failure: an input state whose files are damaged (it has no earlier version).
+fn damaged_input(m: String) -> pb::TaskFailed {
+    artifact_failed(
+        format!(
+            "input state is damaged and has no earlier version: {m}; resubmit the job (or \
+             restore the artifact store from a backup)"
+        ),
+        false,
+    )
+}
+
+pub(crate) fn unknown_kind(a: &pb::Assignment) -> pb::TaskFailed {
+    pb::TaskFailed {
+        reason: format!("unknown task kind {}", a.kind),
+        retryable: false,
+    }
 }
 
 impl TaskContext {
@@ -116,32 +133,27 @@ impl TaskContext {
         device: B::Device,
         a: &pb::Assignment,
     ) -> Result<pb::TaskSucceeded, pb::TaskFailed> {
+        if let Some(world) = segprop_train::gang::gang_size(&spec) {
+            // Units that stay sharded from the first byte read to the last written.
+            return self.run_gang::<B>(spec, device, world, a);
+        }
         let mut trainer =
             Trainer::<B>::new(spec, device.clone(), &self.work_dir).map_err(|e| failed(&e))?;
-        let mut recorder = RecordingObserver::default();
-        let (recovered, loaded) = self.restore(&mut trainer, &mut recorder, a)?;
-        let kind = pb::TaskKind::try_from(a.kind);
+        let (recovered, _, recorder) =
+            self.restore(a, &mut |dir| checkpoint::load(&mut trainer, dir, None))?;
         self.prepare(&mut trainer, a);
-        match kind {
-            Ok(pb::TaskKind::TrainStage) => match segprop_train::gang::gang_size(&trainer.spec) {
-                None => self.train_stage(trainer, recorder, a, recovered),
-                Some(world) => {
-                    self.train_stage_gang(trainer, recorder, a, recovered, loaded, device, world)
-                }
-            },
+        match pb::TaskKind::try_from(a.kind) {
+            Ok(pb::TaskKind::TrainStage) => self.train_stage(trainer, recorder, a, recovered),
             Ok(pb::TaskKind::AdvanceSnapshots) => self.advance(trainer, a),
             Ok(pb::TaskKind::Export) => self.export(trainer, a),
-            _ => Err(pb::TaskFailed {
-                reason: format!("unknown task kind {}", a.kind),
-                retryable: false,
-            }),
+            _ => Err(unknown_kind(a)),
         }
     }
 
     /// Task settings every rank's trainer takes: SnapCheck reads the stored snapshots of the
     /// committed prefix instead of recomputing it, and commits drop snapshots instead of
     /// advancing them (advance tasks do that).
-    fn prepare<B: burn::tensor::backend::AutodiffBackend>(
+    pub(crate) fn prepare<B: burn::tensor::backend::AutodiffBackend>(
         &self,
         trainer: &mut Trainer<B>,
         a: &pb::Assignment,
@@ -165,104 +177,25 @@ impl TaskContext {
         }
     }
 
-    /// Runs a training stage on a gang of `world` ranks in this process (one per device, or CPU
-    /// ranks as threads): rank 0 is `trainer`, which reports and checkpoints; every other rank
-    /// loads the same starting point (`loaded`) into a trainer of its own. A rank that stops
-    /// answering fails every rank's next collective within `sharding.collective_timeout_s`,
-    /// naming it, and the task fails retryably: the coordinator retries the stage from its last
-    /// checkpoint.
-    #[allow(clippy::too_many_arguments)]
-    fn train_stage_gang<B: burn::tensor::backend::AutodiffBackend>(
-        self: &Arc<Self>,
-        mut trainer: Trainer<B>,
-        recorder: RecordingObserver,
-        a: &pb::Assignment,
-        recovered: Option<String>,
-        loaded: Option<PathBuf>,
-        device: B::Device,
-        world: usize,
-    ) -> Result<pb::TaskSucceeded, pb::TaskFailed> {
-        self.check_stage(&trainer, a)?;
-        let spec = trainer.spec.clone();
-        let devices = segprop_train::gang::gang_devices::<B>(&device, world);
-        tracing::info!(
-            ranks = world,
-            activation_checkpointing = spec.activation_checkpointing,
-            prefetch = spec.sharding.prefetch,
-            deadline_s = spec.sharding.collective_timeout_s,
-            "sharded stage: one trainer per rank"
-        );
-        let fault = crate::fault::StallRank::from_env();
-        let group =
-            segprop_train::gang::gang_group::<B>(&spec, &devices).map_err(|e| failed(&e))?;
-        let ran = segprop_train::gang::run_gang(
-            group,
-            segprop_train::gang::collective_deadline(&spec),
-            segprop_train::sharded::ShardOptions::of(&spec),
-            |shard| {
-                trainer.shard = Some(shard);
-                let (record, recorder) = self.run_stage(&mut trainer, recorder, a)?;
-                trainer.shard = None;
-                Ok((trainer, record, recorder))
-            },
-            {
-                let ctx = self.clone();
-                let a = a.clone();
-                Arc::new(move |shard: segprop_train::sharded::ShardRank| {
-                    let rank = shard.rank();
-                    let mut follower = Trainer::<B>::new(
-                        spec.clone(),
-                        devices[rank].clone(),
-                        &ctx.work_dir.join(format!("rank{rank}")),
-                    )?;
-                    if let Some(dir) = &loaded {
-                        checkpoint::load(&mut follower, dir, None)?;
-                    }
-                    ctx.prepare(&mut follower, &a);
-                    follower.shard = Some(shard);
-                    follower.checkpointer = Some(Box::new(FollowerCheckpointer {
-                        every: a.checkpoint_every_steps,
-                    }));
-                    let mut observer = FollowerObserver {
-                        cancel: ctx.cancel.clone(),
-                        fault: fault.clone().filter(|f| f.rank == rank),
-                        steps: 0,
-                    };
-                    run_next_stage(&mut follower, &mut observer)?;
-                    Ok(())
-                })
-            },
-        );
-        let (trainer, record, recorder) = ran.map_err(|e| {
-            // Releases a follower still stalled by the fault injection (it watches the flag).
-            self.cancel.store(true, Ordering::SeqCst);
-            failed(&e)
-        })?;
-        self.publish(trainer, record, recorder, a, recovered)
-    }
-
-    /// Loads the task's starting point: the checkpoint to resume from or the stage's input
-    /// state. A damaged or missing checkpoint falls back to the one before it, then to the input
-    /// state (the stage restarts; training is deterministic, so the result is the same); the
-    /// returned note says so. A damaged input state fails the task: it has no earlier version.
-    fn restore<B: burn::tensor::backend::AutodiffBackend>(
+    /// Fetches the task's starting point into the work directory and hands it to `check`,
+    /// which loads it into a trainer or verifies it for the ranks of a gang to load: the
+    /// checkpoint to resume from (with the events so far) or the stage's input state. A damaged
+    /// or missing checkpoint falls back to the one before it, then to the input state (the
+    /// stage restarts; training is deterministic, so the result is the same); the returned note
+    /// says so. A damaged input state fails the task: it has no earlier version. Returns the
+    /// note, the directory `check` accepted (`None`: the job's first stage) and the events.
+    pub(crate) fn restore(
         &self,
-        trainer: &mut Trainer<B>,
-        recorder: &mut RecordingObserver,
         a: &pb::Assignment,
-    ) -> Result<(Option<String>, Option<PathBuf>), pb::TaskFailed> {
+        check: &mut dyn FnMut(&Path) -> Result<(), TrainError>,
+    ) -> Result<(Option<String>, Option<PathBuf>, RecordingObserver), pb::TaskFailed> {
         let mut recovered = None;
         let checkpoint_dir = self.work_dir.join("in/checkpoint");
         if let Some(resume) = a.resume_from.as_ref().and_then(|c| c.artifact.as_ref()) {
-            let damage = match self.load_checkpoint(
-                trainer,
-                recorder,
-                &resume.uri,
-                Some(&resume.checksum),
-            ) {
-                Ok(()) => {
+            let damage = match self.load_checkpoint(&resume.uri, Some(&resume.checksum), check) {
+                Ok(events) => {
                     tracing::info!(checkpoint = %resume.uri, "resuming from checkpoint");
-                    return Ok((None, Some(checkpoint_dir)));
+                    return Ok((None, Some(checkpoint_dir), RecordingObserver { events }));
                 }
                 Err(FetchError::Unavailable(m)) => return Err(artifact_failed(m, true)),
                 Err(FetchError::Corrupt(m)) => m,
@@ -275,21 +208,24 @@ impl TaskContext {
                 .checkpoints(prefix)
                 .map_err(|m| artifact_failed(m, true))?;
             for (step, key) in older.into_iter().filter(|(s, _)| *s < newest) {
-                match self.load_checkpoint(trainer, recorder, &key, None) {
-                    Ok(()) => {
+                match self.load_checkpoint(&key, None, check) {
+                    Ok(events) => {
                         let note = format!(
                             "checkpoint {} is damaged ({damage}); resumed from step {step} ({key})",
                             resume.uri
                         );
                         tracing::warn!("{note}");
-                        return Ok((Some(note), Some(checkpoint_dir)));
+                        return Ok((
+                            Some(note),
+                            Some(checkpoint_dir),
+                            RecordingObserver { events },
+                        ));
                     }
                     Err(e) => {
                         tracing::warn!(checkpoint = %key, error = %e, "earlier checkpoint unusable too")
                     }
                 }
             }
-            *recorder = RecordingObserver::default();
             let note = format!(
                 "checkpoint {} is damaged ({damage}) and no earlier one is usable; the stage \
                  restarted from its input state",
@@ -303,38 +239,34 @@ impl TaskContext {
             self.artifacts
                 .fetch(&input.uri, Some(&input.checksum), &dir)
                 .map_err(|e| match e {
-                    FetchError::Corrupt(m) => artifact_failed(
-                        format!(
-                            "input state is damaged and has no earlier version: {m}; \
-                             resubmit the job (or restore the artifact store from a backup)"
-                        ),
-                        false,
-                    ),
+                    FetchError::Corrupt(m) => damaged_input(m),
                     FetchError::Unavailable(m) => artifact_failed(m, true),
                 })?;
-            checkpoint::load(trainer, &dir, None).map_err(|e| failed(&e))?;
-            return Ok((recovered, Some(dir)));
+            check(&dir).map_err(|e| match e {
+                TrainError::Resume { .. } => damaged_input(e.to_string()),
+                e => failed(&e),
+            })?;
+            return Ok((recovered, Some(dir), RecordingObserver::default()));
         }
-        Ok((recovered, None))
+        Ok((recovered, None, RecordingObserver::default()))
     }
 
-    /// Fetches the checkpoint `key` and its events and loads both.
-    fn load_checkpoint<B: burn::tensor::backend::AutodiffBackend>(
+    /// Fetches the checkpoint `key` and its events, and hands the checkpoint to `check`;
+    /// returns the events.
+    fn load_checkpoint(
         &self,
-        trainer: &mut Trainer<B>,
-        recorder: &mut RecordingObserver,
         key: &str,
         expected: Option<&str>,
-    ) -> Result<(), FetchError> {
+        check: &mut dyn FnMut(&Path) -> Result<(), TrainError>,
+    ) -> Result<Vec<TrainEvent>, FetchError> {
         let dir = self.work_dir.join("in/checkpoint");
         self.artifacts.fetch(key, expected, &dir)?;
         let events = events_path(&dir);
         self.artifacts
             .fetch(&format!("{key}.events.jsonl"), None, &events)?;
         let loaded = read_events(&events).map_err(|e| FetchError::Corrupt(e.to_string()))?;
-        checkpoint::load(trainer, &dir, None).map_err(|e| FetchError::Corrupt(e.to_string()))?;
-        recorder.events = loaded;
-        Ok(())
+        check(&dir).map_err(|e| FetchError::Corrupt(e.to_string()))?;
+        Ok(loaded)
     }
 
     fn train_stage<B: burn::tensor::backend::AutodiffBackend>(
@@ -344,39 +276,38 @@ impl TaskContext {
         a: &pb::Assignment,
         recovered: Option<String>,
     ) -> Result<pb::TaskSucceeded, pb::TaskFailed> {
-        self.check_stage(&trainer, a)?;
-        let (record, recorder) = self
+        self.check_stage(&trainer, a).map_err(|e| failed(&e))?;
+        let ran = self
             .run_stage(&mut trainer, recorder, a)
             .map_err(|e| failed(&e))?;
-        self.publish(trainer, record, recorder, a, recovered)
+        let digest = checkpoint::save(&trainer, None, &self.state_dir()).map_err(|e| failed(&e))?;
+        self.publish(&trainer, ran, &digest, a, recovered)
     }
 
     /// Whether the loaded state is where the task starts.
-    fn check_stage<B: burn::tensor::backend::AutodiffBackend>(
+    pub(crate) fn check_stage<B: burn::tensor::backend::AutodiffBackend>(
         &self,
         trainer: &Trainer<B>,
         a: &pb::Assignment,
-    ) -> Result<(), pb::TaskFailed> {
+    ) -> Result<(), TrainError> {
+        let refuse = |message: String| TrainError::State {
+            path: PathBuf::from(&self.attempt_key),
+            message,
+        };
         if segprop_train::segprop::plan_done(trainer) {
-            return Err(pb::TaskFailed {
-                reason: "the plan was already complete".into(),
-                retryable: false,
-            });
+            return Err(refuse("the plan was already complete".into()));
         }
         if trainer.progress.next_stage != a.stage_index as usize {
-            return Err(pb::TaskFailed {
-                reason: format!(
-                    "the input state is at stage {}, the task is stage {}",
-                    trainer.progress.next_stage, a.stage_index
-                ),
-                retryable: false,
-            });
+            return Err(refuse(format!(
+                "the input state is at stage {}, the task is stage {}",
+                trainer.progress.next_stage, a.stage_index
+            )));
         }
         Ok(())
     }
 
     /// Trains the task's stage with checkpoints to the store and progress to the heartbeat.
-    fn run_stage<B: burn::tensor::backend::AutodiffBackend>(
+    pub(crate) fn run_stage<B: burn::tensor::backend::AutodiffBackend>(
         &self,
         trainer: &mut Trainer<B>,
         recorder: RecordingObserver,
@@ -386,7 +317,7 @@ impl TaskContext {
         trainer.checkpointer = Some(Box::new(StoreCheckpointer {
             artifacts: self.artifacts.clone(),
             attempt_key: self.attempt_key.clone(),
-            local_dir: self.work_dir.join("checkpoints"),
+            local_dir: self.checkpoints_dir(),
             every: a.checkpoint_every_steps,
             recorder: recorder.clone(),
             state: self.state.clone(),
@@ -412,25 +343,32 @@ impl TaskContext {
         Ok((record, recorder))
     }
 
-    /// Stores the stage's output state and metrics and builds the task's result.
-    fn publish<B: burn::tensor::backend::AutodiffBackend>(
+    /// Where mid-stage checkpoints are written before they are stored (every rank of a gang
+    /// writes its file of a sharded one there).
+    pub(crate) fn checkpoints_dir(&self) -> PathBuf {
+        self.work_dir.join("checkpoints")
+    }
+
+    /// Where a stage writes its output state before it is stored.
+    pub(crate) fn state_dir(&self) -> PathBuf {
+        self.work_dir.join("out/state")
+    }
+
+    /// Stores the stage's output state (written to [`Self::state_dir`], whole or sharded) and
+    /// metrics and builds the task's result.
+    pub(crate) fn publish<B: burn::tensor::backend::AutodiffBackend>(
         &self,
-        trainer: Trainer<B>,
-        record: StageRecord,
-        recorder: RecordingObserver,
+        trainer: &Trainer<B>,
+        (record, recorder): (StageRecord, RecordingObserver),
+        digest: &Digest,
         a: &pb::Assignment,
         recovered: Option<String>,
     ) -> Result<pb::TaskSucceeded, pb::TaskFailed> {
         let out = self.work_dir.join("out");
-        let state_local = out.join("state");
-        let digest = checkpoint::save(&trainer, None, &state_local).map_err(|e| failed(&e))?;
+        let state_local = self.state_dir();
         let state = self
             .artifacts
-            .put(
-                &format!("{}/state", self.attempt_key),
-                &state_local,
-                &digest,
-            )
+            .put(&format!("{}/state", self.attempt_key), &state_local, digest)
             .map_err(|m| artifact_failed(m, true))?;
         let metrics_local = out.join("metrics.jsonl");
         let digest = write_events(&metrics_local, &recorder.events).map_err(|e| failed(&e))?;
@@ -481,184 +419,7 @@ impl TaskContext {
         })
     }
 
-    /// The blob layout of the job's snapshots and a store reader for `S[depth]`.
-    fn snapshot_source<B: burn::tensor::backend::AutodiffBackend>(
-        &self,
-        trainer: &Trainer<B>,
-        a: &pb::Assignment,
-        depth: u32,
-    ) -> StoreSource {
-        StoreSource::new(
-            self.store.clone(),
-            self.runtime.clone(),
-            a.job_dir.clone(),
-            SnapshotHeader {
-                job: a.job_id.clone(),
-                depth,
-                fingerprint: a.snapshot_in_fingerprint.clone(),
-                dtype: snapshots::storage_dtype(trainer.spec.segprop.snapshot_dtype),
-            },
-            self.blob_plan(trainer, a),
-            a.snapshots_complete,
-            self.snapshot_io.clone(),
-            self.cancel.clone(),
-        )
-    }
-
-    fn blob_plan<B: burn::tensor::backend::AutodiffBackend>(
-        &self,
-        trainer: &Trainer<B>,
-        a: &pb::Assignment,
-    ) -> Vec<snapshots::BlobPlan> {
-        let ids: Vec<_> = trainer
-            .snapshot_batches()
-            .iter()
-            .map(|(split, b)| (*split, b.id))
-            .collect();
-        let per_blob = snapshots::batches_per_blob(&trainer.spec, trainer.config.hidden_size);
-        snapshots::blob_plan(&ids, a.snapshot_shards, per_blob)
-    }
-
-    /// One shard of SnapCheck's advance step: `S[to] = F_{from:to}(S[from])` for this shard's
-    /// batches (`from = 0`: the full prefix forward after stage 1), stored blob by blob.
-    fn advance<B: burn::tensor::backend::AutodiffBackend>(
-        &self,
-        mut trainer: Trainer<B>,
-        a: &pb::Assignment,
-    ) -> Result<pb::TaskSucceeded, pb::TaskFailed> {
-        let (from, to) = (a.snapshot_from as usize, a.snapshot_to as usize);
-        if trainer.committed_depth < to {
-            return Err(pb::TaskFailed {
-                reason: format!(
-                    "the input state has committed depth {}, the task needs {to}",
-                    trainer.committed_depth
-                ),
-                retryable: false,
-            });
-        }
-        if trainer.cache.is_none() {
-            return Err(pb::TaskFailed {
-                reason: "advance_snapshots for a job without SnapCheck".into(),
-                retryable: false,
-            });
-        }
-        let header = SnapshotHeader {
-            job: a.job_id.clone(),
-            depth: a.snapshot_to,
-            fingerprint: a.snapshot_out_fingerprint.clone(),
-            dtype: snapshots::storage_dtype(trainer.spec.segprop.snapshot_dtype),
-        };
-        let batches: std::collections::HashMap<_, _> = trainer
-            .snapshot_batches()
-            .into_iter()
-            .map(|(split, b)| ((split, b.id), b))
-            .collect();
-        let mine: Vec<_> = self
-            .blob_plan(&trainer, a)
-            .into_iter()
-            .filter(|b| b.shard == a.snapshot_shard)
-            .collect();
-        let (mut advanced, mut recomputed, mut written) = (0u64, 0u64, 0u64);
-        for blob in &mine {
-            if self.cancel.load(Ordering::SeqCst) {
-                return Err(pb::TaskFailed {
-                    reason: "cancelled".into(),
-                    retryable: true,
-                });
-            }
-            let mut entries = Vec::with_capacity(blob.ids.len());
-            for id in &blob.ids {
-                let batch = batches
-                    .get(&(blob.split, *id))
-                    .ok_or_else(|| pb::TaskFailed {
-                        reason: format!("snapshot layout names batch {id}, which the data lacks"),
-                        retryable: false,
-                    })?;
-                let (out, was_advanced) = trainer.advance_batch(from, to, blob.split, batch);
-                if was_advanced {
-                    advanced += 1;
-                } else {
-                    recomputed += 1;
-                }
-                let values = entry_values(
-                    segprop_train::snapcheck::SnapshotKey {
-                        depth: to,
-                        split: blob.split,
-                        id: *id,
-                    },
-                    out,
-                );
-                entries.push(segprop_store::SnapshotEntry {
-                    split: snapshots::store_split(blob.split),
-                    id: *id as u64,
-                    shape: values.dims.to_vec(),
-                    data: values.values,
-                });
-            }
-            let key = snapshots::blob_key(&a.job_dir, a.snapshot_to, blob);
-            let bytes =
-                segprop_store::encode_snapshot(&header, &entries).map_err(|e| pb::TaskFailed {
-                    reason: format!("cannot encode snapshot blob {key}: {e}"),
-                    retryable: false,
-                })?;
-            let len = bytes.len() as u64;
-            self.runtime
-                .block_on(self.store.put(&key, bytes.into()))
-                .map_err(|e| pb::TaskFailed {
-                    reason: format!("cannot store snapshot blob {key}: {e}"),
-                    retryable: true,
-                })?;
-            written += blob.ids.len() as u64;
-            {
-                let mut io = self.snapshot_io.lock().unwrap_or_else(|e| e.into_inner());
-                io.blobs_written += 1;
-                io.bytes_written += len;
-            }
-            // The blob of S[from] this one came from is no longer needed here.
-            if let Some(cache) = trainer.cache.as_mut() {
-                cache.drop_depth(from);
-            }
-        }
-        let io = self
-            .snapshot_io
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        tracing::info!(
-            depth = to,
-            shard = a.snapshot_shard,
-            shards = a.snapshot_shards,
-            blobs = mine.len(),
-            batches = written,
-            advanced,
-            recomputed,
-            bytes = io.bytes_written,
-            "snapshots stored"
-        );
-        let prefix = segprop_store::depth_prefix(&a.job_dir, a.snapshot_to);
-        Ok(pb::TaskSucceeded {
-            artifacts: vec![pb::ArtifactRef {
-                uri: prefix,
-                checksum: String::new(),
-                bytes: io.bytes_written,
-            }],
-            result_json: serde_json::json!({
-                "depth": to,
-                "shard": a.snapshot_shard,
-                "shards": a.snapshot_shards,
-                "batches": written,
-                "advanced": advanced,
-                "recomputed": recomputed,
-                "snapshot_io": io,
-                "worker": self.worker_name,
-            })
-            .to_string(),
-            early_exit: false,
-            metrics: None,
-        })
-    }
-
-    fn export<B: burn::tensor::backend::AutodiffBackend>(
+    pub(crate) fn export<B: burn::tensor::backend::AutodiffBackend>(
         &self,
         mut trainer: Trainer<B>,
         a: &pb::Assignment,
@@ -834,51 +595,14 @@ impl TrainObserver for DaemonObserver {
     }
 }
 
-/// The observer of a follower rank: reports nothing (rank 0 reports for the gang), shares the
-/// task's cancel flag, and carries the fault injected for tests, if any.
-struct FollowerObserver {
-    cancel: Arc<AtomicBool>,
-    fault: Option<crate::fault::StallRank>,
-    steps: u64,
+/// The name of the mid-stage checkpoint after `progress.step` steps.
+pub(crate) fn checkpoint_name(progress: &StageProgress) -> String {
+    format!("ckpt-{:08}", progress.step)
 }
 
-impl TrainObserver for FollowerObserver {
-    fn on_event(&mut self, event: &TrainEvent) {
-        if let TrainEvent::Step(_) = event {
-            self.steps += 1;
-            if let Some(fault) = &self.fault {
-                fault.maybe_stall(self.steps, &self.cancel);
-            }
-        }
-    }
-
-    fn cancelled(&self) -> bool {
-        self.cancel.load(Ordering::SeqCst)
-    }
-}
-
-/// A follower rank takes part in every checkpoint's gathers at the leader's interval, and
-/// writes nothing (rank 0 writes the gang's checkpoint).
-struct FollowerCheckpointer {
-    every: u64,
-}
-
-impl<B: burn::tensor::backend::AutodiffBackend> Checkpointer<B> for FollowerCheckpointer {
-    fn every_steps(&self) -> u64 {
-        self.every
-    }
-
-    fn save(
-        &mut self,
-        _trainer: &Trainer<B>,
-        _local_optimizer: &AdamWOptimizer<B>,
-        _progress: &StageProgress,
-    ) -> Result<(), TrainError> {
-        Ok(())
-    }
-}
-
-/// Writes mid-stage checkpoints to the artifact store and hands the newest to the heartbeat loop.
+/// Writes mid-stage checkpoints to the artifact store and hands the newest to the heartbeat
+/// loop: whole ones of a trainer that holds the model, sharded ones (every rank's file and the
+/// manifest, written by the gang into [`Checkpointer::sharded_dir`]) of a gang.
 struct StoreCheckpointer {
     artifacts: Artifacts,
     attempt_key: String,
@@ -887,6 +611,38 @@ struct StoreCheckpointer {
     every: u64,
     recorder: Arc<Mutex<RecordingObserver>>,
     state: Arc<Mutex<TaskState>>,
+}
+
+impl StoreCheckpointer {
+    /// Stores the checkpoint written to `dir` with the events so far, then removes it here.
+    fn store(
+        &self,
+        dir: &Path,
+        digest: &Digest,
+        progress: &StageProgress,
+    ) -> Result<(), TrainError> {
+        let key = format!("{}/{}", self.attempt_key, checkpoint_name(progress));
+        let events_file = events_path(dir);
+        let events = lock_recorder(&self.recorder).events.clone();
+        let events_digest = write_events(&events_file, &events)?;
+        let store_error = |m: String| TrainError::Io {
+            path: PathBuf::from(&key),
+            source: std::io::Error::other(m),
+        };
+        // Events first: a checkpoint that exists always has its events.
+        self.artifacts
+            .put(&format!("{key}.events.jsonl"), &events_file, &events_digest)
+            .map_err(store_error)?;
+        let stored = self.artifacts.put(&key, dir, digest).map_err(store_error)?;
+        let _ = std::fs::remove_dir_all(dir);
+        let _ = std::fs::remove_file(&events_file);
+        tracing::debug!(step = progress.step, checkpoint = %key, "checkpoint stored");
+        lock(&self.state).checkpoint = Some(pb::CheckpointRef {
+            step: progress.step,
+            artifact: Some(stored),
+        });
+        Ok(())
+    }
 }
 
 impl<B: burn::tensor::backend::AutodiffBackend> Checkpointer<B> for StoreCheckpointer {
@@ -900,32 +656,21 @@ impl<B: burn::tensor::backend::AutodiffBackend> Checkpointer<B> for StoreCheckpo
         local_optimizer: &AdamWOptimizer<B>,
         progress: &StageProgress,
     ) -> Result<(), TrainError> {
-        let name = format!("ckpt-{:08}", progress.step);
-        let key = format!("{}/{name}", self.attempt_key);
-        let dir = self.local_dir.join(&name);
-        let events_file = events_path(&dir);
-        let events = lock_recorder(&self.recorder).events.clone();
-        let events_digest = write_events(&events_file, &events)?;
+        let dir = self.local_dir.join(checkpoint_name(progress));
         let digest = checkpoint::save(trainer, Some((local_optimizer, progress)), &dir)?;
-        let store_error = |m: String| TrainError::Io {
-            path: PathBuf::from(&key),
-            source: std::io::Error::other(m),
-        };
-        // Events first: a checkpoint that exists always has its events.
-        self.artifacts
-            .put(&format!("{key}.events.jsonl"), &events_file, &events_digest)
-            .map_err(store_error)?;
-        let stored = self
-            .artifacts
-            .put(&key, &dir, &digest)
-            .map_err(store_error)?;
-        let _ = std::fs::remove_dir_all(&dir);
-        let _ = std::fs::remove_file(&events_file);
-        tracing::debug!(step = progress.step, checkpoint = %key, "checkpoint stored");
-        lock(&self.state).checkpoint = Some(pb::CheckpointRef {
-            step: progress.step,
-            artifact: Some(stored),
-        });
-        Ok(())
+        self.store(&dir, &digest, progress)
+    }
+
+    fn sharded_dir(&self, progress: &StageProgress) -> Option<PathBuf> {
+        Some(self.local_dir.join(checkpoint_name(progress)))
+    }
+
+    fn sharded_saved(
+        &mut self,
+        dir: &Path,
+        digest: &Digest,
+        progress: &StageProgress,
+    ) -> Result<(), TrainError> {
+        self.store(dir, digest, progress)
     }
 }

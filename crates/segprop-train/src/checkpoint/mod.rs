@@ -180,7 +180,7 @@ pub fn load<B: AutodiffBackend>(
                     .into(),
             ));
         }
-        return load_sharded(trainer, dir);
+        return load_sharded(trainer, dir, true);
     }
     let state = read_state(trainer, dir)?;
     let weights_path = dir.join(WEIGHTS_FILE);
@@ -348,17 +348,21 @@ fn agree<B: AutodiffBackend>(trainer: &mut Trainer<B>, ok: bool) -> Result<bool,
     Ok(failed[0] == 0.0)
 }
 
-/// Saves a sharded trainer mid-stage (every rank calls it at the same step): each rank writes
-/// its chunks of every unit, with the moments of the units `stage` trains, to a file of its own;
-/// rank 0 then writes `state.yaml` and `shards.json` (the units' chunking, each file's checksum)
-/// and renames the directory into place. Returns the directory's digest (rank 0; the others get
-/// an empty one).
+/// Saves a sharded trainer (every rank calls it at the same point): mid-stage (`stage` given:
+/// the stage holding the units and its progress) or between stages (`None`: every unit in its
+/// slot, the state a next stage starts from). Each rank writes its chunks of every unit, with the
+/// AdamW moments of the units that have them, to a file of its own; rank 0 then writes
+/// `state.yaml` and `shards.json` (the units' chunking, each file's checksum) and renames the
+/// directory into place. Returns the directory's digest (rank 0; the others get an empty one).
 pub fn save_sharded<B: AutodiffBackend>(
     trainer: &mut Trainer<B>,
-    stage: &ShardedStage<B>,
-    progress: &StageProgress,
+    stage: Option<(&ShardedStage<B>, &StageProgress)>,
     dir: &Path,
 ) -> Result<Digest, TrainError> {
+    let (stage, progress) = match stage {
+        Some((stage, progress)) => (Some(stage), Some(progress)),
+        None => (None, None),
+    };
     let (rank, world) = {
         let shard = trainer
             .shard
@@ -380,7 +384,7 @@ pub fn save_sharded<B: AutodiffBackend>(
     }
     let path = partial.join(rank_file_name(rank, world));
     let shards = trainer.shards.as_ref().expect("a sharded trainer");
-    let written = shards.write_rank_file(Some(stage), &path);
+    let written = shards.write_rank_file(stage, &path);
     if !agree(trainer, written.is_ok())? {
         return Err(match written {
             Err(e) => TrainError::Io { path, source: e },
@@ -410,7 +414,7 @@ pub fn save_sharded<B: AutodiffBackend>(
             let manifest = serde_json::to_string_pretty(&ShardsManifest { layout, files })
                 .map_err(|e| state_error(dir, format!("cannot encode the manifest: {e}")))?;
             write_synced(&partial.join(SHARDS_FILE), manifest.as_bytes())?;
-            let state = state_of(trainer, Some(progress));
+            let state = state_of(trainer, progress);
             let yaml = serde_yaml::to_string(&state)
                 .map_err(|e| state_error(dir, format!("cannot encode state: {e}")))?;
             write_synced(&partial.join(STATE_FILE), yaml.as_bytes())?;
@@ -431,12 +435,14 @@ pub fn save_sharded<B: AutodiffBackend>(
 }
 
 /// Loads a sharded checkpoint into a sharded trainer of any world size (built from the same
-/// spec by `Trainer::new_sharded`, between stages): each rank reads its chunk of every unit
-/// from the byte ranges of the saved ranks' files that overlap it. Every rank file's checksum
-/// is verified first; a mismatch names the file.
+/// spec by `Trainer::new_sharded` or `Trainer::resume_sharded`, between stages): each rank
+/// reads its chunk of every unit from the byte ranges of the saved ranks' files that overlap
+/// it. With `verify`, every rank file's checksum is checked first and a mismatch names the
+/// file; without it, the caller has checked them once for the whole gang ([`preflight`]).
 pub fn load_sharded<B: AutodiffBackend>(
     trainer: &mut Trainer<B>,
     dir: &Path,
+    verify: bool,
 ) -> Result<(), TrainError> {
     let state = read_state(trainer, dir)?;
     let manifest_path = dir.join(SHARDS_FILE);
@@ -452,6 +458,10 @@ pub fn load_sharded<B: AutodiffBackend>(
             ));
         }
         let path = dir.join(&f.file);
+        if !verify {
+            paths.push(path);
+            continue;
+        }
         let (bytes, checksum) = checksum_file(&path)?;
         if bytes != f.bytes || checksum != f.checksum {
             return Err(state_error(

@@ -159,3 +159,63 @@ impl<B: AutodiffBackend> ModelShards<B> {
         Ok(())
     }
 }
+
+/// One input of [`ModelShards::forward_to`]: token ids (entering at the embedding) or hidden
+/// states `S[depth]` (entering at block `depth`).
+pub enum Entry<I: Backend> {
+    Tokens(Tensor<I, 2, Int>),
+    Hidden(usize, Tensor<I, 3>),
+}
+
+impl<B: AutodiffBackend> ModelShards<B> {
+    /// Runs every input from where it enters to the output of block `to - 1`, without a graph,
+    /// gathering the embedding (when `from_embed`) and then blocks `first..to` one at a time,
+    /// each freed before the next. Every rank calls it with the same `from_embed`, `first` and
+    /// `to` (its own inputs may differ, or be none); an input entering at block `d` skips the
+    /// blocks below `d`.
+    pub fn forward_to(
+        &self,
+        s: &CommStream,
+        inputs: Vec<Entry<Inner<B>>>,
+        (from_embed, first, to): (bool, usize, usize),
+        rope: &RopeTables<Inner<B>>,
+    ) -> Result<Vec<Tensor<Inner<B>, 3>>, CollectiveError> {
+        const HELD: &str = "units are in their slots between stages";
+        let mut xs: Vec<(usize, Option<Tensor<Inner<B>, 3>>)> = Vec::with_capacity(inputs.len());
+        let mut tokens = Vec::new();
+        for (i, entry) in inputs.into_iter().enumerate() {
+            match entry {
+                Entry::Tokens(t) => {
+                    tokens.push((i, t));
+                    xs.push((0, None));
+                }
+                Entry::Hidden(depth, z) => xs.push((depth, Some(z))),
+            }
+        }
+        assert!(
+            from_embed || tokens.is_empty(),
+            "token inputs need the embedding gathered"
+        );
+        if from_embed {
+            let embed = self.embed.as_ref().expect(HELD);
+            let m = embed.assemble::<B>(&embed.start_gather(s).wait()?).valid();
+            for (i, t) in tokens {
+                xs[i].1 = Some(to_dtype(m.forward(t), rope.dtype()));
+            }
+        }
+        for b in first..to {
+            let u = self.blocks[b].as_ref().expect(HELD);
+            let block = u.assemble::<B>(&u.start_gather(s).wait()?).valid();
+            for (depth, x) in xs.iter_mut() {
+                if *depth <= b {
+                    let z = x.take().expect("every input has entered by its depth");
+                    *x = Some(block.forward(z, rope));
+                }
+            }
+        }
+        Ok(xs
+            .into_iter()
+            .map(|(_, x)| x.expect("every input ran"))
+            .collect())
+    }
+}

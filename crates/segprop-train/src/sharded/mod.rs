@@ -119,7 +119,7 @@ mod model;
 mod moments;
 
 pub use checkpoint::{ShardLayoutFile, UnitEntry};
-pub use eval::Flow;
+pub use eval::{Entry, Flow};
 pub use model::ModelShards;
 
 pub use crate::rank::{RankMemory, ShardOptions, ShardRank};

@@ -72,6 +72,30 @@ impl<B: AutodiffBackend> ModelShards<B> {
         Self::from_units(embed, blocks, head, (rank, world), f)
     }
 
+    /// Every unit laid out for `(rank, world)` with values not worth keeping (burn's default
+    /// initializers, one unit made and sharded at a time): the shape a rank loads a sharded
+    /// checkpoint into ([`Self::load_rank_files`]), so the job's seeded init or HF import does
+    /// not run again for a stage that continues from a stored state.
+    pub fn blank(
+        config: &LlamaConfig,
+        (rank, world): (usize, usize),
+        compute: DType,
+        device: &B::Device,
+    ) -> Self {
+        let f = FloatDType::from(compute);
+        let embed =
+            burn::nn::EmbeddingConfig::new(config.vocab_size, config.hidden_size).init::<B>(device);
+        let embed = FsdpUnit::stored_in::<B>(embed, rank, world, f);
+        let blocks = (0..config.num_layers)
+            .map(|_| {
+                let block = segprop_model::BlockConfig::from_llama(config).init::<B>(device);
+                FsdpUnit::stored_in::<B>(block, rank, world, f)
+            })
+            .collect();
+        let head = FsdpUnit::stored_in::<B>(LmHead::init(config, device), rank, world, f);
+        Self::from_units(embed, blocks, head, (rank, world), f)
+    }
+
     /// An HF checkpoint read unit by unit ([`HfReader`]), each unit sharded as soon as it is
     /// read. Returns the checkpoint's config (untied).
     pub fn import_hf(
