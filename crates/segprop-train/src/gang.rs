@@ -183,18 +183,43 @@ pub fn train_gang<B, R>(
 where
     B: AutodiffBackend,
 {
+    train_gang_from(spec, devices, work_dir, None, leader, follower)
+}
+
+/// [`train_gang`], each rank continuing from the sharded checkpoint in `from` when given
+/// ([`crate::Trainer::resume_sharded`]: its units laid out blank and read from the rank files,
+/// at whatever world size they were written). `from` must have passed
+/// [`crate::checkpoint::preflight`]: the ranks do not hash its files again.
+pub fn train_gang_from<B, R>(
+    spec: &segprop_core::JobSpec,
+    devices: Vec<B::Device>,
+    work_dir: &std::path::Path,
+    from: Option<&std::path::Path>,
+    leader: impl FnOnce(&mut crate::Trainer<B>) -> Result<R, crate::TrainError>,
+    follower: impl Fn(&mut crate::Trainer<B>) -> Result<(), crate::TrainError> + Send + Sync + 'static,
+) -> Result<R, crate::TrainError>
+where
+    B: AutodiffBackend,
+{
     let make = {
         let spec = spec.clone();
         let work_dir = work_dir.to_path_buf();
         let devices = devices.clone();
+        let from = from.map(std::path::Path::to_path_buf);
         move |shard: ShardRank| {
             let rank = shard.rank();
-            crate::Trainer::<B>::new_sharded(
-                spec.clone(),
-                devices[rank].clone(),
-                &work_dir.join(format!("rank{rank}")),
-                shard,
-            )
+            let (device, dir) = (devices[rank].clone(), work_dir.join(format!("rank{rank}")));
+            match &from {
+                Some(state) => crate::Trainer::<B>::resume_sharded(
+                    spec.clone(),
+                    device,
+                    &dir,
+                    shard,
+                    state,
+                    true,
+                ),
+                None => crate::Trainer::<B>::new_sharded(spec.clone(), device, &dir, shard),
+            }
         }
     };
     let make = std::sync::Arc::new(make);

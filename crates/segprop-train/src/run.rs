@@ -87,12 +87,10 @@ pub fn run_job<B: AutodiffBackend>(
         every: options.checkpoint_every,
         dir: out.join("checkpoints"),
     };
-    let resume = options.resume_from.clone();
+    if let Some(dir) = &options.resume_from {
+        tracing::info!(checkpoint = %dir.display(), "resuming");
+    }
     let prepare = move |trainer: &mut Trainer<B>| -> Result<(), TrainError> {
-        if let Some(dir) = &resume {
-            crate::checkpoint::load(trainer, dir, None)?;
-            tracing::info!(checkpoint = %dir.display(), "resuming");
-        }
         if checkpoints.every > 0 {
             trainer.checkpointer = Some(Box::new(checkpoints.clone()));
         }
@@ -101,6 +99,9 @@ pub fn run_job<B: AutodiffBackend>(
     let summary = match gang {
         None => {
             let mut trainer = Trainer::<B>::new(spec, device, &work_dir)?;
+            if let Some(dir) = &options.resume_from {
+                crate::checkpoint::load(&mut trainer, dir, None)?;
+            }
             prepare(&mut trainer)?;
             lead_run(&mut trainer, out, options, observer, started)?
         }
@@ -113,10 +114,12 @@ pub fn run_job<B: AutodiffBackend>(
             );
             let devices = crate::gang::gang_devices::<B>(&device, world);
             let follower_prepare = prepare.clone();
-            crate::gang::train_gang::<B, _>(
+            // Every rank reads its byte ranges of the checkpoint preflight verified.
+            crate::gang::train_gang_from::<B, _>(
                 &spec,
                 devices,
                 &work_dir,
+                options.resume_from.as_deref(),
                 |trainer| {
                     prepare(trainer)?;
                     lead_run(trainer, out, options, observer, started)

@@ -27,7 +27,6 @@ use segprop_train::engine::{AdamWOptimizer, Checkpointer, StageProgress};
 use segprop_train::gang;
 use segprop_train::metrics::{TrainEvent, TrainObserver};
 use segprop_train::segprop::run_next_stage;
-use segprop_train::sharded::{ShardOptions, ShardRank};
 use segprop_train::{TrainError, Trainer};
 
 use crate::advance::Advanced;
@@ -74,58 +73,31 @@ impl TaskContext {
             deadline_s = spec.sharding.collective_timeout_s,
             "sharded task: one trainer per rank, units never whole"
         );
-        let group = gang::gang_group::<B>(&spec, &devices).map_err(|e| failed(&e))?;
-        let deadline = gang::collective_deadline(&spec);
-        let options = ShardOptions::of(&spec);
-        let rank_trainer = {
-            let (ctx, a) = (self.clone(), a.clone());
-            move |shard: ShardRank| -> Result<Trainer<B>, TrainError> {
-                let rank = shard.rank();
-                let work = match rank {
-                    0 => ctx.work_dir.clone(),
-                    r => ctx.work_dir.join(format!("rank{r}")),
-                };
-                let device = devices[rank].clone();
-                let mut trainer = match &loaded {
-                    Some(dir) => {
-                        Trainer::resume_sharded(spec.clone(), device, &work, shard, dir, true)?
-                    }
-                    None => Trainer::new_sharded(spec.clone(), device, &work, shard)?,
-                };
-                ctx.prepare(&mut trainer, &a);
-                Ok(trainer)
-            }
-        };
-        let rank_trainer = Arc::new(rank_trainer);
-        let leader = {
-            let rank_trainer = rank_trainer.clone();
-            move |shard: ShardRank| -> Result<Outcome, TrainError> {
-                let mut trainer = rank_trainer(shard)?;
-                match kind {
-                    pb::TaskKind::TrainStage => {
-                        self.check_stage(&trainer, a)?;
-                        let ran = self.run_stage(&mut trainer, recorder, a)?;
-                        let digest =
-                            checkpoint::save_sharded(&mut trainer, None, &self.state_dir())?;
-                        Ok(self.publish(&trainer, ran, &digest, a, recovered))
-                    }
-                    pb::TaskKind::AdvanceSnapshots => {
-                        let (blobs, done) = self.advance_rank(&mut trainer, a)?;
-                        Ok(Ok(self.advanced(a, blobs, done)))
-                    }
-                    _ => Ok(self.export(trainer, a)),
+        let leader = |trainer: &mut Trainer<B>| -> Result<Outcome, TrainError> {
+            self.prepare(trainer, a);
+            match kind {
+                pb::TaskKind::TrainStage => {
+                    self.check_stage(trainer, a)?;
+                    let ran = self.run_stage(trainer, recorder, a)?;
+                    let digest = checkpoint::save_sharded(trainer, None, &self.state_dir())?;
+                    Ok(self.publish(trainer, ran, &digest, a, recovered))
                 }
+                pb::TaskKind::AdvanceSnapshots => {
+                    let (blobs, done) = self.advance_rank(trainer, a)?;
+                    Ok(Ok(self.advanced(a, blobs, done)))
+                }
+                _ => Ok(self.export(trainer, a)),
             }
         };
         let follower = {
             let (ctx, a) = (self.clone(), a.clone());
             let fault = crate::fault::StallRank::from_env();
-            move |shard: ShardRank| -> Result<(), TrainError> {
-                let rank = shard.rank();
-                let mut trainer = rank_trainer(shard)?;
+            move |trainer: &mut Trainer<B>| -> Result<(), TrainError> {
+                ctx.prepare(trainer, &a);
                 match kind {
                     pb::TaskKind::TrainStage => {
-                        ctx.check_stage(&trainer, &a)?;
+                        ctx.check_stage(trainer, &a)?;
+                        let rank = trainer.shard.as_ref().map_or(0, |s| s.rank());
                         trainer.checkpointer = Some(Box::new(FollowerCheckpointer {
                             every: a.checkpoint_every_steps,
                             dir: ctx.checkpoints_dir(),
@@ -135,19 +107,28 @@ impl TaskContext {
                             fault: fault.clone().filter(|f| f.rank == rank),
                             steps: 0,
                         };
-                        run_next_stage(&mut trainer, &mut observer)?;
+                        run_next_stage(trainer, &mut observer)?;
                         trainer.checkpointer = None;
-                        checkpoint::save_sharded(&mut trainer, None, &ctx.state_dir())?;
+                        checkpoint::save_sharded(trainer, None, &ctx.state_dir())?;
                     }
                     pb::TaskKind::AdvanceSnapshots => {
-                        ctx.advance_rank(&mut trainer, &a)?;
+                        ctx.advance_rank(trainer, &a)?;
                     }
                     _ => trainer.follow_finish()?,
                 }
                 Ok(())
             }
         };
-        let ran = gang::run_gang(group, deadline, options, leader, Arc::new(follower));
+        // Each rank's trainer works in `ranks/rank<r>` (its SnapCheck spill); the task's
+        // inputs, outputs and checkpoints stay in the task's directory.
+        let ran = gang::train_gang_from::<B, _>(
+            &spec,
+            devices,
+            &self.work_dir.join("ranks"),
+            loaded.as_deref(),
+            leader,
+            follower,
+        );
         ran.map_err(|e| {
             // Releases a follower still stalled by the fault injection (it watches the flag).
             self.cancel.store(true, Ordering::SeqCst);

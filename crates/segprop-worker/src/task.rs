@@ -145,7 +145,7 @@ impl TaskContext {
         match pb::TaskKind::try_from(a.kind) {
             Ok(pb::TaskKind::TrainStage) => self.train_stage(trainer, recorder, a, recovered),
             Ok(pb::TaskKind::AdvanceSnapshots) => self.advance(trainer, a),
-            Ok(pb::TaskKind::Export) => self.export(trainer, a),
+            Ok(pb::TaskKind::Export) => self.export(&mut trainer, a),
             _ => Err(unknown_kind(a)),
         }
     }
@@ -421,7 +421,7 @@ impl TaskContext {
 
     pub(crate) fn export<B: burn::tensor::backend::AutodiffBackend>(
         &self,
-        mut trainer: Trainer<B>,
+        trainer: &mut Trainer<B>,
         a: &pb::Assignment,
     ) -> Result<pb::TaskSucceeded, pb::TaskFailed> {
         let mut recorder = RecordingObserver::default();
@@ -441,14 +441,9 @@ impl TaskContext {
         }
         let out = self.work_dir.join("export");
         let wall_s: f64 = trainer.progress.records.iter().map(|r| r.wall_s).sum();
-        let summary = segprop_train::run::finish_run(
-            &mut trainer,
-            &out,
-            &recorder,
-            wall_s,
-            Some(5_000_000_000),
-        )
-        .map_err(|e| failed(&e))?;
+        let summary =
+            segprop_train::run::finish_run(trainer, &out, &recorder, wall_s, Some(5_000_000_000))
+                .map_err(|e| failed(&e))?;
         let mut events = recorder.events;
         events.push(TrainEvent::RunFinished(summary.clone()));
         write_events(&out.join("metrics.jsonl"), &events).map_err(|e| failed(&e))?;
