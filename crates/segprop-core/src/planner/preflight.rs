@@ -5,9 +5,11 @@
 //! - CUDA workers: the GPU plan of each stage (per-GPU memory against the device, host memory for
 //!   CPU offload against the host).
 //! - CPU workers: the CPU engine model ([`super::cpu_step`], validated against measurement) plus
-//!   the in-memory SnapCheck budget, against the host. A CPU gang runs its ranks as threads of
-//!   one process and every rank holds the whole model today, so a sharded CPU stage counts one
-//!   step per rank (an upper bound).
+//!   the in-memory SnapCheck budget, against the host. A CPU gang (`full_shard`, or activation
+//!   checkpointing on one rank) runs its ranks as threads of one process whose units stay
+//!   sharded between stages too, standalone or on a worker daemon: it counts every rank's
+//!   [`super::cpu_gang_step`] (its shards, the gathered units the schedule allows, saved inputs
+//!   and one unit's recompute graph), not a whole model per rank.
 
 use serde::{Deserialize, Serialize};
 
@@ -235,6 +237,42 @@ fn need(
                 breakdown,
             )
         }
+        Backend::Cpu if gang_job(spec) => {
+            let world = ranks as usize;
+            // A sharded step splits its micro-batches over the ranks; a batch run in passes of
+            // `micro` sequences multiplies them.
+            let passes = (spec.optimizer.grad_accum / world).max(1) * batch.div_ceil(micro.max(1));
+            let step = super::cpu_gang_step(
+                config,
+                &CpuProfile::NDARRAY_F32,
+                w,
+                world,
+                (passes, micro, s),
+                spec.resources.precision.bytes(),
+                0,
+                spec.sharding.prefetch,
+            );
+            let needed = ranks * step.total() + snapshots;
+            let breakdown = format!(
+                "{ranks} ranks x (shards {:.2} GiB, gathered units {:.2} GiB, full gradients \
+                 {:.2} GiB, largest gradient as tensors {:.2} GiB, saved inputs {:.2} GiB, one \
+                 unit's recompute and logits {:.2} GiB); SnapCheck snapshots in memory {:.2} GiB",
+                gib(step.shards),
+                gib(step.gathered),
+                gib(step.full_gradients),
+                gib(step.transient),
+                gib(step.saved_inputs),
+                gib(step.graph),
+                gib(snapshots)
+            );
+            (
+                needed <= worker.host_bytes,
+                needed,
+                worker.host_bytes,
+                0,
+                breakdown,
+            )
+        }
         Backend::Cpu => {
             let step = cpu_step_in_passes(
                 config,
@@ -278,6 +316,13 @@ fn need(
             )
         }
     }
+}
+
+/// Whether `spec` trains on a gang whose units stay sharded (`full_shard`, or activation
+/// checkpointing), as the engine's `gang::gang_size` decides.
+fn gang_job(spec: &JobSpec) -> bool {
+    spec.sharding.strategy == crate::spec::ShardingStrategy::FullShard
+        || spec.activation_checkpointing
 }
 
 /// The stage's limits on `worker`: the largest batch it fits whole, and the largest pass of a
@@ -735,6 +780,33 @@ mod tests {
             "{estimate} vs {tokens}"
         );
         std::fs::remove_dir_all(&dir).expect("cleanup");
+    }
+
+    #[test]
+    fn a_sharded_cpu_gang_is_priced_by_its_shards_not_a_whole_model_per_rank() {
+        let sharded = format!(
+            "{SEGPROP}resources: {{ devices_per_gang: 2 }}\nsharding: {{ strategy: full_shard }}\n\
+             activation_checkpointing: true\n"
+        )
+        .replace("lr: 1.0e-3 }", "lr: 1.0e-3, grad_accum: 2 }");
+        let s = spec(&sharded);
+        let config = s.resolve_model_config().expect("config");
+        let stages = StagePlan::new(&s, config.num_layers);
+        let none = WorkerMemory {
+            device_bytes: 0,
+            host_bytes: 0,
+        };
+        let snapshots = snapshots_in_memory(&s, &config);
+        let plain = spec(SEGPROP);
+        for entry in &stages.stages {
+            let w = stage_workload(&s, &entry.kind, config.num_layers);
+            let (_, gang, _, _, breakdown) = need(&s, &config, &none, &w, (4, 4), snapshots);
+            let (_, whole, _, _, _) = need(&plain, &config, &none, &w, (4, 4), snapshots);
+            assert!(breakdown.starts_with("2 ranks x (shards"), "{breakdown}");
+            // Each rank's shards and one unit at a time take less than a whole model's step
+            // (what every rank of a CPU gang was priced at before units stayed sharded).
+            assert!(gang / 2 < whole, "{}: {gang} vs 2 x {whole}", w.name);
+        }
     }
 
     #[test]
