@@ -2,7 +2,8 @@
 //! commit and SnapCheck advance, mid-stage checkpoints, the export) on 2 and 4 CPU ranks, with
 //! the model kept sharded between stages against the engine's previous layout (each rank holds
 //! the model whole between stages), beside what the ranks account for and the planner's
-//! prediction ([`segprop_train::peak`]). Each layout runs `reps` times; the highest peak is
+//! prediction ([`segprop_train::peak`]), and the same job as a worker daemon runs it (a gang per
+//! task, sharded stage states between them). Each layout runs `reps` times; the highest peak is
 //! reported (rank threads on few cores do not always peak together).
 
 use anyhow::Result;
@@ -18,10 +19,11 @@ pub fn never_whole(reps: usize) -> Result<()> {
         mb(segprop_train::peak::job_model().num_params() * 4)
     );
     println!(
-        "{:>5}  {:>13}  {:>13}  {:>7}  {:>13}  {:>10}  {:>13}  {:>9}",
+        "{:>5}  {:>13}  {:>13}  {:>12}  {:>7}  {:>13}  {:>10}  {:>13}  {:>9}",
         "ranks",
         "whole (MB)",
         "sharded (MB)",
+        "tasks (MB)",
         "ratio",
         "accounted",
         "peak/acct",
@@ -41,10 +43,12 @@ pub fn never_whole(reps: usize) -> Result<()> {
         };
         let whole = highest(Layout::Whole)?;
         let sharded = highest(Layout::NeverWhole)?;
+        let tasks = highest(Layout::StageTasks)?;
         println!(
-            "{world:>5}  {:>13.1}  {:>13.1}  {:>6.2}x  {:>13.1}  {:>10.3}  {:>13.1}  {:>+8.1}%",
+            "{world:>5}  {:>13.1}  {:>13.1}  {:>12.1}  {:>6.2}x  {:>13.1}  {:>10.3}  {:>13.1}  {:>+8.1}%",
             mb(whole.peak_bytes),
             mb(sharded.peak_bytes),
+            mb(tasks.peak_bytes),
             whole.peak_bytes as f64 / sharded.peak_bytes as f64,
             mb(sharded.accounted_bytes),
             sharded.peak_bytes as f64 / sharded.accounted_bytes as f64,

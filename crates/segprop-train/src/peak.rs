@@ -6,7 +6,9 @@
 //! - [`Layout::Whole`] (before): every rank imports the model whole, shards it per stage and
 //!   gathers it back at each stage end; rank 0 checkpoints and exports it whole;
 //! - [`Layout::NeverWhole`]: [`Trainer::new_sharded`], units sharded from the import to the
-//!   export.
+//!   export;
+//! - [`Layout::StageTasks`]: the same job as a worker daemon runs it, a gang per task with
+//!   sharded stage states between them.
 //!
 //! Beside each peak: what the ranks account for ([`JobPeak::accounted_bytes`]): their shards,
 //! masters, moments and gradient shards, the gathered units the schedule allows, the saved
@@ -33,6 +35,10 @@ pub enum Layout {
     Whole,
     /// Units sharded from the first byte read to the last written.
     NeverWhole,
+    /// As a worker daemon runs the job: each stage a gang of its own that continues from the
+    /// previous stage's sharded state (`gang::train_gang_from`) and writes its own
+    /// (`checkpoint::save_sharded` between stages), then an export gang from the last state.
+    StageTasks,
 }
 
 /// What one whole job held at its peak.
@@ -185,6 +191,56 @@ pub fn job_peak(world: usize, layout: Layout, dir: &Path) -> Result<JobPeak, Tra
                     run_plan(t, &mut NullObserver)?;
                     t.follow_finish()
                 },
+            )?
+        }
+        Layout::StageTasks => {
+            let mut state: Option<PathBuf> = None;
+            for stage in 0.. {
+                let (lead, follow) = (ckpt(true), ckpt(false));
+                let next = work.join(format!("state-{stage}"));
+                let (lead_out, follow_out) = (next.clone(), next.clone());
+                let ran = gang::train_gang_from::<B, _>(
+                    &spec,
+                    devices.clone(),
+                    &work.join(format!("task-{stage}")),
+                    state.as_deref(),
+                    move |t| {
+                        t.checkpointer = Some(Box::new(lead));
+                        let ran = crate::segprop::run_next_stage(t, &mut NullObserver)?;
+                        t.checkpointer = None;
+                        if ran.is_some() {
+                            checkpoint::save_sharded(t, None, &lead_out)?;
+                        }
+                        Ok(ran.is_some())
+                    },
+                    move |t| {
+                        t.checkpointer = Some(Box::new(follow.clone()));
+                        if crate::segprop::run_next_stage(t, &mut NullObserver)?.is_some() {
+                            t.checkpointer = None;
+                            checkpoint::save_sharded(t, None, &follow_out)?;
+                        }
+                        Ok(())
+                    },
+                )?;
+                if !ran {
+                    break;
+                }
+                if let Some(done) = state.replace(next) {
+                    let _ = std::fs::remove_dir_all(done);
+                }
+            }
+            let export = export.clone();
+            gang::train_gang_from::<B, _>(
+                &spec,
+                devices,
+                &work.join("export"),
+                state.as_deref(),
+                move |t| {
+                    t.final_eval()?;
+                    t.export_model(&export, None)?;
+                    Ok(t.progress.records.clone())
+                },
+                move |t| t.follow_finish(),
             )?
         }
         Layout::Whole => {
