@@ -23,8 +23,8 @@ if cargo tree -p segprop-coordinator -e normal --prefix none | grep -q '^burn'; 
     exit 1
 fi
 
-echo "== cargo check --features cuda,nccl (GPU paths and NCCL gangs compile; no GPU needed)"
-cargo check -p segprop-worker -p segprop-bench --features cuda,segprop-worker/nccl,segprop-bench/nccl
+echo "== cargo clippy --features cuda,nccl (GPU paths and NCCL gangs build lint-clean; no GPU needed)"
+cargo clippy -p segprop-worker -p segprop-bench --features cuda,segprop-worker/nccl,segprop-bench/nccl -- -D warnings
 
 echo "== cargo check --features nccl (the NCCL collective compiles; libnccl loads at run time)"
 cargo check -p segprop-shard --features nccl

@@ -41,12 +41,33 @@ fn find_dir(root: &Path, name: &str) -> Option<PathBuf> {
 /// result, and the job ends with the same model as an undisturbed run.
 #[test]
 fn a_damaged_checkpoint_falls_back_to_the_one_before_it() {
+    damaged_checkpoint_falls_back(false);
+}
+
+/// The same with a gang of 2 ranks whose checkpoints are one file per rank: the damaged rank
+/// file is named, and the gang resumes from the checkpoint before it at its own size.
+#[test]
+fn a_damaged_shard_file_of_a_gang_checkpoint_falls_back_to_the_one_before_it() {
+    damaged_checkpoint_falls_back(true);
+}
+
+fn damaged_checkpoint_falls_back(sharded: bool) {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let every = 5;
     let job_spec = spec(dir, "ckpt-damage", 40, every);
+    let (args, damaged): (&[&str], _) = if sharded {
+        let text = std::fs::read_to_string(&job_spec)
+            .unwrap()
+            .replace("grad_clip: 1.0 }", "grad_clip: 1.0, grad_accum: 2 }")
+            + "resources: { devices_per_gang: 2 }\nsharding: { strategy: full_shard }\n";
+        std::fs::write(&job_spec, text).unwrap();
+        (&["--devices", "2"], "rank-00002-of-00002.bin")
+    } else {
+        (&[], "weights.bin")
+    };
     let coord = coordinator(dir, "127.0.0.1:0");
-    let mut a = worker(dir, &coord, "worker-a");
+    let mut a = worker_with(dir, &coord, "worker-a", args);
     let job_id = submit(&coord, &job_spec);
     let seen = wait_for(
         &coord,
@@ -72,9 +93,9 @@ fn a_damaged_checkpoint_falls_back_to_the_one_before_it() {
             .is_file(),
         "every stored artifact has a manifest"
     );
-    flip_byte(&ckpt.join("weights.bin"));
+    flip_byte(&ckpt.join(damaged));
 
-    let _b = worker(dir, &coord, "worker-b");
+    let _b = worker_with(dir, &coord, "worker-b", args);
     let job = wait_for(
         &coord,
         &job_id,
@@ -88,10 +109,7 @@ fn a_damaged_checkpoint_falls_back_to_the_one_before_it() {
     let result: serde_json::Value = serde_json::from_str(&segment.result_json).unwrap();
     let note = result["recovered"].as_str().unwrap_or_default();
     assert!(note.contains("damaged"), "{result}");
-    assert!(
-        note.contains("weights.bin"),
-        "the note names the file: {note}"
-    );
+    assert!(note.contains(damaged), "the note names the file: {note}");
     assert!(
         note.contains(&format!("resumed from step {}", newest - every)),
         "{note}"
