@@ -542,7 +542,7 @@ impl<B: AutodiffBackend> Trainer<B> {
     }
 
     /// Whether any rank of the gang was cancelled (every rank must ask at the same point).
-    pub(crate) fn gang_cancelled(&mut self, local: bool) -> Result<bool, TrainError> {
+    pub fn gang_cancelled(&mut self, local: bool) -> Result<bool, TrainError> {
         let Some(shard) = self.shard.as_mut() else {
             return Ok(local);
         };

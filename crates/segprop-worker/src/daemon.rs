@@ -24,7 +24,8 @@ use tonic::transport::{Channel, Endpoint};
 use tracing::Instrument;
 
 use crate::artifacts::{self, Artifacts};
-use crate::task::{TaskContext, TaskState, lock};
+use crate::observe::{TaskState, lock};
+use crate::task::TaskContext;
 use crate::telemetry::WorkerMetrics;
 
 /// Command-line options of `serve`.

@@ -30,8 +30,9 @@ use segprop_train::segprop::run_next_stage;
 use segprop_train::{TrainError, Trainer};
 
 use crate::advance::Advanced;
+use crate::observe::checkpoint_name;
 use crate::snapshots;
-use crate::task::{TaskContext, checkpoint_name, failed, unknown_kind};
+use crate::task::{TaskContext, failed, unknown_kind};
 
 /// What the leader of a gang task hands back: the task's result.
 type Outcome = Result<pb::TaskSucceeded, pb::TaskFailed>;
@@ -155,7 +156,8 @@ impl TaskContext {
             .expect("a gang's trainer has a shard rank");
         let mut done = Advanced::default();
         for round in 0..blobs.len().div_ceil(world) {
-            if self.cancel.load(Ordering::SeqCst) {
+            // Every rank stops at the same round, so none waits in a gather for one that left.
+            if trainer.gang_cancelled(self.cancel.load(Ordering::SeqCst))? {
                 return Err(TrainError::Cancelled);
             }
             let blob = blobs.get(round * world + rank);

@@ -5,8 +5,11 @@
 mod advance;
 mod artifacts;
 mod daemon;
+mod export;
 mod fault;
 mod gang_task;
+mod observe;
+mod restore;
 mod snapshots;
 mod task;
 mod telemetry;

@@ -12,37 +12,27 @@
 //! A corrupt or missing checkpoint to resume from falls back to the previous checkpoint, then to
 //! the stage's input state (the stage restarts); a corrupt input state or metrics file fails the
 //! task, naming the artifact and the file.
+//!
+//! Here: dispatch, the stage task of a trainer that holds the model, and the stage's result.
+//! Beside it: `restore.rs` (the starting point), `advance.rs` (SnapCheck advances), `export.rs`
+//! (the final model), `gang_task.rs` (every task of a sharded job, as a gang), `observe.rs`
+//! (progress to the heartbeat, checkpoints to the store).
 
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
 
 use segprop_core::JobSpec;
 use segprop_proto::v1 as pb;
 use segprop_store::Store;
 use segprop_train::checkpoint::{self, Digest};
-use segprop_train::engine::{AdamWOptimizer, Checkpointer, StageProgress};
-use segprop_train::metrics::{RecordingObserver, StageRecord, TrainEvent, TrainObserver};
+use segprop_train::metrics::{RecordingObserver, StageRecord};
 use segprop_train::segprop::run_next_stage;
 use segprop_train::{TrainError, Trainer};
 
-use crate::artifacts::{self, Artifacts, FetchError};
+use crate::artifacts::Artifacts;
+use crate::observe::{DaemonObserver, StoreCheckpointer, TaskState, lock_recorder, write_events};
 use crate::snapshots::{self, SnapshotIo};
-
-/// What the training thread and the heartbeat loop share about the running task.
-#[derive(Default)]
-pub(crate) struct TaskState {
-    pub(crate) events: Vec<pb::Progress>,
-    pub(crate) checkpoint: Option<pb::CheckpointRef>,
-    /// Newest checkpoint step the coordinator has accepted (checkpoints older than the one
-    /// accepted before it are deleted).
-    pub(crate) acked_step: u64,
-    pub(crate) result: Option<Result<pb::TaskSucceeded, pb::TaskFailed>>,
-}
-
-pub(crate) fn lock(state: &Mutex<TaskState>) -> MutexGuard<'_, TaskState> {
-    state.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 /// Everything the training thread needs.
 pub(crate) struct TaskContext {
@@ -78,17 +68,6 @@ pub(crate) fn failed(err: &TrainError) -> pb::TaskFailed {
 /// A task failure about an artifact that could not be stored or fetched.
 pub(crate) fn artifact_failed(reason: String, retryable: bool) -> pb::TaskFailed {
     pb::TaskFailed { reason, retryable }
-}
-
-/// A task failure: an input state whose files are damaged (it has no earlier version).
-fn damaged_input(m: String) -> pb::TaskFailed {
-    artifact_failed(
-        format!(
-            "input state is damaged and has no earlier version: {m}; resubmit the job (or \
-             restore the artifact store from a backup)"
-        ),
-        false,
-    )
 }
 
 pub(crate) fn unknown_kind(a: &pb::Assignment) -> pb::TaskFailed {
@@ -175,98 +154,6 @@ impl TaskContext {
                 "reading snapshots from the store"
             );
         }
-    }
-
-    /// Fetches the task's starting point into the work directory and hands it to `check`,
-    /// which loads it into a trainer or verifies it for the ranks of a gang to load: the
-    /// checkpoint to resume from (with the events so far) or the stage's input state. A damaged
-    /// or missing checkpoint falls back to the one before it, then to the input state (the
-    /// stage restarts; training is deterministic, so the result is the same); the returned note
-    /// says so. A damaged input state fails the task: it has no earlier version. Returns the
-    /// note, the directory `check` accepted (`None`: the job's first stage) and the events.
-    pub(crate) fn restore(
-        &self,
-        a: &pb::Assignment,
-        check: &mut dyn FnMut(&Path) -> Result<(), TrainError>,
-    ) -> Result<(Option<String>, Option<PathBuf>, RecordingObserver), pb::TaskFailed> {
-        let mut recovered = None;
-        let checkpoint_dir = self.work_dir.join("in/checkpoint");
-        if let Some(resume) = a.resume_from.as_ref().and_then(|c| c.artifact.as_ref()) {
-            let damage = match self.load_checkpoint(&resume.uri, Some(&resume.checksum), check) {
-                Ok(events) => {
-                    tracing::info!(checkpoint = %resume.uri, "resuming from checkpoint");
-                    return Ok((None, Some(checkpoint_dir), RecordingObserver { events }));
-                }
-                Err(FetchError::Unavailable(m)) => return Err(artifact_failed(m, true)),
-                Err(FetchError::Corrupt(m)) => m,
-            };
-            tracing::warn!(checkpoint = %resume.uri, error = %damage, "the checkpoint to resume from is damaged: falling back to an earlier one");
-            let prefix = resume.uri.rsplit_once('/').map_or("", |(p, _)| p);
-            let newest = artifacts::checkpoint_step(&resume.uri).unwrap_or(u64::MAX);
-            let older = self
-                .artifacts
-                .checkpoints(prefix)
-                .map_err(|m| artifact_failed(m, true))?;
-            for (step, key) in older.into_iter().filter(|(s, _)| *s < newest) {
-                match self.load_checkpoint(&key, None, check) {
-                    Ok(events) => {
-                        let note = format!(
-                            "checkpoint {} is damaged ({damage}); resumed from step {step} ({key})",
-                            resume.uri
-                        );
-                        tracing::warn!("{note}");
-                        return Ok((
-                            Some(note),
-                            Some(checkpoint_dir),
-                            RecordingObserver { events },
-                        ));
-                    }
-                    Err(e) => {
-                        tracing::warn!(checkpoint = %key, error = %e, "earlier checkpoint unusable too")
-                    }
-                }
-            }
-            let note = format!(
-                "checkpoint {} is damaged ({damage}) and no earlier one is usable; the stage \
-                 restarted from its input state",
-                resume.uri
-            );
-            tracing::warn!("{note}");
-            recovered = Some(note);
-        }
-        if let Some(input) = &a.input_state {
-            let dir = self.work_dir.join("in/state");
-            self.artifacts
-                .fetch(&input.uri, Some(&input.checksum), &dir)
-                .map_err(|e| match e {
-                    FetchError::Corrupt(m) => damaged_input(m),
-                    FetchError::Unavailable(m) => artifact_failed(m, true),
-                })?;
-            check(&dir).map_err(|e| match e {
-                TrainError::Resume { .. } => damaged_input(e.to_string()),
-                e => failed(&e),
-            })?;
-            return Ok((recovered, Some(dir), RecordingObserver::default()));
-        }
-        Ok((recovered, None, RecordingObserver::default()))
-    }
-
-    /// Fetches the checkpoint `key` and its events, and hands the checkpoint to `check`;
-    /// returns the events.
-    fn load_checkpoint(
-        &self,
-        key: &str,
-        expected: Option<&str>,
-        check: &mut dyn FnMut(&Path) -> Result<(), TrainError>,
-    ) -> Result<Vec<TrainEvent>, FetchError> {
-        let dir = self.work_dir.join("in/checkpoint");
-        self.artifacts.fetch(key, expected, &dir)?;
-        let events = events_path(&dir);
-        self.artifacts
-            .fetch(&format!("{key}.events.jsonl"), None, &events)?;
-        let loaded = read_events(&events).map_err(|e| FetchError::Corrupt(e.to_string()))?;
-        check(&dir).map_err(|e| FetchError::Corrupt(e.to_string()))?;
-        Ok(loaded)
     }
 
     fn train_stage<B: burn::tensor::backend::AutodiffBackend>(
@@ -418,254 +305,9 @@ impl TaskContext {
             metrics: Some(metrics),
         })
     }
-
-    pub(crate) fn export<B: burn::tensor::backend::AutodiffBackend>(
-        &self,
-        trainer: &mut Trainer<B>,
-        a: &pb::Assignment,
-    ) -> Result<pb::TaskSucceeded, pb::TaskFailed> {
-        let mut recorder = RecordingObserver::default();
-        for (i, m) in a.stage_metrics.iter().enumerate() {
-            let path = self.work_dir.join(format!("in/metrics-{i:03}.jsonl"));
-            self.artifacts
-                .fetch(&m.uri, Some(&m.checksum), &path)
-                .map_err(|e| match e {
-                    FetchError::Corrupt(m) => {
-                        artifact_failed(format!("stage metrics are damaged: {m}"), false)
-                    }
-                    FetchError::Unavailable(m) => artifact_failed(m, true),
-                })?;
-            recorder
-                .events
-                .extend(read_events(&path).map_err(|e| failed(&e))?);
-        }
-        let out = self.work_dir.join("export");
-        let wall_s: f64 = trainer.progress.records.iter().map(|r| r.wall_s).sum();
-        let summary =
-            segprop_train::run::finish_run(trainer, &out, &recorder, wall_s, Some(5_000_000_000))
-                .map_err(|e| failed(&e))?;
-        let mut events = recorder.events;
-        events.push(TrainEvent::RunFinished(summary.clone()));
-        write_events(&out.join("metrics.jsonl"), &events).map_err(|e| failed(&e))?;
-        // Everything finish_run wrote (model/, summary.json, summary.txt, loss.svg) and the
-        // job's metrics, each as its own artifact under the job's key.
-        let mut names: Vec<_> = std::fs::read_dir(&out)
-            .map_err(TrainError::io(&out))
-            .map_err(|e| failed(&e))?
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .collect();
-        names.sort();
-        let job_key = a.job_dir.trim_end_matches('/');
-        let (mut model, mut metrics) = (None, None);
-        for name in names {
-            let local = out.join(&name);
-            let digest = checkpoint::checksum_dir(&local).map_err(|e| failed(&e))?;
-            let stored = self
-                .artifacts
-                .put(&format!("{job_key}/{name}"), &local, &digest)
-                .map_err(|m| artifact_failed(m, true))?;
-            match name.as_str() {
-                "model" => model = Some(stored),
-                "metrics.jsonl" => metrics = Some(stored),
-                _ => {}
-            }
-        }
-        let model = model.ok_or_else(|| artifact_failed("export wrote no model".into(), false))?;
-        tracing::info!(model = %model.uri, store = self.artifacts.store.location(), eval_loss = summary.final_eval_loss, "model exported");
-        Ok(pb::TaskSucceeded {
-            artifacts: vec![model],
-            result_json: serde_json::to_string(&summary).unwrap_or_default(),
-            early_exit: false,
-            metrics,
-        })
-    }
 }
 
 #[cfg(feature = "cuda")]
 fn burn_cuda_device() -> burn::backend::cuda::CudaDevice {
     burn::backend::cuda::CudaDevice::new(0)
-}
-
-fn lock_recorder(r: &Mutex<RecordingObserver>) -> MutexGuard<'_, RecordingObserver> {
-    r.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn events_path(checkpoint_dir: &Path) -> PathBuf {
-    let mut name = checkpoint_dir
-        .file_name()
-        .unwrap_or_default()
-        .to_os_string();
-    name.push(".events.jsonl");
-    checkpoint_dir.with_file_name(name)
-}
-
-fn write_events(path: &Path, events: &[TrainEvent]) -> Result<Digest, TrainError> {
-    let mut text = String::new();
-    for e in events {
-        text.push_str(&serde_json::to_string(e).unwrap_or_default());
-        text.push('\n');
-    }
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).map_err(TrainError::io(parent))?;
-    }
-    let tmp = path.with_extension("jsonl.partial");
-    std::fs::write(&tmp, &text).map_err(TrainError::io(&tmp))?;
-    std::fs::rename(&tmp, path).map_err(TrainError::io(path))?;
-    checkpoint::checksum_dir(path)
-}
-
-fn read_events(path: &Path) -> Result<Vec<TrainEvent>, TrainError> {
-    let text = std::fs::read_to_string(path).map_err(TrainError::io(path))?;
-    text.lines()
-        .filter(|l| !l.trim().is_empty())
-        .enumerate()
-        .map(|(i, line)| {
-            serde_json::from_str(line).map_err(|e| TrainError::State {
-                path: path.to_path_buf(),
-                message: format!("line {}: {e}", i + 1),
-            })
-        })
-        .collect()
-}
-
-/// Streams engine events to the heartbeat loop and keeps them for the stage's metrics file.
-struct DaemonObserver {
-    stage_index: u32,
-    recorder: Arc<Mutex<RecordingObserver>>,
-    state: Arc<Mutex<TaskState>>,
-    cancel: Arc<AtomicBool>,
-}
-
-impl TrainObserver for DaemonObserver {
-    fn on_event(&mut self, event: &TrainEvent) {
-        lock_recorder(&self.recorder).on_event(event);
-        let progress = match event {
-            TrainEvent::Step(s) => pb::Progress {
-                task_index: self.stage_index,
-                stage: s.stage.clone(),
-                step: s.step,
-                budget_steps: 0,
-                global_step: s.global_step,
-                loss: s.loss,
-                lr: s.lr,
-                eval_loss: None,
-                tokens_per_s: s.tokens_per_s,
-            },
-            TrainEvent::Eval(e) => pb::Progress {
-                task_index: self.stage_index,
-                stage: e.stage.clone(),
-                step: e.step,
-                budget_steps: 0,
-                global_step: e.global_step,
-                loss: f64::NAN,
-                lr: 0.0,
-                eval_loss: Some(e.eval_loss),
-                tokens_per_s: 0.0,
-            },
-            _ => return,
-        };
-        let budget = lock_recorder(&self.recorder)
-            .events
-            .iter()
-            .rev()
-            .find_map(|e| match e {
-                TrainEvent::StageStarted { budget_steps, .. } => Some(*budget_steps),
-                _ => None,
-            })
-            .unwrap_or(0);
-        let mut state = lock(&self.state);
-        state.events.push(pb::Progress {
-            budget_steps: budget,
-            ..progress
-        });
-        // A heartbeat that cannot get through must not grow memory without bound.
-        if state.events.len() > 10_000 {
-            state.events.drain(..5_000);
-        }
-    }
-
-    fn cancelled(&self) -> bool {
-        self.cancel.load(Ordering::SeqCst)
-    }
-}
-
-/// The name of the mid-stage checkpoint after `progress.step` steps.
-pub(crate) fn checkpoint_name(progress: &StageProgress) -> String {
-    format!("ckpt-{:08}", progress.step)
-}
-
-/// Writes mid-stage checkpoints to the artifact store and hands the newest to the heartbeat
-/// loop: whole ones of a trainer that holds the model, sharded ones (every rank's file and the
-/// manifest, written by the gang into [`Checkpointer::sharded_dir`]) of a gang.
-struct StoreCheckpointer {
-    artifacts: Artifacts,
-    attempt_key: String,
-    /// Where a checkpoint is written before it is stored.
-    local_dir: PathBuf,
-    every: u64,
-    recorder: Arc<Mutex<RecordingObserver>>,
-    state: Arc<Mutex<TaskState>>,
-}
-
-impl StoreCheckpointer {
-    /// Stores the checkpoint written to `dir` with the events so far, then removes it here.
-    fn store(
-        &self,
-        dir: &Path,
-        digest: &Digest,
-        progress: &StageProgress,
-    ) -> Result<(), TrainError> {
-        let key = format!("{}/{}", self.attempt_key, checkpoint_name(progress));
-        let events_file = events_path(dir);
-        let events = lock_recorder(&self.recorder).events.clone();
-        let events_digest = write_events(&events_file, &events)?;
-        let store_error = |m: String| TrainError::Io {
-            path: PathBuf::from(&key),
-            source: std::io::Error::other(m),
-        };
-        // Events first: a checkpoint that exists always has its events.
-        self.artifacts
-            .put(&format!("{key}.events.jsonl"), &events_file, &events_digest)
-            .map_err(store_error)?;
-        let stored = self.artifacts.put(&key, dir, digest).map_err(store_error)?;
-        let _ = std::fs::remove_dir_all(dir);
-        let _ = std::fs::remove_file(&events_file);
-        tracing::debug!(step = progress.step, checkpoint = %key, "checkpoint stored");
-        lock(&self.state).checkpoint = Some(pb::CheckpointRef {
-            step: progress.step,
-            artifact: Some(stored),
-        });
-        Ok(())
-    }
-}
-
-impl<B: burn::tensor::backend::AutodiffBackend> Checkpointer<B> for StoreCheckpointer {
-    fn every_steps(&self) -> u64 {
-        self.every
-    }
-
-    fn save(
-        &mut self,
-        trainer: &Trainer<B>,
-        local_optimizer: &AdamWOptimizer<B>,
-        progress: &StageProgress,
-    ) -> Result<(), TrainError> {
-        let dir = self.local_dir.join(checkpoint_name(progress));
-        let digest = checkpoint::save(trainer, Some((local_optimizer, progress)), &dir)?;
-        self.store(&dir, &digest, progress)
-    }
-
-    fn sharded_dir(&self, progress: &StageProgress) -> Option<PathBuf> {
-        Some(self.local_dir.join(checkpoint_name(progress)))
-    }
-
-    fn sharded_saved(
-        &mut self,
-        dir: &Path,
-        digest: &Digest,
-        progress: &StageProgress,
-    ) -> Result<(), TrainError> {
-        self.store(dir, digest, progress)
-    }
 }
