@@ -38,13 +38,17 @@ seed: 5
 ";
 
 fn spec(world: usize) -> JobSpec {
+    spec_of(SPEC, world)
+}
+
+fn spec_of(base: &str, world: usize) -> JobSpec {
     let extra = match world {
         1 => String::new(),
         n => {
             format!("sharding: {{ strategy: full_shard }}\nresources: {{ devices_per_gang: {n} }}")
         }
     };
-    JobSpec::from_yaml_str(&format!("{SPEC}{extra}\n"), "stage-states.yaml").unwrap()
+    JobSpec::from_yaml_str(&format!("{base}{extra}\n"), "stage-states.yaml").unwrap()
 }
 
 /// Step losses rank 0 reported, in order.
@@ -242,4 +246,94 @@ fn a_gangs_snapcheck_advance_gives_the_same_bits_from_snapshots_as_from_tokens()
     })
     .unwrap();
     assert_eq!(out.lock().unwrap().len(), 1);
+}
+
+#[test]
+fn reset_baselines_and_an_early_exit_survive_stage_states_at_other_world_sizes() {
+    // Head policy reset keeps LL(r)'s baseline in the state between segments; the global exit
+    // after the first segment prunes the model, and the export task loads the pruned state.
+    let base = SPEC
+        .replace("head_policy: persistent", "head_policy: reset")
+        .replace(
+            "segment: { max_steps: 3 } }",
+            "segment: { max_steps: 3 }, global: { target_eval_loss: 100.0 } }",
+        );
+    assert_ne!(base, SPEC);
+    let tmp = tempfile::tempdir().unwrap();
+    let weights = |t: &mut Trainer<CpuBackend>| -> Result<Vec<Vec<f32>>, TrainError> {
+        let model = t.gather_model()?;
+        Ok(segprop_train::segprop::parameter_values(&model)
+            .into_iter()
+            .map(|(_, v)| v.into_iter().map(f32::from_bits).collect())
+            .collect())
+    };
+    let (reference, reference_eval, reference_weights) = gang(
+        &spec_of(&base, 2),
+        &tmp.path().join("ref"),
+        None,
+        move |t| {
+            let mut steps = Steps::default();
+            run_plan(t, &mut steps)?;
+            assert!(t.progress.early_exit.is_some(), "the global exit fired");
+            Ok((steps.0, t.final_eval()?, weights(t)?))
+        },
+    )
+    .unwrap();
+    // Stage 1 on 2 ranks; the segment (and the exit) on 4; the export on 1.
+    let (one, two) = (tmp.path().join("s1"), tmp.path().join("s2"));
+    let out = one.clone();
+    let mut losses = gang(&spec_of(&base, 2), &tmp.path().join("a"), None, move |t| {
+        let mut steps = Steps::default();
+        run_next_stage(t, &mut steps)?;
+        checkpoint::save_sharded(t, None, &out)?;
+        Ok(steps.0)
+    })
+    .unwrap();
+    let out = two.clone();
+    losses.extend(
+        gang(
+            &spec_of(&base, 4),
+            &tmp.path().join("b"),
+            Some(&one),
+            move |t| {
+                let mut steps = Steps::default();
+                run_next_stage(t, &mut steps)?;
+                assert!(t.progress.early_exit.is_some(), "the global exit fired");
+                checkpoint::save_sharded(t, None, &out)?;
+                Ok(steps.0)
+            },
+        )
+        .unwrap(),
+    );
+    assert_eq!(losses.len(), reference.len());
+    for (g, w) in losses.iter().zip(&reference) {
+        assert!((g - w).abs() / w.abs() < 1e-6, "{g} vs {w}");
+    }
+    let (eval, pruned) = gang(
+        &spec_of(&base, 1),
+        &tmp.path().join("c"),
+        Some(&two),
+        move |t| {
+            assert!(segprop_train::segprop::plan_done(t));
+            Ok((t.final_eval()?, weights(t)?))
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        pruned.len(),
+        reference_weights.len(),
+        "the pruned model's tensors"
+    );
+    assert!(
+        (eval - reference_eval).abs() / reference_eval < 1e-5,
+        "{eval} vs {reference_eval}"
+    );
+    for (a, b) in pruned.iter().zip(&reference_weights) {
+        let worst = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(worst < 1e-4, "weights differ by {worst}");
+    }
 }
