@@ -12,8 +12,9 @@ use segprop_store::SnapshotHeader;
 use segprop_train::snapcheck::entry_values;
 use segprop_train::{TrainError, Trainer};
 
+use crate::error::TaskError;
 use crate::snapshots::{self, StoreSource};
-use crate::task::{TaskContext, failed};
+use crate::task::TaskContext;
 
 /// What an advance task wrote: batches in all, and how many were advanced from `S[from]` or
 /// recomputed through the prefix.
@@ -209,24 +210,20 @@ impl TaskContext {
         &self,
         mut trainer: Trainer<B>,
         a: &pb::Assignment,
-    ) -> Result<pb::TaskSucceeded, pb::TaskFailed> {
+    ) -> Result<pb::TaskSucceeded, TaskError> {
         let (from, to) = (a.snapshot_from as usize, a.snapshot_to as usize);
-        let mine = self.advance_blobs(&trainer, a).map_err(|e| failed(&e))?;
+        let mine = self.advance_blobs(&trainer, a)?;
         let batches = trainer.snapshot_batches();
         let mut done = Advanced::default();
         for blob in &mine {
             if self.cancel.load(Ordering::SeqCst) {
-                return Err(pb::TaskFailed {
-                    reason: "cancelled".into(),
-                    retryable: true,
-                });
+                return Err(TaskError::Cancelled);
             }
             let mut outs = Vec::with_capacity(blob.ids.len());
-            for batch in snapshots::blob_batches(&batches, blob).map_err(|e| failed(&e))? {
+            for batch in snapshots::blob_batches(&batches, blob)? {
                 outs.push(trainer.advance_batch(from, to, blob.split, batch));
             }
-            self.store_blob(&mut trainer, a, blob, outs, &mut done)
-                .map_err(|e| failed(&e))?;
+            self.store_blob(&mut trainer, a, blob, outs, &mut done)?;
         }
         Ok(self.advanced(a, mine.len(), done))
     }

@@ -614,7 +614,7 @@ fn start_task(
     let ctx = Arc::new(ctx);
     let spawned = std::thread::Builder::new().name(name).spawn(move || {
         let _entered = span.enter();
-        let result = ctx.run(&assignment);
+        let result = ctx.run(&assignment).map_err(pb::TaskFailed::from);
         if let Err(f) = &result {
             tracing::warn!(job = %assignment.job_id, task = assignment.task_index, reason = %f.reason, retryable = f.retryable, "task failed");
         }

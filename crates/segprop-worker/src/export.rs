@@ -8,15 +8,16 @@ use segprop_train::metrics::{RecordingObserver, TrainEvent};
 use segprop_train::{TrainError, Trainer};
 
 use crate::artifacts::FetchError;
+use crate::error::TaskError;
 use crate::observe::{read_events, write_events};
-use crate::task::{TaskContext, artifact_failed, failed};
+use crate::task::TaskContext;
 
 impl TaskContext {
     pub(crate) fn export<B: AutodiffBackend>(
         &self,
         trainer: &mut Trainer<B>,
         a: &pb::Assignment,
-    ) -> Result<pb::TaskSucceeded, pb::TaskFailed> {
+    ) -> Result<pb::TaskSucceeded, TaskError> {
         let mut recorder = RecordingObserver::default();
         for (i, m) in a.stage_metrics.iter().enumerate() {
             let path = self.work_dir.join(format!("in/metrics-{i:03}.jsonl"));
@@ -24,27 +25,23 @@ impl TaskContext {
                 .fetch(&m.uri, Some(&m.checksum), &path)
                 .map_err(|e| match e {
                     FetchError::Corrupt(m) => {
-                        artifact_failed(format!("stage metrics are damaged: {m}"), false)
+                        TaskError::Damaged(format!("stage metrics are damaged: {m}"))
                     }
-                    FetchError::Unavailable(m) => artifact_failed(m, true),
+                    FetchError::Unavailable(m) => TaskError::Unavailable(m),
                 })?;
-            recorder
-                .events
-                .extend(read_events(&path).map_err(|e| failed(&e))?);
+            recorder.events.extend(read_events(&path)?);
         }
         let out = self.work_dir.join("export");
         let wall_s: f64 = trainer.progress.records.iter().map(|r| r.wall_s).sum();
         let summary =
-            segprop_train::run::finish_run(trainer, &out, &recorder, wall_s, Some(5_000_000_000))
-                .map_err(|e| failed(&e))?;
+            segprop_train::run::finish_run(trainer, &out, &recorder, wall_s, Some(5_000_000_000))?;
         let mut events = recorder.events;
         events.push(TrainEvent::RunFinished(summary.clone()));
-        write_events(&out.join("metrics.jsonl"), &events).map_err(|e| failed(&e))?;
+        write_events(&out.join("metrics.jsonl"), &events)?;
         // Everything finish_run wrote (model/, summary.json, summary.txt, loss.svg) and the
         // job's metrics, each as its own artifact under the job's key.
         let mut names: Vec<_> = std::fs::read_dir(&out)
-            .map_err(TrainError::io(&out))
-            .map_err(|e| failed(&e))?
+            .map_err(TrainError::io(&out))?
             .flatten()
             .map(|e| e.file_name().to_string_lossy().into_owned())
             .collect();
@@ -53,18 +50,18 @@ impl TaskContext {
         let (mut model, mut metrics) = (None, None);
         for name in names {
             let local = out.join(&name);
-            let digest = checkpoint::checksum_dir(&local).map_err(|e| failed(&e))?;
+            let digest = checkpoint::checksum_dir(&local)?;
             let stored = self
                 .artifacts
                 .put(&format!("{job_key}/{name}"), &local, &digest)
-                .map_err(|m| artifact_failed(m, true))?;
+                .map_err(TaskError::Unavailable)?;
             match name.as_str() {
                 "model" => model = Some(stored),
                 "metrics.jsonl" => metrics = Some(stored),
                 _ => {}
             }
         }
-        let model = model.ok_or_else(|| artifact_failed("export wrote no model".into(), false))?;
+        let model = model.ok_or_else(|| TaskError::Damaged("export wrote no model".into()))?;
         tracing::info!(model = %model.uri, store = self.artifacts.store.location(), eval_loss = summary.final_eval_loss, "model exported");
         Ok(pb::TaskSucceeded {
             artifacts: vec![model],

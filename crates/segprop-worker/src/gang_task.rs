@@ -30,12 +30,13 @@ use segprop_train::segprop::run_next_stage;
 use segprop_train::{TrainError, Trainer};
 
 use crate::advance::Advanced;
+use crate::error::TaskError;
 use crate::observe::checkpoint_name;
 use crate::snapshots;
-use crate::task::{TaskContext, failed, unknown_kind};
+use crate::task::{TaskContext, unknown_kind};
 
 /// What the leader of a gang task hands back: the task's result.
-type Outcome = Result<pb::TaskSucceeded, pb::TaskFailed>;
+type Outcome = Result<pb::TaskSucceeded, TaskError>;
 
 impl TaskContext {
     /// Runs the assignment `a` of a sharded job on a gang of `world` ranks, one per device
@@ -133,7 +134,7 @@ impl TaskContext {
         ran.map_err(|e| {
             // Releases a follower still stalled by the fault injection (it watches the flag).
             self.cancel.store(true, Ordering::SeqCst);
-            failed(&e)
+            TaskError::from(e)
         })?
     }
 

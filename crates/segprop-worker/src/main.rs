@@ -5,6 +5,7 @@
 mod advance;
 mod artifacts;
 mod daemon;
+mod error;
 mod export;
 mod fault;
 mod gang_task;

@@ -9,18 +9,16 @@ use segprop_train::TrainError;
 use segprop_train::metrics::{RecordingObserver, TrainEvent};
 
 use crate::artifacts::{self, FetchError};
+use crate::error::TaskError;
 use crate::observe::{events_path, read_events};
-use crate::task::{TaskContext, artifact_failed, failed};
+use crate::task::TaskContext;
 
 /// A task failure: an input state whose files are damaged (it has no earlier version).
-fn damaged_input(m: String) -> pb::TaskFailed {
-    artifact_failed(
-        format!(
-            "input state is damaged and has no earlier version: {m}; resubmit the job (or \
-             restore the artifact store from a backup)"
-        ),
-        false,
-    )
+fn damaged_input(m: String) -> TaskError {
+    TaskError::Damaged(format!(
+        "input state is damaged and has no earlier version: {m}; resubmit the job (or restore \
+         the artifact store from a backup)"
+    ))
 }
 
 impl TaskContext {
@@ -35,7 +33,7 @@ impl TaskContext {
         &self,
         a: &pb::Assignment,
         check: &mut dyn FnMut(&Path) -> Result<(), TrainError>,
-    ) -> Result<(Option<String>, Option<PathBuf>, RecordingObserver), pb::TaskFailed> {
+    ) -> Result<(Option<String>, Option<PathBuf>, RecordingObserver), TaskError> {
         let mut recovered = None;
         let checkpoint_dir = self.work_dir.join("in/checkpoint");
         if let Some(resume) = a.resume_from.as_ref().and_then(|c| c.artifact.as_ref()) {
@@ -44,7 +42,7 @@ impl TaskContext {
                     tracing::info!(checkpoint = %resume.uri, "resuming from checkpoint");
                     return Ok((None, Some(checkpoint_dir), RecordingObserver { events }));
                 }
-                Err(FetchError::Unavailable(m)) => return Err(artifact_failed(m, true)),
+                Err(FetchError::Unavailable(m)) => return Err(TaskError::Unavailable(m)),
                 Err(FetchError::Corrupt(m)) => m,
             };
             tracing::warn!(checkpoint = %resume.uri, error = %damage, "the checkpoint to resume from is damaged: falling back to an earlier one");
@@ -53,7 +51,7 @@ impl TaskContext {
             let older = self
                 .artifacts
                 .checkpoints(prefix)
-                .map_err(|m| artifact_failed(m, true))?;
+                .map_err(TaskError::Unavailable)?;
             for (step, key) in older.into_iter().filter(|(s, _)| *s < newest) {
                 match self.load_checkpoint(&key, None, check) {
                     Ok(events) => {
@@ -87,11 +85,11 @@ impl TaskContext {
                 .fetch(&input.uri, Some(&input.checksum), &dir)
                 .map_err(|e| match e {
                     FetchError::Corrupt(m) => damaged_input(m),
-                    FetchError::Unavailable(m) => artifact_failed(m, true),
+                    FetchError::Unavailable(m) => TaskError::Unavailable(m),
                 })?;
             check(&dir).map_err(|e| match e {
                 TrainError::Resume { .. } => damaged_input(e.to_string()),
-                e => failed(&e),
+                e => TaskError::from(e),
             })?;
             return Ok((recovered, Some(dir), RecordingObserver::default()));
         }

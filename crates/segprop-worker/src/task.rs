@@ -31,6 +31,7 @@ use segprop_train::segprop::run_next_stage;
 use segprop_train::{TrainError, Trainer};
 
 use crate::artifacts::Artifacts;
+use crate::error::TaskError;
 use crate::observe::{DaemonObserver, StoreCheckpointer, TaskState, lock_recorder, write_events};
 use crate::snapshots::{self, SnapshotIo};
 
@@ -50,40 +51,17 @@ pub(crate) struct TaskContext {
     pub(crate) worker_name: String,
 }
 
-pub(crate) fn failed(err: &TrainError) -> pb::TaskFailed {
-    let retryable = !matches!(
-        err,
-        TrainError::Spec(_)
-            | TrainError::Corpus { .. }
-            | TrainError::Checkpoint(_)
-            | TrainError::NonFiniteLoss { .. }
-            | TrainError::State { .. }
-    );
-    pb::TaskFailed {
-        reason: err.to_string(),
-        retryable,
-    }
-}
-
-/// A task failure about an artifact that could not be stored or fetched.
-pub(crate) fn artifact_failed(reason: String, retryable: bool) -> pb::TaskFailed {
-    pb::TaskFailed { reason, retryable }
-}
-
-pub(crate) fn unknown_kind(a: &pb::Assignment) -> pb::TaskFailed {
-    pb::TaskFailed {
-        reason: format!("unknown task kind {}", a.kind),
-        retryable: false,
-    }
+pub(crate) fn unknown_kind(a: &pb::Assignment) -> TaskError {
+    TaskError::Unsupported(format!("unknown task kind {}", a.kind))
 }
 
 impl TaskContext {
     pub(crate) fn run(
         self: &Arc<Self>,
         a: &pb::Assignment,
-    ) -> Result<pb::TaskSucceeded, pb::TaskFailed> {
+    ) -> Result<pb::TaskSucceeded, TaskError> {
         let spec = JobSpec::from_yaml_str(&a.spec_yaml, &format!("job {}", a.job_id))
-            .map_err(|e| failed(&TrainError::Spec(e)))?;
+            .map_err(TrainError::Spec)?;
         match self.backend.as_str() {
             // bf16/f16 run on flex, which has the 16-bit types (docs/adr/0003-cpu-backends.md).
             "cpu" if spec.resources.precision.is_half() => {
@@ -93,16 +71,16 @@ impl TaskContext {
             #[cfg(feature = "cuda")]
             "cuda" => {
                 if !segprop_train::cuda::cuda_available() {
-                    return Err(failed(&TrainError::NoDevice {
+                    return Err(TrainError::NoDevice {
                         backend: "cuda".into(),
-                    }));
+                    }
+                    .into());
                 }
                 self.run_on::<segprop_train::cuda::CudaBackend>(spec, burn_cuda_device(), a)
             }
-            other => Err(pb::TaskFailed {
-                reason: format!("backend {other} is not built into this worker"),
-                retryable: false,
-            }),
+            other => Err(TaskError::Unsupported(format!(
+                "backend {other} is not built into this worker"
+            ))),
         }
     }
 
@@ -111,13 +89,12 @@ impl TaskContext {
         spec: JobSpec,
         device: B::Device,
         a: &pb::Assignment,
-    ) -> Result<pb::TaskSucceeded, pb::TaskFailed> {
+    ) -> Result<pb::TaskSucceeded, TaskError> {
         if let Some(world) = segprop_train::gang::gang_size(&spec) {
             // Units that stay sharded from the first byte read to the last written.
             return self.run_gang::<B>(spec, device, world, a);
         }
-        let mut trainer =
-            Trainer::<B>::new(spec, device.clone(), &self.work_dir).map_err(|e| failed(&e))?;
+        let mut trainer = Trainer::<B>::new(spec, device.clone(), &self.work_dir)?;
         let (recovered, _, recorder) =
             self.restore(a, &mut |dir| checkpoint::load(&mut trainer, dir, None))?;
         self.prepare(&mut trainer, a);
@@ -162,12 +139,10 @@ impl TaskContext {
         recorder: RecordingObserver,
         a: &pb::Assignment,
         recovered: Option<String>,
-    ) -> Result<pb::TaskSucceeded, pb::TaskFailed> {
-        self.check_stage(&trainer, a).map_err(|e| failed(&e))?;
-        let ran = self
-            .run_stage(&mut trainer, recorder, a)
-            .map_err(|e| failed(&e))?;
-        let digest = checkpoint::save(&trainer, None, &self.state_dir()).map_err(|e| failed(&e))?;
+    ) -> Result<pb::TaskSucceeded, TaskError> {
+        self.check_stage(&trainer, a)?;
+        let ran = self.run_stage(&mut trainer, recorder, a)?;
+        let digest = checkpoint::save(&trainer, None, &self.state_dir())?;
         self.publish(&trainer, ran, &digest, a, recovered)
     }
 
@@ -250,15 +225,15 @@ impl TaskContext {
         digest: &Digest,
         a: &pb::Assignment,
         recovered: Option<String>,
-    ) -> Result<pb::TaskSucceeded, pb::TaskFailed> {
+    ) -> Result<pb::TaskSucceeded, TaskError> {
         let out = self.work_dir.join("out");
         let state_local = self.state_dir();
         let state = self
             .artifacts
             .put(&format!("{}/state", self.attempt_key), &state_local, digest)
-            .map_err(|m| artifact_failed(m, true))?;
+            .map_err(TaskError::Unavailable)?;
         let metrics_local = out.join("metrics.jsonl");
-        let digest = write_events(&metrics_local, &recorder.events).map_err(|e| failed(&e))?;
+        let digest = write_events(&metrics_local, &recorder.events)?;
         let metrics = self
             .artifacts
             .put(
@@ -266,7 +241,7 @@ impl TaskContext {
                 &metrics_local,
                 &digest,
             )
-            .map_err(|m| artifact_failed(m, true))?;
+            .map_err(TaskError::Unavailable)?;
         let mut result = serde_json::to_value(&record).unwrap_or_default();
         if let Some(map) = result.as_object_mut() {
             if let Some(note) = recovered {
