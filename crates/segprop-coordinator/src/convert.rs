@@ -84,9 +84,7 @@ pub fn task_kind(kind: &TaskKind) -> pb::TaskKind {
     }
 }
 
-pub fn job_dir(job_id: &str) -> String {
-    format!("jobs/{job_id}")
-}
+pub use segprop_store::layout::job_dir;
 
 pub fn artifact_out(a: &Artifact) -> pb::ArtifactRef {
     pb::ArtifactRef {

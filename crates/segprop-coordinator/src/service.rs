@@ -183,7 +183,7 @@ impl Coordinator {
                 if let Ok(runtime) = tokio::runtime::Handle::try_current() {
                     let (store, prefix, job_id) = (
                         self.snapshots.clone(),
-                        format!("{}/snapshots", convert::job_dir(&job.id)),
+                        segprop_store::layout::snapshots_dir(&convert::job_dir(&job.id)),
                         job.id.clone(),
                     );
                     runtime.spawn(async move {

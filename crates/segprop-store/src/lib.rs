@@ -21,6 +21,7 @@ mod checked;
 pub mod config;
 pub mod grpc;
 mod key;
+pub mod layout;
 pub mod snapshot;
 pub mod store;
 

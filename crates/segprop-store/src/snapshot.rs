@@ -192,8 +192,8 @@ pub fn snapshot_key(
 /// The prefix of every snapshot blob of `depth`: `<job_dir>/snapshots/depth-003/`.
 pub fn depth_prefix(job_dir: &str, depth: u32) -> String {
     format!(
-        "{}/snapshots/depth-{depth:03}/",
-        job_dir.trim_end_matches('/')
+        "{}/depth-{depth:03}/",
+        crate::layout::snapshots_dir(job_dir)
     )
 }
 

@@ -47,15 +47,7 @@ pub fn reference(key: &str, digest: &Digest) -> pb::ArtifactRef {
     }
 }
 
-/// The step of a checkpoint key `…/ckpt-<step>` (not of its events file).
-pub fn checkpoint_step(key: &str) -> Option<u64> {
-    let name = key.rsplit('/').next()?;
-    let digits = name.strip_prefix("ckpt-")?;
-    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    digits.parse().ok()
-}
+use segprop_store::layout::checkpoint_step;
 
 impl Artifacts {
     /// Stores the local file or directory `local` (whose checksum is `digest`) as `key`.
@@ -119,7 +111,9 @@ pub async fn prune_checkpoints(store: &Store, prefix: &str, keep_from: u64) {
         }
     };
     for key in keys {
-        let base = key.strip_suffix(".events.jsonl").unwrap_or(&key);
+        let base = key
+            .strip_suffix(segprop_store::layout::EVENTS_SUFFIX)
+            .unwrap_or(&key);
         if checkpoint_step(base).is_some_and(|s| s < keep_from)
             && let Err(e) = store.delete_artifact(&key).await
         {
@@ -131,18 +125,6 @@ pub async fn prune_checkpoints(store: &Store, prefix: &str, keep_from: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn checkpoint_steps_are_parsed_from_keys() {
-        assert_eq!(
-            checkpoint_step("jobs/j/stages/002/attempt-1/ckpt-00000040"),
-            Some(40)
-        );
-        assert_eq!(checkpoint_step("ckpt-7"), Some(7));
-        assert_eq!(checkpoint_step("jobs/j/ckpt-00000040.events.jsonl"), None);
-        assert_eq!(checkpoint_step("jobs/j/state"), None);
-        assert_eq!(checkpoint_step("jobs/j/ckpt-"), None);
-    }
 
     #[tokio::test]
     async fn pruning_keeps_newer_checkpoints_and_their_events() {

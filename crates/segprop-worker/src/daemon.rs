@@ -563,11 +563,10 @@ fn start_task(
     artifact_store: Store,
     wake: Arc<Notify>,
 ) -> TaskHandle {
-    let attempt_key = format!(
-        "{}/stages/{:03}/attempt-{}",
-        assignment.job_dir.trim_end_matches('/'),
+    let attempt_key = segprop_store::layout::attempt_dir(
+        &assignment.job_dir,
         assignment.task_index,
-        assignment.epoch
+        assignment.epoch,
     );
     let kind = pb::TaskKind::try_from(assignment.kind)
         .map_or("unknown", |k| k.as_str_name())

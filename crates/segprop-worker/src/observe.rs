@@ -135,7 +135,7 @@ impl TrainObserver for DaemonObserver {
 
 /// The name of the mid-stage checkpoint after `progress.step` steps.
 pub(crate) fn checkpoint_name(progress: &StageProgress) -> String {
-    format!("ckpt-{:08}", progress.step)
+    segprop_store::layout::checkpoint_name(progress.step)
 }
 
 /// Writes mid-stage checkpoints to the artifact store and hands the newest to the heartbeat
@@ -159,7 +159,7 @@ impl StoreCheckpointer {
         digest: &Digest,
         progress: &StageProgress,
     ) -> Result<(), TrainError> {
-        let key = format!("{}/{}", self.attempt_key, checkpoint_name(progress));
+        let key = segprop_store::layout::checkpoint_key(&self.attempt_key, progress.step);
         let events_file = events_path(dir);
         let events = lock_recorder(&self.recorder).events.clone();
         let events_digest = write_events(&events_file, &events)?;
@@ -169,7 +169,11 @@ impl StoreCheckpointer {
         };
         // Events first: a checkpoint that exists always has its events.
         self.artifacts
-            .put(&format!("{key}.events.jsonl"), &events_file, &events_digest)
+            .put(
+                &segprop_store::layout::events_key(&key),
+                &events_file,
+                &events_digest,
+            )
             .map_err(store_error)?;
         let stored = self.artifacts.put(&key, dir, digest).map_err(store_error)?;
         let _ = std::fs::remove_dir_all(dir);

@@ -8,7 +8,7 @@ use segprop_proto::v1 as pb;
 use segprop_train::TrainError;
 use segprop_train::metrics::{RecordingObserver, TrainEvent};
 
-use crate::artifacts::{self, FetchError};
+use crate::artifacts::FetchError;
 use crate::error::TaskError;
 use crate::observe::{events_path, read_events};
 use crate::task::TaskContext;
@@ -47,7 +47,7 @@ impl TaskContext {
             };
             tracing::warn!(checkpoint = %resume.uri, error = %damage, "the checkpoint to resume from is damaged: falling back to an earlier one");
             let prefix = resume.uri.rsplit_once('/').map_or("", |(p, _)| p);
-            let newest = artifacts::checkpoint_step(&resume.uri).unwrap_or(u64::MAX);
+            let newest = segprop_store::layout::checkpoint_step(&resume.uri).unwrap_or(u64::MAX);
             let older = self
                 .artifacts
                 .checkpoints(prefix)
@@ -108,7 +108,7 @@ impl TaskContext {
         self.artifacts.fetch(key, expected, &dir)?;
         let events = events_path(&dir);
         self.artifacts
-            .fetch(&format!("{key}.events.jsonl"), None, &events)?;
+            .fetch(&segprop_store::layout::events_key(key), None, &events)?;
         let loaded = read_events(&events).map_err(|e| FetchError::Corrupt(e.to_string()))?;
         check(&dir).map_err(|e| FetchError::Corrupt(e.to_string()))?;
         Ok(loaded)

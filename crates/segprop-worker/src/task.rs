@@ -2,12 +2,9 @@
 //! or a gang of ranks in this process), advance SnapCheck snapshots, or export the model; with
 //! its checkpoints, stage states and metrics in the artifact store.
 //!
-//! Artifact keys in the artifact store (`jobs/<job>/`), each with its `.manifest`
-//! ([`segprop_store::artifact`]):
-//! - `stages/<stage>/attempt-<epoch>/ckpt-<step>/` (+ `.events.jsonl`): mid-stage checkpoints
-//!   (the newest accepted one and the one before it are kept);
-//! - `stages/<stage>/attempt-<epoch>/state/` and `metrics.jsonl`: the state after the stage;
-//! - `model/`, `metrics.jsonl`, `summary.json`, `summary.txt`, `loss.svg`: written by `export`.
+//! Artifacts go to the keys of [`segprop_store::layout`], each with its `.manifest`: an
+//! attempt's mid-stage checkpoints (the newest accepted one and the one before it are kept) with
+//! their events, its state and metrics after the stage, and the export's model and summaries.
 //!
 //! A corrupt or missing checkpoint to resume from falls back to the previous checkpoint, then to
 //! the stage's input state (the stage restarts); a corrupt input state or metrics file fails the
@@ -230,14 +227,18 @@ impl TaskContext {
         let state_local = self.state_dir();
         let state = self
             .artifacts
-            .put(&format!("{}/state", self.attempt_key), &state_local, digest)
+            .put(
+                &segprop_store::layout::stage_state(&self.attempt_key),
+                &state_local,
+                digest,
+            )
             .map_err(TaskError::Unavailable)?;
         let metrics_local = out.join("metrics.jsonl");
         let digest = write_events(&metrics_local, &recorder.events)?;
         let metrics = self
             .artifacts
             .put(
-                &format!("{}/metrics.jsonl", self.attempt_key),
+                &segprop_store::layout::stage_metrics(&self.attempt_key),
                 &metrics_local,
                 &digest,
             )
