@@ -7,11 +7,11 @@
 //!     ckpt-<step:08>/  ckpt-<step:08>.events.jsonl     checkpoint_key, events_key
 //!     state/  metrics.jsonl                            stage_state, stage_metrics
 //!   snapshots/depth-<d:03>/<split>-<first>-<last>.safetensors
-//!                                                      snapshots_dir (crate::snapshot's keys)
+//!                                                      snapshots_dir (each blob's key: snapshot_key)
 //!   model/  metrics.jsonl  summary.json  summary.txt  loss.svg     the export
 //! ```
 //!
-//! Every artifact (a file or a directory) has its manifest beside it ([`crate::manifest_key`]).
+//! Every artifact (a file or a directory) has its manifest beside it (`<key>.manifest`).
 
 /// The directory of job `job_id`.
 pub fn job_dir(job_id: &str) -> String {

@@ -98,26 +98,15 @@ impl<B: AutodiffBackend> Trainer<B> {
             0 => self.data.eval.len(),
             n => n.min(self.data.eval.len()),
         };
-        let shard = self.shard.as_mut().expect(SHARDED);
-        let world = shard.world();
-        let per_rank = limit.div_ceil(world);
-        let mut words = vec![0.0f32; 2 * per_rank];
-        for (j, loss) in losses.iter().enumerate() {
-            let bits = loss.to_bits();
-            words[2 * j] = f32::from_bits(bits as u32);
-            words[2 * j + 1] = f32::from_bits((bits >> 32) as u32);
+        let world = self.shard.as_ref().expect(SHARDED).world();
+        let mut bits = vec![0u64; limit.div_ceil(world)];
+        for (slot, loss) in bits.iter_mut().zip(&losses) {
+            *slot = loss.to_bits();
         }
-        let layout = segprop_shard::ShardLayout {
-            len: 2 * per_rank * world,
-            world,
-            chunk: 2 * per_rank,
-        };
-        let all = layout.all_gather(&mut shard.collective, &words)?;
+        let all = self.all_gather_u64(&bits)?;
         let mut total = 0.0f64;
         for i in 0..limit {
-            let at = (i % world) * 2 * per_rank + 2 * (i / world);
-            let bits = u64::from(all[at].to_bits()) | (u64::from(all[at + 1].to_bits()) << 32);
-            total += f64::from_bits(bits);
+            total += f64::from_bits(all[i % world][i / world]);
         }
         Ok(total / limit.max(1) as f64)
     }
@@ -230,12 +219,19 @@ impl<B: AutodiffBackend> Trainer<B> {
         Ok(out.into_iter().zip(advanced).collect())
     }
 
-    /// Sums `values` over the ranks of the gang (every rank calls it), exactly: each rank's
-    /// values travel as their bits.
+    /// Sums `values` over the ranks of the gang (every rank calls it with as many), exactly.
     pub fn sum_over_ranks(&mut self, values: &[u64]) -> Result<Vec<u64>, TrainError> {
+        let all = self.all_gather_u64(values)?;
+        Ok((0..values.len())
+            .map(|i| all.iter().map(|rank| rank[i]).sum())
+            .collect())
+    }
+
+    /// Every rank's `values` (every rank calls it with as many), bit for bit: each 64-bit value
+    /// travels as two f32 words of its bits, which a gather copies without arithmetic.
+    fn all_gather_u64(&mut self, values: &[u64]) -> Result<Vec<Vec<u64>>, TrainError> {
         let shard = self.shard.as_mut().expect(SHARDED);
-        let world = shard.world();
-        let n = values.len();
+        let (world, n) = (shard.world(), values.len());
         let words: Vec<f32> = values
             .iter()
             .flat_map(|v| [f32::from_bits(*v as u32), f32::from_bits((*v >> 32) as u32)])
@@ -246,14 +242,15 @@ impl<B: AutodiffBackend> Trainer<B> {
             chunk: 2 * n,
         };
         let all = layout.all_gather(&mut shard.collective, &words)?;
-        let mut sums = vec![0u64; n];
-        for r in 0..world {
-            for (i, sum) in sums.iter_mut().enumerate() {
-                let at = r * 2 * n + 2 * i;
-                *sum += u64::from(all[at].to_bits()) | (u64::from(all[at + 1].to_bits()) << 32);
-            }
-        }
-        Ok(sums)
+        Ok(all
+            .chunks(2 * n.max(1))
+            .take(world)
+            .map(|rank| {
+                rank.chunks_exact(2)
+                    .map(|w| u64::from(w[0].to_bits()) | (u64::from(w[1].to_bits()) << 32))
+                    .collect()
+            })
+            .collect())
     }
 
     /// The final evaluation of a finished plan (full forward): one unit at a time when the

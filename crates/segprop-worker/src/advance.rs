@@ -214,13 +214,14 @@ impl TaskContext {
         let (from, to) = (a.snapshot_from as usize, a.snapshot_to as usize);
         let mine = self.advance_blobs(&trainer, a)?;
         let batches = trainer.snapshot_batches();
+        let index = snapshots::batch_index(&batches);
         let mut done = Advanced::default();
         for blob in &mine {
             if self.cancel.load(Ordering::SeqCst) {
                 return Err(TaskError::Cancelled);
             }
             let mut outs = Vec::with_capacity(blob.ids.len());
-            for batch in snapshots::blob_batches(&batches, blob)? {
+            for batch in snapshots::blob_batches(&index, blob)? {
                 outs.push(trainer.advance_batch(from, to, blob.split, batch));
             }
             self.store_blob(&mut trainer, a, blob, outs, &mut done)?;

@@ -150,6 +150,7 @@ impl TaskContext {
         let (from, to) = (a.snapshot_from as usize, a.snapshot_to as usize);
         let blobs = self.advance_blobs(trainer, a)?;
         let batches = trainer.snapshot_batches();
+        let index = snapshots::batch_index(&batches);
         let (rank, world) = trainer
             .shard
             .as_ref()
@@ -163,7 +164,7 @@ impl TaskContext {
             }
             let blob = blobs.get(round * world + rank);
             let mine = match blob {
-                Some(blob) => snapshots::blob_batches(&batches, blob)?
+                Some(blob) => snapshots::blob_batches(&index, blob)?
                     .into_iter()
                     .map(|b| (blob.split, b))
                     .collect(),

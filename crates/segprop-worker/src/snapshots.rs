@@ -64,19 +64,28 @@ pub fn blob_plan(batches: &[(Split, usize)], shards: u32, per_blob: usize) -> Ve
     blobs
 }
 
-/// The batches of `blob`, found in `batches` (SnapCheck's batches, as the trainer lists them).
-/// A blob naming a batch the data lacks is an error naming it.
+/// SnapCheck's batches (as the trainer lists them) by split and id, to find a blob's batches.
+pub fn batch_index(
+    batches: &[(Split, segprop_train::data::Batch)],
+) -> HashMap<(Split, usize), &segprop_train::data::Batch> {
+    batches
+        .iter()
+        .map(|(split, b)| ((*split, b.id), b))
+        .collect()
+}
+
+/// The batches of `blob`, from [`batch_index`]. A blob naming a batch the data lacks is an
+/// error naming it.
 pub fn blob_batches<'a>(
-    batches: &'a [(Split, segprop_train::data::Batch)],
+    index: &HashMap<(Split, usize), &'a segprop_train::data::Batch>,
     blob: &BlobPlan,
 ) -> Result<Vec<&'a segprop_train::data::Batch>, segprop_train::TrainError> {
     blob.ids
         .iter()
         .map(|id| {
-            batches
-                .iter()
-                .find(|(split, b)| *split == blob.split && b.id == *id)
-                .map(|(_, b)| b)
+            index
+                .get(&(blob.split, *id))
+                .copied()
                 .ok_or_else(|| segprop_train::TrainError::State {
                     path: std::path::PathBuf::from(format!("{:?} batch {id}", blob.split)),
                     message: "the snapshot layout names a batch the job's data lacks".into(),
