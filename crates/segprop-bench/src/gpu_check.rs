@@ -9,12 +9,13 @@
 //!    ([`crate::gpu_slice::block_vs_torch`]; needs `python3` with torch and
 //!    `scripts/gpu_block_torch.py`, or its path in `SEGPROP_TORCH_BLOCK`).
 //!
-//! The sharding check: a tiny e2e job trains on `cuda:0` twice: as one
-//! plain rank, and as a `full_shard` gang of one rank with CPU offload and activation
-//! checkpointing, whose collective is a world-size-1 NCCL communicator (`ncclCommInitAll` over
-//! `cuda:0`; threads over host memory when built with `cuda` alone). It prints both loss curves,
+//! The sharding check: a tiny e2e job trains on `cuda:0` three times: as one plain rank, and as
+//! a `full_shard` gang of one rank with activation checkpointing, once with CPU offload
+//! (`offload: cpu`) and once with device-resident shards (`offload: none`: masters and moments
+//! on `cuda:0`, stepped there), whose collective is a world-size-1 NCCL communicator (`ncclCommInitAll` over
+//! `cuda:0`; threads over host memory when built with `cuda` alone). It prints the loss curves,
 //! their worst relative difference, the rank's memory accounting and the device memory in use,
-//! and fails if the curves differ by more than 1e-4 relative.
+//! and fails if a gang's curve differs from the plain one by more than 1e-4 relative.
 
 use anyhow::{Context, Result};
 use segprop_core::JobSpec;
@@ -97,53 +98,64 @@ fn sharding_check(steps: usize) -> Result<()> {
         in_use()
     );
 
-    let sharded = job(
-        steps,
-        "sharding: { strategy: full_shard, offload: cpu }\nactivation_checkpointing: true",
-    )?;
     let collective = if cfg!(feature = "nccl") {
         "NCCL, world size 1"
     } else {
         "threads over host memory (built without `nccl`)"
     };
-    let (curve, memory): (Vec<f64>, Option<RankMemory>) = train_gang::<CudaBackend, _>(
-        &sharded,
-        vec![device],
-        &dir.path().join("sharded"),
-        |t| {
-            let mut observer = RecordingObserver::default();
-            run_plan(t, &mut observer)?;
-            Ok((losses(&observer), t.progress.records[0].sharding))
-        },
-        |_| Ok(()),
-    )?;
-    println!(
-        "full_shard gang of 1 rank on cuda:0 ({collective}), CPU offload, AC: device memory in use {:.0} MiB",
-        in_use()
-    );
-    println!();
-    println!("| step | plain loss | sharded loss | relative difference |");
-    println!("|---:|---:|---:|---:|");
-    let mut worst = 0.0f64;
-    for (i, (a, b)) in reference.iter().zip(&curve).enumerate() {
-        let rel = (a - b).abs() / a.abs();
-        worst = worst.max(rel);
-        println!("| {} | {a:.6} | {b:.6} | {rel:.2e} |", i + 1);
-    }
-    if let Some(m) = memory {
+    for (offload, what) in [("cpu", "CPU offload"), ("none", "device-resident shards")] {
+        let sharded = job(
+            steps,
+            &format!(
+                "sharding: {{ strategy: full_shard, offload: {offload} }}\nactivation_checkpointing: true"
+            ),
+        )?;
+        let (curve, memory): (Vec<f64>, Option<RankMemory>) = train_gang::<CudaBackend, _>(
+            &sharded,
+            vec![device.clone()],
+            &dir.path().join(format!("sharded-{offload}")),
+            |t| {
+                let mut observer = RecordingObserver::default();
+                run_plan(t, &mut observer)?;
+                Ok((losses(&observer), t.progress.records[0].sharding))
+            },
+            |_| Ok(()),
+        )?;
+        println!(
+            "\nfull_shard gang of 1 rank on cuda:0 ({collective}), {what} (offload: {offload}), AC: \
+             device memory in use {:.0} MiB",
+            in_use()
+        );
         println!();
-        println!("rank memory: {m:?}");
+        println!("| step | plain loss | sharded loss | relative difference |");
+        println!("|---:|---:|---:|---:|");
+        let mut worst = 0.0f64;
+        for (i, (a, b)) in reference.iter().zip(&curve).enumerate() {
+            let rel = (a - b).abs() / a.abs();
+            worst = worst.max(rel);
+            println!("| {} | {a:.6} | {b:.6} | {rel:.2e} |", i + 1);
+        }
+        if let Some(m) = memory {
+            println!();
+            println!("rank memory: {m:?}");
+            anyhow::ensure!(
+                m.shards_on_device == (offload == "none"),
+                "offload: {offload}: shards_on_device is {}",
+                m.shards_on_device
+            );
+        }
+        anyhow::ensure!(
+            reference.len() == curve.len() && !curve.is_empty(),
+            "the runs made {} and {} steps",
+            reference.len(),
+            curve.len()
+        );
+        anyhow::ensure!(
+            worst < 1e-4,
+            "offload: {offload}: the sharded curve differs from the plain one by {worst:.2e} \
+             relative (limit 1e-4)"
+        );
+        println!("\nworst relative difference {worst:.2e}: {what} on the GPU match the plain rank");
     }
-    anyhow::ensure!(
-        reference.len() == curve.len() && !curve.is_empty(),
-        "the runs made {} and {} steps",
-        reference.len(),
-        curve.len()
-    );
-    anyhow::ensure!(
-        worst < 1e-4,
-        "the sharded curve differs from the plain one by {worst:.2e} relative (limit 1e-4)"
-    );
-    println!("\nworst relative difference {worst:.2e}: the sharded path on the GPU matches");
     Ok(())
 }

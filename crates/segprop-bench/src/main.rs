@@ -16,8 +16,9 @@
 //! - `orchestration`: wall time of a job (default: the demo) through `segprop-coord demo`
 //!   (coordinator + worker daemon + store, stage tasks with checkpoints) vs `segprop-worker train`
 //!   standalone, alternating runs of the release binaries next to this one;
-//! - `gpu-check` (feature `cuda`; `nccl` for the NCCL collective): a `full_shard` gang of one
-//!   rank with CPU offload on `cuda:0` against a plain rank, the same loss curve expected; a bf16
+//! - `gpu-check` (feature `cuda`; `nccl` for the NCCL collective): `full_shard` gangs of one
+//!   rank on `cuda:0`, with CPU offload and with device-resident shards, against a plain rank,
+//!   the same loss curve expected; a bf16
 //!   SegProp job on a 70B-width slice with each stage's device memory against the planner; one
 //!   70B-width block's forward + backward against PyTorch.
 
@@ -105,8 +106,9 @@ enum Command {
         #[arg(long)]
         explore: bool,
     },
-    /// On a GPU: a sharded gang of one rank (NCCL with feature `nccl`, CPU offload, activation
-    /// checkpointing) against a plain rank on `cuda:0`.
+    /// On a GPU: sharded gangs of one rank (NCCL with feature `nccl`, activation checkpointing;
+    /// CPU offload, then device-resident shards) against a plain rank on `cuda:0`; a bf16
+    /// SegProp slice of 70B width against the planner; a 70B-width block against PyTorch.
     GpuCheck,
     /// Everything above, in order.
     All,

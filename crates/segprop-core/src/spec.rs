@@ -769,7 +769,7 @@ pub enum ShardingStrategy {
 #[serde(rename_all = "snake_case")]
 pub enum Offload {
     /// Where the backend keeps shards: host memory on CPU ranks; on CUDA it must be said
-    /// (`cpu`: device-resident shards are not available yet).
+    /// (`none` or `cpu`).
     #[default]
     Auto,
     /// Device memory.
@@ -975,6 +975,32 @@ seed: 3
         assert_eq!(spec.segprop.segment_size, 1);
         assert_eq!(spec.optimizer.name, "adamw");
         assert_eq!(spec.model_config().unwrap().num_layers, 8);
+    }
+
+    #[test]
+    fn where_shards_live_is_checked_per_backend() {
+        let with = |backend: &str, offload: &str| {
+            let text = format!(
+                "{TINY}sharding: {{ strategy: full_shard{offload} }}\n\
+                 resources: {{ backend: {backend} }}\n"
+            );
+            JobSpec::from_yaml_str(&text, "job.yaml").map_err(|e| e.to_string())
+        };
+        // CUDA: device memory or host memory, but it must be said.
+        assert!(with("cuda", ", offload: none").is_ok());
+        assert!(with("cuda", ", offload: cpu").is_ok());
+        let err = with("cuda", "").unwrap_err();
+        assert!(
+            err.contains("sharding.offload") && err.contains("offload: none"),
+            "{err}"
+        );
+        // CPU ranks have no device memory.
+        assert!(with("cpu", "").is_ok());
+        let err = with("cpu", ", offload: none").unwrap_err();
+        assert!(
+            err.contains("sharding.offload") && err.contains("device memory"),
+            "{err}"
+        );
     }
 
     #[test]

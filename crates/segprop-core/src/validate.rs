@@ -143,13 +143,13 @@ impl JobSpec {
         }
         if sharded
             && self.resources.backend == crate::spec::Backend::Cuda
-            && self.sharding.offload != Offload::Cpu
+            && self.sharding.offload == Offload::Auto
         {
             return Err(SpecError::invalid(
                 "sharding.offload",
-                "full_shard keeps each rank's shard of the weights and of the optimizer state in \
-                 host memory and steps it there (FSDP + CPU offload); device-resident shards are \
-                 not available in this release: set `offload: cpu`",
+                "full_shard on CUDA needs to be told where each rank's shard of the weights and \
+                 of the optimizer state lives: `offload: none` (device memory, stepped there) or \
+                 `offload: cpu` (host memory, stepped there: FSDP + CPU offload)",
             ));
         }
         if sharded

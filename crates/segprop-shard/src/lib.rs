@@ -19,6 +19,7 @@ pub mod flat;
 #[cfg(feature = "nccl")]
 pub mod nccl;
 pub mod optim;
+pub mod resident;
 pub mod stream;
 pub mod thread;
 pub mod unit;

@@ -20,6 +20,7 @@ use burn::tensor::{FloatDType, Tensor, TensorData, bf16, f16};
 use crate::collective::{Collective, CollectiveError};
 use crate::flat::ShardLayout;
 use crate::optim::{AdamWConfig, ShardedAdamW};
+use crate::resident::DeviceShard;
 use crate::stream::{CommStream, Pending};
 
 /// A tensor's values as f32, in one bulk conversion (not element by element).
@@ -196,13 +197,24 @@ pub struct FsdpUnit<M> {
     shapes: Vec<Vec<usize>>,
     pub layout: ShardLayout,
     pub rank: usize,
-    /// This rank's chunk of the fp32 master weights (padding included, always zero); for a
-    /// frozen 16-bit unit, its chunk of the [`pack16`] words.
-    pub master: Vec<f32>,
-    pub optimizer: ShardedAdamW,
+    /// This rank's chunk of the stored weights and of the AdamW state, in host or device memory.
+    shard: Shard,
     storage: Storage,
     /// Weights in the unit (the layout's length is in words when packed).
     values: usize,
+}
+
+/// Where this rank's chunk lives ([`crate::resident`]).
+enum Shard {
+    /// `master`: the chunk of the fp32 master weights (padding included, always zero), or for a
+    /// frozen 16-bit unit its chunk of the [`pack16`] words; `optimizer`: its AdamW state (no
+    /// moments for a unit no optimizer steps).
+    Host {
+        master: Vec<f32>,
+        optimizer: ShardedAdamW,
+    },
+    /// The same on the rank's device.
+    Device(Box<dyn DeviceShard>),
 }
 
 /// How a unit's weights are kept and gathered.
@@ -287,8 +299,10 @@ impl<M> FsdpUnit<M> {
             shapes,
             layout,
             rank,
-            optimizer: ShardedAdamW::new(config, layout.chunk),
-            master,
+            shard: Shard::Host {
+                optimizer: ShardedAdamW::new(config, layout.chunk),
+                master,
+            },
             storage,
             values: flat.len(),
         }
@@ -301,7 +315,7 @@ impl<M> FsdpUnit<M> {
         M: Module<B>,
     {
         let mut unit = Self::new::<B>(module, rank, world, AdamWConfig::default());
-        unit.optimizer = ShardedAdamW::new(AdamWConfig::default(), 0);
+        unit.clear_optimizer();
         unit
     }
 
@@ -328,7 +342,7 @@ impl<M> FsdpUnit<M> {
         M: Module<B>,
     {
         let mut unit = Self::new_in::<B>(module, rank, world, AdamWConfig::default(), compute);
-        unit.optimizer = ShardedAdamW::new(AdamWConfig::default(), 0);
+        unit.clear_optimizer();
         unit
     }
 
@@ -336,10 +350,16 @@ impl<M> FsdpUnit<M> {
     /// bits (its fp32 values rounded to nearest even, packed two to a word). Local: each rank
     /// packs its own chunk, no collective.
     pub fn freeze(&mut self) {
-        self.optimizer = ShardedAdamW::new(self.optimizer.config, 0);
+        let storage = self.storage;
+        let words = self.compute_words();
+        self.edit(|master, optimizer| {
+            *optimizer = ShardedAdamW::new(optimizer.config, 0);
+            if let Storage::Master16(dtype) = storage {
+                *master = pack16(master, dtype);
+            }
+        });
         if let Storage::Master16(dtype) = self.storage {
-            self.master = pack16(&self.master, dtype);
-            self.layout = self.compute_words();
+            self.layout = words;
             self.storage = Storage::Packed16(dtype);
         }
     }
@@ -348,44 +368,149 @@ impl<M> FsdpUnit<M> {
     /// exactly) and AdamW state for `config`, kept when it already has some. Local, no
     /// collective.
     pub fn train(&mut self, config: AdamWConfig) {
-        if let Storage::Packed16(dtype) = self.storage {
-            let values = self.layout.chunk * 2;
-            self.master = unpack16(&self.master, values, dtype);
+        let storage = self.storage;
+        if let Storage::Packed16(dtype) = storage {
             self.layout = ShardLayout {
                 len: self.values,
                 world: self.layout.world,
-                chunk: values,
+                chunk: self.layout.chunk * 2,
             };
             self.storage = Storage::Master16(dtype);
         }
-        if self.optimizer.moment_1.len() != self.layout.chunk {
-            self.optimizer = ShardedAdamW::new(config, self.layout.chunk);
+        let chunk = self.layout.chunk;
+        if !matches!(storage, Storage::Packed16(_)) && self.optimizer_len() == chunk {
+            // Already trainable in place: only the configuration changes (no copy of the state).
+            self.edit_optimizer_config(config);
+            return;
         }
-        self.optimizer.config = config;
+        self.edit(|master, optimizer| {
+            if let Storage::Packed16(dtype) = storage {
+                *master = unpack16(master, chunk, dtype);
+            }
+            if optimizer.moment_1.len() != chunk {
+                *optimizer = ShardedAdamW::new(config, chunk);
+            }
+            optimizer.config = config;
+        });
+    }
+
+    /// Sets the AdamW configuration of a unit that already has its state.
+    fn edit_optimizer_config(&mut self, config: AdamWConfig) {
+        match &mut self.shard {
+            Shard::Host { optimizer, .. } => optimizer.config = config,
+            Shard::Device(device) => device.set_config(config),
+        }
+    }
+
+    /// Applies `f` to the chunk and the AdamW state in host memory: in place for a host shard;
+    /// for a device shard, copied to the host and back (stage boundaries and checkpoint loads
+    /// only, never per step).
+    fn edit(&mut self, f: impl FnOnce(&mut Vec<f32>, &mut ShardedAdamW)) {
+        match &mut self.shard {
+            Shard::Host { master, optimizer } => f(master, optimizer),
+            Shard::Device(device) => {
+                let (mut master, mut optimizer) = device.download();
+                f(&mut master, &mut optimizer);
+                device.load(&master, &optimizer);
+            }
+        }
     }
 
     /// Fresh AdamW state (no step taken) for a trainable unit; none for a frozen one.
     pub fn reset_optimizer(&mut self) {
-        let len = self.optimizer.moment_1.len();
-        self.optimizer = ShardedAdamW::new(self.optimizer.config, len);
+        let len = self.optimizer_len();
+        self.edit(|_, optimizer| *optimizer = ShardedAdamW::new(optimizer.config, len));
     }
 
     /// Drops the AdamW state and keeps the weights as they are stored (head policy `reset`:
     /// LL's blocks lose their moments).
     pub fn clear_optimizer(&mut self) {
-        self.optimizer = ShardedAdamW::new(self.optimizer.config, 0);
+        self.edit(|_, optimizer| *optimizer = ShardedAdamW::new(optimizer.config, 0));
     }
 
     /// Whether the unit holds AdamW state (it is trained by the current stage).
     pub fn is_trainable(&self) -> bool {
-        !self.optimizer.moment_1.is_empty()
+        self.optimizer_len() > 0
+    }
+
+    /// Elements of each AdamW moment this rank holds (0 for a frozen unit).
+    pub fn optimizer_len(&self) -> usize {
+        match &self.shard {
+            Shard::Host { optimizer, .. } => optimizer.moment_1.len(),
+            Shard::Device(device) => device.optimizer_len(),
+        }
+    }
+
+    /// AdamW's step count for this unit.
+    pub fn optimizer_time(&self) -> i32 {
+        match &self.shard {
+            Shard::Host { optimizer, .. } => optimizer.time,
+            Shard::Device(device) => device.optimizer_meta().1,
+        }
+    }
+
+    /// This rank's chunk of the stored weights, in host memory (copied from the device when the
+    /// unit is device-resident).
+    pub fn master(&self) -> std::borrow::Cow<'_, [f32]> {
+        match &self.shard {
+            Shard::Host { master, .. } => std::borrow::Cow::Borrowed(master),
+            Shard::Device(device) => std::borrow::Cow::Owned(device.master()),
+        }
+    }
+
+    /// This rank's AdamW state, in host memory (copied from the device when the unit is
+    /// device-resident).
+    pub fn optimizer(&self) -> std::borrow::Cow<'_, ShardedAdamW> {
+        match &self.shard {
+            Shard::Host { optimizer, .. } => std::borrow::Cow::Borrowed(optimizer),
+            Shard::Device(device) => std::borrow::Cow::Owned(device.optimizer()),
+        }
     }
 
     /// Replaces this rank's chunk of the stored weights (a checkpoint's, a baseline's): `chunk`
     /// elements in the unit's current storage.
-    pub fn set_master(&mut self, master: Vec<f32>) {
-        assert_eq!(master.len(), self.layout.chunk, "one chunk of the unit");
-        self.master = master;
+    pub fn set_master(&mut self, values: Vec<f32>) {
+        assert_eq!(values.len(), self.layout.chunk, "one chunk of the unit");
+        self.edit(|master, _| *master = values);
+    }
+
+    /// Replaces this rank's AdamW moments (`chunk` elements each) and step count, keeping the
+    /// configuration.
+    pub fn set_moments(&mut self, moment_1: Vec<f32>, moment_2: Vec<f32>, time: i32) {
+        let chunk = self.layout.chunk;
+        assert!(
+            moment_1.len() == chunk && moment_2.len() == chunk,
+            "one chunk of each moment"
+        );
+        self.edit(|_, optimizer| {
+            optimizer.moment_1 = moment_1;
+            optimizer.moment_2 = moment_2;
+            optimizer.time = time;
+        });
+    }
+
+    /// Moves this rank's chunk and AdamW state to `device` (`sharding.offload: none`): from now
+    /// on the step runs there, as tensor operations. Local, no collective.
+    pub fn to_device<B: Backend>(&mut self, device: &B::Device) {
+        let (master, optimizer) = match &self.shard {
+            Shard::Host { master, optimizer } => (master, optimizer),
+            Shard::Device(_) => return,
+        };
+        self.shard = Shard::Device(<dyn DeviceShard>::upload::<B>(master, optimizer, device));
+    }
+
+    /// Moves this rank's chunk and AdamW state back to host memory (a unit a stage freezes or
+    /// parks). Local, no collective.
+    pub fn to_host(&mut self) {
+        if let Shard::Device(device) = &self.shard {
+            let (master, optimizer) = device.download();
+            self.shard = Shard::Host { master, optimizer };
+        }
+    }
+
+    /// Whether this rank's chunk and AdamW state live on its device ([`Self::to_device`]).
+    pub fn is_device_resident(&self) -> bool {
+        matches!(self.shard, Shard::Device(_))
     }
 
     /// Whether the weights are stored packed in 16 bits (a frozen unit of a 16-bit job).
@@ -405,7 +530,7 @@ impl<M> FsdpUnit<M> {
     where
         M: Module<B>,
     {
-        let full = self.layout.all_gather(collective, &self.master)?;
+        let full = self.layout.all_gather(collective, &self.master())?;
         Ok(match self.storage {
             Storage::Packed16(_) => self.assemble::<B>(&full),
             Storage::F32 | Storage::Master16(_) => {
@@ -428,10 +553,10 @@ impl<M> FsdpUnit<M> {
     pub fn start_gather(&self, stream: &CommStream) -> Pending<Vec<f32>> {
         match self.storage {
             Storage::Master16(dtype) => {
-                stream.all_gather(self.compute_words(), pack16(&self.master, dtype))
+                stream.all_gather(self.compute_words(), pack16(&self.master(), dtype))
             }
             Storage::F32 | Storage::Packed16(_) => {
-                stream.all_gather(self.layout, self.master.clone())
+                stream.all_gather(self.layout, self.master().into_owned())
             }
         }
     }
@@ -480,9 +605,12 @@ impl<M> FsdpUnit<M> {
         self.layout.reduce_scatter(collective, &full)
     }
 
-    /// AdamW on this rank's chunk.
+    /// AdamW on this rank's chunk, where the chunk lives.
     pub fn step(&mut self, lr: f64, grad_shard: &[f32]) {
-        self.optimizer.step(lr, &mut self.master, grad_shard);
+        match &mut self.shard {
+            Shard::Host { master, optimizer } => optimizer.step(lr, master, grad_shard),
+            Shard::Device(device) => device.step(lr, grad_shard),
+        }
     }
 
     /// All-gathers the unit on the inner (no-autodiff) backend, for a forward pass that builds
@@ -505,9 +633,12 @@ impl<M> FsdpUnit<M> {
     /// Loads AdamW state of the whole unit (both moments in visit order, `len` elements each, and
     /// the step count): this rank keeps its chunk.
     pub fn load_optimizer_state(&mut self, moment_1: &[f32], moment_2: &[f32], time: i32) {
-        self.optimizer.moment_1 = self.layout.shard(moment_1, self.rank);
-        self.optimizer.moment_2 = self.layout.shard(moment_2, self.rank);
-        self.optimizer.time = time;
+        let (layout, rank) = (self.layout, self.rank);
+        self.edit(|_, optimizer| {
+            optimizer.moment_1 = layout.shard(moment_1, rank);
+            optimizer.moment_2 = layout.shard(moment_2, rank);
+            optimizer.time = time;
+        });
     }
 
     /// All-gathers the unit's AdamW moments (`len` elements each, visit order). Every rank must
@@ -516,11 +647,10 @@ impl<M> FsdpUnit<M> {
         &self,
         collective: &mut dyn Collective,
     ) -> Result<(Vec<f32>, Vec<f32>), CollectiveError> {
+        let optimizer = self.optimizer();
         Ok((
-            self.layout
-                .all_gather(collective, &self.optimizer.moment_1)?,
-            self.layout
-                .all_gather(collective, &self.optimizer.moment_2)?,
+            self.layout.all_gather(collective, &optimizer.moment_1)?,
+            self.layout.all_gather(collective, &optimizer.moment_2)?,
         ))
     }
 
@@ -537,8 +667,8 @@ impl<M> FsdpUnit<M> {
     pub fn memory(&self) -> UnitMemory {
         let weight = if self.storage.half().is_some() { 2 } else { 4 };
         UnitMemory {
-            params: (self.master.len() * 4) as u64,
-            optimizer: self.optimizer.state_bytes(),
+            params: (self.layout.chunk * 4) as u64,
+            optimizer: (self.optimizer_len() * 8) as u64,
             gathered: (self.values * weight) as u64,
             full_grad: (self.values * 4) as u64,
         }

@@ -23,7 +23,7 @@ use crate::metrics::StageRecord;
 use crate::precision;
 use crate::rank::ShardRank;
 use crate::route::{Route, RouteInput};
-use crate::sharded::ModelShards;
+use crate::sharded::{ModelShards, Placement};
 use crate::snapcheck::{SnapshotCache, SnapshotKey, Split};
 
 pub use crate::params::{AdamWOptimizer, Trainable};
@@ -167,18 +167,17 @@ impl<B: AutodiffBackend> Trainer<B> {
     ) -> Result<Self, TrainError> {
         precision::check_backend::<B>(spec.resources.precision, &device)?;
         let compute = precision::compute_dtype(spec.resources.precision);
-        let place = (shard.rank(), shard.world());
+        let place = Placement::of(&shard, compute, &device);
         let (shards, config) = match &spec.model.from {
             Some(from) => {
-                let (shards, config) =
-                    ModelShards::<B>::import_hf(&from.hf_dir, place, compute, &device)
-                        .map_err(TrainError::Checkpoint)?;
+                let (shards, config) = ModelShards::<B>::import_hf(&from.hf_dir, place, &device)
+                    .map_err(TrainError::Checkpoint)?;
                 spec.validate_against_model(&config)?;
                 (shards, config)
             }
             None => {
                 let config = Self::resolve_config(&spec)?;
-                let shards = ModelShards::init(&config, spec.seed, place, compute, &device);
+                let shards = ModelShards::init(&config, spec.seed, place, &device);
                 (shards, config)
             }
         };

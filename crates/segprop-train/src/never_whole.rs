@@ -51,7 +51,8 @@ impl<B: AutodiffBackend> Trainer<B> {
             }
             None => Self::resolve_config(&spec)?,
         };
-        let shards = ModelShards::blank(&config, (shard.rank(), shard.world()), compute, &device);
+        let place = crate::sharded::Placement::of(&shard, compute, &device);
+        let shards = ModelShards::blank(&config, place, &device);
         let model = shards.skeleton();
         let mut trainer = Self::with_model(spec, device, work_dir, model, config, Some(shards))?;
         trainer.shard = Some(shard);

@@ -22,6 +22,9 @@ pub struct ShardOptions {
     /// Start each unit's all-gather while the rank still computes with the previous unit, and
     /// let each unit's reduce-scatter run while it computes the next (`sharding.prefetch`).
     pub prefetch: bool,
+    /// Keep each rank's chunk of every unit and its AdamW state in device memory and step it
+    /// there (`sharding.offload: none`); host memory otherwise (`offload: cpu`, CPU ranks).
+    pub device_shards: bool,
 }
 
 impl ShardOptions {
@@ -29,6 +32,7 @@ impl ShardOptions {
         Self {
             activation_checkpointing: spec.activation_checkpointing,
             prefetch: spec.sharding.prefetch,
+            device_shards: spec.sharding.offload == segprop_core::spec::Offload::None,
         }
     }
 }
@@ -67,10 +71,15 @@ pub struct RankMemory {
     pub parked_bytes: u64,
     /// The trained units whole (fp32): what one unsharded rank would hold.
     pub unit_bytes: u64,
-    /// This rank's shards of the fp32 master weights (host memory).
+    /// This rank's shards of the fp32 master weights (host memory, or device memory when
+    /// `shards_on_device`).
     pub params_bytes: u64,
-    /// This rank's shards of both AdamW moments (host memory).
+    /// This rank's shards of both AdamW moments (where the masters are).
     pub optimizer_bytes: u64,
+    /// Whether the shards (weights and AdamW state) live in device memory and are stepped there
+    /// (`sharding.offload: none`), not in host memory.
+    #[serde(default)]
+    pub shards_on_device: bool,
     /// This rank's gradient shards plus the most full-gradient buffers held at once (with
     /// prefetch, one unit's still being reduce-scattered while the next is computed).
     pub grad_bytes: u64,

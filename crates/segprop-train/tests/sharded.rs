@@ -442,3 +442,49 @@ fn reset_head_and_early_exit_with_units_kept_sharded_match_one_unsharded_rank() 
     // Pruned to blocks 0..2 and LL(r)'s block: 3 blocks of 9 tensors, the embedding, the head.
     assert_eq!(sharded.weights.len(), 3 * 9 + 3);
 }
+
+#[test]
+fn device_resident_shards_train_with_the_bits_of_host_resident_shards() {
+    // `offload: none` keeps every rank's chunks and AdamW state on the rank's device and steps
+    // them there as tensor operations. CPU jobs refuse it (their device is host memory), so the
+    // spec is set past validation: the code path is the one a CUDA rank runs, on ndarray, where
+    // the tensor AdamW has the host AdamW's bits. Stage 1, a segment with SnapCheck, head
+    // policy reset (the baseline restored into device shards) and the early exit.
+    let base = SEGPROP
+        .replace(
+            "  snapcheck: true\n",
+            "  snapcheck: true\n  head_policy: reset\n",
+        )
+        .replace(
+            "segment: { max_steps: 3 } }",
+            "segment: { max_steps: 3 }, global: { target_eval_loss: 100.0 } }",
+        );
+    let host = spec(
+        &base,
+        "activation_checkpointing: true\nsharding: { strategy: full_shard, offload: cpu }\n\
+         resources: { devices_per_gang: 2 }",
+    );
+    let mut device = host.clone();
+    device.sharding.offload = segprop_core::spec::Offload::None;
+    let on_host = run(&host);
+    let on_device = run(&device);
+    assert_eq!(on_device.losses.len(), 6);
+    let bits = |r: &Run| {
+        let losses: Vec<u64> = r.losses.iter().map(|l| l.2.to_bits()).collect();
+        let evals: Vec<u64> = r.evals.iter().map(|e| e.to_bits()).collect();
+        let weights: Vec<Vec<u32>> = r.weights.iter().map(|w| w.1.clone()).collect();
+        (losses, evals, weights)
+    };
+    assert!(
+        bits(&on_device) == bits(&on_host),
+        "device shards changed the run's bits"
+    );
+    let where_ = |r: &Run| -> Vec<bool> {
+        r.sharding
+            .iter()
+            .map(|m| m.expect("a sharded stage").shards_on_device)
+            .collect()
+    };
+    assert_eq!(where_(&on_device), vec![true; on_device.sharding.len()]);
+    assert_eq!(where_(&on_host), vec![false; on_host.sharding.len()]);
+}

@@ -337,3 +337,54 @@ fn reset_baselines_and_an_early_exit_survive_stage_states_at_other_world_sizes()
         assert!(worst < 1e-4, "weights differ by {worst}");
     }
 }
+
+#[test]
+fn device_resident_shards_save_the_bytes_of_host_shards_and_resume_from_them() {
+    // `offload: none` (set past validation: CPU jobs refuse it) keeps the chunks and moments on
+    // the rank's device; what it saves and what it reads back must not depend on it.
+    let tmp = tempfile::tempdir().unwrap();
+    let host = spec(2);
+    let mut device = host.clone();
+    device.sharding.offload = segprop_core::spec::Offload::None;
+    let save = |spec: &JobSpec, name: &str| {
+        let dir = tmp.path().join(name);
+        let saved = dir.clone();
+        let losses = gang(
+            spec,
+            &tmp.path().join(format!("{name}-work")),
+            None,
+            move |t| {
+                let mut steps = Steps::default();
+                run_next_stage(t, &mut steps)?;
+                run_next_stage(t, &mut steps)?;
+                checkpoint::save_sharded(t, None, &saved)?;
+                Ok(steps.0)
+            },
+        )
+        .unwrap();
+        (dir, losses)
+    };
+    let (from_host, host_losses) = save(&host, "host");
+    let (from_device, device_losses) = save(&device, "device");
+    let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    assert_eq!(bits(&device_losses), bits(&host_losses));
+    for rank in ["rank-00001-of-00002.bin", "rank-00002-of-00002.bin"] {
+        let (a, b) = (
+            std::fs::read(from_host.join(rank)).unwrap(),
+            std::fs::read(from_device.join(rank)).unwrap(),
+        );
+        assert!(a == b, "{rank}: device shards saved other bytes");
+    }
+    let resume = |spec: &JobSpec, name: &str| {
+        gang(spec, &tmp.path().join(name), Some(&from_host), |t| {
+            let mut steps = Steps::default();
+            run_plan(t, &mut steps)?;
+            Ok(steps.0)
+        })
+        .unwrap()
+    };
+    let on_host = resume(&host, "resume-host");
+    let on_device = resume(&device, "resume-device");
+    assert!(!on_host.is_empty());
+    assert_eq!(bits(&on_device), bits(&on_host));
+}

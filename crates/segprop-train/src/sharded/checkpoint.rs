@@ -63,7 +63,7 @@ fn entry_of<M>(name: String, u: &FsdpUnit<M>) -> UnitEntry {
         chunk: u.layout.chunk,
         packed: u.is_packed(),
         trainable: u.is_trainable(),
-        time: u.optimizer.time,
+        time: u.optimizer_time(),
     }
 }
 
@@ -135,10 +135,11 @@ impl<B: AutodiffBackend> ModelShards<B> {
             let name = name_of(&part);
             let mut bytes = Vec::new();
             let entry = with_ref!(part, u => {
-                put(&mut bytes, &u.master);
+                put(&mut bytes, &u.master());
                 if u.is_trainable() {
-                    put(&mut bytes, &u.optimizer.moment_1);
-                    put(&mut bytes, &u.optimizer.moment_2);
+                    let optimizer = u.optimizer();
+                    put(&mut bytes, &optimizer.moment_1);
+                    put(&mut bytes, &optimizer.moment_2);
                 }
                 entry_of(name, u)
             });
@@ -261,9 +262,7 @@ impl<M> LoadUnit for FsdpUnit<M> {
         if entry.trainable {
             let m1 = files.read(offset + size, entry.chunk, rank * mine, mine)?;
             let m2 = files.read(offset + 2 * size, entry.chunk, rank * mine, mine)?;
-            self.optimizer.moment_1 = m1;
-            self.optimizer.moment_2 = m2;
-            self.optimizer.time = entry.time;
+            self.set_moments(m1, m2, entry.time);
             size *= 3;
         }
         Ok(size)

@@ -32,10 +32,13 @@
 //! holds them; it cannot re-gather them in place as PyTorch's FSDP hooks do): `2 × unit` wire
 //! bytes per step, all trained units gathered at the peak.
 //!
-//! Where shards live: each rank's chunk of the fp32 master weights and of both AdamW moments is
-//! host memory (`Vec<f32>`), stepped by a host AdamW (bit-identical to burn's): this is the
-//! "offload: cpu" layout of FSDP + CPU offload; gathered weights are uploaded to the device for
-//! use and freed after.
+//! Where shards live (`segprop_shard::resident`): with `offload: cpu` each rank's chunk of the
+//! fp32 master weights and of both AdamW moments is host memory (`Vec<f32>`), stepped by a host
+//! AdamW (bit-identical to burn's), the layout of FSDP + CPU offload; with `offload: none` the
+//! chunks of the units the stage trains are tensors on the rank's device, stepped there by the
+//! same AdamW as tensor operations ([`Placement`]), while frozen units stay in host memory. The
+//! collectives stage through host buffers either way; gathered weights are uploaded to the
+//! device for use and freed after.
 //!
 //! Between stages, either the units stay sharded ([`ModelShards`], `model.rs`: a trainer built
 //! by `Trainer::new_sharded` never holds the model whole; its checkpoints are one file per rank,
@@ -120,7 +123,7 @@ mod moments;
 
 pub use checkpoint::{ShardLayoutFile, UnitEntry};
 pub use eval::{Entry, Flow};
-pub use model::ModelShards;
+pub use model::{ModelShards, Placement};
 
 pub use crate::rank::{RankMemory, ShardOptions, ShardRank};
 use comm::{Gathers, Scatters};
@@ -181,7 +184,8 @@ impl<B: AutodiffBackend> ShardedStage<B> {
         shard: &ShardRank,
         compute: DType,
     ) -> Self {
-        let mut shards = ModelShards::from_model(model, (shard.rank(), shard.world()), compute);
+        let device = model.head.output.weight.device();
+        let mut shards = ModelShards::from_model(model, Placement::of(shard, compute, &device));
         let mut stage = Self::take(&mut shards, route, trainable, adamw, false);
         let local = local_opt.to_record();
         let head = head_opt.map(Optimizer::to_record);
@@ -219,6 +223,10 @@ impl<B: AutodiffBackend> ShardedStage<B> {
             prefix_comm: (0, 0),
         };
         stage.memory.units = stage.units.len();
+        stage.memory.shards_on_device = stage
+            .units
+            .iter()
+            .all(|u| with_unit!(&u.kind, u => u.is_device_resident()));
         stage.memory.prefix_units = stage.prefix.len();
         for unit in &stage.prefix {
             stage.memory.prefix_bytes += with_unit!(&unit.kind, u => u.memory().params);

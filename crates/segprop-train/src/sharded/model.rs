@@ -30,111 +30,130 @@ pub struct ModelShards<B: AutodiffBackend> {
     rank: usize,
     world: usize,
     compute: FloatDType,
+    /// The device the chunks and AdamW state of the units a stage trains live on
+    /// (`sharding.offload: none`); host memory when `None`. Frozen units stay in host memory.
+    resident: Option<B::Device>,
 }
 
 const HELD: &str = "a unit is back in its slot between stages";
+
+/// How a rank shards each unit as it is made: its place in the gang, the compute dtype, and
+/// where the chunk lives.
+#[derive(Clone)]
+pub struct Placement<B: AutodiffBackend> {
+    pub rank: usize,
+    pub world: usize,
+    pub compute: DType,
+    /// `Some(device)`: the chunks and AdamW state of the units a stage trains live on `device`
+    /// and are stepped there (`sharding.offload: none`); frozen units (a segment's prefix, the
+    /// parked blocks) stay in host memory, as the planner parks held weights.
+    pub resident: Option<B::Device>,
+}
+
+impl<B: AutodiffBackend> Placement<B> {
+    /// Host-resident shards (`sharding.offload: cpu`, and every CPU rank).
+    pub fn host((rank, world): (usize, usize), compute: DType) -> Self {
+        Self {
+            rank,
+            world,
+            compute,
+            resident: None,
+        }
+    }
+
+    /// Shards of `shard`'s rank, on `device` when its options keep shards there.
+    pub fn of(shard: &crate::rank::ShardRank, compute: DType, device: &B::Device) -> Self {
+        Self {
+            resident: shard.options.device_shards.then(|| device.clone()),
+            ..Self::host((shard.rank(), shard.world()), compute)
+        }
+    }
+
+    /// `module` sharded for this rank (in host memory until a stage trains it).
+    fn shard<M: burn::module::Module<B>>(&self, module: M) -> FsdpUnit<M> {
+        let f = FloatDType::from(self.compute);
+        FsdpUnit::stored_in::<B>(module, self.rank, self.world, f)
+    }
+}
 
 impl<B: AutodiffBackend> ModelShards<B> {
     fn from_units(
         embed: FsdpUnit<Embedding<B>>,
         blocks: Vec<FsdpUnit<Block<B>>>,
         head: FsdpUnit<LmHead<B>>,
-        (rank, world): (usize, usize),
-        compute: FloatDType,
+        place: Placement<B>,
     ) -> Self {
         Self {
             embed: Some(embed),
             blocks: blocks.into_iter().map(Some).collect(),
             head: Some(head),
             baseline: None,
-            rank,
-            world,
-            compute,
+            rank: place.rank,
+            world: place.world,
+            compute: FloatDType::from(place.compute),
+            resident: place.resident,
         }
     }
 
     /// A seeded random model ([`SeededUnits`]: the values of `LlamaInit::random`), each unit
     /// sharded as soon as it is made.
-    pub fn init(
-        config: &LlamaConfig,
-        seed: u64,
-        (rank, world): (usize, usize),
-        compute: DType,
-        device: &B::Device,
-    ) -> Self {
-        let f = FloatDType::from(compute);
+    pub fn init(config: &LlamaConfig, seed: u64, place: Placement<B>, device: &B::Device) -> Self {
         let mut units = SeededUnits::new(config, seed);
-        let embed = FsdpUnit::stored_in::<B>(units.embed::<B>(device), rank, world, f);
+        let embed = place.shard(units.embed::<B>(device));
         let blocks = (0..config.num_layers)
-            .map(|_| FsdpUnit::stored_in::<B>(units.block::<B>(device), rank, world, f))
+            .map(|_| place.shard(units.block::<B>(device)))
             .collect();
-        let head = FsdpUnit::stored_in::<B>(units.head::<B>(device), rank, world, f);
-        Self::from_units(embed, blocks, head, (rank, world), f)
+        let head = place.shard(units.head::<B>(device));
+        Self::from_units(embed, blocks, head, place)
     }
 
     /// Every unit laid out for `(rank, world)` with values not worth keeping (burn's default
     /// initializers, one unit made and sharded at a time): the shape a rank loads a sharded
     /// checkpoint into ([`Self::load_rank_files`]), so the job's seeded init or HF import does
     /// not run again for a stage that continues from a stored state.
-    pub fn blank(
-        config: &LlamaConfig,
-        (rank, world): (usize, usize),
-        compute: DType,
-        device: &B::Device,
-    ) -> Self {
-        let f = FloatDType::from(compute);
+    pub fn blank(config: &LlamaConfig, place: Placement<B>, device: &B::Device) -> Self {
         let embed =
             burn::nn::EmbeddingConfig::new(config.vocab_size, config.hidden_size).init::<B>(device);
-        let embed = FsdpUnit::stored_in::<B>(embed, rank, world, f);
+        let embed = place.shard(embed);
         let blocks = (0..config.num_layers)
-            .map(|_| {
-                let block = segprop_model::BlockConfig::from_llama(config).init::<B>(device);
-                FsdpUnit::stored_in::<B>(block, rank, world, f)
-            })
+            .map(|_| place.shard(segprop_model::BlockConfig::from_llama(config).init::<B>(device)))
             .collect();
-        let head = FsdpUnit::stored_in::<B>(LmHead::init(config, device), rank, world, f);
-        Self::from_units(embed, blocks, head, (rank, world), f)
+        let head = place.shard(LmHead::init(config, device));
+        Self::from_units(embed, blocks, head, place)
     }
 
     /// An HF checkpoint read unit by unit ([`HfReader`]), each unit sharded as soon as it is
     /// read. Returns the checkpoint's config (untied).
     pub fn import_hf(
         dir: &std::path::Path,
-        (rank, world): (usize, usize),
-        compute: DType,
+        place: Placement<B>,
         device: &B::Device,
     ) -> Result<(Self, LlamaConfig), ModelError> {
-        let f = FloatDType::from(compute);
         let mut reader = HfReader::open(dir)?;
-        let embed = FsdpUnit::stored_in::<B>(reader.embed::<B>(device)?, rank, world, f);
+        let embed = place.shard(reader.embed::<B>(device)?);
         let mut blocks = Vec::with_capacity(reader.config().num_layers);
         for layer in 0..reader.config().num_layers {
-            let block = reader.block::<B>(layer, device)?;
-            blocks.push(FsdpUnit::stored_in::<B>(block, rank, world, f));
+            blocks.push(place.shard(reader.block::<B>(layer, device)?));
         }
-        let head = FsdpUnit::stored_in::<B>(reader.head::<B>(device)?, rank, world, f);
+        let head = place.shard(reader.head::<B>(device)?);
         let config = reader.finish()?;
-        Ok((
-            Self::from_units(embed, blocks, head, (rank, world), f),
-            config,
-        ))
+        Ok((Self::from_units(embed, blocks, head, place), config))
     }
 
     /// Shards the whole `model` (a trainer that holds it whole between stages), leaving
     /// placeholders in its place.
-    pub fn from_model(model: &mut Llama<B>, (rank, world): (usize, usize), compute: DType) -> Self {
-        let f = FloatDType::from(compute);
-        let embed = FsdpUnit::stored_in::<B>(model.embed_tokens.clone(), rank, world, f);
+    pub fn from_model(model: &mut Llama<B>, place: Placement<B>) -> Self {
+        let embed = place.shard(model.embed_tokens.clone());
         model.embed_tokens = embed.skeleton().clone();
         let mut blocks = Vec::with_capacity(model.blocks.len());
         for slot in &mut model.blocks {
-            let unit = FsdpUnit::stored_in::<B>(slot.clone(), rank, world, f);
+            let unit = place.shard(slot.clone());
             *slot = unit.skeleton().clone();
             blocks.push(unit);
         }
-        let head = FsdpUnit::stored_in::<B>(model.head.clone(), rank, world, f);
+        let head = place.shard(model.head.clone());
         model.head = head.skeleton().clone();
-        Self::from_units(embed, blocks, head, (rank, world), f)
+        Self::from_units(embed, blocks, head, place)
     }
 
     /// The model's structure with one-element placeholder parameters (the units' ids): what
@@ -197,7 +216,12 @@ impl<B: AutodiffBackend> ModelShards<B> {
     pub fn take_baseline(&mut self, range: std::ops::Range<usize>) {
         self.baseline = Some(
             range
-                .map(|i| (i, self.blocks[i].as_ref().expect(HELD).master.clone()))
+                .map(|i| {
+                    (
+                        i,
+                        self.blocks[i].as_ref().expect(HELD).master().into_owned(),
+                    )
+                })
                 .collect(),
         );
     }
@@ -229,7 +253,13 @@ impl<B: AutodiffBackend> ModelShards<B> {
 
     /// Replaces the LM head (the layer-wise baseline's fresh local head), sharded at once.
     pub fn replace_head(&mut self, head: LmHead<B>) -> LmHead<B> {
-        let unit = FsdpUnit::stored_in::<B>(head, self.rank, self.world, self.compute);
+        let place = Placement {
+            rank: self.rank,
+            world: self.world,
+            compute: self.compute.into(),
+            resident: self.resident.clone(),
+        };
+        let unit = place.shard(head);
         let skeleton = unit.skeleton().clone();
         self.head = Some(unit);
         skeleton
@@ -309,6 +339,7 @@ impl<B: AutodiffBackend> ShardedStage<B> {
                 Group::Local
             }
         };
+        let resident = shards.resident.clone();
         let train = |kind: Kind<B>| -> Unit<B> {
             let mut kind = kind;
             let group = with_unit!(&kind, u => group_of(&ParamIds::of(u.skeleton()).0));
@@ -317,11 +348,17 @@ impl<B: AutodiffBackend> ShardedStage<B> {
                 if fresh_local && group == Group::Local {
                     u.reset_optimizer();
                 }
+                if let Some(device) = &resident {
+                    u.to_device::<B::InnerBackend>(device);
+                }
             });
             Unit { kind, group }
         };
         let freeze = |mut kind: Kind<B>| -> Unit<B> {
-            with_unit!(&mut kind, u => u.freeze());
+            with_unit!(&mut kind, u => {
+                u.to_host();
+                u.freeze();
+            });
             Unit {
                 kind,
                 group: Group::Local,

@@ -58,7 +58,7 @@ pub(super) fn export_moments<B: AutodiffBackend, M: AutodiffModule<B>>(
     device: &B::Device,
 ) -> Result<(), CollectiveError> {
     let (m1, m2) = unit.gather_optimizer_state(c)?;
-    let time = unit.optimizer.time;
+    let time = unit.optimizer_time();
     if time == 0 {
         return Ok(());
     }
