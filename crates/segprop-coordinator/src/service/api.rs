@@ -1,0 +1,96 @@
+//! The gRPC face of the [`Coordinator`]: `JobService` (the CLI) and `ClusterService` (workers),
+//! each call handed to the coordinator's method of the same name.
+
+use super::*;
+
+/// The gRPC face of a [`Coordinator`] (both services).
+#[derive(Clone)]
+pub struct Api(pub Arc<Coordinator>);
+
+impl std::ops::Deref for Api {
+    type Target = Coordinator;
+    fn deref(&self) -> &Coordinator {
+        &self.0
+    }
+}
+
+#[tonic::async_trait]
+impl JobService for Api {
+    async fn submit_job(
+        &self,
+        request: Request<pb::SubmitJobRequest>,
+    ) -> Result<Response<pb::SubmitJobResponse>, Status> {
+        let req = request.into_inner();
+        let job = Coordinator::submit(&self.0, &req.spec_yaml, &req.source_name)?;
+        Ok(Response::new(pb::SubmitJobResponse { job: Some(job) }))
+    }
+
+    async fn get_job(
+        &self,
+        request: Request<pb::GetJobRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        Ok(Response::new(self.get(&request.into_inner().job_id)?))
+    }
+
+    async fn list_jobs(
+        &self,
+        _request: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        Ok(Response::new(pb::ListJobsResponse { jobs: self.list() }))
+    }
+
+    async fn cancel_job(
+        &self,
+        request: Request<pb::CancelJobRequest>,
+    ) -> Result<Response<pb::Job>, Status> {
+        Ok(Response::new(Coordinator::cancel(
+            &self.0,
+            &request.into_inner().job_id,
+        )?))
+    }
+
+    type WatchJobStream = ReceiverStream<Result<pb::JobEvent, Status>>;
+
+    async fn watch_job(
+        &self,
+        request: Request<pb::WatchJobRequest>,
+    ) -> Result<Response<Self::WatchJobStream>, Status> {
+        Ok(Response::new(self.watch(&request.into_inner().job_id)?))
+    }
+}
+
+#[tonic::async_trait]
+impl ClusterService for Api {
+    async fn register_worker(
+        &self,
+        request: Request<pb::RegisterWorkerRequest>,
+    ) -> Result<Response<pb::RegisterWorkerResponse>, Status> {
+        Ok(Response::new(self.register(request.into_inner())?))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        Ok(Response::new(
+            Coordinator::heartbeat(&self.0, request.into_inner()).await?,
+        ))
+    }
+
+    async fn report_task(
+        &self,
+        request: Request<pb::ReportTaskRequest>,
+    ) -> Result<Response<pb::ReportTaskResponse>, Status> {
+        self.report(request.into_inner())?;
+        Ok(Response::new(pb::ReportTaskResponse {}))
+    }
+
+    async fn rendezvous(
+        &self,
+        request: Request<pb::RendezvousRequest>,
+    ) -> Result<Response<pb::RendezvousReply>, Status> {
+        Ok(Response::new(
+            Coordinator::rendezvous(&self.0, request.into_inner()).await?,
+        ))
+    }
+}
