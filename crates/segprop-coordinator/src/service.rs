@@ -27,9 +27,14 @@ use crate::convert;
 use crate::store::{StateStore, StoreError};
 
 mod api;
-mod cluster;
+mod error;
+mod gc;
+mod rendezvous;
+mod reports;
+mod workers;
 
 pub use api::Api;
+pub use error::CoordError;
 
 /// A registered worker.
 #[derive(Debug, Clone)]
@@ -105,9 +110,9 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-fn internal(err: StoreError) -> Status {
+fn internal(err: StoreError) -> CoordError {
     tracing::error!(error = %err, "state store write failed");
-    Status::internal(format!("coordinator state could not be saved: {err}"))
+    CoordError::Persist(err)
 }
 
 impl Coordinator {
@@ -168,75 +173,6 @@ impl Coordinator {
         &self.artifacts
     }
 
-    /// Deletes the snapshot depths no pending task can read (all of a finished job's), in the
-    /// background. Returns the jobs whose `snapshots_collected` changed (to persist).
-    fn collect_snapshots(&self, inner: &mut Inner) -> Vec<String> {
-        let mut changed = Vec::new();
-        let now = now_ms();
-        for job in inner.jobs.iter_mut().chain(inner.done.iter_mut()) {
-            if job.snapshots_swept {
-                continue;
-            }
-            // A lease after the job ended, no worker may still write for it: delete whatever a
-            // cancelled shard put after the first collection, then never look at the job again.
-            if job
-                .finished_at
-                .is_some_and(|at| now > at.saturating_add(self.config.lease_ms))
-            {
-                job.snapshots_swept = true;
-                changed.push(job.id.clone());
-                if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                    let (store, prefix, job_id) = (
-                        self.snapshots.clone(),
-                        segprop_store::layout::snapshots_dir(&convert::job_dir(&job.id)),
-                        job.id.clone(),
-                    );
-                    runtime.spawn(async move {
-                        match store.delete_prefix(&prefix).await {
-                            Ok((0, _)) => {}
-                            Ok((objects, bytes)) => {
-                                tracing::info!(job = %job_id, objects, bytes, "late snapshots swept")
-                            }
-                            Err(e) => {
-                                tracing::warn!(job = %job_id, error = %e, "cannot sweep snapshots")
-                            }
-                        }
-                    });
-                }
-                continue;
-            }
-            let dead = job.snapshot_gc().dead;
-            if dead.is_empty() {
-                continue;
-            }
-            job.snapshots_collected.extend(&dead);
-            changed.push(job.id.clone());
-            let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-                tracing::warn!(job = %job.id, ?dead, "no runtime: snapshots left in the store");
-                continue;
-            };
-            let (store, job_dir, job_id) = (
-                self.snapshots.clone(),
-                convert::job_dir(&job.id),
-                job.id.clone(),
-            );
-            runtime.spawn(async move {
-                for depth in dead {
-                    let prefix = segprop_store::depth_prefix(&job_dir, depth);
-                    match store.delete_prefix(&prefix).await {
-                        Ok((objects, bytes)) => {
-                            tracing::info!(job = %job_id, depth, objects, bytes, "snapshots collected")
-                        }
-                        Err(e) => {
-                            tracing::warn!(job = %job_id, depth, error = %e, "cannot delete snapshots")
-                        }
-                    }
-                }
-            });
-        }
-        changed
-    }
-
     pub fn counters(&self) -> Counters {
         *self.lock_counters()
     }
@@ -273,7 +209,7 @@ impl Coordinator {
         self.counters.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn persist(&self, inner: &Inner, ids: &[&str]) -> Result<(), Status> {
+    fn persist(&self, inner: &Inner, ids: &[&str]) -> Result<(), CoordError> {
         let jobs: Vec<&Job> = inner
             .jobs
             .iter()
@@ -313,7 +249,7 @@ impl Coordinator {
     }
 
     /// Expires overdue leases and forgets workers that stopped heartbeating. Runs on a timer.
-    pub fn tick(&self) -> Result<(), Status> {
+    pub fn tick(&self) -> Result<(), CoordError> {
         let now = now_ms();
         let mut inner = self.lock();
         let transitions = sched::expire_leases(&mut inner.jobs, now, &self.sched);
@@ -352,27 +288,28 @@ impl Coordinator {
     }
 
     /// Validates and creates a job.
-    pub fn submit(&self, spec_yaml: &str, source_name: &str) -> Result<pb::Job, Status> {
+    pub fn submit(&self, spec_yaml: &str, source_name: &str) -> Result<pb::Job, CoordError> {
         let source = if source_name.is_empty() {
             "job spec"
         } else {
             source_name
         };
         let mut spec = JobSpec::from_yaml_str(spec_yaml, source)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            .map_err(|e| CoordError::Spec(e.to_string()))?;
         spec.check_files()
-            .map_err(|e| Status::invalid_argument(e.with_source(source, None).to_string()))?;
+            .map_err(|e| CoordError::Spec(e.with_source(source, None).to_string()))?;
         let model = spec
             .resolve_model_config()
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            .map_err(|e| CoordError::Spec(e.to_string()))?;
         let plan = StagePlan::new(&spec, model.num_layers);
         let now = now_ms();
         let mut inner = self.lock();
         let decided = preflight(&mut spec, &model, &plan, &inner.workers)?;
         // A resolved `auto` is stored in the spec the workers receive.
         let spec_yaml = match &decided {
-            Some(_) => serde_yaml::to_string(&spec)
-                .map_err(|e| Status::internal(format!("cannot encode the resolved spec: {e}")))?,
+            Some(_) => serde_yaml::to_string(&spec).map_err(|e| {
+                CoordError::Internal(format!("cannot encode the resolved spec: {e}"))
+            })?,
             None => spec_yaml.to_string(),
         };
         let seq = inner.next_seq;
@@ -425,7 +362,7 @@ impl Coordinator {
         Ok(reply)
     }
 
-    pub fn get(&self, job_id: &str) -> Result<pb::Job, Status> {
+    pub fn get(&self, job_id: &str) -> Result<pb::Job, CoordError> {
         let inner = self.lock();
         let job = find(&inner.jobs, job_id).or_else(|_| find(&inner.done, job_id))?;
         Ok(convert::job(job, &inner.progress, &self.config))
@@ -440,7 +377,7 @@ impl Coordinator {
             .collect()
     }
 
-    pub fn cancel(&self, job_id: &str) -> Result<pb::Job, Status> {
+    pub fn cancel(&self, job_id: &str) -> Result<pb::Job, CoordError> {
         let now = now_ms();
         let mut inner = self.lock();
         let Ok(index) = position(&inner.jobs, job_id) else {
@@ -469,7 +406,7 @@ impl Coordinator {
     pub fn watch(
         &self,
         job_id: &str,
-    ) -> Result<ReceiverStream<Result<pb::JobEvent, Status>>, Status> {
+    ) -> Result<ReceiverStream<Result<pb::JobEvent, Status>>, CoordError> {
         let mut events = self.events.subscribe();
         let first = self.get(job_id)?;
         let (tx, rx) = mpsc::channel(256);
@@ -542,13 +479,13 @@ fn changed_jobs(transitions: &[sched::Transition]) -> Vec<String> {
     ids
 }
 
-fn position(jobs: &[Job], id: &str) -> Result<usize, Status> {
+fn position(jobs: &[Job], id: &str) -> Result<usize, CoordError> {
     jobs.iter()
         .position(|j| j.id == id)
-        .ok_or_else(|| Status::not_found(format!("no job {id}")))
+        .ok_or_else(|| CoordError::NoJob(id.to_string()))
 }
 
-fn find<'a>(jobs: &'a [Job], id: &str) -> Result<&'a Job, Status> {
+fn find<'a>(jobs: &'a [Job], id: &str) -> Result<&'a Job, CoordError> {
     position(jobs, id).map(|i| &jobs[i])
 }
 
@@ -585,7 +522,7 @@ fn preflight(
     model: &segprop_core::LlamaConfig,
     plan: &StagePlan,
     workers: &HashMap<String, Worker>,
-) -> Result<Option<String>, Status> {
+) -> Result<Option<String>, CoordError> {
     use segprop_core::planner::preflight::{self, WorkerMemory};
     let backend = spec.resources.backend.to_string();
     let gang = spec.resources.devices_per_gang as u32;
@@ -602,7 +539,7 @@ fn preflight(
             } else {
                 "data.micro_batch"
             };
-            return Err(Status::invalid_argument(format!(
+            return Err(CoordError::Spec(format!(
                 "{field}: auto is sized against a registered {backend} worker with at least \
                  {gang} device(s) that reports its memory, and none is registered: start one, \
                  or give {field} a number"
@@ -616,7 +553,7 @@ fn preflight(
         host_bytes: worker.host_bytes,
     };
     let note = preflight::resolve_auto(spec, model, plan, &memory, &worker.name)
-        .map_err(Status::invalid_argument)?;
+        .map_err(CoordError::Spec)?;
     if let Some(note) = &note {
         tracing::info!(job = %spec.name, "{note}");
     }
@@ -624,7 +561,7 @@ fn preflight(
     match preflight::refusal(spec, &fits, &worker.name) {
         Some(message) => {
             tracing::warn!(job = %spec.name, worker = %worker.name, "{message}");
-            Err(Status::invalid_argument(message))
+            Err(CoordError::Spec(message))
         }
         None => Ok(note),
     }

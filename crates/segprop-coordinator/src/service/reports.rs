@@ -1,0 +1,80 @@
+//! Task reports: what happens when a worker reports a result (fenced by the task's lease
+//! epoch; the scheduler decides, the transition is persisted before the call returns).
+
+use super::*;
+
+impl Coordinator {
+    pub fn report(&self, req: pb::ReportTaskRequest) -> Result<(), CoordError> {
+        let now = now_ms();
+        let outcome = match req.outcome {
+            Some(pb::report_task_request::Outcome::Succeeded(s)) => Outcome::Succeeded {
+                outputs: s.artifacts.iter().map(convert::artifact_in).collect(),
+                metrics: s.metrics.as_ref().map(convert::artifact_in),
+                result_json: s.result_json,
+                early_exit: s.early_exit,
+            },
+            Some(pb::report_task_request::Outcome::Failed(f)) => Outcome::Failed {
+                reason: f.reason,
+                retryable: f.retryable,
+            },
+            None => {
+                return Err(CoordError::Field {
+                    field: "outcome",
+                    message: "missing".into(),
+                });
+            }
+        };
+        let succeeded = matches!(outcome, Outcome::Succeeded { .. });
+        let mut inner = self.lock();
+        let Ok(index) = position(&inner.jobs, &req.job_id) else {
+            find(&inner.done, &req.job_id)?;
+            self.lock_counters().rejected_reports += 1;
+            return Err(CoordError::Fenced(format!(
+                "report for job {} task {} rejected: the job has ended",
+                req.job_id, req.task_index
+            )));
+        };
+        let result = sched::complete(
+            &mut inner.jobs[index],
+            req.task_index,
+            req.epoch,
+            &req.worker_id,
+            outcome,
+            now,
+            &self.sched,
+        );
+        let transitions = match result {
+            Ok(t) => t,
+            Err(reject) => {
+                tracing::warn!(worker = %req.worker_id, job = %req.job_id, task = req.task_index, epoch = req.epoch, %reject, "task report rejected");
+                self.lock_counters().rejected_reports += 1;
+                return Err(CoordError::Fenced(format!(
+                    "report for job {} task {} rejected: {reject}",
+                    req.job_id, req.task_index
+                )));
+            }
+        };
+        let mut changed = self.collect_snapshots(&mut inner);
+        changed.push(req.job_id.clone());
+        let ids: Vec<&str> = changed.iter().map(String::as_str).collect();
+        self.persist(&inner, &ids)?;
+        inner.progress.remove(&(req.job_id.clone(), req.task_index));
+        for t in &transitions {
+            tracing::info!(?t, "task report accepted");
+        }
+        if succeeded {
+            self.lock_counters().commits += 1;
+        }
+        let job = &inner.jobs[index];
+        self.publish(&inner, job);
+        let ready = job
+            .tasks
+            .iter()
+            .filter(|t| t.status == TaskStatus::Ready && t.not_before <= now)
+            .count();
+        retire(&mut inner);
+        drop(inner);
+        self.wake(ready);
+        Ok(())
+    }
+}

@@ -1,0 +1,222 @@
+//! Workers: registration, and heartbeats that renew leases and long-poll for assignments
+//! (an idle worker's heartbeat waits up to one heartbeat interval for a task to become ready).
+
+use super::*;
+
+impl Coordinator {
+    pub fn register(
+        &self,
+        req: pb::RegisterWorkerRequest,
+    ) -> Result<pb::RegisterWorkerResponse, CoordError> {
+        if req.protocol_version != segprop_proto::PROTOCOL_VERSION {
+            return Err(CoordError::Protocol {
+                worker: req.protocol_version,
+                coordinator: segprop_proto::PROTOCOL_VERSION,
+            });
+        }
+        if req.backend != "cpu" && req.backend != "cuda" {
+            return Err(CoordError::Field {
+                field: "backend",
+                message: format!("`{}` is not one of cpu, cuda", req.backend),
+            });
+        }
+        let now = now_ms();
+        let mut inner = self.lock();
+        let id = format!("w-{}-{}", self.boot, inner.next_worker);
+        inner.next_worker += 1;
+        inner.workers.insert(
+            id.clone(),
+            Worker {
+                name: req.name.clone(),
+                backend: req.backend.clone(),
+                devices: req.devices.len().max(1) as u32,
+                device_bytes: req
+                    .devices
+                    .iter()
+                    .map(|d| d.memory_bytes)
+                    .min()
+                    .unwrap_or(0),
+                host_bytes: req.host_memory_bytes,
+                last_seen: now,
+            },
+        );
+        let mut adopted = Vec::new();
+        for running in &req.running {
+            if let Ok(index) = position(&inner.jobs, &running.job_id)
+                && sched::adopt(
+                    &mut inner.jobs[index],
+                    running.task_index,
+                    running.epoch,
+                    &id,
+                    now,
+                    &self.sched,
+                )
+            {
+                adopted.push(running.job_id.clone());
+            }
+        }
+        if !adopted.is_empty() {
+            let ids: Vec<&str> = adopted.iter().map(String::as_str).collect();
+            self.persist(&inner, &ids)?;
+        }
+        tracing::info!(worker = %id, name = %req.name, backend = %req.backend, devices = req.devices.len(), adopted = adopted.len(), "worker registered");
+        Ok(pb::RegisterWorkerResponse {
+            worker_id: id,
+            heartbeat_interval_ms: self.config.heartbeat_interval_ms as u32,
+            lease_ms: self.config.lease_ms as u32,
+            artifact_root: absolute(&self.config.artifact_root),
+        })
+    }
+
+    /// Renews the worker's leases, records progress and checkpoints, and hands out new tasks.
+    /// Without new tasks for an idle worker, waits up to one heartbeat interval for one.
+    pub async fn heartbeat(
+        &self,
+        req: pb::HeartbeatRequest,
+    ) -> Result<pb::HeartbeatResponse, CoordError> {
+        let mut reply = self.heartbeat_once(&req)?;
+        let idle = req.running.is_empty() && req.free_slots > 0;
+        if reply.reregister || !reply.assignments.is_empty() || !idle {
+            return Ok(reply);
+        }
+        let wait = Duration::from_millis(self.config.heartbeat_interval_ms);
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let mut notified = pin!(self.ready.notified());
+            notified.as_mut().enable();
+            // Re-check after enabling, so a task that became ready meanwhile is not missed.
+            reply.assignments = self.assign_to(&req.worker_id)?;
+            if !reply.assignments.is_empty() {
+                return Ok(reply);
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Ok(reply);
+            }
+        }
+    }
+
+    fn heartbeat_once(
+        &self,
+        req: &pb::HeartbeatRequest,
+    ) -> Result<pb::HeartbeatResponse, CoordError> {
+        let now = now_ms();
+        let mut inner = self.lock();
+        let Some(worker) = inner.workers.get_mut(&req.worker_id) else {
+            return Ok(pb::HeartbeatResponse {
+                reregister: true,
+                ..Default::default()
+            });
+        };
+        worker.last_seen = now;
+        let mut reply = pb::HeartbeatResponse::default();
+        let mut changed = Vec::new();
+        for running in &req.running {
+            let task_ref = pb::TaskRef {
+                job_id: running.job_id.clone(),
+                task_index: running.task_index,
+                epoch: running.epoch,
+            };
+            let Ok(index) = position(&inner.jobs, &running.job_id) else {
+                reply.cancel.push(task_ref);
+                continue;
+            };
+            let checkpoint = running.checkpoint.as_ref().and_then(convert::checkpoint_in);
+            let job = &mut inner.jobs[index];
+            let before = job
+                .tasks
+                .get(running.task_index as usize)
+                .and_then(|t| t.checkpoint.as_ref().map(|c| c.step));
+            match sched::renew(
+                job,
+                running.task_index,
+                running.epoch,
+                &req.worker_id,
+                checkpoint,
+                now,
+                &self.sched,
+            ) {
+                Ok(()) => {
+                    let after = job.tasks[running.task_index as usize]
+                        .checkpoint
+                        .as_ref()
+                        .map(|c| c.step);
+                    if after != before {
+                        changed.push(job.id.clone());
+                    }
+                    for event in &running.events {
+                        let _ = self.events.send(Arc::new((
+                            running.job_id.clone(),
+                            pb::JobEvent {
+                                event: Some(pb::job_event::Event::Progress(event.clone())),
+                            },
+                        )));
+                    }
+                    if let Some(last) = running.events.last() {
+                        inner
+                            .progress
+                            .insert((running.job_id.clone(), running.task_index), last.clone());
+                    }
+                }
+                Err(reject) => {
+                    tracing::warn!(worker = %req.worker_id, job = %running.job_id, task = running.task_index, epoch = running.epoch, %reject, "renewal refused; telling the worker to stop");
+                    self.lock_counters().rejected_renewals += 1;
+                    reply.cancel.push(task_ref);
+                }
+            }
+        }
+        if !changed.is_empty() {
+            let ids: Vec<&str> = changed.iter().map(String::as_str).collect();
+            self.persist(&inner, &ids)?;
+        }
+        drop(inner);
+        if req.free_slots > 0 {
+            reply.assignments = self.assign_to(&req.worker_id)?;
+        }
+        Ok(reply)
+    }
+
+    fn assign_to(&self, worker_id: &str) -> Result<Vec<pb::Assignment>, CoordError> {
+        let now = now_ms();
+        let mut inner = self.lock();
+        let Some(worker) = inner.workers.get(worker_id) else {
+            return Ok(Vec::new());
+        };
+        let busy = inner
+            .jobs
+            .iter()
+            .flat_map(|j| j.running_leases())
+            .any(|(_, l)| l.worker_id == worker_id);
+        if busy {
+            return Ok(Vec::new());
+        }
+        let view = sched::WorkerView {
+            id: worker_id.to_string(),
+            backend: worker.backend.clone(),
+            devices: worker.devices,
+            free_slots: 1,
+        };
+        let (assignments, transitions) = sched::assign(&mut inner.jobs, &[view], now, &self.sched);
+        if assignments.is_empty() && transitions.is_empty() {
+            return Ok(Vec::new());
+        }
+        let changed = changed_jobs(&transitions);
+        let ids: Vec<&str> = changed.iter().map(String::as_str).collect();
+        self.persist(&inner, &ids)?;
+        let mut out = Vec::new();
+        for a in &assignments {
+            let job = find(&inner.jobs, &a.job_id)?;
+            tracing::info!(job = %a.job_id, task = a.task_index, name = job.tasks[a.task_index as usize].kind.name(), epoch = a.epoch, worker = %worker_id, "task assigned");
+            out.push(convert::assignment(job, a.task_index, a.epoch));
+        }
+        self.publish_changed(&inner, &changed);
+        for t in transitions
+            .iter()
+            .filter(|t| matches!(t, sched::Transition::JobFinished { .. }))
+        {
+            tracing::warn!(?t, "job failed at assignment");
+        }
+        retire(&mut inner);
+        self.lock_counters().assignments += assignments.len() as u64;
+        Ok(out)
+    }
+}
