@@ -1,0 +1,216 @@
+//! The job spec: what a user writes in `job.yaml` (DESIGN.md §5, docs/job-spec.md).
+//!
+//! Every struct rejects unknown fields. [`JobSpec::from_yaml_str`] parses and validates; every
+//! error names the field and, when it can be found in the text, the line.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{SpecError, SpecErrorKind};
+use crate::llama_config::LlamaConfig;
+use crate::validate::{locate_field, strip_location};
+
+mod data;
+mod model;
+mod optim;
+mod regime;
+mod resources;
+#[cfg(test)]
+mod tests;
+
+pub use data::*;
+pub use model::*;
+pub use optim::*;
+pub use regime::*;
+pub use resources::*;
+
+/// A complete training job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    /// Spec format version; only `1` exists.
+    pub version: u32,
+    pub name: String,
+    pub model: ModelSpec,
+    pub data: DataSpec,
+    pub regime: Regime,
+    #[serde(default)]
+    pub segprop: SegPropSpec,
+    #[serde(default)]
+    pub lw: LwSpec,
+    #[serde(default)]
+    pub e2e: E2eSpec,
+    #[serde(default)]
+    pub optimizer: OptimizerSpec,
+    #[serde(default)]
+    pub eval: EvalSpec,
+    #[serde(default)]
+    pub resources: ResourcesSpec,
+    #[serde(default)]
+    pub sharding: ShardingSpec,
+    /// Recompute each trained unit's forward during backward instead of keeping its activations
+    /// (per decoder block; the embedding and the head are units too). Applies sharded or not.
+    #[serde(default)]
+    pub activation_checkpointing: bool,
+    #[serde(default)]
+    pub checkpoint: CheckpointSpec,
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+}
+
+/// Mid-stage checkpoints written by worker daemons (a retried stage resumes from the newest).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointSpec {
+    /// Optimizer steps between checkpoints; 0 writes none (a retried stage starts over).
+    #[serde(default = "default_checkpoint_every")]
+    pub every_steps: u64,
+}
+
+impl Default for CheckpointSpec {
+    fn default() -> Self {
+        Self {
+            every_steps: default_checkpoint_every(),
+        }
+    }
+}
+
+fn default_checkpoint_every() -> u64 {
+    50
+}
+
+fn default_seed() -> u64 {
+    17
+}
+
+pub use self::Backend as BackendKind;
+
+impl JobSpec {
+    /// Parses and validates a spec read from `path`. Relative data and checkpoint paths are
+    /// resolved against the spec's directory.
+    pub fn from_file(path: &Path) -> Result<Self, SpecError> {
+        let text = std::fs::read_to_string(path).map_err(|e| SpecError::io(path, &e))?;
+        let source = path.display().to_string();
+        let mut spec = Self::from_yaml_str(&text, &source)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        spec.resolve_paths(base);
+        spec.check_files().map_err(|e| {
+            let line = locate_field(&text, e.field().unwrap_or_default());
+            e.with_source(&source, line)
+        })?;
+        Ok(spec)
+    }
+
+    /// Parses and validates YAML text. `source_name` appears in error messages.
+    pub fn from_yaml_str(text: &str, source_name: &str) -> Result<Self, SpecError> {
+        let spec: JobSpec = serde_yaml::from_str(text).map_err(|e| {
+            let line = e.location().map(|l| l.line());
+            SpecError {
+                source_name: source_name.to_string(),
+                line,
+                kind: SpecErrorKind::Parse {
+                    message: strip_location(&e.to_string()),
+                },
+            }
+        })?;
+        spec.validate().map_err(|e| {
+            let line = locate_field(text, e.field().unwrap_or_default());
+            e.with_source(source_name, line)
+        })?;
+        Ok(spec)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        if !self.data.corpus.starts_with("builtin:") {
+            let corpus = Path::new(&self.data.corpus);
+            if corpus.is_relative() {
+                self.data.corpus = base.join(corpus).display().to_string();
+            }
+        }
+        if let Some(from) = &mut self.model.from
+            && from.hf_dir.is_relative()
+        {
+            from.hf_dir = base.join(&from.hf_dir);
+        }
+    }
+
+    /// Sequences per forward/backward pass of `stage`: `data.micro_batch` for it, at most
+    /// `data.batch_size` (0 while `batch_size` is an unresolved `auto`).
+    pub fn micro_batch(&self, stage: &str) -> usize {
+        let batch = self.data.batch_size.get();
+        self.data
+            .micro_batch
+            .as_ref()
+            .and_then(|m| m.for_stage(stage))
+            .map_or(batch, |m| m.min(batch))
+    }
+
+    /// Checks that every file the spec names exists.
+    pub fn check_files(&self) -> Result<(), SpecError> {
+        if !self.data.corpus.starts_with("builtin:") && !Path::new(&self.data.corpus).is_file() {
+            return Err(SpecError::invalid(
+                "data.corpus",
+                format!("file `{}` does not exist", self.data.corpus),
+            ));
+        }
+        if let Some(from) = &self.model.from {
+            let config = from.hf_dir.join("config.json");
+            if !config.is_file() {
+                return Err(SpecError::invalid(
+                    "model.from.hf_dir",
+                    format!("`{}` does not exist", config.display()),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The model shape this spec trains. For `model.from` the shape is read from the checkpoint's
+    /// `config.json` by [`JobSpec::resolve_model_config`]; this returns `None` then.
+    pub fn model_config(&self) -> Option<LlamaConfig> {
+        if let Some(config) = &self.model.config {
+            return Some(config.clone());
+        }
+        let mut config = LlamaConfig::preset(self.model.preset.as_deref()?)?;
+        if let Some(o) = &self.model.overrides {
+            macro_rules! apply {
+                ($($field:ident),*) => { $( if let Some(v) = o.$field { config.$field = v; } )* };
+            }
+            apply!(
+                vocab_size,
+                hidden_size,
+                intermediate_size,
+                num_layers,
+                num_heads,
+                num_kv_heads,
+                tie_embeddings,
+                max_seq_len
+            );
+        }
+        Some(config)
+    }
+
+    /// The model shape, reading `config.json` of an HF checkpoint when the spec names one.
+    pub fn resolve_model_config(&self) -> Result<LlamaConfig, SpecError> {
+        if let Some(config) = self.model_config() {
+            return Ok(config);
+        }
+        let Some(from) = &self.model.from else {
+            return Err(SpecError::invalid(
+                "model",
+                "names no preset, config or checkpoint",
+            ));
+        };
+        let path = from.hf_dir.join("config.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| SpecError::io(&path, &e))?;
+        let config = LlamaConfig::from_hf_json(&text).map_err(|message| SpecError {
+            source_name: path.display().to_string(),
+            line: None,
+            kind: SpecErrorKind::Parse { message },
+        })?;
+        config.validate("model.from")?;
+        self.validate_against_model(&config)?;
+        Ok(config)
+    }
+}

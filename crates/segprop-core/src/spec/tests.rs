@@ -1,0 +1,179 @@
+//! Tests of the job spec: parsing, defaults, and validation messages with field and line.
+
+use super::*;
+
+const TINY: &str = "\
+version: 1
+name: tiny
+model: { family: llama, preset: tiny }
+data: { corpus: builtin:synthetic, tokenizer: byte, seq_len: 32, batch_size: 4 }
+regime: segprop
+segprop:
+  base_depth: 2
+  head_layers: 2
+  exit: { stage1: { max_steps: 10 }, segment: { max_steps: 5 } }
+seed: 3
+";
+
+#[test]
+fn parses_a_valid_spec_with_defaults() {
+    let spec = JobSpec::from_yaml_str(TINY, "job.yaml").unwrap();
+    assert_eq!(spec.regime, Regime::Segprop);
+    assert_eq!(spec.segprop.segment_size, 1);
+    assert_eq!(spec.optimizer.name, "adamw");
+    assert_eq!(spec.model_config().unwrap().num_layers, 8);
+}
+
+#[test]
+fn where_shards_live_is_checked_per_backend() {
+    let with = |backend: &str, offload: &str| {
+        let text = format!(
+            "{TINY}sharding: {{ strategy: full_shard{offload} }}\n\
+             resources: {{ backend: {backend} }}\n"
+        );
+        JobSpec::from_yaml_str(&text, "job.yaml").map_err(|e| e.to_string())
+    };
+    // CUDA: device memory or host memory, but it must be said.
+    assert!(with("cuda", ", offload: none").is_ok());
+    assert!(with("cuda", ", offload: cpu").is_ok());
+    let err = with("cuda", "").unwrap_err();
+    assert!(
+        err.contains("sharding.offload") && err.contains("offload: none"),
+        "{err}"
+    );
+    // CPU ranks have no device memory.
+    assert!(with("cpu", "").is_ok());
+    let err = with("cpu", ", offload: none").unwrap_err();
+    assert!(
+        err.contains("sharding.offload") && err.contains("device memory"),
+        "{err}"
+    );
+}
+
+#[test]
+fn unknown_field_is_named_with_its_line() {
+    let text = TINY.replace("  head_layers: 2\n", "  head_layers: 2\n  head_layrs: 3\n");
+    let err = JobSpec::from_yaml_str(&text, "job.yaml").unwrap_err();
+    let message = err.to_string();
+    assert!(message.contains("head_layrs"), "{message}");
+    assert!(message.starts_with("job.yaml:9:"), "{message}");
+}
+
+#[test]
+fn wrong_type_is_named() {
+    let text = TINY.replace("seed: 3", "seed: three");
+    let message = JobSpec::from_yaml_str(&text, "job.yaml")
+        .unwrap_err()
+        .to_string();
+    assert!(message.contains("seed"), "{message}");
+    assert!(message.starts_with("job.yaml:10:"), "{message}");
+}
+
+#[test]
+fn depth_beyond_the_model_is_rejected_with_field_and_line() {
+    let text = TINY.replace("base_depth: 2", "base_depth: 7");
+    let err = JobSpec::from_yaml_str(&text, "job.yaml").unwrap_err();
+    assert_eq!(err.field(), Some("segprop.base_depth"));
+    assert_eq!(err.line, Some(7));
+    assert!(err.to_string().contains("exceeds the model's 8 layers"));
+}
+
+#[test]
+fn missing_corpus_file_is_rejected() {
+    let dir = std::env::temp_dir().join(format!("segprop-spec-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("job.yaml");
+    std::fs::write(&path, TINY.replace("builtin:synthetic", "no-such-file.txt")).unwrap();
+    let err = JobSpec::from_file(&path).unwrap_err();
+    assert_eq!(err.field(), Some("data.corpus"));
+    assert_eq!(err.line, Some(4));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn missing_spec_file_is_an_io_error() {
+    let err = JobSpec::from_file(Path::new("/nonexistent/job.yaml")).unwrap_err();
+    assert!(matches!(err.kind, SpecErrorKind::Io { .. }));
+}
+
+#[test]
+fn unbounded_stage_is_rejected() {
+    let text = TINY.replace("stage1: { max_steps: 10 }", "stage1: { patience: 3 }");
+    let err = JobSpec::from_yaml_str(&text, "job.yaml").unwrap_err();
+    assert_eq!(err.field(), Some("segprop.exit.stage1"));
+}
+
+#[test]
+fn micro_batch_is_a_number_or_a_map_by_stage_and_is_checked() {
+    let spec = JobSpec::from_yaml_str(TINY, "job.yaml").unwrap();
+    assert_eq!(spec.data.micro_batch, None);
+    assert_eq!(spec.micro_batch("stage1"), 4);
+
+    let every = TINY.replace("batch_size: 4 }", "batch_size: 4, micro_batch: 3 }");
+    let spec = JobSpec::from_yaml_str(&every, "job.yaml").unwrap();
+    assert_eq!(spec.micro_batch("stage1"), 3);
+    assert_eq!(spec.micro_batch("segment-2-3"), 3);
+
+    let per_stage = format!("{TINY}  \n").replace(
+        "batch_size: 4 }",
+        "batch_size: 4, micro_batch: { stage1: 2 } }",
+    );
+    let spec = JobSpec::from_yaml_str(&per_stage, "job.yaml").unwrap();
+    assert_eq!(spec.micro_batch("stage1"), 2);
+    assert_eq!(spec.micro_batch("segment-2-3"), 4);
+    // It survives the coordinator's re-encoding of a resolved spec.
+    let again = JobSpec::from_yaml_str(&serde_yaml::to_string(&spec).unwrap(), "again").unwrap();
+    assert_eq!(again.data.micro_batch, spec.data.micro_batch);
+
+    let too_big = TINY.replace("batch_size: 4 }", "batch_size: 4, micro_batch: 5 }");
+    let err = JobSpec::from_yaml_str(&too_big, "job.yaml").unwrap_err();
+    assert_eq!(err.field(), Some("data.micro_batch"));
+    assert!(
+        err.to_string().contains("exceeds data.batch_size 4"),
+        "{err}"
+    );
+
+    let zero = TINY.replace(
+        "batch_size: 4 }",
+        "batch_size: 4, micro_batch: { stage1: 0 } }",
+    );
+    let err = JobSpec::from_yaml_str(&zero, "job.yaml").unwrap_err();
+    assert_eq!(err.field(), Some("data.micro_batch.stage1"));
+
+    let unknown = TINY.replace(
+        "batch_size: 4 }",
+        "batch_size: 4, micro_batch: { segment-9-10: 2 } }",
+    );
+    let message = JobSpec::from_yaml_str(&unknown, "job.yaml")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        message.contains("data.micro_batch.segment-9-10"),
+        "{message}"
+    );
+    assert!(
+        message.contains("its stages: stage1, segment-2-3"),
+        "{message}"
+    );
+
+    let wrong = TINY.replace("batch_size: 4 }", "batch_size: 4, micro_batch: lots }");
+    let message = JobSpec::from_yaml_str(&wrong, "job.yaml")
+        .unwrap_err()
+        .to_string();
+    assert!(message.contains("`lots` is not a micro-batch"), "{message}");
+    let auto = TINY.replace("batch_size: 4 }", "batch_size: 4, micro_batch: auto }");
+    let spec = JobSpec::from_yaml_str(&auto, "job.yaml").unwrap();
+    assert_eq!(spec.data.micro_batch, Some(MicroBatch::Auto));
+    assert_eq!(
+        spec.micro_batch("stage1"),
+        4,
+        "whole batches until resolved"
+    );
+}
+
+#[test]
+fn locate_field_follows_the_path() {
+    assert_eq!(locate_field(TINY, "segprop.head_layers"), Some(8));
+    assert_eq!(locate_field(TINY, "data.seq_len"), Some(4));
+    assert_eq!(locate_field(TINY, "segprop.exit.segment"), Some(9));
+}
