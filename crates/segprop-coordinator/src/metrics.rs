@@ -7,7 +7,24 @@ use segprop_core::sched::{Job, JobStatus, TaskStatus};
 use segprop_proto::v1 as pb;
 use segprop_telemetry::metrics::{Exposition, Kind};
 
-use crate::service::{Counters, WorkerInfo};
+/// A registered worker, as metrics show it.
+#[derive(Debug, Clone)]
+pub struct WorkerInfo {
+    pub name: String,
+    pub backend: String,
+    pub devices: u32,
+    /// Unix milliseconds of its last heartbeat.
+    pub last_seen: u64,
+}
+
+/// Counters for logs, tests and the load test.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Counters {
+    pub assignments: u64,
+    pub rejected_reports: u64,
+    pub rejected_renewals: u64,
+    pub commits: u64,
+}
 
 /// Everything a scrape reads, borrowed under the coordinator's lock.
 pub struct State<'a> {

@@ -24,6 +24,8 @@ use tonic::{Request, Response, Status};
 
 use crate::config::CoordConfig;
 use crate::convert;
+pub use crate::metrics::Counters;
+use crate::metrics::WorkerInfo;
 use crate::store::{StateStore, StoreError};
 
 mod api;
@@ -60,25 +62,6 @@ struct Inner {
     progress: HashMap<(String, u32), pb::Progress>,
     /// Communicator ids published by rank 0 of a gang, by task attempt (job id, task, epoch).
     rendezvous: HashMap<(String, u32, u64), Vec<u8>>,
-}
-
-/// A registered worker, as metrics show it.
-#[derive(Debug, Clone)]
-pub struct WorkerInfo {
-    pub name: String,
-    pub backend: String,
-    pub devices: u32,
-    /// Unix milliseconds of its last heartbeat.
-    pub last_seen: u64,
-}
-
-/// Counters for logs, tests and the load test.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Counters {
-    pub assignments: u64,
-    pub rejected_reports: u64,
-    pub rejected_renewals: u64,
-    pub commits: u64,
 }
 
 pub struct Coordinator {

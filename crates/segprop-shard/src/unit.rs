@@ -613,18 +613,6 @@ impl<M> FsdpUnit<M> {
         }
     }
 
-    /// All-gathers the unit on the inner (no-autodiff) backend, for a forward pass that builds
-    /// no graph: the weights are freed as soon as the returned module is dropped.
-    pub fn gather_valid<B: AutodiffBackend>(
-        &self,
-        collective: &mut dyn Collective,
-    ) -> Result<M::InnerModule, CollectiveError>
-    where
-        M: AutodiffModule<B>,
-    {
-        Ok(self.gather::<B>(collective)?.valid())
-    }
-
     /// The module's structure with one-element placeholder parameters (the ids of the original).
     pub fn skeleton(&self) -> &M {
         &self.skeleton

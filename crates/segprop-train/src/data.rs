@@ -122,10 +122,6 @@ pub struct Batch {
 }
 
 impl Batch {
-    pub fn num_tokens(&self) -> usize {
-        self.batch * self.seq
-    }
-
     /// Sequences `rows` of this batch, as a batch of its own (same id: a micro-batch of the
     /// batch the snapshot cache knows).
     pub fn rows(&self, rows: std::ops::Range<usize>) -> Batch {

@@ -9,9 +9,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{SpecError, SpecErrorKind};
 use crate::llama_config::LlamaConfig;
-use crate::validate::{locate_field, strip_location};
 
 mod data;
+mod locate;
 mod model;
 mod optim;
 mod regime;
@@ -20,6 +20,8 @@ mod resources;
 mod tests;
 
 pub use data::*;
+pub use locate::locate_field;
+pub(crate) use locate::strip_location;
 pub use model::*;
 pub use optim::*;
 pub use regime::*;
