@@ -14,7 +14,7 @@ serve:
 
 # Load test: 1,000 simulated workers against a real coordinator (docs/benchmarks.md).
 loadtest:
-    cargo build --release -p segprop-coordinator && target/release/segprop-loadtest --workers 1000 --jobs 200
+    cargo build --release -p segprop-coordinator -p segprop-bench && target/release/segprop-bench loadtest --workers 1000 --jobs 200
 
 # The test command CI runs (README): format, lints, GPU paths compile, all tests.
 test:

@@ -16,6 +16,8 @@
 //! - `orchestration`: wall time of a job (default: the demo) through `segprop-coord demo`
 //!   (coordinator + worker daemon + store, stage tasks with checkpoints) vs `segprop-worker train`
 //!   standalone, alternating runs of the release binaries next to this one;
+//! - `loadtest`: a real `segprop-coord serve` process under many simulated workers over gRPC
+//!   (dispatch latency, coordinator CPU and memory; `src/loadtest/`);
 //! - `gpu-check` (feature `cuda`; `nccl` for the NCCL collective): `full_shard` gangs of one
 //!   rank on `cuda:0`, with CPU offload and with device-resident shards, against a plain rank,
 //!   the same loss curve expected; a bf16
@@ -27,6 +29,7 @@ mod cluster;
 mod gpu_check;
 #[cfg(feature = "cuda")]
 mod gpu_slice;
+mod loadtest;
 mod never_whole;
 mod planner;
 mod precision;
@@ -93,6 +96,9 @@ enum Command {
     Matmul,
     /// Mixed precision on CPU: bf16/f16 against f32, step time, loss, bytes.
     Precision,
+    /// The coordinator under load: many simulated workers over real gRPC against a real
+    /// `segprop-coord serve` process (dispatch latency, coordinator CPU and memory).
+    Loadtest(loadtest::LoadtestArgs),
     /// Peak heap of a whole sharded job with the model never whole vs whole between stages.
     NeverWhole {
         #[arg(long, default_value_t = 3)]
@@ -196,6 +202,7 @@ fn main() -> Result<()> {
         Command::Matmul => matmul().map(|_| ()),
         Command::Precision => precision::precision(cli.steps),
         Command::NeverWhole { reps } => never_whole::never_whole(reps),
+        Command::Loadtest(args) => loadtest::loadtest(args),
         Command::Throughput | Command::Snapcheck if cli.backend == "cuda" => cuda(&cli),
         Command::Throughput => throughput::<CpuBackend>(cli.steps, &Default::default(), "cpu"),
         Command::Snapcheck => snapcheck::<CpuBackend>(cli.steps, &Default::default()),
