@@ -22,6 +22,7 @@ pub mod config;
 pub mod grpc;
 mod key;
 pub mod layout;
+mod remote;
 pub mod snapshot;
 pub mod store;
 

@@ -17,8 +17,8 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use crate::config::{MULTIPART_PART_BYTES, StoreConfig, StoreLocation};
-use crate::grpc::{GrpcBackend, Namespace};
 use crate::key::{parse_key, parse_prefix};
+use crate::remote::{GrpcBackend, Namespace};
 use crate::snapshot::{SnapshotEntry, SnapshotHeader, decode_snapshot, encode_snapshot};
 use crate::{Error, Result, checked};
 

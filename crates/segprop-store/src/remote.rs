@@ -1,4 +1,6 @@
-//! The client side: the backend behind [`crate::Store::grpc`], every call naming its namespace.
+//! The client of the `SnapshotService`: the backend behind [`crate::Store::grpc`], every call
+//! naming its namespace. The server is [`crate::grpc`]; this module needs nothing of it, so the
+//! store uses it without the server using the store in a circle.
 
 use bytes::{Bytes, BytesMut};
 use segprop_proto::v1::snapshot_service_client::SnapshotServiceClient;
@@ -8,9 +10,21 @@ use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 
+pub use segprop_proto::v1::Namespace;
+
 use crate::{Error, Result};
 
-use super::*;
+/// Largest `data` of one Put or Get chunk.
+pub const MAX_CHUNK_BYTES: usize = 1 << 20;
+
+/// HTTP/2 stream window for servers and clients of the service: several chunks in flight per
+/// call, so a sender is not stalled waiting for a window update after every chunk.
+pub const STREAM_WINDOW_BYTES: u32 = 8 << 20;
+/// HTTP/2 connection window (a few concurrent calls at full speed).
+pub const CONNECTION_WINDOW_BYTES: u32 = 32 << 20;
+/// Largest message either side accepts: chunks are far below it, a Stat of a prefix that holds
+/// many blobs is not.
+pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
 /// The client side of [`Store::grpc`].
 #[derive(Clone)]
