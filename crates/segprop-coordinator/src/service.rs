@@ -13,7 +13,7 @@ use std::pin::pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use segprop_core::sched::{self, Job, JobStatus, Outcome, SchedConfig, TaskStatus};
+use segprop_core::sched::{self, Job, JobStatus, NewJob, Outcome, SchedConfig, TaskStatus};
 use segprop_core::{JobSpec, StagePlan};
 use segprop_proto::v1 as pb;
 use segprop_proto::v1::cluster_service_server::ClusterService;
@@ -315,15 +315,17 @@ impl Coordinator {
                 }
             });
         let job = Job::new(
-            id.clone(),
-            seq,
-            spec.name.clone(),
-            spec.regime.to_string(),
-            spec_yaml,
-            backend,
-            spec.resources.devices_per_gang as u32,
-            spec.checkpoint.every_steps,
-            sched::plan_tasks(&plan, fanout),
+            NewJob {
+                id: id.clone(),
+                seq,
+                name: spec.name.clone(),
+                regime: spec.regime.to_string(),
+                spec_yaml,
+                backend,
+                devices_per_gang: spec.resources.devices_per_gang as u32,
+                checkpoint_every_steps: spec.checkpoint.every_steps,
+                tasks: sched::plan_tasks(&plan, fanout),
+            },
             now,
         );
         let mut job = job;

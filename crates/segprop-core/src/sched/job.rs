@@ -3,22 +3,37 @@
 
 use super::*;
 
+/// What a new job is made of ([`Job::new`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewJob {
+    pub id: String,
+    /// Submission order (FIFO among jobs).
+    pub seq: u64,
+    pub name: String,
+    pub regime: String,
+    pub spec_yaml: String,
+    /// `cpu` or `cuda`: the workers that may run its tasks.
+    pub backend: String,
+    pub devices_per_gang: u32,
+    pub checkpoint_every_steps: u64,
+    pub tasks: Vec<PlannedTask>,
+}
+
 impl Job {
-    /// A new `Pending` job running `tasks` (see [`plan_tasks`]): the tasks that run after
-    /// nothing are `Ready`, the others `Waiting`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        id: String,
-        seq: u64,
-        name: String,
-        regime: String,
-        spec_yaml: String,
-        backend: String,
-        devices_per_gang: u32,
-        checkpoint_every_steps: u64,
-        tasks: Vec<PlannedTask>,
-        now: u64,
-    ) -> Job {
+    /// A new `Pending` job (`job.tasks` from [`plan_tasks`]), created at `now`: the tasks that
+    /// run after nothing are `Ready`, the others `Waiting`.
+    pub fn new(job: NewJob, now: u64) -> Job {
+        let NewJob {
+            id,
+            seq,
+            name,
+            regime,
+            spec_yaml,
+            backend,
+            devices_per_gang,
+            checkpoint_every_steps,
+            tasks,
+        } = job;
         let tasks = tasks
             .into_iter()
             .enumerate()

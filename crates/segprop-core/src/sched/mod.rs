@@ -48,6 +48,7 @@ mod proptests;
 #[cfg(test)]
 mod test_util;
 
+pub use job::NewJob;
 pub use lease::*;
 pub use plan::*;
 pub use task::*;

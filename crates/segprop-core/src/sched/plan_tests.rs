@@ -86,15 +86,17 @@ fn snapshot_shards_run_side_by_side_and_release_the_segment() {
         overlap: false,
     };
     let mut job = Job::new(
-        "j".into(),
-        1,
-        "j".into(),
-        "segprop".into(),
-        "version: 1".into(),
-        "cpu".into(),
-        1,
-        50,
-        plan_tasks(&segprop_plan(), Some(fanout)),
+        NewJob {
+            id: "j".into(),
+            seq: 1,
+            name: "j".into(),
+            regime: "segprop".into(),
+            spec_yaml: "version: 1".into(),
+            backend: "cpu".into(),
+            devices_per_gang: 1,
+            checkpoint_every_steps: 50,
+            tasks: plan_tasks(&segprop_plan(), Some(fanout)),
+        },
         0,
     );
     succeed(&mut job, "w0", 1);
@@ -215,15 +217,17 @@ fn snapshot_gc_keeps_at_most_two_depths_and_collects_all() {
     for overlap in [false, true] {
         let fanout = SnapshotFanout { shards: 3, overlap };
         let mut job = Job::new(
-            "j".into(),
-            1,
-            "j".into(),
-            "segprop".into(),
-            "version: 1".into(),
-            "cpu".into(),
-            1,
-            50,
-            plan_tasks(&plan, Some(fanout)),
+            NewJob {
+                id: "j".into(),
+                seq: 1,
+                name: "j".into(),
+                regime: "segprop".into(),
+                spec_yaml: "version: 1".into(),
+                backend: "cpu".into(),
+                devices_per_gang: 1,
+                checkpoint_every_steps: 50,
+                tasks: plan_tasks(&plan, Some(fanout)),
+            },
             0,
         );
         let workers: Vec<WorkerView> = (0..3)

@@ -244,15 +244,17 @@ fn run(shapes: &[JobShape], ops: &[Op]) -> Stats {
                 };
                 let tasks = plan_tasks(&segprop_plan(), Some(fanout));
                 job = Job::new(
-                    job.id,
-                    seq,
-                    job.name,
-                    "segprop".into(),
-                    job.spec_yaml,
-                    job.backend,
-                    gang,
-                    50,
-                    tasks,
+                    NewJob {
+                        id: job.id,
+                        seq,
+                        name: job.name,
+                        regime: "segprop".into(),
+                        spec_yaml: job.spec_yaml,
+                        backend: job.backend,
+                        devices_per_gang: gang,
+                        checkpoint_every_steps: 50,
+                        tasks,
+                    },
                     7,
                 );
             }

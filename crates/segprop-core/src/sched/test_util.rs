@@ -19,15 +19,17 @@ pub(super) fn plan(stages: usize) -> StagePlan {
 
 pub(super) fn job_on(id: &str, seq: u64, stages: usize, backend: &str, devices: u32) -> Job {
     Job::new(
-        id.into(),
-        seq,
-        format!("job {id}"),
-        "lw".into(),
-        "version: 1".into(),
-        backend.into(),
-        devices,
-        50,
-        plan_tasks(&plan(stages), None),
+        NewJob {
+            id: id.into(),
+            seq,
+            name: format!("job {id}"),
+            regime: "lw".into(),
+            spec_yaml: "version: 1".into(),
+            backend: backend.into(),
+            devices_per_gang: devices,
+            checkpoint_every_steps: 50,
+            tasks: plan_tasks(&plan(stages), None),
+        },
         7,
     )
 }
@@ -64,15 +66,17 @@ pub(super) fn budget_job(id: &str, seq: u64, depth: u64, budget: Option<u64>) ->
         overlap: false,
     };
     let mut job = Job::new(
-        id.into(),
-        seq,
-        id.into(),
-        "segprop".into(),
-        "version: 1".into(),
-        "cpu".into(),
-        1,
-        50,
-        plan_tasks(&segprop_plan(), Some(fanout)),
+        NewJob {
+            id: id.into(),
+            seq,
+            name: id.into(),
+            regime: "segprop".into(),
+            spec_yaml: "version: 1".into(),
+            backend: "cpu".into(),
+            devices_per_gang: 1,
+            checkpoint_every_steps: 50,
+            tasks: plan_tasks(&segprop_plan(), Some(fanout)),
+        },
         0,
     );
     let cfg = SchedConfig {
