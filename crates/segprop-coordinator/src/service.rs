@@ -42,7 +42,7 @@ pub use error::CoordError;
 #[derive(Debug, Clone)]
 struct Worker {
     name: String,
-    backend: String,
+    backend: sched::Backend,
     devices: u32,
     /// The smallest device's memory (0: not reported, as CUDA workers do not yet).
     device_bytes: u64,
@@ -172,7 +172,7 @@ impl Coordinator {
                 .values()
                 .map(|w| WorkerInfo {
                     name: w.name.clone(),
-                    backend: w.backend.clone(),
+                    backend: w.backend.to_string(),
                     devices: w.devices,
                     last_seen: w.last_seen,
                 })
@@ -297,7 +297,7 @@ impl Coordinator {
         };
         let seq = inner.next_seq;
         let id = format!("j{seq}-{}", slug(&spec.name));
-        let backend = spec.resources.backend.to_string();
+        let backend = spec.resources.backend;
         // SnapCheck on a cluster: shards per snapshot depth, one per live worker by default.
         let fanout =
             (spec.regime == segprop_core::Regime::Segprop && spec.segprop.snapcheck).then(|| {
@@ -509,7 +509,7 @@ fn preflight(
     workers: &HashMap<String, Worker>,
 ) -> Result<Option<String>, CoordError> {
     use segprop_core::planner::preflight::{self, WorkerMemory};
-    let backend = spec.resources.backend.to_string();
+    let backend = spec.resources.backend;
     let gang = spec.resources.devices_per_gang as u32;
     let auto = spec.data.batch_size == segprop_core::BatchSize::Auto
         || spec.data.micro_batch == Some(segprop_core::MicroBatch::Auto);

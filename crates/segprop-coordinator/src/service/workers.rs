@@ -14,12 +14,12 @@ impl Coordinator {
                 coordinator: segprop_proto::PROTOCOL_VERSION,
             });
         }
-        if req.backend != "cpu" && req.backend != "cuda" {
+        let Some(backend) = sched::Backend::parse(&req.backend) else {
             return Err(CoordError::Field {
                 field: "backend",
                 message: format!("`{}` is not one of cpu, cuda", req.backend),
             });
-        }
+        };
         let now = now_ms();
         let mut inner = self.lock();
         let id = format!("w-{}-{}", self.boot, inner.next_worker);
@@ -28,7 +28,7 @@ impl Coordinator {
             id.clone(),
             Worker {
                 name: req.name.clone(),
-                backend: req.backend.clone(),
+                backend,
                 devices: req.devices.len().max(1) as u32,
                 device_bytes: req
                     .devices
@@ -191,7 +191,7 @@ impl Coordinator {
         }
         let view = sched::WorkerView {
             id: worker_id.to_string(),
-            backend: worker.backend.clone(),
+            backend: worker.backend,
             devices: worker.devices,
             free_slots: 1,
         };

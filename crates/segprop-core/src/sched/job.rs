@@ -12,8 +12,8 @@ pub struct NewJob {
     pub name: String,
     pub regime: String,
     pub spec_yaml: String,
-    /// `cpu` or `cuda`: the workers that may run its tasks.
-    pub backend: String,
+    /// The workers that may run its tasks.
+    pub backend: Backend,
     pub devices_per_gang: u32,
     pub checkpoint_every_steps: u64,
     pub tasks: Vec<PlannedTask>,

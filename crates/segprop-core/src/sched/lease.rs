@@ -12,7 +12,7 @@ use super::*;
 pub struct WorkerView {
     pub id: String,
     /// `cpu` or `cuda`.
-    pub backend: String,
+    pub backend: Backend,
     /// Devices the worker drives.
     pub devices: u32,
     /// Tasks it can take on now.

@@ -32,6 +32,8 @@
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::spec::Backend;
+
 mod job;
 mod lease;
 mod plan;

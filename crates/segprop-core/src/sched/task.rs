@@ -3,6 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use super::Backend;
+
 /// What a task does.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -193,8 +195,8 @@ pub struct Job {
     pub name: String,
     pub regime: String,
     pub spec_yaml: String,
-    /// `cpu` or `cuda`: workers of this backend only.
-    pub backend: String,
+    /// Workers of this backend only (`cpu` or `cuda` in the stored JSON).
+    pub backend: Backend,
     /// Devices one worker must have to run a task of this job.
     pub devices_per_gang: u32,
     pub checkpoint_every_steps: u64,

@@ -25,7 +25,7 @@ pub(super) fn job_on(id: &str, seq: u64, stages: usize, backend: &str, devices: 
             name: format!("job {id}"),
             regime: "lw".into(),
             spec_yaml: "version: 1".into(),
-            backend: backend.into(),
+            backend: Backend::parse(backend).expect("cpu or cuda"),
             devices_per_gang: devices,
             checkpoint_every_steps: 50,
             tasks: plan_tasks(&plan(stages), None),
@@ -72,7 +72,7 @@ pub(super) fn budget_job(id: &str, seq: u64, depth: u64, budget: Option<u64>) ->
             name: id.into(),
             regime: "segprop".into(),
             spec_yaml: "version: 1".into(),
-            backend: "cpu".into(),
+            backend: Backend::Cpu,
             devices_per_gang: 1,
             checkpoint_every_steps: 50,
             tasks: plan_tasks(&segprop_plan(), Some(fanout)),
@@ -115,7 +115,7 @@ pub(super) fn job(id: &str, seq: u64, stages: usize) -> Job {
 pub(super) fn worker(id: &str, backend: &str, devices: u32, free_slots: u32) -> WorkerView {
     WorkerView {
         id: id.into(),
-        backend: backend.into(),
+        backend: Backend::parse(backend).expect("cpu or cuda"),
         devices,
         free_slots,
     }

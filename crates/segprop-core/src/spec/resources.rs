@@ -11,6 +11,17 @@ pub enum Backend {
     Cuda,
 }
 
+impl Backend {
+    /// The backend a worker names (`cpu` or `cuda`).
+    pub fn parse(name: &str) -> Option<Self> {
+        match name {
+            "cpu" => Some(Backend::Cpu),
+            "cuda" => Some(Backend::Cuda),
+            _ => None,
+        }
+    }
+}
+
 impl std::fmt::Display for Backend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
