@@ -1,6 +1,6 @@
 //! The client of the `SnapshotService`: the backend behind [`crate::Store::grpc`], every call
-//! naming its namespace. The server is [`crate::grpc`]; this module needs nothing of it, so the
-//! store uses it without the server using the store in a circle.
+//! naming its namespace. The server (the `grpc` module) uses the store; this module needs
+//! nothing of either, so the store uses it and no two modules use each other.
 
 use bytes::{Bytes, BytesMut};
 use segprop_proto::v1::snapshot_service_client::SnapshotServiceClient;

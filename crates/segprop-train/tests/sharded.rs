@@ -412,12 +412,9 @@ fn bad_sharding_specs_name_the_field() {
     );
 }
 
-#[test]
-fn reset_head_and_early_exit_with_units_kept_sharded_match_one_unsharded_rank() {
-    // Head policy reset keeps LL(r)'s baseline as each rank's chunks and restores them at each
-    // segment; the global exit prunes the shards. The gang never holds the model whole, and
-    // still gives one unsharded rank's curve and pruned model.
-    let base = SEGPROP
+/// [`SEGPROP`] with head policy `reset` and a global exit after the first segment.
+fn reset_and_exit() -> String {
+    SEGPROP
         .replace(
             "  snapcheck: true\n",
             "  snapcheck: true\n  head_policy: reset\n",
@@ -425,7 +422,15 @@ fn reset_head_and_early_exit_with_units_kept_sharded_match_one_unsharded_rank() 
         .replace(
             "segment: { max_steps: 3 } }",
             "segment: { max_steps: 3 }, global: { target_eval_loss: 100.0 } }",
-        );
+        )
+}
+
+#[test]
+fn reset_head_and_early_exit_with_units_kept_sharded_match_one_unsharded_rank() {
+    // Head policy reset keeps LL(r)'s baseline as each rank's chunks and restores them at each
+    // segment; the global exit prunes the shards. The gang never holds the model whole, and
+    // still gives one unsharded rank's curve and pruned model.
+    let base = reset_and_exit();
     assert_ne!(base, SEGPROP);
     let reference = run(&spec(&base, ""));
     assert_eq!(
@@ -450,15 +455,7 @@ fn device_resident_shards_train_with_the_bits_of_host_resident_shards() {
     // spec is set past validation: the code path is the one a CUDA rank runs, on ndarray, where
     // the tensor AdamW has the host AdamW's bits. Stage 1, a segment with SnapCheck, head
     // policy reset (the baseline restored into device shards) and the early exit.
-    let base = SEGPROP
-        .replace(
-            "  snapcheck: true\n",
-            "  snapcheck: true\n  head_policy: reset\n",
-        )
-        .replace(
-            "segment: { max_steps: 3 } }",
-            "segment: { max_steps: 3 }, global: { target_eval_loss: 100.0 } }",
-        );
+    let base = reset_and_exit();
     let host = spec(
         &base,
         "activation_checkpointing: true\nsharding: { strategy: full_shard, offload: cpu }\n\
