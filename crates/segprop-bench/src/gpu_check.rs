@@ -2,10 +2,13 @@
 //! nccl`, which implies `cuda`; the machine needs no Rust toolchain: carry the release binary).
 //! It prints the device, then runs, in order:
 //!
-//! 1. the sharding check (issue 5, below);
-//! 2. a bf16 SegProp job on a slice of LLaMA-2-70B's width, each stage's device memory against
+//! 1. NCCL on device buffers (with `nccl`): a world-size-1 communicator on `cuda:0` gathers and
+//!    reduce-scatters burn-cuda tensors in place, f32 and bf16, checked against their values
+//!    ([`device_buffers_check`]);
+//! 2. the sharding check (issue 5, below);
+//! 3. a bf16 SegProp job on a slice of LLaMA-2-70B's width, each stage's device memory against
 //!    the planner ([`crate::gpu_slice::slice_stage`]);
-//! 3. one 70B-width decoder block's bf16 forward + backward against PyTorch on the same GPU
+//! 4. one 70B-width decoder block's bf16 forward + backward against PyTorch on the same GPU
 //!    ([`crate::gpu_slice::block_vs_torch`]; needs `python3` with torch and
 //!    `scripts/gpu_block_torch.py`, or its path in `SEGPROP_TORCH_BLOCK`).
 //!
@@ -60,6 +63,8 @@ pub fn gpu_check(steps: usize) -> Result<()> {
             segprop_core::planner::gib(d.total_bytes)
         );
     }
+    #[cfg(feature = "nccl")]
+    device_buffers_check()?;
     sharding_check(steps)?;
     println!(
         "
@@ -157,5 +162,82 @@ fn sharding_check(steps: usize) -> Result<()> {
         );
         println!("\nworst relative difference {worst:.2e}: {what} on the GPU match the plain rank");
     }
+    Ok(())
+}
+
+/// NCCL at world size 1 on burn-cuda tensors' own device buffers (no host staging): the unit
+/// all-gather (f32, and bf16 rounded on the device) and the gradient reduce-scatter through a
+/// rank's communication thread, exactly as `offload: none` gangs call them.
+#[cfg(feature = "nccl")]
+fn device_buffers_check() -> Result<()> {
+    use burn::tensor::{FloatDType, Tensor, TensorData};
+    use segprop_shard::device::{all_gather_tensor, reduce_scatter_tensor};
+    use segprop_shard::{Collective, CommStream, Flat, Op, ShardLayout};
+    type Cuda = burn::backend::Cuda;
+
+    println!("\n## NCCL on device buffers (cuda:0, world size 1)");
+    let device = burn::backend::cuda::CudaDevice::new(0);
+    let deadline = std::time::Duration::from_secs(60);
+    let rank = segprop_shard::nccl::NcclCollective::group(&[0], deadline)?
+        .pop()
+        .context("one rank")?;
+    let stream = CommStream::new(Box::new(rank))?;
+    anyhow::ensure!(
+        stream.is_direct(),
+        "the NCCL rank does not take device buffers"
+    );
+    // A unit of 5 million weights (a 20 MB chunk), values with low bits set.
+    let n = 5_000_000;
+    let values: Vec<f32> = (0..n)
+        .map(|i| ((i as u32).wrapping_mul(2_654_435_761) >> 8) as f32 / (1u32 << 24) as f32 - 0.5)
+        .collect();
+    let layout = ShardLayout::new(n, 1);
+    let host = |t: Tensor<Cuda, 1>| -> Result<Vec<f32>> {
+        t.into_data()
+            .convert::<f32>()
+            .into_vec::<f32>()
+            .map_err(|e| anyhow::anyhow!("{e:?}"))
+    };
+    let tensor = || Tensor::<Cuda, 1>::from_data(TensorData::new(values.clone(), [n]), &device);
+    for compute in [None, Some(FloatDType::BF16)] {
+        let started = std::time::Instant::now();
+        let Flat::Device(full) = all_gather_tensor(&stream, layout, tensor(), compute).wait()?
+        else {
+            anyhow::bail!("a device gather came back in host memory");
+        };
+        let elapsed = started.elapsed();
+        let got = host(full.clone())?;
+        let want: Vec<f32> = match compute {
+            Some(half) => host(tensor().cast(half))?,
+            None => values.clone(),
+        };
+        anyhow::ensure!(
+            got[..n] == want[..],
+            "all-gather ({compute:?}) changed the values"
+        );
+        println!(
+            "all_gather {} of {n} weights on device buffers: {:.2} ms, values exact",
+            compute.map_or("f32".to_string(), |c| format!("{c:?}")),
+            elapsed.as_secs_f64() * 1e3
+        );
+    }
+    let started = std::time::Instant::now();
+    let Flat::Device(chunk) = reduce_scatter_tensor(&stream, layout, tensor()).wait()? else {
+        anyhow::bail!("a device reduce-scatter came back in host memory");
+    };
+    let elapsed = started.elapsed();
+    anyhow::ensure!(
+        host(chunk)? == values,
+        "reduce-scatter at world size 1 changed the values"
+    );
+    println!(
+        "reduce_scatter f32 of {n} weights on device buffers: {:.2} ms, values exact",
+        elapsed.as_secs_f64() * 1e3
+    );
+    let stats = stream.stats();
+    anyhow::ensure!(
+        stats.calls(Op::AllGather) == 2 && stats.calls(Op::ReduceScatter) == 1,
+        "the calls did not reach NCCL: {stats:?}"
+    );
     Ok(())
 }

@@ -171,6 +171,35 @@ pub trait Collective {
 
     /// Calls made and bytes moved by this rank so far.
     fn stats(&self) -> CollectiveStats;
+
+    /// The same group's collectives on device memory, where this implementation has them
+    /// (NCCL); `None` (the default) when buffers must be staged through host memory.
+    fn device_buffers(&mut self) -> Option<&mut dyn DeviceBuffers> {
+        None
+    }
+}
+
+/// A buffer in device memory: its address and its length in 4-byte words (f32 values, or
+/// 16-bit values two to a word: gathers only copy words).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceWords {
+    pub ptr: u64,
+    pub words: usize,
+}
+
+/// FSDP's two collectives on device buffers, with the deadline and poisoning of the
+/// [`Collective`] they belong to. Each call returns once the result is in `recv`.
+pub trait DeviceBuffers {
+    /// `recv` (`world_size × send.words`) receives every rank's `send`, in rank order.
+    fn all_gather(&mut self, send: DeviceWords, recv: DeviceWords) -> Result<(), CollectiveError>;
+
+    /// `send` holds `world_size` chunks of `recv.words` f32 values; `recv` receives the sum over
+    /// ranks of chunk `rank`.
+    fn reduce_scatter(
+        &mut self,
+        send: DeviceWords,
+        recv: DeviceWords,
+    ) -> Result<(), CollectiveError>;
 }
 
 /// Checks the buffer sizes of a call before it reaches the group.

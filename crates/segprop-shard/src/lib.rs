@@ -5,6 +5,8 @@
 //!   per-rank wire-byte accounting.
 //! - [`stream`]: a rank's collectives on a communication thread ([`CommStream`]), so a unit's
 //!   all-gather or reduce-scatter runs while the rank computes (prefetch).
+//! - [`device`]: FSDP's all-gather and reduce-scatter on device tensors ([`Flat`]): direct on
+//!   NCCL's device buffers, staged through host memory elsewhere.
 //! - [`thread`]: N ranks as threads of one process ([`thread_group`]): CPU hosts, tests, CI.
 //! - [`flat`]: the flat, padded shard layout of an FSDP unit ([`ShardLayout`]).
 //! - [`optim`]: AdamW on a rank's fp32 shard, bit-identical to burn's ([`ShardedAdamW`]), and
@@ -15,6 +17,7 @@
 //!   unique id shipped by the coordinator.
 
 pub mod collective;
+pub mod device;
 pub mod flat;
 #[cfg(feature = "nccl")]
 pub mod nccl;
@@ -23,8 +26,12 @@ pub mod resident;
 pub mod stream;
 pub mod thread;
 pub mod unit;
+pub mod words;
 
-pub use collective::{Collective, CollectiveError, CollectiveStats, DEFAULT_DEADLINE, Op};
+pub use collective::{
+    Collective, CollectiveError, CollectiveStats, DEFAULT_DEADLINE, DeviceBuffers, DeviceWords, Op,
+};
+pub use device::{Flat, PendingFlat};
 pub use flat::ShardLayout;
 pub use optim::{AdamWConfig, ShardedAdamW, clip_factor, global_grad_norm};
 pub use stream::{CommStream, Pending};

@@ -7,9 +7,11 @@
 //! attempt, every other rank receives them there, and each builds its [`NcclCollective`] with
 //! [`NcclCollective::new`].
 //!
-//! The trait's host buffers are staged through device memory (copy in, collective, copy out):
-//! correct on any device, and what the sharding tests run on a GPU. FSDP units on burn-cuda use
-//! device buffers directly through [`NcclCollective::comm`].
+//! Two ways in: the [`Collective`] trait's host buffers are staged through device memory (copy
+//! in, collective, copy out), for the small calls (the gradient norm, barriers) and checkpoint
+//! gathers; FSDP units on burn-cuda with `sharding.offload: none` hand their tensors' device
+//! buffers to [`DeviceBuffers`] (`crate::device`), no host copy: the units' all-gathers and
+//! gradient reduce-scatters, every step.
 //!
 //! Deadline: the copy, the collective and an event are queued on the rank's stream and the event
 //! is polled. Past the deadline the call fails with [`CollectiveError::Timeout`] (NCCL does not
@@ -22,7 +24,9 @@ use std::time::{Duration, Instant};
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 use cudarc::nccl::{Comm, Id, ReduceOp};
 
-use crate::collective::{Collective, CollectiveError, CollectiveStats, Op, check_sizes};
+use crate::collective::{
+    Collective, CollectiveError, CollectiveStats, DeviceBuffers, DeviceWords, Op, check_sizes,
+};
 
 /// The unique id of an NCCL communicator: 128 opaque bytes every rank must receive.
 #[derive(Clone, PartialEq, Eq)]
@@ -152,48 +156,72 @@ impl NcclCollective {
         full_elems: usize,
         launch: impl FnOnce(&Comm, &Arc<CudaStream>, &CudaSlice<f32>) -> Result<CudaSlice<f32>, String>,
     ) -> Result<Vec<f32>, CollectiveError> {
+        let mut output = None;
+        self.guarded(op, full_elems, |comm, stream, seq| {
+            let device_in = stream
+                .clone_htod(input)
+                .map_err(|e| backend(op, seq, format!("copy to device: {e:?}")))?;
+            output = Some(launch(comm, stream, &device_in).map_err(|m| backend(op, seq, m))?);
+            Ok(())
+        })?;
+        let output = output.expect("launched");
+        self.stream.clone_dtoh(&output).map_err(|e| {
+            let e = backend(op, self.seq - 1, format!("copy to host: {e:?}"));
+            self.poisoned = Some(e.clone());
+            e
+        })
+    }
+
+    /// Queues `launch` on the rank's stream and waits for it within the deadline: the sequence
+    /// number, the statistics, and poisoning on any failure.
+    fn guarded(
+        &mut self,
+        op: Op,
+        full_elems: usize,
+        launch: impl FnOnce(&Comm, &Arc<CudaStream>, u64) -> Result<(), CollectiveError>,
+    ) -> Result<(), CollectiveError> {
         if let Some(e) = &self.poisoned {
             return Err(e.clone());
         }
         let seq = self.seq;
         self.seq += 1;
         let started = Instant::now();
-        let result = (|| {
-            let device_in = self
-                .stream
-                .clone_htod(input)
-                .map_err(|e| backend(op, seq, format!("copy to device: {e:?}")))?;
-            let device_out =
-                launch(&self.comm, &self.stream, &device_in).map_err(|m| backend(op, seq, m))?;
-            let done = self
-                .stream
-                .record_event(None)
-                .map_err(|e| backend(op, seq, format!("record event: {e:?}")))?;
-            loop {
-                match done.try_is_complete() {
-                    Ok(true) => break,
-                    Ok(false) => {}
-                    Err(e) => return Err(backend(op, seq, format!("{e:?}"))),
+        // The communication thread may not have the device's context current yet (NCCL and
+        // the event need it); binding is cheap when it already is.
+        let bound = self
+            .stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| backend(op, seq, format!("bind the CUDA context: {e:?}")));
+        let result = bound
+            .and_then(|()| launch(&self.comm, &self.stream, seq))
+            .and_then(|()| {
+                let done = self
+                    .stream
+                    .record_event(None)
+                    .map_err(|e| backend(op, seq, format!("record event: {e:?}")))?;
+                loop {
+                    match done.try_is_complete() {
+                        Ok(true) => return Ok(()),
+                        Ok(false) => {}
+                        Err(e) => return Err(backend(op, seq, format!("{e:?}"))),
+                    }
+                    if started.elapsed() > self.deadline {
+                        return Err(CollectiveError::Timeout {
+                            op,
+                            seq,
+                            waited_ms: started.elapsed().as_millis() as u64,
+                            missing: Vec::new(),
+                            world: self.comm.world_size(),
+                        });
+                    }
+                    std::thread::sleep(Duration::from_micros(200));
                 }
-                if started.elapsed() > self.deadline {
-                    return Err(CollectiveError::Timeout {
-                        op,
-                        seq,
-                        waited_ms: started.elapsed().as_millis() as u64,
-                        missing: Vec::new(),
-                        world: self.comm.world_size(),
-                    });
-                }
-                std::thread::sleep(Duration::from_micros(200));
-            }
-            self.stream
-                .clone_dtoh(&device_out)
-                .map_err(|e| backend(op, seq, format!("copy to host: {e:?}")))
-        })();
+            });
         match result {
-            Ok(out) => {
+            Ok(()) => {
                 self.stats.record(op, full_elems, self.comm.world_size());
-                Ok(out)
+                Ok(())
             }
             Err(e) => {
                 tracing::warn!(rank = self.comm.rank(), error = %e, "NCCL collective failed: communicator poisoned");
@@ -202,6 +230,111 @@ impl NcclCollective {
             }
         }
     }
+}
+
+/// A device buffer the collective does not own (a burn-cuda tensor's), as cudarc's NCCL calls
+/// take it. The caller has synchronized the compute stream that wrote it, and keeps it alive
+/// until the call completes, so there is nothing to order on drop.
+struct Borrowed<'a> {
+    words: DeviceWords,
+    stream: &'a Arc<CudaStream>,
+}
+
+impl cudarc::driver::DeviceSlice<f32> for Borrowed<'_> {
+    fn len(&self) -> usize {
+        self.words.words
+    }
+
+    fn stream(&self) -> &Arc<CudaStream> {
+        self.stream
+    }
+}
+
+impl cudarc::driver::DevicePtr<f32> for Borrowed<'_> {
+    fn device_ptr<'a>(
+        &'a self,
+        _stream: &'a CudaStream,
+    ) -> (
+        cudarc::driver::sys::CUdeviceptr,
+        cudarc::driver::SyncOnDrop<'a>,
+    ) {
+        (self.words.ptr, cudarc::driver::SyncOnDrop::Sync(None))
+    }
+}
+
+impl cudarc::driver::DevicePtrMut<f32> for Borrowed<'_> {
+    fn device_ptr_mut<'a>(
+        &'a mut self,
+        _stream: &'a CudaStream,
+    ) -> (
+        cudarc::driver::sys::CUdeviceptr,
+        cudarc::driver::SyncOnDrop<'a>,
+    ) {
+        (self.words.ptr, cudarc::driver::SyncOnDrop::Sync(None))
+    }
+}
+
+impl DeviceBuffers for NcclCollective {
+    fn all_gather(&mut self, send: DeviceWords, recv: DeviceWords) -> Result<(), CollectiveError> {
+        let world = self.world_size();
+        check_sizes(Op::AllGather, world, send.words, recv.words)?;
+        self.guarded(Op::AllGather, recv.words, |comm, stream, seq| {
+            let input = Borrowed {
+                words: send,
+                stream,
+            };
+            let mut output = Borrowed {
+                words: recv,
+                stream,
+            };
+            comm.all_gather(&input, &mut output)
+                .map(drop)
+                .map_err(|e| backend(Op::AllGather, seq, nccl_error("ncclAllGather", e)))
+        })
+    }
+
+    fn reduce_scatter(
+        &mut self,
+        send: DeviceWords,
+        recv: DeviceWords,
+    ) -> Result<(), CollectiveError> {
+        let world = self.world_size();
+        check_sizes(Op::ReduceScatter, world, send.words, recv.words)?;
+        self.guarded(Op::ReduceScatter, send.words, |comm, stream, seq| {
+            let input = Borrowed {
+                words: send,
+                stream,
+            };
+            let mut output = Borrowed {
+                words: recv,
+                stream,
+            };
+            comm.reduce_scatter(&input, &mut output, &ReduceOp::Sum)
+                .map(drop)
+                .map_err(|e| backend(Op::ReduceScatter, seq, nccl_error("ncclReduceScatter", e)))
+        })
+    }
+}
+
+/// The device buffer of a burn-cuda tensor, for [`DeviceBuffers`]: `None` for a tensor of any
+/// other backend, or one that is not a contiguous whole number of 4-byte words.
+pub(crate) fn device_words<B: burn::tensor::backend::Backend>(
+    tensor: &burn::tensor::Tensor<B, 1>,
+) -> Option<DeviceWords> {
+    use burn_cubecl::tensor::CubeTensor;
+    use cubecl::cuda::CudaRuntime;
+    let primitive = tensor.clone().into_primitive().tensor();
+    let cube = (&primitive as &dyn std::any::Any).downcast_ref::<CubeTensor<CudaRuntime>>()?;
+    let bytes = tensor.dims()[0] * tensor.dtype().size();
+    if !cube.is_contiguous() || !bytes.is_multiple_of(4) {
+        return None;
+    }
+    let resource = cube.client.get_resource(cube.handle.clone()).ok()?;
+    let resource = resource.resource();
+    (resource.size as usize >= bytes).then_some(DeviceWords {
+        ptr: resource.ptr,
+        words: bytes / 4,
+    })
 }
 
 // SAFETY: an `NcclCollective` owns its communicator and uses it only through `&mut self`, so
@@ -312,6 +445,10 @@ impl Collective for NcclCollective {
 
     fn stats(&self) -> CollectiveStats {
         self.stats
+    }
+
+    fn device_buffers(&mut self) -> Option<&mut dyn DeviceBuffers> {
+        Some(self)
     }
 }
 

@@ -100,16 +100,12 @@ impl ShardedAdamW {
     }
 }
 
-/// Global L2 norm of gradients sharded over the group: `shards` are this rank's gradient shards
-/// with the number of real (non-padding) elements in each.
+/// Global L2 norm of gradients sharded over the group: `local` is the sum of the squares of this
+/// rank's gradient shards (their real, non-padding elements: `Flat::sum_squares`).
 pub fn global_grad_norm(
     collective: &mut dyn Collective,
-    shards: &[(&[f32], usize)],
+    local: f32,
 ) -> Result<f64, CollectiveError> {
-    let local: f32 = shards
-        .iter()
-        .map(|(g, valid)| g[..*valid].iter().map(|x| x * x).sum::<f32>())
-        .sum();
     let mut total = [local];
     collective.all_reduce(&mut total)?;
     Ok(f64::from(total[0]).sqrt())
@@ -218,8 +214,8 @@ mod tests {
                             let mut shard = layout
                                 .reduce_scatter(&mut c, &grads(step, len, rank))
                                 .unwrap();
-                            let norm =
-                                global_grad_norm(&mut c, &[(&shard, layout.valid(rank))]).unwrap();
+                            let local = shard[..layout.valid(rank)].iter().map(|x| x * x).sum();
+                            let norm = global_grad_norm(&mut c, local).unwrap();
                             if let Some(f) = clip_factor(norm, clip) {
                                 shard
                                     .iter_mut()

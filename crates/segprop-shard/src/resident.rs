@@ -9,9 +9,10 @@
 //!   step (tested), so the device path is proven on CPU before it runs on a GPU.
 //!
 //! Both keep the same state; a unit moves between them with [`DeviceShard::upload`] and
-//! [`DeviceShard::download`]. The collectives stay on host buffers: a device chunk is copied to
-//! the host for an all-gather and a reduce-scattered gradient chunk is copied to the device for
-//! the step (host staging; the wire bytes are the same).
+//! [`DeviceShard::download`]. A device chunk's all-gather and its gradient's reduce-scatter run
+//! on device tensors (`crate::device`: NCCL on their device buffers, staged through the host
+//! elsewhere) and [`OnDevice::step_tensor`] steps it with the gradient chunk where it arrived.
+//! Checkpoint and evaluation gathers copy the chunk to the host (between steps, not per step).
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
@@ -49,6 +50,12 @@ pub trait DeviceShard: Send {
 
     /// One AdamW step with this rank's gradient chunk (host memory, copied to the device).
     fn step(&mut self, lr: f64, grad: &[f32]);
+
+    /// The shard as its concrete type ([`OnDevice`]), for the tensor paths of its backend.
+    fn as_any(&self) -> &dyn std::any::Any;
+
+    /// The shard as its concrete type, mutably.
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any;
 }
 
 impl dyn DeviceShard {
@@ -88,7 +95,8 @@ fn host<B: Backend>(tensor: &Tensor<B, 1>) -> Vec<f32> {
         .expect("an f32 vector")
 }
 
-struct OnDevice<B: Backend> {
+/// A chunk and its AdamW state as tensors of backend `B`.
+pub struct OnDevice<B: Backend> {
     master: Tensor<B, 1>,
     /// Both moments of a trained unit.
     moments: Option<(Tensor<B, 1>, Tensor<B, 1>)>,
@@ -98,6 +106,11 @@ struct OnDevice<B: Backend> {
 }
 
 impl<B: Backend> OnDevice<B> {
+    /// The chunk of the stored weights (fp32 masters for a trained unit).
+    pub fn master_tensor(&self) -> &Tensor<B, 1> {
+        &self.master
+    }
+
     fn load_moments(&mut self, optimizer: &ShardedAdamW) {
         self.config = optimizer.config;
         self.time = optimizer.time;
@@ -153,8 +166,28 @@ impl<B: Backend> DeviceShard for OnDevice<B> {
     /// operation: what [`ShardedAdamW::step`] does element by element.
     fn step(&mut self, lr: f64, grad: &[f32]) {
         assert_eq!(grad.len(), self.len(), "master and gradient shards differ");
-        let c = self.config;
         let grad = vector::<B>(grad, &self.device);
+        self.step_tensor(lr, grad);
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
+}
+
+impl<B: Backend> OnDevice<B> {
+    /// One AdamW step with this rank's fp32 gradient chunk, already on the device.
+    pub fn step_tensor(&mut self, lr: f64, grad: Tensor<B, 1>) {
+        assert_eq!(
+            grad.dims()[0],
+            self.len(),
+            "master and gradient shards differ"
+        );
+        let c = self.config;
         let (factor_1, factor_2) = (1.0 - c.beta_1, 1.0 - c.beta_2);
         let (moment_1, moment_2) = match self.moments.take() {
             Some((m1, m2)) if self.time > 0 => (

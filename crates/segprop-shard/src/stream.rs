@@ -15,7 +15,7 @@
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
-use crate::collective::{Collective, CollectiveError, CollectiveStats, Op};
+use crate::collective::{Collective, CollectiveError, CollectiveStats, DeviceBuffers, Op};
 use crate::flat::ShardLayout;
 
 type Job = Box<dyn FnOnce(&mut dyn Collective) + Send>;
@@ -27,6 +27,8 @@ pub struct CommStream {
     world: usize,
     /// The collective's counts after the last call that finished.
     stats: Arc<Mutex<CollectiveStats>>,
+    /// Whether the collective runs on device buffers ([`Collective::device_buffers`]).
+    direct: bool,
 }
 
 /// A call in flight on a [`CommStream`].
@@ -55,8 +57,9 @@ impl<T> Pending<T> {
 
 impl CommStream {
     /// Moves `collective` onto a new thread named `comm-<rank>`.
-    pub fn new(collective: Box<dyn Collective + Send>) -> std::io::Result<Self> {
+    pub fn new(mut collective: Box<dyn Collective + Send>) -> std::io::Result<Self> {
         let (rank, world) = (collective.rank(), collective.world_size());
+        let direct = collective.device_buffers().is_some();
         let stats = Arc::new(Mutex::new(collective.stats()));
         let (jobs, queue) = mpsc::channel::<Job>();
         std::thread::Builder::new()
@@ -72,6 +75,32 @@ impl CommStream {
             rank,
             world,
             stats,
+            direct,
+        })
+    }
+
+    /// Whether this rank's collective runs on device buffers (NCCL): device tensors then go
+    /// to it as they are, with [`Self::start_direct`]; otherwise they are staged through host
+    /// memory.
+    pub fn is_direct(&self) -> bool {
+        self.direct
+    }
+
+    /// Starts `call` on the collective's device buffers, after every call started before it.
+    /// The caller keeps the buffers alive, and nothing may write them, until the call is waited
+    /// for. Fails at once on a stream whose collective has no device buffers.
+    pub fn start_direct(
+        &self,
+        op: Op,
+        call: impl FnOnce(&mut dyn DeviceBuffers) -> Result<(), CollectiveError> + Send + 'static,
+    ) -> Pending<()> {
+        self.start(op, move |c| match c.device_buffers() {
+            Some(device) => call(device),
+            None => Err(CollectiveError::Usage {
+                op,
+                message: "this collective has no device buffers: stage them through the host"
+                    .into(),
+            }),
         })
     }
 

@@ -15,13 +15,15 @@
 use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param};
 use burn::optim::GradientsParams;
 use burn::tensor::backend::{AutodiffBackend, Backend};
-use burn::tensor::{FloatDType, Tensor, TensorData, bf16, f16};
+use burn::tensor::{FloatDType, Tensor, TensorData};
 
 use crate::collective::{Collective, CollectiveError};
+use crate::device::{Flat, PendingFlat, all_gather_tensor};
 use crate::flat::ShardLayout;
 use crate::optim::{AdamWConfig, ShardedAdamW};
-use crate::resident::DeviceShard;
+use crate::resident::{DeviceShard, OnDevice};
 use crate::stream::{CommStream, Pending};
+pub use crate::words::{pack16, unpack16};
 
 /// A tensor's values as f32, in one bulk conversion (not element by element).
 fn to_f32(data: TensorData) -> Vec<f32> {
@@ -54,44 +56,6 @@ pub fn param_shapes<B: Backend, M: Module<B>>(module: &M) -> Vec<Vec<usize>> {
     let mut shapes = Shapes(Vec::new());
     module.visit(&mut shapes);
     shapes.0
-}
-
-/// Packs 16-bit values (`values` rounded to `dtype`, bf16 or f16) two to an f32 word, as bit
-/// patterns: a frozen unit's shard and its all-gather then carry 2 bytes per weight. Gathers
-/// only copy words, so the bits survive them.
-pub fn pack16(values: &[f32], dtype: FloatDType) -> Vec<f32> {
-    let bits = |v: f32| -> u32 {
-        match dtype {
-            FloatDType::F16 => u32::from(f16::from_f32(v).to_bits()),
-            _ => u32::from(bf16::from_f32(v).to_bits()),
-        }
-    };
-    values
-        .chunks(2)
-        .map(|pair| {
-            let high = pair.get(1).map_or(0, |v| bits(*v));
-            f32::from_bits(bits(pair[0]) | (high << 16))
-        })
-        .collect()
-}
-
-/// The first `len` values of words packed by [`pack16`], widened to f32 (exactly).
-pub fn unpack16(words: &[f32], len: usize, dtype: FloatDType) -> Vec<f32> {
-    let widen = |b: u16| match dtype {
-        FloatDType::F16 => f16::from_bits(b).to_f32(),
-        _ => bf16::from_bits(b).to_f32(),
-    };
-    let mut out = Vec::with_capacity(len + 1);
-    for word in words {
-        if out.len() >= len {
-            break;
-        }
-        let b = word.to_bits();
-        out.push(widen(b as u16));
-        out.push(widen((b >> 16) as u16));
-    }
-    out.truncate(len);
-    out
 }
 
 /// Replaces `module`'s float parameters (same ids, same gradient requirement) with tensors of
@@ -175,6 +139,79 @@ pub fn flatten_grads<B: AutodiffBackend, M: AutodiffModule<B>>(
     let mut collect = Collect(grads, Vec::new());
     module.visit(&mut collect);
     collect.1
+}
+
+/// Like [`refill`] from a device buffer: each parameter a view of `flat` (in visit order, in
+/// `flat`'s dtype), on the autodiff backend, with the gradient requirement it had.
+fn refill_tensor<B: AutodiffBackend, M: Module<B>>(
+    module: M,
+    shapes: &[Vec<usize>],
+    flat: Tensor<B::InnerBackend, 1>,
+) -> M {
+    struct Refill<'a, I: Backend> {
+        shapes: &'a [Vec<usize>],
+        flat: Tensor<I, 1>,
+        index: usize,
+        at: usize,
+    }
+    impl<B: AutodiffBackend> ModuleMapper<B> for Refill<'_, B::InnerBackend> {
+        fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+            let (id, tensor, mapper) = param.consume();
+            let shape = self.shapes[self.index].clone();
+            let n: usize = shape.iter().product();
+            let values = self.flat.clone().slice(self.at..self.at + n);
+            self.at += n;
+            self.index += 1;
+            let fresh =
+                Tensor::<B, D>::from_inner(values.reshape(burn::tensor::Shape::from(shape)));
+            let fresh = if tensor.is_require_grad() {
+                fresh.require_grad()
+            } else {
+                fresh
+            };
+            Param::from_mapped_value(id, fresh, mapper)
+        }
+    }
+    let len = flat.dims()[0];
+    let mut refill = Refill::<B::InnerBackend> {
+        shapes,
+        flat,
+        index: 0,
+        at: 0,
+    };
+    let module = module.map(&mut refill);
+    assert!(refill.at <= len, "the flat buffer does not match the unit");
+    module
+}
+
+/// [`flatten_grads`] on the device: one fp32 tensor, zero-padded to `padded` elements.
+fn flatten_grads_tensor<B: AutodiffBackend, M: AutodiffModule<B>>(
+    module: &M,
+    grads: &GradientsParams,
+    padded: usize,
+) -> Tensor<B::InnerBackend, 1> {
+    struct Collect<'a, I: Backend>(&'a GradientsParams, Vec<Tensor<I, 1>>, Option<I::Device>);
+    impl<B: AutodiffBackend> ModuleVisitor<B> for Collect<'_, B::InnerBackend> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            let value = param.val().inner();
+            let n = value.shape().num_elements();
+            let device = value.device();
+            let flat = match self.0.get::<B::InnerBackend, D>(param.id) {
+                Some(g) => g.reshape([n]).cast(FloatDType::F32),
+                None => Tensor::zeros([n], &device),
+            };
+            self.1.push(flat);
+            self.2 = Some(device);
+        }
+    }
+    let mut collect = Collect::<B::InnerBackend>(grads, Vec::new(), None);
+    module.visit(&mut collect);
+    let device = collect.2.expect("a unit has parameters");
+    let len: usize = collect.1.iter().map(|t| t.dims()[0]).sum();
+    if padded > len {
+        collect.1.push(Tensor::zeros([padded - len], &device));
+    }
+    Tensor::cat(collect.1, 0)
 }
 
 /// Bytes one rank holds for a unit (fp32, or 16 bits for the weights of a frozen 16-bit unit).
@@ -587,6 +624,81 @@ impl<M> FsdpUnit<M> {
                 )
             }
             None => refill::<B, M>(self.skeleton.clone(), &self.shapes, Some(full), None),
+        }
+    }
+
+    /// This rank's chunk as backend `I` holds it, when the unit lives on an `I` device.
+    fn on_device<I: Backend>(&self) -> Option<&OnDevice<I>> {
+        match &self.shard {
+            Shard::Device(device) => device.as_any().downcast_ref::<OnDevice<I>>(),
+            Shard::Host { .. } => None,
+        }
+    }
+
+    /// Starts the all-gather of the unit for compute where its chunk lives: a device-resident
+    /// chunk is gathered on the device (in the compute dtype, [`crate::device`]); otherwise as
+    /// [`Self::start_gather`]. For [`Self::assemble_flat`].
+    pub fn start_gather_flat<I: Backend>(&self, stream: &CommStream) -> PendingFlat<I> {
+        match (self.storage, self.on_device::<I>()) {
+            (Storage::F32, Some(d)) => {
+                all_gather_tensor(stream, self.layout, d.master_tensor().clone(), None)
+            }
+            (Storage::Master16(dtype), Some(d)) => {
+                all_gather_tensor(stream, self.layout, d.master_tensor().clone(), Some(dtype))
+            }
+            _ => PendingFlat::host(self.start_gather(stream)),
+        }
+    }
+
+    /// [`Self::assemble`] from either kind of compute gather: from a device buffer, each
+    /// parameter is a view of it (no host copy).
+    pub fn assemble_flat<B: AutodiffBackend>(&self, full: Flat<B::InnerBackend>) -> M
+    where
+        M: Module<B>,
+    {
+        match full {
+            Flat::Host(values) => self.assemble::<B>(&values),
+            Flat::Device(t) => refill_tensor::<B, M>(self.skeleton.clone(), &self.shapes, t),
+        }
+    }
+
+    /// The full fp32 gradient of `gathered` for its reduce-scatter: on the device when the unit
+    /// is device-resident (padded), else in host memory ([`flatten_grads`]).
+    pub fn flatten_grads_flat<B: AutodiffBackend>(
+        &self,
+        gathered: &M,
+        grads: &GradientsParams,
+    ) -> Flat<B::InnerBackend>
+    where
+        M: AutodiffModule<B>,
+    {
+        if self.on_device::<B::InnerBackend>().is_some() {
+            Flat::Device(flatten_grads_tensor::<B, M>(
+                gathered,
+                grads,
+                self.layout.padded(),
+            ))
+        } else {
+            Flat::Host(flatten_grads::<B, M>(gathered, grads))
+        }
+    }
+
+    /// AdamW on this rank's chunk with its gradient chunk `grad`, where the chunk lives; a
+    /// device gradient steps a device chunk without leaving the device.
+    pub fn step_flat<I: Backend>(&mut self, lr: f64, grad: Flat<I>) {
+        match grad {
+            Flat::Host(values) => self.step(lr, &values),
+            Flat::Device(t) => match &mut self.shard {
+                Shard::Device(device) => device
+                    .as_any_mut()
+                    .downcast_mut::<OnDevice<I>>()
+                    .expect("a device gradient steps a chunk on the same backend")
+                    .step_tensor(lr, t),
+                Shard::Host { .. } => {
+                    let values = to_f32(t.into_data());
+                    self.step(lr, &values)
+                }
+            },
         }
     }
 

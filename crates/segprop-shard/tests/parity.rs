@@ -117,8 +117,12 @@ impl Units {
 
     fn step(&mut self, c: &mut dyn Collective, mut shards: Vec<Vec<f32>>) {
         let valid = self.valid();
-        let pairs: Vec<(&[f32], usize)> = shards.iter().map(|s| &s[..]).zip(valid).collect();
-        let norm = global_grad_norm(c, &pairs).unwrap();
+        let local: f32 = shards
+            .iter()
+            .zip(valid)
+            .map(|(s, valid)| s[..valid].iter().map(|x| x * x).sum::<f32>())
+            .sum();
+        let norm = global_grad_norm(c, local).unwrap();
         if let Some(f) = clip_factor(norm, CLIP) {
             for s in &mut shards {
                 s.iter_mut().for_each(|x| *x = (f64::from(*x) * f) as f32);

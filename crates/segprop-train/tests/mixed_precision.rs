@@ -244,16 +244,19 @@ fn segprop_half_precision_follows_f32_on_2_ranks() {
 #[test]
 fn bf16_device_resident_shards_train_with_the_bits_of_host_shards() {
     // `offload: none` (set past validation: CPU jobs refuse it): fp32 masters and moments on the
-    // rank's device, stepped there; the frozen prefix and the parked blocks as bf16 words on the
-    // device. On flex the tensor AdamW has the host AdamW's bits, so the curve is the same.
+    // rank's device, gathered there in bf16 (rounded to nearest even), gradients flattened and
+    // reduce-scattered there, and stepped there; the frozen prefix and the parked blocks stay in
+    // host memory as bf16 words. Without clipping every operation is the host path's, so the
+    // curve has the same bits.
     let base = SEGPROP
         .replace("stage1: { max_steps: 100 }", "stage1: { max_steps: 6 }")
         .replace("segment: { max_steps: 60 }", "segment: { max_steps: 6 }");
-    let host = spec(
+    let mut host = spec(
         &base,
         "sharding: { strategy: full_shard, offload: cpu }\nactivation_checkpointing: true\n\
          resources: { precision: bf16, devices_per_gang: 2 }",
     );
+    host.optimizer.grad_clip = None;
     let mut device = host.clone();
     device.sharding.offload = segprop_core::spec::Offload::None;
     let (on_host, on_device) = (run::<CpuHalfBackend>(&host), run::<CpuHalfBackend>(&device));
@@ -264,9 +267,6 @@ fn bf16_device_resident_shards_train_with_the_bits_of_host_shards() {
         let (d, h) = (d.expect("sharded"), h.expect("sharded"));
         assert!(d.shards_on_device && !h.shards_on_device);
         assert_eq!(d.params_bytes, h.params_bytes);
-        assert_eq!(
-            d.prefix_bytes, h.prefix_bytes,
-            "bf16 prefix on the device too"
-        );
+        assert_eq!(d.prefix_bytes, h.prefix_bytes, "bf16 prefix either way");
     }
 }

@@ -450,17 +450,20 @@ fn reset_head_and_early_exit_with_units_kept_sharded_match_one_unsharded_rank() 
 
 #[test]
 fn device_resident_shards_train_with_the_bits_of_host_resident_shards() {
-    // `offload: none` keeps every rank's chunks and AdamW state on the rank's device and steps
-    // them there as tensor operations. CPU jobs refuse it (their device is host memory), so the
-    // spec is set past validation: the code path is the one a CUDA rank runs, on ndarray, where
-    // the tensor AdamW has the host AdamW's bits. Stage 1, a segment with SnapCheck, head
-    // policy reset (the baseline restored into device shards) and the early exit.
+    // `offload: none` keeps every rank's chunks and AdamW state on the rank's device, gathers
+    // and reduce-scatters them as device tensors (staged through the host collective here, as
+    // NCCL takes them directly on a GPU) and steps them there. CPU jobs refuse it (their device
+    // is host memory), so the spec is set past validation: the code path is the one a CUDA rank
+    // runs, on ndarray. Stage 1, a segment with SnapCheck, head policy reset (the baseline
+    // restored into device shards) and the early exit.
     let base = reset_and_exit();
-    let host = spec(
+    let mut host = spec(
         &base,
         "activation_checkpointing: true\nsharding: { strategy: full_shard, offload: cpu }\n\
          resources: { devices_per_gang: 2 }",
     );
+    // Without clipping every operation is the host path's: the same bits.
+    host.optimizer.grad_clip = None;
     let mut device = host.clone();
     device.sharding.offload = segprop_core::spec::Offload::None;
     let on_host = run(&host);
@@ -484,4 +487,14 @@ fn device_resident_shards_train_with_the_bits_of_host_resident_shards() {
     };
     assert_eq!(where_(&on_device), vec![true; on_device.sharding.len()]);
     assert_eq!(where_(&on_host), vec![false; on_host.sharding.len()]);
+
+    // With clipping the device sums the squares with the backend's reduction and scales in
+    // f32 (the host in order and in f64): the same run to rounding.
+    host.optimizer.grad_clip = Some(0.5);
+    device.optimizer.grad_clip = Some(0.5);
+    let (on_host, on_device) = (run(&host), run(&device));
+    for (h, d) in on_host.losses.iter().zip(&on_device.losses) {
+        assert!((h.2 - d.2).abs() <= 1e-5 * h.2.abs(), "{h:?} vs {d:?}");
+    }
+    assert_eq!(on_host.losses.len(), on_device.losses.len());
 }

@@ -1,24 +1,26 @@
 //! The collectives of one sharded step in the order the step uses the units: all-gathers with
 //! prefetch of the next unit, reduce-scatters with one in flight.
 
-use burn::tensor::backend::AutodiffBackend;
+use burn::tensor::backend::{AutodiffBackend, Backend};
 use segprop_shard::ShardLayout;
-use segprop_shard::{CollectiveError, CommStream, Pending};
+use segprop_shard::device::reduce_scatter_flat;
+use segprop_shard::{CollectiveError, CommStream, Flat, PendingFlat};
 
 use super::{Kind, Unit};
 
 /// The all-gathers of one step, in the order the step uses the units. With prefetch, handing
 /// out a unit starts the next one's gather, which then runs while the rank computes with this
-/// one: at most two units are gathered at once, as with FSDP's prefetch of one unit.
-pub(super) struct Gathers {
+/// one: at most two units are gathered at once, as with FSDP's prefetch of one unit. Units whose
+/// chunks live on the device are gathered there (`segprop_shard::device`).
+pub(super) struct Gathers<I: Backend> {
     order: std::iter::Peekable<Box<dyn Iterator<Item = usize>>>,
-    ahead: Option<(usize, Pending<Vec<f32>>)>,
+    ahead: Option<(usize, PendingFlat<I>)>,
     prefetch: bool,
     /// The most gathered bytes held at once (the unit handed out and the one arriving).
     pub(super) peak: u64,
 }
 
-impl Gathers {
+impl<I: Backend> Gathers<I> {
     pub(super) fn new(order: impl Iterator<Item = usize> + 'static, prefetch: bool) -> Self {
         let order: Box<dyn Iterator<Item = usize>> = Box::new(order);
         Self {
@@ -30,12 +32,12 @@ impl Gathers {
     }
 
     /// The next unit's full weights. The caller drops the previous unit's module first.
-    pub(super) fn next<B: AutodiffBackend>(
+    pub(super) fn next<B: AutodiffBackend<InnerBackend = I>>(
         &mut self,
         units: &[Unit<B>],
         s: &CommStream,
-    ) -> Result<Vec<f32>, CollectiveError> {
-        let start = |i: usize| with_unit!(&units[i].kind, u => u.start_gather(s));
+    ) -> Result<Flat<I>, CollectiveError> {
+        let start = |i: usize| with_unit!(&units[i].kind, u => u.start_gather_flat::<I>(s));
         let bytes = |i: usize| with_unit!(&units[i].kind, u => u.memory().gathered);
         let i = self.order.next().expect("a unit left to gather");
         let pending = match self.ahead.take() {
@@ -58,19 +60,20 @@ impl Gathers {
 }
 
 /// The reduce-scatters of one step. With prefetch one stays in flight while the rank computes
-/// the next unit's gradient; without, each is waited for at once.
-pub(super) struct Scatters {
-    shards: Vec<Vec<f32>>,
-    in_flight: Option<(usize, u64, Pending<Vec<f32>>)>,
+/// the next unit's gradient; without, each is waited for at once. A gradient on the device is
+/// reduce-scattered there.
+pub(super) struct Scatters<I: Backend> {
+    shards: Vec<Option<Flat<I>>>,
+    in_flight: Option<(usize, u64, PendingFlat<I>)>,
     prefetch: bool,
     /// The most full-gradient bytes held at once.
     pub(super) peak: u64,
 }
 
-impl Scatters {
+impl<I: Backend> Scatters<I> {
     pub(super) fn new(units: usize, prefetch: bool) -> Self {
         Self {
-            shards: vec![Vec::new(); units],
+            shards: (0..units).map(|_| None).collect(),
             in_flight: None,
             prefetch,
             peak: 0,
@@ -84,28 +87,33 @@ impl Scatters {
         s: &CommStream,
         i: usize,
         layout: ShardLayout,
-        grad: Vec<f32>,
+        grad: Flat<I>,
     ) -> Result<(), CollectiveError> {
         let bytes = (layout.padded() * 4) as u64;
-        let pending = s.reduce_scatter(layout, grad);
+        let pending = reduce_scatter_flat(s, layout, grad);
         let before = self.in_flight.replace((i, bytes, pending));
         self.peak = self
             .peak
             .max(bytes + before.as_ref().map_or(0, |(_, b, _)| *b));
         if let Some((j, _, pending)) = before {
-            self.shards[j] = pending.wait()?;
+            self.shards[j] = Some(pending.wait()?);
         }
         if !self.prefetch {
             let (j, _, pending) = self.in_flight.take().expect("just started");
-            self.shards[j] = pending.wait()?;
+            self.shards[j] = Some(pending.wait()?);
         }
         Ok(())
     }
 
-    pub(super) fn finish(mut self) -> Result<Vec<Vec<f32>>, CollectiveError> {
+    /// Every unit's gradient chunk, in unit order.
+    pub(super) fn finish(mut self) -> Result<Vec<Flat<I>>, CollectiveError> {
         if let Some((j, _, pending)) = self.in_flight.take() {
-            self.shards[j] = pending.wait()?;
+            self.shards[j] = Some(pending.wait()?);
         }
-        Ok(self.shards)
+        Ok(self
+            .shards
+            .into_iter()
+            .map(|s| s.expect("every unit's gradient was reduce-scattered"))
+            .collect())
     }
 }

@@ -36,9 +36,12 @@
 //! fp32 master weights and of both AdamW moments is host memory (`Vec<f32>`), stepped by a host
 //! AdamW (bit-identical to burn's), the layout of FSDP + CPU offload; with `offload: none` the
 //! chunks of the units the stage trains are tensors on the rank's device, stepped there by the
-//! same AdamW as tensor operations ([`Placement`]), while frozen units stay in host memory. The
-//! collectives stage through host buffers either way; gathered weights are uploaded to the
-//! device for use and freed after.
+//! same AdamW as tensor operations ([`Placement`]), while frozen units stay in host memory. With
+//! `none` a trained unit's all-gather starts from its device chunk and ends in a device buffer
+//! whose views are the module's parameters, and its gradient is flattened, reduce-scattered and
+//! stepped on the device (`segprop_shard::device`: NCCL on the device buffers, staged through
+//! the host collective on CPU ranks); with `cpu` the gathers and reduce-scatters use host
+//! buffers and gathered weights are uploaded to the device for use and freed after.
 //!
 //! Between stages, either the units stay sharded ([`ModelShards`], `model.rs`: a trainer built
 //! by `Trainer::new_sharded` never holds the model whole; its checkpoints are one file per rank,
@@ -57,9 +60,9 @@ use burn::tensor::backend::AutodiffBackend;
 use segprop_model::model::cross_entropy;
 use segprop_model::precision::to_dtype;
 use segprop_model::{Block, Llama, LmHead, RopeTables};
-use segprop_shard::unit::{FsdpUnit, UnitMemory, flatten_grads};
+use segprop_shard::unit::{FsdpUnit, UnitMemory};
 use segprop_shard::{
-    AdamWConfig, Collective, CollectiveError, CommStream, clip_factor, global_grad_norm,
+    AdamWConfig, Collective, CollectiveError, CommStream, Flat, clip_factor, global_grad_norm,
 };
 
 use crate::adapter::Adapter;
@@ -112,6 +115,9 @@ macro_rules! with_unit {
         }
     };
 }
+
+/// A step's loss (this rank's weighted sum) and every unit's gradient chunk, in unit order.
+type LossAndGrads<B> = (f64, Vec<Flat<<B as AutodiffBackend>::InnerBackend>>);
 
 type OptimRecord<B> = <AdamWOptimizer<B> as Optimizer<Llama<B>, B>>::Record;
 
@@ -367,20 +373,20 @@ impl<B: AutodiffBackend> ShardedStage<B> {
         } else {
             self.grads_keep(c, prefetch, micro, adapter, rope, device)?
         };
-        let valid: Vec<usize> = self
+        let local: f32 = self
             .units
             .iter()
-            .map(|u| with_unit!(&u.kind, u => u.valid()))
-            .collect();
-        let pairs: Vec<(&[f32], usize)> = shards.iter().map(|s| &s[..]).zip(valid).collect();
-        let norm = global_grad_norm(c, &pairs)?;
+            .zip(&shards)
+            .map(|(u, g)| g.sum_squares(with_unit!(&u.kind, u => u.valid())))
+            .sum();
+        let norm = global_grad_norm(c, local)?;
         let factor = clip_factor(norm, clip);
-        for (unit, mut grad) in self.units.iter_mut().zip(shards) {
-            if let Some(f) = factor {
-                grad.iter_mut()
-                    .for_each(|x| *x = (f64::from(*x) * f) as f32);
-            }
-            with_unit!(&mut unit.kind, u => u.step(lr, &grad));
+        for (unit, grad) in self.units.iter_mut().zip(shards) {
+            let grad = match factor {
+                Some(f) => grad.scale(f),
+                None => grad,
+            };
+            with_unit!(&mut unit.kind, u => u.step_flat(lr, grad));
         }
         let (prefix_moved, prefix_expected) = std::mem::take(&mut self.prefix_comm);
         self.memory.comm_bytes_per_step = c.stats().total_wire_bytes() - before + prefix_moved;
@@ -406,7 +412,7 @@ impl<B: AutodiffBackend> ShardedStage<B> {
             let full = gathers.next(&self.prefix, s)?;
             match &unit.kind {
                 Kind::Embed(u) => {
-                    let embed = u.assemble::<B>(&full).valid();
+                    let embed = u.assemble_flat::<B>(full).valid();
                     xs = inputs
                         .take()
                         .expect("the embedding comes first")
@@ -415,7 +421,7 @@ impl<B: AutodiffBackend> ShardedStage<B> {
                         .collect();
                 }
                 Kind::Block(_, u) => {
-                    let block = u.assemble::<B>(&full).valid();
+                    let block = u.assemble_flat::<B>(full).valid();
                     xs = xs.into_iter().map(|x| block.forward(x, rope)).collect();
                 }
                 Kind::Head(_) => unreachable!("a frozen prefix has no head"),
@@ -452,7 +458,7 @@ impl<B: AutodiffBackend> ShardedStage<B> {
         adapter: &A,
         (rope, rope_inner): (&RopeTables<B>, &RopeTables<B::InnerBackend>),
         device: &B::Device,
-    ) -> Result<(f64, Vec<Vec<f32>>), CollectiveError> {
+    ) -> Result<LossAndGrads<B>, CollectiveError> {
         let adapter_depth = self.adapter_depth();
         let n = self.units.len();
         // Forward uses every unit in order, the head included; backward the others in reverse.
@@ -468,7 +474,7 @@ impl<B: AutodiffBackend> ShardedStage<B> {
             ..
         }) = self.units.first()
         {
-            let embed = u.assemble::<B>(&gathers.next(&self.units, s)?).valid();
+            let embed = u.assemble_flat::<B>(gathers.next(&self.units, s)?).valid();
             for m in &micro {
                 let StepInput::Tokens = &m.input else {
                     unreachable!("an embedding unit reads tokens")
@@ -490,7 +496,7 @@ impl<B: AutodiffBackend> ShardedStage<B> {
             let Kind::Block(index, u) = &unit.kind else {
                 unreachable!("units between the embedding and the head are blocks")
             };
-            let block = u.assemble::<B>(&gathers.next(&self.units, s)?).valid();
+            let block = u.assemble_flat::<B>(gathers.next(&self.units, s)?).valid();
             saved.push(xs.clone());
             xs = xs
                 .into_iter()
@@ -518,7 +524,7 @@ impl<B: AutodiffBackend> ShardedStage<B> {
         let Kind::Head(head_unit) = &self.units[n - 1].kind else {
             unreachable!("the last unit is the head")
         };
-        let head = head_unit.assemble::<B>(&gathers.next(&self.units, s)?);
+        let head = head_unit.assemble_flat::<B>(gathers.next(&self.units, s)?);
         let mut acc = GradientsAccumulator::<LmHead<B>>::new();
         for (m, x) in micro.iter().zip(saved.pop().expect("the head's input")) {
             let x = Tensor::<B, 3>::from_inner(x).require_grad();
@@ -534,7 +540,7 @@ impl<B: AutodiffBackend> ShardedStage<B> {
             }
             acc.accumulate(&head, GradientsParams::from_grads(grads, &head));
         }
-        let acc = flatten_grads::<B, _>(&head, &acc.grads());
+        let acc = head_unit.flatten_grads_flat::<B>(&head, &acc.grads());
         drop(head);
         scatters.start(s, n - 1, head_unit.layout, acc)?;
 
@@ -544,7 +550,7 @@ impl<B: AutodiffBackend> ShardedStage<B> {
             let Kind::Block(index, u) = &self.units[ui].kind else {
                 unreachable!("units between the embedding and the head are blocks")
             };
-            let block = u.assemble::<B>(&gathers.next(&self.units, s)?);
+            let block = u.assemble_flat::<B>(gathers.next(&self.units, s)?);
             let inputs = saved.pop().expect("a saved input per block");
             let mut acc = GradientsAccumulator::<Block<B>>::new();
             let needs_input_grad = ui > 0;
@@ -568,7 +574,7 @@ impl<B: AutodiffBackend> ShardedStage<B> {
                 }
                 acc.accumulate(&block, GradientsParams::from_grads(grads, &block));
             }
-            let acc = flatten_grads::<B, _>(&block, &acc.grads());
+            let acc = u.flatten_grads_flat::<B>(&block, &acc.grads());
             drop(block);
             scatters.start(s, ui, u.layout, acc)?;
         }
@@ -578,7 +584,7 @@ impl<B: AutodiffBackend> ShardedStage<B> {
             let Kind::Embed(u) = &self.units[0].kind else {
                 unreachable!("unit 0 is the embedding")
             };
-            let embed = u.assemble::<B>(&gathers.next(&self.units, s)?);
+            let embed = u.assemble_flat::<B>(gathers.next(&self.units, s)?);
             let mut acc = GradientsAccumulator::<Embedding<B>>::new();
             for (m, g) in micro.iter().zip(upstream) {
                 let y = embed.forward(tokens(&m.batch.inputs, &m.batch, device));
@@ -586,7 +592,7 @@ impl<B: AutodiffBackend> ShardedStage<B> {
                 let grads = (y * Tensor::<B, 3>::from_inner(g)).sum().backward();
                 acc.accumulate(&embed, GradientsParams::from_grads(grads, &embed));
             }
-            let acc = flatten_grads::<B, _>(&embed, &acc.grads());
+            let acc = u.flatten_grads_flat::<B>(&embed, &acc.grads());
             drop(embed);
             scatters.start(s, 0, u.layout, acc)?;
         }
@@ -612,7 +618,7 @@ impl<B: AutodiffBackend> ShardedStage<B> {
         adapter: &A,
         rope: &RopeTables<B>,
         device: &B::Device,
-    ) -> Result<(f64, Vec<Vec<f32>>), CollectiveError> {
+    ) -> Result<LossAndGrads<B>, CollectiveError> {
         let adapter_depth = self.adapter_depth();
         let n = self.units.len();
         let mut gathers = Gathers::new(0..n, prefetch);
@@ -621,9 +627,9 @@ impl<B: AutodiffBackend> ShardedStage<B> {
         for unit in &self.units {
             let full = gathers.next(&self.units, s)?;
             gathered.push(match &unit.kind {
-                Kind::Embed(u) => Gathered::Embed(u.assemble::<B>(&full)),
-                Kind::Block(i, u) => Gathered::Block(*i, u.assemble::<B>(&full)),
-                Kind::Head(u) => Gathered::Head(u.assemble::<B>(&full)),
+                Kind::Embed(u) => Gathered::Embed(u.assemble_flat::<B>(full)),
+                Kind::Block(i, u) => Gathered::Block(*i, u.assemble_flat::<B>(full)),
+                Kind::Head(u) => Gathered::Head(u.assemble_flat::<B>(full)),
             });
             gathered_bytes += with_unit!(&unit.kind, u => u.memory().gathered);
         }
@@ -683,12 +689,16 @@ impl<B: AutodiffBackend> ShardedStage<B> {
         }
         let mut scatters = Scatters::new(n, prefetch);
         for (ui, ((unit, g), acc)) in self.units.iter().zip(&gathered).zip(accs).enumerate() {
-            let flat = match (g, acc) {
-                (Gathered::Embed(e), Accumulated::Embed(mut a)) => flatten_grads(e, &a.grads()),
-                (Gathered::Block(_, b), Accumulated::Block(_, mut a)) => {
-                    flatten_grads(b, &a.grads())
+            let flat = match (&unit.kind, g, acc) {
+                (Kind::Embed(u), Gathered::Embed(e), Accumulated::Embed(mut a)) => {
+                    u.flatten_grads_flat::<B>(e, &a.grads())
                 }
-                (Gathered::Head(h), Accumulated::Head(mut a)) => flatten_grads(h, &a.grads()),
+                (Kind::Block(_, u), Gathered::Block(_, b), Accumulated::Block(_, mut a)) => {
+                    u.flatten_grads_flat::<B>(b, &a.grads())
+                }
+                (Kind::Head(u), Gathered::Head(h), Accumulated::Head(mut a)) => {
+                    u.flatten_grads_flat::<B>(h, &a.grads())
+                }
                 _ => unreachable!("one accumulator per gathered unit, same kind"),
             };
             let layout = with_unit!(&unit.kind, u => u.layout);
