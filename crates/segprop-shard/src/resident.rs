@@ -12,7 +12,7 @@
 //! [`DeviceShard::download`]. A device chunk's all-gather and its gradient's reduce-scatter run
 //! on device tensors (`crate::device`: NCCL on their device buffers, staged through the host
 //! elsewhere) and [`OnDevice::step_tensor`] steps it with the gradient chunk where it arrived.
-//! Checkpoint and evaluation gathers copy the chunk to the host (between steps, not per step).
+//! Checkpoint gathers and stage-boundary edits copy the chunk to the host (never per step).
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};

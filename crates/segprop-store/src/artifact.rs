@@ -61,6 +61,33 @@ pub struct ArtifactManifest {
     pub checksum: String,
 }
 
+/// Why a manifest's file paths cannot be fetched as they are, if they cannot: a file artifact
+/// has one file at `""`; a directory's files are relative `/`-separated paths of plain names, so
+/// a fetch never writes outside its destination whatever a manifest says.
+fn unsafe_path(manifest: &ArtifactManifest) -> Option<String> {
+    for file in &manifest.files {
+        let path = &file.path;
+        let bad = match manifest.kind {
+            ArtifactKind::File => !path.is_empty() || manifest.files.len() != 1,
+            ArtifactKind::Dir => {
+                path.is_empty()
+                    || path.contains('\\')
+                    || path.contains('\0')
+                    || path
+                        .split('/')
+                        .any(|part| part.is_empty() || part == "." || part == "..")
+            }
+        };
+        if bad {
+            return Some(format!(
+                "file path {path:?} is not a plain relative path of a {:?} artifact",
+                manifest.kind
+            ));
+        }
+    }
+    None
+}
+
 /// The manifest key of the artifact under `key`.
 pub fn manifest_key(key: &str) -> String {
     format!("{key}{MANIFEST_SUFFIX}")
@@ -209,6 +236,9 @@ impl Store {
                     manifest.format
                 ),
             });
+        }
+        if let Some(reason) = unsafe_path(&manifest) {
+            return Err(Error::Corrupt { key: mkey, reason });
         }
         Ok(manifest)
     }

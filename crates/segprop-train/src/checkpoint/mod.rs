@@ -46,6 +46,11 @@ struct StateFile {
     global_step: u64,
     progress: PlanProgress,
     stage: Option<StageProgress>,
+    /// Checksum of `weights.bin`, checked before it is decoded (checkpoints written before it
+    /// existed have none). burn's decoder trusts the lengths it reads: a corrupt length is an
+    /// allocation of terabytes, so corruption must be caught before decoding.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    weights_checksum: Option<String>,
 }
 
 type OptRecord<B> = <AdamWOptimizer<B> as Optimizer<Llama<B>, B>>::Record;
@@ -70,7 +75,7 @@ pub fn save<B: AutodiffBackend>(
             "a trainer with sharded units saves sharded checkpoints (save_sharded)".into(),
         ));
     }
-    let state = state_of(trainer, stage.map(|(_, p)| p));
+    let mut state = state_of(trainer, stage.map(|(_, p)| p));
     let record: WeightsRecord<B> = (
         trainer.model.clone().into_record(),
         trainer.head_optimizer.as_ref().map(|o| o.to_record()),
@@ -83,6 +88,9 @@ pub fn save<B: AutodiffBackend>(
     let weights = BinBytesRecorder::<FullPrecisionSettings>::default()
         .record(record, ())
         .map_err(|e| state_error(dir, format!("cannot encode weights: {e}")))?;
+    let mut hasher = Fnv1a64::default();
+    hasher.update(&weights);
+    state.weights_checksum = Some(hasher.label());
     let yaml = serde_yaml::to_string(&state)
         .map_err(|e| state_error(dir, format!("cannot encode state: {e}")))?;
 
@@ -108,6 +116,7 @@ fn state_of<B: AutodiffBackend>(trainer: &Trainer<B>, stage: Option<&StageProgre
         global_step: trainer.global_step,
         progress: trainer.progress.clone(),
         stage: stage.cloned(),
+        weights_checksum: None,
     }
 }
 
@@ -185,10 +194,31 @@ pub fn load<B: AutodiffBackend>(
     let state = read_state(trainer, dir)?;
     let weights_path = dir.join(WEIGHTS_FILE);
     let bytes = std::fs::read(&weights_path).map_err(TrainError::io(&weights_path))?;
-    let (model, head_opt, baseline, local_opt): WeightsRecord<B> =
+    if let Some(expected) = &state.weights_checksum {
+        let mut hasher = Fnv1a64::default();
+        hasher.update(&bytes);
+        if hasher.label() != *expected {
+            return Err(state_error(
+                &weights_path,
+                format!(
+                    "checksum {} does not match {expected} recorded in {STATE_FILE} (corrupt or \
+                     overwritten)",
+                    hasher.label()
+                ),
+            ));
+        }
+    }
+    // burn's recorder unwraps some decode errors (a corrupt enum tag, for one): a panic there is
+    // a file that does not decode, not a bug of the caller.
+    let device = trainer.device.clone();
+    let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
         BinBytesRecorder::<FullPrecisionSettings>::default()
-            .load(bytes, &trainer.device)
-            .map_err(|e| state_error(&weights_path, format!("cannot decode weights: {e}")))?;
+            .load::<WeightsRecord<B>>(bytes, &device)
+            .map_err(|e| e.to_string())
+    }))
+    .unwrap_or_else(|panic| Err(panic_message(&*panic)));
+    let (model, head_opt, baseline, local_opt) =
+        decoded.map_err(|e| state_error(&weights_path, format!("cannot decode weights: {e}")))?;
 
     let template = if state.config.num_layers == trainer.model.num_layers() {
         trainer.model.clone()
@@ -283,6 +313,15 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), TrainError> {
     let mut file = std::fs::File::create(path).map_err(TrainError::io(path))?;
     file.write_all(bytes).map_err(TrainError::io(path))?;
     file.sync_all().map_err(TrainError::io(path))
+}
+
+/// The text of a caught panic.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "undecodable".into())
 }
 
 fn state_error(path: &Path, message: String) -> TrainError {

@@ -39,7 +39,9 @@ pub(super) fn losses<B: AutodiffBackend, A: Adapter>(
     for kind in units {
         flow = match (kind, flow) {
             (Kind::Embed(u), Flow::Tokens(tokens)) => {
-                let embed = u.assemble::<B>(&u.start_gather(s).wait()?).valid();
+                let embed = u
+                    .assemble_flat::<B>(u.start_gather_flat::<B::InnerBackend>(s).wait()?)
+                    .valid();
                 Flow::Hidden(
                     tokens
                         .into_iter()
@@ -48,7 +50,9 @@ pub(super) fn losses<B: AutodiffBackend, A: Adapter>(
                 )
             }
             (Kind::Block(index, u), Flow::Hidden(xs)) => {
-                let block = u.assemble::<B>(&u.start_gather(s).wait()?).valid();
+                let block = u
+                    .assemble_flat::<B>(u.start_gather_flat::<B::InnerBackend>(s).wait()?)
+                    .valid();
                 Flow::Hidden(
                     xs.into_iter()
                         .map(|x| {
@@ -63,7 +67,9 @@ pub(super) fn losses<B: AutodiffBackend, A: Adapter>(
                 )
             }
             (Kind::Head(u), Flow::Hidden(xs)) => {
-                let head = u.assemble::<B>(&u.start_gather(s).wait()?).valid();
+                let head = u
+                    .assemble_flat::<B>(u.start_gather_flat::<B::InnerBackend>(s).wait()?)
+                    .valid();
                 return Ok(xs
                     .into_iter()
                     .zip(targets)
@@ -117,7 +123,9 @@ impl<B: AutodiffBackend> ModelShards<B> {
     ) -> Result<Vec<f64>, CollectiveError> {
         const HELD: &str = "units are in their slots between stages";
         let embed = self.embed.as_ref().expect(HELD);
-        let m = embed.assemble::<B>(&embed.start_gather(s).wait()?).valid();
+        let m = embed
+            .assemble_flat::<B>(embed.start_gather_flat::<B::InnerBackend>(s).wait()?)
+            .valid();
         let mut xs: Vec<Tensor<Inner<B>, 3>> = tokens
             .into_iter()
             .map(|t| to_dtype(m.forward(t), rope.dtype()))
@@ -125,11 +133,15 @@ impl<B: AutodiffBackend> ModelShards<B> {
         drop(m);
         for slot in &self.blocks {
             let u = slot.as_ref().expect(HELD);
-            let block = u.assemble::<B>(&u.start_gather(s).wait()?).valid();
+            let block = u
+                .assemble_flat::<B>(u.start_gather_flat::<B::InnerBackend>(s).wait()?)
+                .valid();
             xs = xs.into_iter().map(|x| block.forward(x, rope)).collect();
         }
         let head = self.head.as_ref().expect(HELD);
-        let m = head.assemble::<B>(&head.start_gather(s).wait()?).valid();
+        let m = head
+            .assemble_flat::<B>(head.start_gather_flat::<B::InnerBackend>(s).wait()?)
+            .valid();
         Ok(xs
             .into_iter()
             .zip(targets)
@@ -153,7 +165,9 @@ impl<B: AutodiffBackend> ModelShards<B> {
     ) -> Result<(), crate::TrainError> {
         for b in range {
             let u = self.blocks[b].as_ref().expect("units are in their slots");
-            let block = u.assemble::<B>(&u.start_gather(s).wait()?).valid();
+            let block = u
+                .assemble_flat::<B>(u.start_gather_flat::<B::InnerBackend>(s).wait()?)
+                .valid();
             step(b, &block).map_err(crate::TrainError::io(spill))?;
         }
         Ok(())
@@ -198,14 +212,18 @@ impl<B: AutodiffBackend> ModelShards<B> {
         );
         if from_embed {
             let embed = self.embed.as_ref().expect(HELD);
-            let m = embed.assemble::<B>(&embed.start_gather(s).wait()?).valid();
+            let m = embed
+                .assemble_flat::<B>(embed.start_gather_flat::<B::InnerBackend>(s).wait()?)
+                .valid();
             for (i, t) in tokens {
                 xs[i].1 = Some(to_dtype(m.forward(t), rope.dtype()));
             }
         }
         for b in first..to {
             let u = self.blocks[b].as_ref().expect(HELD);
-            let block = u.assemble::<B>(&u.start_gather(s).wait()?).valid();
+            let block = u
+                .assemble_flat::<B>(u.start_gather_flat::<B::InnerBackend>(s).wait()?)
+                .valid();
             for (depth, x) in xs.iter_mut() {
                 if *depth <= b {
                     let z = x.take().expect("every input has entered by its depth");
