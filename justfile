@@ -16,6 +16,10 @@ serve:
 loadtest:
     cargo build --release -p segprop-coordinator -p segprop-bench && target/release/segprop-bench loadtest --workers 1000 --jobs 200
 
+# Chaos soak: jobs on real workers while workers and the coordinator are killed (docs/benchmarks.md).
+chaos:
+    cargo build --release -p segprop-coordinator -p segprop-worker -p segprop-bench && target/release/segprop-bench chaos --jobs 6 --workers 3 --kill-every-ms 1500 --segment-steps 60
+
 # The test command CI runs (README): format, lints, GPU paths compile, all tests.
 test:
     bash scripts/test.sh

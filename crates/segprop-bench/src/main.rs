@@ -24,6 +24,7 @@
 //!   SegProp job on a 70B-width slice with each stage's device memory against the planner; one
 //!   70B-width block's forward + backward against PyTorch.
 
+mod chaos;
 mod cluster;
 #[cfg(feature = "cuda")]
 mod gpu_check;
@@ -99,6 +100,9 @@ enum Command {
     /// The coordinator under load: many simulated workers over real gRPC against a real
     /// `segprop-coord serve` process (dispatch latency, coordinator CPU and memory).
     Loadtest(loadtest::LoadtestArgs),
+    /// The control plane under failures: jobs on real worker processes while workers and the
+    /// coordinator are SIGKILLed and restarted; every job must end as its undisturbed run.
+    Chaos(chaos::ChaosArgs),
     /// Peak heap of a whole sharded job with the model never whole vs whole between stages.
     NeverWhole {
         #[arg(long, default_value_t = 3)]
@@ -203,6 +207,7 @@ fn main() -> Result<()> {
         Command::Precision => precision::precision(cli.steps),
         Command::NeverWhole { reps } => never_whole::never_whole(reps),
         Command::Loadtest(args) => loadtest::loadtest(args),
+        Command::Chaos(args) => chaos::chaos(&args),
         Command::Throughput | Command::Snapcheck if cli.backend == "cuda" => cuda(&cli),
         Command::Throughput => throughput::<CpuBackend>(cli.steps, &Default::default(), "cpu"),
         Command::Snapcheck => snapcheck::<CpuBackend>(cli.steps, &Default::default()),

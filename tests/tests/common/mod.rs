@@ -17,7 +17,7 @@ pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// `target/<profile>/<name>`, building the coordinator and worker binaries on first use.
+/// `target/<profile>/<name>`, building the coordinator, worker and bench binaries on first use.
 pub fn bin(name: &str) -> PathBuf {
     static BUILD: std::sync::Once = std::sync::Once::new();
     let exe = std::env::current_exe().unwrap();
@@ -32,6 +32,8 @@ pub fn bin(name: &str) -> PathBuf {
             "segprop-worker",
             "-p",
             "segprop-coordinator",
+            "-p",
+            "segprop-bench",
         ])
         .current_dir(repo());
         // `cargo test` gives this process the package's CARGO_MANIFEST_DIR, CARGO_PKG_* and
