@@ -14,16 +14,30 @@
 //! directory of this one (build them: `cargo build --release -p segprop-coordinator -p
 //! segprop-worker -p segprop-bench`).
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use segprop_proto::v1 as pb;
 use segprop_proto::v1::job_service_client::JobServiceClient;
 
-const TOKEN: &str = "chaos-token";
+use crate::procs::{self, Proc};
+
+/// The coordinator's settings for the soak: short leases, quick retries, a large retry budget.
+const COORDINATOR_ENV: &[(&str, &str)] = &[
+    ("SEGPROP_LEASE_MS", "3000"),
+    ("SEGPROP_BACKOFF_BASE_MS", "100"),
+    ("SEGPROP_MAX_ATTEMPTS", "50"),
+];
+
+fn coordinator(bins: &Path, dir: &Path, listen: &str) -> Result<(Proc, String)> {
+    procs::coordinator(bins, dir, listen, COORDINATOR_ENV, true)
+}
+
+fn worker(bins: &Path, dir: &Path, addr: &str, name: &str) -> Result<Proc> {
+    procs::worker(bins, dir, addr, name, true)
+}
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct ChaosArgs {
@@ -89,68 +103,6 @@ impl Rng {
     }
 }
 
-/// A child process killed (SIGKILL) and reaped on drop.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// `segprop-coord serve` on `listen`, and the address it reports.
-fn coordinator(bins: &Path, dir: &Path, listen: &str) -> Result<(Proc, String)> {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join("coordinator.log"))?;
-    let mut child = Command::new(bins.join("segprop-coord"))
-        .arg("serve")
-        .env("SEGPROP_TOKEN", TOKEN)
-        .env("SEGPROP_LISTEN", listen)
-        .env("SEGPROP_STATE_DIR", dir.join("state"))
-        .env("SEGPROP_ARTIFACT_ROOT", dir.join("artifacts"))
-        .env("SEGPROP_HEARTBEAT_INTERVAL_MS", "200")
-        .env("SEGPROP_LEASE_MS", "3000")
-        .env("SEGPROP_BACKOFF_BASE_MS", "100")
-        .env("SEGPROP_MAX_ATTEMPTS", "50")
-        .env("SEGPROP_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(log)
-        .spawn()
-        .context("cannot start segprop-coord")?;
-    let mut line = String::new();
-    if let Some(out) = child.stdout.take() {
-        BufReader::new(out).read_line(&mut line)?;
-    }
-    let addr = line
-        .trim()
-        .strip_prefix("coordinator listening on ")
-        .with_context(|| format!("unexpected coordinator output {line:?}"))?
-        .to_string();
-    Ok((Proc(child), addr))
-}
-
-fn worker(bins: &Path, dir: &Path, addr: &str, name: &str) -> Result<Proc> {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join(format!("{name}.log")))?;
-    Ok(Proc(
-        Command::new(bins.join("segprop-worker"))
-            .args(["serve", "--coordinator", &format!("http://{addr}")])
-            .args(["--name", name, "--work-dir"])
-            .arg(dir.join(format!("{name}-work")))
-            .env("SEGPROP_TOKEN", TOKEN)
-            .env("SEGPROP_LOG", "info")
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("cannot start segprop-worker")?,
-    ))
-}
-
 /// Every job's current record, or `None` while the coordinator is unreachable (restarting).
 async fn poll(addr: &str, ids: &[String]) -> Option<Vec<pb::Job>> {
     let mut client = JobServiceClient::connect(format!("http://{addr}"))
@@ -158,9 +110,7 @@ async fn poll(addr: &str, ids: &[String]) -> Option<Vec<pb::Job>> {
         .ok()?;
     let mut jobs = Vec::with_capacity(ids.len());
     for id in ids {
-        let mut req = tonic::Request::new(pb::GetJobRequest { job_id: id.clone() });
-        req.metadata_mut()
-            .insert("authorization", format!("Bearer {TOKEN}").parse().ok()?);
+        let req = procs::get_job(id).ok()?;
         jobs.push(client.get_job(req).await.ok()?.into_inner());
     }
     Some(jobs)
@@ -229,23 +179,10 @@ fn soak(
         .iter()
         .map(|n| worker(bins, dir, &addr, n))
         .collect::<Result<Vec<_>>>()?;
-    let mut ids = Vec::new();
-    for spec in specs {
-        let out = Command::new(bins.join("segprop-coord"))
-            .arg("submit")
-            .arg(spec)
-            .env("SEGPROP_COORDINATOR", format!("http://{addr}"))
-            .env("SEGPROP_TOKEN", TOKEN)
-            .env("SEGPROP_LOG", "warn")
-            .output()?;
-        anyhow::ensure!(
-            out.status.success(),
-            "submit {}: {}",
-            spec.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        ids.push(String::from_utf8_lossy(&out.stdout).trim().to_string());
-    }
+    let ids = specs
+        .iter()
+        .map(|spec| procs::submit(bins, &addr, spec))
+        .collect::<Result<Vec<_>>>()?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

@@ -3,18 +3,15 @@
 //! SnapCheck off. Stage 2 runs from the moment stage 1 is committed to the moment the last
 //! segment is, so it includes every snapshot advance (the first full prefix forward too).
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use segprop_proto::v1 as pb;
 use segprop_proto::v1::job_service_client::JobServiceClient;
 
 use crate::median;
-
-const TOKEN: &str = "bench-token";
+use crate::procs;
 
 /// A configuration of the comparison.
 struct Setup {
@@ -65,72 +62,17 @@ seed: 5
     )
 }
 
-struct Killed(Vec<Child>);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
 /// Stage-2 wall seconds of one run of `setup`.
 fn run_once(bin_dir: &Path, dir: &Path, setup: &Setup, steps: u64) -> Result<f64> {
     std::fs::create_dir_all(dir)?;
-    let mut coord = Command::new(bin_dir.join("segprop-coord"))
-        .arg("serve")
-        .env("SEGPROP_TOKEN", TOKEN)
-        .env("SEGPROP_LISTEN", "127.0.0.1:0")
-        .env("SEGPROP_STATE_DIR", dir.join("state"))
-        .env("SEGPROP_ARTIFACT_ROOT", dir.join("artifacts"))
-        .env("SEGPROP_HEARTBEAT_INTERVAL_MS", "200")
-        .env("SEGPROP_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("cannot start segprop-coord")?;
-    let mut line = String::new();
-    if let Some(out) = coord.stdout.take() {
-        BufReader::new(out).read_line(&mut line)?;
-    }
-    let mut children = Killed(vec![coord]);
-    let addr = line
-        .trim()
-        .strip_prefix("coordinator listening on ")
-        .with_context(|| format!("unexpected coordinator output {line:?}"))?
-        .to_string();
+    let (coord, addr) = procs::coordinator(bin_dir, dir, "127.0.0.1:0", &[], false)?;
+    let mut children = vec![coord];
     for w in 0..setup.workers {
-        children.0.push(
-            Command::new(bin_dir.join("segprop-worker"))
-                .args(["serve", "--coordinator", &format!("http://{addr}")])
-                .args(["--name", &format!("w{w}"), "--work-dir"])
-                .arg(dir.join(format!("w{w}")))
-                .env("SEGPROP_TOKEN", TOKEN)
-                .env("SEGPROP_LOG", "warn")
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .context("cannot start segprop-worker")?,
-        );
+        children.push(procs::worker(bin_dir, dir, &addr, &format!("w{w}"), false)?);
     }
     let spec_path = dir.join("job.yaml");
     std::fs::write(&spec_path, spec(setup, steps))?;
-    let submitted = Command::new(bin_dir.join("segprop-coord"))
-        .arg("submit")
-        .arg(&spec_path)
-        .env("SEGPROP_COORDINATOR", format!("http://{addr}"))
-        .env("SEGPROP_TOKEN", TOKEN)
-        .output()?;
-    anyhow::ensure!(
-        submitted.status.success(),
-        "submit failed: {}",
-        String::from_utf8_lossy(&submitted.stderr)
-    );
-    let job_id = String::from_utf8_lossy(&submitted.stdout)
-        .trim()
-        .to_string();
+    let job_id = procs::submit(bin_dir, &addr, &spec_path)?;
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -140,12 +82,7 @@ fn run_once(bin_dir: &Path, dir: &Path, setup: &Setup, steps: u64) -> Result<f64
         let mut stage1_done: Option<Instant> = None;
         let started = Instant::now();
         loop {
-            let mut req = tonic::Request::new(pb::GetJobRequest {
-                job_id: job_id.clone(),
-            });
-            req.metadata_mut()
-                .insert("authorization", format!("Bearer {TOKEN}").parse()?);
-            let job = client.get_job(req).await?.into_inner();
+            let job = client.get_job(procs::get_job(&job_id)?).await?.into_inner();
             let succeeded = |t: &pb::Task| t.state == pb::TaskState::Succeeded as i32;
             if job.state == pb::JobState::Failed as i32
                 || job.state == pb::JobState::Cancelled as i32
@@ -177,15 +114,7 @@ fn run_once(bin_dir: &Path, dir: &Path, setup: &Setup, steps: u64) -> Result<f64
 }
 
 pub fn snapcheck_cluster(reps: usize, steps: u64) -> Result<()> {
-    let here = std::env::current_exe()?;
-    let bin_dir: PathBuf = here
-        .parent()
-        .context("the bench binary has no directory")?
-        .to_path_buf();
-    anyhow::ensure!(
-        bin_dir.join("segprop-coord").is_file() && bin_dir.join("segprop-worker").is_file(),
-        "build the binaries first: cargo build --release"
-    );
+    let bin_dir = procs::bin_dir()?;
     let tmp = tempfile::tempdir()?;
     let mut walls: Vec<Vec<f64>> = vec![Vec::new(); SETUPS.len()];
     for rep in 0..reps.max(1) {

@@ -34,6 +34,7 @@ mod loadtest;
 mod never_whole;
 mod planner;
 mod precision;
+mod procs;
 mod shard;
 
 use std::time::Instant;
