@@ -46,30 +46,9 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Adds the bearer token to every outgoing request (clients: CLI, workers).
-#[derive(Clone)]
-pub struct AttachToken {
-    value: tonic::metadata::MetadataValue<tonic::metadata::Ascii>,
-}
-
-impl AttachToken {
-    pub fn new(token: &str) -> Result<Self, String> {
-        let value = format!("Bearer {token}")
-            .parse()
-            .map_err(|_| "token: must be printable ASCII".to_string())?;
-        Ok(Self { value })
-    }
-}
-
-impl tonic::service::Interceptor for AttachToken {
-    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        request
-            .metadata_mut()
-            .insert("authorization", self.value.clone());
-        segprop_telemetry::trace::inject(request.metadata_mut());
-        Ok(request)
-    }
-}
+/// Adds the bearer token and the trace context to every outgoing request (the CLI's client;
+/// the worker daemon and the snapshot store's client use the same type).
+pub use segprop_telemetry::outgoing::AttachToken;
 
 #[cfg(test)]
 mod tests {

@@ -6,7 +6,7 @@ use bytes::{Bytes, BytesMut};
 use segprop_proto::v1::snapshot_service_client::SnapshotServiceClient;
 use segprop_proto::v1::stat_blob_request::Target;
 use segprop_proto::v1::{DeleteBlobRequest, GetBlobRequest, PutBlobChunk, StatBlobRequest};
-use tonic::metadata::{Ascii, MetadataValue};
+use segprop_telemetry::outgoing::AttachToken;
 use tonic::transport::Channel;
 use tonic::{Code, Request, Status};
 
@@ -30,7 +30,8 @@ pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 #[derive(Clone)]
 pub(crate) struct GrpcBackend {
     client: SnapshotServiceClient<Channel>,
-    authorization: Option<MetadataValue<Ascii>>,
+    /// The token and trace context every call carries.
+    headers: AttachToken,
     /// The [`Namespace`] every call names.
     namespace: i32,
 }
@@ -56,33 +57,22 @@ fn status_error(op: &'static str, key: &str, status: &Status) -> Error {
 
 impl GrpcBackend {
     pub(crate) fn new(channel: Channel, token: Option<&str>, namespace: Namespace) -> Result<Self> {
-        let authorization = token
-            .map(|t| {
-                format!("Bearer {t}").parse().map_err(|_| Error::Config {
-                    field: "token",
-                    message: "must be printable ASCII".into(),
-                })
-            })
-            .transpose()?;
+        let headers = AttachToken::optional(token).map_err(|_| Error::Config {
+            field: "token",
+            message: "must be printable ASCII".into(),
+        })?;
         let client = SnapshotServiceClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         Ok(Self {
             client,
-            authorization,
+            headers,
             namespace: namespace as i32,
         })
     }
 
     fn request<T>(&self, message: T) -> Request<T> {
-        let mut request = Request::new(message);
-        if let Some(value) = &self.authorization {
-            request
-                .metadata_mut()
-                .insert("authorization", value.clone());
-        }
-        segprop_telemetry::trace::inject(request.metadata_mut());
-        request
+        self.headers.apply(Request::new(message))
     }
 
     pub(crate) async fn put(&self, key: &str, bytes: Bytes) -> Result<()> {

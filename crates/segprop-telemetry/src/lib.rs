@@ -10,4 +10,5 @@
 
 pub mod health;
 pub mod metrics;
+pub mod outgoing;
 pub mod trace;

@@ -10,6 +10,7 @@
 //!
 //! Running one assignment (training a stage, advancing snapshots, exporting) is [`crate::task`].
 
+use segprop_telemetry::outgoing::AttachToken;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -62,17 +63,6 @@ pub struct DaemonOptions {
 
 type Client = ClusterServiceClient<InterceptedService<Channel, AttachToken>>;
 
-#[derive(Clone)]
-struct AttachToken(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
-
-impl tonic::service::Interceptor for AttachToken {
-    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        req.metadata_mut().insert("authorization", self.0.clone());
-        segprop_telemetry::trace::inject(req.metadata_mut());
-        Ok(req)
-    }
-}
-
 struct TaskHandle {
     assignment: pb::Assignment,
     /// The task's span: parented to the job's trace (the assignment's `traceparent`), entered
@@ -86,11 +76,7 @@ struct TaskHandle {
 
 /// Runs the daemon until SIGTERM/Ctrl-C (after the running task has checkpointed and reported).
 pub async fn serve(options: DaemonOptions) -> anyhow::Result<()> {
-    let token = AttachToken(
-        format!("Bearer {}", options.token)
-            .parse()
-            .map_err(|_| anyhow::anyhow!("token: must be printable ASCII"))?,
-    );
+    let token = AttachToken::new(&options.token).map_err(anyhow::Error::msg)?;
     let mut endpoint = Endpoint::from_shared(options.coordinator.clone())
         .map_err(|e| anyhow::anyhow!("--coordinator `{}`: {e}", options.coordinator))?
         .connect_timeout(Duration::from_secs(5))
