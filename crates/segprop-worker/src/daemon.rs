@@ -10,6 +10,7 @@
 //!
 //! Running one assignment (training a stage, advancing snapshots, exporting) is [`crate::task`].
 
+use segprop_core::spec::Backend;
 use segprop_telemetry::outgoing::AttachToken;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -39,7 +40,7 @@ pub struct DaemonOptions {
     pub artifact_root: Option<PathBuf>,
     /// Scratch space (SnapCheck spill files).
     pub work_dir: PathBuf,
-    pub backend: String,
+    pub backend: Backend,
     /// CA certificate (PEM) of a TLS coordinator with a private CA.
     pub tls_ca: Option<PathBuf>,
     /// The snapshot store: `None` = a directory `snapshot-store/` under the artifact root,
@@ -97,7 +98,7 @@ pub async fn serve(options: DaemonOptions) -> anyhow::Result<()> {
 
     // What the worker offers, asked of the driver once: a missing GPU fails here, at start.
     let offered = devices(
-        &options.backend,
+        options.backend,
         options.devices,
         host_memory(options.memory_bytes),
     )?;
@@ -105,7 +106,7 @@ pub async fn serve(options: DaemonOptions) -> anyhow::Result<()> {
     // Health and metrics first: they answer while the coordinator is unreachable, so a
     // coordinator outage does not make probes restart every worker.
     let metrics = Arc::new(memory_probe(
-        WorkerMetrics::new(&options.name, &options.backend, &offered),
+        WorkerMetrics::new(&options.name, &options.backend.to_string(), &offered),
         &options,
     ));
     if let Some(addr) = options.health_listen {
@@ -315,8 +316,8 @@ async fn wait_for_signal() {
 /// The devices this worker offers, with their memory (the coordinator's pre-flight check plans
 /// against it): GPUs `cuda:0..count` with the total memory the driver reports, or `count` CPU
 /// ranks sharing the host's memory.
-fn devices(backend: &str, count: usize, host: u64) -> anyhow::Result<Vec<pb::Device>> {
-    if backend == "cuda" {
+fn devices(backend: Backend, count: usize, host: u64) -> anyhow::Result<Vec<pb::Device>> {
+    if backend == Backend::Cuda {
         return cuda_devices(count);
     }
     Ok((0..count)
@@ -368,7 +369,7 @@ fn cuda_devices(count: usize) -> anyhow::Result<Vec<pb::Device>> {
 /// On a CUDA worker, `/metrics` also reports each GPU's memory in use.
 #[cfg(feature = "cuda")]
 fn memory_probe(metrics: WorkerMetrics, options: &DaemonOptions) -> WorkerMetrics {
-    if options.backend != "cuda" {
+    if options.backend != Backend::Cuda {
         return metrics;
     }
     match segprop_train::cuda::DeviceMemoryProbe::new(options.devices) {
@@ -465,7 +466,7 @@ async fn register(
         let request = pb::RegisterWorkerRequest {
             protocol_version: segprop_proto::PROTOCOL_VERSION,
             name: options.name.clone(),
-            backend: options.backend.clone(),
+            backend: options.backend.to_string(),
             devices: offered.to_vec(),
             host_memory_bytes: host_memory(options.memory_bytes),
             running: running.iter().map(|t| running_task(t, false)).collect(),
@@ -586,7 +587,7 @@ fn start_task(
             "task-{}-epoch-{}",
             assignment.task_index, assignment.epoch
         )),
-        backend: options.backend.clone(),
+        backend: options.backend.to_string(),
         cancel: handle.cancel.clone(),
         state: handle.state.clone(),
         store,

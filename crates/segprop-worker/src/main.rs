@@ -199,7 +199,9 @@ fn run(cli: Cli, runtime: &tokio::runtime::Runtime) -> ExitCode {
             health_listen,
             metrics_listen,
         } => {
-            if backend != "cpu" && !(backend == "cuda" && cfg!(feature = "cuda")) {
+            let parsed = segprop_core::spec::Backend::parse(&backend)
+                .filter(|b| *b == segprop_core::spec::Backend::Cpu || cfg!(feature = "cuda"));
+            let Some(backend) = parsed else {
                 eprintln!(
                     "error: --backend {backend}: this worker supports cpu{}",
                     if cfg!(feature = "cuda") {
@@ -209,7 +211,7 @@ fn run(cli: Cli, runtime: &tokio::runtime::Runtime) -> ExitCode {
                     }
                 );
                 return ExitCode::from(2);
-            }
+            };
             let name = name.unwrap_or_else(|| {
                 std::fs::read_to_string("/etc/hostname")
                     .map(|h| h.trim().to_string())
