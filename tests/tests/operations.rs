@@ -572,7 +572,28 @@ fn one_submitted_job_is_one_connected_trace_across_cli_coordinator_and_worker() 
             .iter()
             .filter(|s| field(s, "name").starts_with("stage "))
             .count();
-        if reports >= tasks && stage_spans >= stages {
+        // A task's own span ends (and is exported) after its report and stage spans: wait
+        // until no span names a parent the receiver has not seen yet.
+        let job_trace = spans
+            .iter()
+            .find(|s| field(s, "service_name") == "segprop-cli")
+            .map(|s| field(s, "trace_id"));
+        let in_trace = |s: &&serde_json::Value| Some(field(s, "trace_id")) == job_trace;
+        let ids: std::collections::HashSet<&str> = spans
+            .iter()
+            .filter(in_trace)
+            .map(|s| field(s, "span_id"))
+            .collect();
+        let dangling = spans.iter().filter(in_trace).any(|s| {
+            let parent = field(s, "parent_span_id");
+            !parent.is_empty() && !ids.contains(parent)
+        });
+        if reports >= tasks && stage_spans >= stages && !dangling {
+            break spans;
+        }
+        if reports >= tasks && stage_spans >= stages && started.elapsed() > Duration::from_secs(60)
+        {
+            // Past the deadline with every span counted: the checks below name the dangling one.
             break spans;
         }
         assert!(
