@@ -138,6 +138,15 @@ pub fn corpus(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
         .collect()
 }
 
+/// How many cases a fuzz test runs: `default` (the CI budget), or `SEGPROP_FUZZ_CASES` for a
+/// longer local run.
+pub fn cases(default: usize) -> usize {
+    std::env::var("SEGPROP_FUZZ_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// Runs `check` on `cases` mutants of the corpus entries (and on each entry as it is),
 /// catching panics: a panic fails the test naming the case's seed and writes the input next to
 /// the test's temp files for a look.

@@ -23,6 +23,7 @@ use segprop_proto::v1 as pb;
 use segprop_proto::v1::job_service_client::JobServiceClient;
 
 use crate::procs::{self, Proc};
+use crate::rng::SplitMix64;
 
 /// The coordinator's settings for the soak: short leases, quick retries, a large retry budget.
 const COORDINATOR_ENV: &[(&str, &str)] = &[
@@ -66,41 +67,19 @@ pub struct ChaosArgs {
     pub dir: Option<PathBuf>,
 }
 
-/// The job spec of soak job `i`: tiny, 3 stages and the export, checkpoints every 4 steps.
+/// The job spec of soak job `i`: configs/jobs/tiny-soak.yaml (tiny, 3 stages and the export,
+/// checkpoints every 4 steps) with its own name, seed and segment length.
 fn spec(i: usize, segment_steps: u64) -> String {
-    format!(
-        "version: 1
-name: chaos-{i}
-model: {{ preset: tiny, overrides: {{ num_layers: 5 }} }}
-data: {{ corpus: builtin:synthetic, seq_len: 32, batch_size: 8, eval_fraction: 0.05, synthetic_tokens: 30000 }}
-regime: segprop
-segprop:
-  base_depth: 1
-  head_layers: 2
-  segment_size: 1
-  head_policy: persistent
-  exit: {{ stage1: {{ max_steps: 12 }}, segment: {{ max_steps: {segment_steps} }} }}
-optimizer: {{ lr: 3.0e-3, grad_clip: 1.0 }}
-eval: {{ every_steps: 8, max_batches: 2 }}
-checkpoint: {{ every_steps: 4 }}
-seed: {}
-",
-        11 + i
-    )
-}
-
-/// xorshift64*, for the soak's choices.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
+    const TEMPLATE: &str = include_str!("../../../configs/jobs/tiny-soak.yaml");
+    let text = TEMPLATE
+        .replace("name: tiny-soak", &format!("name: chaos-{i}"))
+        .replace(
+            "segment: { max_steps: 10 }",
+            &format!("segment: {{ max_steps: {segment_steps} }}"),
+        )
+        .replace("seed: 11", &format!("seed: {}", 11 + i));
+    debug_assert!(text.contains(&format!("max_steps: {segment_steps} }}")));
+    text
 }
 
 /// Every job's current record, or `None` while the coordinator is unreachable (restarting).
@@ -186,8 +165,8 @@ fn soak(
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let mut rng = Rng(args.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
-    let next_kill = |rng: &mut Rng| {
+    let mut rng = SplitMix64::new(args.seed);
+    let next_kill = |rng: &mut SplitMix64| {
         Duration::from_millis(args.kill_every_ms / 2 + rng.next() % args.kill_every_ms.max(1))
     };
     let mut kill_at = Instant::now() + next_kill(&mut rng);

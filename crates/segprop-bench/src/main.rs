@@ -35,13 +35,14 @@ mod never_whole;
 mod planner;
 mod precision;
 mod procs;
+mod rng;
 mod shard;
+mod throughput;
 
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 use burn::backend::{Autodiff, Flex, NdArray};
-use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use clap::{Parser, Subcommand};
 use segprop_core::{JobSpec, StageKind, StagePlanEntry};
@@ -50,6 +51,7 @@ use segprop_train::Trainer;
 use segprop_train::alloc::{self, CountingAllocator};
 use segprop_train::data::Batch;
 use segprop_train::route::{Route, RouteInput};
+use throughput::throughput;
 
 #[global_allocator]
 static ALLOC: CountingAllocator = CountingAllocator;
@@ -109,7 +111,15 @@ enum Command {
         #[arg(long, default_value_t = 3)]
         reps: usize,
     },
-    Throughput,
+    /// Training tokens/s and GFLOP/s of the reference shape and the presets (`--peers`: the
+    /// reference shape against PyTorch, run from the repository root).
+    Throughput {
+        #[arg(long)]
+        peers: bool,
+        /// Only this model: `reference`, `tiny` or `small` (for a profiler).
+        #[arg(long)]
+        only: Option<String>,
+    },
     Snapcheck,
     Memory,
     /// The planner's CPU memory and FLOPs predictions vs measurement.
@@ -204,13 +214,19 @@ fn main() -> Result<()> {
             segment_steps,
         } => cluster::snapcheck_cluster(reps, segment_steps),
         Command::Shard { reps } => shard::shard(cli.steps, reps),
-        Command::Matmul => matmul().map(|_| ()),
+        Command::Matmul => throughput::matmul().map(|_| ()),
         Command::Precision => precision::precision(cli.steps),
         Command::NeverWhole { reps } => never_whole::never_whole(reps),
         Command::Loadtest(args) => loadtest::loadtest(args),
         Command::Chaos(args) => chaos::chaos(&args),
-        Command::Throughput | Command::Snapcheck if cli.backend == "cuda" => cuda(&cli),
-        Command::Throughput => throughput::<CpuBackend>(cli.steps, &Default::default(), "cpu"),
+        Command::Throughput { .. } | Command::Snapcheck if cli.backend == "cuda" => cuda(&cli),
+        Command::Throughput { peers, ref only } => throughput::<CpuBackend>(
+            cli.steps,
+            &Default::default(),
+            "cpu",
+            peers,
+            only.as_deref(),
+        ),
         Command::Snapcheck => snapcheck::<CpuBackend>(cli.steps, &Default::default()),
         Command::Memory => memory(),
         Command::GpuCheck => gpu_check(cli.steps),
@@ -223,7 +239,7 @@ fn main() -> Result<()> {
         }
         Command::All => {
             backends(cli.steps)?;
-            throughput::<CpuBackend>(cli.steps, &Default::default(), "cpu")?;
+            throughput::<CpuBackend>(cli.steps, &Default::default(), "cpu", false, None)?;
             snapcheck::<CpuBackend>(cli.steps, &Default::default())?;
             memory()
         }
@@ -238,7 +254,7 @@ fn cuda(cli: &Cli) -> Result<()> {
     let device = burn::backend::cuda::CudaDevice::new(0);
     match cli.command {
         Command::Snapcheck => snapcheck::<CudaBackend>(cli.steps, &device),
-        _ => throughput::<CudaBackend>(cli.steps, &device, "cuda"),
+        _ => throughput::<CudaBackend>(cli.steps, &device, "cuda", false, None),
     }
 }
 
@@ -368,6 +384,10 @@ fn backends(steps: usize) -> Result<()> {
             "h=256, 4 blocks",
             "{ preset: tiny, overrides: { hidden_size: 256, intermediate_size: 768, num_layers: 4 } }",
         ),
+        (
+            "reference (h=256, 8 blocks, 8/2 heads, vocab 512)",
+            throughput::REFERENCE_MODEL,
+        ),
     ] {
         let s = spec(
             model,
@@ -393,83 +413,6 @@ fn backends(steps: usize) -> Result<()> {
             tok / t_flex,
             tok / t_nd,
             t_nd / t_flex
-        );
-    }
-    Ok(())
-}
-
-/// Square matmul GFLOP/s of both CPU backends (median of 5); returns the training backend's.
-fn matmul() -> Result<Vec<(usize, f64)>> {
-    let flex = matmul_rate::<Flex>(&Default::default());
-    let ndarray = matmul_rate::<NdArray>(&Default::default());
-    println!("## Square matmul rate");
-    println!("| n | flex GFLOP/s | ndarray GFLOP/s |");
-    println!("|---:|---:|---:|");
-    for ((n, f), (_, nd)) in flex.iter().zip(&ndarray) {
-        println!("| {n} | {f:.1} | {nd:.1} |");
-    }
-    Ok(ndarray)
-}
-
-fn matmul_rate<Bk: Backend>(device: &Bk::Device) -> Vec<(usize, f64)> {
-    let mut out = Vec::new();
-    for n in [512usize, 1024] {
-        let a = Tensor::<Bk, 2>::random([n, n], burn::tensor::Distribution::Default, device);
-        let b = Tensor::<Bk, 2>::random([n, n], burn::tensor::Distribution::Default, device);
-        let _ = a.clone().matmul(b.clone()).into_data();
-        let times: Vec<f64> = (0..5)
-            .map(|_| {
-                let start = Instant::now();
-                let _ = a.clone().matmul(b.clone()).into_data();
-                start.elapsed().as_secs_f64()
-            })
-            .collect();
-        out.push((n, 2.0 * (n as f64).powi(3) / median(&times) / 1e9));
-    }
-    out
-}
-
-fn throughput<B: AutodiffBackend>(steps: usize, device: &B::Device, label: &str) -> Result<()> {
-    let peak = match label {
-        "cpu" => matmul()?.iter().map(|r| r.1).fold(0.0, f64::max),
-        _ => matmul_rate::<B::InnerBackend>(device)
-            .iter()
-            .map(|r| r.1)
-            .fold(0.0, f64::max),
-    };
-    println!("## Training throughput (e2e steps, {label} backend; matmul rate {peak:.1} GFLOP/s)");
-    println!("| preset | batch x seq | tok/s | achieved GFLOP/s | of matmul rate |");
-    println!("|---|---|---:|---:|---:|");
-    for (preset, data) in [
-        (
-            "tiny",
-            "{ corpus: builtin:synthetic, seq_len: 128, batch_size: 16, synthetic_tokens: 80000 }",
-        ),
-        (
-            "small",
-            "{ corpus: builtin:synthetic, tokenizer: gpt2, seq_len: 128, batch_size: 4, synthetic_tokens: 80000 }",
-        ),
-    ] {
-        let s = spec(&format!("{{ preset: {preset} }}"), data, "regime: e2e")?;
-        let dir = tempfile::tempdir()?;
-        let mut t = Trainer::<B>::new(s, device.clone(), dir.path())?;
-        let route = Route::Full {
-            num_layers: t.config.num_layers,
-        };
-        let n = if preset == "small" {
-            steps.min(4)
-        } else {
-            steps
-        };
-        let secs = time_steps(&mut t, route, 2, n);
-        let tok_s = tokens_per_step(&t) / secs;
-        let gflops = tok_s * flops_per_token(&t.config, t.spec.data.seq_len) / 1e9;
-        println!(
-            "| {preset} ({:.1}M params) | {} x {} | {tok_s:.0} | {gflops:.1} | {:.0}% |",
-            t.config.num_params() as f64 / 1e6,
-            t.spec.data.batch_size.get(),
-            t.spec.data.seq_len,
-            100.0 * gflops / peak
         );
     }
     Ok(())

@@ -18,13 +18,6 @@ use segprop_coordinator::CoordConfig;
 use segprop_coordinator::service::Coordinator;
 use segprop_proto::v1 as pb;
 
-fn cases(default: usize) -> usize {
-    std::env::var("SEGPROP_FUZZ_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 const SPEC: &str = "version: 1\nname: fuzz\nmodel: { preset: tiny, overrides: { num_layers: 4 } }\n\
 data: { corpus: builtin:synthetic, seq_len: 16, batch_size: 2, synthetic_tokens: 4000 }\n\
 regime: segprop\nsegprop: { base_depth: 1, head_layers: 1, segment_size: 1, \
@@ -211,7 +204,7 @@ fn no_inbound_message_makes_the_coordinator_panic() {
     for (i, kind) in kinds.iter().enumerate() {
         let own: Vec<(String, Vec<u8>)> =
             seeds.iter().filter(|(k, _)| k == kind).cloned().collect();
-        mutate::fuzz(&own, cases(1500), 50 + i as u64, |bytes| {
+        mutate::fuzz(&own, mutate::cases(1500), 50 + i as u64, |bytes| {
             call(&c, &rt, kind, bytes)
         });
     }

@@ -15,13 +15,6 @@ use segprop_core::JobSpec;
 use segprop_core::plan::StagePlan;
 use segprop_core::planner::preflight::{WorkerMemory, check, refusal};
 
-fn cases(default: usize) -> usize {
-    std::env::var("SEGPROP_FUZZ_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 #[test]
 fn no_job_spec_makes_the_parser_validator_or_planner_panic() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
@@ -32,7 +25,7 @@ fn no_job_spec_makes_the_parser_validator_or_planner_panic() {
         device_bytes: 40 << 30,
         host_bytes: 64 << 30,
     };
-    mutate::fuzz(&seeds, cases(20000), 21, |bytes| {
+    mutate::fuzz(&seeds, mutate::cases(20000), 21, |bytes| {
         let text = String::from_utf8_lossy(bytes);
         match JobSpec::from_yaml_str(&text, "fuzz.yaml") {
             Ok(spec) => {

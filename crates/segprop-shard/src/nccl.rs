@@ -10,7 +10,7 @@
 //! Two ways in: the [`Collective`] trait's host buffers are staged through device memory (copy
 //! in, collective, copy out), for the small calls (the gradient norm, barriers) and checkpoint
 //! gathers; FSDP units on burn-cuda with `sharding.offload: none` hand their tensors' device
-//! buffers to [`DeviceBuffers`] (`crate::device`), no host copy: the units' all-gathers and
+//! buffers to [`DeviceBuffers`], no host copy: the units' all-gathers and
 //! gradient reduce-scatters, every step.
 //!
 //! Deadline: the copy, the collective and an event are queued on the rank's stream and the event
@@ -240,6 +240,22 @@ struct Borrowed<'a> {
     stream: &'a Arc<CudaStream>,
 }
 
+impl<'a> Borrowed<'a> {
+    /// A collective's input and output buffers, both on the communicator's stream.
+    fn pair(send: DeviceWords, recv: DeviceWords, stream: &'a Arc<CudaStream>) -> (Self, Self) {
+        (
+            Self {
+                words: send,
+                stream,
+            },
+            Self {
+                words: recv,
+                stream,
+            },
+        )
+    }
+}
+
 impl cudarc::driver::DeviceSlice<f32> for Borrowed<'_> {
     fn len(&self) -> usize {
         self.words.words
@@ -279,14 +295,7 @@ impl DeviceBuffers for NcclCollective {
         let world = self.world_size();
         check_sizes(Op::AllGather, world, send.words, recv.words)?;
         self.guarded(Op::AllGather, recv.words, |comm, stream, seq| {
-            let input = Borrowed {
-                words: send,
-                stream,
-            };
-            let mut output = Borrowed {
-                words: recv,
-                stream,
-            };
+            let (input, mut output) = Borrowed::pair(send, recv, stream);
             comm.all_gather(&input, &mut output)
                 .map(drop)
                 .map_err(|e| backend(Op::AllGather, seq, nccl_error("ncclAllGather", e)))
@@ -301,14 +310,7 @@ impl DeviceBuffers for NcclCollective {
         let world = self.world_size();
         check_sizes(Op::ReduceScatter, world, send.words, recv.words)?;
         self.guarded(Op::ReduceScatter, send.words, |comm, stream, seq| {
-            let input = Borrowed {
-                words: send,
-                stream,
-            };
-            let mut output = Borrowed {
-                words: recv,
-                stream,
-            };
+            let (input, mut output) = Borrowed::pair(send, recv, stream);
             comm.reduce_scatter(&input, &mut output, &ReduceOp::Sum)
                 .map(drop)
                 .map_err(|e| backend(Op::ReduceScatter, seq, nccl_error("ncclReduceScatter", e)))

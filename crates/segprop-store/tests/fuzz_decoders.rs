@@ -16,13 +16,6 @@ use segprop_store::{
     manifest_key,
 };
 
-fn cases(default: usize) -> usize {
-    std::env::var("SEGPROP_FUZZ_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn header(dtype: StorageDtype) -> SnapshotHeader {
     SnapshotHeader {
         job: "fuzz".into(),
@@ -52,7 +45,7 @@ fn no_snapshot_blob_makes_the_decoder_panic() {
         })
         .collect();
     let decoded = std::cell::Cell::new(0usize);
-    mutate::fuzz(&seeds, cases(20000), 31, |bytes| {
+    mutate::fuzz(&seeds, mutate::cases(20000), 31, |bytes| {
         for dtype in [StorageDtype::F32, StorageDtype::Bf16] {
             if let Ok(entries) = decode_snapshot(bytes, "fuzz/blob", &header(dtype)) {
                 decoded.set(decoded.get() + 1);
@@ -112,7 +105,7 @@ fn no_artifact_manifest_makes_a_fetch_panic_or_write_outside_its_destination() {
     let out = tmp.path().join("out");
     let fetched = std::cell::Cell::new(0usize);
     // The mutants stand in for the directory artifact's manifest: its files are in the store.
-    mutate::fuzz(&seeds, cases(1500), 41, |bytes| {
+    mutate::fuzz(&seeds, mutate::cases(1500), 41, |bytes| {
         let ok = runtime.block_on(async {
             let key = manifest_key("jobs/f/dir");
             store.put_checked(&key, bytes).await.unwrap();

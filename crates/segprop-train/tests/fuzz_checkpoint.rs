@@ -16,13 +16,6 @@ use segprop_core::JobSpec;
 use segprop_train::segprop::run_next_stage;
 use segprop_train::{CpuBackend as B, Trainer, checkpoint};
 
-fn cases(default: usize) -> usize {
-    std::env::var("SEGPROP_FUZZ_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 const SPEC: &str = "version: 1\nname: fuzz-ckpt\nmodel: { preset: tiny, overrides: { num_layers: 3 } }\n\
 data: { corpus: builtin:synthetic, seq_len: 8, batch_size: 2, eval_fraction: 0.1, synthetic_tokens: 3000 }\n\
 regime: segprop\nsegprop: { base_depth: 1, head_layers: 1, segment_size: 1, head_policy: reset, \
@@ -99,8 +92,20 @@ fn no_checkpoint_makes_the_reader_panic() {
     let saved = tmp.path().join("ckpt");
     checkpoint::save(&t, None, &saved).unwrap();
     let mut fresh = trainer(&tmp.path().join("fresh"), "");
-    fuzz_file(&mut fresh, &saved, "state.yaml", (cases(400), 61), true);
-    fuzz_file(&mut fresh, &saved, "weights.bin", (cases(400), 62), true);
+    fuzz_file(
+        &mut fresh,
+        &saved,
+        "state.yaml",
+        (mutate::cases(400), 61),
+        true,
+    );
+    fuzz_file(
+        &mut fresh,
+        &saved,
+        "weights.bin",
+        (mutate::cases(400), 62),
+        true,
+    );
 }
 
 #[test]
@@ -116,7 +121,7 @@ fn no_sharded_checkpoint_manifest_makes_the_reader_panic() {
         &tmp.path().join("run"),
         |t| {
             checkpoint::save_sharded(t, None, &saved)?;
-            fuzz_file(t, &saved, "shards.json", (cases(300), 63), false);
+            fuzz_file(t, &saved, "shards.json", (mutate::cases(300), 63), false);
             Ok(())
         },
         |_| Ok(()),

@@ -74,23 +74,17 @@ pub const TOKEN: &str = "test-token-4f1c";
 
 /// A spec for cluster tests: tiny, fast, with mid-stage checkpoints every `every` steps.
 pub fn spec(dir: &Path, name: &str, segment_steps: u64, every: u64) -> PathBuf {
-    let text = format!(
-        "version: 1
-name: {name}
-model: {{ preset: tiny, overrides: {{ num_layers: 5 }} }}
-data: {{ corpus: builtin:synthetic, seq_len: 32, batch_size: 8, eval_fraction: 0.05, synthetic_tokens: 30000 }}
-regime: segprop
-segprop:
-  base_depth: 1
-  head_layers: 2
-  segment_size: 1
-  head_policy: persistent
-  exit: {{ stage1: {{ max_steps: 12 }}, segment: {{ max_steps: {segment_steps} }} }}
-optimizer: {{ lr: 3.0e-3, grad_clip: 1.0 }}
-eval: {{ every_steps: 10, max_batches: 2 }}
-checkpoint: {{ every_steps: {every} }}
-seed: 11
-"
+    let template = std::fs::read_to_string(repo().join("configs/jobs/tiny-soak.yaml")).unwrap();
+    let text = template
+        .replace("name: tiny-soak", &format!("name: {name}"))
+        .replace(
+            "segment: { max_steps: 10 }",
+            &format!("segment: {{ max_steps: {segment_steps} }}"),
+        )
+        .replace("every_steps: 4 }", &format!("every_steps: {every} }}"));
+    assert!(
+        text.contains(&format!("name: {name}\n")),
+        "configs/jobs/tiny-soak.yaml changed"
     );
     let path = dir.join(format!("{name}.yaml"));
     std::fs::write(&path, text).unwrap();

@@ -44,6 +44,8 @@ use tokio::task::JoinSet;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
+use crate::rng::SplitMix64;
+
 mod process;
 mod report;
 mod sim;
@@ -378,23 +380,6 @@ fn parse_range(text: &str) -> anyhow::Result<(u64, u64)> {
         bail!("--task-ms `{text}`: MIN is greater than MAX");
     }
     Ok((low, high))
-}
-
-/// A small seeded generator (SplitMix64), enough for reproducible task durations.
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn new(seed: u64) -> Self {
-        Self(seed)
-    }
-
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
 }
 
 fn random_token() -> anyhow::Result<String> {
