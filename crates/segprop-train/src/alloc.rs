@@ -11,6 +11,12 @@ static CURRENT: AtomicUsize = AtomicUsize::new(0);
 static PEAK: AtomicUsize = AtomicUsize::new(0);
 /// The high-water mark of a whole run: stages reset [`PEAK`], not this.
 static RUN_PEAK: AtomicUsize = AtomicUsize::new(0);
+/// The high-water mark of a stage ([`reset_stage_peak`]); a step's phases reset [`PEAK`], not this.
+static STAGE_PEAK: AtomicUsize = AtomicUsize::new(0);
+/// Live bytes held aside from training: the SnapCheck cache's entries in memory ([`set_aside`]).
+static ASIDE: AtomicUsize = AtomicUsize::new(0);
+/// The stage's high-water mark of live bytes less those held aside: the training's own peak.
+static STAGE_TRAINING_PEAK: AtomicUsize = AtomicUsize::new(0);
 static INSTALLED: AtomicBool = AtomicBool::new(false);
 
 /// Wraps the system allocator and counts live bytes and their high-water mark.
@@ -60,6 +66,52 @@ fn record_alloc(size: usize) {
     let now = CURRENT.fetch_add(size, Ordering::Relaxed) + size;
     PEAK.fetch_max(now, Ordering::Relaxed);
     RUN_PEAK.fetch_max(now, Ordering::Relaxed);
+    STAGE_PEAK.fetch_max(now, Ordering::Relaxed);
+    STAGE_TRAINING_PEAK.fetch_max(
+        now.saturating_sub(ASIDE.load(Ordering::Relaxed)),
+        Ordering::Relaxed,
+    );
+}
+
+/// Counts `bytes` already allocated as held aside from training (an entry the SnapCheck cache
+/// keeps in memory) until [`take_back`]: they stay in every peak but the training peak.
+pub fn set_aside(bytes: usize) {
+    ASIDE.fetch_add(bytes, Ordering::Relaxed);
+}
+
+/// Ends [`set_aside`] for `bytes` (the entry was dropped or spilled).
+pub fn take_back(bytes: usize) {
+    // Saturating: a cache made before the allocator was counting may give back more than it set.
+    let _ = ASIDE.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |held| {
+        Some(held.saturating_sub(bytes))
+    });
+}
+
+/// Starts a stage's measurement window: its peak and its training peak become the current live
+/// bytes (less those held aside, for the latter). Also starts a new [`peak_bytes`] window.
+pub fn reset_stage_peak() {
+    let now = CURRENT.load(Ordering::Relaxed);
+    STAGE_PEAK.store(now, Ordering::Relaxed);
+    STAGE_TRAINING_PEAK.store(
+        now.saturating_sub(ASIDE.load(Ordering::Relaxed)),
+        Ordering::Relaxed,
+    );
+    reset_peak();
+}
+
+/// Highest live heap bytes since the last [`reset_stage_peak`], everything counted.
+pub fn stage_peak_bytes() -> Option<usize> {
+    INSTALLED
+        .load(Ordering::Relaxed)
+        .then(|| STAGE_PEAK.load(Ordering::Relaxed))
+}
+
+/// Highest live heap bytes since the last [`reset_stage_peak`] less the bytes held aside at
+/// that moment (the SnapCheck cache): the memory training itself needed.
+pub fn stage_training_peak_bytes() -> Option<usize> {
+    INSTALLED
+        .load(Ordering::Relaxed)
+        .then(|| STAGE_TRAINING_PEAK.load(Ordering::Relaxed))
 }
 
 /// Live heap bytes, when the counting allocator is installed.

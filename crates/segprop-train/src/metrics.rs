@@ -51,8 +51,13 @@ pub struct StageRecord {
     /// run whole).
     #[serde(default)]
     pub micro_batch: usize,
-    /// Peak live host heap during the stage (only with the counting allocator installed).
+    /// Peak live host heap during the stage, everything counted: the SnapCheck cache's entries
+    /// in memory too (only with the counting allocator installed).
     pub peak_bytes: Option<u64>,
+    /// The same peak less the SnapCheck cache's entries in memory at that moment: what
+    /// training itself needed (weights, optimizer state, activations, gradients, data).
+    #[serde(default)]
+    pub training_peak_bytes: Option<u64>,
     pub snapshots: Option<SnapshotStats>,
     /// What one rank held in a sharded stage (rank 0's view; ranks differ only by padding).
     #[serde(default)]
@@ -224,16 +229,34 @@ impl TrainObserver for ProgressReporter {
 /// Plain-text table of the stages of a run.
 pub fn summary_table(summary: &RunSummary) -> String {
     let mut out = format!(
-        "{:<16} {:>7} {:>12} {:>10} {:>10} {:>9} {:>11} {:>12}\n",
-        "stage", "steps", "exit", "train", "eval", "ppl", "tok/s", "peak MiB"
+        "{:<16} {:>7} {:>12} {:>10} {:>10} {:>9} {:>11} {:>15} {:>15}\n",
+        "stage",
+        "steps",
+        "exit",
+        "train",
+        "eval",
+        "ppl",
+        "tok/s",
+        "train peak MiB",
+        "SnapCheck MiB"
     );
+    let mib = |b: Option<u64>| {
+        b.map(|b| format!("{:.1}", b as f64 / (1u64 << 20) as f64))
+            .unwrap_or_else(|| "-".into())
+    };
     for s in &summary.stages {
-        let peak = s
-            .peak_bytes
-            .map(|b| format!("{:.1}", b as f64 / (1u64 << 20) as f64))
-            .unwrap_or_else(|| "-".into());
+        // The SnapCheck cache at the stage's end: in memory, plus what spilled to disk.
+        let snapshots = match &s.snapshots {
+            Some(c) if c.disk_bytes > 0 => format!(
+                "{} +{} disk",
+                mib(Some(c.memory_bytes)),
+                mib(Some(c.disk_bytes))
+            ),
+            Some(c) => mib(Some(c.memory_bytes)),
+            None => "-".into(),
+        };
         out.push_str(&format!(
-            "{:<16} {:>7} {:>12} {:>10.4} {:>10.4} {:>9.2} {:>11.0} {:>12}\n",
+            "{:<16} {:>7} {:>12} {:>10.4} {:>10.4} {:>9.2} {:>11.0} {:>15} {:>15}\n",
             s.stage,
             s.steps,
             format!("{:?}", s.exit_reason),
@@ -241,7 +264,8 @@ pub fn summary_table(summary: &RunSummary) -> String {
             s.eval_loss,
             s.eval_ppl,
             s.tokens_per_s,
-            peak
+            mib(s.training_peak_bytes),
+            snapshots
         ));
     }
     if let Some((stage, m)) = summary

@@ -80,6 +80,12 @@ pub struct SnapshotCache<B: Backend> {
     dtype: DType,
 }
 
+impl<B: Backend> Drop for SnapshotCache<B> {
+    fn drop(&mut self) {
+        crate::alloc::take_back(self.stats.memory_bytes as usize);
+    }
+}
+
 impl<B: Backend> SnapshotCache<B> {
     /// A cache keeping up to `memory_budget` bytes in memory and spilling the rest to `spill_dir`.
     pub fn new(memory_budget: u64, spill_dir: &Path, device: &B::Device) -> Self {
@@ -192,6 +198,7 @@ impl<B: Backend> SnapshotCache<B> {
         let bytes = self.entry_bytes(&value);
         if self.stats.memory_bytes + bytes <= self.memory_budget {
             self.stats.memory_bytes += bytes;
+            crate::alloc::set_aside(bytes as usize);
             self.memory.insert(key, value);
             return Ok(());
         }
@@ -214,7 +221,9 @@ impl<B: Backend> SnapshotCache<B> {
 
     fn remove(&mut self, key: SnapshotKey) {
         if let Some(t) = self.memory.remove(&key) {
-            self.stats.memory_bytes -= self.entry_bytes(&t);
+            let bytes = self.entry_bytes(&t);
+            self.stats.memory_bytes -= bytes;
+            crate::alloc::take_back(bytes as usize);
         }
         if let Some((path, bytes)) = self.disk.remove(&key) {
             self.stats.disk_bytes -= bytes;

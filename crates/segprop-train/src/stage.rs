@@ -103,7 +103,7 @@ impl<B: burn::tensor::backend::AutodiffBackend> Trainer<B> {
         if let Some(cache) = &self.cache {
             tracing::debug!(stage = %entry.name, depths = ?cache.depths(), "stage starts");
         }
-        alloc::reset_peak();
+        alloc::reset_stage_peak();
         let started = Instant::now();
         let wall_before = at.wall_s;
         let tokens_per_step =
@@ -203,7 +203,8 @@ impl<B: burn::tensor::backend::AutodiffBackend> Trainer<B> {
             tokens_per_s: (step * tokens_per_step) as f64 / wall_s.max(1e-9),
             trainable_params,
             micro_batch: micro,
-            peak_bytes: alloc::peak_bytes().map(|b| b as u64),
+            peak_bytes: alloc::stage_peak_bytes().map(|b| b as u64),
+            training_peak_bytes: alloc::stage_training_peak_bytes().map(|b| b as u64),
             snapshots: self.cache.as_ref().map(|c| c.stats()),
             sharding,
         };
