@@ -34,6 +34,7 @@ pub mod sharded;
 pub mod snapcheck;
 pub mod stage;
 pub mod step;
+pub mod utilization;
 
 pub use engine::Trainer;
 pub use error::TrainError;

@@ -22,6 +22,12 @@ pub struct StepRecord {
     pub lr: f64,
     pub grad_norm: f64,
     pub tokens_per_s: f64,
+    /// Matmul TFLOP/s the step achieved (the FLOPs the model launched over the step's time).
+    #[serde(default)]
+    pub tflops: f64,
+    /// `tflops` over the device's measured matmul rate ([`crate::utilization`]).
+    #[serde(default)]
+    pub mfu: f64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -46,6 +52,11 @@ pub struct StageRecord {
     pub wall_s: f64,
     pub tokens: u64,
     pub tokens_per_s: f64,
+    /// Matmul TFLOP/s over the stage's steps and their MFU ([`crate::utilization`]).
+    #[serde(default)]
+    pub tflops: f64,
+    #[serde(default)]
+    pub mfu: f64,
     pub trainable_params: u64,
     /// Sequences per forward/backward pass (`data.micro_batch`; the batch size when batches
     /// run whole).
@@ -94,7 +105,7 @@ pub enum TrainEvent {
     },
     Step(StepRecord),
     Eval(EvalRecord),
-    StageFinished(StageRecord),
+    StageFinished(Box<StageRecord>),
     RunFinished(RunSummary),
 }
 
@@ -137,7 +148,7 @@ impl RecordingObserver {
         self.events
             .iter()
             .filter_map(|e| match e {
-                TrainEvent::StageFinished(s) => Some(s),
+                TrainEvent::StageFinished(s) => Some(s.as_ref()),
                 _ => None,
             })
             .collect()
@@ -229,7 +240,7 @@ impl TrainObserver for ProgressReporter {
 /// Plain-text table of the stages of a run.
 pub fn summary_table(summary: &RunSummary) -> String {
     let mut out = format!(
-        "{:<16} {:>7} {:>12} {:>10} {:>10} {:>9} {:>11} {:>15} {:>15}\n",
+        "{:<16} {:>7} {:>12} {:>10} {:>10} {:>9} {:>11} {:>9} {:>6} {:>15} {:>15}\n",
         "stage",
         "steps",
         "exit",
@@ -237,6 +248,8 @@ pub fn summary_table(summary: &RunSummary) -> String {
         "eval",
         "ppl",
         "tok/s",
+        "TFLOP/s",
+        "MFU",
         "train peak MiB",
         "SnapCheck MiB"
     );
@@ -256,7 +269,7 @@ pub fn summary_table(summary: &RunSummary) -> String {
             None => "-".into(),
         };
         out.push_str(&format!(
-            "{:<16} {:>7} {:>12} {:>10.4} {:>10.4} {:>9.2} {:>11.0} {:>15} {:>15}\n",
+            "{:<16} {:>7} {:>12} {:>10.4} {:>10.4} {:>9.2} {:>11.0} {:>9.3} {:>5.1}% {:>15} {:>15}\n",
             s.stage,
             s.steps,
             format!("{:?}", s.exit_reason),
@@ -264,6 +277,8 @@ pub fn summary_table(summary: &RunSummary) -> String {
             s.eval_loss,
             s.eval_ppl,
             s.tokens_per_s,
+            s.tflops,
+            100.0 * s.mfu,
             mib(s.training_peak_bytes),
             snapshots
         ));

@@ -104,6 +104,9 @@ impl<B: burn::tensor::backend::AutodiffBackend> Trainer<B> {
             tracing::debug!(stage = %entry.name, depths = ?cache.depths(), "stage starts");
         }
         alloc::reset_stage_peak();
+        let peak_flops =
+            crate::utilization::peak_flops::<B::InnerBackend>(&self.device, self.compute);
+        let mut meter = crate::utilization::Meter::default();
         let started = Instant::now();
         let wall_before = at.wall_s;
         let tokens_per_step =
@@ -127,7 +130,9 @@ impl<B: burn::tensor::backend::AutodiffBackend> Trainer<B> {
                 let refs: Vec<&Batch> = batches.iter().collect();
                 let step_started = Instant::now();
                 let lr = schedule.lr(at.step);
+                meter.start();
                 let (loss, grad_norm) = runner.step(self, route, &refs, micro, lr)?;
+                let rate = meter.stop(peak_flops);
                 if !loss.is_finite() {
                     return Err(TrainError::NonFiniteLoss {
                         stage: entry.name.clone(),
@@ -148,6 +153,8 @@ impl<B: burn::tensor::backend::AutodiffBackend> Trainer<B> {
                     lr,
                     grad_norm,
                     tokens_per_s: tokens_per_step as f64 / step_started.elapsed().as_secs_f64(),
+                    tflops: rate.tflops,
+                    mfu: rate.mfu,
                 }));
                 let mut stop = None;
                 if at.step % self.spec.eval.every_steps == 0 {
@@ -201,6 +208,8 @@ impl<B: burn::tensor::backend::AutodiffBackend> Trainer<B> {
             wall_s,
             tokens: step * tokens_per_step,
             tokens_per_s: (step * tokens_per_step) as f64 / wall_s.max(1e-9),
+            tflops: meter.total(peak_flops).tflops,
+            mfu: meter.total(peak_flops).mfu,
             trainable_params,
             micro_batch: micro,
             peak_bytes: alloc::stage_peak_bytes().map(|b| b as u64),
@@ -208,7 +217,7 @@ impl<B: burn::tensor::backend::AutodiffBackend> Trainer<B> {
             snapshots: self.cache.as_ref().map(|c| c.stats()),
             sharding,
         };
-        observer.on_event(&TrainEvent::StageFinished(record.clone()));
+        observer.on_event(&TrainEvent::StageFinished(Box::new(record.clone())));
         Ok(record)
     }
 
