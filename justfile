@@ -36,6 +36,11 @@ validate job:
 bench what="all":
     cargo run --release -p segprop-bench -- {{what}}
 
+# The reference training step against PyTorch eager, side by side (needs `pip install torch
+# transformers`; docs/benchmarks.md, "Training throughput").
+bench-peers:
+    cargo run --release -p segprop-bench -- throughput --steps 6 --peers --only reference
+
 # The GPU build: a stripped release worker with burn-cuda, to carry to a GPU host.
 build-cuda:
     cargo build --release -p segprop-worker --features cuda

@@ -55,7 +55,9 @@ fn damaged_checkpoint_falls_back(sharded: bool) {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let every = 5;
-    let job_spec = spec(dir, "ckpt-damage", 40, every);
+    // Segments long enough that a heartbeat (every 200 ms) sees the worker running past its
+    // second accepted checkpoint: with 40 steps a fast machine finished a segment in between.
+    let job_spec = spec(dir, "ckpt-damage", 100, every);
     let (args, damaged): (&[&str], _) = if sharded {
         let text = std::fs::read_to_string(&job_spec)
             .unwrap()
