@@ -197,6 +197,7 @@ impl<B: burn::tensor::backend::AutodiffBackend> Trainer<B> {
         // The stage's units go back to the trainer: whole modules, or this rank's shards when
         // the trainer keeps them sharded between stages.
         let sharding = runner.finish(self)?;
+        let stage_rate = meter.total(peak_flops);
         let record = StageRecord {
             stage: entry.name.clone(),
             stage_index: entry.index,
@@ -208,8 +209,8 @@ impl<B: burn::tensor::backend::AutodiffBackend> Trainer<B> {
             wall_s,
             tokens: step * tokens_per_step,
             tokens_per_s: (step * tokens_per_step) as f64 / wall_s.max(1e-9),
-            tflops: meter.total(peak_flops).tflops,
-            mfu: meter.total(peak_flops).mfu,
+            tflops: stage_rate.tflops,
+            mfu: stage_rate.mfu,
             trainable_params,
             micro_batch: micro,
             peak_bytes: alloc::stage_peak_bytes().map(|b| b as u64),
