@@ -8,7 +8,7 @@ use segprop_train::probe;
 
 use crate::spec;
 
-/// Raw probes over the calibration grid of `CpuProfile::NDARRAY_F32` (one dimension varied at a
+/// Raw probes over the calibration grid of `CpuProfile::FLEX_F32` (one dimension varied at a
 /// time, then the vocabulary at several widths): peaks of the backward and update phases, and
 /// the matmul FLOPs launched.
 pub fn explore() -> Result<()> {

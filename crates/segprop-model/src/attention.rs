@@ -4,7 +4,7 @@ use burn::nn::{Initializer, Linear, LinearConfig};
 use burn::prelude::*;
 
 use crate::flops;
-use crate::precision::softmax;
+use crate::fused;
 use crate::rope::RopeTables;
 
 #[derive(Config, Debug)]
@@ -75,36 +75,36 @@ impl<B: Backend> Attention<B> {
             .reshape([batch, seq, kvh, d])
             .swap_dims(1, 2);
 
-        let q = rope.apply(q);
-        let k = repeat_kv(rope.apply(k), h / kvh);
-        let v = repeat_kv(v, h / kvh);
+        // Grouped-query attention without copying keys and values per query head: the
+        // `n_rep = heads / kv_heads` query heads that share a key/value head are stacked along
+        // the sequence axis, `[batch, kv_heads, n_rep * seq, d]`, so each key/value head meets
+        // all of its query heads in one matmul (query head `j * n_rep + r` is row block `r` of
+        // group `j`).
+        let n_rep = h / kvh;
+        let q = rope.apply(q).reshape([batch, kvh, n_rep * seq, d]);
+        let k = rope.apply(k);
 
-        // [batch, heads, seq, seq]
-        let scores = flops::matmul(q, k.swap_dims(2, 3)).div_scalar((d as f64).sqrt());
-        // `tril_mask` is true strictly above the diagonal: the future positions to hide.
-        let mask = Tensor::<B, 2, Bool>::tril_mask([seq, seq], 0, &scores.device());
-        let scores = scores.mask_fill(mask.unsqueeze::<4>(), f32::NEG_INFINITY);
-        let probs = softmax(scores, 3);
+        // [batch, kv_heads, n_rep * seq, seq]
+        let scores = flops::matmul(q, k.swap_dims(2, 3));
+        let mask = causal_mask::<B>(seq, n_rep, &scores.device());
+        let probs = fused::causal_softmax(scores, mask, (d as f64).sqrt());
 
-        // [batch, heads, seq, d] -> [batch, seq, hidden]
+        // [batch, kv_heads, n_rep * seq, d] -> [batch, heads, seq, d] -> [batch, seq, hidden]
         let out = flops::matmul(probs, v)
+            .reshape([batch, h, seq, d])
             .swap_dims(1, 2)
             .reshape([batch, seq, hidden]);
         flops::linear(&self.o_proj, out)
     }
 }
 
-/// Repeats each key/value head `n_rep` times so head `j` serves query heads `j*n_rep..(j+1)*n_rep`.
-///
-/// # Shapes
-/// - x: `[batch, kv_heads, seq, d]`
-/// - output: `[batch, kv_heads * n_rep, seq, d]`
-fn repeat_kv<B: Backend>(x: Tensor<B, 4>, n_rep: usize) -> Tensor<B, 4> {
+/// The future positions to hide, `[n_rep * seq, seq]`: true strictly above the diagonal of
+/// each of the `n_rep` stacked `seq x seq` blocks (row `i` is query position `i mod seq`).
+fn causal_mask<B: Backend>(seq: usize, n_rep: usize, device: &B::Device) -> Tensor<B, 2, Bool> {
+    let mask = Tensor::<B, 2, Bool>::tril_mask([seq, seq], 0, device);
     if n_rep == 1 {
-        return x;
+        mask
+    } else {
+        mask.repeat_dim(0, n_rep)
     }
-    let [batch, kvh, seq, d] = x.dims();
-    x.unsqueeze_dim::<5>(2) // [batch, kv_heads, 1, seq, d]
-        .repeat_dim(2, n_rep)
-        .reshape([batch, kvh * n_rep, seq, d])
 }

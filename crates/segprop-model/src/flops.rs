@@ -65,11 +65,17 @@ pub fn linear<B: Backend, const D: usize>(layer: &Linear<B>, x: Tensor<B, D>) ->
         u64::from(autodiff) + u64::from(autodiff && weight_grad),
     );
     let dtype = x.dtype();
-    burn::tensor::module::linear(
-        x,
+    // As one `[rows, k] x [k, n]` matmul: burn's linear on a `[b, s, k]` input is a batched
+    // matmul that packs the weight once per batch item, and its weight gradient is `b` partial
+    // products `[k, n]` summed afterwards (docs/benchmarks.md, "Training throughput").
+    let mut out_dims = x.dims();
+    out_dims[D - 1] = n;
+    let y = burn::tensor::module::linear(
+        x.reshape([rows, k]),
         to_dtype(layer.weight.val(), dtype),
         layer.bias.as_ref().map(|b| to_dtype(b.val(), dtype)),
-    )
+    );
+    y.reshape(out_dims)
 }
 
 /// `a.matmul(b)` of two activations, counted (both operands need gradients on autodiff).

@@ -12,6 +12,7 @@ pub mod attention;
 pub mod block;
 pub mod error;
 pub mod flops;
+pub mod fused;
 pub mod hf;
 pub mod hf_format;
 pub mod hf_stream;

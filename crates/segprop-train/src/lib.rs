@@ -41,10 +41,13 @@ pub use error::TrainError;
 pub use metrics::{RunSummary, TrainEvent, TrainObserver};
 pub use run::{RunOptions, run_job};
 
-/// The CPU training backend: burn's `ndarray` backend with autodiff. It trained 1.5-1.75x faster
-/// than `flex` on our models (docs/benchmarks.md, docs/adr/0001-burn-version.md).
-pub type CpuBackend = burn::backend::Autodiff<burn::backend::NdArray>;
+/// The CPU training backend: burn's `flex` backend (built with its SIMD, rayon and AVX-512
+/// features) with autodiff, for every precision. It replaced `ndarray`, which upstream
+/// deprecates, once it measured faster on our models (docs/adr/0003-cpu-backends.md,
+/// docs/benchmarks.md "CPU backend choice").
+pub type CpuBackend = burn::backend::Autodiff<burn::backend::Flex>;
 
-/// The CPU backend of mixed-precision jobs (`resources.precision: bf16 | f16`): burn's `flex`,
-/// which has the 16-bit types ndarray lacks (docs/adr/0003-cpu-backends.md).
-pub type CpuHalfBackend = burn::backend::Autodiff<burn::backend::Flex>;
+/// The CPU backend of mixed-precision jobs (`resources.precision: bf16 | f16`): the same as
+/// [`CpuBackend`] (flex has the 16-bit types), kept as its own name for the call sites that pick
+/// a backend by precision.
+pub type CpuHalfBackend = CpuBackend;

@@ -345,7 +345,7 @@ fn planned_stages(
             };
             cpu_gang_step(
                 &config,
-                &CpuProfile::NDARRAY_F32,
+                &CpuProfile::FLEX_F32,
                 &w,
                 world,
                 (accum / world, batch, spec.data.seq_len),

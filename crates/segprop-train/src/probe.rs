@@ -54,6 +54,7 @@ pub fn step(
     warmup: usize,
     work_dir: &Path,
 ) -> Result<StepProbe, TrainError> {
+    warm_backend(&spec, kind, work_dir)?;
     let before = alloc::current_bytes().unwrap_or(0) as u64;
     let mut t = Trainer::<CpuBackend>::new(spec, Default::default(), work_dir)?;
     let data = dataset_bytes(&t.data);
@@ -94,6 +95,40 @@ pub fn step(
         backward_flops: flops.backward,
         tokens: (batch.batch * batch.seq) as u64,
     })
+}
+
+/// The first training step of a process allocates what the process then keeps for good: the
+/// backend's thread pool and its matmul kernels' per-thread packing buffers. They are not the
+/// step's memory (a worker pays them once), so the first probe of a process trains one
+/// throwaway step of its own job before it reads the heap.
+fn warm_backend(spec: &JobSpec, kind: StageKind, work_dir: &Path) -> Result<(), TrainError> {
+    static WARM: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if WARM.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        return Ok(());
+    }
+    let dir = work_dir.join("backend-warmup");
+    let mut t = Trainer::<CpuBackend>::new(spec.clone(), Default::default(), &dir)?;
+    let entry = StagePlanEntry {
+        index: 0,
+        name: kind.name(),
+        kind,
+    };
+    let route = t.route(&entry);
+    let trainable = t.trainable(route);
+    let mut opt = t.new_optimizer();
+    if let RouteInput::Prefix { depth } = route.input() {
+        t.freeze_prefix(depth);
+        if t.cache.is_some() {
+            t.fill_snapshots(depth, depth);
+        }
+    }
+    let batch = t.data.train[0].clone();
+    let lr = t.spec.optimizer.lr;
+    let micro = t.spec.micro_batch(&entry.name);
+    t.train_step(route, &[&batch], micro, &trainable, &mut opt, lr);
+    drop((t, opt));
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
 }
 
 /// One configuration's prediction against its measurement.
@@ -186,7 +221,7 @@ pub fn validate_planner(
             seq_len,
             predicted: planner::cpu_step_in_passes(
                 &config,
-                &CpuProfile::NDARRAY_F32,
+                &CpuProfile::FLEX_F32,
                 w,
                 (1, batch, micro_batch),
                 seq_len,

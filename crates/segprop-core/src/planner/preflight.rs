@@ -244,7 +244,7 @@ fn need(
             let passes = (spec.optimizer.grad_accum / world).max(1) * batch.div_ceil(micro.max(1));
             let step = super::cpu_gang_step(
                 config,
-                &CpuProfile::NDARRAY_F32,
+                &CpuProfile::FLEX_F32,
                 w,
                 world,
                 (passes, micro, s),
@@ -276,7 +276,7 @@ fn need(
         Backend::Cpu => {
             let step = cpu_step_in_passes(
                 config,
-                &CpuProfile::NDARRAY_F32,
+                &CpuProfile::FLEX_F32,
                 w,
                 (spec.optimizer.grad_accum, batch, micro),
                 s,
