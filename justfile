@@ -39,7 +39,7 @@ bench what="all":
 # The reference training step against PyTorch eager, side by side (needs `pip install torch
 # transformers`; docs/benchmarks.md, "Training throughput").
 bench-peers:
-    cargo run --release -p segprop-bench -- throughput --steps 6 --peers --only reference
+    cargo run --release -p segprop-bench -- throughput --steps 12 --peers --only reference
 
 # The GPU build: a stripped release worker with burn-cuda, to carry to a GPU host.
 build-cuda:

@@ -21,7 +21,8 @@ pub const REFERENCE_MODEL: &str = "{ preset: tiny, overrides: { hidden_size: 256
 pub const REFERENCE_DATA: &str =
     "{ corpus: builtin:synthetic, seq_len: 128, batch_size: 16, synthetic_tokens: 80000 }";
 
-/// Square matmul GFLOP/s of both CPU backends (median of 5); returns the training backend's.
+/// Square matmul GFLOP/s of both CPU backends (median of 5); returns the training backend's
+/// (flex, `segprop_train::CpuBackend`).
 pub fn matmul() -> Result<Vec<(usize, f64)>> {
     let flex = matmul_rate::<Flex>(&Default::default());
     let ndarray = matmul_rate::<NdArray>(&Default::default());
@@ -31,7 +32,7 @@ pub fn matmul() -> Result<Vec<(usize, f64)>> {
     for ((n, f), (_, nd)) in flex.iter().zip(&ndarray) {
         println!("| {n} | {f:.1} | {nd:.1} |");
     }
-    Ok(ndarray)
+    Ok(flex)
 }
 
 pub fn matmul_rate<Bk: Backend>(device: &Bk::Device) -> Vec<(usize, f64)> {

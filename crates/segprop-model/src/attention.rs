@@ -64,12 +64,13 @@ impl<B: Backend> Attention<B> {
         let [batch, seq, hidden] = x.dims();
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
 
-        // [batch, seq, heads * d] -> [batch, heads, seq, d]
-        let q = flops::linear(&self.q_proj, x.clone())
-            .reshape([batch, seq, h, d])
+        // [batch, seq, heads * d] -> [batch, seq, heads, d], rotated in that layout, then
+        // [batch, heads, seq, d].
+        let q = rope
+            .apply(flops::linear(&self.q_proj, x.clone()).reshape([batch, seq, h, d]))
             .swap_dims(1, 2);
-        let k = flops::linear(&self.k_proj, x.clone())
-            .reshape([batch, seq, kvh, d])
+        let k = rope
+            .apply(flops::linear(&self.k_proj, x.clone()).reshape([batch, seq, kvh, d]))
             .swap_dims(1, 2);
         let v = flops::linear(&self.v_proj, x)
             .reshape([batch, seq, kvh, d])
@@ -81,8 +82,7 @@ impl<B: Backend> Attention<B> {
         // all of its query heads in one matmul (query head `j * n_rep + r` is row block `r` of
         // group `j`).
         let n_rep = h / kvh;
-        let q = rope.apply(q).reshape([batch, kvh, n_rep * seq, d]);
-        let k = rope.apply(k);
+        let q = q.reshape([batch, kvh, n_rep * seq, d]);
 
         // [batch, kv_heads, n_rep * seq, seq]
         let scores = flops::matmul(q, k.swap_dims(2, 3));

@@ -80,16 +80,19 @@ impl<B: Backend> RopeTables<B> {
         self.cos.dtype()
     }
 
-    /// Rotates `x` by position.
+    /// Rotates `x` by position. It takes the projections' own sequence-major layout, so the
+    /// element-wise work runs on contiguous memory (a `[batch, heads, seq, d]` view made by
+    /// `swap_dims` sends every multiply through the backend's strided path).
     ///
     /// # Shapes
-    /// - x: `[batch, heads, seq, head_dim]`
+    /// - x: `[batch, seq, heads, head_dim]`
     /// - output: same as `x`
     pub fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let [_, _, seq, d] = x.dims();
+        let [_, seq, _, d] = x.dims();
         let dtype = x.dtype();
-        let cos = to_dtype(self.cos.clone().narrow(0, 0, seq), dtype).unsqueeze::<4>(); // [1, 1, seq, d]
-        let sin = to_dtype(self.sin.clone().narrow(0, 0, seq), dtype).unsqueeze::<4>();
+        let table =
+            |t: &Tensor<B, 2>| to_dtype(t.clone().narrow(0, 0, seq), dtype).reshape([1, seq, 1, d]);
+        let (cos, sin) = (table(&self.cos), table(&self.sin));
         let x1 = x.clone().narrow(3, 0, d / 2);
         let x2 = x.clone().narrow(3, d / 2, d / 2);
         let rotated = Tensor::cat(vec![x2.neg(), x1], 3); // rotate_half(x)
