@@ -111,9 +111,73 @@ pub fn throughput<B: AutodiffBackend>(
             100.0 * gflops / peak
         );
     }
+    if only.is_none_or(|o| o == "reference") {
+        segment_against_e2e::<B>(steps, device)?;
+    }
     if peers {
         against_pytorch::<B>(steps, device)?;
     }
+    Ok(())
+}
+
+/// A SegProp stage-2 step with SnapCheck against an e2e step of the reference shape, steps
+/// interleaved: the segment `[4, 6)` of the 8 blocks with the head's last 2 (r = 2, k = 2), which
+/// launches a fraction of e2e's matmul FLOPs (the planner's count, exact on CPU:
+/// docs/planner.md). A stage-2 step should cost no more than that fraction of an e2e step.
+fn segment_against_e2e<B: AutodiffBackend>(steps: usize, device: &B::Device) -> Result<()> {
+    use segprop_core::StageKind;
+    use segprop_core::planner::{self, AttentionKernel};
+
+    let (p, r, k) = (4, 2, 2);
+    let dir = tempfile::tempdir()?;
+    let mut e2e = Trainer::<B>::new(
+        spec(REFERENCE_MODEL, REFERENCE_DATA, "regime: e2e")?,
+        device.clone(),
+        dir.path(),
+    )?;
+    let regime = format!(
+        "regime: segprop\nsegprop: {{ base_depth: {p}, head_layers: {r}, segment_size: {k}, snapcheck: true }}"
+    );
+    let mut segment = Trainer::<B>::new(
+        spec(REFERENCE_MODEL, REFERENCE_DATA, &regime)?,
+        device.clone(),
+        dir.path(),
+    )?;
+    let n = e2e.config.num_layers;
+    let full = Route::Full { num_layers: n };
+    let route = segment.route(&crate::entry(StageKind::Segment {
+        start: n - r - k,
+        end: n - r,
+    }));
+    // Warmup covers the 4 batches once, so SnapCheck's cache is filled before timing.
+    let times = crate::time_interleaved(&mut [(&mut e2e, full), (&mut segment, route)], 4, steps);
+    let workloads = planner::comparison(n, p, r, k);
+    let flops = |w: &planner::Workload| {
+        let (f, b, re) = planner::step_flops_per_token(
+            &segment.config,
+            w,
+            segment.spec.data.seq_len,
+            AttentionKernel::DenseMasked,
+        );
+        f + b + re
+    };
+    let (time_ratio, flops_ratio) = (
+        times[1] / times[0],
+        flops(&workloads[4]) / flops(&workloads[0]),
+    );
+    println!(
+        "## SegProp stage 2 (segment [{}, {}), r = {r}, SnapCheck) against e2e, reference shape, steps interleaved",
+        n - r - k,
+        n - r
+    );
+    println!("| e2e ms | stage-2 ms | time ratio | matmul FLOPs ratio | time / FLOPs ratio |");
+    println!("|---:|---:|---:|---:|---:|");
+    println!(
+        "| {:.1} | {:.1} | {time_ratio:.3} | {flops_ratio:.3} | {:.2} |",
+        times[0] * 1e3,
+        times[1] * 1e3,
+        time_ratio / flops_ratio
+    );
     Ok(())
 }
 
