@@ -56,32 +56,15 @@ pub fn step(
 ) -> Result<StepProbe, TrainError> {
     warm_backend(&spec, kind, work_dir)?;
     let before = alloc::current_bytes().unwrap_or(0) as u64;
-    let mut t = Trainer::<CpuBackend>::new(spec, Default::default(), work_dir)?;
-    let data = dataset_bytes(&t.data);
-    let entry = StagePlanEntry {
-        index: 0,
-        name: kind.name(),
-        kind,
-    };
-    let route = t.route(&entry);
-    let trainable = t.trainable(route);
-    let mut opt = t.new_optimizer();
-    if let RouteInput::Prefix { depth } = route.input() {
-        t.freeze_prefix(depth);
-        if t.cache.is_some() {
-            t.fill_snapshots(depth, depth);
-        }
-    }
-    let batch = t.data.train[0].clone();
-    let lr = t.spec.optimizer.lr;
-    let micro = t.spec.micro_batch(&entry.name);
+    let mut stage = Stage::new(spec, kind, work_dir)?;
+    let data = dataset_bytes(&stage.trainer.data);
     for _ in 0..warmup.max(1) {
-        t.train_step(route, &[&batch], micro, &trainable, &mut opt, lr);
+        stage.step();
     }
     let resident = alloc::current_bytes().unwrap_or(0) as u64;
     alloc::reset_peak();
     let flops_before = segprop_model::flops::snapshot();
-    t.train_step(route, &[&batch], micro, &trainable, &mut opt, lr);
+    stage.step();
     let flops = segprop_model::flops::snapshot().since(flops_before);
     let update = alloc::peak_bytes().unwrap_or(0) as u64;
     let backward = alloc::first_phase_peak().unwrap_or(0) as u64;
@@ -93,8 +76,62 @@ pub fn step(
         resident_bytes: above(resident),
         forward_flops: flops.forward,
         backward_flops: flops.backward,
-        tokens: (batch.batch * batch.seq) as u64,
+        tokens: (stage.batch.batch * stage.batch.seq) as u64,
     })
+}
+
+/// One stage of a job set up to train its first batch again and again: the prefix frozen and,
+/// with SnapCheck, its snapshots filled.
+struct Stage {
+    trainer: Trainer<CpuBackend>,
+    route: crate::route::Route,
+    trainable: crate::params::Trainable,
+    opt: crate::params::AdamWOptimizer<CpuBackend>,
+    batch: crate::data::Batch,
+    micro: usize,
+    lr: f64,
+}
+
+impl Stage {
+    fn new(spec: JobSpec, kind: StageKind, work_dir: &Path) -> Result<Self, TrainError> {
+        let mut trainer = Trainer::<CpuBackend>::new(spec, Default::default(), work_dir)?;
+        let entry = StagePlanEntry {
+            index: 0,
+            name: kind.name(),
+            kind,
+        };
+        let route = trainer.route(&entry);
+        let trainable = trainer.trainable(route);
+        let opt = trainer.new_optimizer();
+        if let RouteInput::Prefix { depth } = route.input() {
+            trainer.freeze_prefix(depth);
+            if trainer.cache.is_some() {
+                trainer.fill_snapshots(depth, depth);
+            }
+        }
+        Ok(Self {
+            batch: trainer.data.train[0].clone(),
+            lr: trainer.spec.optimizer.lr,
+            micro: trainer.spec.micro_batch(&entry.name),
+            trainer,
+            route,
+            trainable,
+            opt,
+        })
+    }
+
+    fn step(&mut self) {
+        let Self {
+            trainer,
+            route,
+            trainable,
+            opt,
+            batch,
+            micro,
+            lr,
+        } = self;
+        trainer.train_step(*route, &[&*batch], *micro, trainable, opt, *lr);
+    }
 }
 
 /// The first training step of a process allocates what the process then keeps for good: the
@@ -107,26 +144,7 @@ fn warm_backend(spec: &JobSpec, kind: StageKind, work_dir: &Path) -> Result<(), 
         return Ok(());
     }
     let dir = work_dir.join("backend-warmup");
-    let mut t = Trainer::<CpuBackend>::new(spec.clone(), Default::default(), &dir)?;
-    let entry = StagePlanEntry {
-        index: 0,
-        name: kind.name(),
-        kind,
-    };
-    let route = t.route(&entry);
-    let trainable = t.trainable(route);
-    let mut opt = t.new_optimizer();
-    if let RouteInput::Prefix { depth } = route.input() {
-        t.freeze_prefix(depth);
-        if t.cache.is_some() {
-            t.fill_snapshots(depth, depth);
-        }
-    }
-    let batch = t.data.train[0].clone();
-    let lr = t.spec.optimizer.lr;
-    let micro = t.spec.micro_batch(&entry.name);
-    t.train_step(route, &[&batch], micro, &trainable, &mut opt, lr);
-    drop((t, opt));
+    Stage::new(spec.clone(), kind, &dir)?.step();
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }
