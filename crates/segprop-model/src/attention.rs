@@ -61,20 +61,13 @@ impl<B: Backend> Attention<B> {
     /// - x: `[batch, seq, hidden]`
     /// - output: `[batch, seq, hidden]`
     pub fn forward(&self, x: Tensor<B, 3>, rope: &RopeTables<B>) -> Tensor<B, 3> {
-        let [batch, seq, hidden] = x.dims();
+        let [batch, seq, _] = x.dims();
         let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
 
-        // [batch, seq, heads * d] -> [batch, seq, heads, d], rotated in that layout, then
-        // [batch, heads, seq, d].
-        let q = rope
-            .apply(flops::linear(&self.q_proj, x.clone()).reshape([batch, seq, h, d]))
-            .swap_dims(1, 2);
-        let k = rope
-            .apply(flops::linear(&self.k_proj, x.clone()).reshape([batch, seq, kvh, d]))
-            .swap_dims(1, 2);
-        let v = flops::linear(&self.v_proj, x)
-            .reshape([batch, seq, kvh, d])
-            .swap_dims(1, 2);
+        // [batch, seq, heads * d] -> [batch, heads, seq, d], queries and keys rotated on the way.
+        let q = fused::split_heads(flops::linear(&self.q_proj, x.clone()), h, Some(rope));
+        let k = fused::split_heads(flops::linear(&self.k_proj, x.clone()), kvh, Some(rope));
+        let v = fused::split_heads(flops::linear(&self.v_proj, x), kvh, None);
 
         // Grouped-query attention without copying keys and values per query head: the
         // `n_rep = heads / kv_heads` query heads that share a key/value head are stacked along
@@ -90,10 +83,7 @@ impl<B: Backend> Attention<B> {
         let probs = fused::causal_softmax(scores, mask, (d as f64).sqrt());
 
         // [batch, kv_heads, n_rep * seq, d] -> [batch, heads, seq, d] -> [batch, seq, hidden]
-        let out = flops::matmul(probs, v)
-            .reshape([batch, h, seq, d])
-            .swap_dims(1, 2)
-            .reshape([batch, seq, hidden]);
+        let out = fused::merge_heads(flops::matmul(probs, v).reshape([batch, h, seq, d]));
         flops::linear(&self.o_proj, out)
     }
 }

@@ -5,8 +5,8 @@ use burn::prelude::*;
 use segprop_core::LlamaConfig;
 
 use crate::attention::{Attention, AttentionConfig};
+use crate::fused::rms_norm;
 use crate::mlp::{Mlp, MlpConfig};
-use crate::precision::rms_norm;
 use crate::rope::RopeTables;
 
 #[derive(Config, Debug)]

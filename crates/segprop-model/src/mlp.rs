@@ -2,10 +2,9 @@
 
 use burn::nn::Linear;
 use burn::prelude::*;
-use burn::tensor::activation::silu;
 
 use crate::attention::linear;
-use crate::flops;
+use crate::{flops, fused};
 
 #[derive(Config, Debug)]
 pub struct MlpConfig {
@@ -52,8 +51,10 @@ impl<B: Backend> Mlp<B> {
     /// - x: `[batch, seq, hidden]`
     /// - output: `[batch, seq, hidden]`
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let gated =
-            silu(flops::linear(&self.gate_proj, x.clone())) * flops::linear(&self.up_proj, x);
+        let gated = fused::swiglu(
+            flops::linear(&self.gate_proj, x.clone()),
+            flops::linear(&self.up_proj, x),
+        );
         flops::linear(&self.down_proj, gated)
     }
 }

@@ -12,7 +12,8 @@ use segprop_core::LlamaConfig;
 
 use crate::attention::linear;
 use crate::block::{Block, BlockConfig};
-use crate::precision::{rms_norm, to_dtype};
+use crate::fused::rms_norm;
+use crate::precision::to_dtype;
 use crate::rope::RopeTables;
 
 /// The final norm and the LM head (`model.norm`, `lm_head` in HF names).

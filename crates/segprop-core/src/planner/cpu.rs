@@ -31,8 +31,11 @@
 //! what those ops keep rather than refitted (flex's thread-local buffers make the grid's
 //! 64-token steps too noisy to fit): `c_s` 9.67 → 3.2 (one fp32 probability per score instead of
 //! three tensors), `c_h` 41 → 37 (k and v at KV width), the LM head's backward 9 → 1 byte per
-//! element (no `[b, h, V]` partial weight gradients). On `tiny` and `small` the predictions stay
-//! within 8% of measurement.
+//! element (no `[b, h, V]` partial weight gradients). When RMSNorm and SwiGLU became single ops
+//! (2026-12-06, `segprop_model::fused`), two more were re-derived the same way: `c_h` 37 → 29
+//! (each of a block's two norms no longer keeps `x / rms`, 4 bytes per hidden unit), `c_i`
+//! 20.8 → 12.8 (gate, up and their product remain; the sigmoid and `silu(gate)` are not kept).
+//! On `tiny` and `small` the predictions stay within 9% of measurement.
 
 use serde::{Deserialize, Serialize};
 
@@ -59,8 +62,8 @@ pub struct CpuProfile {
 impl CpuProfile {
     /// burn 0.21 flex, f32, calibrated as the module documentation says.
     pub const FLEX_F32: CpuProfile = CpuProfile {
-        block_per_hidden: 37.0,
-        block_per_intermediate: 20.8,
+        block_per_hidden: 29.0,
+        block_per_intermediate: 12.8,
         block_per_score: 3.2,
         block_fixed: 227.0,
         head_per_vocab: 17.9,

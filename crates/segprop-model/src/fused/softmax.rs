@@ -1,19 +1,10 @@
-//! Fused operations with their own backward pass, for the shapes where burn's op-by-op autodiff
-//! spends most of a CPU step outside the matmuls (docs/benchmarks.md, "Training throughput").
-//!
-//! [`causal_softmax`] is the attention's `softmax(mask(QKᵀ / √d))`. Composed from burn's
-//! tensor ops, autodiff records five element-wise nodes over the `[batch, heads, seq, seq]`
-//! scores (scale, mask, and softmax's shift, exp, sum and division), keeps several of those
-//! tensors for the backward pass and runs a broadcast division's backward over them. As one op
-//! the forward pass runs on the inner backend (burn's flex backend fuses the softmax into one
-//! row-parallel kernel), keeps only the probabilities `y`, and the backward pass is
+//! [`causal_softmax`], the attention's `softmax(mask(QKᵀ / √d))`. Composed from burn's tensor
+//! ops, autodiff records five element-wise nodes over the `[batch, heads, seq, seq]` scores
+//! (scale, mask, and softmax's shift, exp, sum and division), keeps several of those tensors for
+//! the backward pass and runs a broadcast division's backward over them. As one op the forward
+//! pass runs on the inner backend (burn's flex backend fuses the softmax into one row-parallel
+//! kernel), keeps only the probabilities `y`, and the backward pass is
 //! `dx = y ⊙ (g − Σ_row g ⊙ y) / √d` (masked positions have `y = 0`, so their gradient is 0).
-//!
-//! The op is used on the autodiff backends the project trains with (CPU flex and ndarray, and
-//! CUDA with feature `cuda`); any other backend gets the composition of tensor ops, which
-//! computes the same function.
-
-use std::any::{Any, TypeId};
 
 use burn::backend::Autodiff;
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
@@ -23,6 +14,8 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind, unary};
 use burn::prelude::*;
 use burn::tensor::ops::{BoolTensor, FloatTensor};
 use burn::tensor::{DType, FloatDType, TensorPrimitive};
+
+use super::{Fused, cast, dispatch};
 
 /// `softmax(mask_fill(scores / divisor, mask, −∞))` over the last dimension, taken in fp32
 /// when `scores` is a 16-bit type and returned in its dtype.
@@ -46,9 +39,13 @@ pub fn causal_softmax<B: Backend>(
     let mask = mask.unsqueeze::<4>();
     let x = scores.into_primitive().tensor();
     let m = mask.into_primitive();
-    let y = match dispatch::<B>(x, m, divisor) {
+    let y = match dispatch::<B, _>(Op {
+        x,
+        mask: m,
+        divisor,
+    }) {
         Ok(y) => Tensor::<B, 4>::from_primitive(TensorPrimitive::Float(y)),
-        Err((x, m)) => composed::<B>(x, m, divisor),
+        Err(Op { x, mask, divisor }) => composed::<B>(x, mask, divisor),
     };
     if wide { y } else { y.cast(dtype) }
 }
@@ -60,57 +57,17 @@ fn composed<B: Backend>(x: FloatTensor<B>, mask: BoolTensor<B>, divisor: f64) ->
     burn::tensor::activation::softmax(x.div_scalar(divisor).mask_fill(mask, f32::NEG_INFINITY), 3)
 }
 
-type Inputs<B> = (FloatTensor<B>, BoolTensor<B>);
-
-/// Runs the fused op when `B` is one of the autodiff backends the project trains with; gives
-/// the inputs back otherwise.
-fn dispatch<B: Backend>(
+struct Op<B: Backend> {
     x: FloatTensor<B>,
     mask: BoolTensor<B>,
     divisor: f64,
-) -> Result<FloatTensor<B>, Inputs<B>> {
-    let inputs = (x, mask);
-    let inputs = match on::<B, burn::backend::Flex>(inputs, divisor) {
-        Ok(y) => return Ok(y),
-        Err(inputs) => inputs,
-    };
-    #[cfg(feature = "cuda")]
-    let inputs = match on::<B, burn::backend::Cuda>(inputs, divisor) {
-        Ok(y) => return Ok(y),
-        Err(inputs) => inputs,
-    };
-    on::<B, burn::backend::NdArray>(inputs, divisor)
 }
 
-/// The fused op when `B` is `Autodiff<I>`.
-fn on<B: Backend, I: Backend>(
-    inputs: Inputs<B>,
-    divisor: f64,
-) -> Result<FloatTensor<B>, Inputs<B>> {
-    if TypeId::of::<B>() != TypeId::of::<Autodiff<I>>() {
-        return Err(inputs);
-    }
-    let (x, mask) = inputs;
-    let (Ok(x), Ok(mask)) = (
-        same::<_, FloatTensor<Autodiff<I>>>(x),
-        same::<_, BoolTensor<I>>(mask),
-    ) else {
-        unreachable!("B is Autodiff<I>, whose bool tensors are I's")
-    };
-    let y = forward::<I, NoCheckpointing>(x, mask, divisor);
-    same::<_, FloatTensor<B>>(y).map_err(|_| unreachable!("the type was checked above"))
-}
-
-/// `x` as `T` when `S` is `T` (checked by `TypeId`), `x` back otherwise.
-fn same<S: 'static, T: 'static>(x: S) -> Result<T, S> {
-    if TypeId::of::<S>() != TypeId::of::<T>() {
-        return Err(x);
-    }
-    let mut slot = Some(x);
-    let any: &mut dyn Any = &mut slot;
-    match any.downcast_mut::<Option<T>>().and_then(Option::take) {
-        Some(t) => Ok(t),
-        None => unreachable!("S and T have the same TypeId"),
+impl<B: Backend> Fused<B> for Op<B> {
+    fn on<I: Backend>(self) -> FloatTensor<B> {
+        // Autodiff's bool tensors are its inner backend's.
+        let y = forward::<I, NoCheckpointing>(cast(self.x), cast(self.mask), self.divisor);
+        cast(y)
     }
 }
 
@@ -240,7 +197,12 @@ mod tests {
                 .into_primitive()
                 .tensor();
             let mask = Tensor::<B, 2, Bool>::tril_mask([2, 2], 0, &device).unsqueeze::<4>();
-            dispatch::<B>(x, mask.into_primitive(), 1.0).is_ok()
+            let op = Op::<B> {
+                x,
+                mask: mask.into_primitive(),
+                divisor: 1.0,
+            };
+            dispatch::<B, _>(op).is_ok()
         }
         assert!(runs::<Autodiff<Flex>>());
         assert!(runs::<Autodiff<NdArray>>());
