@@ -5,14 +5,13 @@ use std::ops::Range;
 use burn::module::{ModuleMapper, ModuleVisitor, Param, ParamId};
 use burn::nn::{Embedding, EmbeddingConfig, Initializer, Linear, RmsNorm, RmsNormConfig};
 use burn::prelude::*;
-use burn::tensor::activation::log_softmax;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use segprop_core::LlamaConfig;
 
 use crate::attention::linear;
 use crate::block::{Block, BlockConfig};
-use crate::fused::rms_norm;
+use crate::fused::{self, rms_norm};
 use crate::precision::to_dtype;
 use crate::rope::RopeTables;
 
@@ -228,9 +227,10 @@ pub fn cross_entropy<B: Backend>(logits: Tensor<B, 3>, targets: Tensor<B, 2, Int
     let [batch, seq, vocab] = logits.dims();
     // The log-softmax and the mean are taken in fp32 whatever the compute dtype.
     let logits = to_dtype(logits, burn::tensor::DType::F32);
-    let logp = log_softmax(logits.reshape([batch * seq, vocab]), 1);
-    let picked = logp.gather(1, targets.reshape([batch * seq, 1])); // [batch * seq, 1]
-    picked.mean().neg()
+    fused::cross_entropy(
+        logits.reshape([batch * seq, vocab]),
+        targets.reshape([batch * seq]),
+    )
 }
 
 /// Collects the ids of every parameter of a module.

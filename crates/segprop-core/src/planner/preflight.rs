@@ -300,10 +300,13 @@ fn need(
                 gib(step.optimizer),
                 gib(step.activations),
                 gib(step.logits),
-                gib(if step.update_peak() > step.backward_peak() {
+                gib(if step.peak() == step.backward_peak() {
+                    step.live_gradients
+                } else if step.peak() == step.update_peak() {
                     step.gradients + step.update_transient
                 } else {
-                    step.live_gradients
+                    // The end of a later pass's backward: that pass's gradients.
+                    step.gradients
                 }),
                 gib(snapcheck)
             ) + if ranks > 1 { ")" } else { "" };

@@ -7,7 +7,7 @@ fn spec(text: &str) -> JobSpec {
 }
 
 const SEGPROP: &str = "version: 1\nname: t\nmodel: { preset: small }\n\
-    data: { corpus: builtin:synthetic, seq_len: 128, batch_size: 4 }\nregime: segprop\n\
+    data: { corpus: builtin:synthetic, seq_len: 512, batch_size: 4 }\nregime: segprop\n\
     segprop: { base_depth: 2, head_layers: 2, segment_size: 2 }\noptimizer: { lr: 1.0e-3 }\n";
 
 #[test]
@@ -182,7 +182,7 @@ fn the_corpus_cap_counts_gpt2_tokens_as_the_engine_will() {
     std::fs::write(&path, &text).expect("write");
     let job = |tokenizer: &str| {
         let mut s = spec(&SEGPROP.replace(
-            "corpus: builtin:synthetic, seq_len: 128",
+            "corpus: builtin:synthetic, seq_len: 512",
             &format!("corpus: corpus.txt, tokenizer: {tokenizer}, seq_len: 16"),
         ));
         s.data.corpus = path.display().to_string();

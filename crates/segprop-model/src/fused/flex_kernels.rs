@@ -226,3 +226,58 @@ pub(super) fn swap_middle(x: &FlexTensor, rotation: Option<Rotation<'_>>) -> Fle
         });
     tensor(out, vec![n0, n2, n1, d])
 }
+
+/// Rows per parallel chunk of the loss kernels, fixed so that the loss's partial sums are added
+/// in the same order on any thread count.
+const LOSS_ROWS: usize = 64;
+
+/// Mean cross-entropy of `logits: [rows, vocab]` against `targets` (one class per row), and
+/// each row's log-sum-exp (kept for the backward pass).
+pub(super) fn cross_entropy_forward(logits: &FlexTensor, targets: &[usize]) -> (f32, Vec<f32>) {
+    let logits = data(logits);
+    let xs = slice(&logits);
+    let rows = targets.len();
+    let vocab = xs.len() / rows.max(1);
+    let mut lse = vec![0f32; rows];
+    let partials: Vec<f32> = lse
+        .par_chunks_mut(LOSS_ROWS)
+        .zip(xs.par_chunks(LOSS_ROWS * vocab))
+        .zip(targets.par_chunks(LOSS_ROWS))
+        .map(|((lse, x), targets)| {
+            let mut sum = 0f32;
+            for ((lse, x), &t) in lse.iter_mut().zip(x.chunks(vocab)).zip(targets) {
+                let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let total: f32 = x.iter().map(|v| (v - max).exp()).sum();
+                *lse = max + total.ln();
+                sum += *lse - x[t];
+            }
+            sum
+        })
+        .collect();
+    (partials.iter().sum::<f32>() / rows as f32, lse)
+}
+
+/// The cross-entropy's gradient: `scale · (softmax(x) − onehot(target))` row by row.
+pub(super) fn cross_entropy_backward(
+    logits: &FlexTensor,
+    lse: &[f32],
+    targets: &[usize],
+    scale: f32,
+) -> FlexTensor {
+    let dims = shape(logits);
+    let logits = data(logits);
+    let xs = slice(&logits);
+    let vocab = xs.len() / targets.len().max(1);
+    let mut dx = vec![0f32; xs.len()];
+    dx.par_chunks_mut(vocab)
+        .with_min_len((CHUNK / vocab.max(1)).max(1))
+        .zip(xs.par_chunks(vocab))
+        .zip(lse.par_iter().zip(targets))
+        .for_each(|((dx, x), (lse, &t))| {
+            for (dx, x) in dx.iter_mut().zip(x) {
+                *dx = scale * (x - lse).exp();
+            }
+            dx[t] -= scale;
+        });
+    tensor(dx, dims)
+}

@@ -4,6 +4,7 @@
 //! - [`causal_softmax`]: the attention's `softmax(mask(QKᵀ / √d))`.
 //! - [`rms_norm`]: `x / rms(x) ⊙ γ`, the RMS taken in fp32.
 //! - [`swiglu`]: the MLP's `silu(gate) ⊙ up`.
+//! - [`cross_entropy`]: the mean next-token loss (flex f32 only; elsewhere burn's ops).
 //! - [`split_heads`] / [`merge_heads`]: the attention's change of layout to and from heads-first,
 //!   with the rotary embedding on the way in.
 //!
@@ -20,6 +21,7 @@
 //! ops, which computes the same function. The plain (inference) flex backend runs the same
 //! forward kernels as training, so a frozen prefix computes the values training would.
 
+mod cross_entropy;
 mod flex_kernels;
 mod heads;
 mod rms_norm;
@@ -34,6 +36,7 @@ use burn::tensor::DType;
 use burn::tensor::ops::FloatTensor;
 use burn_flex::FlexTensor;
 
+pub use cross_entropy::cross_entropy;
 pub use heads::{merge_heads, split_heads};
 pub use rms_norm::rms_norm;
 pub use softmax::causal_softmax;
