@@ -487,14 +487,16 @@ fn a_job_that_cannot_fit_the_snapshot_budget_fails_with_both_numbers() {
         job.error
     );
     assert!(job.error.contains("snapshot_budget_bytes"), "{}", job.error);
+    // The sweep deletes the blob, then logs: wait for both (the log line can trail the delete).
     let started = Instant::now();
-    while late.exists() {
+    let swept = || std::fs::read_to_string(dir.join("coordinator.log")).unwrap_or_default();
+    while late.exists() || !swept().contains("late snapshots swept") {
         assert!(
             started.elapsed() < Duration::from_secs(20),
-            "the late blob was never swept"
+            "the late blob was never swept (still there: {}); log:\n{}",
+            late.exists(),
+            swept()
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    let log = std::fs::read_to_string(dir.join("coordinator.log")).unwrap();
-    assert!(log.contains("late snapshots swept"), "{log}");
 }
