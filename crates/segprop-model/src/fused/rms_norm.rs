@@ -215,4 +215,19 @@ mod tests {
             .into_data();
         assert_eq!(plain, tracked);
     }
+
+    #[test]
+    fn a_norm_computes_in_the_input_dtype_with_fp32_statistics() {
+        let device = Default::default();
+        let norm = RmsNormConfig::new(4).init::<Flex>(&device);
+        let x = Tensor::<Flex, 2>::from_floats([[1.0, -2.0, 3.0, 300.0]], &device);
+        let f32_out = rms_norm(&norm, x.clone());
+        let half = rms_norm(&norm, x.cast(burn::tensor::FloatDType::BF16));
+        assert_eq!(half.dtype(), DType::BF16);
+        let a: Vec<f32> = f32_out.into_data().convert::<f32>().into_vec().unwrap();
+        let b: Vec<f32> = half.into_data().convert::<f32>().into_vec().unwrap();
+        for (a, b) in a.iter().zip(&b) {
+            assert!((a - b).abs() <= 0.01 * a.abs().max(1e-3), "{a} vs {b}");
+        }
+    }
 }
