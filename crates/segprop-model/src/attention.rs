@@ -79,22 +79,10 @@ impl<B: Backend> Attention<B> {
 
         // [batch, kv_heads, n_rep * seq, seq]
         let scores = flops::matmul(q, k.swap_dims(2, 3));
-        let mask = causal_mask::<B>(seq, n_rep, &scores.device());
-        let probs = fused::causal_softmax(scores, mask, (d as f64).sqrt());
+        let probs = fused::causal_softmax(scores, (d as f64).sqrt());
 
         // [batch, kv_heads, n_rep * seq, d] -> [batch, heads, seq, d] -> [batch, seq, hidden]
         let out = fused::merge_heads(flops::matmul(probs, v).reshape([batch, h, seq, d]));
         flops::linear(&self.o_proj, out)
-    }
-}
-
-/// The future positions to hide, `[n_rep * seq, seq]`: true strictly above the diagonal of
-/// each of the `n_rep` stacked `seq x seq` blocks (row `i` is query position `i mod seq`).
-fn causal_mask<B: Backend>(seq: usize, n_rep: usize, device: &B::Device) -> Tensor<B, 2, Bool> {
-    let mask = Tensor::<B, 2, Bool>::tril_mask([seq, seq], 0, device);
-    if n_rep == 1 {
-        mask
-    } else {
-        mask.repeat_dim(0, n_rep)
     }
 }

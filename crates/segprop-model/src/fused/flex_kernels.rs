@@ -1,4 +1,4 @@
-//! Row kernels for RMSNorm and SwiGLU on flex f32 tensors, spread over flex's rayon pool.
+//! Row kernels for the fused ops on flex f32 tensors, spread over flex's rayon pool.
 //!
 //! Work is split into chunks of a fixed size that does not depend on the number of threads, and
 //! partial sums across rows (RMSNorm's `dγ`) are added in chunk order: results are the same bits
@@ -175,6 +175,59 @@ pub(super) fn swiglu_backward(
             }
         });
     (tensor(da, dims.clone()), tensor(db, dims))
+}
+
+/// Causal softmax forward over the last dimension of `x: [.., rows, seq]`: row `i` (counted
+/// over all leading dimensions; `rows` is a multiple of `seq`) is query position `i mod seq` and
+/// sees the first `i mod seq + 1` columns; `y = exp(s − max s) / Σ exp(s − max s)` with
+/// `s = x / divisor` there, 0 beyond.
+pub(super) fn causal_softmax_forward(x: &FlexTensor, divisor: f32) -> FlexTensor {
+    let dims = shape(x);
+    let seq = *dims.last().expect("rank >= 1");
+    let x = data(x);
+    let xs = slice(&x);
+    let mut y = vec![0f32; xs.len()];
+    y.par_chunks_mut(seq)
+        .with_min_len(rows_per_chunk(seq))
+        .zip(xs.par_chunks(seq))
+        .enumerate()
+        .for_each(|(row, (y, x))| {
+            let visible = row % seq + 1;
+            let (y, x) = (&mut y[..visible], &x[..visible]);
+            let mut max = f32::NEG_INFINITY;
+            for (y, x) in y.iter_mut().zip(x) {
+                *y = x / divisor;
+                max = max.max(*y);
+            }
+            let mut total = 0f32;
+            for y in y.iter_mut() {
+                *y = (*y - max).exp();
+                total += *y;
+            }
+            for y in y.iter_mut() {
+                *y /= total;
+            }
+        });
+    tensor(y, dims)
+}
+
+/// Softmax backward over the last dimension: `dx = y ⊙ (g − Σ_row g ⊙ y) / divisor`.
+pub(super) fn softmax_backward(grad: &FlexTensor, y: &FlexTensor, divisor: f32) -> FlexTensor {
+    let dims = shape(y);
+    let width = *dims.last().expect("rank >= 1");
+    let (grad, y) = (data(grad), data(y));
+    let (gs, ys) = (slice(&grad), slice(&y));
+    let mut dx = vec![0f32; ys.len()];
+    dx.par_chunks_mut(width)
+        .with_min_len(rows_per_chunk(width))
+        .zip(gs.par_chunks(width).zip(ys.par_chunks(width)))
+        .for_each(|(dx, (g, y))| {
+            let gy = dot(g, y);
+            for ((dx, g), y) in dx.iter_mut().zip(g).zip(y) {
+                *dx = y * (g - gy) / divisor;
+            }
+        });
+    tensor(dx, dims)
 }
 
 /// Rotary tables for [`swap_middle`]: `[positions, d]` cos and sin (positions at least the
