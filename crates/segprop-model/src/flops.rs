@@ -70,11 +70,11 @@ pub fn linear<B: Backend, const D: usize>(layer: &Linear<B>, x: Tensor<B, D>) ->
     // products `[k, n]` summed afterwards (docs/benchmarks.md, "Training throughput").
     let mut out_dims = x.dims();
     out_dims[D - 1] = n;
-    let y = burn::tensor::module::linear(
-        x.reshape([rows, k]),
-        to_dtype(layer.weight.val(), dtype),
-        layer.bias.as_ref().map(|b| to_dtype(b.val(), dtype)),
-    );
+    let (x, weight) = (x.reshape([rows, k]), to_dtype(layer.weight.val(), dtype));
+    let y = match &layer.bias {
+        None => crate::fused::linear(x, weight),
+        Some(b) => burn::tensor::module::linear(x, weight, Some(to_dtype(b.val(), dtype))),
+    };
     y.reshape(out_dims)
 }
 
@@ -85,7 +85,7 @@ pub fn matmul<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> T
     let batch: usize = da[..D - 2].iter().product();
     let autodiff = B::ad_enabled(&a.device());
     record(2 * (batch * m * k * n) as u64, 2 * u64::from(autodiff));
-    a.matmul(b)
+    crate::fused::matmul(a, b)
 }
 
 #[cfg(test)]

@@ -5,6 +5,9 @@
 //! - [`rms_norm`]: `x / rms(x) ⊙ γ`, the RMS taken in fp32.
 //! - [`swiglu`]: the MLP's `silu(gate) ⊙ up`.
 //! - [`cross_entropy`]: the mean next-token loss (flex f32 only; elsewhere burn's ops).
+//! - [`linear`]: `x · W` without bias (flex f32 only; elsewhere burn's `linear`), products
+//!   called into `gemm` directly ([`gemm`]).
+//! - [`matmul`]: the attention's batched products (flex f32 only; elsewhere burn's `matmul`).
 //! - [`split_heads`] / [`merge_heads`]: the attention's change of layout to and from heads-first,
 //!   with the rotary embedding on the way in.
 //!
@@ -23,7 +26,10 @@
 
 mod cross_entropy;
 mod flex_kernels;
+mod gemm;
 mod heads;
+mod linear;
+mod matmul;
 mod rms_norm;
 mod softmax;
 mod swiglu;
@@ -38,6 +44,8 @@ use burn_flex::FlexTensor;
 
 pub use cross_entropy::cross_entropy;
 pub use heads::{merge_heads, split_heads};
+pub use linear::linear;
+pub use matmul::matmul;
 pub use rms_norm::rms_norm;
 pub use softmax::causal_softmax;
 pub use swiglu::swiglu;
