@@ -21,7 +21,9 @@ pub(super) struct Matrix<'a> {
 }
 
 impl<'a> Matrix<'a> {
-    /// `data` as a row-major `[rows, cols]` matrix.
+    /// `data` as a row-major `[rows, cols]` matrix (the tests' views; tensors come through
+    /// [`matrices`]).
+    #[cfg(test)]
     pub fn row_major(data: &'a [f32], rows: usize, cols: usize) -> Self {
         assert_eq!(
             data.len(),
@@ -188,7 +190,8 @@ pub(super) fn matrices<'a>(
         .collect()
 }
 
-/// `a[i] · b[i]` for each pair, each product on one thread and the pairs spread over the pool,
+/// `a[i] · b[i]` for each pair, each product on one thread and the pairs spread over the pool
+/// (a single pair is split over the pool by gemm),
 /// as one row-major buffer `[pairs, a.rows, b.cols]` (the same bits on any number of threads).
 pub(super) fn matmul_batched(a: &[Matrix<'_>], b: &[Matrix<'_>]) -> Vec<f32> {
     assert_eq!(
@@ -196,6 +199,10 @@ pub(super) fn matmul_batched(a: &[Matrix<'_>], b: &[Matrix<'_>]) -> Vec<f32> {
         b.len(),
         "matmul_batched: as many left as right matrices"
     );
+    if let ([a], [b]) = (a, b) {
+        // One matrix (a linear): gemm splits it over the pool itself.
+        return matmul(*a, *b);
+    }
     let Some((first_a, first_b)) = a.first().zip(b.first()) else {
         return Vec::new();
     };

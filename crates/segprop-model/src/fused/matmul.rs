@@ -1,9 +1,11 @@
 //! [`matmul`]: the attention's batched products (`QKᵀ` with `Kᵀ` a transposed view, and `PV`)
-//! with their own backward pass on flex f32, `dA = G · Bᵀ`, `dB = Aᵀ · G`. Each matrix of the
+//! and, as [`linear`], the model's projections, with their own backward pass on flex f32,
+//! `dA = G · Bᵀ`, `dB = Aᵀ · G` (only for the operands that are tracked). Each matrix of a
 //! batch is one single-threaded gemm call on strided views ([`super::gemm`]), the batch spread
-//! over the pool; flex's matmul did the same but allocated every output on the calling thread
-//! (zeroed, then copied to align it), and autodiff's backward passes went through it again.
-//! Other backends and dtypes, and batches that broadcast, take burn's `matmul`.
+//! over the pool; a single matrix is split over the pool by gemm. flex's matmul allocated every
+//! output on the calling thread (zeroed, then copied to align it), and autodiff's backward
+//! passes went through it again. Other backends and dtypes, and batches that broadcast, take
+//! burn's `matmul` (and `linear`).
 
 use std::any::TypeId;
 
@@ -44,6 +46,23 @@ pub fn matmul<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> T
     let a: FloatTensor<Autodiff<Flex>> = cast(a.into_primitive().tensor());
     let b: FloatTensor<Autodiff<Flex>> = cast(b.into_primitive().tensor());
     wrap(cast(forward::<NoCheckpointing>(a, b)))
+}
+
+/// `x · weight` without bias, burn's layout (`weight: [k, n]`): [`matmul`]'s own backward
+/// pass on flex f32 (`dx = g · Wᵀ` when `x` is tracked, `dW = xᵀ · g` when the weight is, so a
+/// frozen weight gets no product), burn's `linear` on other backends and dtypes.
+///
+/// # Shapes
+/// - x: `[rows, k]`
+/// - weight: `[k, n]`
+/// - output: `[rows, n]`
+pub fn linear<B: Backend>(x: Tensor<B, 2>, weight: Tensor<B, 2>) -> Tensor<B, 2> {
+    let f32s = x.dtype() == DType::F32 && weight.dtype() == DType::F32;
+    if f32s && (TypeId::of::<B>() == TypeId::of::<Flex>() || autodiff_of::<B, Flex>()) {
+        matmul(x, weight)
+    } else {
+        burn::tensor::module::linear(x, weight, None)
+    }
 }
 
 /// `op(a) · op(b)` matrix by matrix, `op` the transpose where asked, as a contiguous tensor.
@@ -187,6 +206,101 @@ mod tests {
                 &device,
             )
             .swap_dims(2, 3),
+        );
+        assert_eq!(plain.into_data(), tracked.inner().into_data());
+    }
+}
+
+#[cfg(test)]
+mod linear_tests {
+    use super::*;
+    use crate::fused::test_support::close;
+    use burn::backend::NdArray;
+    use burn::tensor::backend::AutodiffBackend;
+
+    const ROWS: usize = 130;
+    const K: usize = 48;
+    const N: usize = 40;
+
+    fn weight<A: Backend>() -> Tensor<A, 2> {
+        let values: Vec<f32> = (0..K * N)
+            .map(|i| ((i * 3 % 17) as f32 - 8.0) * 0.05)
+            .collect();
+        Tensor::from_data(TensorData::new(values, [K, N]), &Default::default())
+    }
+
+    /// `y`, `dx` and (when trained) `dW` of `Σ v ⊙ linear(x, W)`, fused or burn's `linear`.
+    fn run<A: AutodiffBackend>(fused: bool, trained: bool) -> Vec<Vec<f32>> {
+        let device = Default::default();
+        let values: Vec<f32> = (0..ROWS * K)
+            .map(|i| ((i * 7 % 11) as f32 - 5.0) * 0.3)
+            .collect();
+        let x =
+            Tensor::<A, 2>::from_data(TensorData::new(values, [ROWS, K]), &device).require_grad();
+        let w = weight::<A>();
+        let w = if trained { w.require_grad() } else { w };
+        let y = if fused {
+            linear(x.clone(), w.clone())
+        } else {
+            burn::tensor::module::linear(x.clone(), w.clone(), None)
+        };
+        let v: Vec<f32> = (0..ROWS * N)
+            .map(|i| ((i * 5 % 7) as f32) * 0.1 - 0.2)
+            .collect();
+        let v = Tensor::<A, 2>::from_data(TensorData::new(v, [ROWS, N]), &device);
+        let grads = (y.clone() * v).sum().backward();
+        let flat = |t: Tensor<A::InnerBackend, 2>| t.into_data().to_vec::<f32>().expect("f32");
+        let mut out = vec![flat(y.inner()), flat(x.grad(&grads).expect("x is tracked"))];
+        if trained {
+            out.push(flat(w.grad(&grads).expect("the weight is tracked")));
+        }
+        out
+    }
+
+    #[test]
+    fn fused_linear_matches_burns_linear_in_value_and_gradients() {
+        for trained in [true, false] {
+            let pairs = [
+                (
+                    run::<Autodiff<Flex>>(true, trained),
+                    run::<Autodiff<Flex>>(false, trained),
+                ),
+                (
+                    run::<Autodiff<NdArray>>(true, trained),
+                    run::<Autodiff<NdArray>>(false, trained),
+                ),
+            ];
+            for (fused, composed) in pairs {
+                assert_eq!(fused.len(), 2 + usize::from(trained));
+                for (f, c) in fused.iter().zip(&composed) {
+                    close(f, c, 1e-5);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_frozen_weight_gets_no_gradient() {
+        let device = Default::default();
+        let x = Tensor::<Autodiff<Flex>, 2>::ones([ROWS, K], &device).require_grad();
+        let w = weight::<Autodiff<Flex>>();
+        let grads = linear(x.clone(), w.clone()).sum().backward();
+        assert!(w.grad(&grads).is_none());
+        assert!(x.grad(&grads).is_some());
+    }
+
+    #[test]
+    fn inference_on_flex_computes_what_training_computes() {
+        let device = Default::default();
+        let values: Vec<f32> = (0..ROWS * K).map(|i| (i % 9) as f32 * 0.1 - 0.4).collect();
+        let plain = linear(
+            Tensor::<Flex, 2>::from_data(TensorData::new(values.clone(), [ROWS, K]), &device),
+            weight::<Flex>(),
+        );
+        let tracked = linear(
+            Tensor::<Autodiff<Flex>, 2>::from_data(TensorData::new(values, [ROWS, K]), &device)
+                .require_grad(),
+            weight::<Autodiff<Flex>>().require_grad(),
         );
         assert_eq!(plain.into_data(), tracked.inner().into_data());
     }

@@ -28,7 +28,6 @@ mod cross_entropy;
 mod flex_kernels;
 mod gemm;
 mod heads;
-mod linear;
 mod matmul;
 mod rms_norm;
 mod softmax;
@@ -44,8 +43,7 @@ use burn_flex::FlexTensor;
 
 pub use cross_entropy::cross_entropy;
 pub use heads::{merge_heads, split_heads};
-pub use linear::linear;
-pub use matmul::matmul;
+pub use matmul::{linear, matmul};
 pub use rms_norm::rms_norm;
 pub use softmax::causal_softmax;
 pub use swiglu::swiglu;
