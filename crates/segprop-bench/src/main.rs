@@ -205,6 +205,7 @@ fn orchestration(reps: usize, job: Option<&std::path::Path>) -> Result<()> {
 }
 
 fn main() -> Result<()> {
+    segprop_train::alloc::keep_freed_memory();
     let cli = Cli::parse();
     match cli.command {
         Command::Backends => backends(cli.steps),

@@ -162,6 +162,7 @@ fn load_spec(job: Option<&PathBuf>) -> Result<JobSpec, segprop_core::SpecError> 
 }
 
 fn main() -> ExitCode {
+    segprop_train::alloc::keep_freed_memory();
     let cli = Cli::parse();
     // Logs on stderr; spans over OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set. Training runs on
     // its own threads: two runtime threads serve the gRPC calls and heartbeats.

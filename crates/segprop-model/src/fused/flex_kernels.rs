@@ -8,6 +8,8 @@ use burn::tensor::TensorData;
 use burn_flex::FlexTensor;
 use rayon::prelude::*;
 
+use super::simd::{self, dot, sigmoid, vectorized};
+
 /// Elements per parallel chunk: big enough that a chunk outweighs its dispatch.
 const CHUNK: usize = 16 * 1024;
 
@@ -34,20 +36,6 @@ fn rows_per_chunk(width: usize) -> usize {
     (CHUNK / width.max(1)).max(1)
 }
 
-/// `Σ a ⊙ b` in sixteen lanes (vectorizes; the lane order is fixed).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0f32; 16];
-    let (a16, a_rest) = a.split_at(a.len() / 16 * 16);
-    let (b16, b_rest) = b.split_at(a16.len());
-    for (a, b) in a16.chunks_exact(16).zip(b16.chunks_exact(16)) {
-        for i in 0..16 {
-            lanes[i] += a[i] * b[i];
-        }
-    }
-    let tail: f32 = a_rest.iter().zip(b_rest).map(|(a, b)| a * b).sum();
-    lanes.iter().sum::<f32>() + tail
-}
-
 /// RMSNorm forward over the last dimension: `y = x · r ⊙ γ` with `r = 1 / √(mean(x²) + ε)`.
 /// Returns `y` (shape of `x`) and `r` (shape of `x` with the last dimension 1).
 pub(super) fn rms_norm_forward(
@@ -67,12 +55,14 @@ pub(super) fn rms_norm_forward(
         .zip(r.par_chunks_mut(per))
         .zip(xs.par_chunks(per * width))
         .for_each(|((y, r), x)| {
-            for ((y, r), x) in y.chunks_mut(width).zip(r).zip(x.chunks(width)) {
-                *r = 1.0 / (dot(x, x) / width as f32 + eps).sqrt();
-                for ((y, x), g) in y.iter_mut().zip(x).zip(gs) {
-                    *y = x * *r * g;
+            vectorized(|| {
+                for ((y, r), x) in y.chunks_mut(width).zip(r).zip(x.chunks(width)) {
+                    *r = 1.0 / (dot(x, x) / width as f32 + eps).sqrt();
+                    for ((y, x), g) in y.iter_mut().zip(x).zip(gs) {
+                        *y = x * *r * g;
+                    }
                 }
-            }
+            })
         });
     let mut r_dims = dims.clone();
     *r_dims.last_mut().expect("rank >= 1") = 1;
@@ -100,23 +90,25 @@ pub(super) fn rms_norm_backward(
         .map(|(((dx, x), g), r)| {
             let mut dgamma = vec![0f32; width];
             let mut gw = vec![0f32; width];
-            for (((dx, x), g), r) in dx
-                .chunks_mut(width)
-                .zip(x.chunks(width))
-                .zip(g.chunks(width))
-                .zip(r)
-            {
-                for ((gw, g), w) in gw.iter_mut().zip(g).zip(gs) {
-                    *gw = g * w;
-                }
-                let c = dot(&gw, x) * r * r * r / width as f32;
-                for (((dx, gw), x), (dg, g)) in
-                    dx.iter_mut().zip(&gw).zip(x).zip(dgamma.iter_mut().zip(g))
+            vectorized(|| {
+                for (((dx, x), g), r) in dx
+                    .chunks_mut(width)
+                    .zip(x.chunks(width))
+                    .zip(g.chunks(width))
+                    .zip(r)
                 {
-                    *dx = r * gw - x * c;
-                    *dg += g * x * r;
+                    for ((gw, g), w) in gw.iter_mut().zip(g).zip(gs) {
+                        *gw = g * w;
+                    }
+                    let c = dot(&gw, x) * r * r * r / width as f32;
+                    for (((dx, gw), x), (dg, g)) in
+                        dx.iter_mut().zip(&gw).zip(x).zip(dgamma.iter_mut().zip(g))
+                    {
+                        *dx = r * gw - x * c;
+                        *dg += g * x * r;
+                    }
                 }
-            }
+            });
             dgamma
         })
         .collect();
@@ -129,10 +121,6 @@ pub(super) fn rms_norm_backward(
     (tensor(dx, dims), tensor(dgamma, vec![width]))
 }
 
-fn sigmoid(a: f32) -> f32 {
-    1.0 / (1.0 + (-a).exp())
-}
-
 /// SwiGLU forward: `silu(a) ⊙ b`, `silu(a) = a · σ(a)`.
 pub(super) fn swiglu_forward(a: &FlexTensor, b: &FlexTensor) -> FlexTensor {
     let dims = shape(a);
@@ -142,9 +130,11 @@ pub(super) fn swiglu_forward(a: &FlexTensor, b: &FlexTensor) -> FlexTensor {
     y.par_chunks_mut(CHUNK)
         .zip(av.par_chunks(CHUNK).zip(bv.par_chunks(CHUNK)))
         .for_each(|(y, (a, b))| {
-            for ((y, a), b) in y.iter_mut().zip(a).zip(b) {
-                *y = a * sigmoid(*a) * b;
-            }
+            vectorized(|| {
+                for ((y, a), b) in y.iter_mut().zip(a).zip(b) {
+                    *y = a * sigmoid(*a) * b;
+                }
+            })
         });
     tensor(y, dims)
 }
@@ -167,12 +157,15 @@ pub(super) fn swiglu_backward(
                 .zip(av.par_chunks(CHUNK).zip(bv.par_chunks(CHUNK))),
         )
         .for_each(|((da, db), (g, (a, b)))| {
-            for ((da, db), (g, (a, b))) in da.iter_mut().zip(db).zip(g.iter().zip(a.iter().zip(b)))
-            {
-                let s = sigmoid(*a);
-                *da = g * b * s * (1.0 + a * (1.0 - s));
-                *db = g * a * s;
-            }
+            vectorized(|| {
+                for ((da, db), (g, (a, b))) in
+                    da.iter_mut().zip(db).zip(g.iter().zip(a.iter().zip(b)))
+                {
+                    let s = sigmoid(*a);
+                    *da = g * b * s * (1.0 + a * (1.0 - s));
+                    *db = g * a * s;
+                }
+            })
         });
     (tensor(da, dims.clone()), tensor(db, dims))
 }
@@ -194,19 +187,19 @@ pub(super) fn causal_softmax_forward(x: &FlexTensor, divisor: f32) -> FlexTensor
         .for_each(|(row, (y, x))| {
             let visible = row % seq + 1;
             let (y, x) = (&mut y[..visible], &x[..visible]);
-            let mut max = f32::NEG_INFINITY;
-            for (y, x) in y.iter_mut().zip(x) {
-                *y = x / divisor;
-                max = max.max(*y);
-            }
-            let mut total = 0f32;
-            for y in y.iter_mut() {
-                *y = (*y - max).exp();
-                total += *y;
-            }
-            for y in y.iter_mut() {
-                *y /= total;
-            }
+            vectorized(|| {
+                for (y, x) in y.iter_mut().zip(x) {
+                    *y = x / divisor;
+                }
+                let max = simd::max(y);
+                for y in y.iter_mut() {
+                    *y = simd::exp(*y - max);
+                }
+                let total = simd::sum(y);
+                for y in y.iter_mut() {
+                    *y /= total;
+                }
+            })
         });
     tensor(y, dims)
 }
@@ -222,10 +215,12 @@ pub(super) fn softmax_backward(grad: &FlexTensor, y: &FlexTensor, divisor: f32) 
         .with_min_len(rows_per_chunk(width))
         .zip(gs.par_chunks(width).zip(ys.par_chunks(width)))
         .for_each(|(dx, (g, y))| {
-            let gy = dot(g, y);
-            for ((dx, g), y) in dx.iter_mut().zip(g).zip(y) {
-                *dx = y * (g - gy) / divisor;
-            }
+            vectorized(|| {
+                let gy = dot(g, y);
+                for ((dx, g), y) in dx.iter_mut().zip(g).zip(y) {
+                    *dx = y * (g - gy) / divisor;
+                }
+            })
         });
     tensor(dx, dims)
 }
@@ -299,8 +294,10 @@ pub(super) fn cross_entropy_forward(logits: &FlexTensor, targets: &[usize]) -> (
         .map(|((lse, x), targets)| {
             let mut sum = 0f32;
             for ((lse, x), &t) in lse.iter_mut().zip(x.chunks(vocab)).zip(targets) {
-                let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let total: f32 = x.iter().map(|v| (v - max).exp()).sum();
+                let (max, total) = vectorized(|| {
+                    let max = simd::max(x);
+                    (max, simd::sum_exp(x, max))
+                });
                 *lse = max + total.ln();
                 sum += *lse - x[t];
             }
@@ -327,9 +324,11 @@ pub(super) fn cross_entropy_backward(
         .zip(xs.par_chunks(vocab))
         .zip(lse.par_iter().zip(targets))
         .for_each(|((dx, x), (lse, &t))| {
-            for (dx, x) in dx.iter_mut().zip(x) {
-                *dx = scale * (x - lse).exp();
-            }
+            vectorized(|| {
+                for (dx, x) in dx.iter_mut().zip(x) {
+                    *dx = scale * simd::exp(x - lse);
+                }
+            });
             dx[t] -= scale;
         });
     tensor(dx, dims)

@@ -30,6 +30,7 @@ mod gemm;
 mod heads;
 mod matmul;
 mod rms_norm;
+mod simd;
 mod softmax;
 mod swiglu;
 
