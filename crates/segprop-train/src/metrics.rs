@@ -49,6 +49,10 @@ pub struct StageRecord {
     pub final_train_loss: f64,
     pub eval_loss: f64,
     pub eval_ppl: f64,
+    /// With `eval.keep_best`, the step whose model the stage kept when an earlier evaluation
+    /// beat the last one (`eval_loss` is then that evaluation's); `None` otherwise.
+    #[serde(default)]
+    pub best_step: Option<u64>,
     pub wall_s: f64,
     pub tokens: u64,
     pub tokens_per_s: f64,

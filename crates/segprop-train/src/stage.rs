@@ -10,6 +10,8 @@ use std::time::Instant;
 
 use segprop_core::{ExitSpec, StagePlanEntry};
 
+use segprop_model::Llama;
+
 use crate::alloc;
 use crate::data::Batch;
 use crate::engine::{StageProgress, Trainer, count_params};
@@ -112,6 +114,19 @@ impl<B: burn::tensor::backend::AutodiffBackend> Trainer<B> {
         let tokens_per_step =
             (accum * self.spec.data.batch_size.get() * self.spec.data.seq_len) as u64;
         let mut checkpointed = at.step;
+        // `eval.keep_best`: the model of the stage's best evaluation so far. Cloning a module
+        // shares its tensors, so this holds one extra copy of what the stage trains, no more.
+        // (Sharded stages are refused at validation.)
+        let keep_best = self.spec.eval.keep_best && self.shard.is_none();
+        if keep_best && resuming {
+            tracing::warn!(
+                stage = %entry.name,
+                step = at.step,
+                "eval.keep_best: the stage resumed from a checkpoint, so its best model is chosen \
+                 among the evaluations from here on"
+            );
+        }
+        let mut best: Option<(u64, f64, Llama<B>)> = None;
         let reason = 'train: loop {
             let order = self
                 .data
@@ -161,6 +176,9 @@ impl<B: burn::tensor::backend::AutodiffBackend> Trainer<B> {
                     let eval_loss = runner.evaluate(self, route)?;
                     at.last_eval = Some((at.step, eval_loss));
                     self.emit_eval(observer, entry, at.step, eval_loss);
+                    if keep_best && best.as_ref().is_none_or(|(_, b, _)| eval_loss < *b) {
+                        best = Some((at.step, eval_loss, self.model.clone()));
+                    }
                     stop = at.tracker.on_eval(eval_loss);
                 }
                 if stop.is_none() {
@@ -186,7 +204,7 @@ impl<B: burn::tensor::backend::AutodiffBackend> Trainer<B> {
         let last_loss = at.last_loss;
         let last_eval = at.last_eval;
         let wall_s = wall_before + started.elapsed().as_secs_f64();
-        let eval_loss = match last_eval {
+        let mut eval_loss = match last_eval {
             Some((at, loss)) if at == step => loss,
             _ => {
                 let loss = runner.evaluate(self, route)?;
@@ -194,6 +212,22 @@ impl<B: burn::tensor::backend::AutodiffBackend> Trainer<B> {
                 loss
             }
         };
+        let mut best_step = None;
+        if let Some((best_at, best_loss, model)) = best
+            && best_loss < eval_loss
+        {
+            tracing::info!(
+                stage = %entry.name,
+                best_step = best_at,
+                best_eval_loss = best_loss,
+                last_step = step,
+                last_eval_loss = eval_loss,
+                "eval.keep_best: the stage ends with the model of step {best_at}"
+            );
+            self.model = model;
+            eval_loss = best_loss;
+            best_step = Some(best_at);
+        }
         // The stage's units go back to the trainer: whole modules, or this rank's shards when
         // the trainer keeps them sharded between stages.
         let sharding = runner.finish(self)?;
@@ -206,6 +240,7 @@ impl<B: burn::tensor::backend::AutodiffBackend> Trainer<B> {
             final_train_loss: last_loss,
             eval_loss,
             eval_ppl: eval_loss.exp(),
+            best_step,
             wall_s,
             tokens: step * tokens_per_step,
             tokens_per_s: (step * tokens_per_step) as f64 / wall_s.max(1e-9),

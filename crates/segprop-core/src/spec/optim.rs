@@ -108,6 +108,11 @@ pub struct EvalSpec {
     /// Evaluate on at most this many held-out batches (0 = all).
     #[serde(default)]
     pub max_batches: usize,
+    /// End each stage with the model of its best evaluation instead of its last step (Hugging
+    /// Face's `load_best_model_at_end`; the ICLR paper's protocol): what the stage commits, hands
+    /// to the next stage and exports.
+    #[serde(default)]
+    pub keep_best: bool,
 }
 
 fn default_eval_every() -> u64 {
@@ -119,6 +124,7 @@ impl Default for EvalSpec {
         Self {
             every_steps: default_eval_every(),
             max_batches: 0,
+            keep_best: false,
         }
     }
 }

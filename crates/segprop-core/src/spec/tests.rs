@@ -177,3 +177,18 @@ fn locate_field_follows_the_path() {
     assert_eq!(locate_field(TINY, "data.seq_len"), Some(4));
     assert_eq!(locate_field(TINY, "segprop.exit.segment"), Some(9));
 }
+
+#[test]
+fn keep_best_is_refused_for_sharded_stages_and_accepted_otherwise() {
+    let with = |extra: &str| {
+        let text = format!("{TINY}eval: {{ every_steps: 5, keep_best: true }}\n{extra}");
+        JobSpec::from_yaml_str(&text, "job.yaml").map_err(|e| e.to_string())
+    };
+    let spec = with("").unwrap();
+    assert!(spec.eval.keep_best);
+    let err = with("sharding: { strategy: full_shard }\n").unwrap_err();
+    assert!(
+        err.contains("eval.keep_best") && err.contains("full_shard"),
+        "{err}"
+    );
+}
