@@ -19,6 +19,7 @@ pub use llama_config::{LlamaConfig, RopeScaling};
 pub use plan::{StageKind, StagePlan, StagePlanEntry};
 pub use spec::{
     BatchSize, CheckpointSpec, DataSpec, DecaySchedule, E2eSpec, EvalSpec, ExitSpec,
-    GlobalExitSpec, HeadPolicy, JobSpec, LwSpec, MicroBatch, ModelSpec, OptimizerSpec, Precision,
-    Regime, ResourcesSpec, ScheduleSpec, SegPropSpec, ShardingSpec, SnapshotDtype, TokenizerKind,
+    GlobalExitSpec, HeadPolicy, JobSpec, LwSpec, LwVariant, MicroBatch, ModelSpec, OptimizerSpec,
+    Precision, Regime, ResourcesSpec, ScheduleSpec, SegPropSpec, ShardingSpec, SnapshotDtype,
+    TaskExample, TaskSpec, TokenizerKind,
 };

@@ -2,11 +2,14 @@
 //!
 //! For SegProp (Algorithm 1 of the papers): stage 1 trains `embed`, the base prefix `0..p` and the
 //! global head LL(r); then one stage-2 stage per segment `[q, q+k)` of the intermediate blocks
-//! `p..n-r`. The layer-wise baseline has one stage per block; end-to-end has one stage.
+//! `p..n-r`. The layer-wise baseline has one stage per block (`local_heads`: every block with
+//! its own local head; `base_prefix`: SegProp's stage 1, then blocks `p..n` each under the
+//! model's LM head alone), optionally ending with a stage that trains the LM head alone;
+//! end-to-end has one stage.
 
 use serde::{Deserialize, Serialize};
 
-use crate::spec::{JobSpec, Regime};
+use crate::spec::{JobSpec, LwVariant, Regime};
 
 /// What one stage trains.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -20,6 +23,11 @@ pub enum StageKind {
     Segment { start: usize, end: usize },
     /// Layer-wise: block `block` (with embed when `block == 0`) and a local aux head.
     LwBlock { block: usize },
+    /// Layer-wise with a base prefix: block `block` on the committed prefix `0..block`, with the
+    /// model's own LM head directly on top (no decoder blocks of LL(r)).
+    LwGlobal { block: usize },
+    /// Layer-wise's last stage: the LM head alone on the frozen network's output.
+    LwHead,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -35,7 +43,7 @@ pub struct StagePlanEntry {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StagePlan {
     pub num_layers: usize,
-    /// Global head depth r (SegProp only; 0 otherwise).
+    /// Global head depth r of stage 1 (SegProp, and layer-wise with a base prefix; 0 otherwise).
     pub head_layers: usize,
     pub stages: Vec<StagePlanEntry>,
 }
@@ -47,7 +55,22 @@ impl StagePlan {
         let mut head_layers = 0;
         match spec.regime {
             Regime::E2e => kinds.push(StageKind::E2e),
-            Regime::Lw => kinds.extend((0..num_layers).map(|block| StageKind::LwBlock { block })),
+            Regime::Lw => {
+                match spec.lw.variant {
+                    LwVariant::LocalHeads => {
+                        kinds.extend((0..num_layers).map(|block| StageKind::LwBlock { block }))
+                    }
+                    LwVariant::BasePrefix => {
+                        let p = spec.lw.base_depth();
+                        head_layers = spec.lw.head_layers();
+                        kinds.push(StageKind::Stage1 { base_depth: p });
+                        kinds.extend((p..num_layers).map(|block| StageKind::LwGlobal { block }));
+                    }
+                }
+                if spec.lw.final_head.is_some() {
+                    kinds.push(StageKind::LwHead);
+                }
+            }
             Regime::Segprop => {
                 let s = &spec.segprop;
                 head_layers = s.head_layers;
@@ -86,7 +109,10 @@ impl StageKind {
             StageKind::E2e => "e2e".into(),
             StageKind::Stage1 { .. } => "stage1".into(),
             StageKind::Segment { start, end } => format!("segment-{start}-{end}"),
-            StageKind::LwBlock { block } => format!("lw-block-{block}"),
+            StageKind::LwBlock { block } | StageKind::LwGlobal { block } => {
+                format!("lw-block-{block}")
+            }
+            StageKind::LwHead => "lw-head".into(),
         }
     }
 }
@@ -122,6 +148,35 @@ mod tests {
     fn segprop_with_no_intermediate_blocks_is_stage1_only() {
         let spec = spec("segprop", "segprop: { base_depth: 6, head_layers: 2 }\n");
         assert_eq!(StagePlan::new(&spec, 8).stages.len(), 1);
+    }
+
+    #[test]
+    fn layer_wise_variants() {
+        let base = spec(
+            "lw",
+            "lw: { variant: base_prefix, base_depth: 2, head_layers: 1, final_head: { max_steps: 5 } }\n",
+        );
+        let plan = StagePlan::new(&base, 5);
+        let kinds: Vec<_> = plan.stages.iter().map(|s| s.kind).collect();
+        assert_eq!(
+            kinds,
+            [
+                StageKind::Stage1 { base_depth: 2 },
+                StageKind::LwGlobal { block: 2 },
+                StageKind::LwGlobal { block: 3 },
+                StageKind::LwGlobal { block: 4 },
+                StageKind::LwHead,
+            ]
+        );
+        assert_eq!(plan.head_layers, 1);
+        let names: Vec<_> = plan.stages.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names[1], "lw-block-2");
+        assert_eq!(names[4], "lw-head");
+        let local = spec("lw", "lw: { final_head: { max_steps: 5 } }\n");
+        let plan = StagePlan::new(&local, 3);
+        assert_eq!(plan.stages.len(), 4);
+        assert_eq!(plan.stages[3].kind, StageKind::LwHead);
+        assert_eq!(plan.head_layers, 0);
     }
 
     #[test]

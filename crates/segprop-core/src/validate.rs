@@ -108,7 +108,39 @@ impl JobSpec {
                     }
                 }
             }
-            Regime::Lw => self.lw.exit.validate("lw.exit")?,
+            Regime::Lw => {
+                self.lw.exit.validate("lw.exit")?;
+                if let Some(exit) = &self.lw.final_head {
+                    exit.validate("lw.final_head")?;
+                }
+                let l = &self.lw;
+                match l.variant {
+                    crate::spec::LwVariant::BasePrefix => {
+                        l.stage1_exit().validate("lw.stage1")?;
+                        if l.base_depth() == 0 {
+                            return Err(SpecError::invalid(
+                                "lw.base_depth",
+                                "must be at least 1: stage 1 trains the embedding with blocks \
+                                 0..base_depth",
+                            ));
+                        }
+                    }
+                    crate::spec::LwVariant::LocalHeads => {
+                        let set = [
+                            ("lw.base_depth", l.base_depth.is_some()),
+                            ("lw.head_layers", l.head_layers.is_some()),
+                            ("lw.stage1", l.stage1.is_some()),
+                        ];
+                        if let Some((field, _)) = set.iter().find(|(_, s)| *s) {
+                            return Err(SpecError::invalid(
+                                *field,
+                                "belongs to `lw.variant: base_prefix` (stage 1 with a base \
+                                 prefix); `local_heads` trains every block from the embedding",
+                            ));
+                        }
+                    }
+                }
+            }
             Regime::E2e => self.e2e.exit.validate("e2e.exit")?,
         }
         if self.resources.devices_per_gang == 0 {
@@ -124,6 +156,26 @@ impl JobSpec {
             ));
         }
         let sharded = self.sharding.strategy == ShardingStrategy::FullShard;
+        if !self.eval.tasks.is_empty() && sharded {
+            return Err(SpecError::invalid(
+                "eval.tasks",
+                "is not available with `sharding.strategy: full_shard` yet: tasks are scored on \
+                 a whole model, and a sharded stage's units live on its ranks; remove `tasks` or \
+                 the sharding",
+            ));
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, task) in self.eval.tasks.iter().enumerate() {
+            if !names.insert(task.display_name()) {
+                return Err(SpecError::invalid(
+                    format!("eval.tasks[{i}].name"),
+                    format!(
+                        "`{}` names two tasks; give each task its own `name`",
+                        task.display_name()
+                    ),
+                ));
+            }
+        }
         if self.eval.keep_best && sharded {
             return Err(SpecError::invalid(
                 "eval.keep_best",
@@ -363,6 +415,18 @@ impl JobSpec {
                     format!(
                         "base_depth {} + head_layers {} exceeds the model's {} layers",
                         s.base_depth, s.head_layers, n
+                    ),
+                ));
+            }
+        }
+        if self.regime == Regime::Lw && self.lw.variant == crate::spec::LwVariant::BasePrefix {
+            let (p, r) = (self.lw.base_depth(), self.lw.head_layers());
+            if p + r > n || p >= n {
+                return Err(SpecError::invalid(
+                    "lw.base_depth",
+                    format!(
+                        "base_depth {p} + head_layers {r} must fit the model's {n} layers with \
+                         at least one block after the base"
                     ),
                 ));
             }

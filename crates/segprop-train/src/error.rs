@@ -8,6 +8,9 @@ pub enum TrainError {
     Spec(#[from] segprop_core::SpecError),
     #[error("corpus {path}: {message}")]
     Corpus { path: PathBuf, message: String },
+    /// A task file of `eval.tasks` cannot be read (bad input).
+    #[error("eval.tasks: {0}")]
+    Task(String),
     /// The checkpoint named by `model.from` cannot be loaded (bad input).
     #[error("model.from: {0}")]
     Checkpoint(segprop_model::ModelError),

@@ -34,6 +34,7 @@ pub mod sharded;
 pub mod snapcheck;
 pub mod stage;
 pub mod step;
+pub mod tasks;
 pub mod utilization;
 
 pub use engine::Trainer;

@@ -38,6 +38,10 @@ pub struct EvalRecord {
     pub global_step: u64,
     pub eval_loss: f64,
     pub eval_ppl: f64,
+    /// Training wall time of the stage when this evaluation ran (its earlier evaluations
+    /// included); with the earlier stages' `wall_s` it places the point on a wall-time axis.
+    #[serde(default)]
+    pub stage_wall_s: f64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -77,6 +81,9 @@ pub struct StageRecord {
     /// What one rank held in a sharded stage (rank 0's view; ranks differ only by padding).
     #[serde(default)]
     pub sharding: Option<crate::rank::RankMemory>,
+    /// `eval.tasks` scored on the stage's network at its end (after `keep_best`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tasks: Vec<crate::tasks::TaskScore>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -95,6 +102,9 @@ pub struct RunSummary {
     /// Set when a global exit criterion stopped stage 2 early and the model was pruned.
     pub early_exit: Option<ExitReason>,
     pub model_dir: Option<PathBuf>,
+    /// `eval.tasks` scored on the exported model.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tasks: Vec<crate::tasks::TaskScore>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -317,6 +327,43 @@ pub fn summary_table(summary: &RunSummary) -> String {
             Some(reason) => format!(", early exit ({reason:?})"),
             None => String::new(),
         }
+    ));
+    if summary.tasks.is_empty() {
+        return out;
+    }
+    // Task accuracy after each stage (the papers' per-layer tables) and of the exported model.
+    let names: Vec<&str> = summary.tasks.iter().map(|t| t.task.as_str()).collect();
+    out.push_str(&format!("\n{:<16}", "task acc"));
+    for name in &names {
+        out.push_str(&format!(" {:>22}", name));
+    }
+    out.push('\n');
+    let cell = |t: Option<&crate::tasks::TaskScore>| match t {
+        Some(t) => format!("{:.3} (norm {:.3})", t.acc, t.acc_norm),
+        None => "-".into(),
+    };
+    for s in &summary.stages {
+        out.push_str(&format!("{:<16}", s.stage));
+        for name in &names {
+            out.push_str(&format!(
+                " {:>22}",
+                cell(s.tasks.iter().find(|t| t.task == *name))
+            ));
+        }
+        out.push('\n');
+    }
+    out.push_str(&format!("{:<16}", "final model"));
+    for t in &summary.tasks {
+        out.push_str(&format!(" {:>22}", cell(Some(t))));
+    }
+    out.push_str(&format!(
+        "\n{:<16}{}\n",
+        "(chance)",
+        summary
+            .tasks
+            .iter()
+            .map(|t| format!(" {:>22.3}", t.chance))
+            .collect::<String>()
     ));
     out
 }

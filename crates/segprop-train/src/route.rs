@@ -63,6 +63,20 @@ impl Route {
                 num_layers,
             },
             StageKind::LwBlock { block } => Route::LwBlock { block },
+            // Layer-wise with a base prefix is a one-block segment under the LM head alone.
+            StageKind::LwGlobal { block } => Route::Segment {
+                start: block,
+                end: block + 1,
+                head_start: num_layers,
+                num_layers,
+            },
+            // The LM head alone on `S[n]`: an empty segment with no decoder blocks above it.
+            StageKind::LwHead => Route::Segment {
+                start: num_layers,
+                end: num_layers,
+                head_start: num_layers,
+                num_layers,
+            },
         }
     }
 
@@ -116,6 +130,31 @@ impl Route {
         let x = model.forward_blocks(x, head_blocks, rope);
         model.head.forward(x)
     }
+
+    /// Runs the network the route describes as one model, from the embedding: the prefix
+    /// `0..depth` (committed blocks and the trained ones), the adapter, LL(r)'s blocks and the
+    /// head. Task scoring reads a stage's network this way.
+    ///
+    /// # Shapes
+    /// - x: the embedding `[batch, seq, hidden]`
+    /// - output: logits `[batch, seq, vocab]`
+    pub fn forward_network<B: Backend, A: Adapter>(
+        &self,
+        model: &Llama<B>,
+        x: Tensor<B, 3>,
+        adapter: &A,
+        rope: &RopeTables<B>,
+    ) -> Tensor<B, 3> {
+        let (trained, head_blocks) = self.blocks();
+        let depth = trained.end;
+        let x = model.forward_blocks(x, 0..depth, rope);
+        let x = match self {
+            Route::Stage1 { .. } | Route::Segment { .. } => adapter.forward(x, depth),
+            Route::Full { .. } | Route::LwBlock { .. } => x,
+        };
+        let x = model.forward_blocks(x, head_blocks, rope);
+        model.head.forward(x)
+    }
 }
 
 #[cfg(test)]
@@ -128,6 +167,16 @@ mod tests {
         let (prefix, head) = route.blocks();
         assert_eq!((prefix, head), (0..2, 6..8));
         assert_eq!(route.input(), RouteInput::Embed);
+    }
+
+    #[test]
+    fn layer_wise_routes_have_no_decoder_head() {
+        let route = Route::new(StageKind::LwGlobal { block: 3 }, 8, 2);
+        assert_eq!(route.blocks(), (3..4, 8..8));
+        assert_eq!(route.input(), RouteInput::Prefix { depth: 3 });
+        let route = Route::new(StageKind::LwHead, 8, 2);
+        assert_eq!(route.blocks(), (8..8, 8..8));
+        assert_eq!(route.input(), RouteInput::Prefix { depth: 8 });
     }
 
     #[test]

@@ -232,6 +232,12 @@ pub fn finish_run<B: AutodiffBackend>(
     max_shard_bytes: Option<u64>,
 ) -> Result<RunSummary, TrainError> {
     let final_eval_loss = trainer.final_eval()?;
+    let tasks = crate::tasks::score(
+        trainer,
+        crate::route::Route::Full {
+            num_layers: trainer.model.num_layers(),
+        },
+    )?;
     let model_dir = out.join("model");
     trainer.export_model(&model_dir, max_shard_bytes)?;
     let stages = trainer.progress.records.clone();
@@ -250,6 +256,7 @@ pub fn finish_run<B: AutodiffBackend>(
         final_num_layers: trainer.model.num_layers(),
         early_exit: trainer.progress.early_exit,
         model_dir: Some(model_dir),
+        tasks,
     };
     write(
         &out.join("summary.json"),

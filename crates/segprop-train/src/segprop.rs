@@ -79,10 +79,14 @@ pub fn run_next_stage<B: AutodiffBackend>(
     let record = match entry.kind {
         StageKind::E2e => e2e(trainer, &entry, observer)?,
         StageKind::LwBlock { block } => lw_block(trainer, &entry, block, observer)?,
+        StageKind::LwGlobal { block } => lw_global(trainer, &entry, block, observer)?,
+        StageKind::LwHead => lw_head(trainer, &entry, observer)?,
         StageKind::Stage1 { base_depth } => {
             let record = stage1(trainer, &entry, observer)?;
             commit_prefix(trainer, base_depth);
-            if let Some(spec) = &trainer.spec.segprop.exit.global {
+            if trainer.spec.regime == Regime::Segprop
+                && let Some(spec) = &trainer.spec.segprop.exit.global
+            {
                 trainer.progress.global_exit = Some(GlobalExitTracker::new(spec, record.eval_loss));
             }
             record
@@ -149,7 +153,10 @@ pub fn stage1<B: AutodiffBackend>(
     entry: &StagePlanEntry,
     observer: &mut dyn TrainObserver,
 ) -> Result<StageRecord, TrainError> {
-    let exit = trainer.spec.segprop.exit.stage1.clone();
+    let exit = match trainer.spec.regime {
+        Regime::Lw => trainer.spec.lw.stage1_exit(),
+        _ => trainer.spec.segprop.exit.stage1.clone(),
+    };
     trainer.train_stage(entry, &exit, observer)
 }
 
@@ -292,6 +299,54 @@ pub fn lw_block<B: AutodiffBackend>(
     trainer.committed_depth = block + 1;
     advance_snapshots(trainer, block, block + 1)?;
     Ok(record)
+}
+
+/// Layer-wise with a base prefix (the ICLR paper's "w/o LL"), block `i >= p`: the block trains
+/// on `StopGrad(f^{[0:i]}(x))` under the model's LM head alone, which keeps training (with its
+/// optimizer state) from stage 1 on; then the block commits and the snapshots advance.
+pub fn lw_global<B: AutodiffBackend>(
+    trainer: &mut Trainer<B>,
+    entry: &StagePlanEntry,
+    block: usize,
+    observer: &mut dyn TrainObserver,
+) -> Result<StageRecord, TrainError> {
+    debug_assert_eq!(trainer.spec.regime, Regime::Lw);
+    let exit = trainer.spec.lw.exit.clone();
+    let record = trainer.train_stage(entry, &exit, observer)?;
+    trainer.committed_depth = block + 1;
+    advance_snapshots(trainer, block, block + 1)?;
+    Ok(record)
+}
+
+/// Layer-wise's last stage (the TMLR paper's `fc` stage): every block frozen, the LM head alone
+/// trains on `S[n]`. After `local_heads` the head starts from a fresh initialisation with a fresh
+/// optimizer (the model's global head was never trained); after `base_prefix` it goes on from
+/// the head the blocks were trained under.
+pub fn lw_head<B: AutodiffBackend>(
+    trainer: &mut Trainer<B>,
+    entry: &StagePlanEntry,
+    observer: &mut dyn TrainObserver,
+) -> Result<StageRecord, TrainError> {
+    debug_assert_eq!(trainer.spec.regime, Regime::Lw);
+    let resuming = trainer
+        .resume
+        .as_ref()
+        .is_some_and(|r| r.progress.stage_index == entry.index);
+    if !resuming && trainer.spec.lw.variant == segprop_core::LwVariant::LocalHeads {
+        let head = trainer.fresh_local_head();
+        trainer.model.head = match trainer.shards.as_mut() {
+            Some(shards) => shards.replace_head(head),
+            None => head,
+        };
+        trainer.head_optimizer = None;
+    }
+    let exit = trainer
+        .spec
+        .lw
+        .final_head
+        .clone()
+        .unwrap_or_else(|| trainer.spec.lw.exit.clone());
+    trainer.train_stage(entry, &exit, observer)
 }
 
 /// Bit-exact copy of every parameter value, by parameter id (tests compare before/after).

@@ -175,7 +175,13 @@ impl<B: burn::tensor::backend::AutodiffBackend> Trainer<B> {
                 if at.step % self.spec.eval.every_steps == 0 {
                     let eval_loss = runner.evaluate(self, route)?;
                     at.last_eval = Some((at.step, eval_loss));
-                    self.emit_eval(observer, entry, at.step, eval_loss);
+                    self.emit_eval(
+                        observer,
+                        entry,
+                        at.step,
+                        eval_loss,
+                        wall_before + started.elapsed().as_secs_f64(),
+                    );
                     if keep_best && best.as_ref().is_none_or(|(_, b, _)| eval_loss < *b) {
                         best = Some((at.step, eval_loss, self.model.clone()));
                     }
@@ -208,7 +214,7 @@ impl<B: burn::tensor::backend::AutodiffBackend> Trainer<B> {
             Some((at, loss)) if at == step => loss,
             _ => {
                 let loss = runner.evaluate(self, route)?;
-                self.emit_eval(observer, entry, step, loss);
+                self.emit_eval(observer, entry, step, loss, wall_s);
                 loss
             }
         };
@@ -252,7 +258,11 @@ impl<B: burn::tensor::backend::AutodiffBackend> Trainer<B> {
             training_peak_bytes: alloc::stage_training_peak_bytes().map(|b| b as u64),
             snapshots: self.cache.as_ref().map(|c| c.stats()),
             sharding,
+            tasks: Vec::new(),
         };
+        // Scored after the stage's time and memory are taken: neither counts the scoring.
+        let mut record = record;
+        record.tasks = crate::tasks::score(self, route)?;
         observer.on_event(&TrainEvent::StageFinished(Box::new(record.clone())));
         Ok(record)
     }
@@ -263,6 +273,7 @@ impl<B: burn::tensor::backend::AutodiffBackend> Trainer<B> {
         entry: &StagePlanEntry,
         step: u64,
         eval_loss: f64,
+        stage_wall_s: f64,
     ) {
         observer.on_event(&TrainEvent::Eval(EvalRecord {
             stage: entry.name.clone(),
@@ -271,6 +282,7 @@ impl<B: burn::tensor::backend::AutodiffBackend> Trainer<B> {
             global_step: self.global_step,
             eval_loss,
             eval_ppl: eval_loss.exp(),
+            stage_wall_s,
         }));
     }
 }

@@ -29,6 +29,7 @@ impl TaskError {
                 e,
                 TrainError::Spec(_)
                     | TrainError::Corpus { .. }
+                    | TrainError::Task(_)
                     | TrainError::Checkpoint(_)
                     | TrainError::NonFiniteLoss { .. }
                     | TrainError::State { .. }

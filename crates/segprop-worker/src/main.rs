@@ -66,6 +66,20 @@ enum Command {
     },
     /// Check a job spec and print its stage plan.
     Validate { job: PathBuf },
+    /// Write multiple-choice tasks (`ending.jsonl`, `cloze.jsonl`) from the held-out text of a
+    /// job's corpus, for the job's `eval.tasks`.
+    Tasks {
+        job: PathBuf,
+        /// Directory the task files are written to (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+        /// Examples per task (fewer when the held-out text has fewer usable lines).
+        #[arg(long, default_value_t = 500)]
+        examples: usize,
+        /// Seed of the choice of lines and of the distractors.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// Register with a coordinator and run the tasks it assigns, until SIGTERM.
     Serve {
         /// Coordinator URL.
@@ -243,6 +257,34 @@ fn run(cli: Cli, runtime: &tokio::runtime::Runtime) -> ExitCode {
                 }
             }
         }
+        Command::Tasks {
+            job,
+            out,
+            examples,
+            seed,
+        } => {
+            let spec = match segprop_core::JobSpec::from_file_before_tasks(&job) {
+                Ok(spec) => spec,
+                Err(err) => {
+                    eprintln!("error: {err}");
+                    return ExitCode::from(2);
+                }
+            };
+            match segprop_train::tasks::generate::write_tasks(
+                &spec.data, spec.seed, &out, examples, seed,
+            ) {
+                Ok(written) => {
+                    for (path, n) in written {
+                        println!("{}: {n} examples", path.display());
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(err) => {
+                    eprintln!("error: {err}");
+                    ExitCode::from(2)
+                }
+            }
+        }
         Command::Validate { job } => {
             match load_spec(Some(&job)).and_then(|s| s.resolve_model_config().map(|c| (s, c))) {
                 Ok((spec, config)) => {
@@ -286,6 +328,7 @@ fn run(cli: Cli, runtime: &tokio::runtime::Runtime) -> ExitCode {
                 Err(
                     err @ (TrainError::Spec(_)
                     | TrainError::Corpus { .. }
+                    | TrainError::Task(_)
                     | TrainError::Checkpoint(_)
                     | TrainError::Resume { .. }),
                 ) => {

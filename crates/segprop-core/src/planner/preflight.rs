@@ -52,7 +52,10 @@ pub struct StageFit {
 pub fn stage_workload(spec: &JobSpec, kind: &StageKind, num_layers: usize) -> Workload {
     let offload = spec.sharding.offload == Offload::Cpu;
     let ac = spec.activation_checkpointing;
-    let r = spec.segprop.head_layers;
+    let r = match spec.regime {
+        Regime::Lw => spec.lw.head_layers(),
+        _ => spec.segprop.head_layers,
+    };
     let base =
         |name: String, trained_blocks, trained_embedding, frozen_blocks, held_blocks| Workload {
             name,
@@ -103,6 +106,16 @@ pub fn stage_workload(spec: &JobSpec, kind: &StageKind, num_layers: usize) -> Wo
             block,
             num_layers.saturating_sub(block + 1),
         ),
+        // The same with the model's LM head on top; the prefix is never the embedding alone.
+        StageKind::LwGlobal { block } => base(
+            format!("lw-block-{block}"),
+            1,
+            false,
+            block,
+            num_layers.saturating_sub(block + 1),
+        ),
+        // The LM head alone on the whole frozen network.
+        StageKind::LwHead => base("lw-head".into(), 0, false, num_layers, 0),
     }
 }
 

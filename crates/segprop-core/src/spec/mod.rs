@@ -16,6 +16,7 @@ mod model;
 mod optim;
 mod regime;
 mod resources;
+mod tasks;
 #[cfg(test)]
 mod tests;
 
@@ -26,6 +27,7 @@ pub use model::*;
 pub use optim::*;
 pub use regime::*;
 pub use resources::*;
+pub use tasks::*;
 
 /// A complete training job.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -92,12 +94,26 @@ impl JobSpec {
     /// Parses and validates a spec read from `path`. Relative data and checkpoint paths are
     /// resolved against the spec's directory.
     pub fn from_file(path: &Path) -> Result<Self, SpecError> {
+        Self::read_file(path, true)
+    }
+
+    /// [`JobSpec::from_file`] without reading `eval.tasks`' files (the command that writes
+    /// them reads the spec before they exist).
+    pub fn from_file_before_tasks(path: &Path) -> Result<Self, SpecError> {
+        Self::read_file(path, false)
+    }
+
+    fn read_file(path: &Path, check_tasks: bool) -> Result<Self, SpecError> {
         let text = std::fs::read_to_string(path).map_err(|e| SpecError::io(path, &e))?;
         let source = path.display().to_string();
         let mut spec = Self::from_yaml_str(&text, &source)?;
         let base = path.parent().unwrap_or(Path::new("."));
         spec.resolve_paths(base);
-        spec.check_files().map_err(|e| {
+        let checked = match check_tasks {
+            true => spec.check_files(),
+            false => spec.check_files_before_tasks(),
+        };
+        checked.map_err(|e| {
             let line = locate_field(&text, e.field().unwrap_or_default());
             e.with_source(&source, line)
         })?;
@@ -135,6 +151,11 @@ impl JobSpec {
         {
             from.hf_dir = base.join(&from.hf_dir);
         }
+        for task in &mut self.eval.tasks {
+            if Path::new(&task.path).is_relative() {
+                task.path = base.join(&task.path).display().to_string();
+            }
+        }
     }
 
     /// Sequences per forward/backward pass of `stage`: `data.micro_batch` for it, at most
@@ -148,8 +169,17 @@ impl JobSpec {
             .map_or(batch, |m| m.min(batch))
     }
 
-    /// Checks that every file the spec names exists.
+    /// Checks that every file the spec names exists, and that `eval.tasks`' files hold examples.
     pub fn check_files(&self) -> Result<(), SpecError> {
+        self.check_files_before_tasks()?;
+        for (i, task) in self.eval.tasks.iter().enumerate() {
+            read_task_file(Path::new(&task.path))
+                .map_err(|e| SpecError::invalid(format!("eval.tasks[{i}].path"), e))?;
+        }
+        Ok(())
+    }
+
+    fn check_files_before_tasks(&self) -> Result<(), SpecError> {
         if !self.data.corpus.starts_with("builtin:") && !Path::new(&self.data.corpus).is_file() {
             return Err(SpecError::invalid(
                 "data.corpus",

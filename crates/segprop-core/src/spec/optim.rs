@@ -113,6 +113,9 @@ pub struct EvalSpec {
     /// to the next stage and exports.
     #[serde(default)]
     pub keep_best: bool,
+    /// Multiple-choice tasks scored after every stage and on the exported model.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tasks: Vec<super::TaskSpec>,
 }
 
 fn default_eval_every() -> u64 {
@@ -125,6 +128,7 @@ impl Default for EvalSpec {
             every_steps: default_eval_every(),
             max_batches: 0,
             keep_best: false,
+            tasks: Vec::new(),
         }
     }
 }

@@ -185,12 +185,51 @@ impl Default for SegPropSpec {
     }
 }
 
+/// Which layer-wise baseline `regime: lw` runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum LwVariant {
+    /// Every block in turn from the embedding, each with its own freshly initialised local LM
+    /// head (the last block's head becomes the model's).
+    #[default]
+    LocalHeads,
+    /// The ICLR paper's "w/o LL": SegProp's stage 1 (embed, blocks `0..p` and LL(r)), then every
+    /// later block `p..n` in turn with the model's own LM head on top and no decoder blocks
+    /// between them; the LM head keeps training (and its optimizer state) across blocks.
+    BasePrefix,
+}
+
+impl std::fmt::Display for LwVariant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            LwVariant::LocalHeads => "local_heads",
+            LwVariant::BasePrefix => "base_prefix",
+        })
+    }
+}
+
 /// Layer-wise baseline: every block is one stage with this exit criterion.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LwSpec {
+    #[serde(default)]
+    pub variant: LwVariant,
+    /// `base_prefix`: p, the blocks stage 1 trains (default 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_depth: Option<usize>,
+    /// `base_prefix`: r, the decoder blocks of stage 1's head LL(r) (default 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_layers: Option<usize>,
+    /// `base_prefix`: when stage 1 stops (default 100 steps).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage1: Option<ExitSpec>,
+    /// When each block's stage stops.
     #[serde(default = "default_stage_exit")]
     pub exit: ExitSpec,
+    /// A last stage that trains the LM head alone on the frozen network (the TMLR paper's `fc`
+    /// stage, appendix B.2.3); with `local_heads` the head starts from a fresh initialisation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_head: Option<ExitSpec>,
     /// Cache the frozen prefix's outputs, as SegProp does (keeps the comparison fair).
     #[serde(default = "default_true")]
     pub snapcheck: bool,
@@ -198,10 +237,30 @@ pub struct LwSpec {
     pub snapcheck_memory_bytes: u64,
 }
 
+impl LwSpec {
+    /// `base_prefix`'s p.
+    pub fn base_depth(&self) -> usize {
+        self.base_depth.unwrap_or(default_base_depth())
+    }
+    /// `base_prefix`'s r (stage 1 only).
+    pub fn head_layers(&self) -> usize {
+        self.head_layers.unwrap_or(default_head_layers())
+    }
+    /// `base_prefix`'s stage-1 exit.
+    pub fn stage1_exit(&self) -> ExitSpec {
+        self.stage1.clone().unwrap_or_else(default_stage_exit)
+    }
+}
+
 impl Default for LwSpec {
     fn default() -> Self {
         Self {
+            variant: LwVariant::default(),
+            base_depth: None,
+            head_layers: None,
+            stage1: None,
             exit: default_stage_exit(),
+            final_head: None,
             snapcheck: true,
             snapcheck_memory_bytes: default_snapcheck_budget(),
         }

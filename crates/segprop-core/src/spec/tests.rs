@@ -192,3 +192,89 @@ fn keep_best_is_refused_for_sharded_stages_and_accepted_otherwise() {
         "{err}"
     );
 }
+
+#[test]
+fn tasks_are_checked_by_name_sharding_and_file() {
+    let with = |tasks: &str, extra: &str| {
+        let text = format!("{TINY}eval: {{ tasks: [{tasks}] }}\n{extra}");
+        JobSpec::from_yaml_str(&text, "job.yaml").map_err(|e| e.to_string())
+    };
+    let spec = with(
+        "{ path: a/ending.jsonl }, { path: b/ending.jsonl, name: b }",
+        "",
+    )
+    .unwrap();
+    assert_eq!(spec.eval.tasks[0].display_name(), "ending");
+    let err = with("{ path: a/ending.jsonl }, { path: b/ending.jsonl }", "").unwrap_err();
+    assert!(
+        err.contains("eval.tasks[1].name") && err.contains("`ending`"),
+        "{err}"
+    );
+    let err = with("{ path: a.jsonl }", "sharding: { strategy: full_shard }\n").unwrap_err();
+    assert!(
+        err.contains("eval.tasks") && err.contains("full_shard"),
+        "{err}"
+    );
+    let err = with("{ path: a.jsonl, shots: -1 }", "").unwrap_err();
+    assert!(err.contains("shots"), "{err}");
+
+    // Read from a file: the task file is read, relative to the job, and a bad line is named.
+    let dir = std::env::temp_dir().join(format!("segprop-spec-tasks-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("tasks")).unwrap();
+    let job = dir.join("job.yaml");
+    std::fs::write(
+        &job,
+        format!("{TINY}eval: {{ tasks: [{{ path: tasks/t.jsonl }}] }}\n"),
+    )
+    .unwrap();
+    let err = JobSpec::from_file(&job).unwrap_err().to_string();
+    assert!(
+        err.contains("eval.tasks[0].path") && err.contains("t.jsonl"),
+        "{err}"
+    );
+    // The command that writes the tasks reads the spec without them.
+    assert!(JobSpec::from_file_before_tasks(&job).is_ok());
+    std::fs::write(
+        dir.join("tasks/t.jsonl"),
+        "{\"context\":\"a\",\"choices\":[\" b\",\" c\"],\"gold\":0}\n{\"context\":\"\",\"choices\":[\" b\",\" c\"],\"gold\":0}\n",
+    )
+    .unwrap();
+    let err = JobSpec::from_file(&job).unwrap_err().to_string();
+    assert!(
+        err.contains("line 2") && err.contains("context is empty"),
+        "{err}"
+    );
+    std::fs::write(
+        dir.join("tasks/t.jsonl"),
+        "{\"context\":\"a\",\"choices\":[\" b\",\" c\"],\"gold\":0}\n",
+    )
+    .unwrap();
+    let spec = JobSpec::from_file(&job).unwrap();
+    assert!(spec.eval.tasks[0].path.ends_with("tasks/t.jsonl"));
+    assert!(std::path::Path::new(&spec.eval.tasks[0].path).is_absolute());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn layer_wise_variants_are_validated() {
+    let with = |lw: &str| {
+        let text = TINY.replace("regime: segprop", "regime: lw") + &format!("lw: {lw}\n");
+        JobSpec::from_yaml_str(&text, "job.yaml").map_err(|e| e.to_string())
+    };
+    assert!(with("{ variant: base_prefix, base_depth: 1, final_head: { max_steps: 3 } }").is_ok());
+    let err = with("{ variant: base_prefix, base_depth: 0 }").unwrap_err();
+    assert!(err.contains("lw.base_depth"), "{err}");
+    let err = with("{ stage1: { max_steps: 3 } }").unwrap_err();
+    assert!(
+        err.contains("lw.stage1") && err.contains("base_prefix"),
+        "{err}"
+    );
+    let err = with("{ final_head: { max_steps: 0 } }").unwrap_err();
+    assert!(err.contains("lw.final_head"), "{err}");
+    // p + r beyond the model's 8 blocks: refused against its shape.
+    let err = with("{ variant: base_prefix, base_depth: 7, head_layers: 2 }").unwrap_err();
+    assert!(
+        err.contains("lw.base_depth") && err.contains("8 layers"),
+        "{err}"
+    );
+}
