@@ -11,10 +11,12 @@ pub mod auth;
 pub mod client;
 pub mod config;
 pub mod convert;
+pub mod local;
 pub mod metrics;
 pub mod plan;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod sweep;
 
 pub use config::CoordConfig;

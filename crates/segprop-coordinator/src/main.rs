@@ -5,7 +5,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use segprop_coordinator::client::{self, Connect};
@@ -131,6 +130,29 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run a grid of jobs (regimes x p x r x k x seeds over one base spec, sweep.yaml) through
+    /// the coordinator, then write results.csv, results.md and SVG plots into --out.
+    Sweep {
+        sweep: PathBuf,
+        /// Directory of the results (and each job's fetched summary and metrics).
+        #[arg(long, default_value = "runs/sweep")]
+        out: PathBuf,
+        /// Jobs in flight at once (1: each job's wall time is its own).
+        #[arg(long, default_value_t = 1)]
+        parallel: usize,
+        /// Start a coordinator and one local CPU worker for the sweep (state under
+        /// <out>/cluster) instead of connecting to --coordinator.
+        #[arg(long)]
+        local: bool,
+        /// Print the grid's jobs and exit.
+        #[arg(long)]
+        dry_run: bool,
+        /// Run nothing: write the report again from the results a sweep left in --out.
+        #[arg(long, conflicts_with = "local")]
+        report_only: bool,
+        #[command(flatten)]
+        connect: ConnectArgs,
+    },
     /// Start a coordinator, one local CPU worker and a local store, run the demo job (or --job)
     /// to the end, and print where the model and the loss plot are.
     Demo {
@@ -192,7 +214,7 @@ fn main() -> ExitCode {
     // The server logs at info; client commands and the demo keep the terminal for progress.
     let (default_level, service) = match cli.command {
         Command::Serve { .. } => ("info", "segprop-coordinator"),
-        Command::Demo { .. } => ("warn", "segprop-demo"),
+        Command::Demo { .. } | Command::Sweep { .. } => ("warn", "segprop-demo"),
         _ => ("warn", "segprop-cli"),
     };
     // Logs on stderr; spans over OTLP when OTEL_EXPORTER_OTLP_ENDPOINT is set.
@@ -318,6 +340,23 @@ async fn run(command: Command) -> Result<(), Failure> {
             connect: args,
         } => fetch(&connect(&args)?, &job_id, &out).await,
         Command::Demo { dir, job, quiet } => demo(&dir, job.as_deref(), quiet).await,
+        Command::Sweep {
+            sweep,
+            out,
+            parallel,
+            local,
+            dry_run,
+            report_only,
+            connect: args,
+        } => {
+            let mode = match (dry_run, report_only, local) {
+                (true, _, _) => SweepMode::DryRun,
+                (_, true, _) => SweepMode::ReportOnly,
+                (_, _, true) => SweepMode::Local,
+                _ => SweepMode::Connect,
+            };
+            run_sweep(&sweep, &out, parallel, mode, &args).await
+        }
         Command::Plan {
             job,
             model,
@@ -556,10 +595,80 @@ async fn shutdown_signal() {
     }
 }
 
-fn random_token() -> String {
-    let mut bytes = [0u8; 24];
-    let _ = getrandom::fill(&mut bytes);
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+/// What `sweep` does.
+#[derive(PartialEq)]
+enum SweepMode {
+    DryRun,
+    ReportOnly,
+    Local,
+    Connect,
+}
+
+/// Expands the sweep, runs its jobs (on a local cluster with `local`) and writes the report.
+async fn run_sweep(
+    file: &Path,
+    out: &Path,
+    parallel: usize,
+    mode: SweepMode,
+    args: &ConnectArgs,
+) -> Result<(), Failure> {
+    use segprop_coordinator::sweep::{SweepSpec, report, run};
+    let (sweep, base) = SweepSpec::from_file(file).map_err(Failure::input)?;
+    let jobs = sweep
+        .jobs(&base)
+        .map_err(|e| Failure::input(format!("{}: {e}", file.display())))?;
+    if mode == SweepMode::DryRun {
+        for job in &jobs {
+            println!("{}", job.spec.name);
+        }
+        return Ok(());
+    }
+    let outcomes = if mode == SweepMode::ReportOnly {
+        run::collected(&jobs, out)
+    } else {
+        eprintln!("sweep {}: {} jobs", sweep.name, jobs.len());
+        let cluster = match mode {
+            SweepMode::Local => Some(
+                segprop_coordinator::local::LocalCluster::start(
+                    &out.join("cluster"),
+                    "sweep-local-cpu",
+                )
+                .await?,
+            ),
+            _ => None,
+        };
+        let c = match &cluster {
+            Some(cluster) => cluster.connect.clone(),
+            None => connect(args)?,
+        };
+        let outcomes =
+            run::run_jobs(&c, &jobs, parallel, out, &mut |line| eprintln!("{line}")).await;
+        if let Some(cluster) = cluster {
+            cluster.stop().await?;
+        }
+        outcomes?
+    };
+    let rows: Vec<_> = jobs
+        .iter()
+        .zip(&outcomes)
+        .map(|(job, outcome)| report::job_row(job, outcome))
+        .collect();
+    let files = report::write(out, &sweep.name, &rows)
+        .map_err(|e| Failure::runtime(format!("{}: {e}", out.display())))?;
+    for f in files {
+        println!("{}", f.display());
+    }
+    let failed = rows
+        .iter()
+        .filter(|r| !r.final_eval_loss.is_finite())
+        .count();
+    if failed > 0 {
+        return Err(Failure::runtime(format!(
+            "{failed} of {} jobs have no results (see results.md)",
+            rows.len()
+        )));
+    }
+    Ok(())
 }
 
 /// Coordinator in this process, one `segprop-worker serve` child, the demo job, watched to the end.
@@ -569,64 +678,18 @@ async fn demo(dir: &Path, job: Option<&Path>, quiet: bool) -> Result<(), Failure
         None => JobSpec::from_yaml_str(DEMO_JOB, "<built-in demo job>"),
     }
     .map_err(|e| Failure::input(e.to_string()))?;
-    let worker_bin = std::env::current_exe()
-        .map_err(|e| Failure::runtime(format!("cannot locate this executable: {e}")))?
-        .with_file_name(format!("segprop-worker{}", std::env::consts::EXE_SUFFIX));
-    if !worker_bin.is_file() {
-        return Err(Failure::runtime(format!(
-            "{} not found: build the workspace first (cargo build --release)",
-            worker_bin.display()
-        )));
-    }
-    if dir.exists() {
-        std::fs::remove_dir_all(dir)
-            .map_err(|e| Failure::runtime(format!("cannot empty {}: {e}", dir.display())))?;
-    }
-    std::fs::create_dir_all(dir)
-        .map_err(|e| Failure::runtime(format!("cannot create {}: {e}", dir.display())))?;
-    let dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
-    let token = random_token();
-    let config = CoordConfig {
-        listen: "127.0.0.1:0".parse().expect("valid address"),
-        state_dir: dir.join("state"),
-        artifact_root: dir.join("artifacts"),
-        token: Some(token.clone()),
-        heartbeat_interval_ms: 500,
-        lease_ms: 5000,
-        ..CoordConfig::default()
-    };
-    let running = server::start(config).await?;
-    let url = format!("http://{}", running.addr);
+    let cluster = segprop_coordinator::local::LocalCluster::start(dir, "demo-local-cpu").await?;
     eprintln!(
-        "coordinator: {url} (state in {})",
+        "coordinator: {} (state in {})",
+        cluster.connect.url,
         dir.join("state").display()
     );
-
-    let log_path = dir.join("worker.log");
-    let log = std::fs::File::create(&log_path)
-        .map_err(|e| Failure::runtime(format!("{}: {e}", log_path.display())))?;
-    let log_err = log
-        .try_clone()
-        .map_err(|e| Failure::runtime(format!("{}: {e}", log_path.display())))?;
-    let mut worker = tokio::process::Command::new(&worker_bin)
-        .args(["serve", "--coordinator", &url, "--name", "demo-local-cpu"])
-        .env("SEGPROP_TOKEN", &token)
-        .stdout(log)
-        .stderr(log_err)
-        .kill_on_drop(true)
-        .spawn()
-        .map_err(|e| Failure::runtime(format!("cannot start {}: {e}", worker_bin.display())))?;
     eprintln!(
         "worker: {} (log: {})",
-        worker_bin.display(),
-        log_path.display()
+        cluster.worker_bin.display(),
+        cluster.worker_log.display()
     );
-
-    let connect = Connect {
-        url,
-        token,
-        tls_ca: None,
-    };
+    let connect = cluster.connect.clone();
     let outcome = async {
         let mut client = client::job_client(&connect).await?;
         let created = submit(&mut client, &spec, "demo job").await?;
@@ -639,19 +702,7 @@ async fn demo(dir: &Path, job: Option<&Path>, quiet: bool) -> Result<(), Failure
     }
     .await;
 
-    // Graceful stop: SIGTERM lets the worker finish its report and exit.
-    if let Some(pid) = worker.id() {
-        let _ = std::process::Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status();
-        if tokio::time::timeout(Duration::from_secs(10), worker.wait())
-            .await
-            .is_err()
-        {
-            let _ = worker.kill().await;
-        }
-    }
-    running.stop().await?;
+    cluster.stop().await?;
     let job = outcome?;
     let run_dir = PathBuf::from(&job.run_dir);
     println!();

@@ -284,6 +284,9 @@ impl Coordinator {
         let model = spec
             .resolve_model_config()
             .map_err(|e| CoordError::Spec(e.to_string()))?;
+        // Depths that do not fit the model (p + r beyond its blocks) have no stage plan.
+        spec.validate_against_model(&model)
+            .map_err(|e| CoordError::Spec(e.with_source(source, None).to_string()))?;
         let plan = StagePlan::new(&spec, model.num_layers);
         let now = now_ms();
         let mut inner = self.lock();
