@@ -120,15 +120,8 @@ impl Route {
         adapter: &A,
         rope: &RopeTables<B>,
     ) -> Tensor<B, 3> {
-        let (trained, head_blocks) = self.blocks();
-        let depth = trained.end;
-        let x = model.forward_blocks(x, trained, rope);
-        let x = match self {
-            Route::Stage1 { .. } | Route::Segment { .. } => adapter.forward(x, depth),
-            Route::Full { .. } | Route::LwBlock { .. } => x,
-        };
-        let x = model.forward_blocks(x, head_blocks, rope);
-        model.head.forward(x)
+        let (trained, _) = self.blocks();
+        self.run(model, x, trained, adapter, rope)
     }
 
     /// Runs the network the route describes as one model, from the embedding: the prefix
@@ -145,9 +138,22 @@ impl Route {
         adapter: &A,
         rope: &RopeTables<B>,
     ) -> Tensor<B, 3> {
-        let (trained, head_blocks) = self.blocks();
-        let depth = trained.end;
-        let x = model.forward_blocks(x, 0..depth, rope);
+        let (trained, _) = self.blocks();
+        self.run(model, x, 0..trained.end, adapter, rope)
+    }
+
+    /// `before` blocks, the adapter (SegProp routes), LL(r)'s blocks and the head.
+    fn run<B: Backend, A: Adapter>(
+        &self,
+        model: &Llama<B>,
+        x: Tensor<B, 3>,
+        before: Range<usize>,
+        adapter: &A,
+        rope: &RopeTables<B>,
+    ) -> Tensor<B, 3> {
+        let (_, head_blocks) = self.blocks();
+        let depth = before.end;
+        let x = model.forward_blocks(x, before, rope);
         let x = match self {
             Route::Stage1 { .. } | Route::Segment { .. } => adapter.forward(x, depth),
             Route::Full { .. } | Route::LwBlock { .. } => x,

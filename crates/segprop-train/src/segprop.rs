@@ -93,10 +93,7 @@ pub fn run_next_stage<B: AutodiffBackend>(
         }
         StageKind::Segment { start, end } => {
             // A stage resumed mid-way already took its baseline or reset its head.
-            let resuming = trainer
-                .resume
-                .as_ref()
-                .is_some_and(|r| r.progress.stage_index == entry.index);
+            let resuming = resuming(trainer, &entry);
             if trainer.spec.segprop.head_policy == HeadPolicy::Reset
                 && !resuming
                 && let Some(shards) = trainer.shards.as_mut()
@@ -282,23 +279,28 @@ pub fn lw_block<B: AutodiffBackend>(
     block: usize,
     observer: &mut dyn TrainObserver,
 ) -> Result<StageRecord, TrainError> {
-    debug_assert_eq!(trainer.spec.regime, Regime::Lw);
-    let resuming = trainer
+    if !resuming(trainer, entry) {
+        install_fresh_head(trainer);
+    }
+    lw_global(trainer, entry, block, observer)
+}
+
+/// Whether the trainer resumes `entry` mid-way (it already set the stage's head up).
+fn resuming<B: AutodiffBackend>(trainer: &Trainer<B>, entry: &StagePlanEntry) -> bool {
+    trainer
         .resume
         .as_ref()
-        .is_some_and(|r| r.progress.stage_index == entry.index);
-    if !resuming {
-        let head = trainer.fresh_local_head();
-        trainer.model.head = match trainer.shards.as_mut() {
-            Some(shards) => shards.replace_head(head),
-            None => head,
-        };
-    }
-    let exit = trainer.spec.lw.exit.clone();
-    let record = trainer.train_stage(entry, &exit, observer)?;
-    trainer.committed_depth = block + 1;
-    advance_snapshots(trainer, block, block + 1)?;
-    Ok(record)
+        .is_some_and(|r| r.progress.stage_index == entry.index)
+}
+
+/// Replaces the model's LM head (this rank's shards of it in a sharded trainer) with a fresh
+/// local head.
+fn install_fresh_head<B: AutodiffBackend>(trainer: &mut Trainer<B>) {
+    let head = trainer.fresh_local_head();
+    trainer.model.head = match trainer.shards.as_mut() {
+        Some(shards) => shards.replace_head(head),
+        None => head,
+    };
 }
 
 /// Layer-wise with a base prefix (the ICLR paper's "w/o LL"), block `i >= p`: the block trains
@@ -328,16 +330,8 @@ pub fn lw_head<B: AutodiffBackend>(
     observer: &mut dyn TrainObserver,
 ) -> Result<StageRecord, TrainError> {
     debug_assert_eq!(trainer.spec.regime, Regime::Lw);
-    let resuming = trainer
-        .resume
-        .as_ref()
-        .is_some_and(|r| r.progress.stage_index == entry.index);
-    if !resuming && trainer.spec.lw.variant == segprop_core::LwVariant::LocalHeads {
-        let head = trainer.fresh_local_head();
-        trainer.model.head = match trainer.shards.as_mut() {
-            Some(shards) => shards.replace_head(head),
-            None => head,
-        };
+    if !resuming(trainer, entry) && trainer.spec.lw.variant == segprop_core::LwVariant::LocalHeads {
+        install_fresh_head(trainer);
         trainer.head_optimizer = None;
     }
     let exit = trainer
