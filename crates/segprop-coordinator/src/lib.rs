@@ -1,7 +1,8 @@
 //! segprop-coordinator: the control plane's brain and the `segprop-coord` CLI.
 //!
 //! - [`service::Coordinator`] owns jobs, tasks and leases (decided by the pure
-//!   [`segprop_core::sched`]), persists them in redb ([`store`]) and serves `JobService` and
+//!   [`segprop_core::sched`]), persists them in redb ([`store`], committed by one
+//!   thread outside the state lock: [`writer`]) and serves `JobService` and
 //!   `ClusterService` ([`server`]) behind bearer-token auth ([`auth`]).
 //! - [`client`] is what the CLI uses: connect, submit, watch with progress bars.
 //!
@@ -18,5 +19,6 @@ pub mod server;
 pub mod service;
 pub mod store;
 pub mod sweep;
+pub mod writer;
 
 pub use config::CoordConfig;

@@ -116,7 +116,7 @@ pub async fn start(config: CoordConfig) -> anyhow::Result<Running> {
         let mut interval = tokio::time::interval(tick_every);
         loop {
             interval.tick().await;
-            if let Err(e) = tick_coordinator.tick() {
+            if let Err(e) = tick_coordinator.tick().await {
                 tracing::error!(error = %e, "coordinator tick failed");
             }
         }

@@ -3,7 +3,9 @@
 //!
 //! All decisions are made by the pure functions of [`segprop_core::sched`] under one lock; this
 //! module adds the clock, persistence (every transition is written to the state store before the
-//! RPC returns), worker bookkeeping, progress fan-out to watchers, and the wire conversions.
+//! RPC returns, by [`crate::writer`] after the lock is released: nothing slow runs under the
+//! lock, neither the durable commit nor the submit pre-flight's corpus reads), worker
+//! bookkeeping, progress fan-out to watchers, and the wire conversions.
 //!
 //! Workers pull: an idle worker's heartbeat waits (long-polls) up to one heartbeat interval for
 //! a task to become ready, so a new task reaches a worker within milliseconds, not a heartbeat.
@@ -26,7 +28,8 @@ use crate::config::CoordConfig;
 use crate::convert;
 pub use crate::metrics::Counters;
 use crate::metrics::WorkerInfo;
-use crate::store::{StateStore, StoreError};
+use crate::store::StateStore;
+use crate::writer::{JobEventMessage, Ticket, Writer};
 
 mod api;
 mod error;
@@ -34,6 +37,9 @@ mod gc;
 mod rendezvous;
 mod reports;
 mod workers;
+
+#[cfg(test)]
+mod tests;
 
 pub use api::Api;
 pub use error::CoordError;
@@ -66,7 +72,8 @@ struct Inner {
 
 pub struct Coordinator {
     inner: Mutex<Inner>,
-    store: StateStore,
+    /// Commits transitions to the state store, in order, outside the lock.
+    writer: Writer,
     /// The SnapCheck snapshot store (served to workers, garbage-collected here).
     snapshots: segprop_store::Store,
     /// The artifact store (stage states, checkpoints, metrics, models), served to workers.
@@ -75,7 +82,7 @@ pub struct Coordinator {
     sched: SchedConfig,
     /// Distinguishes this process's worker ids from those of an earlier run.
     boot: String,
-    events: broadcast::Sender<Arc<(String, pb::JobEvent)>>,
+    events: broadcast::Sender<JobEventMessage>,
     ready: Notify,
     /// Wakes ranks waiting in `rendezvous` when a rank 0 publishes.
     published: Notify,
@@ -91,11 +98,6 @@ pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
-}
-
-fn internal(err: StoreError) -> CoordError {
-    tracing::error!(error = %err, "state store write failed");
-    CoordError::Persist(err)
 }
 
 impl Coordinator {
@@ -119,6 +121,7 @@ impl Coordinator {
         let mut boot = [0u8; 3];
         let _ = getrandom::fill(&mut boot);
         let (events, _) = broadcast::channel(4096);
+        let writer = Writer::start(store, events.clone());
         Ok(Arc::new(Self {
             inner: Mutex::new(Inner {
                 done: jobs.iter().filter(|j| j.is_terminal()).cloned().collect(),
@@ -129,7 +132,7 @@ impl Coordinator {
                 progress: HashMap::new(),
                 rendezvous: HashMap::new(),
             }),
-            store,
+            writer,
             snapshots,
             artifacts,
             sched: config.sched(),
@@ -192,17 +195,36 @@ impl Coordinator {
         self.counters.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn persist(&self, inner: &Inner, ids: &[&str]) -> Result<(), CoordError> {
-        let jobs: Vec<&Job> = inner
+    /// Queues the jobs `ids` for a durable commit, with their new state for watchers (sent
+    /// once committed). Called under the lock; the caller waits for the ticket after releasing
+    /// it, before replying.
+    fn commit(&self, inner: &Inner, ids: &[&str]) -> Result<Ticket, CoordError> {
+        if ids.is_empty() {
+            return Ok(self.writer.nothing());
+        }
+        let mut documents = Vec::new();
+        let mut events = Vec::new();
+        for job in inner
             .jobs
             .iter()
             .chain(&inner.done)
             .filter(|j| ids.contains(&j.id.as_str()))
-            .collect();
-        self.store.save(&jobs, inner.next_seq).map_err(internal)
+        {
+            let document = crate::store::encode(job)
+                .map_err(|e| CoordError::Internal(format!("cannot encode job {}: {e}", job.id)))?;
+            documents.push((job.id.clone(), document));
+            events.push(self.job_event(inner, job));
+        }
+        Ok(self.writer.queue(documents, inner.next_seq, events))
     }
 
-    fn publish(&self, inner: &Inner, job: &Job) {
+    /// Waits for a transition's commit (outside the lock).
+    async fn durable(&self, ticket: Ticket) -> Result<(), CoordError> {
+        ticket.wait().await.map_err(CoordError::Persist)
+    }
+
+    /// A job's state as watchers see it.
+    fn job_event(&self, inner: &Inner, job: &Job) -> JobEventMessage {
         let event = pb::JobEvent {
             event: Some(pb::job_event::Event::Job(convert::job(
                 job,
@@ -210,18 +232,12 @@ impl Coordinator {
                 &self.config,
             ))),
         };
-        let _ = self.events.send(Arc::new((job.id.clone(), event)));
+        Arc::new((job.id.clone(), event))
     }
 
-    fn publish_changed(&self, inner: &Inner, ids: &[String]) {
-        for job in inner
-            .jobs
-            .iter()
-            .chain(&inner.done)
-            .filter(|j| ids.contains(&j.id))
-        {
-            self.publish(inner, job);
-        }
+    /// Tells watchers a job's state that is already durable (nothing changed).
+    fn publish(&self, inner: &Inner, job: &Job) {
+        let _ = self.events.send(self.job_event(inner, job));
     }
 
     /// Wakes up to `n` long-polling idle workers (one per task that became assignable).
@@ -232,24 +248,26 @@ impl Coordinator {
     }
 
     /// Expires overdue leases and forgets workers that stopped heartbeating. Runs on a timer.
-    pub fn tick(&self) -> Result<(), CoordError> {
+    pub async fn tick(&self) -> Result<(), CoordError> {
+        let (assignable, ticket) = self.tick_locked()?;
+        self.durable(ticket).await?;
+        self.wake(assignable);
+        Ok(())
+    }
+
+    fn tick_locked(&self) -> Result<(usize, Ticket), CoordError> {
         let now = now_ms();
         let mut inner = self.lock();
         let transitions = sched::expire_leases(&mut inner.jobs, now, &self.sched);
-        let changed = changed_jobs(&transitions);
-        if !changed.is_empty() {
-            for t in &transitions {
-                tracing::warn!(?t, "lease expired");
-            }
-            let ids: Vec<&str> = changed.iter().map(String::as_str).collect();
-            self.persist(&inner, &ids)?;
-            self.publish_changed(&inner, &changed);
+        let mut changed = changed_jobs(&transitions);
+        for t in &transitions {
+            tracing::warn!(?t, "lease expired");
         }
-        let collected = self.collect_snapshots(&mut inner);
-        if !collected.is_empty() {
-            let ids: Vec<&str> = collected.iter().map(String::as_str).collect();
-            self.persist(&inner, &ids)?;
-        }
+        changed.extend(self.collect_snapshots(&mut inner));
+        changed.sort();
+        changed.dedup();
+        let ids: Vec<&str> = changed.iter().map(String::as_str).collect();
+        let ticket = self.commit(&inner, &ids)?;
         let timeout = 2 * self.config.lease_ms;
         inner.workers.retain(|id, w| {
             let alive = now.saturating_sub(w.last_seen) <= timeout;
@@ -265,13 +283,12 @@ impl Coordinator {
             .filter(|t| t.status == TaskStatus::Ready && t.not_before <= now)
             .count();
         retire(&mut inner);
-        drop(inner);
-        self.wake(assignable);
-        Ok(())
+        Ok((assignable, ticket))
     }
 
-    /// Validates and creates a job.
-    pub fn submit(&self, spec_yaml: &str, source_name: &str) -> Result<pb::Job, CoordError> {
+    /// Validates and creates a job. The job is durable before anyone can see it: it enters
+    /// the scheduler's list only once its commit returns.
+    pub async fn submit(&self, spec_yaml: &str, source_name: &str) -> Result<pb::Job, CoordError> {
         let source = if source_name.is_empty() {
             "job spec"
         } else {
@@ -288,9 +305,10 @@ impl Coordinator {
         spec.validate_against_model(&model)
             .map_err(|e| CoordError::Spec(e.with_source(source, None).to_string()))?;
         let plan = StagePlan::new(&spec, model.num_layers);
-        let now = now_ms();
-        let mut inner = self.lock();
-        let decided = preflight(&mut spec, &model, &plan, &inner.workers)?;
+        // The pre-flight reads the corpus (batch_size: auto): against a copy of the workers,
+        // outside the lock.
+        let workers: Vec<Worker> = self.lock().workers.values().cloned().collect();
+        let decided = preflight(&mut spec, &model, &plan, &workers)?;
         // A resolved `auto` is stored in the spec the workers receive.
         let spec_yaml = match &decided {
             Some(_) => serde_yaml::to_string(&spec).map_err(|e| {
@@ -298,105 +316,142 @@ impl Coordinator {
             })?,
             None => spec_yaml.to_string(),
         };
-        let seq = inner.next_seq;
-        let id = format!("j{seq}-{}", slug(&spec.name));
+        let now = now_ms();
         let backend = spec.resources.backend;
-        // SnapCheck on a cluster: shards per snapshot depth, one per live worker by default.
-        let fanout =
-            (spec.regime == segprop_core::Regime::Segprop && spec.segprop.snapcheck).then(|| {
-                let live = inner
-                    .workers
-                    .values()
-                    .filter(|w| w.backend == backend)
-                    .count();
-                sched::SnapshotFanout {
-                    shards: match spec.segprop.snapshot_shards {
-                        0 => u32::try_from(live.clamp(1, 16)).unwrap_or(1),
-                        n => n,
-                    },
-                    overlap: spec.segprop.snapshot_overlap,
-                }
-            });
-        let job = Job::new(
-            NewJob {
-                id: id.clone(),
-                seq,
-                name: spec.name.clone(),
-                regime: spec.regime.to_string(),
-                spec_yaml,
-                backend,
-                devices_per_gang: spec.resources.devices_per_gang as u32,
-                checkpoint_every_steps: spec.checkpoint.every_steps,
-                tasks: sched::plan_tasks(&plan, fanout),
-            },
-            now,
-        );
-        let mut job = job;
-        job.preflight = decided;
-        job.traceparent = segprop_telemetry::trace::traceparent();
-        inner.next_seq += 1;
-        inner.jobs.push(job);
-        if let Err(status) = self.persist(&inner, &[&id]) {
-            inner.jobs.pop();
-            inner.next_seq -= 1;
-            return Err(status);
-        }
-        let job = inner.jobs.last().expect("just pushed");
-        tracing::info!(job = %id, name = %spec.name, regime = %spec.regime, tasks = job.tasks.len(), "job submitted");
-        self.publish(&inner, job);
-        let reply = convert::job(job, &inner.progress, &self.config);
+        let (job, ticket) = {
+            let mut inner = self.lock();
+            let seq = inner.next_seq;
+            let id = format!("j{seq}-{}", slug(&spec.name));
+            // SnapCheck on a cluster: shards per snapshot depth, one per live worker by default.
+            let fanout = (spec.regime == segprop_core::Regime::Segprop && spec.segprop.snapcheck)
+                .then(|| {
+                    let live = inner
+                        .workers
+                        .values()
+                        .filter(|w| w.backend == backend)
+                        .count();
+                    sched::SnapshotFanout {
+                        shards: match spec.segprop.snapshot_shards {
+                            0 => u32::try_from(live.clamp(1, 16)).unwrap_or(1),
+                            n => n,
+                        },
+                        overlap: spec.segprop.snapshot_overlap,
+                    }
+                });
+            let mut job = Job::new(
+                NewJob {
+                    id: id.clone(),
+                    seq,
+                    name: spec.name.clone(),
+                    regime: spec.regime.to_string(),
+                    spec_yaml,
+                    backend,
+                    devices_per_gang: spec.resources.devices_per_gang as u32,
+                    checkpoint_every_steps: spec.checkpoint.every_steps,
+                    tasks: sched::plan_tasks(&plan, fanout),
+                },
+                now,
+            );
+            job.preflight = decided;
+            job.traceparent = segprop_telemetry::trace::traceparent();
+            // The number is taken even if the commit fails: ids are never reused.
+            inner.next_seq += 1;
+            let document = crate::store::encode(&job)
+                .map_err(|e| CoordError::Internal(format!("cannot encode job {id}: {e}")))?;
+            let event = self.job_event(&inner, &job);
+            let ticket = self
+                .writer
+                .queue(vec![(id, document)], inner.next_seq, vec![event]);
+            (job, ticket)
+        };
+        self.durable(ticket).await?;
+        let mut inner = self.lock();
+        tracing::info!(job = %job.id, name = %spec.name, regime = %spec.regime, tasks = job.tasks.len(), "job submitted");
+        let reply = convert::job(&job, &inner.progress, &self.config);
+        // Jobs are scheduled in submission order; commits of concurrent submits may return in
+        // any order.
+        let at = inner.jobs.partition_point(|j| j.seq < job.seq);
+        inner.jobs.insert(at, job);
         drop(inner);
         self.wake(1);
         Ok(reply)
     }
 
-    pub fn get(&self, job_id: &str) -> Result<pb::Job, CoordError> {
-        let inner = self.lock();
-        let job = find(&inner.jobs, job_id).or_else(|_| find(&inner.done, job_id))?;
-        Ok(convert::job(job, &inner.progress, &self.config))
+    /// A job as it is now (replied once every transition it shows is durable).
+    pub async fn get(&self, job_id: &str) -> Result<pb::Job, CoordError> {
+        let (job, barrier) = self.get_locked(job_id)?;
+        self.durable(barrier).await?;
+        Ok(job)
     }
 
-    pub fn list(&self) -> Vec<pb::Job> {
+    fn get_locked(&self, job_id: &str) -> Result<(pb::Job, Ticket), CoordError> {
+        let inner = self.lock();
+        let job = find(&inner.jobs, job_id).or_else(|_| find(&inner.done, job_id))?;
+        Ok((
+            convert::job(job, &inner.progress, &self.config),
+            self.writer.barrier(),
+        ))
+    }
+
+    /// Every job, in submission order (replied once every transition it shows is durable).
+    pub async fn list(&self) -> Vec<pb::Job> {
+        let (jobs, barrier) = self.list_locked();
+        // A barrier reads no error.
+        let _ = barrier.wait().await;
+        jobs
+    }
+
+    fn list_locked(&self) -> (Vec<pb::Job>, Ticket) {
         let inner = self.lock();
         let mut jobs: Vec<&Job> = inner.jobs.iter().chain(&inner.done).collect();
         jobs.sort_by_key(|j| j.seq);
-        jobs.into_iter()
+        let jobs = jobs
+            .into_iter()
             .map(|j| convert::job(j, &inner.progress, &self.config))
-            .collect()
+            .collect();
+        (jobs, self.writer.barrier())
     }
 
-    pub fn cancel(&self, job_id: &str) -> Result<pb::Job, CoordError> {
+    pub async fn cancel(&self, job_id: &str) -> Result<pb::Job, CoordError> {
+        let (reply, ticket) = self.cancel_locked(job_id)?;
+        self.durable(ticket).await?;
+        Ok(reply)
+    }
+
+    fn cancel_locked(&self, job_id: &str) -> Result<(pb::Job, Ticket), CoordError> {
         let now = now_ms();
         let mut inner = self.lock();
         let Ok(index) = position(&inner.jobs, job_id) else {
             // Already finished (cancelling is idempotent), or unknown.
             let job = find(&inner.done, job_id)?;
-            return Ok(convert::job(job, &inner.progress, &self.config));
+            let reply = convert::job(job, &inner.progress, &self.config);
+            return Ok((reply, self.writer.barrier()));
         };
         let revoked = sched::cancel(&mut inner.jobs[index], now);
-        if inner.jobs[index].status == JobStatus::Cancelled {
+        let ticket = if inner.jobs[index].status == JobStatus::Cancelled {
             let mut changed = self.collect_snapshots(&mut inner);
             changed.push(job_id.to_string());
             let ids: Vec<&str> = changed.iter().map(String::as_str).collect();
-            self.persist(&inner, &ids)?;
-        }
+            self.commit(&inner, &ids)?
+        } else {
+            self.publish(&inner, &inner.jobs[index]);
+            self.writer.barrier()
+        };
         for (task, lease) in &revoked {
             tracing::info!(job = %job_id, task, worker = %lease.worker_id, "task cancelled");
         }
-        let job = &inner.jobs[index];
-        self.publish(&inner, job);
-        let reply = convert::job(job, &inner.progress, &self.config);
+        let reply = convert::job(&inner.jobs[index], &inner.progress, &self.config);
         retire(&mut inner);
-        Ok(reply)
+        Ok((reply, ticket))
     }
 
     /// The job now, then its events until it ends.
-    pub fn watch(
+    pub async fn watch(
         &self,
         job_id: &str,
     ) -> Result<ReceiverStream<Result<pb::JobEvent, Status>>, CoordError> {
         let mut events = self.events.subscribe();
-        let first = self.get(job_id)?;
+        let first = self.get(job_id).await?;
         let (tx, rx) = mpsc::channel(256);
         let job_id = job_id.to_string();
         let terminal = |job: &pb::Job| {
@@ -509,7 +564,7 @@ fn preflight(
     spec: &mut JobSpec,
     model: &segprop_core::LlamaConfig,
     plan: &StagePlan,
-    workers: &HashMap<String, Worker>,
+    workers: &[Worker],
 ) -> Result<Option<String>, CoordError> {
     use segprop_core::planner::preflight::{self, WorkerMemory};
     let backend = spec.resources.backend;
@@ -517,7 +572,7 @@ fn preflight(
     let auto = spec.data.batch_size == segprop_core::BatchSize::Auto
         || spec.data.micro_batch == Some(segprop_core::MicroBatch::Auto);
     let Some(worker) = workers
-        .values()
+        .iter()
         .filter(|w| w.backend == backend && w.devices >= gang && w.device_bytes > 0)
         .max_by_key(|w| (w.device_bytes, w.host_bytes))
     else {

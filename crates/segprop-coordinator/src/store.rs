@@ -15,7 +15,7 @@ const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const NEXT_SEQ: &str = "next_job_seq";
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[error("coordinator state {path}: {message}")]
 pub struct StoreError {
     pub path: String,
@@ -75,20 +75,23 @@ impl StateStore {
         Ok((jobs, next))
     }
 
-    /// Writes `jobs` (and the next sequence number) in one durable transaction.
-    pub fn save(&self, jobs: &[&Job], next_seq: u64) -> Result<(), StoreError> {
+    /// Writes encoded jobs ([`encode`]: id and JSON document) and the next sequence number in
+    /// one durable transaction.
+    pub fn save_encoded(&self, jobs: &[(&str, &[u8])], next_seq: u64) -> Result<(), StoreError> {
         let txn = self.db.begin_write().map_err(|e| self.error(e))?;
         {
             let mut table = txn.open_table(JOBS).map_err(|e| self.error(e))?;
-            for job in jobs {
-                let bytes = serde_json::to_vec(job).map_err(|e| self.error(e))?;
-                table
-                    .insert(job.id.as_str(), bytes.as_slice())
-                    .map_err(|e| self.error(e))?;
+            for (id, bytes) in jobs {
+                table.insert(*id, *bytes).map_err(|e| self.error(e))?;
             }
             let mut meta = txn.open_table(META).map_err(|e| self.error(e))?;
             meta.insert(NEXT_SEQ, next_seq).map_err(|e| self.error(e))?;
         }
         txn.commit().map_err(|e| self.error(e))
     }
+}
+
+/// A job's stored document.
+pub fn encode(job: &Job) -> Result<Vec<u8>, serde_json::Error> {
+    serde_json::to_vec(job)
 }

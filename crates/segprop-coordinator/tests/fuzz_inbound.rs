@@ -39,7 +39,7 @@ fn call(c: &Arc<Coordinator>, rt: &tokio::runtime::Runtime, kind: &str, bytes: &
     match kind {
         "register" => {
             if let Ok(m) = pb::RegisterWorkerRequest::decode(bytes) {
-                let _ = c.register(m);
+                let _ = rt.block_on(c.register(m));
             }
         }
         "heartbeat" => {
@@ -49,7 +49,7 @@ fn call(c: &Arc<Coordinator>, rt: &tokio::runtime::Runtime, kind: &str, bytes: &
         }
         "report" => {
             if let Ok(m) = pb::ReportTaskRequest::decode(bytes) {
-                let _ = c.report(m);
+                let _ = rt.block_on(c.report(m));
             }
         }
         "rendezvous" => {
@@ -61,17 +61,17 @@ fn call(c: &Arc<Coordinator>, rt: &tokio::runtime::Runtime, kind: &str, bytes: &
         }
         "submit" => {
             if let Ok(m) = pb::SubmitJobRequest::decode(bytes) {
-                let _ = c.submit(&m.spec_yaml, &m.source_name);
+                let _ = rt.block_on(c.submit(&m.spec_yaml, &m.source_name));
             }
         }
         "get" => {
             if let Ok(m) = pb::GetJobRequest::decode(bytes) {
-                let _ = c.get(&m.job_id);
+                let _ = rt.block_on(c.get(&m.job_id));
             }
         }
         "cancel" => {
             if let Ok(m) = pb::CancelJobRequest::decode(bytes) {
-                let _ = c.cancel(&m.job_id);
+                let _ = rt.block_on(c.cancel(&m.job_id));
             }
         }
         other => unreachable!("{other}"),
@@ -87,7 +87,7 @@ fn no_inbound_message_makes_the_coordinator_panic() {
     let tmp = tempfile::tempdir().unwrap();
     let c = coordinator(tmp.path());
     // A real conversation: a job, a worker, its first assignment.
-    let job = c.submit(SPEC, "fuzz.yaml").unwrap();
+    let job = rt.block_on(c.submit(SPEC, "fuzz.yaml")).unwrap();
     let register = pb::RegisterWorkerRequest {
         protocol_version: segprop_proto::PROTOCOL_VERSION,
         name: "w1".into(),
@@ -99,7 +99,7 @@ fn no_inbound_message_makes_the_coordinator_panic() {
         host_memory_bytes: 16 << 30,
         running: Vec::new(),
     };
-    let worker = c.register(register.clone()).unwrap().worker_id;
+    let worker = rt.block_on(c.register(register.clone())).unwrap().worker_id;
     let heartbeat = pb::HeartbeatRequest {
         worker_id: worker.clone(),
         running: Vec::new(),
@@ -209,8 +209,8 @@ fn no_inbound_message_makes_the_coordinator_panic() {
         });
     }
     // Still serving, its state lock not poisoned.
-    assert!(!c.list().is_empty());
-    c.tick().unwrap();
-    let again = c.register(register).unwrap();
+    assert!(!rt.block_on(c.list()).is_empty());
+    rt.block_on(c.tick()).unwrap();
+    let again = rt.block_on(c.register(register)).unwrap();
     assert!(!again.worker_id.is_empty());
 }

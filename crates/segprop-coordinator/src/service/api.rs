@@ -21,7 +21,7 @@ impl JobService for Api {
         request: Request<pb::SubmitJobRequest>,
     ) -> Result<Response<pb::SubmitJobResponse>, Status> {
         let req = request.into_inner();
-        let job = Coordinator::submit(&self.0, &req.spec_yaml, &req.source_name)?;
+        let job = Coordinator::submit(&self.0, &req.spec_yaml, &req.source_name).await?;
         Ok(Response::new(pb::SubmitJobResponse { job: Some(job) }))
     }
 
@@ -29,24 +29,25 @@ impl JobService for Api {
         &self,
         request: Request<pb::GetJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
-        Ok(Response::new(self.get(&request.into_inner().job_id)?))
+        Ok(Response::new(self.get(&request.into_inner().job_id).await?))
     }
 
     async fn list_jobs(
         &self,
         _request: Request<pb::ListJobsRequest>,
     ) -> Result<Response<pb::ListJobsResponse>, Status> {
-        Ok(Response::new(pb::ListJobsResponse { jobs: self.list() }))
+        Ok(Response::new(pb::ListJobsResponse {
+            jobs: self.list().await,
+        }))
     }
 
     async fn cancel_job(
         &self,
         request: Request<pb::CancelJobRequest>,
     ) -> Result<Response<pb::Job>, Status> {
-        Ok(Response::new(Coordinator::cancel(
-            &self.0,
-            &request.into_inner().job_id,
-        )?))
+        Ok(Response::new(
+            Coordinator::cancel(&self.0, &request.into_inner().job_id).await?,
+        ))
     }
 
     type WatchJobStream = ReceiverStream<Result<pb::JobEvent, Status>>;
@@ -55,7 +56,9 @@ impl JobService for Api {
         &self,
         request: Request<pb::WatchJobRequest>,
     ) -> Result<Response<Self::WatchJobStream>, Status> {
-        Ok(Response::new(self.watch(&request.into_inner().job_id)?))
+        Ok(Response::new(
+            self.watch(&request.into_inner().job_id).await?,
+        ))
     }
 }
 
@@ -65,7 +68,7 @@ impl ClusterService for Api {
         &self,
         request: Request<pb::RegisterWorkerRequest>,
     ) -> Result<Response<pb::RegisterWorkerResponse>, Status> {
-        Ok(Response::new(self.register(request.into_inner())?))
+        Ok(Response::new(self.register(request.into_inner()).await?))
     }
 
     async fn heartbeat(
@@ -81,7 +84,7 @@ impl ClusterService for Api {
         &self,
         request: Request<pb::ReportTaskRequest>,
     ) -> Result<Response<pb::ReportTaskResponse>, Status> {
-        self.report(request.into_inner())?;
+        self.report(request.into_inner()).await?;
         Ok(Response::new(pb::ReportTaskResponse {}))
     }
 

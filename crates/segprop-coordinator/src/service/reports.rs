@@ -1,10 +1,18 @@
 //! Task reports: what happens when a worker reports a result (fenced by the task's lease
-//! epoch; the scheduler decides, the transition is persisted before the call returns).
+//! epoch; the scheduler decides, the transition is committed before the call returns).
 
 use super::*;
 
 impl Coordinator {
-    pub fn report(&self, req: pb::ReportTaskRequest) -> Result<(), CoordError> {
+    pub async fn report(&self, req: pb::ReportTaskRequest) -> Result<(), CoordError> {
+        let (ready, ticket) = self.report_locked(req)?;
+        self.durable(ticket).await?;
+        self.wake(ready);
+        Ok(())
+    }
+
+    /// Decides the report under the lock and queues its commit; returns the tasks it made ready.
+    fn report_locked(&self, req: pb::ReportTaskRequest) -> Result<(usize, Ticket), CoordError> {
         let now = now_ms();
         let outcome = match req.outcome {
             Some(pb::report_task_request::Outcome::Succeeded(s)) => Outcome::Succeeded {
@@ -56,9 +64,9 @@ impl Coordinator {
         };
         let mut changed = self.collect_snapshots(&mut inner);
         changed.push(req.job_id.clone());
-        let ids: Vec<&str> = changed.iter().map(String::as_str).collect();
-        self.persist(&inner, &ids)?;
         inner.progress.remove(&(req.job_id.clone(), req.task_index));
+        let ids: Vec<&str> = changed.iter().map(String::as_str).collect();
+        let ticket = self.commit(&inner, &ids)?;
         for t in &transitions {
             tracing::info!(?t, "task report accepted");
         }
@@ -66,15 +74,12 @@ impl Coordinator {
             self.lock_counters().commits += 1;
         }
         let job = &inner.jobs[index];
-        self.publish(&inner, job);
         let ready = job
             .tasks
             .iter()
             .filter(|t| t.status == TaskStatus::Ready && t.not_before <= now)
             .count();
         retire(&mut inner);
-        drop(inner);
-        self.wake(ready);
-        Ok(())
+        Ok((ready, ticket))
     }
 }

@@ -4,10 +4,19 @@
 use super::*;
 
 impl Coordinator {
-    pub fn register(
+    pub async fn register(
         &self,
         req: pb::RegisterWorkerRequest,
     ) -> Result<pb::RegisterWorkerResponse, CoordError> {
+        let (reply, ticket) = self.register_locked(req)?;
+        self.durable(ticket).await?;
+        Ok(reply)
+    }
+
+    fn register_locked(
+        &self,
+        req: pb::RegisterWorkerRequest,
+    ) -> Result<(pb::RegisterWorkerResponse, Ticket), CoordError> {
         if req.protocol_version != segprop_proto::PROTOCOL_VERSION {
             return Err(CoordError::Protocol {
                 worker: req.protocol_version,
@@ -55,17 +64,16 @@ impl Coordinator {
                 adopted.push(running.job_id.clone());
             }
         }
-        if !adopted.is_empty() {
-            let ids: Vec<&str> = adopted.iter().map(String::as_str).collect();
-            self.persist(&inner, &ids)?;
-        }
+        let ids: Vec<&str> = adopted.iter().map(String::as_str).collect();
+        let ticket = self.commit(&inner, &ids)?;
         tracing::info!(worker = %id, name = %req.name, backend = %req.backend, devices = req.devices.len(), adopted = adopted.len(), "worker registered");
-        Ok(pb::RegisterWorkerResponse {
+        let reply = pb::RegisterWorkerResponse {
             worker_id: id,
             heartbeat_interval_ms: self.config.heartbeat_interval_ms as u32,
             lease_ms: self.config.lease_ms as u32,
             artifact_root: absolute(&self.config.artifact_root),
-        })
+        };
+        Ok((reply, ticket))
     }
 
     /// Renews the worker's leases, records progress and checkpoints, and hands out new tasks.
@@ -74,7 +82,7 @@ impl Coordinator {
         &self,
         req: pb::HeartbeatRequest,
     ) -> Result<pb::HeartbeatResponse, CoordError> {
-        let mut reply = self.heartbeat_once(&req)?;
+        let mut reply = self.heartbeat_once(&req).await?;
         let idle = req.running.is_empty() && req.free_slots > 0;
         if reply.reregister || !reply.assignments.is_empty() || !idle {
             return Ok(reply);
@@ -85,7 +93,7 @@ impl Coordinator {
             let mut notified = pin!(self.ready.notified());
             notified.as_mut().enable();
             // Re-check after enabling, so a task that became ready meanwhile is not missed.
-            reply.assignments = self.assign_to(&req.worker_id)?;
+            reply.assignments = self.assign_to(&req.worker_id).await?;
             if !reply.assignments.is_empty() {
                 return Ok(reply);
             }
@@ -95,17 +103,32 @@ impl Coordinator {
         }
     }
 
-    fn heartbeat_once(
+    async fn heartbeat_once(
         &self,
         req: &pb::HeartbeatRequest,
     ) -> Result<pb::HeartbeatResponse, CoordError> {
+        let (mut reply, ticket) = self.renew_locked(req)?;
+        // A heartbeat that only renews leases changes nothing durable and waits for no commit.
+        self.durable(ticket).await?;
+        if !reply.reregister && req.free_slots > 0 {
+            reply.assignments = self.assign_to(&req.worker_id).await?;
+        }
+        Ok(reply)
+    }
+
+    /// Renews the leases of `req.running` and records their progress and checkpoints.
+    fn renew_locked(
+        &self,
+        req: &pb::HeartbeatRequest,
+    ) -> Result<(pb::HeartbeatResponse, Ticket), CoordError> {
         let now = now_ms();
         let mut inner = self.lock();
         let Some(worker) = inner.workers.get_mut(&req.worker_id) else {
-            return Ok(pb::HeartbeatResponse {
+            let reply = pb::HeartbeatResponse {
                 reregister: true,
                 ..Default::default()
-            });
+            };
+            return Ok((reply, self.writer.nothing()));
         };
         worker.last_seen = now;
         let mut reply = pb::HeartbeatResponse::default();
@@ -164,22 +187,23 @@ impl Coordinator {
                 }
             }
         }
-        if !changed.is_empty() {
-            let ids: Vec<&str> = changed.iter().map(String::as_str).collect();
-            self.persist(&inner, &ids)?;
-        }
-        drop(inner);
-        if req.free_slots > 0 {
-            reply.assignments = self.assign_to(&req.worker_id)?;
-        }
-        Ok(reply)
+        let ids: Vec<&str> = changed.iter().map(String::as_str).collect();
+        let ticket = self.commit(&inner, &ids)?;
+        Ok((reply, ticket))
     }
 
-    fn assign_to(&self, worker_id: &str) -> Result<Vec<pb::Assignment>, CoordError> {
+    async fn assign_to(&self, worker_id: &str) -> Result<Vec<pb::Assignment>, CoordError> {
+        let (out, ticket) = self.assign_locked(worker_id)?;
+        self.durable(ticket).await?;
+        Ok(out)
+    }
+
+    /// The scheduler's assignment to `worker_id`, queued for commit (under the lock).
+    fn assign_locked(&self, worker_id: &str) -> Result<(Vec<pb::Assignment>, Ticket), CoordError> {
         let now = now_ms();
         let mut inner = self.lock();
         let Some(worker) = inner.workers.get(worker_id) else {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), self.writer.nothing()));
         };
         let busy = inner
             .jobs
@@ -187,7 +211,7 @@ impl Coordinator {
             .flat_map(|j| j.running_leases())
             .any(|(_, l)| l.worker_id == worker_id);
         if busy {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), self.writer.nothing()));
         }
         let view = sched::WorkerView {
             id: worker_id.to_string(),
@@ -197,18 +221,17 @@ impl Coordinator {
         };
         let (assignments, transitions) = sched::assign(&mut inner.jobs, &[view], now, &self.sched);
         if assignments.is_empty() && transitions.is_empty() {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), self.writer.nothing()));
         }
         let changed = changed_jobs(&transitions);
         let ids: Vec<&str> = changed.iter().map(String::as_str).collect();
-        self.persist(&inner, &ids)?;
+        let ticket = self.commit(&inner, &ids)?;
         let mut out = Vec::new();
         for a in &assignments {
             let job = find(&inner.jobs, &a.job_id)?;
             tracing::info!(job = %a.job_id, task = a.task_index, name = job.tasks[a.task_index as usize].kind.name(), epoch = a.epoch, worker = %worker_id, "task assigned");
             out.push(convert::assignment(job, a.task_index, a.epoch));
         }
-        self.publish_changed(&inner, &changed);
         for t in transitions
             .iter()
             .filter(|t| matches!(t, sched::Transition::JobFinished { .. }))
@@ -217,6 +240,6 @@ impl Coordinator {
         }
         retire(&mut inner);
         self.lock_counters().assignments += assignments.len() as u64;
-        Ok(out)
+        Ok((out, ticket))
     }
 }
