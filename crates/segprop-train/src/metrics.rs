@@ -10,6 +10,22 @@ use serde::{Deserialize, Serialize};
 use crate::exit::ExitReason;
 use crate::snapcheck::SnapshotStats;
 
+/// One task's score on one network.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskScore {
+    pub task: String,
+    pub examples: usize,
+    pub shots: usize,
+    /// Fraction of examples whose right choice has the highest summed log-probability.
+    pub acc: f64,
+    /// The same with each choice's log-probability divided by its length in bytes.
+    pub acc_norm: f64,
+    /// Standard error of `acc` over examples (`sqrt(acc (1 - acc) / (n - 1))`, as lm-eval).
+    pub acc_stderr: f64,
+    /// `acc` of guessing: the mean of `1 / choices` over examples.
+    pub chance: f64,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct StepRecord {
     pub stage: String,
@@ -83,7 +99,7 @@ pub struct StageRecord {
     pub sharding: Option<crate::rank::RankMemory>,
     /// `eval.tasks` scored on the stage's network at its end (after `keep_best`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub tasks: Vec<crate::tasks::TaskScore>,
+    pub tasks: Vec<TaskScore>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -104,7 +120,7 @@ pub struct RunSummary {
     pub model_dir: Option<PathBuf>,
     /// `eval.tasks` scored on the exported model.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub tasks: Vec<crate::tasks::TaskScore>,
+    pub tasks: Vec<TaskScore>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -338,7 +354,7 @@ pub fn summary_table(summary: &RunSummary) -> String {
         out.push_str(&format!(" {:>22}", name));
     }
     out.push('\n');
-    let cell = |t: Option<&crate::tasks::TaskScore>| match t {
+    let cell = |t: Option<&TaskScore>| match t {
         Some(t) => format!("{:.3} (norm {:.3})", t.acc, t.acc_norm),
         None => "-".into(),
     };

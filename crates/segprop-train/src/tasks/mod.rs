@@ -24,28 +24,12 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use segprop_core::{TaskExample, TaskSpec};
 use segprop_model::precision::to_dtype;
-use serde::{Deserialize, Serialize};
 
 use crate::data::Tokenizer;
 use crate::engine::Trainer;
 use crate::error::TrainError;
+pub use crate::metrics::TaskScore;
 use crate::route::Route;
-
-/// One task's score on one network.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TaskScore {
-    pub task: String,
-    pub examples: usize,
-    pub shots: usize,
-    /// Fraction of examples whose right choice has the highest summed log-probability.
-    pub acc: f64,
-    /// The same with each choice's log-probability divided by its length in bytes.
-    pub acc_norm: f64,
-    /// Standard error of `acc` over examples (`sqrt(acc (1 - acc) / (n - 1))`, as lm-eval).
-    pub acc_stderr: f64,
-    /// `acc` of guessing: the mean of `1 / choices` over examples.
-    pub chance: f64,
-}
 
 /// Rows scored together in one forward pass.
 const ROWS_PER_PASS: usize = 8;
