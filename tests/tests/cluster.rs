@@ -265,6 +265,7 @@ fn expired_lease_results_are_rejected_and_cancel_reaches_the_worker() {
                 pb::TaskSucceeded {
                     artifacts: vec![],
                     result_json: "{}".into(),
+                    result: Some(pb::TaskResult::default()),
                     early_exit: false,
                     metrics: None,
                 },

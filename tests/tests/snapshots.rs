@@ -144,6 +144,17 @@ fn a_segment_trains_on_snapshots_another_worker_stored_and_recomputes_a_corrupt_
         written <= estimate && estimate <= written + written / 10,
         "estimate {estimate}, written {written}"
     );
+    // The coordinator reserves by the typed result, which carries the same estimate.
+    let typed = job.tasks[0]
+        .result
+        .as_ref()
+        .expect("stage 1's typed result");
+    assert_eq!(typed.snapshot_depth_bytes, Some(estimate));
+    let shard = job.tasks[1]
+        .result
+        .as_ref()
+        .expect("the shard's typed result");
+    assert_eq!(shard.snapshot_depth, Some(1));
 
     assert_matches_standalone(Path::new(&job.run_dir), &job_spec, dir);
 }

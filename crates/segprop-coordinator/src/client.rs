@@ -99,26 +99,21 @@ pub fn describe(job: &pb::Job) -> String {
     for t in &job.tasks {
         let detail = if let Some(p) = &t.progress {
             format!("step {}/{} loss {:.4}", p.step, p.budget_steps, p.loss)
-        } else if let Ok(r) = serde_json::from_str::<serde_json::Value>(&t.result_json)
-            && let Some(eval) = r.get("final_eval_loss").and_then(|v| v.as_f64())
-        {
-            let layers = r
-                .get("final_num_layers")
-                .and_then(|v| v.as_u64())
-                .unwrap_or(0);
-            format!("{layers}-layer model, held-out loss {eval:.4}")
-        } else if let Ok(r) = serde_json::from_str::<serde_json::Value>(&t.result_json)
-            && let Some(batches) = r.get("batches").and_then(|v| v.as_u64())
-        {
-            let depth = r.get("depth").and_then(|v| v.as_u64()).unwrap_or(0);
-            format!("S[{depth}] of {batches} batches stored")
-        } else if let Ok(r) = serde_json::from_str::<serde_json::Value>(&t.result_json) {
-            let steps = r.get("steps").and_then(|v| v.as_u64()).unwrap_or(0);
-            let eval = r
-                .get("eval_loss")
-                .and_then(|v| v.as_f64())
-                .unwrap_or(f64::NAN);
-            format!("{steps} steps, held-out loss {eval:.4}")
+        } else if let Some(r) = &t.result {
+            if let Some(eval) = r.final_eval_loss {
+                format!(
+                    "{}-layer model, held-out loss {eval:.4}",
+                    r.final_num_layers
+                )
+            } else if let Some(depth) = r.snapshot_depth {
+                format!("S[{depth}] of {} batches stored", r.snapshot_batches)
+            } else {
+                format!(
+                    "{} steps, held-out loss {:.4}",
+                    r.steps,
+                    r.eval_loss.unwrap_or(f64::NAN)
+                )
+            }
         } else {
             t.error.clone()
         };

@@ -1,12 +1,16 @@
 //! Wire conversions between the scheduler's types and `segprop.v1` messages (the only place
-//! the coordinator touches prost types besides the service signatures).
+//! the coordinator touches prost types besides the service signatures). Inbound conversions
+//! validate: a missing field is a [`CoordError::Field`] (INVALID_ARGUMENT).
 
 use std::collections::HashMap;
 
-use segprop_core::sched::{Artifact, Checkpoint, Job, JobStatus, Task, TaskKind, TaskStatus};
+use segprop_core::sched::{
+    Artifact, Checkpoint, Job, JobStatus, Outcome, Task, TaskKind, TaskResult, TaskStatus,
+};
 use segprop_proto::v1 as pb;
 
 use crate::config::CoordConfig;
+use crate::error::CoordError;
 
 pub fn job_state(status: JobStatus) -> pb::JobState {
     match status {
@@ -58,6 +62,7 @@ pub fn job(
                 progress: progress.get(&(job.id.clone(), t.index)).cloned(),
                 error: t.error.clone().unwrap_or_default(),
                 result_json: t.result_json.clone().unwrap_or_default(),
+                result: t.result.as_ref().map(task_result_out),
                 checkpoint_step: t.checkpoint.as_ref().map_or(0, |c| c.step),
             })
             .collect(),
@@ -99,6 +104,53 @@ pub fn artifact_in(a: &pb::ArtifactRef) -> Artifact {
         uri: a.uri.clone(),
         checksum: a.checksum.clone(),
         bytes: a.bytes,
+    }
+}
+
+/// A task report's outcome.
+pub fn outcome_in(
+    outcome: Option<pb::report_task_request::Outcome>,
+) -> Result<Outcome, CoordError> {
+    let missing = |field: &'static str| CoordError::Field {
+        field,
+        message: "missing".into(),
+    };
+    match outcome.ok_or_else(|| missing("outcome"))? {
+        pb::report_task_request::Outcome::Succeeded(s) => Ok(Outcome::Succeeded {
+            outputs: s.artifacts.iter().map(artifact_in).collect(),
+            metrics: s.metrics.as_ref().map(artifact_in),
+            result: task_result_in(s.result.ok_or_else(|| missing("succeeded.result"))?),
+            result_json: s.result_json,
+            early_exit: s.early_exit,
+        }),
+        pb::report_task_request::Outcome::Failed(f) => Ok(Outcome::Failed {
+            reason: f.reason,
+            retryable: f.retryable,
+        }),
+    }
+}
+
+pub fn task_result_in(r: pb::TaskResult) -> TaskResult {
+    TaskResult {
+        steps: r.steps,
+        eval_loss: r.eval_loss,
+        snapshot_depth_bytes: r.snapshot_depth_bytes,
+        snapshot_depth: r.snapshot_depth,
+        snapshot_batches: r.snapshot_batches,
+        final_eval_loss: r.final_eval_loss,
+        final_num_layers: r.final_num_layers,
+    }
+}
+
+pub fn task_result_out(r: &TaskResult) -> pb::TaskResult {
+    pb::TaskResult {
+        steps: r.steps,
+        eval_loss: r.eval_loss,
+        snapshot_depth_bytes: r.snapshot_depth_bytes,
+        snapshot_depth: r.snapshot_depth,
+        snapshot_batches: r.snapshot_batches,
+        final_eval_loss: r.final_eval_loss,
+        final_num_layers: r.final_num_layers,
     }
 }
 

@@ -12,6 +12,7 @@ pub mod auth;
 pub mod client;
 pub mod config;
 pub mod convert;
+pub mod error;
 pub mod local;
 pub mod metrics;
 pub mod plan;

@@ -32,7 +32,6 @@ use crate::store::StateStore;
 use crate::writer::{JobEventMessage, Ticket, Writer};
 
 mod api;
-mod error;
 mod gc;
 mod rendezvous;
 mod reports;
@@ -41,8 +40,8 @@ mod workers;
 #[cfg(test)]
 mod tests;
 
+pub use crate::error::CoordError;
 pub use api::Api;
-pub use error::CoordError;
 
 /// A registered worker.
 #[derive(Debug, Clone)]

@@ -64,6 +64,7 @@ impl StateStore {
             let mut job: Job = serde_json::from_slice(value.value())
                 .map_err(|e| self.error(format!("job {} is unreadable: {e}", key.value())))?;
             job.upgrade_legacy_chain();
+            job.upgrade_legacy_results();
             jobs.push(job);
         }
         jobs.sort_by_key(|j| j.seq);

@@ -144,6 +144,12 @@ fn no_inbound_message_makes_the_coordinator_panic() {
         pb::TaskSucceeded {
             artifacts: vec![artifact("jobs/x/stages/0/state")],
             result_json: r#"{"stage":"stage1","steps":2,"snapshot_depth_bytes":{"1":4096}}"#.into(),
+            result: Some(pb::TaskResult {
+                steps: 2,
+                eval_loss: Some(1.5),
+                snapshot_depth_bytes: Some(4096),
+                ..Default::default()
+            }),
             early_exit: false,
             metrics: Some(artifact("jobs/x/stages/0/metrics.jsonl")),
         },

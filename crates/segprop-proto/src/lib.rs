@@ -13,4 +13,5 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/segprop_descriptor.bin"));
 
 /// The protocol version a worker announces in `RegisterWorker`; the coordinator refuses others.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// 2: a task's success carries its typed `TaskResult`.
+pub const PROTOCOL_VERSION: u32 = 2;

@@ -188,6 +188,11 @@ impl TaskContext {
                 checksum: String::new(),
                 bytes: io.bytes_written,
             }],
+            result: Some(pb::TaskResult {
+                snapshot_depth: Some(a.snapshot_to),
+                snapshot_batches: done.written,
+                ..Default::default()
+            }),
             result_json: serde_json::json!({
                 "depth": a.snapshot_to,
                 "shard": a.snapshot_shard,

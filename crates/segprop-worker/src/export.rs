@@ -66,6 +66,12 @@ impl TaskContext {
         Ok(pb::TaskSucceeded {
             artifacts: vec![model],
             result_json: serde_json::to_string(&summary).unwrap_or_default(),
+            result: Some(pb::TaskResult {
+                steps: summary.total_steps,
+                final_eval_loss: Some(summary.final_eval_loss),
+                final_num_layers: summary.final_num_layers as u32,
+                ..Default::default()
+            }),
             early_exit: false,
             metrics,
         })

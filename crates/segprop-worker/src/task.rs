@@ -243,24 +243,34 @@ impl TaskContext {
                 &digest,
             )
             .map_err(TaskError::Unavailable)?;
+        // SnapCheck: the size of one stored depth, which the coordinator's snapshot budget
+        // reserves by before the first depth is measured.
+        let snapshot_depth_bytes = trainer.cache.is_some().then(|| {
+            let batches: Vec<_> = trainer
+                .snapshot_batches()
+                .iter()
+                .map(|(split, b)| (*split, b.id, b.batch * b.seq))
+                .collect();
+            snapshots::depth_bytes_estimate(
+                &batches,
+                trainer.config.hidden_size,
+                snapshots::storage_dtype(trainer.spec.segprop.snapshot_dtype),
+                a.snapshot_shards.max(1),
+                snapshots::batches_per_blob(&trainer.spec, trainer.config.hidden_size),
+            )
+        });
+        let typed = pb::TaskResult {
+            steps: record.steps,
+            eval_loss: Some(record.eval_loss),
+            snapshot_depth_bytes,
+            ..Default::default()
+        };
         let mut result = serde_json::to_value(&record).unwrap_or_default();
         if let Some(map) = result.as_object_mut() {
             if let Some(note) = recovered {
                 map.insert("recovered".into(), note.into());
             }
-            if trainer.cache.is_some() {
-                let batches: Vec<_> = trainer
-                    .snapshot_batches()
-                    .iter()
-                    .map(|(split, b)| (*split, b.id, b.batch * b.seq))
-                    .collect();
-                let bytes = snapshots::depth_bytes_estimate(
-                    &batches,
-                    trainer.config.hidden_size,
-                    snapshots::storage_dtype(trainer.spec.segprop.snapshot_dtype),
-                    a.snapshot_shards.max(1),
-                    snapshots::batches_per_blob(&trainer.spec, trainer.config.hidden_size),
-                );
+            if let Some(bytes) = snapshot_depth_bytes {
                 map.insert("snapshot_depth_bytes".into(), bytes.into());
             }
             let io = self
@@ -277,6 +287,7 @@ impl TaskContext {
         Ok(pb::TaskSucceeded {
             artifacts: vec![state],
             result_json: result.to_string(),
+            result: Some(typed),
             early_exit: trainer.progress.early_exit.is_some(),
             metrics: Some(metrics),
         })

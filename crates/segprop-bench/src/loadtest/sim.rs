@@ -221,6 +221,7 @@ impl SimWorker {
                 pb::TaskSucceeded {
                     artifacts: vec![artifact("state")],
                     result_json: "{}".into(),
+                    result: Some(pb::TaskResult::default()),
                     early_exit: false,
                     metrics: Some(artifact("metrics.jsonl")),
                 },

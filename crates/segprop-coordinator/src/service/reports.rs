@@ -14,24 +14,7 @@ impl Coordinator {
     /// Decides the report under the lock and queues its commit; returns the tasks it made ready.
     fn report_locked(&self, req: pb::ReportTaskRequest) -> Result<(usize, Ticket), CoordError> {
         let now = now_ms();
-        let outcome = match req.outcome {
-            Some(pb::report_task_request::Outcome::Succeeded(s)) => Outcome::Succeeded {
-                outputs: s.artifacts.iter().map(convert::artifact_in).collect(),
-                metrics: s.metrics.as_ref().map(convert::artifact_in),
-                result_json: s.result_json,
-                early_exit: s.early_exit,
-            },
-            Some(pb::report_task_request::Outcome::Failed(f)) => Outcome::Failed {
-                reason: f.reason,
-                retryable: f.retryable,
-            },
-            None => {
-                return Err(CoordError::Field {
-                    field: "outcome",
-                    message: "missing".into(),
-                });
-            }
-        };
+        let outcome = convert::outcome_in(req.outcome)?;
         let succeeded = matches!(outcome, Outcome::Succeeded { .. });
         let mut inner = self.lock();
         let Ok(index) = position(&inner.jobs, &req.job_id) else {

@@ -122,7 +122,7 @@ impl Job {
 
     /// Bytes of one stored snapshot depth of this job: the largest depth stored so far (the
     /// sum of its shards' outputs), else the estimate its first training stage reported
-    /// (`snapshot_depth_bytes` in the stage's result), else `None`. Every depth holds the same
+    /// ([`TaskResult::snapshot_depth_bytes`]), else `None`. Every depth holds the same
     /// batches at the same width and dtype, so one depth predicts the next.
     pub fn snapshot_depth_bytes(&self) -> Option<u64> {
         let mut by_depth: Vec<(u32, u64)> = Vec::new();
@@ -142,12 +142,7 @@ impl Job {
             .tasks
             .iter()
             .filter(|t| t.status == TaskStatus::Succeeded)
-            .filter_map(|t| t.result_json.as_deref())
-            .filter_map(|r| serde_json::from_str::<serde_json::Value>(r).ok())
-            .find_map(|v| {
-                v.get("snapshot_depth_bytes")
-                    .and_then(serde_json::Value::as_u64)
-            });
+            .find_map(|t| t.result.as_ref()?.snapshot_depth_bytes);
         match (measured, estimated) {
             (Some(m), Some(e)) => Some(m.max(e)),
             (m, e) => m.or(e),
@@ -204,6 +199,29 @@ impl Job {
             for task in self.tasks.iter_mut().skip(1) {
                 task.after = vec![task.index - 1];
             }
+        }
+    }
+
+    /// Jobs stored before tasks had a typed [`TaskResult`] kept only the record: the snapshot
+    /// depth estimate is read back from it once, on load.
+    pub fn upgrade_legacy_results(&mut self) {
+        for task in &mut self.tasks {
+            if task.result.is_some() {
+                continue;
+            }
+            let Some(record) = task
+                .result_json
+                .as_deref()
+                .and_then(|r| serde_json::from_str::<serde_json::Value>(r).ok())
+            else {
+                continue;
+            };
+            task.result = Some(TaskResult {
+                snapshot_depth_bytes: record
+                    .get("snapshot_depth_bytes")
+                    .and_then(serde_json::Value::as_u64),
+                ..TaskResult::default()
+            });
         }
     }
 

@@ -68,13 +68,16 @@ impl fmt::Display for Reject {
 impl std::error::Error for Reject {}
 
 /// How an attempt ended, as its worker reports it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "outcome", rename_all = "snake_case")]
 pub enum Outcome {
     Succeeded {
         outputs: Vec<Artifact>,
         metrics: Option<Artifact>,
+        /// The stage record, for people and tools.
         result_json: String,
+        /// What the scheduler reads of the record.
+        result: TaskResult,
         /// The global exit criterion fired: the remaining training stages are not needed.
         early_exit: bool,
     },
@@ -351,6 +354,7 @@ pub fn complete(
             outputs,
             metrics,
             result_json,
+            result,
             early_exit,
         } => {
             task.status = TaskStatus::Succeeded;
@@ -359,6 +363,7 @@ pub fn complete(
             task.outputs = outputs;
             task.metrics = metrics;
             task.result_json = Some(result_json);
+            task.result = Some(result);
             task.error = None;
             let was_export = task.kind == TaskKind::Export;
             let mut transitions = vec![Transition::TaskSucceeded {

@@ -24,6 +24,7 @@ fn success_readies_the_next_task_and_export_finishes_the_job() {
     assert_eq!(task.outputs, [artifact("out")]);
     assert_eq!(task.metrics, Some(artifact("metrics")));
     assert_eq!(task.result_json.as_deref(), Some("{\"loss\":1.5}"));
+    assert_eq!(task.result.as_ref().map(|r| r.eval_loss), Some(Some(1.5)));
     assert_eq!(job.status, JobStatus::Running);
 
     succeed(&mut job, "w", 300);

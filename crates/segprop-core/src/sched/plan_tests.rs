@@ -156,6 +156,7 @@ fn snapshot_budget_holds_back_jobs_that_do_not_fit_and_fails_one_that_never_can(
         }],
         metrics: None,
         result_json: "{}".into(),
+        result: TaskResult::default(),
         early_exit: false,
     };
     complete(&mut jobs[0], 1, leased[0].epoch, "w1", outcome, 3, &cfg).unwrap();
@@ -277,6 +278,31 @@ fn legacy_chains_get_their_after_lists() {
     job.upgrade_legacy_chain();
     let after: Vec<Vec<u32>> = job.tasks.iter().map(|t| t.after.clone()).collect();
     assert_eq!(after, [vec![], vec![0], vec![1], vec![2]]);
+}
+
+#[test]
+fn legacy_records_give_their_snapshot_estimate_to_the_typed_result() {
+    let mut job = job("j", 1, 3);
+    job.tasks[0].status = Succeeded;
+    job.tasks[0].result_json = Some("{\"stage\":\"stage1\",\"snapshot_depth_bytes\":4096}".into());
+    job.tasks[1].status = Succeeded;
+    job.tasks[1].result_json = Some("not a record".into());
+    assert_eq!(
+        job.snapshot_depth_bytes(),
+        None,
+        "the record alone is not read"
+    );
+    job.upgrade_legacy_results();
+    assert_eq!(job.snapshot_depth_bytes(), Some(4096));
+    assert!(job.tasks[1].result.is_none());
+    // A stored typed result is kept as it is.
+    job.tasks[0]
+        .result
+        .as_mut()
+        .expect("upgraded")
+        .snapshot_depth_bytes = Some(1);
+    job.upgrade_legacy_results();
+    assert_eq!(job.snapshot_depth_bytes(), Some(1));
 }
 
 #[test]

@@ -99,7 +99,7 @@ pub struct Checkpoint {
 }
 
 /// One step of a job.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Task {
     /// Position in the job's task list.
     pub index: u32,
@@ -124,12 +124,43 @@ pub struct Task {
     pub outputs: Vec<Artifact>,
     /// Set on success.
     pub metrics: Option<Artifact>,
-    /// Set on success.
+    /// Set on success: the stage record, for people and tools.
     pub result_json: Option<String>,
+    /// Set on success: what the scheduler reads of the record.
+    #[serde(default)]
+    pub result: Option<TaskResult>,
     /// The latest failure's reason.
     pub error: Option<String>,
     /// Times this task was committed as Succeeded: never more than 1.
     pub commits: u32,
+}
+
+/// What a finished task reports that the scheduler and the CLI read (typed on the wire; the
+/// whole stage record stays in [`Task::result_json`]).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TaskResult {
+    /// Optimizer steps the stage took (training stages).
+    #[serde(default)]
+    pub steps: u64,
+    /// Held-out loss of the stage's network at its end.
+    #[serde(default)]
+    pub eval_loss: Option<f64>,
+    /// SnapCheck: the estimated bytes of one stored snapshot depth (the first training stage
+    /// of a SnapCheck job reports it; the snapshot budget reserves by it).
+    #[serde(default)]
+    pub snapshot_depth_bytes: Option<u64>,
+    /// `advance_snapshots`: the depth it stored.
+    #[serde(default)]
+    pub snapshot_depth: Option<u32>,
+    /// `advance_snapshots`: the batches it stored.
+    #[serde(default)]
+    pub snapshot_batches: u64,
+    /// Export: held-out loss of the exported model.
+    #[serde(default)]
+    pub final_eval_loss: Option<f64>,
+    /// Export: blocks of the exported model.
+    #[serde(default)]
+    pub final_num_layers: u32,
 }
 
 /// SnapCheck snapshot depths of a job by lifecycle (see [`Job::snapshot_gc`]).
@@ -157,6 +188,7 @@ impl Task {
             outputs: Vec::new(),
             metrics: None,
             result_json: None,
+            result: None,
             error: None,
             commits: 0,
         }
@@ -187,7 +219,7 @@ impl JobStatus {
 }
 
 /// A submitted training job and the state of its tasks.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Job {
     pub id: String,
     /// Submission order: lower is scheduled first.

@@ -93,6 +93,11 @@ pub(super) fn budget_job(id: &str, seq: u64, depth: u64, budget: Option<u64>) ->
         outputs: vec![artifact("state")],
         metrics: None,
         result_json: format!("{{\"snapshot_depth_bytes\":{depth}}}"),
+        result: TaskResult {
+            steps: 2,
+            snapshot_depth_bytes: Some(depth),
+            ..TaskResult::default()
+        },
         early_exit: false,
     };
     complete(
@@ -150,6 +155,11 @@ pub(super) fn success(early_exit: bool) -> Outcome {
         outputs: vec![artifact("out")],
         metrics: Some(artifact("metrics")),
         result_json: "{\"loss\":1.5}".into(),
+        result: TaskResult {
+            steps: 2,
+            eval_loss: Some(1.5),
+            ..TaskResult::default()
+        },
         early_exit,
     }
 }
