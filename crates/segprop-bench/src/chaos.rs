@@ -19,10 +19,11 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use segprop_harness::{Binaries, WORKER};
 use segprop_proto::v1 as pb;
 use segprop_proto::v1::job_service_client::JobServiceClient;
 
-use crate::procs::{self, Proc};
+use crate::procs::{self, Coordinator, Process};
 use crate::rng::SplitMix64;
 
 /// The coordinator's settings for the soak: short leases, quick retries, a large retry budget.
@@ -32,11 +33,11 @@ const COORDINATOR_ENV: &[(&str, &str)] = &[
     ("SEGPROP_MAX_ATTEMPTS", "50"),
 ];
 
-fn coordinator(bins: &Path, dir: &Path, listen: &str) -> Result<(Proc, String)> {
+fn coordinator(bins: &Binaries, dir: &Path, listen: &str) -> Result<Coordinator> {
     procs::coordinator(bins, dir, listen, COORDINATOR_ENV, true)
 }
 
-fn worker(bins: &Path, dir: &Path, addr: &str, name: &str) -> Result<Proc> {
+fn worker(bins: &Binaries, dir: &Path, addr: &str, name: &str) -> Result<Process> {
     procs::worker(bins, dir, addr, name, true)
 }
 
@@ -113,19 +114,7 @@ struct Disturbed {
 }
 
 pub fn chaos(args: &ChaosArgs) -> Result<()> {
-    let here = std::env::current_exe()?;
-    let bins = here
-        .parent()
-        .context("the binary's directory")?
-        .to_path_buf();
-    for name in ["segprop-coord", "segprop-worker"] {
-        anyhow::ensure!(
-            bins.join(name).is_file(),
-            "{} is missing: build it next to this binary (cargo build --release -p \
-             segprop-coordinator -p segprop-worker)",
-            bins.join(name).display()
-        );
-    }
+    let bins = Binaries::beside_current_exe()?;
     let tmp = tempfile::tempdir()?;
     let dir = args.dir.clone().unwrap_or_else(|| tmp.path().to_path_buf());
     std::fs::create_dir_all(&dir)?;
@@ -147,12 +136,13 @@ pub fn chaos(args: &ChaosArgs) -> Result<()> {
 /// Runs the jobs under failures until every one has ended; returns their final records.
 fn soak(
     args: &ChaosArgs,
-    bins: &Path,
+    bins: &Binaries,
     dir: &Path,
     specs: &[PathBuf],
 ) -> Result<(Vec<pb::Job>, Disturbed)> {
     let started = Instant::now();
-    let (mut coord, addr) = coordinator(bins, dir, "127.0.0.1:0")?;
+    let mut coord = coordinator(bins, dir, "127.0.0.1:0")?;
+    let addr = coord.addr.clone();
     let names: Vec<String> = (0..args.workers).map(|w| format!("w{w}")).collect();
     let mut workers = names
         .iter()
@@ -160,7 +150,7 @@ fn soak(
         .collect::<Result<Vec<_>>>()?;
     let ids = specs
         .iter()
-        .map(|spec| procs::submit(bins, &addr, spec))
+        .map(|spec| coord.submit(spec))
         .collect::<Result<Vec<_>>>()?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -199,7 +189,7 @@ fn soak(
             drop(coord); // SIGKILL
             coordinator_kills += 1;
             std::thread::sleep(Duration::from_millis(300));
-            coord = coordinator(bins, dir, &addr)?.0;
+            coord = coordinator(bins, dir, &addr)?;
             println!(
                 "  {:>6.1} s: coordinator killed and restarted ({done}/{tasks} tasks done)",
                 started.elapsed().as_secs_f64()
@@ -287,7 +277,7 @@ fn steps_not_once(metrics: &Path) -> Result<Vec<String>> {
 
 fn report(
     args: &ChaosArgs,
-    bins: &Path,
+    bins: &Binaries,
     dir: &Path,
     specs: &[PathBuf],
     jobs: &[pb::Job],
@@ -307,7 +297,7 @@ fn report(
             let states = committed_twice(&run_dir)?;
             let steps = steps_not_once(&run_dir.join("metrics.jsonl"))?;
             let alone = dir.join(format!("alone-{i}"));
-            let out = Command::new(bins.join("segprop-worker"))
+            let out = Command::new(bins.path(WORKER))
                 .args(["train", &spec.display().to_string(), "--quiet", "--out"])
                 .arg(&alone)
                 .env("SEGPROP_LOG", "warn")

@@ -7,6 +7,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
+use segprop_harness::Binaries;
 use segprop_proto::v1 as pb;
 use segprop_proto::v1::job_service_client::JobServiceClient;
 
@@ -63,16 +64,16 @@ seed: 5
 }
 
 /// Stage-2 wall seconds of one run of `setup`.
-fn run_once(bin_dir: &Path, dir: &Path, setup: &Setup, steps: u64) -> Result<f64> {
+fn run_once(bins: &Binaries, dir: &Path, setup: &Setup, steps: u64) -> Result<f64> {
     std::fs::create_dir_all(dir)?;
-    let (coord, addr) = procs::coordinator(bin_dir, dir, "127.0.0.1:0", &[], false)?;
-    let mut children = vec![coord];
-    for w in 0..setup.workers {
-        children.push(procs::worker(bin_dir, dir, &addr, &format!("w{w}"), false)?);
-    }
+    let coord = procs::coordinator(bins, dir, "127.0.0.1:0", &[], false)?;
+    let addr = coord.addr.clone();
+    let _workers = (0..setup.workers)
+        .map(|w| procs::worker(bins, dir, &addr, &format!("w{w}"), false))
+        .collect::<Result<Vec<_>>>()?;
     let spec_path = dir.join("job.yaml");
     std::fs::write(&spec_path, spec(setup, steps))?;
-    let job_id = procs::submit(bin_dir, &addr, &spec_path)?;
+    let job_id = coord.submit(&spec_path)?;
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -114,7 +115,7 @@ fn run_once(bin_dir: &Path, dir: &Path, setup: &Setup, steps: u64) -> Result<f64
 }
 
 pub fn snapcheck_cluster(reps: usize, steps: u64) -> Result<()> {
-    let bin_dir = procs::bin_dir()?;
+    let bins = Binaries::beside_current_exe()?;
     let tmp = tempfile::tempdir()?;
     let mut walls: Vec<Vec<f64>> = vec![Vec::new(); SETUPS.len()];
     for rep in 0..reps.max(1) {
@@ -123,7 +124,7 @@ pub fn snapcheck_cluster(reps: usize, steps: u64) -> Result<()> {
             let i = (k + rep) % SETUPS.len();
             let setup = &SETUPS[i];
             let wall = run_once(
-                &bin_dir,
+                &bins,
                 &tmp.path().join(format!("rep{rep}-{i}")),
                 setup,
                 steps,

@@ -3,15 +3,19 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, dead_code)]
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use segprop_harness::{Binaries, CoordinatorCommand, Log, WorkerCommand};
 use segprop_proto::v1 as pb;
 use segprop_proto::v1::cluster_service_client::ClusterServiceClient;
 use segprop_proto::v1::job_service_client::JobServiceClient;
 use tonic::Request;
+
+pub use segprop_harness::Coordinator;
+/// A worker daemon (or any child), SIGKILLed and reaped on drop.
+pub use segprop_harness::Process as Worker;
 
 pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -19,55 +23,9 @@ pub fn repo() -> PathBuf {
 
 /// `target/<profile>/<name>`, building the coordinator, worker and bench binaries on first use.
 pub fn bin(name: &str) -> PathBuf {
-    static BUILD: std::sync::Once = std::sync::Once::new();
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().parent().unwrap().to_path_buf();
-    BUILD.call_once(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut cmd = Command::new(cargo);
-        cmd.args([
-            "build",
-            "--quiet",
-            "-p",
-            "segprop-worker",
-            "-p",
-            "segprop-coordinator",
-            "-p",
-            "segprop-bench",
-        ])
-        .current_dir(repo());
-        // `cargo test` gives this process the package's CARGO_MANIFEST_DIR, CARGO_PKG_* and
-        // friends. Passed on, they change the fingerprint of build scripts that watch them
-        // (ring's reruns on CARGO_MANIFEST_DIR), and this build would recompile ring, rustls,
-        // tonic and everything above them that `cargo test` had just built.
-        for (key, _) in std::env::vars_os() {
-            let key = key.to_string_lossy();
-            if key.starts_with("CARGO_PKG_")
-                || key.starts_with("CARGO_MANIFEST_")
-                || [
-                    "CARGO_CRATE_NAME",
-                    "CARGO_PRIMARY_PACKAGE",
-                    "CARGO_TARGET_TMPDIR",
-                    "CARGO_BIN_NAME",
-                    "CARGO_RUSTC_CURRENT_DIR",
-                    "OUT_DIR",
-                ]
-                .contains(&key.as_ref())
-            {
-                cmd.env_remove(key.as_ref());
-            }
-        }
-        if dir.file_name().is_some_and(|n| n == "release") {
-            cmd.arg("--release");
-        }
-        assert!(
-            cmd.status().unwrap().success(),
-            "building the binaries failed"
-        );
-    });
-    let path = dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
-    assert!(path.is_file(), "{} is missing", path.display());
-    path
+    Binaries::build(&repo())
+        .and_then(|binaries| binaries.get(name))
+        .unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 pub const TOKEN: &str = "test-token-4f1c";
@@ -91,27 +49,6 @@ pub fn spec(dir: &Path, name: &str, segment_steps: u64, every: u64) -> PathBuf {
     path
 }
 
-pub struct Coordinator {
-    pub child: Child,
-    pub addr: String,
-}
-
-impl Drop for Coordinator {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-pub struct Worker(pub Child);
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// Starts `segprop-coord serve` on `listen` with state and artifacts under `dir`.
 pub fn coordinator(dir: &Path, listen: &str) -> Coordinator {
     coordinator_with(dir, listen, &[])
@@ -119,31 +56,16 @@ pub fn coordinator(dir: &Path, listen: &str) -> Coordinator {
 
 /// [`coordinator`] with extra `SEGPROP_*` settings.
 pub fn coordinator_with(dir: &Path, listen: &str, env: &[(&str, PathBuf)]) -> Coordinator {
-    let mut child = Command::new(bin("segprop-coord"))
-        .arg("serve")
-        .envs(env.iter().map(|(k, v)| (k, v)))
-        .env("SEGPROP_TOKEN", TOKEN)
-        .env("SEGPROP_LISTEN", listen)
-        .env("SEGPROP_STATE_DIR", dir.join("state"))
-        .env("SEGPROP_ARTIFACT_ROOT", dir.join("artifacts"))
+    CoordinatorCommand::new(bin("segprop-coord"), dir, TOKEN)
+        .listen(listen)
         .env("SEGPROP_HEARTBEAT_INTERVAL_MS", "200")
         .env("SEGPROP_LEASE_MS", "3000")
         .env("SEGPROP_BACKOFF_BASE_MS", "100")
-        .env("SEGPROP_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(dir.join("coordinator.log")).unwrap())
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .log(Log::Create(dir.join("coordinator.log")))
+        .log_level("info")
         .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("coordinator listening on ")
-        .unwrap_or_else(|| panic!("unexpected coordinator output {line:?}"))
-        .to_string();
-    Coordinator { child, addr }
+        .unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 pub fn worker(dir: &Path, coord: &Coordinator, name: &str) -> Worker {
@@ -163,21 +85,13 @@ pub fn worker_with_env(
     args: &[&str],
     env: &[(&str, &str)],
 ) -> Worker {
-    let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
-    Worker(
-        Command::new(bin("segprop-worker"))
-            .args(["serve", "--coordinator", &format!("http://{}", coord.addr)])
-            .args(["--name", name, "--work-dir"])
-            .arg(dir.join(format!("{name}-work")))
-            .args(args)
-            .envs(env.iter().copied())
-            .env("SEGPROP_TOKEN", TOKEN)
-            .env("SEGPROP_LOG", "info")
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    )
+    WorkerCommand::new(bin("segprop-worker"), &coord.addr, TOKEN, dir, name)
+        .args(args)
+        .envs(env.iter().copied())
+        .log(Log::Create(dir.join(format!("{name}.log"))))
+        .log_level("info")
+        .spawn()
+        .unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// A moto S3 server (`pip install 'moto[server]'`) on a free loopback port, killed on drop.
@@ -251,13 +165,7 @@ impl Moto {
 }
 
 pub fn coord_cli(coord: &Coordinator, args: &[&str], token: &str) -> Output {
-    Command::new(bin("segprop-coord"))
-        .args(args)
-        .env("SEGPROP_COORDINATOR", format!("http://{}", coord.addr))
-        .env("SEGPROP_TOKEN", token)
-        .env("SEGPROP_LOG", "warn")
-        .output()
-        .unwrap()
+    coord.cli(token).args(args).output().unwrap()
 }
 
 pub fn text(bytes: &[u8]) -> String {
@@ -265,9 +173,7 @@ pub fn text(bytes: &[u8]) -> String {
 }
 
 pub fn submit(coord: &Coordinator, spec: &Path) -> String {
-    let out = coord_cli(coord, &["submit", spec.to_str().unwrap()], TOKEN);
-    assert!(out.status.success(), "submit failed: {}", text(&out.stderr));
-    text(&out.stdout).trim().to_string()
+    coord.submit(spec).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 pub fn runtime() -> tokio::runtime::Runtime {
@@ -278,10 +184,7 @@ pub fn runtime() -> tokio::runtime::Runtime {
 }
 
 pub fn with_token<T>(message: T, token: &str) -> Request<T> {
-    let mut req = Request::new(message);
-    req.metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
-    req
+    segprop_harness::authorized(message, token).unwrap()
 }
 
 pub async fn jobs_client(addr: &str) -> JobServiceClient<tonic::transport::Channel> {
@@ -300,12 +203,7 @@ pub fn get_job(coord: &Coordinator, job_id: &str) -> pb::Job {
     runtime().block_on(async {
         jobs_client(&coord.addr)
             .await
-            .get_job(with_token(
-                pb::GetJobRequest {
-                    job_id: job_id.into(),
-                },
-                TOKEN,
-            ))
+            .get_job(segprop_harness::get_job_request(job_id, TOKEN).unwrap())
             .await
             .unwrap()
             .into_inner()

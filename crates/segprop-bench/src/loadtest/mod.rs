@@ -196,7 +196,7 @@ async fn drive(
     token: &str,
     coordinator: &mut Coordinator,
 ) -> anyhow::Result<Results> {
-    let url = format!("http://{}", coordinator.addr);
+    let url = coordinator.url();
     let auth = AttachToken::new(token).map_err(anyhow::Error::msg)?;
     let mut jobs_client = coordinator.wait_ready(&url, &auth).await?;
 

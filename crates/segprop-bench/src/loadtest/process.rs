@@ -1,14 +1,14 @@
 //! The coordinator under test as a child process (`segprop-coord serve` with a config file,
-//! a free loopback port and its own state directory), and its CPU and memory from `/proc`.
+//! a free loopback port and its own state directory, started by `segprop-harness`), and its CPU
+//! and memory from `/proc`.
 
-use std::fs::File;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use segprop_coordinator::auth::AttachToken;
+use segprop_harness::{CoordinatorCommand, Log};
 use segprop_proto::v1 as pb;
 use segprop_proto::v1::job_service_client::JobServiceClient;
 use tonic::transport::Endpoint;
@@ -17,11 +17,10 @@ use super::*;
 
 /// The coordinator child process.
 pub(super) struct Coordinator {
-    pub(super) child: Child,
+    process: segprop_harness::Coordinator,
     pub(super) pid: u32,
-    pub(super) addr: SocketAddr,
-    pub(super) log_path: PathBuf,
-    pub(super) stopped: bool,
+    log_path: PathBuf,
+    stopped: bool,
 }
 
 impl Coordinator {
@@ -32,10 +31,8 @@ impl Coordinator {
         heartbeat_ms: u64,
         lease_ms: u64,
     ) -> anyhow::Result<Self> {
-        let addr = free_port()?;
+        let listen = "127.0.0.1:0";
         let log_path = dir.join("coordinator.log");
-        let log = File::create(&log_path)
-            .with_context(|| format!("cannot create {}", log_path.display()))?;
         let state_dir = dir.join("state");
         let artifact_root = dir.join("artifacts");
         // The settings go in a config file (the coordinator's `--config`), which also exercises
@@ -45,42 +42,35 @@ impl Coordinator {
         std::fs::write(
             &config_path,
             format!(
-                "listen: \"{addr}\"\nstate_dir: {}\nartifact_root: {}\ntoken: \"{token}\"\n\
+                "listen: \"{listen}\"\nstate_dir: {}\nartifact_root: {}\ntoken: \"{token}\"\n\
                  heartbeat_interval_ms: {heartbeat_ms}\nlease_ms: {lease_ms}\n",
                 quote(&state_dir),
                 quote(&artifact_root),
             ),
         )
         .with_context(|| format!("cannot write {}", config_path.display()))?;
-        let mut command = Command::new(bin);
-        command.arg("serve").arg("--config").arg(&config_path);
-        // Only our settings: no SEGPROP_* variable of the caller's shell leaks in.
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("SEGPROP_") {
-                command.env_remove(key);
-            }
-        }
-        command
-            .env("SEGPROP_TOKEN", token)
-            .env("SEGPROP_LISTEN", addr.to_string())
-            .env("SEGPROP_STATE_DIR", &state_dir)
-            .env("SEGPROP_ARTIFACT_ROOT", &artifact_root)
+        // The same settings in the environment, and only ours: no SEGPROP_* variable of the
+        // caller's shell leaks in.
+        let process = CoordinatorCommand::new(bin, dir, token)
+            .listen(listen)
+            .config(&config_path)
+            .only_own_segprop_env()
             .env("SEGPROP_HEARTBEAT_INTERVAL_MS", heartbeat_ms.to_string())
             .env("SEGPROP_LEASE_MS", lease_ms.to_string())
-            .env("SEGPROP_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log);
-        let child = command
-            .spawn()
-            .with_context(|| format!("cannot start {}", bin.display()))?;
+            .log(Log::Create(log_path.clone()))
+            .log_level("warn")
+            .spawn()?;
         Ok(Self {
-            pid: child.id(),
-            child,
-            addr,
+            pid: process.child.id(),
+            process,
             log_path,
             stopped: false,
         })
+    }
+
+    /// `http://<the address it listens on>`.
+    pub(super) fn url(&self) -> String {
+        self.process.url()
     }
 
     /// Waits until the coordinator answers an authenticated call; returns a JobService client.
@@ -92,7 +82,7 @@ impl Coordinator {
         let deadline = Instant::now() + Duration::from_secs(30);
         let mut last_error = String::from("no attempt");
         while Instant::now() < deadline {
-            if let Some(status) = self.child.try_wait()? {
+            if let Some(status) = self.process.child.try_wait()? {
                 bail!("the coordinator exited during startup ({status})");
             }
             match Endpoint::from_shared(url.to_string())?
@@ -117,7 +107,7 @@ impl Coordinator {
 
     /// Whether the process has ended (a zombie until waited for counts as ended).
     pub(super) fn exited(&mut self) -> bool {
-        !matches!(self.child.try_wait(), Ok(None))
+        !matches!(self.process.child.try_wait(), Ok(None))
     }
 
     /// SIGTERM, then up to 10 s for it to exit, then SIGKILL.
@@ -126,7 +116,8 @@ impl Coordinator {
             return Ok(());
         }
         self.stopped = true;
-        if let Some(status) = self.child.try_wait()? {
+        let child = &mut self.process.child;
+        if let Some(status) = child.try_wait()? {
             bail!("the coordinator had already exited ({status})");
         }
         let _ = Command::new("kill")
@@ -134,13 +125,13 @@ impl Coordinator {
             .status();
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
-            if self.child.try_wait()?.is_some() {
+            if child.try_wait()?.is_some() {
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = child.kill();
+        let _ = child.wait();
         bail!("the coordinator did not exit within 10 s of SIGTERM (killed)")
     }
 
@@ -149,21 +140,6 @@ impl Coordinator {
             .map(|text| text.lines().map(str::to_string).collect())
             .unwrap_or_default()
     }
-}
-
-impl Drop for Coordinator {
-    fn drop(&mut self) {
-        if !self.stopped {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-pub(super) fn free_port() -> anyhow::Result<SocketAddr> {
-    let listener =
-        TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("cannot find a free loopback port")?;
-    Ok(listener.local_addr()?)
 }
 
 /// utime + stime of a process, in clock ticks.
