@@ -120,7 +120,7 @@ impl Coordinator {
         let mut boot = [0u8; 3];
         let _ = getrandom::fill(&mut boot);
         let (events, _) = broadcast::channel(4096);
-        let writer = Writer::start(store, events.clone());
+        let writer = Writer::new(store, events.clone());
         Ok(Arc::new(Self {
             inner: Mutex::new(Inner {
                 done: jobs.iter().filter(|j| j.is_terminal()).cloned().collect(),
@@ -249,9 +249,9 @@ impl Coordinator {
     /// Expires overdue leases and forgets workers that stopped heartbeating. Runs on a timer.
     pub async fn tick(&self) -> Result<(), CoordError> {
         let (assignable, ticket) = self.tick_locked()?;
-        self.durable(ticket).await?;
+        // As after a report: leases of woken workers are committed after this tick's write.
         self.wake(assignable);
-        Ok(())
+        self.durable(ticket).await
     }
 
     fn tick_locked(&self) -> Result<(usize, Ticket), CoordError> {

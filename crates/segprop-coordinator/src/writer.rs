@@ -1,21 +1,21 @@
-//! The state store's writer: one thread commits job documents to redb in the order they were
-//! queued, so no RPC holds the coordinator's state lock across a durable commit.
+//! The state store's writer: job documents are committed to redb in the order they were
+//! queued, and no RPC holds the coordinator's state lock across a durable commit.
 //!
 //! A transition is made under the state lock, which also encodes the changed jobs and queues
 //! them here ([`Writer::queue`], numbered in lock order). The lock is then released and the
 //! call waits for its [`Ticket`] before it replies, so every transition is still on disk before
-//! the RPC that caused it returns. What a transition changes for watchers is broadcast by this
-//! thread after the commit, in commit order: no watcher sees a state that is not durable.
-//!
-//! Queued writes that find the thread busy are committed together in one transaction (group
-//! commit); a later document of a job replaces an earlier one in the same group.
+//! the RPC that caused it returns. The first waiting call commits everything queued, holding
+//! only the database (group commit: calls that queue meanwhile are committed together by it or
+//! the next one; a later document of a job replaces an earlier one in the same group), so an
+//! uncontended commit costs no thread hand-off. What a transition changes for watchers is
+//! broadcast after the commit, in commit order: no watcher sees a state that is not durable.
 //!
 //! Calls that change nothing (a heartbeat that only renews its leases, a rendezvous) never
-//! wait here; reads ([`Writer::settled`]) wait only for the writes queued before them.
+//! wait here; reads ([`Writer::barrier`]) wait only for the writes queued before them.
 
-use std::collections::HashMap;
-use std::sync::mpsc;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use segprop_proto::v1 as pb;
 use tokio::sync::{broadcast, watch};
@@ -28,6 +28,9 @@ pub type JobEventMessage = Arc<(String, pb::JobEvent)>;
 /// The most queued writes committed in one transaction.
 const MAX_GROUP: usize = 256;
 
+/// How long a waiting call trusts the committing one before it looks again itself.
+const FOLLOW_FOR: Duration = Duration::from_millis(50);
+
 /// Changed jobs to commit, and what to tell watchers once they are committed.
 struct Write {
     seq: u64,
@@ -37,22 +40,31 @@ struct Write {
     events: Vec<JobEventMessage>,
 }
 
-/// Sequence numbers of the writes that are queued, committed and failed.
-struct Progress {
+/// Writes queued and not yet committed, and what became of the committed ones.
+struct Queue {
+    writes: VecDeque<Write>,
     /// The number of the last write queued.
     queued: u64,
     /// Writes that could not be committed, by number, until their ticket reads the error.
     failed: HashMap<u64, StoreError>,
 }
 
-pub struct Writer {
-    queue: Mutex<Option<mpsc::Sender<Write>>>,
-    progress: Arc<Mutex<Progress>>,
-    /// The number of the last write the thread finished (committed or failed).
-    done: watch::Receiver<u64>,
-    thread: Option<std::thread::JoinHandle<()>>,
+struct Shared {
+    queue: Mutex<Queue>,
+    /// The database; holding it is being the one call that commits.
+    store: Mutex<StateStore>,
+    /// The number of the last write finished (committed or failed).
+    done: watch::Sender<u64>,
+    events: broadcast::Sender<JobEventMessage>,
     #[cfg(test)]
-    hold: Arc<(Mutex<bool>, std::sync::Condvar)>,
+    hold: (Mutex<bool>, std::sync::Condvar),
+    #[cfg(test)]
+    fail_next: std::sync::atomic::AtomicBool,
+}
+
+/// Commits queued writes in order ([`Writer::queue`]); see the module doc.
+pub struct Writer {
+    shared: Arc<Shared>,
 }
 
 /// A queued write: [`Ticket::wait`] returns once it is committed, or with why it was not.
@@ -61,93 +73,143 @@ pub struct Ticket {
     seq: u64,
     /// A ticket of its own write reads that write's error; a barrier only waits.
     own: bool,
-    done: watch::Receiver<u64>,
-    progress: Arc<Mutex<Progress>>,
+    shared: Arc<Shared>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Ticket {
     /// Waits until the write is committed. `Ok` for a ticket of no write.
-    pub async fn wait(mut self) -> Result<(), StoreError> {
-        if self.seq == 0 {
-            return Ok(());
-        }
+    ///
+    /// The first waiting call commits everything queued (on its own thread, holding only the
+    /// database); calls that queue meanwhile wait for it and are committed by it, or by the
+    /// next one, in one transaction.
+    pub async fn wait(self) -> Result<(), StoreError> {
         let seq = self.seq;
-        // The sender lives as long as the writer thread, which finishes every queued write.
-        let _ = self.done.wait_for(|done| *done >= seq).await;
+        let mut done = self.shared.done.subscribe();
+        while *done.borrow_and_update() < seq {
+            if self.shared.commit_up_to(seq) {
+                continue;
+            }
+            // Another call is committing: this write is in its group, or this call looks
+            // again when that group is announced (the committer lets go of the database
+            // first). The timeout is only a safety net.
+            let _ = tokio::time::timeout(FOLLOW_FOR, done.changed()).await;
+        }
         if !self.own {
             return Ok(());
         }
-        match lock(&self.progress).failed.remove(&seq) {
+        match lock(&self.shared.queue).failed.remove(&seq) {
             Some(e) => Err(e),
             None => Ok(()),
         }
     }
 }
 
-fn lock(progress: &Mutex<Progress>) -> MutexGuard<'_, Progress> {
-    progress.lock().unwrap_or_else(|e| e.into_inner())
+impl Shared {
+    /// Commits the queued writes, in groups, until write `seq` is committed, unless another
+    /// call is committing. Returns whether this call committed. Stopping at its own write
+    /// keeps a call's reply from waiting on the commits of calls made after it.
+    fn commit_up_to(&self, seq: u64) -> bool {
+        let Ok(store) = self.store.try_lock() else {
+            return false;
+        };
+        let mut committed = false;
+        loop {
+            let group: Vec<Write> = {
+                let mut queue = lock(&self.queue);
+                let n = queue.writes.len().min(MAX_GROUP);
+                queue.writes.drain(..n).collect()
+            };
+            let Some(last) = group.last().map(|w| w.seq) else {
+                // Taken by a committer that has not announced it yet: wait for it.
+                return committed;
+            };
+            committed = true;
+            #[cfg(test)]
+            self.wait_while_held();
+            match self.commit(&store, &group) {
+                // Announced before the database is let go, so groups are announced in order.
+                Ok(()) => {
+                    for event in group.into_iter().flat_map(|w| w.events) {
+                        let _ = self.events.send(event);
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, writes = group.len(), "state store write failed");
+                    let mut queue = lock(&self.queue);
+                    for w in &group {
+                        queue.failed.insert(w.seq, e.clone());
+                    }
+                }
+            }
+            if last >= seq {
+                // Let go first: a call woken by the announcement may commit the next group.
+                drop(store);
+                self.done.send_replace(last);
+                return true;
+            }
+            self.done.send_replace(last);
+        }
+    }
+
+    /// One transaction for a group of writes: the last document of each job, the largest next
+    /// job sequence number.
+    fn commit(&self, store: &StateStore, group: &[Write]) -> Result<(), StoreError> {
+        #[cfg(test)]
+        if self
+            .fail_next
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            return Err(StoreError {
+                path: "coordinator.redb".into(),
+                message: "injected write failure".into(),
+            });
+        }
+        let mut latest: Vec<(&str, &[u8])> = Vec::new();
+        for w in group {
+            for (id, bytes) in &w.jobs {
+                match latest.iter_mut().find(|(seen, _)| *seen == id.as_str()) {
+                    Some(entry) => entry.1 = bytes,
+                    None => latest.push((id, bytes)),
+                }
+            }
+        }
+        let next = group.iter().map(|w| w.next_job_seq).max().unwrap_or(1);
+        store.save_encoded(&latest, next)
+    }
+
+    #[cfg(test)]
+    fn wait_while_held(&self) {
+        let (flag, cv) = &self.hold;
+        let mut on = lock(flag);
+        while *on {
+            on = cv.wait(on).unwrap_or_else(|e| e.into_inner());
+        }
+    }
 }
 
 impl Writer {
-    /// Starts the writer thread, which owns `store` from now on. Committed job states are
-    /// announced on `events`.
-    pub fn start(store: StateStore, events: broadcast::Sender<JobEventMessage>) -> Self {
-        let (tx, rx) = mpsc::channel::<Write>();
-        let (done_tx, done) = watch::channel(0u64);
-        let progress = Arc::new(Mutex::new(Progress {
-            queued: 0,
-            failed: HashMap::new(),
-        }));
-        #[cfg(test)]
-        let hold = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
-        #[cfg(test)]
-        let held = hold.clone();
-        let failures = progress.clone();
-        let thread = std::thread::Builder::new()
-            .name("state-writer".into())
-            .spawn(move || {
-                while let Ok(first) = rx.recv() {
-                    let mut group = vec![first];
-                    while group.len() < MAX_GROUP {
-                        match rx.try_recv() {
-                            Ok(next) => group.push(next),
-                            Err(_) => break,
-                        }
-                    }
-                    #[cfg(test)]
-                    {
-                        let (flag, cv) = &*held;
-                        let mut on = flag.lock().unwrap_or_else(|e| e.into_inner());
-                        while *on {
-                            on = cv.wait(on).unwrap_or_else(|e| e.into_inner());
-                        }
-                    }
-                    let last = group.last().map_or(0, |w| w.seq);
-                    match commit(&store, &group) {
-                        Ok(()) => {
-                            for event in group.into_iter().flat_map(|w| w.events) {
-                                let _ = events.send(event);
-                            }
-                        }
-                        Err(e) => {
-                            tracing::error!(error = %e, writes = group.len(), "state store write failed");
-                            let mut progress = lock(&failures);
-                            for w in &group {
-                                progress.failed.insert(w.seq, e.clone());
-                            }
-                        }
-                    }
-                    done_tx.send_replace(last);
-                }
-            })
-            .expect("the OS can start the coordinator's writer thread");
+    /// A writer over `store`; committed job states are announced on `events`.
+    pub fn new(store: StateStore, events: broadcast::Sender<JobEventMessage>) -> Self {
+        let (done, _) = watch::channel(0u64);
         Self {
-            queue: Mutex::new(Some(tx)),
-            progress,
-            done,
-            thread: Some(thread),
-            #[cfg(test)]
-            hold,
+            shared: Arc::new(Shared {
+                queue: Mutex::new(Queue {
+                    writes: VecDeque::new(),
+                    queued: 0,
+                    failed: HashMap::new(),
+                }),
+                store: Mutex::new(store),
+                done,
+                events,
+                #[cfg(test)]
+                hold: (Mutex::new(false), std::sync::Condvar::new()),
+                #[cfg(test)]
+                fail_next: std::sync::atomic::AtomicBool::new(false),
+            }),
         }
     }
 
@@ -160,38 +222,19 @@ impl Writer {
         next_job_seq: u64,
         events: Vec<JobEventMessage>,
     ) -> Ticket {
-        let queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
-        let seq = {
-            let mut progress = lock(&self.progress);
-            progress.queued += 1;
-            progress.queued
-        };
-        let write = Write {
+        let mut queue = lock(&self.shared.queue);
+        queue.queued += 1;
+        let seq = queue.queued;
+        queue.writes.push_back(Write {
             seq,
             jobs,
             next_job_seq,
             events,
-        };
-        let sent = queue.as_ref().is_some_and(|tx| tx.send(write).is_ok());
-        if !sent {
-            // Only after the writer stopped (the coordinator is shutting down).
-            lock(&self.progress).failed.insert(
-                seq,
-                StoreError {
-                    path: String::new(),
-                    message: "the state writer has stopped".into(),
-                },
-            );
-        }
+        });
         Ticket {
             seq,
             own: true,
-            done: if sent {
-                self.done.clone()
-            } else {
-                watch::channel(seq).1
-            },
-            progress: self.progress.clone(),
+            shared: self.shared.clone(),
         }
     }
 
@@ -200,8 +243,7 @@ impl Writer {
         Ticket {
             seq: 0,
             own: false,
-            done: self.done.clone(),
-            progress: self.progress.clone(),
+            shared: self.shared.clone(),
         }
     }
 
@@ -209,63 +251,43 @@ impl Writer {
     /// under the state lock by a read, it replies with nothing that is not yet durable.
     pub fn barrier(&self) -> Ticket {
         Ticket {
-            seq: lock(&self.progress).queued,
+            seq: lock(&self.shared.queue).queued,
             own: false,
-            done: self.done.clone(),
-            progress: self.progress.clone(),
+            shared: self.shared.clone(),
         }
     }
 
     /// The number of writes queued so far.
     #[cfg(test)]
     pub fn queued(&self) -> u64 {
-        lock(&self.progress).queued
+        lock(&self.shared.queue).queued
     }
 
     /// Holds every commit until the guard is dropped (tests of a slow disk).
     #[cfg(test)]
     pub fn hold(&self) -> HoldGuard {
-        *self.hold.0.lock().unwrap_or_else(|e| e.into_inner()) = true;
-        HoldGuard(self.hold.clone())
+        *lock(&self.shared.hold.0) = true;
+        HoldGuard(self.shared.clone())
+    }
+
+    /// Makes the next commit fail (tests of a failing disk).
+    #[cfg(test)]
+    pub fn fail_next(&self) {
+        self.shared
+            .fail_next
+            .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
 #[cfg(test)]
-pub struct HoldGuard(Arc<(Mutex<bool>, std::sync::Condvar)>);
+pub struct HoldGuard(Arc<Shared>);
 
 #[cfg(test)]
 impl Drop for HoldGuard {
     fn drop(&mut self) {
-        *self.0.0.lock().unwrap_or_else(|e| e.into_inner()) = false;
-        self.0.1.notify_all();
+        *lock(&self.0.hold.0) = false;
+        self.0.hold.1.notify_all();
     }
-}
-
-impl Drop for Writer {
-    /// Finishes the queued writes and closes the database, so the state directory can be
-    /// opened again as soon as the coordinator is gone.
-    fn drop(&mut self) {
-        self.queue.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-/// One transaction for a group of writes: the last document of each job, the largest next job
-/// sequence number.
-fn commit(store: &StateStore, group: &[Write]) -> Result<(), StoreError> {
-    let mut latest: Vec<(&str, &[u8])> = Vec::new();
-    for w in group {
-        for (id, bytes) in &w.jobs {
-            match latest.iter_mut().find(|(seen, _)| *seen == id.as_str()) {
-                Some(entry) => entry.1 = bytes,
-                None => latest.push((id, bytes)),
-            }
-        }
-    }
-    let next = group.iter().map(|w| w.next_job_seq).max().unwrap_or(1);
-    store.save_encoded(&latest, next)
 }
 
 #[cfg(test)]
@@ -275,7 +297,7 @@ mod tests {
     fn writer(dir: &std::path::Path) -> (Writer, broadcast::Receiver<JobEventMessage>) {
         let (events, rx) = broadcast::channel(16);
         (
-            Writer::start(StateStore::open(dir).expect("state store"), events),
+            Writer::new(StateStore::open(dir).expect("state store"), events),
             rx,
         )
     }
@@ -307,12 +329,14 @@ mod tests {
     async fn a_failed_write_is_told_to_its_ticket_and_announced_to_no_one() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (writer, mut rx) = writer(dir.path());
-        // The writer stopped (as at shutdown): a write queued after that is refused.
-        let queue = writer.queue.lock().expect("queue").take();
-        drop(queue);
+        writer.fail_next();
         let ticket = writer.queue(vec![("j1".into(), b"{}".to_vec())], 2, vec![event("j1")]);
-        let err = ticket.wait().await.expect_err("no writer");
-        assert!(err.message.contains("stopped"), "{err}");
+        let err = ticket.wait().await.expect_err("the commit failed");
+        assert!(err.message.contains("injected"), "{err}");
         assert!(rx.try_recv().is_err());
+        // The next write commits.
+        let ticket = writer.queue(vec![("j1".into(), b"{}".to_vec())], 2, vec![event("j1")]);
+        ticket.wait().await.expect("a later write");
+        assert_eq!(rx.recv().await.expect("event").0, "j1");
     }
 }

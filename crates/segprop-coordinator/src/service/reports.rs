@@ -6,9 +6,10 @@ use super::*;
 impl Coordinator {
     pub async fn report(&self, req: pb::ReportTaskRequest) -> Result<(), CoordError> {
         let (ready, ticket) = self.report_locked(req)?;
-        self.durable(ticket).await?;
+        // Woken workers may lease the tasks this report readied before its commit returns: a
+        // lease is queued after the report's write, so no assignment is answered before it.
         self.wake(ready);
-        Ok(())
+        self.durable(ticket).await
     }
 
     /// Decides the report under the lock and queues its commit; returns the tasks it made ready.
