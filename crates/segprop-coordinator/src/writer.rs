@@ -7,7 +7,11 @@
 //! the RPC that caused it returns. The first waiting call commits everything queued, holding
 //! only the database (group commit: calls that queue meanwhile are committed together by it or
 //! the next one; a later document of a job replaces an earlier one in the same group), so an
-//! uncontended commit costs no thread hand-off. What a transition changes for watchers is
+//! uncontended commit costs no thread hand-off. A call that finds another committing blocks on
+//! the database for at most [`BLOCK_FOR`], so that it commits its own write the moment the
+//! other lets go instead of queueing behind the runtime's other tasks to be woken; past that
+//! (a slow disk) it waits as an async task, so that a stuck commit holds no runtime thread
+//! for longer. What a transition changes for watchers is
 //! broadcast after the commit, in commit order: no watcher sees a state that is not durable.
 //!
 //! Calls that change nothing (a heartbeat that only renews its leases, a rendezvous) never
@@ -15,6 +19,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
 use std::time::Duration;
 
 use segprop_proto::v1 as pb;
@@ -30,6 +35,10 @@ const MAX_GROUP: usize = 256;
 
 /// How long a waiting call trusts the committing one before it looks again itself.
 const FOLLOW_FOR: Duration = Duration::from_millis(50);
+
+/// How long a call that finds another committing blocks on the database, once, before it
+/// waits as an async task: a few healthy commits' time.
+const BLOCK_FOR: Duration = Duration::from_millis(5);
 
 /// Changed jobs to commit, and what to tell watchers once they are committed.
 struct Write {
@@ -52,7 +61,7 @@ struct Queue {
 struct Shared {
     queue: Mutex<Queue>,
     /// The database; holding it is being the one call that commits.
-    store: Mutex<StateStore>,
+    store: parking_lot::Mutex<StateStore>,
     /// The number of the last write finished (committed or failed).
     done: watch::Sender<u64>,
     events: broadcast::Sender<JobEventMessage>,
@@ -89,8 +98,10 @@ impl Ticket {
     pub async fn wait(self) -> Result<(), StoreError> {
         let seq = self.seq;
         let mut done = self.shared.done.subscribe();
+        // Blocking is bounded once per call, not per look.
+        let mut block_until = Some(Instant::now() + BLOCK_FOR);
         while *done.borrow_and_update() < seq {
-            if self.shared.commit_up_to(seq) {
+            if self.shared.commit_up_to(seq, block_until.take()) {
                 continue;
             }
             // Another call is committing: this write is in its group, or this call looks
@@ -110,10 +121,15 @@ impl Ticket {
 
 impl Shared {
     /// Commits the queued writes, in groups, until write `seq` is committed, unless another
-    /// call is committing. Returns whether this call committed. Stopping at its own write
-    /// keeps a call's reply from waiting on the commits of calls made after it.
-    fn commit_up_to(&self, seq: u64) -> bool {
-        let Ok(store) = self.store.try_lock() else {
+    /// call is committing (and still is at `block_until`, when given). Returns whether this
+    /// call committed. Stopping at its own write keeps a call's reply from waiting on the
+    /// commits of calls made after it.
+    fn commit_up_to(&self, seq: u64, block_until: Option<Instant>) -> bool {
+        let store = match block_until {
+            Some(until) => self.store.try_lock_until(until),
+            None => self.store.try_lock(),
+        };
+        let Some(store) = store else {
             return false;
         };
         let mut committed = false;
@@ -202,7 +218,7 @@ impl Writer {
                     queued: 0,
                     failed: HashMap::new(),
                 }),
-                store: Mutex::new(store),
+                store: parking_lot::Mutex::new(store),
                 done,
                 events,
                 #[cfg(test)]
