@@ -96,9 +96,9 @@ fn a_stalled_rank_fails_the_attempt_within_the_deadline_and_the_retry_completes(
     // Every task of the job ran as a gang whose units stayed sharded: its stage states and
     // checkpoints are per-rank shard files with a manifest, never a whole model.
     for kind in [
-        "TASK_KIND_TRAIN_STAGE",
-        "TASK_KIND_ADVANCE_SNAPSHOTS",
-        "TASK_KIND_EXPORT",
+        "task=\"train_stage\"",
+        "task=\"advance_snapshots\"",
+        "task=\"export\"",
     ] {
         assert!(
             log.lines()

@@ -4,7 +4,9 @@
 use std::path::Path;
 
 use anyhow::Result;
-use segprop_harness::{Binaries, COORDINATOR, CoordinatorCommand, Log, WORKER, WorkerCommand};
+use segprop_harness::{
+    Binaries, COORDINATOR, ChildCommand, CoordinatorCommand, Log, WORKER, WorkerCommand,
+};
 
 pub use segprop_harness::{Coordinator, Process};
 

@@ -4,13 +4,17 @@
 
 use std::collections::HashMap;
 
-use segprop_core::sched::{
-    Artifact, Checkpoint, Job, JobStatus, Outcome, Task, TaskKind, TaskResult, TaskStatus,
-};
+use segprop_core::sched::{Artifact, Backend, Job, JobStatus, Outcome, Task, TaskKind, TaskStatus};
 use segprop_proto::v1 as pb;
 
 use crate::config::CoordConfig;
 use crate::error::CoordError;
+use crate::request::{Attempt, Heartbeat, Registration, Rendezvous, Report, Running};
+
+/// The longest one `Rendezvous` call waits for rank 0's id.
+pub const MAX_RENDEZVOUS_WAIT_MS: u32 = 300_000;
+/// The largest communicator id accepted (an `ncclUniqueId` has 128 bytes).
+pub const MAX_UNIQUE_ID_BYTES: usize = 4096;
 
 pub fn job_state(status: JobStatus) -> pb::JobState {
     match status {
@@ -62,7 +66,7 @@ pub fn job(
                 progress: progress.get(&(job.id.clone(), t.index)).cloned(),
                 error: t.error.clone().unwrap_or_default(),
                 result_json: t.result_json.clone().unwrap_or_default(),
-                result: t.result.as_ref().map(task_result_out),
+                result: t.result.as_ref().map(Into::into),
                 checkpoint_step: t.checkpoint.as_ref().map_or(0, |c| c.step),
             })
             .collect(),
@@ -91,20 +95,130 @@ pub fn task_kind(kind: &TaskKind) -> pb::TaskKind {
 
 pub use segprop_store::layout::job_dir;
 
-pub fn artifact_out(a: &Artifact) -> pb::ArtifactRef {
-    pb::ArtifactRef {
-        uri: a.uri.clone(),
-        checksum: a.checksum.clone(),
-        bytes: a.bytes,
+/// A worker's registration: its protocol version must be the coordinator's and its backend
+/// one the scheduler knows.
+pub fn registration_in(req: pb::RegisterWorkerRequest) -> Result<Registration, CoordError> {
+    if req.protocol_version != segprop_proto::PROTOCOL_VERSION {
+        return Err(CoordError::Protocol {
+            worker: req.protocol_version,
+            coordinator: segprop_proto::PROTOCOL_VERSION,
+        });
+    }
+    let Some(backend) = Backend::parse(&req.backend) else {
+        return Err(CoordError::Field {
+            field: "backend",
+            message: format!("`{}` is not one of cpu, cuda", req.backend),
+        });
+    };
+    Ok(Registration {
+        name: req.name,
+        backend,
+        devices: req.devices.len().max(1) as u32,
+        device_bytes: req
+            .devices
+            .iter()
+            .map(|d| d.memory_bytes)
+            .min()
+            .unwrap_or(0),
+        host_bytes: req.host_memory_bytes,
+        running: req
+            .running
+            .into_iter()
+            .map(|r| running_in(r).attempt)
+            .collect(),
+    })
+}
+
+pub fn heartbeat_in(req: pb::HeartbeatRequest) -> Heartbeat {
+    Heartbeat {
+        worker_id: req.worker_id,
+        free_slots: req.free_slots,
+        running: req.running.into_iter().map(running_in).collect(),
     }
 }
 
-pub fn artifact_in(a: &pb::ArtifactRef) -> Artifact {
-    Artifact {
-        uri: a.uri.clone(),
-        checksum: a.checksum.clone(),
-        bytes: a.bytes,
+fn running_in(r: pb::RunningTask) -> Running {
+    Running {
+        checkpoint: r
+            .checkpoint
+            .as_ref()
+            .and_then(segprop_proto::domain::checkpoint),
+        attempt: Attempt {
+            job_id: r.job_id,
+            task_index: r.task_index,
+            epoch: r.epoch,
+        },
+        events: r.events,
     }
+}
+
+pub fn attempt_out(a: &Attempt) -> pb::TaskRef {
+    pb::TaskRef {
+        job_id: a.job_id.clone(),
+        task_index: a.task_index,
+        epoch: a.epoch,
+    }
+}
+
+/// A task report; its outcome is required.
+pub fn report_in(req: pb::ReportTaskRequest) -> Result<Report, CoordError> {
+    Ok(Report {
+        outcome: outcome_in(req.outcome)?,
+        worker_id: req.worker_id,
+        attempt: Attempt {
+            job_id: req.job_id,
+            task_index: req.task_index,
+            epoch: req.epoch,
+        },
+    })
+}
+
+/// A rank at the rendezvous: `rank < world`; rank 0 publishes a non-empty id of at most
+/// [`MAX_UNIQUE_ID_BYTES`], the others none; the wait is capped at [`MAX_RENDEZVOUS_WAIT_MS`].
+pub fn rendezvous_in(req: pb::RendezvousRequest) -> Result<Rendezvous, CoordError> {
+    let field = |field: &'static str, message: String| CoordError::Field { field, message };
+    if req.rank >= req.world {
+        return Err(field(
+            "rank",
+            format!(
+                "{} is not a rank of a gang of {} (world)",
+                req.rank, req.world
+            ),
+        ));
+    }
+    match (req.rank, req.unique_id.len()) {
+        (0, 0) => {
+            return Err(field(
+                "unique_id",
+                "rank 0 publishes the communicator's id, and it is empty".into(),
+            ));
+        }
+        (0, n) if n > MAX_UNIQUE_ID_BYTES => {
+            return Err(field(
+                "unique_id",
+                format!("{n} bytes; at most {MAX_UNIQUE_ID_BYTES}"),
+            ));
+        }
+        (rank, n) if rank > 0 && n > 0 => {
+            return Err(field(
+                "unique_id",
+                format!("only rank 0 publishes; rank {rank} sent {n} bytes"),
+            ));
+        }
+        _ => {}
+    }
+    Ok(Rendezvous {
+        worker_id: req.worker_id,
+        attempt: Attempt {
+            job_id: req.job_id,
+            task_index: req.task_index,
+            epoch: req.epoch,
+        },
+        rank: req.rank,
+        world: req.world,
+        unique_id: req.unique_id,
+        wait: std::time::Duration::from_millis(u64::from(req.wait_ms.min(MAX_RENDEZVOUS_WAIT_MS))),
+    })
 }
 
 /// A task report's outcome.
@@ -117,9 +231,9 @@ pub fn outcome_in(
     };
     match outcome.ok_or_else(|| missing("outcome"))? {
         pb::report_task_request::Outcome::Succeeded(s) => Ok(Outcome::Succeeded {
-            outputs: s.artifacts.iter().map(artifact_in).collect(),
-            metrics: s.metrics.as_ref().map(artifact_in),
-            result: task_result_in(s.result.ok_or_else(|| missing("succeeded.result"))?),
+            outputs: s.artifacts.iter().map(Into::into).collect(),
+            metrics: s.metrics.as_ref().map(Into::into),
+            result: s.result.ok_or_else(|| missing("succeeded.result"))?.into(),
             result_json: s.result_json,
             early_exit: s.early_exit,
         }),
@@ -128,37 +242,6 @@ pub fn outcome_in(
             retryable: f.retryable,
         }),
     }
-}
-
-pub fn task_result_in(r: pb::TaskResult) -> TaskResult {
-    TaskResult {
-        steps: r.steps,
-        eval_loss: r.eval_loss,
-        snapshot_depth_bytes: r.snapshot_depth_bytes,
-        snapshot_depth: r.snapshot_depth,
-        snapshot_batches: r.snapshot_batches,
-        final_eval_loss: r.final_eval_loss,
-        final_num_layers: r.final_num_layers,
-    }
-}
-
-pub fn task_result_out(r: &TaskResult) -> pb::TaskResult {
-    pb::TaskResult {
-        steps: r.steps,
-        eval_loss: r.eval_loss,
-        snapshot_depth_bytes: r.snapshot_depth_bytes,
-        snapshot_depth: r.snapshot_depth,
-        snapshot_batches: r.snapshot_batches,
-        final_eval_loss: r.final_eval_loss,
-        final_num_layers: r.final_num_layers,
-    }
-}
-
-pub fn checkpoint_in(c: &pb::CheckpointRef) -> Option<Checkpoint> {
-    Some(Checkpoint {
-        step: c.step,
-        artifact: artifact_in(c.artifact.as_ref()?),
-    })
 }
 
 /// The state a task starts from: the output of the latest succeeded training stage before it.
@@ -221,12 +304,12 @@ pub fn assignment(job: &Job, index: u32, epoch: u64) -> pb::Assignment {
         TaskKind::AdvanceSnapshots { shards, .. } => *shards,
         _ => u32::try_from(input_shards.len()).unwrap_or(u32::MAX),
     };
-    let input_state = state_before(job, index).map(artifact_out);
+    let input_state = state_before(job, index).map(Into::into);
     let stage_metrics = if task.kind == TaskKind::Export {
         job.tasks
             .iter()
             .filter(|t| t.status == TaskStatus::Succeeded)
-            .filter_map(|t| t.metrics.as_ref().map(artifact_out))
+            .filter_map(|t| t.metrics.as_ref().map(Into::into))
             .collect()
     } else {
         Vec::new()
@@ -240,10 +323,7 @@ pub fn assignment(job: &Job, index: u32, epoch: u64) -> pb::Assignment {
         spec_yaml: job.spec_yaml.clone(),
         job_dir: job_dir(&job.id),
         input_state,
-        resume_from: task.checkpoint.as_ref().map(|c| pb::CheckpointRef {
-            step: c.step,
-            artifact: Some(artifact_out(&c.artifact)),
-        }),
+        resume_from: task.checkpoint.as_ref().map(Into::into),
         stage_metrics,
         checkpoint_every_steps: job.checkpoint_every_steps,
         snapshot_depth,
@@ -265,5 +345,111 @@ pub fn assignment(job: &Job, index: u32, epoch: u64) -> pb::Assignment {
             .iter()
             .all(|t| t.status == TaskStatus::Succeeded),
         traceparent: job.traceparent.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn registration() -> pb::RegisterWorkerRequest {
+        pb::RegisterWorkerRequest {
+            protocol_version: segprop_proto::PROTOCOL_VERSION,
+            name: "w1".into(),
+            backend: "cpu".into(),
+            devices: vec![
+                pb::Device {
+                    name: "a".into(),
+                    memory_bytes: 8 << 30,
+                },
+                pb::Device {
+                    name: "b".into(),
+                    memory_bytes: 4 << 30,
+                },
+            ],
+            host_memory_bytes: 16 << 30,
+            running: vec![pb::RunningTask {
+                job_id: "j1".into(),
+                task_index: 2,
+                epoch: 5,
+                ..Default::default()
+            }],
+        }
+    }
+
+    fn refused_field(e: CoordError) -> &'static str {
+        match e {
+            CoordError::Field { field, .. } => field,
+            other => panic!("not a field error: {other}"),
+        }
+    }
+
+    #[test]
+    fn a_registration_offers_its_smallest_device_and_lists_its_attempts() {
+        let r = registration_in(registration()).expect("registration");
+        assert_eq!(
+            (r.backend, r.devices, r.device_bytes),
+            (Backend::Cpu, 2, 4 << 30)
+        );
+        assert_eq!(
+            r.running,
+            vec![Attempt {
+                job_id: "j1".into(),
+                task_index: 2,
+                epoch: 5
+            }]
+        );
+        let mut old = registration();
+        old.protocol_version = 1;
+        assert!(matches!(
+            registration_in(old),
+            Err(CoordError::Protocol { worker: 1, .. })
+        ));
+        let mut tpu = registration();
+        tpu.backend = "tpu".into();
+        assert_eq!(refused_field(registration_in(tpu).unwrap_err()), "backend");
+    }
+
+    #[test]
+    fn a_report_without_an_outcome_or_typed_result_is_refused_by_field() {
+        let bare = pb::ReportTaskRequest::default();
+        assert_eq!(refused_field(report_in(bare).unwrap_err()), "outcome");
+        let untyped = pb::ReportTaskRequest {
+            outcome: Some(pb::report_task_request::Outcome::Succeeded(
+                pb::TaskSucceeded::default(),
+            )),
+            ..Default::default()
+        };
+        assert_eq!(
+            refused_field(report_in(untyped).unwrap_err()),
+            "succeeded.result"
+        );
+    }
+
+    #[test]
+    fn rendezvous_ranks_and_ids_are_checked_and_the_wait_capped() {
+        let rank = |rank: u32, world: u32, id: &[u8]| pb::RendezvousRequest {
+            job_id: "j1".into(),
+            rank,
+            world,
+            unique_id: id.to_vec(),
+            wait_ms: u32::MAX,
+            ..Default::default()
+        };
+        let ok = rendezvous_in(rank(1, 2, b"")).expect("rank 1 waits");
+        assert_eq!(
+            ok.wait,
+            std::time::Duration::from_millis(u64::from(MAX_RENDEZVOUS_WAIT_MS))
+        );
+        assert!(rendezvous_in(rank(0, 2, b"id")).is_ok());
+        for bad in [
+            rank(2, 2, b""),
+            rank(0, 2, b""),
+            rank(1, 2, b"id"),
+            rank(0, 2, &vec![7; MAX_UNIQUE_ID_BYTES + 1]),
+        ] {
+            let e = rendezvous_in(bad).unwrap_err();
+            assert!(["rank", "unique_id"].contains(&refused_field(e)));
+        }
     }
 }

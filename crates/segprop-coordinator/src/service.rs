@@ -28,6 +28,7 @@ use crate::config::CoordConfig;
 use crate::convert;
 pub use crate::metrics::Counters;
 use crate::metrics::WorkerInfo;
+use crate::request::{Attempt, Heartbeat, Registration, Rendezvous, Report};
 use crate::store::StateStore;
 use crate::writer::{JobEventMessage, Ticket, Writer};
 
@@ -87,11 +88,6 @@ pub struct Coordinator {
     published: Notify,
     counters: Mutex<Counters>,
 }
-
-/// The longest one `Rendezvous` call waits for rank 0's id.
-const MAX_RENDEZVOUS_WAIT_MS: u32 = 300_000;
-/// The largest communicator id accepted (an `ncclUniqueId` has 128 bytes).
-const MAX_UNIQUE_ID_BYTES: usize = 4096;
 
 pub fn now_ms() -> u64 {
     SystemTime::now()

@@ -19,8 +19,8 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
 use std::time::Duration;
+use std::time::Instant;
 
 use segprop_proto::v1 as pb;
 use tokio::sync::{broadcast, watch};

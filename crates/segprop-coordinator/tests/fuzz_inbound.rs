@@ -1,7 +1,7 @@
 //! Fuzzing every inbound message of the coordinator (issue 21): mutants of the encoded requests
 //! a real worker and CLI send (register, heartbeat with progress and checkpoints, task reports
-//! that succeed and fail, rendezvous, submit, get, cancel), decoded as the gRPC server decodes
-//! them and handed to the coordinator's methods. Each is answered or refused with an error;
+//! that succeed and fail, rendezvous, submit, get, cancel), decoded and checked as the gRPC
+//! server does (`convert`) and handed to the coordinator's methods. Each is answered or refused with an error;
 //! none may panic (a panic under the state lock would poison it for every later call), and the
 //! coordinator still serves afterwards. Seeded: the same cases every run (`SEGPROP_FUZZ_CASES`
 //! sets the count for a longer local run).
@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use prost::Message;
 use segprop_coordinator::CoordConfig;
+use segprop_coordinator::convert;
 use segprop_coordinator::service::Coordinator;
 use segprop_proto::v1 as pb;
 
@@ -38,17 +39,21 @@ fn coordinator(dir: &std::path::Path) -> Arc<Coordinator> {
 fn call(c: &Arc<Coordinator>, rt: &tokio::runtime::Runtime, kind: &str, bytes: &[u8]) {
     match kind {
         "register" => {
-            if let Ok(m) = pb::RegisterWorkerRequest::decode(bytes) {
+            if let Ok(m) = pb::RegisterWorkerRequest::decode(bytes)
+                && let Ok(m) = convert::registration_in(m)
+            {
                 let _ = rt.block_on(c.register(m));
             }
         }
         "heartbeat" => {
             if let Ok(m) = pb::HeartbeatRequest::decode(bytes) {
-                let _ = rt.block_on(Coordinator::heartbeat(c, m));
+                let _ = rt.block_on(Coordinator::heartbeat(c, convert::heartbeat_in(m)));
             }
         }
         "report" => {
-            if let Ok(m) = pb::ReportTaskRequest::decode(bytes) {
+            if let Ok(m) = pb::ReportTaskRequest::decode(bytes)
+                && let Ok(m) = convert::report_in(m)
+            {
                 let _ = rt.block_on(c.report(m));
             }
         }
@@ -56,7 +61,9 @@ fn call(c: &Arc<Coordinator>, rt: &tokio::runtime::Runtime, kind: &str, bytes: &
             if let Ok(mut m) = pb::RendezvousRequest::decode(bytes) {
                 // A rank > 0 waits for rank 0 up to `wait_ms`: keep the fuzz run short.
                 m.wait_ms = m.wait_ms.min(2);
-                let _ = rt.block_on(Coordinator::rendezvous(c, m));
+                if let Ok(m) = convert::rendezvous_in(m) {
+                    let _ = rt.block_on(Coordinator::rendezvous(c, m));
+                }
             }
         }
         "submit" => {
@@ -99,14 +106,20 @@ fn no_inbound_message_makes_the_coordinator_panic() {
         host_memory_bytes: 16 << 30,
         running: Vec::new(),
     };
-    let worker = rt.block_on(c.register(register.clone())).unwrap().worker_id;
+    let worker = rt
+        .block_on(c.register(convert::registration_in(register.clone()).unwrap()))
+        .unwrap()
+        .worker_id;
     let heartbeat = pb::HeartbeatRequest {
         worker_id: worker.clone(),
         running: Vec::new(),
         free_slots: 1,
     };
     let reply = rt
-        .block_on(Coordinator::heartbeat(&c, heartbeat.clone()))
+        .block_on(Coordinator::heartbeat(
+            &c,
+            convert::heartbeat_in(heartbeat.clone()),
+        ))
         .unwrap();
     let a = reply
         .assignments
@@ -217,6 +230,8 @@ fn no_inbound_message_makes_the_coordinator_panic() {
     // Still serving, its state lock not poisoned.
     assert!(!rt.block_on(c.list()).is_empty());
     rt.block_on(c.tick()).unwrap();
-    let again = rt.block_on(c.register(register)).unwrap();
+    let again = rt
+        .block_on(c.register(convert::registration_in(register).unwrap()))
+        .unwrap();
     assert!(!again.worker_id.is_empty());
 }

@@ -1,15 +1,14 @@
 //! `segprop-coord serve` as a child process, and the job CLI pointed at it.
 
-use std::ffi::{OsStr, OsString};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::mpsc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 
-use crate::process::Log;
+use crate::process::{ChildCommand, ChildOptions, Log, Stdout};
 
 /// What `segprop-coord serve` prints on stdout once it listens, before the address.
 const LISTENING: &str = "coordinator listening on ";
@@ -17,23 +16,25 @@ const LISTENING: &str = "coordinator listening on ";
 /// How long a coordinator may take to print its address.
 const STARTUP_LIMIT: Duration = Duration::from_secs(120);
 
-/// How to start `segprop-coord serve`: a builder, like [`Command`].
+/// How to start `segprop-coord serve`: a builder, like [`Command`], with the settings of
+/// [`ChildCommand`].
 ///
 /// The child gets `SEGPROP_TOKEN`, `SEGPROP_LISTEN`, `SEGPROP_STATE_DIR` (`<dir>/state`),
 /// `SEGPROP_ARTIFACT_ROOT` (`<dir>/artifacts`) and `SEGPROP_LOG`, then the variables given
-/// with [`env`](Self::env) (which override those), stdin from `/dev/null` and stdout to a pipe
-/// that [`spawn`](Self::spawn) reads the address from.
+/// with [`env`](ChildCommand::env) (which override those), stdin from `/dev/null` and stdout
+/// to a pipe that [`spawn`](Self::spawn) reads the address from.
 #[derive(Clone, Debug)]
 pub struct CoordinatorCommand {
-    program: PathBuf,
+    child: ChildOptions,
     dir: PathBuf,
-    token: String,
     listen: String,
     config: Option<PathBuf>,
-    env: Vec<(OsString, OsString)>,
-    log: Log,
-    log_level: String,
-    only_own_segprop_env: bool,
+}
+
+impl ChildCommand for CoordinatorCommand {
+    fn child_options(&mut self) -> &mut ChildOptions {
+        &mut self.child
+    }
 }
 
 impl CoordinatorCommand {
@@ -41,15 +42,10 @@ impl CoordinatorCommand {
     /// `token`; by default on `127.0.0.1:0` (a free port), with its log discarded.
     pub fn new(program: impl Into<PathBuf>, dir: impl Into<PathBuf>, token: &str) -> Self {
         Self {
-            program: program.into(),
+            child: ChildOptions::new(program.into(), token),
             dir: dir.into(),
-            token: token.to_string(),
             listen: "127.0.0.1:0".to_string(),
             config: None,
-            env: Vec::new(),
-            log: Log::Discard,
-            log_level: "warn".to_string(),
-            only_own_segprop_env: false,
         }
     }
 
@@ -66,83 +62,36 @@ impl CoordinatorCommand {
         self
     }
 
-    /// One more environment variable, applied after (so overriding) the harness's own.
-    pub fn env(mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> Self {
-        self.env
-            .push((key.as_ref().to_os_string(), value.as_ref().to_os_string()));
-        self
-    }
-
-    /// [`env`](Self::env) for each pair.
-    pub fn envs<K, V>(mut self, vars: impl IntoIterator<Item = (K, V)>) -> Self
-    where
-        K: AsRef<OsStr>,
-        V: AsRef<OsStr>,
-    {
-        for (key, value) in vars {
-            self = self.env(key, value);
-        }
-        self
-    }
-
-    /// Where its log (stderr) goes.
-    pub fn log(mut self, log: Log) -> Self {
-        self.log = log;
-        self
-    }
-
-    /// `SEGPROP_LOG` (default `warn`).
-    pub fn log_level(mut self, level: &str) -> Self {
-        self.log_level = level.to_string();
-        self
-    }
-
-    /// Removes every `SEGPROP_*` variable of this process from the child's environment, so
-    /// only the settings given here reach it.
-    pub fn only_own_segprop_env(mut self) -> Self {
-        self.only_own_segprop_env = true;
-        self
-    }
-
     /// Starts the coordinator and waits until it prints the address it listens on.
     pub fn spawn(self) -> anyhow::Result<Coordinator> {
-        let mut command = Command::new(&self.program);
-        command.arg("serve");
-        if let Some(config) = &self.config {
-            command.arg("--config").arg(config);
-        }
-        if self.only_own_segprop_env {
-            for (key, _) in std::env::vars_os() {
-                if key.to_string_lossy().starts_with("SEGPROP_") {
-                    command.env_remove(key);
-                }
+        let mut child = self.child.spawn(Stdout::Piped, |command| {
+            command.arg("serve");
+            if let Some(config) = &self.config {
+                command.arg("--config").arg(config);
             }
-        }
-        command
-            .env("SEGPROP_TOKEN", &self.token)
-            .env("SEGPROP_LISTEN", &self.listen)
-            .env("SEGPROP_STATE_DIR", self.dir.join("state"))
-            .env("SEGPROP_ARTIFACT_ROOT", self.dir.join("artifacts"))
-            .env("SEGPROP_LOG", &self.log_level)
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(self.log.stdio()?);
-        let mut child = command
-            .spawn()
-            .with_context(|| format!("cannot start {}", self.program.display()))?;
+            command
+                .env("SEGPROP_LISTEN", &self.listen)
+                .env("SEGPROP_STATE_DIR", self.dir.join("state"))
+                .env("SEGPROP_ARTIFACT_ROOT", self.dir.join("artifacts"));
+        })?;
         let stdout = child.stdout.take();
+        let ChildOptions {
+            program,
+            token,
+            log,
+            ..
+        } = self.child;
         // Owned from here: a coordinator that prints no address is killed on the way out.
         let mut coordinator = Coordinator {
             child,
             addr: String::new(),
-            program: self.program,
-            token: self.token,
+            program,
+            token,
         };
         let line = first_line(stdout, STARTUP_LIMIT)?;
         coordinator.addr = listen_address(&line)
             .with_context(|| {
-                let log = match &self.log {
+                let log = match &log {
                     Log::Create(path) | Log::Append(path) => format!(" (log: {})", path.display()),
                     Log::Discard => String::new(),
                 };

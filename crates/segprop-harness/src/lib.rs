@@ -8,6 +8,8 @@
 //!   from the environment and an optional config file; [`Coordinator`] is the running child and
 //!   the address it printed, with the job CLI pointed at it;
 //! - [`WorkerCommand`]: `segprop-worker serve` joined to a coordinator;
+//! - [`ChildCommand`]: the settings both builders share (environment variables, [`Log`], log
+//!   level), kept in their [`ChildOptions`];
 //! - [`Process`]: a child that is SIGKILLed and reaped on drop, so a failed test or bench leaves
 //!   no daemon behind;
 //! - [`authorized`] and [`get_job_request`]: requests carrying the bearer token.
@@ -24,7 +26,7 @@ mod worker;
 
 pub use binaries::{BENCH, Binaries, COORDINATOR, WORKER};
 pub use coordinator::{Coordinator, CoordinatorCommand, listen_address};
-pub use process::{Log, Process};
+pub use process::{ChildCommand, ChildOptions, Log, Process};
 pub use worker::WorkerCommand;
 
 use segprop_proto::v1 as pb;

@@ -2,28 +2,29 @@
 
 use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
-use anyhow::Context;
+use crate::process::{ChildCommand, ChildOptions, Process, Stdout};
 
-use crate::process::{Log, Process};
-
-/// How to start `segprop-worker serve`: a builder, like [`Command`].
+/// How to start `segprop-worker serve`: a builder, like [`Command`](std::process::Command), with the settings of
+/// [`ChildCommand`].
 ///
 /// The child runs `serve --coordinator http://<addr> --name <name> --work-dir <dir>/<name>-work`
 /// and the extra [`args`](Self::args), with `SEGPROP_TOKEN` and `SEGPROP_LOG`, then the
-/// variables given with [`env`](Self::env); its stdout and stderr both go to its [`Log`].
+/// variables given with [`env`](ChildCommand::env); its stdout and stderr both go to its
+/// [`Log`](crate::Log).
 #[derive(Clone, Debug)]
 pub struct WorkerCommand {
-    program: PathBuf,
+    child: ChildOptions,
     coordinator_addr: String,
     name: String,
     work_dir: PathBuf,
-    token: String,
     args: Vec<OsString>,
-    env: Vec<(OsString, OsString)>,
-    log: Log,
-    log_level: String,
+}
+
+impl ChildCommand for WorkerCommand {
+    fn child_options(&mut self) -> &mut ChildOptions {
+        &mut self.child
+    }
 }
 
 impl WorkerCommand {
@@ -37,15 +38,11 @@ impl WorkerCommand {
         name: &str,
     ) -> Self {
         Self {
-            program: program.into(),
+            child: ChildOptions::new(program.into(), token),
             coordinator_addr: coordinator_addr.to_string(),
             name: name.to_string(),
             work_dir: dir.join(format!("{name}-work")),
-            token: token.to_string(),
             args: Vec::new(),
-            env: Vec::new(),
-            log: Log::Discard,
-            log_level: "warn".to_string(),
         }
     }
 
@@ -56,62 +53,18 @@ impl WorkerCommand {
         self
     }
 
-    /// One more environment variable, applied after (so overriding) the harness's own.
-    pub fn env(mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> Self {
-        self.env
-            .push((key.as_ref().to_os_string(), value.as_ref().to_os_string()));
-        self
-    }
-
-    /// [`env`](Self::env) for each pair.
-    pub fn envs<K, V>(mut self, vars: impl IntoIterator<Item = (K, V)>) -> Self
-    where
-        K: AsRef<OsStr>,
-        V: AsRef<OsStr>,
-    {
-        for (key, value) in vars {
-            self = self.env(key, value);
-        }
-        self
-    }
-
-    /// Where its stdout and stderr go.
-    pub fn log(mut self, log: Log) -> Self {
-        self.log = log;
-        self
-    }
-
-    /// `SEGPROP_LOG` (default `warn`).
-    pub fn log_level(mut self, level: &str) -> Self {
-        self.log_level = level.to_string();
-        self
-    }
-
     /// Starts the worker (it registers on its own; nothing waits for that).
     pub fn spawn(self) -> anyhow::Result<Process> {
-        let (stdout, stderr) = match self.log.open()? {
-            Some(file) => (
-                Stdio::from(file.try_clone().context("cannot share the worker's log")?),
-                Stdio::from(file),
-            ),
-            None => (Stdio::null(), Stdio::null()),
-        };
-        let child = Command::new(&self.program)
-            .args(["serve", "--coordinator"])
-            .arg(format!("http://{}", self.coordinator_addr))
-            .arg("--name")
-            .arg(&self.name)
-            .arg("--work-dir")
-            .arg(&self.work_dir)
-            .args(&self.args)
-            .env("SEGPROP_TOKEN", &self.token)
-            .env("SEGPROP_LOG", &self.log_level)
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(stdout)
-            .stderr(stderr)
-            .spawn()
-            .with_context(|| format!("cannot start {}", self.program.display()))?;
+        let child = self.child.spawn(Stdout::Log, |command| {
+            command
+                .args(["serve", "--coordinator"])
+                .arg(format!("http://{}", self.coordinator_addr))
+                .arg("--name")
+                .arg(&self.name)
+                .arg("--work-dir")
+                .arg(&self.work_dir)
+                .args(&self.args);
+        })?;
         Ok(Process(child))
     }
 }
@@ -119,6 +72,7 @@ impl WorkerCommand {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::process::Log;
 
     #[test]
     fn the_worker_gets_its_arguments_settings_and_log() {

@@ -7,11 +7,12 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 
 use burn::tensor::backend::AutodiffBackend;
-use segprop_proto::v1 as pb;
+use segprop_core::sched::{Artifact, TaskResult};
 use segprop_store::SnapshotHeader;
 use segprop_train::snapcheck::entry_values;
 use segprop_train::{TrainError, Trainer};
 
+use crate::assignment::{Advance, Assignment, Snapshots, Succeeded};
 use crate::error::TaskError;
 use crate::snapshots::{self, StoreSource};
 use crate::task::TaskContext;
@@ -26,34 +27,35 @@ pub(crate) struct Advanced {
 }
 
 impl TaskContext {
-    /// The blob layout of the job's snapshots and a store reader for `S[depth]`.
+    /// The blob layout of the job's snapshots and a store reader for the stored `input`.
     pub(crate) fn snapshot_source<B: AutodiffBackend>(
         &self,
         trainer: &Trainer<B>,
-        a: &pb::Assignment,
-        depth: u32,
+        a: &Assignment,
+        input: &Snapshots,
     ) -> StoreSource {
         StoreSource::new(
             self.store.clone(),
             self.runtime.clone(),
             a.job_dir.clone(),
             SnapshotHeader {
-                job: a.job_id.clone(),
-                depth,
-                fingerprint: a.snapshot_in_fingerprint.clone(),
+                job: a.task.job_id.clone(),
+                depth: input.depth,
+                fingerprint: input.fingerprint.clone(),
                 dtype: snapshots::storage_dtype(trainer.spec.segprop.snapshot_dtype),
             },
-            self.blob_plan(trainer, a),
-            a.snapshots_complete,
+            self.blob_plan(trainer, input.shards),
+            input.complete,
             self.snapshot_io.clone(),
             self.cancel.clone(),
         )
     }
 
+    /// The blobs of one depth in `shards` shards.
     fn blob_plan<B: AutodiffBackend>(
         &self,
         trainer: &Trainer<B>,
-        a: &pb::Assignment,
+        shards: u32,
     ) -> Vec<snapshots::BlobPlan> {
         let ids: Vec<_> = trainer
             .snapshot_batches()
@@ -61,7 +63,7 @@ impl TaskContext {
             .map(|(split, b)| (*split, b.id))
             .collect();
         let per_blob = snapshots::batches_per_blob(&trainer.spec, trainer.config.hidden_size);
-        snapshots::blob_plan(&ids, a.snapshot_shards, per_blob)
+        snapshots::blob_plan(&ids, shards, per_blob)
     }
 
     /// The blobs of SnapCheck's advance step this task writes (its shard), after checking
@@ -69,9 +71,10 @@ impl TaskContext {
     pub(crate) fn advance_blobs<B: AutodiffBackend>(
         &self,
         trainer: &Trainer<B>,
-        a: &pb::Assignment,
+        a: &Assignment,
+        step: &Advance,
     ) -> Result<Vec<snapshots::BlobPlan>, TrainError> {
-        let to = a.snapshot_to as usize;
+        let to = step.to as usize;
         let refuse = |message: String| TrainError::State {
             path: PathBuf::from(&self.attempt_key),
             message,
@@ -88,9 +91,9 @@ impl TaskContext {
             ));
         }
         Ok(self
-            .blob_plan(trainer, a)
+            .blob_plan(trainer, a.snapshots.shards)
             .into_iter()
-            .filter(|b| b.shard == a.snapshot_shard)
+            .filter(|b| b.shard == step.shard)
             .collect())
     }
 
@@ -99,15 +102,16 @@ impl TaskContext {
     pub(crate) fn store_blob<B: AutodiffBackend>(
         &self,
         trainer: &mut Trainer<B>,
-        a: &pb::Assignment,
+        a: &Assignment,
+        step: &Advance,
         blob: &snapshots::BlobPlan,
         outs: Vec<(burn::tensor::Tensor<B::InnerBackend, 3>, bool)>,
         done: &mut Advanced,
     ) -> Result<(), TrainError> {
         let header = SnapshotHeader {
-            job: a.job_id.clone(),
-            depth: a.snapshot_to,
-            fingerprint: a.snapshot_out_fingerprint.clone(),
+            job: a.task.job_id.clone(),
+            depth: step.to,
+            fingerprint: step.fingerprint.clone(),
             dtype: snapshots::storage_dtype(trainer.spec.segprop.snapshot_dtype),
         };
         let mut entries = Vec::with_capacity(blob.ids.len());
@@ -119,7 +123,7 @@ impl TaskContext {
             }
             let values = entry_values(
                 segprop_train::snapcheck::SnapshotKey {
-                    depth: a.snapshot_to as usize,
+                    depth: step.to as usize,
                     split: blob.split,
                     id: *id,
                 },
@@ -132,7 +136,7 @@ impl TaskContext {
                 data: values.values,
             });
         }
-        let key = snapshots::blob_key(&a.job_dir, a.snapshot_to, blob);
+        let key = snapshots::blob_key(&a.job_dir, step.to, blob);
         let bytes =
             segprop_store::encode_snapshot(&header, &entries).map_err(|e| TrainError::State {
                 path: PathBuf::from(&key),
@@ -153,7 +157,7 @@ impl TaskContext {
         }
         // The blob of S[from] this one came from is no longer needed here.
         if let Some(cache) = trainer.cache.as_mut() {
-            cache.drop_depth(a.snapshot_from as usize);
+            cache.drop_depth(step.from as usize);
         }
         Ok(())
     }
@@ -161,19 +165,20 @@ impl TaskContext {
     /// The result of an advance task that wrote `done` (over every rank of a gang).
     pub(crate) fn advanced(
         &self,
-        a: &pb::Assignment,
+        a: &Assignment,
+        step: &Advance,
         blobs: usize,
         done: Advanced,
-    ) -> pb::TaskSucceeded {
+    ) -> Succeeded {
         let io = self
             .snapshot_io
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         tracing::info!(
-            depth = a.snapshot_to,
-            shard = a.snapshot_shard,
-            shards = a.snapshot_shards,
+            depth = step.to,
+            shard = step.shard,
+            shards = a.snapshots.shards,
             blobs,
             batches = done.written,
             advanced = done.advanced,
@@ -181,22 +186,22 @@ impl TaskContext {
             bytes = io.bytes_written,
             "snapshots stored"
         );
-        let prefix = segprop_store::depth_prefix(&a.job_dir, a.snapshot_to);
-        pb::TaskSucceeded {
-            artifacts: vec![pb::ArtifactRef {
+        let prefix = segprop_store::depth_prefix(&a.job_dir, step.to);
+        Succeeded {
+            outputs: vec![Artifact {
                 uri: prefix,
                 checksum: String::new(),
                 bytes: io.bytes_written,
             }],
-            result: Some(pb::TaskResult {
-                snapshot_depth: Some(a.snapshot_to),
+            result: TaskResult {
+                snapshot_depth: Some(step.to),
                 snapshot_batches: done.written,
                 ..Default::default()
-            }),
-            result_json: serde_json::json!({
-                "depth": a.snapshot_to,
-                "shard": a.snapshot_shard,
-                "shards": a.snapshot_shards,
+            },
+            record_json: serde_json::json!({
+                "depth": step.to,
+                "shard": step.shard,
+                "shards": a.snapshots.shards,
                 "batches": done.written,
                 "advanced": done.advanced,
                 "recomputed": done.recomputed,
@@ -214,10 +219,11 @@ impl TaskContext {
     pub(crate) fn advance<B: AutodiffBackend>(
         &self,
         mut trainer: Trainer<B>,
-        a: &pb::Assignment,
-    ) -> Result<pb::TaskSucceeded, TaskError> {
-        let (from, to) = (a.snapshot_from as usize, a.snapshot_to as usize);
-        let mine = self.advance_blobs(&trainer, a)?;
+        a: &Assignment,
+        step: &Advance,
+    ) -> Result<Succeeded, TaskError> {
+        let (from, to) = (step.from as usize, step.to as usize);
+        let mine = self.advance_blobs(&trainer, a, step)?;
         let batches = trainer.snapshot_batches();
         let index = snapshots::batch_index(&batches);
         let mut done = Advanced::default();
@@ -229,8 +235,8 @@ impl TaskContext {
             for batch in snapshots::blob_batches(&index, blob)? {
                 outs.push(trainer.advance_batch(from, to, blob.split, batch));
             }
-            self.store_blob(&mut trainer, a, blob, outs, &mut done)?;
+            self.store_blob(&mut trainer, a, step, blob, outs, &mut done)?;
         }
-        Ok(self.advanced(a, mine.len(), done))
+        Ok(self.advanced(a, step, mine.len(), done))
     }
 }

@@ -9,7 +9,7 @@
 
 use std::path::Path;
 
-use segprop_proto::v1 as pb;
+use segprop_core::sched::Artifact;
 use segprop_store::Store;
 use segprop_train::checkpoint::{self, Digest};
 
@@ -39,8 +39,8 @@ pub struct Artifacts {
 }
 
 /// A reference to an artifact stored under `key` with `digest`.
-pub fn reference(key: &str, digest: &Digest) -> pb::ArtifactRef {
-    pb::ArtifactRef {
+pub fn reference(key: &str, digest: &Digest) -> Artifact {
+    Artifact {
         uri: key.to_string(),
         checksum: digest.checksum.clone(),
         bytes: digest.bytes,
@@ -51,7 +51,7 @@ use segprop_store::layout::checkpoint_step;
 
 impl Artifacts {
     /// Stores the local file or directory `local` (whose checksum is `digest`) as `key`.
-    pub fn put(&self, key: &str, local: &Path, digest: &Digest) -> Result<pb::ArtifactRef, String> {
+    pub fn put(&self, key: &str, local: &Path, digest: &Digest) -> Result<Artifact, String> {
         self.runtime
             .block_on(self.store.put_artifact(key, local, &digest.checksum))
             .map_err(|e| format!("cannot store artifact {key}: {e}"))?;

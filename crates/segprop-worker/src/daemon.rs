@@ -26,6 +26,7 @@ use tonic::transport::{Channel, Endpoint};
 use tracing::Instrument;
 
 use crate::artifacts::{self, Artifacts};
+use crate::assignment::{Assignment, TaskRef};
 use crate::observe::{TaskState, lock};
 use crate::task::TaskContext;
 use crate::telemetry::WorkerMetrics;
@@ -65,7 +66,7 @@ pub struct DaemonOptions {
 type Client = ClusterServiceClient<InterceptedService<Channel, AttachToken>>;
 
 struct TaskHandle {
-    assignment: pb::Assignment,
+    task: TaskRef,
     /// The task's span: parented to the job's trace (the assignment's `traceparent`), entered
     /// by the training thread, and the parent of the task's report to the coordinator.
     span: tracing::Span,
@@ -176,7 +177,7 @@ pub async fn serve(options: DaemonOptions) -> anyhow::Result<()> {
                     continue;
                 }
                 if let Some(task) = &running {
-                    let a = &task.assignment;
+                    let a = &task.task;
                     let cancelled = reply.cancel.iter().any(|c| {
                         c.job_id == a.job_id && c.task_index == a.task_index && c.epoch == a.epoch
                     });
@@ -428,9 +429,9 @@ fn host_memory(configured: Option<u64>) -> u64 {
 fn running_task(task: &TaskHandle, drain: bool) -> pb::RunningTask {
     let mut state = lock(&task.state);
     pb::RunningTask {
-        job_id: task.assignment.job_id.clone(),
-        task_index: task.assignment.task_index,
-        epoch: task.assignment.epoch,
+        job_id: task.task.job_id.clone(),
+        task_index: task.task.task_index,
+        epoch: task.task.epoch,
         events: if drain {
             std::mem::take(&mut state.events)
         } else {
@@ -512,7 +513,7 @@ async fn report(client: &mut Client, worker_id: &str, task: TaskHandle, metrics:
         return;
     };
     metrics.finished(&result);
-    let a = &task.assignment;
+    let a = &task.task;
     let outcome = match result {
         Ok(s) => pb::report_task_request::Outcome::Succeeded(s),
         Err(f) => pb::report_task_request::Outcome::Failed(f),
@@ -544,38 +545,44 @@ async fn report(client: &mut Client, worker_id: &str, task: TaskHandle, metrics:
 }
 
 fn start_task(
-    assignment: pb::Assignment,
+    wire: pb::Assignment,
     options: &DaemonOptions,
     store: Store,
     artifact_store: Store,
     wake: Arc<Notify>,
 ) -> TaskHandle {
-    let attempt_key = segprop_store::layout::attempt_dir(
-        &assignment.job_dir,
-        assignment.task_index,
-        assignment.epoch,
-    );
-    let kind = pb::TaskKind::try_from(assignment.kind)
-        .map_or("unknown", |k| k.as_str_name())
-        .trim_start_matches("TASK_KIND_")
-        .to_ascii_lowercase();
+    let task = TaskRef::from(&wire);
+    let attempt_key =
+        segprop_store::layout::attempt_dir(&wire.job_dir, task.task_index, task.epoch);
+    let assignment = Assignment::try_from(&wire);
+    let kind = assignment.as_ref().map_or("unknown", Assignment::kind_name);
     let span = tracing::info_span!(
         "task",
-        otel.name = %format!("task {} {kind}", assignment.task_index),
-        job.id = %assignment.job_id,
-        task.index = assignment.task_index,
+        otel.name = %format!("task {} {kind}", task.task_index),
+        job.id = %task.job_id,
+        task.index = task.task_index,
         task.kind = %kind,
-        task.epoch = assignment.epoch,
-        task.stage_index = assignment.stage_index,
+        task.epoch = task.epoch,
+        task.stage_index = wire.stage_index,
         worker = %options.name,
     );
-    segprop_telemetry::trace::set_parent(&span, &assignment.traceparent);
+    segprop_telemetry::trace::set_parent(&span, &wire.traceparent);
     let handle = TaskHandle {
         span: span.clone(),
         attempt_key: attempt_key.clone(),
-        assignment: assignment.clone(),
+        task: task.clone(),
         cancel: Arc::new(AtomicBool::new(false)),
         state: Arc::new(Mutex::new(TaskState::default())),
+    };
+    let assignment = match assignment {
+        Ok(a) => a,
+        Err(e) => {
+            // Refused on arrival: reported at once, not retried.
+            tracing::warn!(job = %task.job_id, task = task.task_index, reason = %e, "assignment refused");
+            lock(&handle.state).result = Some(Err(pb::TaskFailed::from(e)));
+            wake.notify_one();
+            return handle;
+        }
     };
     let ctx = TaskContext {
         artifacts: Artifacts {
@@ -583,10 +590,10 @@ fn start_task(
             runtime: tokio::runtime::Handle::current(),
         },
         attempt_key,
-        work_dir: options.work_dir.join(&assignment.job_id).join(format!(
-            "task-{}-epoch-{}",
-            assignment.task_index, assignment.epoch
-        )),
+        work_dir: options
+            .work_dir
+            .join(&task.job_id)
+            .join(format!("task-{}-epoch-{}", task.task_index, task.epoch)),
         backend: options.backend.to_string(),
         cancel: handle.cancel.clone(),
         state: handle.state.clone(),
@@ -595,14 +602,18 @@ fn start_task(
         snapshot_io: Arc::default(),
         worker_name: options.name.clone(),
     };
-    tracing::info!(job = %assignment.job_id, task = assignment.task_index, epoch = assignment.epoch, resume_step = assignment.resume_from.as_ref().map_or(0, |c| c.step), "task starts");
-    let name = format!("task-{}-{}", assignment.job_id, assignment.task_index);
+    tracing::info!(job = %task.job_id, task = task.task_index, epoch = task.epoch, resume_step = assignment.resume_from.as_ref().map_or(0, |c| c.step), "task starts");
+    let name = format!("task-{}-{}", task.job_id, task.task_index);
     let ctx = Arc::new(ctx);
     let spawned = std::thread::Builder::new().name(name).spawn(move || {
         let _entered = span.enter();
-        let result = ctx.run(&assignment).map_err(pb::TaskFailed::from);
+        // The one place a task's outcome becomes the wire's.
+        let result = ctx
+            .run(&assignment)
+            .map(pb::TaskSucceeded::from)
+            .map_err(pb::TaskFailed::from);
         if let Err(f) = &result {
-            tracing::warn!(job = %assignment.job_id, task = assignment.task_index, reason = %f.reason, retryable = f.retryable, "task failed");
+            tracing::warn!(job = %task.job_id, task = task.task_index, reason = %f.reason, retryable = f.retryable, "task failed");
         }
         let _ = std::fs::remove_dir_all(&ctx.work_dir);
         lock(&ctx.state).result = Some(result);

@@ -1,8 +1,7 @@
 //! Why a task failed ([`TaskError`]) and whether the coordinator should retry it. The wire's
-//! `TaskFailed` is made from it in one place, where the daemon reports the task
+//! `TaskFailed` is made from it (`convert.rs`) only where the daemon reports the task
 //! (`daemon.rs`); everything below that works with this type.
 
-use segprop_proto::v1 as pb;
 use segprop_train::TrainError;
 
 #[derive(Debug)]
@@ -60,18 +59,10 @@ impl From<TrainError> for TaskError {
     }
 }
 
-impl From<TaskError> for pb::TaskFailed {
-    fn from(e: TaskError) -> Self {
-        pb::TaskFailed {
-            reason: e.to_string(),
-            retryable: e.retryable(),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use segprop_proto::v1 as pb;
 
     #[test]
     fn the_wire_failure_says_why_and_whether_to_retry() {

@@ -2,12 +2,13 @@
 //! summary, plot and metrics, each stored as an artifact under the job's key.
 
 use burn::tensor::backend::AutodiffBackend;
-use segprop_proto::v1 as pb;
+use segprop_core::sched::{Artifact, TaskResult};
 use segprop_train::checkpoint;
 use segprop_train::metrics::{RecordingObserver, TrainEvent};
 use segprop_train::{TrainError, Trainer};
 
 use crate::artifacts::FetchError;
+use crate::assignment::{Assignment, Succeeded};
 use crate::error::TaskError;
 use crate::observe::{read_events, write_events};
 use crate::task::TaskContext;
@@ -16,10 +17,11 @@ impl TaskContext {
     pub(crate) fn export<B: AutodiffBackend>(
         &self,
         trainer: &mut Trainer<B>,
-        a: &pb::Assignment,
-    ) -> Result<pb::TaskSucceeded, TaskError> {
+        a: &Assignment,
+        stage_metrics: &[Artifact],
+    ) -> Result<Succeeded, TaskError> {
         let mut recorder = RecordingObserver::default();
-        for (i, m) in a.stage_metrics.iter().enumerate() {
+        for (i, m) in stage_metrics.iter().enumerate() {
             let path = self.work_dir.join(format!("in/metrics-{i:03}.jsonl"));
             self.artifacts
                 .fetch(&m.uri, Some(&m.checksum), &path)
@@ -63,15 +65,15 @@ impl TaskContext {
         }
         let model = model.ok_or_else(|| TaskError::Damaged("export wrote no model".into()))?;
         tracing::info!(model = %model.uri, store = self.artifacts.store.location(), eval_loss = summary.final_eval_loss, "model exported");
-        Ok(pb::TaskSucceeded {
-            artifacts: vec![model],
-            result_json: serde_json::to_string(&summary).unwrap_or_default(),
-            result: Some(pb::TaskResult {
+        Ok(Succeeded {
+            outputs: vec![model],
+            record_json: serde_json::to_string(&summary).unwrap_or_default(),
+            result: TaskResult {
                 steps: summary.total_steps,
                 final_eval_loss: Some(summary.final_eval_loss),
                 final_num_layers: summary.final_num_layers as u32,
                 ..Default::default()
-            }),
+            },
             early_exit: false,
             metrics,
         })

@@ -21,7 +21,6 @@ use std::sync::atomic::Ordering;
 
 use burn::tensor::backend::AutodiffBackend;
 use segprop_core::JobSpec;
-use segprop_proto::v1 as pb;
 use segprop_train::checkpoint;
 use segprop_train::engine::{AdamWOptimizer, Checkpointer, StageProgress};
 use segprop_train::gang;
@@ -30,13 +29,14 @@ use segprop_train::segprop::run_next_stage;
 use segprop_train::{TrainError, Trainer};
 
 use crate::advance::Advanced;
+use crate::assignment::{Advance, Assignment, Succeeded, Work};
 use crate::error::TaskError;
 use crate::observe::checkpoint_name;
 use crate::snapshots;
-use crate::task::{TaskContext, unknown_kind};
+use crate::task::TaskContext;
 
 /// What the leader of a gang task hands back: the task's result.
-type Outcome = Result<pb::TaskSucceeded, TaskError>;
+type Outcome = Result<Succeeded, TaskError>;
 
 impl TaskContext {
     /// Runs the assignment `a` of a sharded job on a gang of `world` ranks, one per device
@@ -48,16 +48,8 @@ impl TaskContext {
         spec: JobSpec,
         device: B::Device,
         world: usize,
-        a: &pb::Assignment,
+        a: &Assignment,
     ) -> Outcome {
-        let kind = match pb::TaskKind::try_from(a.kind) {
-            Ok(
-                kind @ (pb::TaskKind::TrainStage
-                | pb::TaskKind::AdvanceSnapshots
-                | pb::TaskKind::Export),
-            ) => kind,
-            _ => return Err(unknown_kind(a)),
-        };
         // Verified here once; the ranks then read only their own byte ranges.
         let (recovered, loaded, recorder) = self.restore(a, &mut |dir| {
             checkpoint::preflight(dir, &spec, true).map_err(|e| match e {
@@ -68,7 +60,7 @@ impl TaskContext {
         let devices = gang::gang_devices::<B>(&device, world);
         tracing::info!(
             ranks = world,
-            task = kind.as_str_name(),
+            task = a.kind_name(),
             from_state = loaded.is_some(),
             activation_checkpointing = spec.activation_checkpointing,
             prefetch = spec.sharding.prefetch,
@@ -77,18 +69,18 @@ impl TaskContext {
         );
         let leader = |trainer: &mut Trainer<B>| -> Result<Outcome, TrainError> {
             self.prepare(trainer, a);
-            match kind {
-                pb::TaskKind::TrainStage => {
+            match &a.work {
+                Work::TrainStage => {
                     self.check_stage(trainer, a)?;
                     let ran = self.run_stage(trainer, recorder, a)?;
                     let digest = checkpoint::save_sharded(trainer, None, &self.state_dir())?;
                     Ok(self.publish(trainer, ran, &digest, a, recovered))
                 }
-                pb::TaskKind::AdvanceSnapshots => {
-                    let (blobs, done) = self.advance_rank(trainer, a)?;
-                    Ok(Ok(self.advanced(a, blobs, done)))
+                Work::Advance(step) => {
+                    let (blobs, done) = self.advance_rank(trainer, a, step)?;
+                    Ok(Ok(self.advanced(a, step, blobs, done)))
                 }
-                _ => Ok(self.export(trainer, a)),
+                Work::Export { stage_metrics } => Ok(self.export(trainer, a, stage_metrics)),
             }
         };
         let follower = {
@@ -96,8 +88,8 @@ impl TaskContext {
             let fault = crate::fault::StallRank::from_env();
             move |trainer: &mut Trainer<B>| -> Result<(), TrainError> {
                 ctx.prepare(trainer, &a);
-                match kind {
-                    pb::TaskKind::TrainStage => {
+                match &a.work {
+                    Work::TrainStage => {
                         ctx.check_stage(trainer, &a)?;
                         let rank = trainer.shard.as_ref().map_or(0, |s| s.rank());
                         trainer.checkpointer = Some(Box::new(FollowerCheckpointer {
@@ -113,10 +105,10 @@ impl TaskContext {
                         trainer.checkpointer = None;
                         checkpoint::save_sharded(trainer, None, &ctx.state_dir())?;
                     }
-                    pb::TaskKind::AdvanceSnapshots => {
-                        ctx.advance_rank(trainer, &a)?;
+                    Work::Advance(step) => {
+                        ctx.advance_rank(trainer, &a, step)?;
                     }
-                    _ => trainer.follow_finish()?,
+                    Work::Export { .. } => trainer.follow_finish()?,
                 }
                 Ok(())
             }
@@ -145,10 +137,11 @@ impl TaskContext {
     fn advance_rank<B: AutodiffBackend>(
         &self,
         trainer: &mut Trainer<B>,
-        a: &pb::Assignment,
+        a: &Assignment,
+        step: &Advance,
     ) -> Result<(usize, Advanced), TrainError> {
-        let (from, to) = (a.snapshot_from as usize, a.snapshot_to as usize);
-        let blobs = self.advance_blobs(trainer, a)?;
+        let (from, to) = (step.from as usize, step.to as usize);
+        let blobs = self.advance_blobs(trainer, a, step)?;
         let batches = trainer.snapshot_batches();
         let index = snapshots::batch_index(&batches);
         let (rank, world) = trainer
@@ -172,7 +165,7 @@ impl TaskContext {
             };
             let outs = trainer.advance_batches_sharded(from, to, &mine)?;
             if let Some(blob) = blob {
-                self.store_blob(trainer, a, blob, outs, &mut done)?;
+                self.store_blob(trainer, a, step, blob, outs, &mut done)?;
             }
         }
         let sums = trainer.sum_over_ranks(&[done.written, done.advanced, done.recomputed])?;

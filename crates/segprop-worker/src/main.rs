@@ -4,6 +4,8 @@
 
 mod advance;
 mod artifacts;
+mod assignment;
+mod convert;
 mod daemon;
 mod error;
 mod export;

@@ -181,7 +181,7 @@ impl StoreCheckpointer {
         tracing::debug!(step = progress.step, checkpoint = %key, "checkpoint stored");
         lock(&self.state).checkpoint = Some(pb::CheckpointRef {
             step: progress.step,
-            artifact: Some(stored),
+            artifact: Some((&stored).into()),
         });
         Ok(())
     }

@@ -4,11 +4,11 @@
 
 use std::path::{Path, PathBuf};
 
-use segprop_proto::v1 as pb;
 use segprop_train::TrainError;
 use segprop_train::metrics::{RecordingObserver, TrainEvent};
 
 use crate::artifacts::FetchError;
+use crate::assignment::Assignment;
 use crate::error::TaskError;
 use crate::observe::{events_path, read_events};
 use crate::task::TaskContext;
@@ -31,12 +31,12 @@ impl TaskContext {
     /// note, the directory `check` accepted (`None`: the job's first stage) and the events.
     pub(crate) fn restore(
         &self,
-        a: &pb::Assignment,
+        a: &Assignment,
         check: &mut dyn FnMut(&Path) -> Result<(), TrainError>,
     ) -> Result<(Option<String>, Option<PathBuf>, RecordingObserver), TaskError> {
         let mut recovered = None;
         let checkpoint_dir = self.work_dir.join("in/checkpoint");
-        if let Some(resume) = a.resume_from.as_ref().and_then(|c| c.artifact.as_ref()) {
+        if let Some(resume) = a.resume_from.as_ref().map(|c| &c.artifact) {
             let damage = match self.load_checkpoint(&resume.uri, Some(&resume.checksum), check) {
                 Ok(events) => {
                     tracing::info!(checkpoint = %resume.uri, "resuming from checkpoint");

@@ -20,7 +20,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
 use segprop_core::JobSpec;
-use segprop_proto::v1 as pb;
+use segprop_core::sched::TaskResult;
 use segprop_store::Store;
 use segprop_train::checkpoint::{self, Digest};
 use segprop_train::metrics::{RecordingObserver, StageRecord};
@@ -28,6 +28,7 @@ use segprop_train::segprop::run_next_stage;
 use segprop_train::{TrainError, Trainer};
 
 use crate::artifacts::Artifacts;
+use crate::assignment::{Assignment, Succeeded, Work};
 use crate::error::TaskError;
 use crate::observe::{DaemonObserver, StoreCheckpointer, TaskState, lock_recorder, write_events};
 use crate::snapshots::{self, SnapshotIo};
@@ -48,16 +49,9 @@ pub(crate) struct TaskContext {
     pub(crate) worker_name: String,
 }
 
-pub(crate) fn unknown_kind(a: &pb::Assignment) -> TaskError {
-    TaskError::Unsupported(format!("unknown task kind {}", a.kind))
-}
-
 impl TaskContext {
-    pub(crate) fn run(
-        self: &Arc<Self>,
-        a: &pb::Assignment,
-    ) -> Result<pb::TaskSucceeded, TaskError> {
-        let spec = JobSpec::from_yaml_str(&a.spec_yaml, &format!("job {}", a.job_id))
+    pub(crate) fn run(self: &Arc<Self>, a: &Assignment) -> Result<Succeeded, TaskError> {
+        let spec = JobSpec::from_yaml_str(&a.spec_yaml, &format!("job {}", a.task.job_id))
             .map_err(TrainError::Spec)?;
         match self.backend.as_str() {
             // bf16/f16 run on flex, which has the 16-bit types (docs/adr/0003-cpu-backends.md).
@@ -85,8 +79,8 @@ impl TaskContext {
         self: &Arc<Self>,
         spec: JobSpec,
         device: B::Device,
-        a: &pb::Assignment,
-    ) -> Result<pb::TaskSucceeded, TaskError> {
+        a: &Assignment,
+    ) -> Result<Succeeded, TaskError> {
         if let Some(world) = segprop_train::gang::gang_size(&spec) {
             // Units that stay sharded from the first byte read to the last written.
             return self.run_gang::<B>(spec, device, world, a);
@@ -95,11 +89,10 @@ impl TaskContext {
         let (recovered, _, recorder) =
             self.restore(a, &mut |dir| checkpoint::load(&mut trainer, dir, None))?;
         self.prepare(&mut trainer, a);
-        match pb::TaskKind::try_from(a.kind) {
-            Ok(pb::TaskKind::TrainStage) => self.train_stage(trainer, recorder, a, recovered),
-            Ok(pb::TaskKind::AdvanceSnapshots) => self.advance(trainer, a),
-            Ok(pb::TaskKind::Export) => self.export(&mut trainer, a),
-            _ => Err(unknown_kind(a)),
+        match &a.work {
+            Work::TrainStage => self.train_stage(trainer, recorder, a, recovered),
+            Work::Advance(step) => self.advance(trainer, a, step),
+            Work::Export { stage_metrics } => self.export(&mut trainer, a, stage_metrics),
         }
     }
 
@@ -109,22 +102,20 @@ impl TaskContext {
     pub(crate) fn prepare<B: burn::tensor::backend::AutodiffBackend>(
         &self,
         trainer: &mut Trainer<B>,
-        a: &pb::Assignment,
+        a: &Assignment,
     ) {
         trainer.advance_in_place = false;
-        if a.snapshot_depth > 0
-            && a.snapshot_shards > 0
-            && pb::TaskKind::try_from(a.kind) != Ok(pb::TaskKind::Export)
+        if let Some(snapshots) = a.reads_snapshots()
             && trainer.cache.is_some()
         {
-            let source = self.snapshot_source(trainer, a, a.snapshot_depth);
+            let source = self.snapshot_source(trainer, a, snapshots);
             if let Some(cache) = trainer.cache.as_mut() {
                 cache.set_source(Box::new(source));
             }
             tracing::info!(
-                depth = a.snapshot_depth,
-                shards = a.snapshot_shards,
-                complete = a.snapshots_complete,
+                depth = snapshots.depth,
+                shards = snapshots.shards,
+                complete = snapshots.complete,
                 "reading snapshots from the store"
             );
         }
@@ -134,9 +125,9 @@ impl TaskContext {
         &self,
         mut trainer: Trainer<B>,
         recorder: RecordingObserver,
-        a: &pb::Assignment,
+        a: &Assignment,
         recovered: Option<String>,
-    ) -> Result<pb::TaskSucceeded, TaskError> {
+    ) -> Result<Succeeded, TaskError> {
         self.check_stage(&trainer, a)?;
         let ran = self.run_stage(&mut trainer, recorder, a)?;
         let digest = checkpoint::save(&trainer, None, &self.state_dir())?;
@@ -147,7 +138,7 @@ impl TaskContext {
     pub(crate) fn check_stage<B: burn::tensor::backend::AutodiffBackend>(
         &self,
         trainer: &Trainer<B>,
-        a: &pb::Assignment,
+        a: &Assignment,
     ) -> Result<(), TrainError> {
         let refuse = |message: String| TrainError::State {
             path: PathBuf::from(&self.attempt_key),
@@ -170,7 +161,7 @@ impl TaskContext {
         &self,
         trainer: &mut Trainer<B>,
         recorder: RecordingObserver,
-        a: &pb::Assignment,
+        a: &Assignment,
     ) -> Result<(StageRecord, RecordingObserver), TrainError> {
         let recorder = Arc::new(Mutex::new(recorder));
         trainer.checkpointer = Some(Box::new(StoreCheckpointer {
@@ -182,7 +173,7 @@ impl TaskContext {
             state: self.state.clone(),
         }));
         let mut observer = DaemonObserver {
-            stage_index: a.task_index,
+            stage_index: a.task.task_index,
             recorder: recorder.clone(),
             state: self.state.clone(),
             cancel: self.cancel.clone(),
@@ -220,9 +211,9 @@ impl TaskContext {
         trainer: &Trainer<B>,
         (record, recorder): (StageRecord, RecordingObserver),
         digest: &Digest,
-        a: &pb::Assignment,
+        a: &Assignment,
         recovered: Option<String>,
-    ) -> Result<pb::TaskSucceeded, TaskError> {
+    ) -> Result<Succeeded, TaskError> {
         let out = self.work_dir.join("out");
         let state_local = self.state_dir();
         let state = self
@@ -255,11 +246,11 @@ impl TaskContext {
                 &batches,
                 trainer.config.hidden_size,
                 snapshots::storage_dtype(trainer.spec.segprop.snapshot_dtype),
-                a.snapshot_shards.max(1),
+                a.snapshots.shards.max(1),
                 snapshots::batches_per_blob(&trainer.spec, trainer.config.hidden_size),
             )
         });
-        let typed = pb::TaskResult {
+        let typed = TaskResult {
             steps: record.steps,
             eval_loss: Some(record.eval_loss),
             snapshot_depth_bytes,
@@ -284,10 +275,10 @@ impl TaskContext {
             );
             map.insert("worker".into(), self.worker_name.clone().into());
         }
-        Ok(pb::TaskSucceeded {
-            artifacts: vec![state],
-            result_json: result.to_string(),
-            result: Some(typed),
+        Ok(Succeeded {
+            outputs: vec![state],
+            record_json: result.to_string(),
+            result: typed,
             early_exit: trainer.progress.early_exit.is_some(),
             metrics: Some(metrics),
         })

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use segprop_harness::{Binaries, CoordinatorCommand, Log, WorkerCommand};
+use segprop_harness::{Binaries, ChildCommand, CoordinatorCommand, Log, WorkerCommand};
 use segprop_proto::v1 as pb;
 use segprop_proto::v1::cluster_service_client::ClusterServiceClient;
 use segprop_proto::v1::job_service_client::JobServiceClient;

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use segprop_coordinator::auth::AttachToken;
-use segprop_harness::{CoordinatorCommand, Log};
+use segprop_harness::{ChildCommand, CoordinatorCommand, Log};
 use segprop_proto::v1 as pb;
 use segprop_proto::v1::job_service_client::JobServiceClient;
 use tonic::transport::Endpoint;

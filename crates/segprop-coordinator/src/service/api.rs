@@ -1,5 +1,6 @@
-//! The gRPC face of the [`Coordinator`]: `JobService` (the CLI) and `ClusterService` (workers),
-//! each call handed to the coordinator's method of the same name.
+//! The gRPC face of the [`Coordinator`]: `JobService` (the CLI) and `ClusterService` (workers).
+//! Each call is decoded (workers' requests checked into [`crate::request`] types by
+//! [`convert`]) and handed to the coordinator's method of the same name.
 
 use super::*;
 
@@ -68,23 +69,24 @@ impl ClusterService for Api {
         &self,
         request: Request<pb::RegisterWorkerRequest>,
     ) -> Result<Response<pb::RegisterWorkerResponse>, Status> {
-        Ok(Response::new(self.register(request.into_inner()).await?))
+        let req = convert::registration_in(request.into_inner())?;
+        Ok(Response::new(self.register(req).await?))
     }
 
     async fn heartbeat(
         &self,
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
-        Ok(Response::new(
-            Coordinator::heartbeat(&self.0, request.into_inner()).await?,
-        ))
+        let req = convert::heartbeat_in(request.into_inner());
+        Ok(Response::new(Coordinator::heartbeat(&self.0, req).await?))
     }
 
     async fn report_task(
         &self,
         request: Request<pb::ReportTaskRequest>,
     ) -> Result<Response<pb::ReportTaskResponse>, Status> {
-        self.report(request.into_inner()).await?;
+        self.report(convert::report_in(request.into_inner())?)
+            .await?;
         Ok(Response::new(pb::ReportTaskResponse {}))
     }
 
@@ -92,8 +94,7 @@ impl ClusterService for Api {
         &self,
         request: Request<pb::RendezvousRequest>,
     ) -> Result<Response<pb::RendezvousReply>, Status> {
-        Ok(Response::new(
-            Coordinator::rendezvous(&self.0, request.into_inner()).await?,
-        ))
+        let req = convert::rendezvous_in(request.into_inner())?;
+        Ok(Response::new(Coordinator::rendezvous(&self.0, req).await?))
     }
 }

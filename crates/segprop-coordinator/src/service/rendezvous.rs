@@ -7,49 +7,17 @@ impl Coordinator {
     /// The rendezvous of a gang's communicator: rank 0 publishes the id of its task attempt's
     /// communicator, every other rank receives it (waiting up to `wait_ms` for rank 0). Only the
     /// worker holding the attempt's lease takes part, and only while the attempt is current.
-    pub async fn rendezvous(
-        &self,
-        req: pb::RendezvousRequest,
-    ) -> Result<pb::RendezvousReply, CoordError> {
-        if req.rank >= req.world {
-            return Err(CoordError::Field {
-                field: "rank",
-                message: format!(
-                    "{} is not a rank of a gang of {} (world)",
-                    req.rank, req.world
-                ),
-            });
-        }
-        match (req.rank, req.unique_id.len()) {
-            (0, 0) => {
-                return Err(CoordError::Field {
-                    field: "unique_id",
-                    message: "rank 0 publishes the communicator's id, and it is empty".into(),
-                });
-            }
-            (0, n) if n > MAX_UNIQUE_ID_BYTES => {
-                return Err(CoordError::Field {
-                    field: "unique_id",
-                    message: format!("{n} bytes; at most {MAX_UNIQUE_ID_BYTES}"),
-                });
-            }
-            (rank, n) if rank > 0 && n > 0 => {
-                return Err(CoordError::Field {
-                    field: "unique_id",
-                    message: format!("only rank 0 publishes; rank {rank} sent {n} bytes"),
-                });
-            }
-            _ => {}
-        }
-        let key = (req.job_id.clone(), req.task_index, req.epoch);
-        let wait = Duration::from_millis(u64::from(req.wait_ms.min(MAX_RENDEZVOUS_WAIT_MS)));
+    pub async fn rendezvous(&self, req: Rendezvous) -> Result<pb::RendezvousReply, CoordError> {
+        let attempt = &req.attempt;
+        let key = (attempt.job_id.clone(), attempt.task_index, attempt.epoch);
+        let wait = req.wait;
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let mut notified = pin!(self.published.notified());
             notified.as_mut().enable();
             {
                 let mut inner = self.lock();
-                current_attempt(&inner.jobs, &req)?;
+                current_attempt(&inner.jobs, &req.worker_id, attempt)?;
                 // Ids of attempts that ended (or were superseded) are of no use to anyone.
                 let jobs = &inner.jobs;
                 let live = |(job_id, task, epoch): &(String, u32, u64)| {
@@ -75,12 +43,12 @@ impl Coordinator {
                             return Err(CoordError::AlreadyPublished(format!(
                                 "unique_id: rank 0 of job {} task {} (epoch {}) already published \
                                  another id",
-                                req.job_id, req.task_index, req.epoch
+                                attempt.job_id, attempt.task_index, attempt.epoch
                             )));
                         }
                         Some(_) => {}
                         None => {
-                            tracing::info!(job = %req.job_id, task = req.task_index, epoch = req.epoch, world = req.world, bytes = req.unique_id.len(), "gang communicator id published");
+                            tracing::info!(job = %attempt.job_id, task = attempt.task_index, epoch = attempt.epoch, world = req.world, bytes = req.unique_id.len(), "gang communicator id published");
                             inner.rendezvous.insert(key, req.unique_id.clone());
                         }
                     }
@@ -100,9 +68,9 @@ impl Coordinator {
                 return Err(CoordError::RendezvousTimeout(format!(
                     "rank 0 of job {} task {} (epoch {}) has not published its communicator id \
                      within {} ms",
-                    req.job_id,
-                    req.task_index,
-                    req.epoch,
+                    attempt.job_id,
+                    attempt.task_index,
+                    attempt.epoch,
                     wait.as_millis()
                 )));
             }
@@ -111,28 +79,30 @@ impl Coordinator {
 }
 
 /// Refuses a rendezvous for anything but a running attempt leased to the calling worker.
-fn current_attempt(jobs: &[Job], req: &pb::RendezvousRequest) -> Result<(), CoordError> {
+fn current_attempt(jobs: &[Job], worker_id: &str, attempt: &Attempt) -> Result<(), CoordError> {
     let what = format!(
         "job {} task {} (epoch {})",
-        req.job_id, req.task_index, req.epoch
+        attempt.job_id, attempt.task_index, attempt.epoch
     );
-    let job = jobs.iter().find(|j| j.id == req.job_id).ok_or_else(|| {
-        CoordError::Fenced(format!(
-            "{what}: no such running job (it ended, or never was)"
-        ))
-    })?;
-    let task = job.tasks.get(req.task_index as usize).ok_or_else(|| {
+    let job = jobs
+        .iter()
+        .find(|j| j.id == attempt.job_id)
+        .ok_or_else(|| {
+            CoordError::Fenced(format!(
+                "{what}: no such running job (it ended, or never was)"
+            ))
+        })?;
+    let task = job.tasks.get(attempt.task_index as usize).ok_or_else(|| {
         CoordError::Fenced(format!("{what}: the job has {} tasks", job.tasks.len()))
     })?;
     match &task.lease {
-        Some(lease) if lease.epoch == req.epoch && lease.worker_id == req.worker_id => Ok(()),
-        Some(lease) if lease.epoch != req.epoch => Err(CoordError::Fenced(format!(
+        Some(lease) if lease.epoch == attempt.epoch && lease.worker_id == worker_id => Ok(()),
+        Some(lease) if lease.epoch != attempt.epoch => Err(CoordError::Fenced(format!(
             "{what}: not the current attempt (that is epoch {})",
             lease.epoch
         ))),
         Some(_) => Err(CoordError::Fenced(format!(
-            "{what}: leased to another worker, not to {}",
-            req.worker_id
+            "{what}: leased to another worker, not to {worker_id}"
         ))),
         None => Err(CoordError::Fenced(format!("{what}: not running"))),
     }

@@ -4,7 +4,7 @@
 use super::*;
 
 impl Coordinator {
-    pub async fn report(&self, req: pb::ReportTaskRequest) -> Result<(), CoordError> {
+    pub async fn report(&self, req: Report) -> Result<(), CoordError> {
         let (ready, ticket) = self.report_locked(req)?;
         // Woken workers may lease the tasks this report readied before its commit returns: a
         // lease is queued after the report's write, so no assignment is answered before it.
@@ -13,24 +13,28 @@ impl Coordinator {
     }
 
     /// Decides the report under the lock and queues its commit; returns the tasks it made ready.
-    fn report_locked(&self, req: pb::ReportTaskRequest) -> Result<(usize, Ticket), CoordError> {
+    fn report_locked(&self, req: Report) -> Result<(usize, Ticket), CoordError> {
         let now = now_ms();
-        let outcome = convert::outcome_in(req.outcome)?;
+        let Report {
+            worker_id,
+            attempt,
+            outcome,
+        } = req;
         let succeeded = matches!(outcome, Outcome::Succeeded { .. });
         let mut inner = self.lock();
-        let Ok(index) = position(&inner.jobs, &req.job_id) else {
-            find(&inner.done, &req.job_id)?;
+        let Ok(index) = position(&inner.jobs, &attempt.job_id) else {
+            find(&inner.done, &attempt.job_id)?;
             self.lock_counters().rejected_reports += 1;
             return Err(CoordError::Fenced(format!(
                 "report for job {} task {} rejected: the job has ended",
-                req.job_id, req.task_index
+                attempt.job_id, attempt.task_index
             )));
         };
         let result = sched::complete(
             &mut inner.jobs[index],
-            req.task_index,
-            req.epoch,
-            &req.worker_id,
+            attempt.task_index,
+            attempt.epoch,
+            &worker_id,
             outcome,
             now,
             &self.sched,
@@ -38,17 +42,19 @@ impl Coordinator {
         let transitions = match result {
             Ok(t) => t,
             Err(reject) => {
-                tracing::warn!(worker = %req.worker_id, job = %req.job_id, task = req.task_index, epoch = req.epoch, %reject, "task report rejected");
+                tracing::warn!(worker = %worker_id, job = %attempt.job_id, task = attempt.task_index, epoch = attempt.epoch, %reject, "task report rejected");
                 self.lock_counters().rejected_reports += 1;
                 return Err(CoordError::Fenced(format!(
                     "report for job {} task {} rejected: {reject}",
-                    req.job_id, req.task_index
+                    attempt.job_id, attempt.task_index
                 )));
             }
         };
         let mut changed = self.collect_snapshots(&mut inner);
-        changed.push(req.job_id.clone());
-        inner.progress.remove(&(req.job_id.clone(), req.task_index));
+        changed.push(attempt.job_id.clone());
+        inner
+            .progress
+            .remove(&(attempt.job_id.clone(), attempt.task_index));
         let ids: Vec<&str> = changed.iter().map(String::as_str).collect();
         let ticket = self.commit(&inner, &ids)?;
         for t in &transitions {

@@ -15,16 +15,13 @@ fn open(dir: &std::path::Path) -> Arc<Coordinator> {
     .expect("coordinator")
 }
 
-fn register() -> pb::RegisterWorkerRequest {
-    pb::RegisterWorkerRequest {
-        protocol_version: segprop_proto::PROTOCOL_VERSION,
+fn register() -> Registration {
+    Registration {
         name: "w1".into(),
-        backend: "cpu".into(),
-        devices: vec![pb::Device {
-            name: "cpu".into(),
-            memory_bytes: 8 << 30,
-        }],
-        host_memory_bytes: 16 << 30,
+        backend: sched::Backend::Cpu,
+        devices: 1,
+        device_bytes: 8 << 30,
+        host_bytes: 16 << 30,
         running: Vec::new(),
     }
 }
@@ -56,7 +53,7 @@ async fn a_held_commit_stalls_no_heartbeat_and_shows_no_job_before_it_is_durable
     // The submit's commit is held (a disk that does not answer): heartbeats still answer,
     // because the state lock is free; the job is not listed, because it is not durable.
     for _ in 0..3 {
-        let heartbeat = c.heartbeat(pb::HeartbeatRequest {
+        let heartbeat = c.heartbeat(Heartbeat {
             worker_id: worker.clone(),
             running: Vec::new(),
             free_slots: 0,
@@ -95,7 +92,7 @@ async fn a_read_waits_for_the_commits_of_what_it_shows() {
     let heartbeat = tokio::spawn({
         let (c, worker) = (c.clone(), worker.clone());
         async move {
-            c.heartbeat(pb::HeartbeatRequest {
+            c.heartbeat(Heartbeat {
                 worker_id: worker,
                 running: Vec::new(),
                 free_slots: 1,

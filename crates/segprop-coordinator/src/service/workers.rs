@@ -6,7 +6,7 @@ use super::*;
 impl Coordinator {
     pub async fn register(
         &self,
-        req: pb::RegisterWorkerRequest,
+        req: Registration,
     ) -> Result<pb::RegisterWorkerResponse, CoordError> {
         let (reply, ticket) = self.register_locked(req)?;
         self.durable(ticket).await?;
@@ -15,20 +15,8 @@ impl Coordinator {
 
     fn register_locked(
         &self,
-        req: pb::RegisterWorkerRequest,
+        req: Registration,
     ) -> Result<(pb::RegisterWorkerResponse, Ticket), CoordError> {
-        if req.protocol_version != segprop_proto::PROTOCOL_VERSION {
-            return Err(CoordError::Protocol {
-                worker: req.protocol_version,
-                coordinator: segprop_proto::PROTOCOL_VERSION,
-            });
-        }
-        let Some(backend) = sched::Backend::parse(&req.backend) else {
-            return Err(CoordError::Field {
-                field: "backend",
-                message: format!("`{}` is not one of cpu, cuda", req.backend),
-            });
-        };
         let now = now_ms();
         let mut inner = self.lock();
         let id = format!("w-{}-{}", self.boot, inner.next_worker);
@@ -37,15 +25,10 @@ impl Coordinator {
             id.clone(),
             Worker {
                 name: req.name.clone(),
-                backend,
-                devices: req.devices.len().max(1) as u32,
-                device_bytes: req
-                    .devices
-                    .iter()
-                    .map(|d| d.memory_bytes)
-                    .min()
-                    .unwrap_or(0),
-                host_bytes: req.host_memory_bytes,
+                backend: req.backend,
+                devices: req.devices,
+                device_bytes: req.device_bytes,
+                host_bytes: req.host_bytes,
                 last_seen: now,
             },
         );
@@ -66,7 +49,7 @@ impl Coordinator {
         }
         let ids: Vec<&str> = adopted.iter().map(String::as_str).collect();
         let ticket = self.commit(&inner, &ids)?;
-        tracing::info!(worker = %id, name = %req.name, backend = %req.backend, devices = req.devices.len(), adopted = adopted.len(), "worker registered");
+        tracing::info!(worker = %id, name = %req.name, backend = %req.backend, devices = req.devices, adopted = adopted.len(), "worker registered");
         let reply = pb::RegisterWorkerResponse {
             worker_id: id,
             heartbeat_interval_ms: self.config.heartbeat_interval_ms as u32,
@@ -78,10 +61,7 @@ impl Coordinator {
 
     /// Renews the worker's leases, records progress and checkpoints, and hands out new tasks.
     /// Without new tasks for an idle worker, waits up to one heartbeat interval for one.
-    pub async fn heartbeat(
-        &self,
-        req: pb::HeartbeatRequest,
-    ) -> Result<pb::HeartbeatResponse, CoordError> {
+    pub async fn heartbeat(&self, req: Heartbeat) -> Result<pb::HeartbeatResponse, CoordError> {
         let mut reply = self.heartbeat_once(&req).await?;
         let idle = req.running.is_empty() && req.free_slots > 0;
         if reply.reregister || !reply.assignments.is_empty() || !idle {
@@ -103,10 +83,7 @@ impl Coordinator {
         }
     }
 
-    async fn heartbeat_once(
-        &self,
-        req: &pb::HeartbeatRequest,
-    ) -> Result<pb::HeartbeatResponse, CoordError> {
+    async fn heartbeat_once(&self, req: &Heartbeat) -> Result<pb::HeartbeatResponse, CoordError> {
         let (mut reply, ticket) = self.renew_locked(req)?;
         // A heartbeat that only renews leases changes nothing durable and waits for no commit.
         self.durable(ticket).await?;
@@ -117,10 +94,7 @@ impl Coordinator {
     }
 
     /// Renews the leases of `req.running` and records their progress and checkpoints.
-    fn renew_locked(
-        &self,
-        req: &pb::HeartbeatRequest,
-    ) -> Result<(pb::HeartbeatResponse, Ticket), CoordError> {
+    fn renew_locked(&self, req: &Heartbeat) -> Result<(pb::HeartbeatResponse, Ticket), CoordError> {
         let now = now_ms();
         let mut inner = self.lock();
         let Some(worker) = inner.workers.get_mut(&req.worker_id) else {
@@ -134,32 +108,28 @@ impl Coordinator {
         let mut reply = pb::HeartbeatResponse::default();
         let mut changed = Vec::new();
         for running in &req.running {
-            let task_ref = pb::TaskRef {
-                job_id: running.job_id.clone(),
-                task_index: running.task_index,
-                epoch: running.epoch,
-            };
-            let Ok(index) = position(&inner.jobs, &running.job_id) else {
-                reply.cancel.push(task_ref);
+            let attempt = &running.attempt;
+            let Ok(index) = position(&inner.jobs, &attempt.job_id) else {
+                reply.cancel.push(convert::attempt_out(attempt));
                 continue;
             };
-            let checkpoint = running.checkpoint.as_ref().and_then(convert::checkpoint_in);
+            let checkpoint = running.checkpoint.clone();
             let job = &mut inner.jobs[index];
             let before = job
                 .tasks
-                .get(running.task_index as usize)
+                .get(attempt.task_index as usize)
                 .and_then(|t| t.checkpoint.as_ref().map(|c| c.step));
             match sched::renew(
                 job,
-                running.task_index,
-                running.epoch,
+                attempt.task_index,
+                attempt.epoch,
                 &req.worker_id,
                 checkpoint,
                 now,
                 &self.sched,
             ) {
                 Ok(()) => {
-                    let after = job.tasks[running.task_index as usize]
+                    let after = job.tasks[attempt.task_index as usize]
                         .checkpoint
                         .as_ref()
                         .map(|c| c.step);
@@ -168,7 +138,7 @@ impl Coordinator {
                     }
                     for event in &running.events {
                         let _ = self.events.send(Arc::new((
-                            running.job_id.clone(),
+                            attempt.job_id.clone(),
                             pb::JobEvent {
                                 event: Some(pb::job_event::Event::Progress(event.clone())),
                             },
@@ -177,13 +147,13 @@ impl Coordinator {
                     if let Some(last) = running.events.last() {
                         inner
                             .progress
-                            .insert((running.job_id.clone(), running.task_index), last.clone());
+                            .insert((attempt.job_id.clone(), attempt.task_index), last.clone());
                     }
                 }
                 Err(reject) => {
-                    tracing::warn!(worker = %req.worker_id, job = %running.job_id, task = running.task_index, epoch = running.epoch, %reject, "renewal refused; telling the worker to stop");
+                    tracing::warn!(worker = %req.worker_id, job = %attempt.job_id, task = attempt.task_index, epoch = attempt.epoch, %reject, "renewal refused; telling the worker to stop");
                     self.lock_counters().rejected_renewals += 1;
-                    reply.cancel.push(task_ref);
+                    reply.cancel.push(convert::attempt_out(attempt));
                 }
             }
         }
