@@ -4,7 +4,9 @@
 
 use std::collections::HashMap;
 
-use segprop_core::sched::{Artifact, Backend, Job, JobStatus, Outcome, Task, TaskKind, TaskStatus};
+use segprop_core::sched::{
+    Artifact, Backend, Job, JobId, JobStatus, Outcome, Task, TaskKind, TaskStatus, WorkerId,
+};
 use segprop_proto::v1 as pb;
 
 use crate::config::CoordConfig;
@@ -40,11 +42,11 @@ pub fn task_state(status: TaskStatus) -> pb::TaskState {
 
 pub fn job(
     job: &Job,
-    progress: &HashMap<(String, u32), pb::Progress>,
+    progress: &HashMap<(JobId, u32), pb::Progress>,
     config: &CoordConfig,
 ) -> pb::Job {
     pb::Job {
-        job_id: job.id.clone(),
+        job_id: job.id.to_string(),
         name: job.name.clone(),
         regime: job.regime.clone(),
         state: job_state(job.status) as i32,
@@ -61,7 +63,7 @@ pub fn job(
                 worker_id: t
                     .lease
                     .as_ref()
-                    .map(|l| l.worker_id.clone())
+                    .map(|l| l.worker_id.to_string())
                     .unwrap_or_default(),
                 progress: progress.get(&(job.id.clone(), t.index)).cloned(),
                 error: t.error.clone().unwrap_or_default(),
@@ -72,10 +74,14 @@ pub fn job(
             .collect(),
         error: job.error.clone().unwrap_or_default(),
         run_dir: match &config.artifact_store {
-            Some(store) => format!("{}/{}", store.url.trim_end_matches('/'), job_dir(&job.id)),
+            Some(store) => format!(
+                "{}/{}",
+                store.url.trim_end_matches('/'),
+                job_dir(job.id.as_str())
+            ),
             None => config
                 .artifact_root
-                .join(job_dir(&job.id))
+                .join(job_dir(job.id.as_str()))
                 .display()
                 .to_string(),
         },
@@ -131,7 +137,7 @@ pub fn registration_in(req: pb::RegisterWorkerRequest) -> Result<Registration, C
 
 pub fn heartbeat_in(req: pb::HeartbeatRequest) -> Heartbeat {
     Heartbeat {
-        worker_id: req.worker_id,
+        worker_id: WorkerId::from(req.worker_id),
         free_slots: req.free_slots,
         running: req.running.into_iter().map(running_in).collect(),
     }
@@ -144,7 +150,7 @@ fn running_in(r: pb::RunningTask) -> Running {
             .as_ref()
             .and_then(segprop_proto::domain::checkpoint),
         attempt: Attempt {
-            job_id: r.job_id,
+            job_id: JobId::from(r.job_id),
             task_index: r.task_index,
             epoch: r.epoch,
         },
@@ -154,7 +160,7 @@ fn running_in(r: pb::RunningTask) -> Running {
 
 pub fn attempt_out(a: &Attempt) -> pb::TaskRef {
     pb::TaskRef {
-        job_id: a.job_id.clone(),
+        job_id: a.job_id.to_string(),
         task_index: a.task_index,
         epoch: a.epoch,
     }
@@ -164,9 +170,9 @@ pub fn attempt_out(a: &Attempt) -> pb::TaskRef {
 pub fn report_in(req: pb::ReportTaskRequest) -> Result<Report, CoordError> {
     Ok(Report {
         outcome: outcome_in(req.outcome)?,
-        worker_id: req.worker_id,
+        worker_id: WorkerId::from(req.worker_id),
         attempt: Attempt {
-            job_id: req.job_id,
+            job_id: JobId::from(req.job_id),
             task_index: req.task_index,
             epoch: req.epoch,
         },
@@ -208,9 +214,9 @@ pub fn rendezvous_in(req: pb::RendezvousRequest) -> Result<Rendezvous, CoordErro
         _ => {}
     }
     Ok(Rendezvous {
-        worker_id: req.worker_id,
+        worker_id: WorkerId::from(req.worker_id),
         attempt: Attempt {
-            job_id: req.job_id,
+            job_id: JobId::from(req.job_id),
             task_index: req.task_index,
             epoch: req.epoch,
         },
@@ -315,13 +321,13 @@ pub fn assignment(job: &Job, index: u32, epoch: u64) -> pb::Assignment {
         Vec::new()
     };
     pb::Assignment {
-        job_id: job.id.clone(),
+        job_id: job.id.to_string(),
         task_index: index,
         epoch,
         kind: task_kind(&task.kind) as i32,
         stage_index,
         spec_yaml: job.spec_yaml.clone(),
-        job_dir: job_dir(&job.id),
+        job_dir: job_dir(job.id.as_str()),
         input_state,
         resume_from: task.checkpoint.as_ref().map(Into::into),
         stage_metrics,

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use segprop_core::sched::{Job, JobStatus, TaskStatus};
+use segprop_core::sched::{Job, JobId, JobStatus, TaskStatus};
 use segprop_proto::v1 as pb;
 use segprop_telemetry::metrics::{Exposition, Kind};
 
@@ -31,7 +31,7 @@ pub struct State<'a> {
     pub jobs: &'a [Job],
     pub done: &'a [Job],
     pub workers: Vec<WorkerInfo>,
-    pub progress: &'a HashMap<(String, u32), pb::Progress>,
+    pub progress: &'a HashMap<(JobId, u32), pb::Progress>,
     pub counters: Counters,
     pub now_ms: u64,
     pub snapshot_budget_bytes: Option<u64>,
@@ -137,7 +137,7 @@ pub fn render(s: &State<'_>) -> String {
     }
 
     // Progress of running stage tasks, labelled by job and stage.
-    let mut running: Vec<(&String, &pb::Progress, &str)> = Vec::new();
+    let mut running: Vec<(&JobId, &pb::Progress, &str)> = Vec::new();
     for job in s.jobs {
         for ((id, _), p) in s.progress.iter().filter(|((id, _), _)| *id == job.id) {
             running.push((id, p, job.name.as_str()));
@@ -149,7 +149,11 @@ pub fn render(s: &State<'_>) -> String {
             e.family(name, Kind::Gauge, help);
             for (id, p, job_name) in &running {
                 e.sample(
-                    &[("job", id), ("job_name", job_name), ("stage", &p.stage)],
+                    &[
+                        ("job", id.as_str()),
+                        ("job_name", job_name),
+                        ("stage", &p.stage),
+                    ],
                     value(p),
                 );
             }

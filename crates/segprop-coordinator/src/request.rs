@@ -3,13 +3,13 @@
 
 use std::time::Duration;
 
-use segprop_core::sched::{Backend, Checkpoint, Outcome};
+use segprop_core::sched::{Backend, Checkpoint, JobId, Outcome, WorkerId};
 use segprop_proto::v1 as pb;
 
 /// One attempt at a task (its lease's epoch): what a worker quotes about the task.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Attempt {
-    pub job_id: String,
+    pub job_id: JobId,
     pub task_index: u32,
     pub epoch: u64,
 }
@@ -31,7 +31,7 @@ pub struct Registration {
 /// A worker's heartbeat: its running attempts (renewed) and whether it can take a task.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Heartbeat {
-    pub worker_id: String,
+    pub worker_id: WorkerId,
     pub free_slots: u32,
     pub running: Vec<Running>,
 }
@@ -49,7 +49,7 @@ pub struct Running {
 /// A worker's report of an attempt's end.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Report {
-    pub worker_id: String,
+    pub worker_id: WorkerId,
     pub attempt: Attempt,
     pub outcome: Outcome,
 }
@@ -58,7 +58,7 @@ pub struct Report {
 /// (non-empty), the others send none and wait up to `wait` for it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Rendezvous {
-    pub worker_id: String,
+    pub worker_id: WorkerId,
     pub attempt: Attempt,
     pub rank: u32,
     pub world: u32,

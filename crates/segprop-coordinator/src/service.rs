@@ -15,7 +15,9 @@ use std::pin::pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use segprop_core::sched::{self, Job, JobStatus, NewJob, Outcome, SchedConfig, TaskStatus};
+use segprop_core::sched::{
+    self, Job, JobId, JobStatus, NewJob, Outcome, SchedConfig, TaskStatus, WorkerId,
+};
 use segprop_core::{JobSpec, StagePlan};
 use segprop_proto::v1 as pb;
 use segprop_proto::v1::cluster_service_server::ClusterService;
@@ -62,12 +64,12 @@ struct Inner {
     /// Finished jobs (succeeded, failed, cancelled), for status and listing.
     done: Vec<Job>,
     next_seq: u64,
-    workers: HashMap<String, Worker>,
+    workers: HashMap<WorkerId, Worker>,
     next_worker: u64,
     /// Latest progress of each running task, by (job id, task index).
-    progress: HashMap<(String, u32), pb::Progress>,
+    progress: HashMap<(JobId, u32), pb::Progress>,
     /// Communicator ids published by rank 0 of a gang, by task attempt (job id, task, epoch).
-    rendezvous: HashMap<(String, u32, u64), Vec<u8>>,
+    rendezvous: HashMap<(JobId, u32, u64), Vec<u8>>,
 }
 
 pub struct Coordinator {
@@ -207,7 +209,7 @@ impl Coordinator {
         {
             let document = crate::store::encode(job)
                 .map_err(|e| CoordError::Internal(format!("cannot encode job {}: {e}", job.id)))?;
-            documents.push((job.id.clone(), document));
+            documents.push((job.id.to_string(), document));
             events.push(self.job_event(inner, job));
         }
         Ok(self.writer.queue(documents, inner.next_seq, events))
@@ -227,7 +229,7 @@ impl Coordinator {
                 &self.config,
             ))),
         };
-        Arc::new((job.id.clone(), event))
+        Arc::new((job.id.to_string(), event))
     }
 
     /// Tells watchers a job's state that is already durable (nothing changed).
@@ -261,7 +263,7 @@ impl Coordinator {
         changed.extend(self.collect_snapshots(&mut inner));
         changed.sort();
         changed.dedup();
-        let ids: Vec<&str> = changed.iter().map(String::as_str).collect();
+        let ids: Vec<&str> = changed.iter().map(JobId::as_str).collect();
         let ticket = self.commit(&inner, &ids)?;
         let timeout = 2 * self.config.lease_ms;
         inner.workers.retain(|id, w| {
@@ -335,7 +337,7 @@ impl Coordinator {
                 });
             let mut job = Job::new(
                 NewJob {
-                    id: id.clone(),
+                    id: JobId::from(id.clone()),
                     seq,
                     name: spec.name.clone(),
                     regime: spec.regime.to_string(),
@@ -425,8 +427,8 @@ impl Coordinator {
         let revoked = sched::cancel(&mut inner.jobs[index], now);
         let ticket = if inner.jobs[index].status == JobStatus::Cancelled {
             let mut changed = self.collect_snapshots(&mut inner);
-            changed.push(job_id.to_string());
-            let ids: Vec<&str> = changed.iter().map(String::as_str).collect();
+            changed.push(JobId::from(job_id));
+            let ids: Vec<&str> = changed.iter().map(JobId::as_str).collect();
             self.commit(&inner, &ids)?
         } else {
             self.publish(&inner, &inner.jobs[index]);
@@ -500,8 +502,8 @@ fn retire(inner: &mut Inner) {
     }
 }
 
-fn changed_jobs(transitions: &[sched::Transition]) -> Vec<String> {
-    let mut ids: Vec<String> = transitions
+fn changed_jobs(transitions: &[sched::Transition]) -> Vec<JobId> {
+    let mut ids: Vec<JobId> = transitions
         .iter()
         .map(|t| match t {
             sched::Transition::TaskLeased { job_id, .. }

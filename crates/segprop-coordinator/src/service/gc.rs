@@ -6,7 +6,7 @@ use super::*;
 impl Coordinator {
     /// Deletes the snapshot depths no pending task can read (all of a finished job's), in the
     /// background. Returns the jobs whose `snapshots_collected` changed (to persist).
-    pub(super) fn collect_snapshots(&self, inner: &mut Inner) -> Vec<String> {
+    pub(super) fn collect_snapshots(&self, inner: &mut Inner) -> Vec<JobId> {
         let mut changed = Vec::new();
         let now = now_ms();
         for job in inner.jobs.iter_mut().chain(inner.done.iter_mut()) {
@@ -24,7 +24,7 @@ impl Coordinator {
                 if let Ok(runtime) = tokio::runtime::Handle::try_current() {
                     let (store, prefix, job_id) = (
                         self.snapshots.clone(),
-                        segprop_store::layout::snapshots_dir(&convert::job_dir(&job.id)),
+                        segprop_store::layout::snapshots_dir(&convert::job_dir(job.id.as_str())),
                         job.id.clone(),
                     );
                     runtime.spawn(async move {
@@ -53,7 +53,7 @@ impl Coordinator {
             };
             let (store, job_dir, job_id) = (
                 self.snapshots.clone(),
-                convert::job_dir(&job.id),
+                convert::job_dir(job.id.as_str()),
                 job.id.clone(),
             );
             runtime.spawn(async move {

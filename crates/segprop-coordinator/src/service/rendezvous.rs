@@ -20,7 +20,7 @@ impl Coordinator {
                 current_attempt(&inner.jobs, &req.worker_id, attempt)?;
                 // Ids of attempts that ended (or were superseded) are of no use to anyone.
                 let jobs = &inner.jobs;
-                let live = |(job_id, task, epoch): &(String, u32, u64)| {
+                let live = |(job_id, task, epoch): &(JobId, u32, u64)| {
                     jobs.iter().any(|j| {
                         j.id == *job_id
                             && j.tasks.get(*task as usize).is_some_and(|t| {
@@ -79,7 +79,11 @@ impl Coordinator {
 }
 
 /// Refuses a rendezvous for anything but a running attempt leased to the calling worker.
-fn current_attempt(jobs: &[Job], worker_id: &str, attempt: &Attempt) -> Result<(), CoordError> {
+fn current_attempt(
+    jobs: &[Job],
+    worker_id: &WorkerId,
+    attempt: &Attempt,
+) -> Result<(), CoordError> {
     let what = format!(
         "job {} task {} (epoch {})",
         attempt.job_id, attempt.task_index, attempt.epoch
@@ -96,7 +100,7 @@ fn current_attempt(jobs: &[Job], worker_id: &str, attempt: &Attempt) -> Result<(
         CoordError::Fenced(format!("{what}: the job has {} tasks", job.tasks.len()))
     })?;
     match &task.lease {
-        Some(lease) if lease.epoch == attempt.epoch && lease.worker_id == worker_id => Ok(()),
+        Some(lease) if lease.epoch == attempt.epoch && lease.worker_id == *worker_id => Ok(()),
         Some(lease) if lease.epoch != attempt.epoch => Err(CoordError::Fenced(format!(
             "{what}: not the current attempt (that is epoch {})",
             lease.epoch

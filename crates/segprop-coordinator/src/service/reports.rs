@@ -22,8 +22,8 @@ impl Coordinator {
         } = req;
         let succeeded = matches!(outcome, Outcome::Succeeded { .. });
         let mut inner = self.lock();
-        let Ok(index) = position(&inner.jobs, &attempt.job_id) else {
-            find(&inner.done, &attempt.job_id)?;
+        let Ok(index) = position(&inner.jobs, attempt.job_id.as_str()) else {
+            find(&inner.done, attempt.job_id.as_str())?;
             self.lock_counters().rejected_reports += 1;
             return Err(CoordError::Fenced(format!(
                 "report for job {} task {} rejected: the job has ended",
@@ -55,7 +55,7 @@ impl Coordinator {
         inner
             .progress
             .remove(&(attempt.job_id.clone(), attempt.task_index));
-        let ids: Vec<&str> = changed.iter().map(String::as_str).collect();
+        let ids: Vec<&str> = changed.iter().map(JobId::as_str).collect();
         let ticket = self.commit(&inner, &ids)?;
         for t in &transitions {
             tracing::info!(?t, "task report accepted");

@@ -54,7 +54,7 @@ async fn a_held_commit_stalls_no_heartbeat_and_shows_no_job_before_it_is_durable
     // because the state lock is free; the job is not listed, because it is not durable.
     for _ in 0..3 {
         let heartbeat = c.heartbeat(Heartbeat {
-            worker_id: worker.clone(),
+            worker_id: WorkerId::from(worker.clone()),
             running: Vec::new(),
             free_slots: 0,
         });
@@ -93,7 +93,7 @@ async fn a_read_waits_for_the_commits_of_what_it_shows() {
         let (c, worker) = (c.clone(), worker.clone());
         async move {
             c.heartbeat(Heartbeat {
-                worker_id: worker,
+                worker_id: WorkerId::from(worker),
                 running: Vec::new(),
                 free_slots: 1,
             })

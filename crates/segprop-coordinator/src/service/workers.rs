@@ -19,7 +19,7 @@ impl Coordinator {
     ) -> Result<(pb::RegisterWorkerResponse, Ticket), CoordError> {
         let now = now_ms();
         let mut inner = self.lock();
-        let id = format!("w-{}-{}", self.boot, inner.next_worker);
+        let id = WorkerId::from(format!("w-{}-{}", self.boot, inner.next_worker));
         inner.next_worker += 1;
         inner.workers.insert(
             id.clone(),
@@ -34,7 +34,7 @@ impl Coordinator {
         );
         let mut adopted = Vec::new();
         for running in &req.running {
-            if let Ok(index) = position(&inner.jobs, &running.job_id)
+            if let Ok(index) = position(&inner.jobs, running.job_id.as_str())
                 && sched::adopt(
                     &mut inner.jobs[index],
                     running.task_index,
@@ -47,11 +47,11 @@ impl Coordinator {
                 adopted.push(running.job_id.clone());
             }
         }
-        let ids: Vec<&str> = adopted.iter().map(String::as_str).collect();
+        let ids: Vec<&str> = adopted.iter().map(JobId::as_str).collect();
         let ticket = self.commit(&inner, &ids)?;
         tracing::info!(worker = %id, name = %req.name, backend = %req.backend, devices = req.devices, adopted = adopted.len(), "worker registered");
         let reply = pb::RegisterWorkerResponse {
-            worker_id: id,
+            worker_id: id.to_string(),
             heartbeat_interval_ms: self.config.heartbeat_interval_ms as u32,
             lease_ms: self.config.lease_ms as u32,
             artifact_root: absolute(&self.config.artifact_root),
@@ -109,7 +109,7 @@ impl Coordinator {
         let mut changed = Vec::new();
         for running in &req.running {
             let attempt = &running.attempt;
-            let Ok(index) = position(&inner.jobs, &attempt.job_id) else {
+            let Ok(index) = position(&inner.jobs, attempt.job_id.as_str()) else {
                 reply.cancel.push(convert::attempt_out(attempt));
                 continue;
             };
@@ -138,7 +138,7 @@ impl Coordinator {
                     }
                     for event in &running.events {
                         let _ = self.events.send(Arc::new((
-                            attempt.job_id.clone(),
+                            attempt.job_id.to_string(),
                             pb::JobEvent {
                                 event: Some(pb::job_event::Event::Progress(event.clone())),
                             },
@@ -157,19 +157,22 @@ impl Coordinator {
                 }
             }
         }
-        let ids: Vec<&str> = changed.iter().map(String::as_str).collect();
+        let ids: Vec<&str> = changed.iter().map(JobId::as_str).collect();
         let ticket = self.commit(&inner, &ids)?;
         Ok((reply, ticket))
     }
 
-    async fn assign_to(&self, worker_id: &str) -> Result<Vec<pb::Assignment>, CoordError> {
+    async fn assign_to(&self, worker_id: &WorkerId) -> Result<Vec<pb::Assignment>, CoordError> {
         let (out, ticket) = self.assign_locked(worker_id)?;
         self.durable(ticket).await?;
         Ok(out)
     }
 
     /// The scheduler's assignment to `worker_id`, queued for commit (under the lock).
-    fn assign_locked(&self, worker_id: &str) -> Result<(Vec<pb::Assignment>, Ticket), CoordError> {
+    fn assign_locked(
+        &self,
+        worker_id: &WorkerId,
+    ) -> Result<(Vec<pb::Assignment>, Ticket), CoordError> {
         let now = now_ms();
         let mut inner = self.lock();
         let Some(worker) = inner.workers.get(worker_id) else {
@@ -179,12 +182,12 @@ impl Coordinator {
             .jobs
             .iter()
             .flat_map(|j| j.running_leases())
-            .any(|(_, l)| l.worker_id == worker_id);
+            .any(|(_, l)| l.worker_id == *worker_id);
         if busy {
             return Ok((Vec::new(), self.writer.nothing()));
         }
         let view = sched::WorkerView {
-            id: worker_id.to_string(),
+            id: worker_id.clone(),
             backend: worker.backend,
             devices: worker.devices,
             free_slots: 1,
@@ -194,11 +197,11 @@ impl Coordinator {
             return Ok((Vec::new(), self.writer.nothing()));
         }
         let changed = changed_jobs(&transitions);
-        let ids: Vec<&str> = changed.iter().map(String::as_str).collect();
+        let ids: Vec<&str> = changed.iter().map(JobId::as_str).collect();
         let ticket = self.commit(&inner, &ids)?;
         let mut out = Vec::new();
         for a in &assignments {
-            let job = find(&inner.jobs, &a.job_id)?;
+            let job = find(&inner.jobs, a.job_id.as_str())?;
             tracing::info!(job = %a.job_id, task = a.task_index, name = job.tasks[a.task_index as usize].kind.name(), epoch = a.epoch, worker = %worker_id, "task assigned");
             out.push(convert::assignment(job, a.task_index, a.epoch));
         }

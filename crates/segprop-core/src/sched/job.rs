@@ -6,7 +6,7 @@ use super::*;
 /// What a new job is made of ([`Job::new`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewJob {
-    pub id: String,
+    pub id: JobId,
     /// Submission order (FIFO among jobs).
     pub seq: u64,
     pub name: String,

@@ -10,7 +10,7 @@ use super::*;
 /// A registered worker as the scheduler sees it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkerView {
-    pub id: String,
+    pub id: WorkerId,
     /// `cpu` or `cuda`.
     pub backend: Backend,
     /// Devices the worker drives.
@@ -22,11 +22,11 @@ pub struct WorkerView {
 /// A task leased to a worker by [`assign`]: the coordinator sends it to the worker.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Assignment {
-    pub job_id: String,
+    pub job_id: JobId,
     pub task_index: u32,
     /// The lease's epoch: the worker quotes it in every message about the task.
     pub epoch: u64,
-    pub worker_id: String,
+    pub worker_id: WorkerId,
 }
 
 /// Why a worker's message about a task was refused (nothing changes when it is).
@@ -38,7 +38,7 @@ pub enum Reject {
     /// The task is not leased to anyone (waiting, ready for a retry, or finished).
     NotRunning,
     /// The lease is held by another worker.
-    WrongWorker { holder: String },
+    WrongWorker { holder: WorkerId },
     /// The epoch is not the current lease's: the lease was superseded (or never issued).
     StaleEpoch { current: u64, got: u64 },
     /// The lease expired before the message arrived.
@@ -93,34 +93,34 @@ pub enum Outcome {
 #[serde(tag = "transition", rename_all = "snake_case")]
 pub enum Transition {
     TaskLeased {
-        job_id: String,
+        job_id: JobId,
         task_index: u32,
         epoch: u64,
-        worker_id: String,
+        worker_id: WorkerId,
     },
     TaskSucceeded {
-        job_id: String,
+        job_id: JobId,
         task_index: u32,
     },
     /// An attempt failed or expired; the task is `Ready` again from `not_before`.
     TaskRetry {
-        job_id: String,
+        job_id: JobId,
         task_index: u32,
         failures: u32,
         not_before: u64,
         reason: String,
     },
     TaskFailed {
-        job_id: String,
+        job_id: JobId,
         task_index: u32,
         reason: String,
     },
     TaskSkipped {
-        job_id: String,
+        job_id: JobId,
         task_index: u32,
     },
     JobFinished {
-        job_id: String,
+        job_id: JobId,
         status: JobStatus,
     },
 }
@@ -131,7 +131,7 @@ pub enum Transition {
 pub fn expire_leases(jobs: &mut [Job], now: u64, cfg: &SchedConfig) -> Vec<Transition> {
     let mut transitions = Vec::new();
     for job in jobs.iter_mut().filter(|job| !job.is_terminal()) {
-        let expired: Vec<(u32, String)> = job
+        let expired: Vec<(u32, WorkerId)> = job
             .running_leases()
             .filter(|(_, lease)| lease.expires_at < now)
             .map(|(index, lease)| (index, lease.worker_id.clone()))
@@ -272,7 +272,7 @@ fn check_lease<'a>(
     job: &'a mut Job,
     task_index: u32,
     epoch: u64,
-    worker_id: &str,
+    worker_id: &WorkerId,
     now: u64,
 ) -> Result<&'a mut Task, Reject> {
     let task = job.task_mut(task_index).ok_or(Reject::UnknownTask)?;
@@ -286,7 +286,7 @@ fn check_lease<'a>(
             got: epoch,
         });
     }
-    if lease.worker_id != worker_id {
+    if lease.worker_id != *worker_id {
         return Err(Reject::WrongWorker {
             holder: lease.worker_id.clone(),
         });
@@ -304,7 +304,7 @@ pub fn renew(
     job: &mut Job,
     task_index: u32,
     epoch: u64,
-    worker_id: &str,
+    worker_id: &WorkerId,
     checkpoint: Option<Checkpoint>,
     now: u64,
     cfg: &SchedConfig,
@@ -340,7 +340,7 @@ pub fn complete(
     job: &mut Job,
     task_index: u32,
     epoch: u64,
-    worker_id: &str,
+    worker_id: &WorkerId,
     outcome: Outcome,
     now: u64,
     cfg: &SchedConfig,
@@ -427,7 +427,7 @@ pub fn adopt(
     job: &mut Job,
     task_index: u32,
     epoch: u64,
-    worker_id_old_or_new: &str,
+    worker_id_old_or_new: &WorkerId,
     now: u64,
     cfg: &SchedConfig,
 ) -> bool {
@@ -439,7 +439,7 @@ pub fn adopt(
     }
     match task.lease.as_mut() {
         Some(lease) if lease.epoch == epoch && lease.expires_at >= now => {
-            lease.worker_id = worker_id_old_or_new.to_string();
+            lease.worker_id = worker_id_old_or_new.clone();
             lease.expires_at = now.saturating_add(cfg.lease_ms);
             true
         }

@@ -206,12 +206,30 @@ fn renew_extends_the_lease_and_keeps_the_newest_checkpoint() {
         step,
         artifact: artifact(&format!("ckpt-{step}")),
     };
-    renew(&mut job, 0, a.epoch, "w", None, 10_000, &cfg).unwrap();
+    renew(
+        &mut job,
+        0,
+        a.epoch,
+        &WorkerId::from("w"),
+        None,
+        10_000,
+        &cfg,
+    )
+    .unwrap();
     assert_eq!(job.tasks[0].lease.as_ref().unwrap().expires_at, 20_000);
     assert_eq!(job.tasks[0].checkpoint, None);
     // (reported step, stored step afterwards)
     for (step, stored) in [(100, 100), (50, 100), (100, 100), (200, 200)] {
-        renew(&mut job, 0, a.epoch, "w", Some(ckpt(step)), 11_000, &cfg).unwrap();
+        renew(
+            &mut job,
+            0,
+            a.epoch,
+            &WorkerId::from("w"),
+            Some(ckpt(step)),
+            11_000,
+            &cfg,
+        )
+        .unwrap();
         assert_eq!(job.tasks[0].checkpoint, Some(ckpt(stored)), "step {step}");
     }
     assert_eq!(job.tasks[0].status, Running);
@@ -224,10 +242,27 @@ fn lease_is_valid_up_to_and_including_expires_at() {
     let a = lease_to(&mut job, "w", 0);
     let mut jobs = vec![job];
     assert!(expire_leases(&mut jobs, 10_000, &cfg()).is_empty());
-    renew(&mut jobs[0], 0, a.epoch, "w", None, 10_000, &cfg()).unwrap();
+    renew(
+        &mut jobs[0],
+        0,
+        a.epoch,
+        &WorkerId::from("w"),
+        None,
+        10_000,
+        &cfg(),
+    )
+    .unwrap();
     assert_eq!(jobs[0].tasks[0].lease.as_ref().unwrap().expires_at, 20_000);
     assert_eq!(
-        renew(&mut jobs[0], 0, a.epoch, "w", None, 20_001, &cfg()),
+        renew(
+            &mut jobs[0],
+            0,
+            a.epoch,
+            &WorkerId::from("w"),
+            None,
+            20_001,
+            &cfg()
+        ),
         Err(Reject::Expired)
     );
 }
@@ -270,7 +305,16 @@ fn rejects_leave_the_job_unchanged() {
     };
     let failed = || {
         let mut j = leased();
-        complete(&mut j, 0, 1, "w1", failure("oom", false), 5, &cfg()).unwrap();
+        complete(
+            &mut j,
+            0,
+            1,
+            &WorkerId::from("w1"),
+            failure("oom", false),
+            5,
+            &cfg(),
+        )
+        .unwrap();
         j
     };
     let cases = [
@@ -414,7 +458,7 @@ fn rejects_leave_the_job_unchanged() {
             &mut job,
             case.task,
             case.epoch,
-            case.worker,
+            &WorkerId::from(case.worker),
             Some(ckpt),
             case.now,
             &cfg,
@@ -426,7 +470,7 @@ fn rejects_leave_the_job_unchanged() {
                 &mut job,
                 case.task,
                 case.epoch,
-                case.worker,
+                &WorkerId::from(case.worker),
                 outcome,
                 case.now,
                 &cfg,
@@ -434,7 +478,14 @@ fn rejects_leave_the_job_unchanged() {
             assert_eq!(got, Err(case.want.clone()), "complete: {name}");
             assert_eq!(job, case.job, "complete changed the job: {name}");
         }
-        let adopted = adopt(&mut job, case.task, case.epoch, case.worker, case.now, &cfg);
+        let adopted = adopt(
+            &mut job,
+            case.task,
+            case.epoch,
+            &WorkerId::from(case.worker),
+            case.now,
+            &cfg,
+        );
         assert_eq!(adopted, case.adoptable, "adopt: {name}");
         if !adopted {
             assert_eq!(job, case.job, "a refused adopt changed the job: {name}");

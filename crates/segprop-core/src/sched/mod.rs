@@ -34,6 +34,7 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::spec::Backend;
 
+mod id;
 mod job;
 mod lease;
 mod plan;
@@ -50,6 +51,7 @@ mod proptests;
 #[cfg(test)]
 mod test_util;
 
+pub use id::{JobId, WorkerId};
 pub use job::NewJob;
 pub use lease::*;
 pub use plan::*;

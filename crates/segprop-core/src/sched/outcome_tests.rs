@@ -9,7 +9,16 @@ fn success_readies_the_next_task_and_export_finishes_the_job() {
     let cfg = cfg();
     let mut job = job("j", 0, 2);
     let a = lease_to(&mut job, "w", 100);
-    let t = complete(&mut job, 0, a.epoch, "w", success(false), 200, &cfg).unwrap();
+    let t = complete(
+        &mut job,
+        0,
+        a.epoch,
+        &WorkerId::from("w"),
+        success(false),
+        200,
+        &cfg,
+    )
+    .unwrap();
     assert_eq!(
         t,
         [Transition::TaskSucceeded {
@@ -54,10 +63,19 @@ fn a_second_success_is_rejected_and_commits_once() {
     let cfg = cfg();
     let mut job = job("j", 0, 1);
     let a = lease_to(&mut job, "w", 0);
-    complete(&mut job, 0, a.epoch, "w", success(false), 1, &cfg).unwrap();
+    complete(
+        &mut job,
+        0,
+        a.epoch,
+        &WorkerId::from("w"),
+        success(false),
+        1,
+        &cfg,
+    )
+    .unwrap();
     let before = job.clone();
     for outcome in [success(false), failure("late", true)] {
-        let got = complete(&mut job, 0, a.epoch, "w", outcome, 2, &cfg);
+        let got = complete(&mut job, 0, a.epoch, &WorkerId::from("w"), outcome, 2, &cfg);
         assert_eq!(got, Err(Reject::NotRunning));
     }
     assert_eq!(job, before);
@@ -73,12 +91,21 @@ fn retryable_failure_backs_off_and_resumes_from_the_checkpoint() {
         step: 40,
         artifact: artifact("ckpt-40"),
     };
-    renew(&mut jobs[0], 0, a.epoch, "w1", Some(ckpt.clone()), 50, &cfg).unwrap();
+    renew(
+        &mut jobs[0],
+        0,
+        a.epoch,
+        &WorkerId::from("w1"),
+        Some(ckpt.clone()),
+        50,
+        &cfg,
+    )
+    .unwrap();
     let t = complete(
         &mut jobs[0],
         0,
         a.epoch,
-        "w1",
+        &WorkerId::from("w1"),
         failure("nan loss", true),
         100,
         &cfg,
@@ -112,7 +139,16 @@ fn retryable_failure_backs_off_and_resumes_from_the_checkpoint() {
     let task = &jobs[0].tasks[0];
     assert_eq!((task.attempts, task.failures, task.epoch), (2, 1, 2));
     assert_eq!(task.checkpoint, Some(ckpt));
-    complete(&mut jobs[0], 0, 2, "w2", success(false), 1_200, &cfg).unwrap();
+    complete(
+        &mut jobs[0],
+        0,
+        2,
+        &WorkerId::from("w2"),
+        success(false),
+        1_200,
+        &cfg,
+    )
+    .unwrap();
     assert_eq!(jobs[0].tasks[0].error, None);
     assert_eq!(statuses(&jobs[0]), [Succeeded, Ready]);
 }
@@ -127,7 +163,7 @@ fn non_retryable_failure_fails_the_job() {
         &mut job,
         1,
         a.epoch,
-        "w",
+        &WorkerId::from("w"),
         failure("bad shape", false),
         20,
         &cfg,
@@ -172,7 +208,7 @@ fn max_attempts_fails_the_task() {
             &mut jobs[0],
             0,
             a.epoch,
-            "w",
+            &WorkerId::from("w"),
             failure("flaky", true),
             now,
             &cfg,
@@ -206,7 +242,7 @@ fn expired_leases_are_retried_then_fail_the_job() {
     let workers = [worker("w1", "cpu", 1, 2)];
     assign(&mut jobs, &workers, 0, &cfg);
     // b's worker keeps heartbeating; a's does not.
-    renew(&mut jobs[1], 0, 1, "w1", None, 9_000, &cfg).unwrap();
+    renew(&mut jobs[1], 0, 1, &WorkerId::from("w1"), None, 9_000, &cfg).unwrap();
     let t = expire_leases(&mut jobs, 10_001, &cfg);
     let reason = "lease expired (worker w1 stopped heartbeating)".to_string();
     assert_eq!(
@@ -225,7 +261,16 @@ fn expired_leases_are_retried_then_fail_the_job() {
 
     let (assignments, _) = assign(&mut jobs, &[worker("w2", "cpu", 1, 1)], 11_001, &cfg);
     assert_eq!(assignments[0].epoch, 2);
-    renew(&mut jobs[1], 0, 1, "w1", None, 11_001, &cfg).unwrap();
+    renew(
+        &mut jobs[1],
+        0,
+        1,
+        &WorkerId::from("w1"),
+        None,
+        11_001,
+        &cfg,
+    )
+    .unwrap();
     assert!(expire_leases(&mut jobs, 21_001, &cfg).is_empty());
     let t = expire_leases(&mut jobs, 21_002, &cfg);
     let reason = "lease expired (worker w2 stopped heartbeating)".to_string();
@@ -268,7 +313,16 @@ fn early_exit_skips_the_remaining_stages() {
     let mut job = job("j", 0, 4);
     succeed(&mut job, "w", 0);
     let a = lease_to(&mut job, "w", 10);
-    let t = complete(&mut job, 1, a.epoch, "w", success(true), 20, &cfg).unwrap();
+    let t = complete(
+        &mut job,
+        1,
+        a.epoch,
+        &WorkerId::from("w"),
+        success(true),
+        20,
+        &cfg,
+    )
+    .unwrap();
     assert_eq!(
         t,
         [
@@ -292,14 +346,32 @@ fn early_exit_skips_the_remaining_stages() {
     );
     let a = lease_to(&mut job, "w", 30);
     assert_eq!(a.task_index, 4);
-    complete(&mut job, 4, a.epoch, "w", success(true), 40, &cfg).unwrap();
+    complete(
+        &mut job,
+        4,
+        a.epoch,
+        &WorkerId::from("w"),
+        success(true),
+        40,
+        &cfg,
+    )
+    .unwrap();
     assert_eq!(job.status, JobStatus::Succeeded);
     assert_eq!(job.tasks[2].commits, 0);
 
     // Early exit from the last stage skips nothing.
     let mut job = self::job("k", 0, 1);
     let a = lease_to(&mut job, "w", 0);
-    let t = complete(&mut job, 0, a.epoch, "w", success(true), 1, &cfg).unwrap();
+    let t = complete(
+        &mut job,
+        0,
+        a.epoch,
+        &WorkerId::from("w"),
+        success(true),
+        1,
+        &cfg,
+    )
+    .unwrap();
     assert_eq!(t.len(), 1);
     assert_eq!(statuses(&job), [Succeeded, Ready]);
 }
@@ -351,21 +423,61 @@ fn adopt_rebinds_a_current_lease_to_the_new_worker_id() {
     // The coordinator restarts: it reloads the job and the worker comes back as "new".
     let json = serde_json::to_string(&job).unwrap();
     let mut job: Job = serde_json::from_str(&json).unwrap();
-    assert!(adopt(&mut job, 0, a.epoch, "new", 4_000, &cfg));
+    assert!(adopt(
+        &mut job,
+        0,
+        a.epoch,
+        &WorkerId::from("new"),
+        4_000,
+        &cfg
+    ));
     let lease = job.tasks[0].lease.clone().unwrap();
     assert_eq!(lease.worker_id, "new");
     assert_eq!(lease.epoch, a.epoch);
     assert_eq!(lease.expires_at, 14_000);
     assert_eq!(
-        renew(&mut job, 0, a.epoch, "old", None, 4_001, &cfg),
+        renew(
+            &mut job,
+            0,
+            a.epoch,
+            &WorkerId::from("old"),
+            None,
+            4_001,
+            &cfg
+        ),
         Err(Reject::WrongWorker {
             holder: "new".into()
         })
     );
-    renew(&mut job, 0, a.epoch, "new", None, 4_001, &cfg).unwrap();
+    renew(
+        &mut job,
+        0,
+        a.epoch,
+        &WorkerId::from("new"),
+        None,
+        4_001,
+        &cfg,
+    )
+    .unwrap();
     // Adopting again under the same id is harmless.
-    assert!(adopt(&mut job, 0, a.epoch, "new", 5_000, &cfg));
-    complete(&mut job, 0, a.epoch, "new", success(false), 5_001, &cfg).unwrap();
+    assert!(adopt(
+        &mut job,
+        0,
+        a.epoch,
+        &WorkerId::from("new"),
+        5_000,
+        &cfg
+    ));
+    complete(
+        &mut job,
+        0,
+        a.epoch,
+        &WorkerId::from("new"),
+        success(false),
+        5_001,
+        &cfg,
+    )
+    .unwrap();
     assert_eq!(job.tasks[0].commits, 1);
 
     // (epoch, now, adoptable)
@@ -379,7 +491,7 @@ fn adopt_rebinds_a_current_lease_to_the_new_worker_id() {
         lease_to(&mut job, "old", 0);
         let before = job.clone();
         assert_eq!(
-            adopt(&mut job, 0, epoch, "new", now, &cfg),
+            adopt(&mut job, 0, epoch, &WorkerId::from("new"), now, &cfg),
             adoptable,
             "{epoch} at {now}"
         );
@@ -399,7 +511,14 @@ fn extend_leases_gives_workers_time_after_a_restart() {
     assert_eq!(jobs[0].tasks[0].lease.as_ref().unwrap().expires_at, 70_000);
     assert_eq!(jobs[1].tasks[0].lease.as_ref().unwrap().expires_at, 90_000);
     assert!(expire_leases(&mut jobs, 70_000, &cfg).is_empty());
-    assert!(adopt(&mut jobs[0], 0, 1, "w-new", 65_000, &cfg));
+    assert!(adopt(
+        &mut jobs[0],
+        0,
+        1,
+        &WorkerId::from("w-new"),
+        65_000,
+        &cfg
+    ));
 }
 
 #[test]
@@ -412,7 +531,16 @@ fn job_round_trips_through_json() {
         step: 5,
         artifact: artifact("c"),
     };
-    renew(&mut job, 1, a.epoch, "w", Some(ckpt), 20, &cfg).unwrap();
+    renew(
+        &mut job,
+        1,
+        a.epoch,
+        &WorkerId::from("w"),
+        Some(ckpt),
+        20,
+        &cfg,
+    )
+    .unwrap();
     let json = serde_json::to_string_pretty(&job).unwrap();
     let back: Job = serde_json::from_str(&json).unwrap();
     assert_eq!(back, job);

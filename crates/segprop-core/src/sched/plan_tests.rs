@@ -159,7 +159,16 @@ fn snapshot_budget_holds_back_jobs_that_do_not_fit_and_fails_one_that_never_can(
         result: TaskResult::default(),
         early_exit: false,
     };
-    complete(&mut jobs[0], 1, leased[0].epoch, "w1", outcome, 3, &cfg).unwrap();
+    complete(
+        &mut jobs[0],
+        1,
+        leased[0].epoch,
+        &WorkerId::from("w1"),
+        outcome,
+        3,
+        &cfg,
+    )
+    .unwrap();
     assert_eq!(jobs[0].snapshot_depth_bytes(), Some(2_400));
     assert_eq!(jobs[0].snapshot_reservation(), 4_800);
     // a ends: its reservation is released and b starts.

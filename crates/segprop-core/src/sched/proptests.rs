@@ -204,7 +204,7 @@ fn check_step(before: &[Job], after: &[Job]) {
     }
 }
 
-fn resolve(job: &Job, t: &Target) -> (u32, u64, String) {
+fn resolve(job: &Job, t: &Target) -> (u32, u64, WorkerId) {
     let active = job
         .tasks
         .iter()
@@ -222,8 +222,8 @@ fn resolve(job: &Job, t: &Target) -> (u32, u64, String) {
     let worker = match t.worker {
         Pick::Current => task
             .and_then(|t| t.lease.as_ref())
-            .map_or_else(|| WORKERS[0].to_string(), |l| l.worker_id.clone()),
-        Pick::Other(w) => WORKERS[w].to_string(),
+            .map_or_else(|| WorkerId::from(WORKERS[0]), |l| l.worker_id.clone()),
+        Pick::Other(w) => WorkerId::from(WORKERS[w]),
     };
     (task_index, epoch, worker)
 }
@@ -358,7 +358,15 @@ fn run(shapes: &[JobShape], ops: &[Op]) -> Stats {
                     step,
                     artifact: artifact(&format!("ckpt-{step}")),
                 });
-                match renew(&mut jobs[j], task, epoch, &w, checkpoint, now, &cfg) {
+                match renew(
+                    &mut jobs[j],
+                    task,
+                    epoch,
+                    &WorkerId::from(w.as_str()),
+                    checkpoint,
+                    now,
+                    &cfg,
+                ) {
                     Ok(()) => {
                         let lease = jobs[j].tasks[task as usize].lease.as_ref().unwrap();
                         assert_eq!(lease.expires_at, now + cfg.lease_ms);
@@ -380,7 +388,15 @@ fn run(shapes: &[JobShape], ops: &[Op]) -> Stats {
                         ..
                     }
                 );
-                match complete(&mut jobs[j], task, epoch, &w, outcome.clone(), now, &cfg) {
+                match complete(
+                    &mut jobs[j],
+                    task,
+                    epoch,
+                    &WorkerId::from(w.as_str()),
+                    outcome.clone(),
+                    now,
+                    &cfg,
+                ) {
                     Ok(transitions) => {
                         let ta = &jobs[j].tasks[task as usize];
                         assert_ne!(ta.status, Running);
@@ -405,7 +421,14 @@ fn run(shapes: &[JobShape], ops: &[Op]) -> Stats {
             Op::Adopt(t, new_worker) => {
                 let j = t.job % jobs.len();
                 let (task, epoch, _) = resolve(&jobs[j], t);
-                if adopt(&mut jobs[j], task, epoch, WORKERS[*new_worker], now, &cfg) {
+                if adopt(
+                    &mut jobs[j],
+                    task,
+                    epoch,
+                    &WorkerId::from(WORKERS[*new_worker]),
+                    now,
+                    &cfg,
+                ) {
                     stats.adopted += 1;
                     let lease = jobs[j].tasks[task as usize].lease.as_ref().unwrap();
                     assert_eq!(lease.worker_id, WORKERS[*new_worker]);

@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::Backend;
+use super::{Backend, JobId, WorkerId};
 
 /// What a task does.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,7 +75,7 @@ impl TaskStatus {
 /// A worker's right to run one attempt of a task.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Lease {
-    pub worker_id: String,
+    pub worker_id: WorkerId,
     /// The fencing token: the n-th lease issued for this task has epoch n.
     pub epoch: u64,
     /// The lease is valid while `now <= expires_at` (unix milliseconds).
@@ -221,7 +221,7 @@ impl JobStatus {
 /// A submitted training job and the state of its tasks.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Job {
-    pub id: String,
+    pub id: JobId,
     /// Submission order: lower is scheduled first.
     pub seq: u64,
     pub name: String,

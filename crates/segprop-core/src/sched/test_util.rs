@@ -104,7 +104,7 @@ pub(super) fn budget_job(id: &str, seq: u64, depth: u64, budget: Option<u64>) ->
         &mut job,
         a[0].task_index,
         a[0].epoch,
-        "w0",
+        &WorkerId::from("w0"),
         outcome,
         1,
         &cfg,
@@ -178,5 +178,14 @@ pub(super) fn statuses(job: &Job) -> Vec<TaskStatus> {
 /// Runs the job's task `index` (leased to `w`) to success at `now`.
 pub(super) fn succeed(job: &mut Job, w: &str, now: u64) -> Vec<Transition> {
     let a = lease_to(job, w, now);
-    complete(job, a.task_index, a.epoch, w, success(false), now, &cfg()).unwrap()
+    complete(
+        job,
+        a.task_index,
+        a.epoch,
+        &WorkerId::from(w),
+        success(false),
+        now,
+        &cfg(),
+    )
+    .unwrap()
 }
