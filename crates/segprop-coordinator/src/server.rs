@@ -40,12 +40,6 @@ impl Running {
         self.task.await??;
         Ok(())
     }
-
-    /// Waits until the server ends (it ends on error only, or after `stop`).
-    pub async fn join(self) -> anyhow::Result<()> {
-        self.task.await??;
-        Ok(())
-    }
 }
 
 /// Binds `config.listen`, reloads state and serves until stopped.

@@ -142,10 +142,6 @@ impl Coordinator {
         }))
     }
 
-    pub fn config(&self) -> &CoordConfig {
-        &self.config
-    }
-
     /// The snapshot store (for the SnapshotService).
     pub fn snapshot_store(&self) -> &segprop_store::Store {
         &self.snapshots

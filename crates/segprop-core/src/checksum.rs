@@ -28,6 +28,7 @@ impl Fnv1a64 {
         }
     }
 
+    #[cfg(test)]
     pub fn finish(&self) -> u64 {
         self.0
     }
@@ -39,6 +40,7 @@ impl Fnv1a64 {
 }
 
 /// FNV-1a of `bytes`.
+#[cfg(test)]
 pub fn fnv1a64(bytes: &[u8]) -> u64 {
     let mut h = Fnv1a64::default();
     h.update(bytes);

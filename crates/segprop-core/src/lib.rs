@@ -14,12 +14,11 @@ pub mod sched;
 pub mod spec;
 pub mod validate;
 
-pub use error::{SpecError, SpecErrorKind};
+pub use error::SpecError;
 pub use llama_config::{LlamaConfig, RopeScaling};
 pub use plan::{StageKind, StagePlan, StagePlanEntry};
 pub use spec::{
-    BatchSize, CheckpointSpec, DataSpec, DecaySchedule, E2eSpec, EvalSpec, ExitSpec,
-    GlobalExitSpec, HeadPolicy, JobSpec, LwSpec, LwVariant, MicroBatch, ModelSpec, OptimizerSpec,
-    Precision, Regime, ResourcesSpec, ScheduleSpec, SegPropSpec, ShardingSpec, SnapshotDtype,
-    TaskExample, TaskSpec, TokenizerKind,
+    BatchSize, DataSpec, DecaySchedule, ExitSpec, GlobalExitSpec, HeadPolicy, JobSpec, LwVariant,
+    MicroBatch, Precision, Regime, ScheduleSpec, SnapshotDtype, TaskExample, TaskSpec,
+    TokenizerKind,
 };

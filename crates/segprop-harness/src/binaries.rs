@@ -10,10 +10,8 @@ use anyhow::{Context, bail};
 pub const COORDINATOR: &str = "segprop-coord";
 /// The worker binary (`segprop-worker serve`, `train`).
 pub const WORKER: &str = "segprop-worker";
-/// The bench binary.
-pub const BENCH: &str = "segprop-bench";
 
-/// The packages [`Binaries::build`] builds: the ones of the three binaries above.
+/// The packages [`Binaries::build`] builds: the two binaries above and the bench (`segprop-bench`).
 const PACKAGES: [&str; 3] = ["segprop-worker", "segprop-coordinator", "segprop-bench"];
 
 /// The directory that holds the project's binaries.
@@ -60,11 +58,6 @@ impl Binaries {
             }
         }
         Ok(binaries)
-    }
-
-    /// The directory.
-    pub fn dir(&self) -> &Path {
-        &self.dir
     }
 
     /// Where binary `name` is (or would be) in the directory.

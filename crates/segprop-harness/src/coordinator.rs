@@ -155,11 +155,6 @@ impl Coordinator {
         format!("http://{}", self.addr)
     }
 
-    /// The token it accepts.
-    pub fn token(&self) -> &str {
-        &self.token
-    }
-
     /// The job CLI (`segprop-coord`, the binary it runs) pointed at it, sending `token`, with
     /// warnings-only logs; add the arguments.
     pub fn cli(&self, token: &str) -> Command {

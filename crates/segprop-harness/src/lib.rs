@@ -24,7 +24,7 @@ mod coordinator;
 mod process;
 mod worker;
 
-pub use binaries::{BENCH, Binaries, COORDINATOR, WORKER};
+pub use binaries::{Binaries, COORDINATOR, WORKER};
 pub use coordinator::{Coordinator, CoordinatorCommand, listen_address};
 pub use process::{ChildCommand, ChildOptions, Log, Process};
 pub use worker::WorkerCommand;

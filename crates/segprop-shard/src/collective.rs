@@ -9,10 +9,6 @@
 //! coordinator retries the stage from its checkpoint with a new group.
 
 use std::fmt;
-use std::time::Duration;
-
-/// Default deadline of one collective call.
-pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(300);
 
 /// A collective operation, for errors and statistics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -25,14 +21,6 @@ pub enum Op {
 }
 
 impl Op {
-    pub const ALL: [Op; 5] = [
-        Op::AllGather,
-        Op::ReduceScatter,
-        Op::AllReduce,
-        Op::Broadcast,
-        Op::Barrier,
-    ];
-
     pub fn name(self) -> &'static str {
         match self {
             Op::AllGather => "all_gather",
@@ -120,6 +108,7 @@ impl CollectiveStats {
         self.calls[op.index()]
     }
 
+    #[cfg(test)]
     pub fn wire_bytes(&self, op: Op) -> u64 {
         self.wire_bytes[op.index()]
     }

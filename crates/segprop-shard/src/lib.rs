@@ -28,11 +28,9 @@ pub mod thread;
 pub mod unit;
 pub mod words;
 
-pub use collective::{
-    Collective, CollectiveError, CollectiveStats, DEFAULT_DEADLINE, DeviceBuffers, DeviceWords, Op,
-};
+pub use collective::{Collective, CollectiveError, Op};
 pub use device::{Flat, PendingFlat};
 pub use flat::ShardLayout;
-pub use optim::{AdamWConfig, ShardedAdamW, clip_factor, global_grad_norm};
-pub use stream::{CommStream, Pending};
-pub use thread::{ThreadCollective, thread_group};
+pub use optim::{AdamWConfig, clip_factor, global_grad_norm};
+pub use stream::CommStream;
+pub use thread::thread_group;

@@ -56,6 +56,7 @@ impl ShardedAdamW {
     }
 
     /// Bytes of optimizer state held (both moments, fp32).
+    #[cfg(test)]
     pub fn state_bytes(&self) -> u64 {
         ((self.moment_1.len() + self.moment_2.len()) * 4) as u64
     }

@@ -26,7 +26,7 @@ mod remote;
 pub mod snapshot;
 pub mod store;
 
-pub use artifact::{ArtifactKind, ArtifactManifest, manifest_key};
+pub use artifact::{ArtifactKind, manifest_key};
 pub use config::StoreConfig;
 pub use grpc::Namespace;
 pub use snapshot::{

@@ -664,11 +664,6 @@ impl BlobWriter {
         Ok(())
     }
 
-    /// Bytes written so far.
-    pub fn written(&self) -> u64 {
-        self.written
-    }
-
     /// Commits the blob if exactly the announced number of bytes was written; otherwise
     /// aborts and returns [`Error::Transfer`].
     pub async fn finish(self) -> Result<()> {

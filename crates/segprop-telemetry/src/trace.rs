@@ -38,15 +38,9 @@ const ENDPOINT_VARS: [&str; 2] = [
 #[must_use = "call shutdown() before the process exits, or queued spans are lost"]
 pub struct Tracing {
     provider: Option<SdkTracerProvider>,
-    endpoint: Option<String>,
 }
 
 impl Tracing {
-    /// Where spans go, if they are exported.
-    pub fn endpoint(&self) -> Option<&str> {
-        self.endpoint.as_deref()
-    }
-
     /// Exports the spans still queued (waiting up to a few seconds for the receiver) and stops
     /// the exporter. Call it from outside the async runtime, while the runtime is still alive:
     /// the exporter's connection runs on it.
@@ -90,7 +84,6 @@ pub fn init(service: &str, default_level: &str) -> anyhow::Result<Tracing> {
         Some((var, endpoint)) => Some(provider(service, var, endpoint)?),
         None => None,
     };
-    let endpoint = endpoint.map(|(_, endpoint)| endpoint);
     let spans = provider.as_ref().map(|provider| {
         tracing_opentelemetry::layer()
             .with_tracer(provider.tracer("segprop"))
@@ -103,7 +96,7 @@ pub fn init(service: &str, default_level: &str) -> anyhow::Result<Tracing> {
         .with(spans)
         .try_init()
         .map_err(|e| anyhow::anyhow!("cannot install the log subscriber: {e}"))?;
-    Ok(Tracing { provider, endpoint })
+    Ok(Tracing { provider })
 }
 
 /// A daemon's or CLI's process: its tokio runtime, with [`init`]'s subscriber installed inside

@@ -11,9 +11,6 @@ pub trait Adapter: Send {
     /// - x: `[batch, seq, hidden]` (the output of blocks `..depth`)
     /// - output: `[batch, seq, hidden]` (the input of LL(r))
     fn forward<B: Backend>(&self, x: Tensor<B, 3>, depth: usize) -> Tensor<B, 3>;
-
-    /// Trainable parameters (0 for the identity).
-    fn num_params(&self) -> u64;
 }
 
 /// The transformer adapter: hidden states pass through unchanged.
@@ -23,9 +20,5 @@ pub struct IdentityAdapter;
 impl Adapter for IdentityAdapter {
     fn forward<B: Backend>(&self, x: Tensor<B, 3>, _depth: usize) -> Tensor<B, 3> {
         x
-    }
-
-    fn num_params(&self) -> u64 {
-        0
     }
 }

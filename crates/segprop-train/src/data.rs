@@ -24,10 +24,6 @@ impl Tokenizer {
         Self { kind }
     }
 
-    pub fn vocab_size(&self) -> usize {
-        self.kind.vocab_size()
-    }
-
     pub fn encode(&self, text: &str) -> Vec<u32> {
         match self.kind {
             TokenizerKind::Byte => text.bytes().map(u32::from).collect(),

@@ -39,7 +39,7 @@ pub mod utilization;
 
 pub use engine::Trainer;
 pub use error::TrainError;
-pub use metrics::{RunSummary, TrainEvent, TrainObserver};
+pub use metrics::{RunSummary, TrainObserver};
 pub use run::{RunOptions, run_job};
 
 /// The CPU training backend: burn's `flex` backend (built with its SIMD, rayon and AVX-512

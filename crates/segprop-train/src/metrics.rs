@@ -173,16 +173,6 @@ impl RecordingObserver {
             })
             .collect()
     }
-
-    pub fn stages(&self) -> Vec<&StageRecord> {
-        self.events
-            .iter()
-            .filter_map(|e| match e {
-                TrainEvent::StageFinished(s) => Some(s.as_ref()),
-                _ => None,
-            })
-            .collect()
-    }
 }
 
 impl TrainObserver for RecordingObserver {

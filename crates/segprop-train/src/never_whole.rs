@@ -341,9 +341,4 @@ impl<B: AutodiffBackend> Trainer<B> {
         let shard = self.shard.as_mut().expect(SHARDED);
         Ok(shards.gather_whole(&mut shard.collective)?)
     }
-
-    /// This rank's units (a trainer built by [`Trainer::new_sharded`]).
-    pub fn model_shards(&mut self) -> &mut ModelShards<B> {
-        self.shards.as_mut().expect("a sharded trainer")
-    }
 }

@@ -15,10 +15,6 @@ macro_rules! string_id {
         pub struct $name(String);
 
         impl $name {
-            pub fn new(id: impl Into<String>) -> Self {
-                Self(id.into())
-            }
-
             pub fn as_str(&self) -> &str {
                 &self.0
             }
@@ -93,7 +89,7 @@ mod tests {
 
     #[test]
     fn ids_are_plain_strings_when_stored_and_look_up_by_str() {
-        let id = JobId::new("j1-demo");
+        let id = JobId::from("j1-demo");
         assert_eq!(serde_json::to_string(&id).unwrap(), "\"j1-demo\"");
         assert_eq!(serde_json::from_str::<JobId>("\"j1-demo\"").unwrap(), id);
         let workers: HashMap<WorkerId, u32> = [(WorkerId::from("w-a-1"), 7)].into();

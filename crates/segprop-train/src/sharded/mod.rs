@@ -127,7 +127,7 @@ mod eval;
 mod model;
 mod moments;
 
-pub use checkpoint::{ShardLayoutFile, UnitEntry};
+pub use checkpoint::ShardLayoutFile;
 pub use eval::{Entry, Flow};
 pub use model::{ModelShards, Placement};
 
