@@ -11,7 +11,7 @@ use segprop_proto::v1 as pb;
 
 use crate::config::CoordConfig;
 use crate::error::CoordError;
-use crate::request::{Attempt, Heartbeat, Registration, Rendezvous, Report, Running};
+use crate::request::{Attempt, Heartbeat, Registered, Registration, Rendezvous, Report, Running};
 
 /// The longest one `Rendezvous` call waits for rank 0's id.
 pub const MAX_RENDEZVOUS_WAIT_MS: u32 = 300_000;
@@ -133,6 +133,15 @@ pub fn registration_in(req: pb::RegisterWorkerRequest) -> Result<Registration, C
             .map(|r| running_in(r).attempt)
             .collect(),
     })
+}
+
+pub fn registered_out(r: Registered) -> pb::RegisterWorkerResponse {
+    pb::RegisterWorkerResponse {
+        worker_id: r.worker_id.into(),
+        heartbeat_interval_ms: u32::try_from(r.heartbeat_interval_ms).unwrap_or(u32::MAX),
+        lease_ms: u32::try_from(r.lease_ms).unwrap_or(u32::MAX),
+        artifact_root: r.artifact_root,
+    }
 }
 
 pub fn heartbeat_in(req: pb::HeartbeatRequest) -> Heartbeat {

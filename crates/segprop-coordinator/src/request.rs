@@ -1,5 +1,6 @@
 //! What workers ask of the coordinator, checked on arrival (`convert.rs` decodes the wire into
-//! these): the service's methods take them, never a prost message.
+//! these): the service's methods take them, never a prost message; and what a registration
+//! is told.
 
 use std::time::Duration;
 
@@ -64,4 +65,14 @@ pub struct Rendezvous {
     pub world: u32,
     pub unique_id: Vec<u8>,
     pub wait: Duration,
+}
+
+/// What a registered worker is told: its id and the cluster's timing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registered {
+    pub worker_id: WorkerId,
+    pub heartbeat_interval_ms: u64,
+    pub lease_ms: u64,
+    /// Where the worker's artifact store is (an absolute path or URL).
+    pub artifact_root: String,
 }

@@ -30,7 +30,7 @@ use crate::config::CoordConfig;
 use crate::convert;
 pub use crate::metrics::Counters;
 use crate::metrics::WorkerInfo;
-use crate::request::{Attempt, Heartbeat, Registration, Rendezvous, Report};
+use crate::request::{Attempt, Heartbeat, Registered, Registration, Rendezvous, Report};
 use crate::store::StateStore;
 use crate::writer::{JobEventMessage, Ticket, Writer};
 
@@ -68,8 +68,8 @@ struct Inner {
     next_worker: u64,
     /// Latest progress of each running task, by (job id, task index).
     progress: HashMap<(JobId, u32), pb::Progress>,
-    /// Communicator ids published by rank 0 of a gang, by task attempt (job id, task, epoch).
-    rendezvous: HashMap<(JobId, u32, u64), Vec<u8>>,
+    /// Communicator ids published by rank 0 of a gang, by task attempt.
+    rendezvous: rendezvous::CommIds,
 }
 
 pub struct Coordinator {
@@ -127,7 +127,7 @@ impl Coordinator {
                 workers: HashMap::new(),
                 next_worker: 1,
                 progress: HashMap::new(),
-                rendezvous: HashMap::new(),
+                rendezvous: rendezvous::CommIds::default(),
             }),
             writer,
             snapshots,

@@ -109,7 +109,8 @@ fn no_inbound_message_makes_the_coordinator_panic() {
     let worker = rt
         .block_on(c.register(convert::registration_in(register.clone()).unwrap()))
         .unwrap()
-        .worker_id;
+        .worker_id
+        .to_string();
     let heartbeat = pb::HeartbeatRequest {
         worker_id: worker.clone(),
         running: Vec::new(),
@@ -233,5 +234,5 @@ fn no_inbound_message_makes_the_coordinator_panic() {
     let again = rt
         .block_on(c.register(convert::registration_in(register).unwrap()))
         .unwrap();
-    assert!(!again.worker_id.is_empty());
+    assert!(!again.worker_id.as_str().is_empty());
 }

@@ -70,7 +70,8 @@ impl ClusterService for Api {
         request: Request<pb::RegisterWorkerRequest>,
     ) -> Result<Response<pb::RegisterWorkerResponse>, Status> {
         let req = convert::registration_in(request.into_inner())?;
-        Ok(Response::new(self.register(req).await?))
+        let registered = self.register(req).await?;
+        Ok(Response::new(convert::registered_out(registered)))
     }
 
     async fn heartbeat(
@@ -95,6 +96,7 @@ impl ClusterService for Api {
         request: Request<pb::RendezvousRequest>,
     ) -> Result<Response<pb::RendezvousReply>, Status> {
         let req = convert::rendezvous_in(request.into_inner())?;
-        Ok(Response::new(Coordinator::rendezvous(&self.0, req).await?))
+        let unique_id = Coordinator::rendezvous(&self.0, req).await?;
+        Ok(Response::new(pb::RendezvousReply { unique_id }))
     }
 }

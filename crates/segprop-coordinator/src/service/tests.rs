@@ -54,7 +54,7 @@ async fn a_held_commit_stalls_no_heartbeat_and_shows_no_job_before_it_is_durable
     // because the state lock is free; the job is not listed, because it is not durable.
     for _ in 0..3 {
         let heartbeat = c.heartbeat(Heartbeat {
-            worker_id: WorkerId::from(worker.clone()),
+            worker_id: worker.clone(),
             running: Vec::new(),
             free_slots: 0,
         });
@@ -93,7 +93,7 @@ async fn a_read_waits_for_the_commits_of_what_it_shows() {
         let (c, worker) = (c.clone(), worker.clone());
         async move {
             c.heartbeat(Heartbeat {
-                worker_id: WorkerId::from(worker),
+                worker_id: worker,
                 running: Vec::new(),
                 free_slots: 1,
             })
@@ -113,5 +113,5 @@ async fn a_read_waits_for_the_commits_of_what_it_shows() {
     let reply = heartbeat.await.expect("heartbeat task").expect("heartbeat");
     assert_eq!(reply.assignments.len(), 1);
     let shown = get.await.expect("get task").expect("get");
-    assert_eq!(shown.tasks[0].worker_id, worker);
+    assert_eq!(shown.tasks[0].worker_id, worker.as_str());
 }

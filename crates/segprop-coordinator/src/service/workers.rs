@@ -4,19 +4,13 @@
 use super::*;
 
 impl Coordinator {
-    pub async fn register(
-        &self,
-        req: Registration,
-    ) -> Result<pb::RegisterWorkerResponse, CoordError> {
+    pub async fn register(&self, req: Registration) -> Result<Registered, CoordError> {
         let (reply, ticket) = self.register_locked(req)?;
         self.durable(ticket).await?;
         Ok(reply)
     }
 
-    fn register_locked(
-        &self,
-        req: Registration,
-    ) -> Result<(pb::RegisterWorkerResponse, Ticket), CoordError> {
+    fn register_locked(&self, req: Registration) -> Result<(Registered, Ticket), CoordError> {
         let now = now_ms();
         let mut inner = self.lock();
         let id = WorkerId::from(format!("w-{}-{}", self.boot, inner.next_worker));
@@ -50,10 +44,10 @@ impl Coordinator {
         let ids: Vec<&str> = adopted.iter().map(JobId::as_str).collect();
         let ticket = self.commit(&inner, &ids)?;
         tracing::info!(worker = %id, name = %req.name, backend = %req.backend, devices = req.devices, adopted = adopted.len(), "worker registered");
-        let reply = pb::RegisterWorkerResponse {
-            worker_id: id.to_string(),
-            heartbeat_interval_ms: self.config.heartbeat_interval_ms as u32,
-            lease_ms: self.config.lease_ms as u32,
+        let reply = Registered {
+            worker_id: id,
+            heartbeat_interval_ms: self.config.heartbeat_interval_ms,
+            lease_ms: self.config.lease_ms,
             artifact_root: absolute(&self.config.artifact_root),
         };
         Ok((reply, ticket))
