@@ -5,13 +5,15 @@
 use std::collections::HashMap;
 
 use segprop_core::sched::{
-    Artifact, Backend, Job, JobId, JobStatus, Outcome, Task, TaskKind, TaskStatus, WorkerId,
+    Backend, Job, JobId, JobStatus, Outcome, TaskKind, TaskStatus, WorkerId,
 };
 use segprop_proto::v1 as pb;
 
 use crate::config::CoordConfig;
 use crate::error::CoordError;
-use crate::request::{Attempt, Heartbeat, Registered, Registration, Rendezvous, Report, Running};
+use crate::request::{
+    Attempt, Heartbeat, HeartbeatReply, Registered, Registration, Rendezvous, Report, Running,
+};
 
 /// The longest one `Rendezvous` call waits for rank 0's id.
 pub const MAX_RENDEZVOUS_WAIT_MS: u32 = 300_000;
@@ -167,11 +169,11 @@ fn running_in(r: pb::RunningTask) -> Running {
     }
 }
 
-pub fn attempt_out(a: &Attempt) -> pb::TaskRef {
-    pb::TaskRef {
-        job_id: a.job_id.to_string(),
-        task_index: a.task_index,
-        epoch: a.epoch,
+pub fn heartbeat_out(r: HeartbeatReply) -> pb::HeartbeatResponse {
+    pb::HeartbeatResponse {
+        assignments: r.dispatches.iter().map(Into::into).collect(),
+        cancel: r.cancel.iter().map(Into::into).collect(),
+        reregister: r.reregister,
     }
 }
 
@@ -256,110 +258,6 @@ pub fn outcome_in(
             reason: f.reason,
             retryable: f.retryable,
         }),
-    }
-}
-
-/// The state a task starts from: the output of the latest succeeded training stage before it.
-fn state_before(job: &Job, index: u32) -> Option<&Artifact> {
-    job.tasks[..index as usize]
-        .iter()
-        .rev()
-        .find(|t| {
-            t.status == TaskStatus::Succeeded && matches!(t.kind, TaskKind::TrainStage { .. })
-        })
-        .and_then(|t| t.outputs.first())
-}
-
-/// The shards that write `S[depth]` (task indices, in order).
-fn shards_of(job: &Job, depth: u32) -> Vec<&Task> {
-    job.tasks
-        .iter()
-        .filter(|t| matches!(t.kind, TaskKind::AdvanceSnapshots { to, .. } if to == depth))
-        .collect()
-}
-
-/// The fingerprint stored with `S[depth]`: the checksum of the committed state its shards
-/// started from (so a snapshot of other weights can never be read as this one).
-fn snapshot_fingerprint(job: &Job, depth: u32) -> String {
-    shards_of(job, depth)
-        .first()
-        .and_then(|t| state_before(job, t.index))
-        .map(|a| a.checksum.clone())
-        .unwrap_or_default()
-}
-
-/// What a worker needs to run task `index` of `job` under lease `epoch`.
-pub fn assignment(job: &Job, index: u32, epoch: u64) -> pb::Assignment {
-    let task = &job.tasks[index as usize];
-    // SnapCheck: the depth the task reads from the snapshot store (0 = none). A training stage
-    // reads the newest depth planned before it; a shard reads its `from`.
-    let newest_depth = job.tasks[..index as usize]
-        .iter()
-        .rev()
-        .find_map(|t| match t.kind {
-            TaskKind::AdvanceSnapshots { to, .. } => Some(to),
-            _ => None,
-        });
-    let (stage_index, snapshot_depth, snapshot_from, snapshot_to, snapshot_shard) = match &task.kind
-    {
-        TaskKind::TrainStage { stage_index, .. } => {
-            (*stage_index, newest_depth.unwrap_or(0), 0, 0, 0)
-        }
-        TaskKind::AdvanceSnapshots {
-            stage_index,
-            from,
-            to,
-            shard,
-            ..
-        } => (*stage_index, *from, *from, *to, *shard),
-        TaskKind::Export => (0, 0, 0, 0, 0),
-    };
-    let input_shards = shards_of(job, snapshot_depth);
-    let snapshot_shards = match &task.kind {
-        TaskKind::AdvanceSnapshots { shards, .. } => *shards,
-        _ => u32::try_from(input_shards.len()).unwrap_or(u32::MAX),
-    };
-    let input_state = state_before(job, index).map(Into::into);
-    let stage_metrics = if task.kind == TaskKind::Export {
-        job.tasks
-            .iter()
-            .filter(|t| t.status == TaskStatus::Succeeded)
-            .filter_map(|t| t.metrics.as_ref().map(Into::into))
-            .collect()
-    } else {
-        Vec::new()
-    };
-    pb::Assignment {
-        job_id: job.id.to_string(),
-        task_index: index,
-        epoch,
-        kind: task_kind(&task.kind) as i32,
-        stage_index,
-        spec_yaml: job.spec_yaml.clone(),
-        job_dir: job_dir(job.id.as_str()),
-        input_state,
-        resume_from: task.checkpoint.as_ref().map(Into::into),
-        stage_metrics,
-        checkpoint_every_steps: job.checkpoint_every_steps,
-        snapshot_depth,
-        snapshot_from,
-        snapshot_to,
-        snapshot_shard,
-        snapshot_shards,
-        snapshot_in_fingerprint: if snapshot_depth > 0 {
-            snapshot_fingerprint(job, snapshot_depth)
-        } else {
-            String::new()
-        },
-        snapshot_out_fingerprint: if snapshot_to > 0 {
-            snapshot_fingerprint(job, snapshot_to)
-        } else {
-            String::new()
-        },
-        snapshots_complete: input_shards
-            .iter()
-            .all(|t| t.status == TaskStatus::Succeeded),
-        traceparent: job.traceparent.clone(),
     }
 }
 

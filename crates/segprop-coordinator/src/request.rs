@@ -1,19 +1,11 @@
 //! What workers ask of the coordinator, checked on arrival (`convert.rs` decodes the wire into
-//! these): the service's methods take them, never a prost message; and what a registration
-//! is told.
+//! these): the service's methods take them, never a prost message; and what they are told.
 
 use std::time::Duration;
 
-use segprop_core::sched::{Backend, Checkpoint, JobId, Outcome, WorkerId};
+pub use segprop_core::sched::Attempt;
+use segprop_core::sched::{Backend, Checkpoint, Dispatch, Outcome, WorkerId};
 use segprop_proto::v1 as pb;
-
-/// One attempt at a task (its lease's epoch): what a worker quotes about the task.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Attempt {
-    pub job_id: JobId,
-    pub task_index: u32,
-    pub epoch: u64,
-}
 
 /// A worker announcing itself (again, after a coordinator restart, with the task it runs).
 #[derive(Debug, Clone, PartialEq)]
@@ -75,4 +67,13 @@ pub struct Registered {
     pub lease_ms: u64,
     /// Where the worker's artifact store is (an absolute path or URL).
     pub artifact_root: String,
+}
+
+/// What a heartbeat is answered: tasks to start, attempts to stop (the job was cancelled or the
+/// lease lost), or that the coordinator does not know the worker (it restarted).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HeartbeatReply {
+    pub dispatches: Vec<Dispatch>,
+    pub cancel: Vec<Attempt>,
+    pub reregister: bool,
 }

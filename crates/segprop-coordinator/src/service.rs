@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use segprop_core::sched::{
-    self, Job, JobId, JobStatus, NewJob, Outcome, SchedConfig, TaskStatus, WorkerId,
+    self, Dispatch, Job, JobId, JobStatus, NewJob, Outcome, SchedConfig, TaskStatus, WorkerId,
 };
 use segprop_core::{JobSpec, StagePlan};
 use segprop_proto::v1 as pb;
@@ -30,7 +30,9 @@ use crate::config::CoordConfig;
 use crate::convert;
 pub use crate::metrics::Counters;
 use crate::metrics::WorkerInfo;
-use crate::request::{Attempt, Heartbeat, Registered, Registration, Rendezvous, Report};
+use crate::request::{
+    Attempt, Heartbeat, HeartbeatReply, Registered, Registration, Rendezvous, Report,
+};
 use crate::store::StateStore;
 use crate::writer::{JobEventMessage, Ticket, Writer};
 

@@ -122,7 +122,7 @@ fn no_inbound_message_makes_the_coordinator_panic() {
             convert::heartbeat_in(heartbeat.clone()),
         ))
         .unwrap();
-    let a = reply
+    let a = convert::heartbeat_out(reply)
         .assignments
         .first()
         .expect("the first stage is assigned")

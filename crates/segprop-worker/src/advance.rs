@@ -7,15 +7,14 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 
 use burn::tensor::backend::AutodiffBackend;
-use segprop_core::sched::{Artifact, TaskResult};
+use segprop_core::sched::{Advance, Artifact, Dispatch, Snapshots, TaskResult};
 use segprop_store::SnapshotHeader;
 use segprop_train::snapcheck::entry_values;
 use segprop_train::{TrainError, Trainer};
 
-use crate::assignment::{Advance, Assignment, Snapshots, Succeeded};
 use crate::error::TaskError;
 use crate::snapshots::{self, StoreSource};
-use crate::task::TaskContext;
+use crate::task::{Succeeded, TaskContext};
 
 /// What an advance task wrote: batches in all, and how many were advanced from `S[from]` or
 /// recomputed through the prefix.
@@ -31,7 +30,7 @@ impl TaskContext {
     pub(crate) fn snapshot_source<B: AutodiffBackend>(
         &self,
         trainer: &Trainer<B>,
-        a: &Assignment,
+        a: &Dispatch,
         input: &Snapshots,
     ) -> StoreSource {
         StoreSource::new(
@@ -39,7 +38,7 @@ impl TaskContext {
             self.runtime.clone(),
             a.job_dir.clone(),
             SnapshotHeader {
-                job: a.task.job_id.clone(),
+                job: a.attempt.job_id.to_string(),
                 depth: input.depth,
                 fingerprint: input.fingerprint.clone(),
                 dtype: snapshots::storage_dtype(trainer.spec.segprop.snapshot_dtype),
@@ -71,7 +70,7 @@ impl TaskContext {
     pub(crate) fn advance_blobs<B: AutodiffBackend>(
         &self,
         trainer: &Trainer<B>,
-        a: &Assignment,
+        a: &Dispatch,
         step: &Advance,
     ) -> Result<Vec<snapshots::BlobPlan>, TrainError> {
         let to = step.to as usize;
@@ -102,14 +101,14 @@ impl TaskContext {
     pub(crate) fn store_blob<B: AutodiffBackend>(
         &self,
         trainer: &mut Trainer<B>,
-        a: &Assignment,
+        a: &Dispatch,
         step: &Advance,
         blob: &snapshots::BlobPlan,
         outs: Vec<(burn::tensor::Tensor<B::InnerBackend, 3>, bool)>,
         done: &mut Advanced,
     ) -> Result<(), TrainError> {
         let header = SnapshotHeader {
-            job: a.task.job_id.clone(),
+            job: a.attempt.job_id.to_string(),
             depth: step.to,
             fingerprint: step.fingerprint.clone(),
             dtype: snapshots::storage_dtype(trainer.spec.segprop.snapshot_dtype),
@@ -165,7 +164,7 @@ impl TaskContext {
     /// The result of an advance task that wrote `done` (over every rank of a gang).
     pub(crate) fn advanced(
         &self,
-        a: &Assignment,
+        a: &Dispatch,
         step: &Advance,
         blobs: usize,
         done: Advanced,
@@ -219,7 +218,7 @@ impl TaskContext {
     pub(crate) fn advance<B: AutodiffBackend>(
         &self,
         mut trainer: Trainer<B>,
-        a: &Assignment,
+        a: &Dispatch,
         step: &Advance,
     ) -> Result<Succeeded, TaskError> {
         let (from, to) = (step.from as usize, step.to as usize);

@@ -10,6 +10,7 @@
 //!
 //! Running one assignment (training a stage, advancing snapshots, exporting) is [`crate::task`].
 
+use segprop_core::sched::{Attempt, Dispatch};
 use segprop_core::spec::Backend;
 use segprop_telemetry::outgoing::AttachToken;
 use std::path::{Path, PathBuf};
@@ -26,7 +27,7 @@ use tonic::transport::{Channel, Endpoint};
 use tracing::Instrument;
 
 use crate::artifacts::{self, Artifacts};
-use crate::assignment::{Assignment, TaskRef};
+use crate::error::TaskError;
 use crate::observe::{TaskState, lock};
 use crate::task::TaskContext;
 use crate::telemetry::WorkerMetrics;
@@ -66,7 +67,7 @@ pub struct DaemonOptions {
 type Client = ClusterServiceClient<InterceptedService<Channel, AttachToken>>;
 
 struct TaskHandle {
-    task: TaskRef,
+    task: Attempt,
     /// The task's span: parented to the job's trace (the assignment's `traceparent`), entered
     /// by the training thread, and the parent of the task's report to the coordinator.
     span: tracing::Span,
@@ -179,7 +180,7 @@ pub async fn serve(options: DaemonOptions) -> anyhow::Result<()> {
                 if let Some(task) = &running {
                     let a = &task.task;
                     let cancelled = reply.cancel.iter().any(|c| {
-                        c.job_id == a.job_id && c.task_index == a.task_index && c.epoch == a.epoch
+                        a.job_id == c.job_id && c.task_index == a.task_index && c.epoch == a.epoch
                     });
                     if cancelled {
                         tracing::info!(job = %a.job_id, task = a.task_index, "coordinator cancelled the task");
@@ -429,7 +430,7 @@ fn host_memory(configured: Option<u64>) -> u64 {
 fn running_task(task: &TaskHandle, drain: bool) -> pb::RunningTask {
     let mut state = lock(&task.state);
     pb::RunningTask {
-        job_id: task.task.job_id.clone(),
+        job_id: task.task.job_id.to_string(),
         task_index: task.task.task_index,
         epoch: task.task.epoch,
         events: if drain {
@@ -520,7 +521,7 @@ async fn report(client: &mut Client, worker_id: &str, task: TaskHandle, metrics:
     };
     let request = pb::ReportTaskRequest {
         worker_id: worker_id.to_string(),
-        job_id: a.job_id.clone(),
+        job_id: a.job_id.to_string(),
         task_index: a.task_index,
         epoch: a.epoch,
         outcome: Some(outcome),
@@ -551,11 +552,11 @@ fn start_task(
     artifact_store: Store,
     wake: Arc<Notify>,
 ) -> TaskHandle {
-    let task = TaskRef::from(&wire);
+    let task = segprop_proto::domain::attempt(&wire);
     let attempt_key =
         segprop_store::layout::attempt_dir(&wire.job_dir, task.task_index, task.epoch);
-    let assignment = Assignment::try_from(&wire);
-    let kind = assignment.as_ref().map_or("unknown", Assignment::kind_name);
+    let assignment = Dispatch::try_from(&wire);
+    let kind = assignment.as_ref().map_or("unknown", Dispatch::kind_name);
     let span = tracing::info_span!(
         "task",
         otel.name = %format!("task {} {kind}", task.task_index),
@@ -579,7 +580,8 @@ fn start_task(
         Err(e) => {
             // Refused on arrival: reported at once, not retried.
             tracing::warn!(job = %task.job_id, task = task.task_index, reason = %e, "assignment refused");
-            lock(&handle.state).result = Some(Err(pb::TaskFailed::from(e)));
+            let refused = TaskError::Unsupported(format!("assignment {e}"));
+            lock(&handle.state).result = Some(Err(pb::TaskFailed::from(refused)));
             wake.notify_one();
             return handle;
         }
@@ -592,7 +594,7 @@ fn start_task(
         attempt_key,
         work_dir: options
             .work_dir
-            .join(&task.job_id)
+            .join(task.job_id.as_str())
             .join(format!("task-{}-epoch-{}", task.task_index, task.epoch)),
         backend: options.backend.to_string(),
         cancel: handle.cancel.clone(),

@@ -2,22 +2,21 @@
 //! summary, plot and metrics, each stored as an artifact under the job's key.
 
 use burn::tensor::backend::AutodiffBackend;
-use segprop_core::sched::{Artifact, TaskResult};
+use segprop_core::sched::{Artifact, Dispatch, TaskResult};
 use segprop_train::checkpoint;
 use segprop_train::metrics::{RecordingObserver, TrainEvent};
 use segprop_train::{TrainError, Trainer};
 
 use crate::artifacts::FetchError;
-use crate::assignment::{Assignment, Succeeded};
 use crate::error::TaskError;
 use crate::observe::{read_events, write_events};
-use crate::task::TaskContext;
+use crate::task::{Succeeded, TaskContext};
 
 impl TaskContext {
     pub(crate) fn export<B: AutodiffBackend>(
         &self,
         trainer: &mut Trainer<B>,
-        a: &Assignment,
+        a: &Dispatch,
         stage_metrics: &[Artifact],
     ) -> Result<Succeeded, TaskError> {
         let mut recorder = RecordingObserver::default();

@@ -21,6 +21,7 @@ use std::sync::atomic::Ordering;
 
 use burn::tensor::backend::AutodiffBackend;
 use segprop_core::JobSpec;
+use segprop_core::sched::{Advance, Dispatch, Work};
 use segprop_train::checkpoint;
 use segprop_train::engine::{AdamWOptimizer, Checkpointer, StageProgress};
 use segprop_train::gang;
@@ -29,11 +30,10 @@ use segprop_train::segprop::run_next_stage;
 use segprop_train::{TrainError, Trainer};
 
 use crate::advance::Advanced;
-use crate::assignment::{Advance, Assignment, Succeeded, Work};
 use crate::error::TaskError;
 use crate::observe::checkpoint_name;
 use crate::snapshots;
-use crate::task::TaskContext;
+use crate::task::{Succeeded, TaskContext};
 
 /// What the leader of a gang task hands back: the task's result.
 type Outcome = Result<Succeeded, TaskError>;
@@ -48,7 +48,7 @@ impl TaskContext {
         spec: JobSpec,
         device: B::Device,
         world: usize,
-        a: &Assignment,
+        a: &Dispatch,
     ) -> Outcome {
         // Verified here once; the ranks then read only their own byte ranges.
         let (recovered, loaded, recorder) = self.restore(a, &mut |dir| {
@@ -137,7 +137,7 @@ impl TaskContext {
     fn advance_rank<B: AutodiffBackend>(
         &self,
         trainer: &mut Trainer<B>,
-        a: &Assignment,
+        a: &Dispatch,
         step: &Advance,
     ) -> Result<(usize, Advanced), TrainError> {
         let (from, to) = (step.from as usize, step.to as usize);

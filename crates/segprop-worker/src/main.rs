@@ -4,7 +4,6 @@
 
 mod advance;
 mod artifacts;
-mod assignment;
 mod convert;
 mod daemon;
 mod error;

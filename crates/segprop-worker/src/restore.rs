@@ -8,10 +8,10 @@ use segprop_train::TrainError;
 use segprop_train::metrics::{RecordingObserver, TrainEvent};
 
 use crate::artifacts::FetchError;
-use crate::assignment::Assignment;
 use crate::error::TaskError;
 use crate::observe::{events_path, read_events};
 use crate::task::TaskContext;
+use segprop_core::sched::Dispatch;
 
 /// A task failure: an input state whose files are damaged (it has no earlier version).
 fn damaged_input(m: String) -> TaskError {
@@ -31,7 +31,7 @@ impl TaskContext {
     /// note, the directory `check` accepted (`None`: the job's first stage) and the events.
     pub(crate) fn restore(
         &self,
-        a: &Assignment,
+        a: &Dispatch,
         check: &mut dyn FnMut(&Path) -> Result<(), TrainError>,
     ) -> Result<(Option<String>, Option<PathBuf>, RecordingObserver), TaskError> {
         let mut recovered = None;

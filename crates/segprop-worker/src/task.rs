@@ -20,7 +20,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
 use segprop_core::JobSpec;
-use segprop_core::sched::TaskResult;
+use segprop_core::sched::{Artifact, Dispatch, TaskResult, Work};
 use segprop_store::Store;
 use segprop_train::checkpoint::{self, Digest};
 use segprop_train::metrics::{RecordingObserver, StageRecord};
@@ -28,10 +28,24 @@ use segprop_train::segprop::run_next_stage;
 use segprop_train::{TrainError, Trainer};
 
 use crate::artifacts::Artifacts;
-use crate::assignment::{Assignment, Succeeded, Work};
 use crate::error::TaskError;
 use crate::observe::{DaemonObserver, StoreCheckpointer, TaskState, lock_recorder, write_events};
 use crate::snapshots::{self, SnapshotIo};
+
+/// What a task that succeeded reports.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Succeeded {
+    /// `[0]`: the state after the stage, the stored depth, or the exported model.
+    pub(crate) outputs: Vec<Artifact>,
+    /// The stage's metrics.jsonl.
+    pub(crate) metrics: Option<Artifact>,
+    /// The stage record, for people and tools.
+    pub(crate) record_json: String,
+    /// What the coordinator reads of the record.
+    pub(crate) result: TaskResult,
+    /// The global exit criterion fired: the remaining training stages are not needed.
+    pub(crate) early_exit: bool,
+}
 
 /// Everything the training thread needs.
 pub(crate) struct TaskContext {
@@ -50,8 +64,8 @@ pub(crate) struct TaskContext {
 }
 
 impl TaskContext {
-    pub(crate) fn run(self: &Arc<Self>, a: &Assignment) -> Result<Succeeded, TaskError> {
-        let spec = JobSpec::from_yaml_str(&a.spec_yaml, &format!("job {}", a.task.job_id))
+    pub(crate) fn run(self: &Arc<Self>, a: &Dispatch) -> Result<Succeeded, TaskError> {
+        let spec = JobSpec::from_yaml_str(&a.spec_yaml, &format!("job {}", a.attempt.job_id))
             .map_err(TrainError::Spec)?;
         match self.backend.as_str() {
             // bf16/f16 run on flex, which has the 16-bit types (docs/adr/0003-cpu-backends.md).
@@ -79,7 +93,7 @@ impl TaskContext {
         self: &Arc<Self>,
         spec: JobSpec,
         device: B::Device,
-        a: &Assignment,
+        a: &Dispatch,
     ) -> Result<Succeeded, TaskError> {
         if let Some(world) = segprop_train::gang::gang_size(&spec) {
             // Units that stay sharded from the first byte read to the last written.
@@ -102,7 +116,7 @@ impl TaskContext {
     pub(crate) fn prepare<B: burn::tensor::backend::AutodiffBackend>(
         &self,
         trainer: &mut Trainer<B>,
-        a: &Assignment,
+        a: &Dispatch,
     ) {
         trainer.advance_in_place = false;
         if let Some(snapshots) = a.reads_snapshots()
@@ -125,7 +139,7 @@ impl TaskContext {
         &self,
         mut trainer: Trainer<B>,
         recorder: RecordingObserver,
-        a: &Assignment,
+        a: &Dispatch,
         recovered: Option<String>,
     ) -> Result<Succeeded, TaskError> {
         self.check_stage(&trainer, a)?;
@@ -138,7 +152,7 @@ impl TaskContext {
     pub(crate) fn check_stage<B: burn::tensor::backend::AutodiffBackend>(
         &self,
         trainer: &Trainer<B>,
-        a: &Assignment,
+        a: &Dispatch,
     ) -> Result<(), TrainError> {
         let refuse = |message: String| TrainError::State {
             path: PathBuf::from(&self.attempt_key),
@@ -161,7 +175,7 @@ impl TaskContext {
         &self,
         trainer: &mut Trainer<B>,
         recorder: RecordingObserver,
-        a: &Assignment,
+        a: &Dispatch,
     ) -> Result<(StageRecord, RecordingObserver), TrainError> {
         let recorder = Arc::new(Mutex::new(recorder));
         trainer.checkpointer = Some(Box::new(StoreCheckpointer {
@@ -173,7 +187,7 @@ impl TaskContext {
             state: self.state.clone(),
         }));
         let mut observer = DaemonObserver {
-            stage_index: a.task.task_index,
+            stage_index: a.attempt.task_index,
             recorder: recorder.clone(),
             state: self.state.clone(),
             cancel: self.cancel.clone(),
@@ -211,7 +225,7 @@ impl TaskContext {
         trainer: &Trainer<B>,
         (record, recorder): (StageRecord, RecordingObserver),
         digest: &Digest,
-        a: &Assignment,
+        a: &Dispatch,
         recovered: Option<String>,
     ) -> Result<Succeeded, TaskError> {
         let out = self.work_dir.join("out");

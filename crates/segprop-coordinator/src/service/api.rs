@@ -79,7 +79,8 @@ impl ClusterService for Api {
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let req = convert::heartbeat_in(request.into_inner());
-        Ok(Response::new(Coordinator::heartbeat(&self.0, req).await?))
+        let reply = Coordinator::heartbeat(&self.0, req).await?;
+        Ok(Response::new(convert::heartbeat_out(reply)))
     }
 
     async fn report_task(

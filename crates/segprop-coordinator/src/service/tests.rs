@@ -111,7 +111,7 @@ async fn a_read_waits_for_the_commits_of_what_it_shows() {
     assert!(!get.is_finished());
     drop(hold);
     let reply = heartbeat.await.expect("heartbeat task").expect("heartbeat");
-    assert_eq!(reply.assignments.len(), 1);
+    assert_eq!(reply.dispatches.len(), 1);
     let shown = get.await.expect("get task").expect("get");
     assert_eq!(shown.tasks[0].worker_id, worker.as_str());
 }

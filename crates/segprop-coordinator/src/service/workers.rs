@@ -55,10 +55,10 @@ impl Coordinator {
 
     /// Renews the worker's leases, records progress and checkpoints, and hands out new tasks.
     /// Without new tasks for an idle worker, waits up to one heartbeat interval for one.
-    pub async fn heartbeat(&self, req: Heartbeat) -> Result<pb::HeartbeatResponse, CoordError> {
+    pub async fn heartbeat(&self, req: Heartbeat) -> Result<HeartbeatReply, CoordError> {
         let mut reply = self.heartbeat_once(&req).await?;
         let idle = req.running.is_empty() && req.free_slots > 0;
-        if reply.reregister || !reply.assignments.is_empty() || !idle {
+        if reply.reregister || !reply.dispatches.is_empty() || !idle {
             return Ok(reply);
         }
         let wait = Duration::from_millis(self.config.heartbeat_interval_ms);
@@ -67,8 +67,8 @@ impl Coordinator {
             let mut notified = pin!(self.ready.notified());
             notified.as_mut().enable();
             // Re-check after enabling, so a task that became ready meanwhile is not missed.
-            reply.assignments = self.assign_to(&req.worker_id).await?;
-            if !reply.assignments.is_empty() {
+            reply.dispatches = self.assign_to(&req.worker_id).await?;
+            if !reply.dispatches.is_empty() {
                 return Ok(reply);
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
@@ -77,34 +77,34 @@ impl Coordinator {
         }
     }
 
-    async fn heartbeat_once(&self, req: &Heartbeat) -> Result<pb::HeartbeatResponse, CoordError> {
+    async fn heartbeat_once(&self, req: &Heartbeat) -> Result<HeartbeatReply, CoordError> {
         let (mut reply, ticket) = self.renew_locked(req)?;
         // A heartbeat that only renews leases changes nothing durable and waits for no commit.
         self.durable(ticket).await?;
         if !reply.reregister && req.free_slots > 0 {
-            reply.assignments = self.assign_to(&req.worker_id).await?;
+            reply.dispatches = self.assign_to(&req.worker_id).await?;
         }
         Ok(reply)
     }
 
     /// Renews the leases of `req.running` and records their progress and checkpoints.
-    fn renew_locked(&self, req: &Heartbeat) -> Result<(pb::HeartbeatResponse, Ticket), CoordError> {
+    fn renew_locked(&self, req: &Heartbeat) -> Result<(HeartbeatReply, Ticket), CoordError> {
         let now = now_ms();
         let mut inner = self.lock();
         let Some(worker) = inner.workers.get_mut(&req.worker_id) else {
-            let reply = pb::HeartbeatResponse {
+            let reply = HeartbeatReply {
                 reregister: true,
                 ..Default::default()
             };
             return Ok((reply, self.writer.nothing()));
         };
         worker.last_seen = now;
-        let mut reply = pb::HeartbeatResponse::default();
+        let mut reply = HeartbeatReply::default();
         let mut changed = Vec::new();
         for running in &req.running {
             let attempt = &running.attempt;
             let Ok(index) = position(&inner.jobs, attempt.job_id.as_str()) else {
-                reply.cancel.push(convert::attempt_out(attempt));
+                reply.cancel.push(attempt.clone());
                 continue;
             };
             let checkpoint = running.checkpoint.clone();
@@ -147,7 +147,7 @@ impl Coordinator {
                 Err(reject) => {
                     tracing::warn!(worker = %req.worker_id, job = %attempt.job_id, task = attempt.task_index, epoch = attempt.epoch, %reject, "renewal refused; telling the worker to stop");
                     self.lock_counters().rejected_renewals += 1;
-                    reply.cancel.push(convert::attempt_out(attempt));
+                    reply.cancel.push(attempt.clone());
                 }
             }
         }
@@ -156,17 +156,14 @@ impl Coordinator {
         Ok((reply, ticket))
     }
 
-    async fn assign_to(&self, worker_id: &WorkerId) -> Result<Vec<pb::Assignment>, CoordError> {
+    async fn assign_to(&self, worker_id: &WorkerId) -> Result<Vec<Dispatch>, CoordError> {
         let (out, ticket) = self.assign_locked(worker_id)?;
         self.durable(ticket).await?;
         Ok(out)
     }
 
     /// The scheduler's assignment to `worker_id`, queued for commit (under the lock).
-    fn assign_locked(
-        &self,
-        worker_id: &WorkerId,
-    ) -> Result<(Vec<pb::Assignment>, Ticket), CoordError> {
+    fn assign_locked(&self, worker_id: &WorkerId) -> Result<(Vec<Dispatch>, Ticket), CoordError> {
         let now = now_ms();
         let mut inner = self.lock();
         let Some(worker) = inner.workers.get(worker_id) else {
@@ -197,7 +194,7 @@ impl Coordinator {
         for a in &assignments {
             let job = find(&inner.jobs, a.job_id.as_str())?;
             tracing::info!(job = %a.job_id, task = a.task_index, name = job.tasks[a.task_index as usize].kind.name(), epoch = a.epoch, worker = %worker_id, "task assigned");
-            out.push(convert::assignment(job, a.task_index, a.epoch));
+            out.push(job.dispatch(a.task_index, a.epoch, convert::job_dir(job.id.as_str())));
         }
         for t in transitions
             .iter()

@@ -34,6 +34,7 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::spec::Backend;
 
+mod dispatch;
 mod id;
 mod job;
 mod lease;
@@ -51,6 +52,7 @@ mod proptests;
 #[cfg(test)]
 mod test_util;
 
+pub use dispatch::{Advance, Attempt, Dispatch, Snapshots, Work};
 pub use id::{JobId, WorkerId};
 pub use job::NewJob;
 pub use lease::*;
