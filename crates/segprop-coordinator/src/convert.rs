@@ -93,6 +93,28 @@ pub fn job(
     }
 }
 
+/// A job's new state on a watch stream.
+pub fn job_event(view: pb::Job) -> pb::JobEvent {
+    pb::JobEvent {
+        event: Some(pb::job_event::Event::Job(view)),
+    }
+}
+
+/// A running task's progress on a watch stream, relayed as the worker sent it.
+pub fn progress_event(progress: pb::Progress) -> pb::JobEvent {
+    pb::JobEvent {
+        event: Some(pb::job_event::Event::Progress(progress)),
+    }
+}
+
+/// Whether a job view is in a state it never leaves (the watch stream ends there).
+pub fn is_final(view: &pb::Job) -> bool {
+    matches!(
+        pb::JobState::try_from(view.state),
+        Ok(pb::JobState::Succeeded | pb::JobState::Failed | pb::JobState::Cancelled)
+    )
+}
+
 pub fn task_kind(kind: &TaskKind) -> pb::TaskKind {
     match kind {
         TaskKind::TrainStage { .. } => pb::TaskKind::TrainStage,

@@ -220,14 +220,8 @@ impl Coordinator {
 
     /// A job's state as watchers see it.
     fn job_event(&self, inner: &Inner, job: &Job) -> JobEventMessage {
-        let event = pb::JobEvent {
-            event: Some(pb::job_event::Event::Job(convert::job(
-                job,
-                &inner.progress,
-                &self.config,
-            ))),
-        };
-        Arc::new((job.id.to_string(), event))
+        let view = convert::job(job, &inner.progress, &self.config);
+        Arc::new((job.id.to_string(), convert::job_event(view)))
     }
 
     /// Tells watchers a job's state that is already durable (nothing changed).
@@ -449,18 +443,9 @@ impl Coordinator {
         let first = self.get(job_id).await?;
         let (tx, rx) = mpsc::channel(256);
         let job_id = job_id.to_string();
-        let terminal = |job: &pb::Job| {
-            matches!(
-                pb::JobState::try_from(job.state),
-                Ok(pb::JobState::Succeeded | pb::JobState::Failed | pb::JobState::Cancelled)
-            )
-        };
-        let done = terminal(&first);
-        let snapshot = move |job| pb::JobEvent {
-            event: Some(pb::job_event::Event::Job(job)),
-        };
+        let done = convert::is_final(&first);
         tokio::spawn(async move {
-            if tx.send(Ok(snapshot(first))).await.is_err() || done {
+            if tx.send(Ok(convert::job_event(first))).await.is_err() || done {
                 return;
             }
             loop {
@@ -470,7 +455,7 @@ impl Coordinator {
                         if *id != job_id {
                             continue;
                         }
-                        let end = matches!(&event.event, Some(pb::job_event::Event::Job(j)) if terminal(j));
+                        let end = matches!(&event.event, Some(pb::job_event::Event::Job(j)) if convert::is_final(j));
                         if tx.send(Ok(event.clone())).await.is_err() || end {
                             return;
                         }

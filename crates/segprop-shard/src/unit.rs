@@ -284,6 +284,7 @@ fn is_half(dtype: FloatDType) -> bool {
 impl<M> FsdpUnit<M> {
     /// Shards `module` (whose weights every rank starts with, e.g. from one seed) for `rank` of
     /// `world`; the full weights are dropped.
+    #[cfg(any(test, feature = "testing"))]
     pub fn new<B: Backend>(module: M, rank: usize, world: usize, config: AdamWConfig) -> Self
     where
         M: Module<B>,
@@ -347,6 +348,7 @@ impl<M> FsdpUnit<M> {
 
     /// Shards a unit no optimizer steps (a block of a frozen prefix): weights only, no AdamW
     /// state.
+    #[cfg(any(test, feature = "testing"))]
     pub fn frozen<B: Backend>(module: M, rank: usize, world: usize) -> Self
     where
         M: Module<B>,
@@ -359,6 +361,7 @@ impl<M> FsdpUnit<M> {
     /// Shards a frozen unit in 16 bits (`dtype` bf16 or f16; f32 gives [`Self::frozen`]): each
     /// rank keeps 2 bytes per weight of its chunk, the all-gather moves 2 bytes per weight, and
     /// gathered modules hold `dtype` tensors.
+    #[cfg(any(test, feature = "testing"))]
     pub fn frozen_in<B: Backend>(module: M, rank: usize, world: usize, dtype: FloatDType) -> Self
     where
         M: Module<B>,
@@ -704,6 +707,7 @@ impl<M> FsdpUnit<M> {
 
     /// Reduce-scatters the gradients of `gathered` (the module [`Self::gather`] returned, after
     /// backward): this rank's chunk of their sum over ranks.
+    #[cfg(any(test, feature = "testing"))]
     pub fn reduce_scatter_grads<B: AutodiffBackend>(
         &self,
         collective: &mut dyn Collective,

@@ -10,7 +10,7 @@
 //!   reach the object store themselves. [`grpc::service`] serves a store over that protocol.
 //!
 //! Every write is atomic (a reader sees the whole blob or nothing), every snapshot and checked
-//! blob is verified on read, and a [`Store`] counts its accesses ([`StoreStats`]).
+//! blob is verified on read, and a [`Store`] counts its accesses (read by the tests).
 //!
 //! This crate never links burn: the coordinator serves the store without building the training
 //! engine, and the snapshot codec ([`snapshot`]) speaks plain `f32` slices.
@@ -33,7 +33,9 @@ pub use snapshot::{
     SnapshotEntry, SnapshotHeader, Split, StorageDtype, decode_snapshot, depth_prefix,
     encode_snapshot, snapshot_key,
 };
-pub use store::{Store, StoreStats};
+pub use store::Store;
+#[cfg(any(test, feature = "testing"))]
+pub use store::StoreStats;
 
 /// Everything that can go wrong in the store.
 #[derive(Debug, thiserror::Error)]

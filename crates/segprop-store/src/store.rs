@@ -13,12 +13,14 @@ use object_store::memory::InMemory;
 use object_store::path::Path;
 use object_store::prefix::PrefixStore;
 use object_store::{GetResultPayload, ObjectStore, ObjectStoreExt, WriteMultipart};
+#[cfg(any(test, feature = "testing"))]
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use crate::config::{MULTIPART_PART_BYTES, StoreConfig, StoreLocation};
 use crate::key::{parse_key, parse_prefix};
 use crate::remote::{GrpcBackend, Namespace};
+#[cfg(any(test, feature = "testing"))]
 use crate::snapshot::{SnapshotEntry, SnapshotHeader, decode_snapshot, encode_snapshot};
 use crate::{Error, Result, checked};
 
@@ -47,6 +49,7 @@ enum Backend {
 }
 
 /// Access counts of a [`Store`] (and of its clones) since it was opened.
+#[cfg(any(test, feature = "testing"))]
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoreStats {
     /// Completed puts (single or multipart).
@@ -501,6 +504,7 @@ impl Store {
     }
 
     /// Encodes and stores one snapshot blob; returns its size in bytes.
+    #[cfg(any(test, feature = "testing"))]
     pub async fn put_snapshot(
         &self,
         key: &str,
@@ -514,6 +518,7 @@ impl Store {
     }
 
     /// Reads and verifies one snapshot blob (see [`decode_snapshot`]); a corrupt blob is counted.
+    #[cfg(any(test, feature = "testing"))]
     pub async fn get_snapshot(
         &self,
         key: &str,
@@ -536,6 +541,7 @@ impl Store {
     }
 
     /// The access counts so far (shared by every clone of this store).
+    #[cfg(any(test, feature = "testing"))]
     pub fn stats(&self) -> StoreStats {
         let c = &self.counters;
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);

@@ -5,7 +5,9 @@
 use std::path::{Path, PathBuf};
 
 use burn::module::{AutodiffModule, ModuleVisitor, Param, ParamId};
-use burn::optim::{AdamWConfig, GradientsParams};
+use burn::optim::AdamWConfig;
+#[cfg(any(test, feature = "testing"))]
+use burn::optim::GradientsParams;
 use burn::prelude::*;
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{DType, ElementConversion};
@@ -503,6 +505,7 @@ impl<B: AutodiffBackend> Trainer<B> {
     }
 
     /// Forward + loss of one micro-batch on the autodiff model.
+    #[cfg(any(test, feature = "testing"))]
     fn loss(&mut self, route: Route, batch: &Batch) -> Tensor<B, 1> {
         let prefix = self.route_prefix(route, batch);
         self.loss_on(route, batch, prefix)
@@ -530,6 +533,7 @@ impl<B: AutodiffBackend> Trainer<B> {
 
     /// Ids of every parameter that receives a gradient from one micro-batch of `route` (tests use
     /// it to prove the frozen prefix gets none).
+    #[cfg(any(test, feature = "testing"))]
     pub fn gradient_param_ids(&mut self, route: Route, batch: &Batch) -> Vec<ParamId> {
         let grads = self.loss(route, batch).backward();
         let all = GradientsParams::from_grads::<B, _>(grads, &self.model);
@@ -633,6 +637,7 @@ impl<B: Backend> FrozenPrefix<B> {
 }
 
 /// Whether `grads` holds a gradient for parameter `id` of `model`.
+#[cfg(any(test, feature = "testing"))]
 fn has_grad<B: AutodiffBackend>(grads: &GradientsParams, model: &Llama<B>, id: ParamId) -> bool {
     struct Probe<'a> {
         grads: &'a GradientsParams,

@@ -333,7 +333,8 @@ impl<B: AutodiffBackend> Trainer<B> {
     }
 
     /// The model whole (every rank calls it; each gathers every unit). Only for comparing
-    /// weights in tests and on small models: a sharded job never does this itself.
+    /// weights in tests: a sharded job never does this itself.
+    #[cfg(any(test, feature = "testing"))]
     pub fn gather_model(&mut self) -> Result<segprop_model::Llama<B>, TrainError> {
         let Some(shards) = self.shards.as_ref() else {
             return Ok(self.model.clone());

@@ -133,9 +133,7 @@ impl Coordinator {
                     for event in &running.events {
                         let _ = self.events.send(Arc::new((
                             attempt.job_id.to_string(),
-                            pb::JobEvent {
-                                event: Some(pb::job_event::Event::Progress(event.clone())),
-                            },
+                            convert::progress_event(event.clone()),
                         )));
                     }
                     if let Some(last) = running.events.last() {

@@ -266,7 +266,8 @@ impl<B: AutodiffBackend> ModelShards<B> {
     }
 
     /// Every unit gathered into one model as stored (fp32 masters, 16-bit frozen units); every
-    /// rank must call it. For tests and small models only.
+    /// rank must call it. For tests only.
+    #[cfg(any(test, feature = "testing"))]
     pub fn gather_whole(
         &self,
         s: &mut CommStream,
