@@ -193,7 +193,7 @@ fn running_in(r: pb::RunningTask) -> Running {
 
 pub fn heartbeat_out(r: HeartbeatReply) -> pb::HeartbeatResponse {
     pb::HeartbeatResponse {
-        assignments: r.dispatches.iter().map(Into::into).collect(),
+        assignments: r.dispatches.into_iter().map(Into::into).collect(),
         cancel: r.cancel.iter().map(Into::into).collect(),
         reregister: r.reregister,
     }

@@ -108,16 +108,17 @@ pub fn attempt(a: &pb::Assignment) -> Attempt {
     }
 }
 
-impl From<&Dispatch> for pb::Assignment {
-    fn from(d: &Dispatch) -> Self {
-        let (kind, from, to, shard, out_fingerprint, stage_metrics) = match &d.work {
+/// Consumes the dispatch: its strings (the job's spec among them) move to the wire, uncopied.
+impl From<Dispatch> for pb::Assignment {
+    fn from(d: Dispatch) -> Self {
+        let (kind, from, to, shard, out_fingerprint, stage_metrics) = match d.work {
             Work::TrainStage => (pb::TaskKind::TrainStage, 0, 0, 0, String::new(), Vec::new()),
             Work::Advance(a) => (
                 pb::TaskKind::AdvanceSnapshots,
                 a.from,
                 a.to,
                 a.shard,
-                a.fingerprint.clone(),
+                a.fingerprint,
                 Vec::new(),
             ),
             Work::Export { stage_metrics } => (
@@ -130,13 +131,13 @@ impl From<&Dispatch> for pb::Assignment {
             ),
         };
         pb::Assignment {
-            job_id: d.attempt.job_id.to_string(),
+            job_id: d.attempt.job_id.into(),
             task_index: d.attempt.task_index,
             epoch: d.attempt.epoch,
             kind: kind as i32,
             stage_index: d.stage_index,
-            spec_yaml: d.spec_yaml.clone(),
-            job_dir: d.job_dir.clone(),
+            spec_yaml: d.spec_yaml,
+            job_dir: d.job_dir,
             input_state: d.input_state.as_ref().map(Into::into),
             resume_from: d.resume_from.as_ref().map(Into::into),
             stage_metrics,
@@ -146,10 +147,10 @@ impl From<&Dispatch> for pb::Assignment {
             snapshot_to: to,
             snapshot_shard: shard,
             snapshot_shards: d.snapshots.shards,
-            snapshot_in_fingerprint: d.snapshots.fingerprint.clone(),
+            snapshot_in_fingerprint: d.snapshots.fingerprint,
             snapshot_out_fingerprint: out_fingerprint,
             snapshots_complete: d.snapshots.complete,
-            traceparent: d.traceparent.clone(),
+            traceparent: d.traceparent,
         }
     }
 }
@@ -291,7 +292,7 @@ mod tests {
     #[test]
     fn a_dispatch_survives_the_wire() {
         let sent = advance();
-        let wire = pb::Assignment::from(&sent);
+        let wire = pb::Assignment::from(sent.clone());
         assert_eq!(wire.kind, pb::TaskKind::AdvanceSnapshots as i32);
         assert_eq!(Dispatch::try_from(&wire), Ok(sent));
         let mut export = advance();
@@ -304,7 +305,7 @@ mod tests {
         };
         export.snapshots = Snapshots::default();
         assert_eq!(
-            Dispatch::try_from(&pb::Assignment::from(&export)),
+            Dispatch::try_from(&pb::Assignment::from(export.clone())),
             Ok(export.clone())
         );
         assert!(export.reads_snapshots().is_none());
@@ -314,7 +315,7 @@ mod tests {
     #[test]
     fn contradictory_or_unknown_assignments_are_refused_by_field() {
         let field = |a: pb::Assignment| Dispatch::try_from(&a).unwrap_err().field;
-        let wire = || pb::Assignment::from(&advance());
+        let wire = || pb::Assignment::from(advance());
         let mut unknown = wire();
         unknown.kind = 99;
         assert_eq!(field(unknown), "kind");
