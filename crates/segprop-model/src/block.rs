@@ -15,6 +15,7 @@ pub struct BlockConfig {
     pub intermediate_size: usize,
     pub num_heads: usize,
     pub num_kv_heads: usize,
+    pub head_dim: usize,
     pub rms_norm_eps: f64,
     #[config(default = 0.02)]
     pub init_std: f64,
@@ -27,6 +28,7 @@ impl BlockConfig {
             config.intermediate_size,
             config.num_heads,
             config.num_kv_heads,
+            config.head_dim(),
             config.rms_norm_eps,
         )
     }
@@ -36,9 +38,14 @@ impl BlockConfig {
             input_layernorm: RmsNormConfig::new(self.hidden_size)
                 .with_epsilon(self.rms_norm_eps)
                 .init(device),
-            self_attn: AttentionConfig::new(self.hidden_size, self.num_heads, self.num_kv_heads)
-                .with_init_std(self.init_std)
-                .init(device),
+            self_attn: AttentionConfig::new(
+                self.hidden_size,
+                self.num_heads,
+                self.num_kv_heads,
+                self.head_dim,
+            )
+            .with_init_std(self.init_std)
+            .init(device),
             post_attention_layernorm: RmsNormConfig::new(self.hidden_size)
                 .with_epsilon(self.rms_norm_eps)
                 .init(device),

@@ -225,14 +225,14 @@ impl HfReader {
     ) -> Result<Block<B>, ModelError> {
         let c = self.config.clone();
         let h = c.hidden_size;
-        let kv = c.num_kv_heads * c.head_dim();
+        let (qd, kv) = (c.q_dim(), c.kv_dim());
         let i = c.intermediate_size;
         let p = format!("model.layers.{layer}");
         let norm1 = self.take(&format!("{p}.input_layernorm.weight"), &[h])?;
-        let q = self.take(&format!("{p}.self_attn.q_proj.weight"), &[h, h])?;
+        let q = self.take(&format!("{p}.self_attn.q_proj.weight"), &[qd, h])?;
         let k = self.take(&format!("{p}.self_attn.k_proj.weight"), &[kv, h])?;
         let v = self.take(&format!("{p}.self_attn.v_proj.weight"), &[kv, h])?;
-        let o = self.take(&format!("{p}.self_attn.o_proj.weight"), &[h, h])?;
+        let o = self.take(&format!("{p}.self_attn.o_proj.weight"), &[h, qd])?;
         let norm2 = self.take(&format!("{p}.post_attention_layernorm.weight"), &[h])?;
         let gate = self.take(&format!("{p}.mlp.gate_proj.weight"), &[i, h])?;
         let up = self.take(&format!("{p}.mlp.up_proj.weight"), &[i, h])?;

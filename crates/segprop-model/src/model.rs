@@ -217,7 +217,12 @@ impl<B: Backend> Llama<B> {
     }
 }
 
-/// Mean next-token cross-entropy, in fp32 (16-bit logits are widened first).
+/// A target the loss skips: a prompt token of a chat example, or padding (PyTorch's
+/// `ignore_index` default).
+pub const IGNORE_TARGET: i64 = -100;
+
+/// Mean next-token cross-entropy, in fp32 (16-bit logits are widened first), over the targets
+/// that are not [`IGNORE_TARGET`].
 ///
 /// # Shapes
 /// - logits: `[batch, seq, vocab]`

@@ -1,48 +1,20 @@
-//! Training data: corpora, tokenizers, packing into fixed-length sequences, the train/eval split
-//! and deterministic batches.
+//! Training data: corpora (text, or chat JSONL rendered by [`crate::chat`]), packing into
+//! fixed-length sequences, the train/eval split and deterministic batches.
 //!
 //! Batches have stable ids and fixed contents for the whole job (only their order changes between
-//! epochs): SnapCheck keys cached activations by `(depth, batch id)`.
+//! epochs): SnapCheck keys cached activations by `(depth, batch id)`. A target the loss skips
+//! (a prompt token of a chat example, padding) is [`IGNORE_TARGET`].
 
 use std::path::Path;
 
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
-use segprop_core::{DataSpec, TokenizerKind};
+use segprop_core::{DataFormat, DataSpec, JobSpec};
+pub use segprop_model::model::IGNORE_TARGET;
 
 use crate::error::TrainError;
-
-/// Turns text into token ids.
-#[derive(Debug, Clone, Copy)]
-pub struct Tokenizer {
-    kind: TokenizerKind,
-}
-
-impl Tokenizer {
-    pub fn new(kind: TokenizerKind) -> Self {
-        Self { kind }
-    }
-
-    pub fn encode(&self, text: &str) -> Vec<u32> {
-        match self.kind {
-            TokenizerKind::Byte => text.bytes().map(u32::from).collect(),
-            TokenizerKind::Gpt2 => tiktoken_rs::r50k_base_singleton().encode_ordinary(text),
-        }
-    }
-
-    pub fn decode(&self, tokens: &[u32]) -> String {
-        match self.kind {
-            TokenizerKind::Byte => {
-                let bytes: Vec<u8> = tokens.iter().map(|t| (*t).min(255) as u8).collect();
-                String::from_utf8_lossy(&bytes).into_owned()
-            }
-            TokenizerKind::Gpt2 => tiktoken_rs::r50k_base_singleton()
-                .decode(tokens.to_vec())
-                .unwrap_or_default(),
-        }
-    }
-}
+pub use crate::tokenizer::Tokenizer;
 
 /// A deterministic synthetic English-like corpus: sentences drawn from a sparse random Markov
 /// chain over a seeded vocabulary of invented words. Learnable at several levels (spelling,
@@ -113,7 +85,7 @@ pub struct Batch {
     pub seq: usize,
     /// Row-major `[batch, seq]`.
     pub inputs: Vec<i64>,
-    /// Row-major `[batch, seq]`.
+    /// Row-major `[batch, seq]`; [`IGNORE_TARGET`] where no loss is taken.
     pub targets: Vec<i64>,
 }
 
@@ -131,6 +103,11 @@ impl Batch {
         }
     }
 
+    /// Targets the loss is taken on.
+    pub fn trained_targets(&self) -> usize {
+        self.targets.iter().filter(|t| **t != IGNORE_TARGET).count()
+    }
+
     /// The row ranges of passes of at most `micro` sequences (one pass when `micro` is 0 or
     /// covers the batch).
     pub fn passes(&self, micro: usize) -> Vec<std::ops::Range<usize>> {
@@ -140,6 +117,48 @@ impl Batch {
             .map(|start| start..(start + micro).min(self.batch))
             .collect()
     }
+}
+
+/// The weight of the pass over `rows` of `batch` in a step over `batches` (gradient
+/// accumulation): its share of the step's trained targets, so the step's loss is the mean over
+/// every trained target. When every target is trained this is the pass's share of the
+/// sequences, computed as it was before targets could be skipped (the same bits).
+pub fn pass_weight(batches: &[&Batch], batch: &Batch, rows: std::ops::Range<usize>) -> f64 {
+    let trained: usize = batches.iter().map(|b| b.trained_targets()).sum();
+    let all: usize = batches.iter().map(|b| b.targets.len()).sum();
+    if trained == all {
+        return 1.0 / batches.len() as f64 * rows.len() as f64 / batch.batch as f64;
+    }
+    if trained == 0 {
+        return 0.0;
+    }
+    let span = rows.start * batch.seq..rows.end * batch.seq;
+    let mine = batch.targets[span]
+        .iter()
+        .filter(|t| **t != IGNORE_TARGET)
+        .count();
+    mine as f64 / trained as f64
+}
+
+/// The held-out loss from each batch's mean `losses`: the mean over every trained target
+/// (batches weighted by their trained targets; the plain mean of the batches when every target
+/// is trained).
+pub fn held_out_mean(losses: &[f64], batches: &[Batch]) -> f64 {
+    let trained: Vec<usize> = batches.iter().map(Batch::trained_targets).collect();
+    if batches
+        .iter()
+        .zip(&trained)
+        .all(|(b, t)| *t == b.targets.len())
+    {
+        return losses.iter().sum::<f64>() / losses.len().max(1) as f64;
+    }
+    let total: usize = trained.iter().sum();
+    let sum: f64 = losses
+        .iter()
+        .zip(&trained)
+        .map(|(l, t)| l * *t as f64)
+        .sum();
+    sum / total.max(1) as f64
 }
 
 /// The packed, split and batched data of a job.
@@ -152,27 +171,69 @@ pub struct Dataset {
 }
 
 impl Dataset {
-    /// Loads the corpus named by `spec`, tokenizes and packs it.
-    pub fn load(spec: &DataSpec, seed: u64) -> Result<Self, TrainError> {
+    /// Loads the corpus `spec` names, tokenizes and packs it.
+    pub fn load(spec: &JobSpec) -> Result<Self, TrainError> {
+        let tokenizer = Tokenizer::load(&spec.tokenizer()?)?;
+        Self::load_with(&spec.data, tokenizer, spec.seed)
+    }
+
+    /// [`Dataset::load`] with the tokenizer given.
+    pub fn load_with(spec: &DataSpec, tokenizer: Tokenizer, seed: u64) -> Result<Self, TrainError> {
+        let corpus_err = |message: String| TrainError::Corpus {
+            path: spec.corpus.clone().into(),
+            message,
+        };
+        if spec.format == DataFormat::Chat {
+            let hf = tokenizer.hf().ok_or_else(|| {
+                corpus_err("data.format `chat` needs a Hugging Face tokenizer".into())
+            })?;
+            let examples = crate::chat::load(Path::new(&spec.corpus), hf)?;
+            let total_tokens = examples.iter().map(|e| e.ids.len()).sum();
+            let sequences = if spec.packing {
+                let ids: Vec<u32> = examples.iter().flat_map(|e| e.ids.clone()).collect();
+                let trained: Vec<bool> = examples.iter().flat_map(|e| e.trained.clone()).collect();
+                windows(&ids, Some(&trained), spec.seq_len)
+            } else {
+                let pad = hf.pad_id.ok_or_else(|| {
+                    corpus_err(format!(
+                        "data.packing false pads each example, and the tokenizer at {} names \
+                         no pad_token or eos_token",
+                        hf.path.display()
+                    ))
+                })?;
+                examples
+                    .iter()
+                    .map(|e| padded(e, spec.seq_len + 1, pad))
+                    .collect()
+            };
+            let data = Self::from_sequences(sequences, spec, tokenizer, seed, total_tokens)
+                .map_err(corpus_err)?;
+            if data
+                .train
+                .iter()
+                .chain(&data.eval)
+                .all(|b| b.trained_targets() == 0)
+            {
+                return Err(corpus_err(
+                    "no trainable token lands in a batch: every assistant token is cut by \
+                     data.seq_len or left in a partial batch"
+                        .into(),
+                ));
+            }
+            return Ok(data);
+        }
         let text = if spec.corpus == "builtin:synthetic" {
             // Byte-ish size: the synthetic text has ~1 token per byte with the byte tokenizer.
             synthetic_corpus(spec.synthetic_tokens, seed)
         } else {
             let path = Path::new(&spec.corpus);
-            std::fs::read_to_string(path).map_err(|source| TrainError::Corpus {
-                path: path.to_path_buf(),
-                message: source.to_string(),
-            })?
+            std::fs::read_to_string(path).map_err(|e| corpus_err(e.to_string()))?
         };
-        let tokenizer = Tokenizer::new(spec.tokenizer);
-        let mut tokens = tokenizer.encode(&text);
+        let mut tokens = tokenizer.encode(&text)?;
         if spec.max_tokens > 0 {
             tokens.truncate(spec.max_tokens);
         }
-        Self::from_tokens(&tokens, spec, tokenizer, seed).map_err(|message| TrainError::Corpus {
-            path: spec.corpus.clone().into(),
-            message,
-        })
+        Self::from_tokens(&tokens, spec, tokenizer, seed).map_err(corpus_err)
     }
 
     /// Packs `tokens` into sequences of `seq_len + 1`, holds out the last `eval_fraction` of them
@@ -183,6 +244,18 @@ impl Dataset {
         spec: &DataSpec,
         tokenizer: Tokenizer,
         seed: u64,
+    ) -> Result<Self, String> {
+        let sequences = windows(tokens, None, spec.seq_len);
+        Self::from_sequences(sequences, spec, tokenizer, seed, tokens.len())
+    }
+
+    /// Splits `sequences` (each `seq_len + 1` tokens) as [`Dataset::from_tokens`] does.
+    fn from_sequences(
+        sequences: Vec<Sequence>,
+        spec: &DataSpec,
+        tokenizer: Tokenizer,
+        seed: u64,
+        total_tokens: usize,
     ) -> Result<Self, String> {
         let t = spec.seq_len;
         let b = spec.batch_size.get();
@@ -202,28 +275,25 @@ impl Dataset {
                     .into(),
             );
         }
-        let sequences: Vec<&[u32]> = tokens.windows(t + 1).step_by(t).collect();
         let num_eval = ((sequences.len() as f64) * spec.eval_fraction).ceil() as usize;
         let num_train = sequences.len().saturating_sub(num_eval);
         if num_train < b || num_eval < b {
             return Err(format!(
                 "corpus has {} tokens: {} train and {} eval sequences of length {}, but a batch \
                  needs {b}; use a larger corpus, a shorter data.seq_len or a smaller data.batch_size",
-                tokens.len(),
-                num_train,
-                num_eval,
-                t
+                total_tokens, num_train, num_eval, t
             ));
         }
         let (train_seqs, eval_seqs) = sequences.split_at(num_train);
         let mut order: Vec<usize> = (0..train_seqs.len()).collect();
         order.shuffle(&mut StdRng::seed_from_u64(seed ^ 0xda7a));
-        let train_ordered: Vec<&[u32]> = order.iter().map(|&i| train_seqs[i]).collect();
+        let train_ordered: Vec<&Sequence> = order.iter().map(|&i| &train_seqs[i]).collect();
+        let eval_ordered: Vec<&Sequence> = eval_seqs.iter().collect();
         Ok(Self {
             train: make_batches(&train_ordered, b, t),
-            eval: make_batches(eval_seqs, b, t),
+            eval: make_batches(&eval_ordered, b, t),
             tokenizer,
-            total_tokens: tokens.len(),
+            total_tokens,
         })
     }
 
@@ -237,7 +307,43 @@ impl Dataset {
     }
 }
 
-fn make_batches(sequences: &[&[u32]], b: usize, t: usize) -> Vec<Batch> {
+/// `seq_len + 1` tokens: a row's inputs and (shifted by one) its targets, with whether each
+/// token is trained on (None: all are).
+#[derive(Debug, Clone)]
+struct Sequence {
+    tokens: Vec<u32>,
+    trained: Option<Vec<bool>>,
+}
+
+/// Windows of `seq_len + 1` tokens stepping by `seq_len` (consecutive windows share one token:
+/// the last input of one is the first of the next); a partial last window is dropped.
+fn windows(tokens: &[u32], trained: Option<&[bool]>, seq_len: usize) -> Vec<Sequence> {
+    (0..)
+        .map(|k| k * seq_len)
+        .take_while(|start| start + seq_len < tokens.len())
+        .map(|start| {
+            let span = start..start + seq_len + 1;
+            Sequence {
+                tokens: tokens[span.clone()].to_vec(),
+                trained: trained.map(|f| f[span].to_vec()),
+            }
+        })
+        .collect()
+}
+
+/// One example as one row of `len` tokens: cut, or padded with `pad` (not trained on).
+fn padded(example: &crate::chat::Example, len: usize, pad: u32) -> Sequence {
+    let mut tokens: Vec<u32> = example.ids.iter().copied().take(len).collect();
+    let mut trained: Vec<bool> = example.trained.iter().copied().take(len).collect();
+    tokens.resize(len, pad);
+    trained.resize(len, false);
+    Sequence {
+        tokens,
+        trained: Some(trained),
+    }
+}
+
+fn make_batches(sequences: &[&Sequence], b: usize, t: usize) -> Vec<Batch> {
     sequences
         .chunks_exact(b)
         .enumerate()
@@ -245,8 +351,13 @@ fn make_batches(sequences: &[&[u32]], b: usize, t: usize) -> Vec<Batch> {
             let mut inputs = Vec::with_capacity(b * t);
             let mut targets = Vec::with_capacity(b * t);
             for row in rows {
-                inputs.extend(row[..t].iter().map(|&x| i64::from(x)));
-                targets.extend(row[1..].iter().map(|&x| i64::from(x)));
+                inputs.extend(row.tokens[..t].iter().map(|&x| i64::from(x)));
+                targets.extend(row.tokens[1..].iter().enumerate().map(
+                    |(j, &x)| match &row.trained {
+                        Some(trained) if !trained[j + 1] => IGNORE_TARGET,
+                        _ => i64::from(x),
+                    },
+                ));
             }
             Batch {
                 id,
@@ -266,7 +377,9 @@ mod tests {
     fn spec(seq_len: usize, batch_size: usize) -> DataSpec {
         DataSpec {
             corpus: "builtin:synthetic".into(),
-            tokenizer: TokenizerKind::Byte,
+            tokenizer: None,
+            format: segprop_core::DataFormat::Text,
+            packing: true,
             seq_len,
             batch_size: segprop_core::BatchSize::Fixed(batch_size),
             eval_fraction: 0.1,
@@ -285,7 +398,7 @@ mod tests {
 
     #[test]
     fn packing_shifts_targets_and_holds_out_the_tail() {
-        let data = Dataset::load(&spec(16, 4), 3).unwrap();
+        let data = Dataset::load_with(&spec(16, 4), Tokenizer::Byte, 3).unwrap();
         let b = &data.train[0];
         assert_eq!(b.inputs.len(), 64);
         // Within a row the targets are the inputs shifted by one.
@@ -296,25 +409,8 @@ mod tests {
     }
 
     #[test]
-    fn gpt2_tokenizer_round_trips() {
-        let tok = Tokenizer::new(TokenizerKind::Gpt2);
-        let ids = tok.encode("In the beginning God created the heaven and the earth.");
-        assert!(ids.len() < 15);
-        assert_eq!(
-            tok.decode(&ids),
-            "In the beginning God created the heaven and the earth."
-        );
-    }
-
-    #[test]
     fn too_small_corpus_is_explained() {
-        let err = Dataset::from_tokens(
-            &[1, 2, 3],
-            &spec(16, 4),
-            Tokenizer::new(TokenizerKind::Byte),
-            0,
-        )
-        .unwrap_err();
+        let err = Dataset::from_tokens(&[1, 2, 3], &spec(16, 4), Tokenizer::Byte, 0).unwrap_err();
         assert!(err.contains("data.seq_len"), "{err}");
     }
 
@@ -325,8 +421,7 @@ mod tests {
             ..spec(16, 4)
         };
         let tokens: Vec<u32> = (0..2000).map(|i| i % 200).collect();
-        let err = Dataset::from_tokens(&tokens, &spec, Tokenizer::new(TokenizerKind::Byte), 0)
-            .unwrap_err();
+        let err = Dataset::from_tokens(&tokens, &spec, Tokenizer::Byte, 0).unwrap_err();
         assert!(
             err.contains("`auto` is resolved by the coordinator"),
             "{err}"
@@ -340,8 +435,7 @@ mod tests {
             ..spec(16, 4)
         };
         let tokens: Vec<u32> = (0..2000).map(|i| i % 200).collect();
-        let err = Dataset::from_tokens(&tokens, &spec, Tokenizer::new(TokenizerKind::Byte), 0)
-            .unwrap_err();
+        let err = Dataset::from_tokens(&tokens, &spec, Tokenizer::Byte, 0).unwrap_err();
         assert!(err.starts_with("data.micro_batch: `auto`"), "{err}");
     }
 
@@ -360,5 +454,92 @@ mod tests {
         let last = batch.rows(4..5);
         assert_eq!((last.id, last.batch, last.seq), (7, 1, 2));
         assert_eq!((last.inputs, last.targets), (vec![8, 9], vec![18, 19]));
+    }
+
+    fn chat_spec(dir: &Path, packing: bool) -> DataSpec {
+        let lines: String = (0..40)
+            .map(|i| {
+                format!(
+                    "{{\"prompt\": \"q{i}\", \"completion\": \"{}\"}}\n",
+                    "a".repeat(i % 7 + 1)
+                )
+            })
+            .collect();
+        let corpus = dir.join("chat.jsonl");
+        std::fs::write(&corpus, lines).unwrap();
+        DataSpec {
+            corpus: corpus.display().to_string(),
+            format: DataFormat::Chat,
+            packing,
+            ..spec(32, 2)
+        }
+    }
+
+    #[test]
+    fn chat_targets_are_the_assistant_tokens_packed_or_padded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = crate::tokenizer::write_test_tokenizer(dir.path());
+        let tok = Tokenizer::load(&segprop_core::TokenizerKind::Hf(path)).unwrap();
+        for packing in [true, false] {
+            let data = Dataset::load_with(&chat_spec(dir.path(), packing), tok.clone(), 1).unwrap();
+            let a = i64::from(tok.encode_plain("a")[0]);
+            let eos = 1;
+            for b in data.train.iter().chain(&data.eval) {
+                // Every trained target is a reply's `a` or its closing </s>.
+                assert!(
+                    b.targets
+                        .iter()
+                        .all(|t| [IGNORE_TARGET, a, eos].contains(t))
+                );
+                // With packing a window may hold prompt tokens only; unpacked, every row holds
+                // its whole example.
+                assert!(packing || b.trained_targets() > 0);
+                for (i, t) in b.targets.iter().enumerate() {
+                    if *t != IGNORE_TARGET && (i + 1) % b.seq != 0 {
+                        assert_eq!(b.inputs[i + 1], *t, "targets are the next inputs");
+                    }
+                }
+            }
+            if !packing {
+                // One example per row: the row starts with the template's <s>; rows end in
+                // padding (id 2), which is never a target.
+                for b in &data.train {
+                    for row in b.inputs.chunks(b.seq) {
+                        assert_eq!(row[0], 0);
+                        assert_eq!(*row.last().unwrap(), 2);
+                    }
+                }
+            }
+            // The same file gives the same batches (SnapCheck's batch ids stay stable).
+            let again =
+                Dataset::load_with(&chat_spec(dir.path(), packing), tok.clone(), 1).unwrap();
+            assert_eq!(data.train, again.train);
+            assert_eq!(data.eval, again.eval);
+        }
+    }
+
+    #[test]
+    fn masked_steps_and_evaluations_weigh_trained_targets() {
+        let batch = |id, targets: Vec<i64>| Batch {
+            id,
+            batch: 2,
+            seq: 2,
+            inputs: vec![0; 4],
+            targets,
+        };
+        let full = [batch(0, vec![1; 4]), batch(1, vec![1; 4])];
+        let refs: Vec<&Batch> = full.iter().collect();
+        assert_eq!(pass_weight(&refs, &full[0], 0..1), 0.25);
+        assert_eq!(held_out_mean(&[1.0, 2.0], &full), 1.5);
+        let masked = [
+            batch(0, vec![1, IGNORE_TARGET, IGNORE_TARGET, IGNORE_TARGET]),
+            batch(1, vec![1, 1, 1, IGNORE_TARGET]),
+        ];
+        let refs: Vec<&Batch> = masked.iter().collect();
+        assert_eq!(pass_weight(&refs, &masked[0], 0..2), 0.25);
+        assert_eq!(pass_weight(&refs, &masked[1], 0..1), 0.5);
+        assert_eq!(pass_weight(&refs, &masked[1], 1..2), 0.25);
+        // One target at loss 1.0 and three at 2.0: 7 / 4.
+        assert_eq!(held_out_mean(&[1.0, 2.0], &masked), 1.75);
     }
 }

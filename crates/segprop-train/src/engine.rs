@@ -228,7 +228,7 @@ impl<B: AutodiffBackend> Trainer<B> {
     ) -> Result<Self, TrainError> {
         precision::check_backend::<B>(spec.resources.precision, &device)?;
         let compute = precision::compute_dtype(spec.resources.precision);
-        let data = Dataset::load(&spec.data, spec.seed)?;
+        let data = Dataset::load(&spec)?;
         let plan = StagePlan::new(&spec, config.num_layers);
         let (snapcheck, budget) = match spec.regime {
             segprop_core::Regime::Segprop => {
@@ -567,7 +567,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             n => n.min(self.data.eval.len()),
         };
         let batches: Vec<Batch> = self.data.eval[..limit].to_vec();
-        let mut total = 0.0;
+        let mut losses = Vec::with_capacity(batches.len());
         for batch in &batches {
             let x = match route.input() {
                 RouteInput::Embed => to_dtype(
@@ -578,9 +578,9 @@ impl<B: AutodiffBackend> Trainer<B> {
             };
             let logits = route.forward(&model, x, &self.adapter, &self.rope_inner);
             let targets = Self::tokens(&batch.targets, batch, &self.device);
-            total += cross_entropy(logits, targets).into_scalar().elem::<f64>();
+            losses.push(cross_entropy(logits, targets).into_scalar().elem::<f64>());
         }
-        total / batches.len().max(1) as f64
+        crate::data::held_out_mean(&losses, &batches)
     }
 
     /// Held-out loss of the current model as an ordinary model (full forward, no snapshots).

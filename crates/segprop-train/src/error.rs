@@ -8,6 +8,16 @@ pub enum TrainError {
     Spec(#[from] segprop_core::SpecError),
     #[error("corpus {path}: {message}")]
     Corpus { path: PathBuf, message: String },
+    /// The tokenizer (a `tokenizer.json` or its config files) cannot be read (bad input).
+    #[error("data.tokenizer {path}: {message}")]
+    Tokenizer { path: PathBuf, message: String },
+    /// A chat corpus line is malformed, or the chat template fails on it (bad input).
+    #[error("corpus {}{}: {message}", path.display(), line.map(|l| format!(" line {l}")).unwrap_or_default())]
+    Chat {
+        path: PathBuf,
+        line: Option<usize>,
+        message: String,
+    },
     /// A task file of `eval.tasks` cannot be read (bad input).
     #[error("eval.tasks: {0}")]
     Task(String),
@@ -51,6 +61,20 @@ pub enum TrainError {
 }
 
 impl TrainError {
+    /// Whether the job's own input is at fault (the spec, its data, tokenizer or checkpoint):
+    /// reported as bad input (exit status 2), never retried.
+    pub fn is_bad_input(&self) -> bool {
+        matches!(
+            self,
+            TrainError::Spec(_)
+                | TrainError::Corpus { .. }
+                | TrainError::Tokenizer { .. }
+                | TrainError::Chat { .. }
+                | TrainError::Task(_)
+                | TrainError::Checkpoint(_)
+        )
+    }
+
     pub fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> TrainError {
         let path = path.into();
         move |source| TrainError::Io { path, source }

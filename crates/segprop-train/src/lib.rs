@@ -10,6 +10,7 @@
 
 pub mod adapter;
 pub mod alloc;
+pub mod chat;
 pub mod checkpoint;
 #[cfg(feature = "cuda")]
 pub mod cuda;
@@ -35,6 +36,7 @@ pub mod snapcheck;
 pub mod stage;
 pub mod step;
 pub mod tasks;
+pub mod tokenizer;
 pub mod utilization;
 
 pub use engine::Trainer;

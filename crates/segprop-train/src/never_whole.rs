@@ -105,11 +105,13 @@ impl<B: AutodiffBackend> Trainer<B> {
             *slot = loss.to_bits();
         }
         let all = self.all_gather_u64(&bits)?;
-        let mut total = 0.0f64;
-        for i in 0..limit {
-            total += f64::from_bits(all[i % world][i / world]);
-        }
-        Ok(total / limit.max(1) as f64)
+        let losses: Vec<f64> = (0..limit)
+            .map(|i| f64::from_bits(all[i % world][i / world]))
+            .collect();
+        Ok(crate::data::held_out_mean(
+            &losses,
+            &self.data.eval[..limit],
+        ))
     }
 
     /// Held-out loss of a sharded stage's route: each rank evaluates its share of the eval
@@ -275,7 +277,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         match self.shards.as_ref() {
             Some(shards) => {
                 let shard = self.shard.as_mut().expect(SHARDED);
-                shards.export(&mut shard.collective, &self.config, Some(dir), precision)
+                shards.export(&mut shard.collective, &self.config, Some(dir), precision)?;
             }
             None => {
                 segprop_model::hf::export(
@@ -285,9 +287,34 @@ impl<B: AutodiffBackend> Trainer<B> {
                     max_shard_bytes,
                     precision,
                 )?;
-                Ok(())
             }
         }
+        if self.shard.as_ref().is_none_or(|s| s.rank() == 0) {
+            self.copy_tokenizer(dir)?;
+        }
+        Ok(())
+    }
+
+    /// Copies the job's Hugging Face tokenizer files (`tokenizer.json` and the config files
+    /// beside it) into the export, so the exported directory loads with its tokenizer as the
+    /// checkpoint it was fine-tuned from did.
+    fn copy_tokenizer(&self, dir: &Path) -> Result<(), TrainError> {
+        let Some(hf) = self.data.tokenizer.hf() else {
+            return Ok(());
+        };
+        for name in [
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+            "generation_config.json",
+        ] {
+            let from = hf.path.with_file_name(name);
+            if from.is_file() {
+                let to = dir.join(name);
+                std::fs::copy(&from, &to).map_err(TrainError::io(&to))?;
+            }
+        }
+        Ok(())
     }
 
     /// A mid-stage checkpoint of a trainer with sharded units: every rank writes its own shard

@@ -327,7 +327,7 @@ fn planned_stages(
     use segprop_core::planner::{CpuProfile, cpu_gang_step, preflight::stage_workload};
     let config = job_model();
     let plan = segprop_core::StagePlan::new(spec, config.num_layers);
-    let data = crate::data::Dataset::load(&spec.data, spec.seed)?;
+    let data = crate::data::Dataset::load(spec)?;
     let accum = spec.optimizer.grad_accum;
     let steps = spec.segprop.exit.segment.max_steps.unwrap_or(1) as usize;
     let batch = spec.data.batch_size.get();

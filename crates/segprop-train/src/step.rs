@@ -14,7 +14,7 @@ use segprop_model::Llama;
 use segprop_shard::Collective as _;
 
 use crate::alloc;
-use crate::data::Batch;
+use crate::data::{Batch, pass_weight};
 use crate::engine::{AdamWOptimizer, StageProgress, Trainable, Trainer};
 use crate::error::TrainError;
 use crate::rank::{RankMemory, ShardRank};
@@ -214,13 +214,12 @@ impl<B: AutodiffBackend> Trainer<B> {
     ) -> (f64, f64) {
         let mut local_acc = GradientsAccumulator::<Llama<B>>::new();
         let mut head_acc = GradientsAccumulator::<Llama<B>>::new();
-        let scale = 1.0 / batches.len() as f64;
         let mut loss_mean = 0.0;
         for batch in batches {
             let passes = batch.passes(micro);
             let prefix = self.route_prefix(route, batch);
             for rows in passes.iter().cloned() {
-                let weight = scale * rows.len() as f64 / batch.batch as f64;
+                let weight = pass_weight(batches, batch, rows.clone());
                 let loss = if passes.len() == 1 {
                     self.loss_on(route, batch, prefix.clone())
                 } else {
@@ -278,7 +277,6 @@ impl<B: AutodiffBackend> Trainer<B> {
     ) -> Result<(f64, f64), TrainError> {
         let mut shard = self.shard.take().expect("a sharded stage has a shard rank");
         let (rank, world) = (shard.rank(), shard.world());
-        let scale = 1.0 / batches.len() as f64;
         let mine: Vec<&Batch> = batches.iter().skip(rank).step_by(world).copied().collect();
         let prefixes = match route.input() {
             RouteInput::Embed => vec![None; mine.len()],
@@ -297,7 +295,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             let rows = batch.passes(micro);
             let whole = rows.len() == 1;
             for rows in rows {
-                let weight = scale * rows.len() as f64 / batch.batch as f64;
+                let weight = pass_weight(batches, batch, rows.clone());
                 let input = match &prefix {
                     None => StepInput::Tokens,
                     Some(z) if whole => StepInput::Hidden(z.clone()),

@@ -24,15 +24,13 @@ impl TaskError {
     /// Whether another attempt can succeed.
     pub(crate) fn retryable(&self) -> bool {
         match self {
-            TaskError::Train(e) => !matches!(
-                e,
-                TrainError::Spec(_)
-                    | TrainError::Corpus { .. }
-                    | TrainError::Task(_)
-                    | TrainError::Checkpoint(_)
-                    | TrainError::NonFiniteLoss { .. }
-                    | TrainError::State { .. }
-            ),
+            TaskError::Train(e) => {
+                !(e.is_bad_input()
+                    || matches!(
+                        e,
+                        TrainError::NonFiniteLoss { .. } | TrainError::State { .. }
+                    ))
+            }
             TaskError::Unavailable(_) | TaskError::Cancelled => true,
             TaskError::Damaged(_) | TaskError::Unsupported(_) => false,
         }

@@ -271,9 +271,7 @@ fn run(cli: Cli, runtime: &tokio::runtime::Runtime) -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            match segprop_train::tasks::generate::write_tasks(
-                &spec.data, spec.seed, &out, examples, seed,
-            ) {
+            match segprop_train::tasks::generate::write_tasks(&spec, &out, examples, seed) {
                 Ok(written) => {
                     for (path, n) in written {
                         println!("{}: {n} examples", path.display());
@@ -326,13 +324,7 @@ fn run(cli: Cli, runtime: &tokio::runtime::Runtime) -> ExitCode {
             options.resume_from = resume;
             match train(spec, options, quiet) {
                 Ok(()) => ExitCode::SUCCESS,
-                Err(
-                    err @ (TrainError::Spec(_)
-                    | TrainError::Corpus { .. }
-                    | TrainError::Task(_)
-                    | TrainError::Checkpoint(_)
-                    | TrainError::Resume { .. }),
-                ) => {
+                Err(err) if err.is_bad_input() || matches!(err, TrainError::Resume { .. }) => {
                     eprintln!("error: {err}");
                     ExitCode::from(2)
                 }

@@ -167,7 +167,7 @@ pub fn cpu_step(
     // LLaMA, else an MLP projection.
     let largest = embed
         .max((config.hidden_size * config.intermediate_size) as u64)
-        .max((config.hidden_size * config.hidden_size) as u64);
+        .max((config.hidden_size * config.q_dim()) as u64);
     CpuStep {
         weights: 4 * config.num_params(),
         optimizer: 8 * trained,

@@ -203,7 +203,7 @@ pub fn block_forward_flops(c: &LlamaConfig, seq: usize, kernel: AttentionKernel)
     let attention = match kernel {
         AttentionKernel::Causal => 2.0,
         AttentionKernel::DenseMasked => 4.0,
-    } * (seq * c.hidden_size) as f64;
+    } * (seq * c.q_dim()) as f64;
     2.0 * block_matmul_params(c) as f64 + attention
 }
 
@@ -245,7 +245,7 @@ pub fn plan(
         config.intermediate_size as u64,
         config.vocab_size as u64,
     );
-    let kv = (config.num_kv_heads * config.head_dim()) as u64;
+    let (q, kv) = (config.q_dim() as u64, config.kv_dim() as u64);
     let tokens = (micro_batch * seq_len) as u64;
     let embed = v * h;
     let head = v * h + h;
@@ -272,7 +272,7 @@ pub fn plan(
         });
     let gathered = 2 * a * unit_max + (a + 4) * unit_max;
 
-    let per_block_token = a * (6 * h + 2 * kv + 4 * i);
+    let per_block_token = a * (4 * h + 2 * q + 2 * kv + 4 * i);
     let blocks = w.trained_blocks as u64;
     let saved = if w.activation_checkpointing {
         blocks * a * h * tokens + per_block_token * tokens

@@ -132,9 +132,15 @@ fn corpus_tokens(spec: &JobSpec) -> Option<u64> {
         spec.data.synthetic_tokens as u64
     } else {
         let path = std::path::Path::new(&spec.data.corpus);
-        match spec.data.tokenizer {
+        if spec.data.format == crate::DataFormat::Chat {
+            // Rendered and masked by the engine: not counted here.
+            return None;
+        }
+        match spec.tokenizer().ok()? {
             TokenizerKind::Byte => std::fs::metadata(path).ok()?.len(),
             TokenizerKind::Gpt2 => bpe_tokens(path, BPE_SAMPLE_BYTES)?,
+            // A Hugging Face tokenizer is applied by the engine only.
+            TokenizerKind::Hf(_) => return None,
         }
     };
     Some(match spec.data.max_tokens {

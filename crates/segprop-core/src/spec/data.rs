@@ -2,32 +2,138 @@
 
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+/// `data.tokenizer`: how text becomes token ids.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenizerSpec {
+    /// One token per byte (vocabulary 256).
+    Byte,
+    /// GPT-2 BPE (r50k, vocabulary 50257).
+    Gpt2,
+    /// The `tokenizer.json` of `model.from.hf_dir`.
+    Checkpoint,
+    /// A Hugging Face `tokenizer.json` (or a directory holding one), relative to the spec file.
+    File(String),
+}
+
+impl TokenizerSpec {
+    pub fn name(&self) -> &str {
+        match self {
+            TokenizerSpec::Byte => "byte",
+            TokenizerSpec::Gpt2 => "gpt2",
+            TokenizerSpec::Checkpoint => "checkpoint",
+            TokenizerSpec::File(path) => path,
+        }
+    }
+}
+
+impl Serialize for TokenizerSpec {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+impl<'de> Deserialize<'de> for TokenizerSpec {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(d)?;
+        Ok(match name.as_str() {
+            "byte" => TokenizerSpec::Byte,
+            "gpt2" => TokenizerSpec::Gpt2,
+            "checkpoint" => TokenizerSpec::Checkpoint,
+            "" => {
+                return Err(serde::de::Error::custom(
+                    "give `byte`, `gpt2`, `checkpoint` or the path of a tokenizer.json",
+                ));
+            }
+            _ => TokenizerSpec::File(name),
+        })
+    }
+}
+
+/// The tokenizer a job uses, resolved against its checkpoint ([`crate::JobSpec::tokenizer`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TokenizerKind {
     /// One token per byte (vocabulary 256).
     Byte,
     /// GPT-2 BPE (r50k, vocabulary 50257).
     Gpt2,
+    /// A Hugging Face `tokenizer.json`; its special tokens and chat template are read from the
+    /// `tokenizer_config.json` (and `generation_config.json`) beside it.
+    Hf(std::path::PathBuf),
 }
 
 impl TokenizerKind {
-    pub fn vocab_size(self) -> usize {
+    /// Ids the tokenizer can produce (the largest id + 1), reading a `tokenizer.json`.
+    pub fn vocab_size(&self) -> Result<usize, String> {
         match self {
-            TokenizerKind::Byte => 256,
-            TokenizerKind::Gpt2 => 50_257,
+            TokenizerKind::Byte => Ok(256),
+            TokenizerKind::Gpt2 => Ok(50_257),
+            TokenizerKind::Hf(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| format!("{}: {e}", path.display()))?;
+                hf_vocab_size(&text).map_err(|e| format!("{}: {e}", path.display()))
+            }
         }
     }
+}
+
+/// The largest id of a `tokenizer.json` + 1: its model's vocabulary (a map from piece to id,
+/// or Unigram's list of pieces) and its added tokens.
+pub fn hf_vocab_size(text: &str) -> Result<usize, String> {
+    let json: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| format!("not a tokenizer.json: {e}"))?;
+    let model_ids: Vec<u64> = match json.pointer("/model/vocab") {
+        Some(serde_json::Value::Object(map)) => map.values().filter_map(|v| v.as_u64()).collect(),
+        Some(serde_json::Value::Array(pieces)) => (0..pieces.len() as u64).collect(),
+        _ => return Err("no `model.vocab`: not a tokenizer.json".into()),
+    };
+    let added = json
+        .get("added_tokens")
+        .and_then(|a| a.as_array())
+        .map(|a| {
+            a.iter()
+                .filter_map(|t| t.get("id").and_then(|id| id.as_u64()))
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    model_ids
+        .into_iter()
+        .chain(added)
+        .max()
+        .map(|id| id as usize + 1)
+        .ok_or_else(|| "the vocabulary is empty".into())
+}
+
+/// `data.format`: how the corpus file is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DataFormat {
+    /// UTF-8 text, every token trained on.
+    #[default]
+    Text,
+    /// JSONL of `{"messages": [{"role", "content"}, ...]}` or `{"prompt", "completion"}`,
+    /// rendered with the tokenizer's chat template; the loss is taken on the assistant turns
+    /// only.
+    Chat,
 }
 
 /// The training data.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataSpec {
-    /// `builtin:synthetic`, or a path to a UTF-8 text file (relative to the spec file).
+    /// `builtin:synthetic`, or a path to a UTF-8 text file or (`format: chat`) a JSONL file,
+    /// relative to the spec file.
     pub corpus: String,
-    #[serde(default = "default_tokenizer")]
-    pub tokenizer: TokenizerKind,
+    /// `byte`, `gpt2`, `checkpoint` or a path to a `tokenizer.json`. Absent: the checkpoint's
+    /// `tokenizer.json` when `model.from` has one, else `byte`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokenizer: Option<TokenizerSpec>,
+    /// `text` (default) or `chat`.
+    #[serde(default, skip_serializing_if = "is_text")]
+    pub format: DataFormat,
+    /// Chat examples packed back to back into `seq_len` windows (true, default), or one example
+    /// per sequence, cut or padded to `seq_len` (false).
+    #[serde(default = "default_packing")]
+    pub packing: bool,
     pub seq_len: usize,
     /// Sequences per micro-batch, or `auto`: the coordinator picks the largest that fits every
     /// stage on the worker at submit (docs/planner.md).
@@ -206,8 +312,11 @@ impl<'de> Deserialize<'de> for BatchSize {
     }
 }
 
-fn default_tokenizer() -> TokenizerKind {
-    TokenizerKind::Byte
+fn is_text(format: &DataFormat) -> bool {
+    *format == DataFormat::Text
+}
+fn default_packing() -> bool {
+    true
 }
 fn default_eval_fraction() -> f64 {
     0.05

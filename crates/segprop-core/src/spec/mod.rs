@@ -146,6 +146,11 @@ impl JobSpec {
                 self.data.corpus = base.join(corpus).display().to_string();
             }
         }
+        if let Some(TokenizerSpec::File(path)) = &mut self.data.tokenizer
+            && Path::new(path).is_relative()
+        {
+            *path = base.join(&*path).display().to_string();
+        }
         if let Some(from) = &mut self.model.from
             && from.hf_dir.is_relative()
         {
@@ -195,7 +200,83 @@ impl JobSpec {
                 ));
             }
         }
+        let tokenizer = self.tokenizer()?;
+        if let TokenizerKind::Hf(path) = &tokenizer {
+            tokenizer
+                .vocab_size()
+                .map_err(|e| SpecError::invalid("data.tokenizer", e))?;
+            if self.data.format == DataFormat::Chat {
+                crate::chat::check_file(Path::new(&self.data.corpus), path)
+                    .map_err(|e| SpecError::invalid("data.corpus", e))?;
+            }
+        } else if self.data.format == DataFormat::Chat {
+            return Err(SpecError::invalid(
+                "data.format",
+                "`chat` renders examples with a Hugging Face tokenizer's chat template: give \
+                 data.tokenizer as a tokenizer.json, or a model.from checkpoint that ships one",
+            ));
+        }
         Ok(())
+    }
+
+    /// The tokenizer this job uses: `data.tokenizer`, or by default the `tokenizer.json` of
+    /// `model.from.hf_dir` when it ships one (else bytes). A byte or GPT-2 tokenizer named for a
+    /// checkpoint that ships its own is refused: its ids would not be the checkpoint's.
+    pub fn tokenizer(&self) -> Result<TokenizerKind, SpecError> {
+        let shipped = self
+            .model
+            .from
+            .as_ref()
+            .map(|from| from.hf_dir.join("tokenizer.json"))
+            .filter(|path| path.is_file());
+        match (&self.data.tokenizer, shipped) {
+            (None, None) => Ok(TokenizerKind::Byte),
+            (None | Some(TokenizerSpec::Checkpoint), Some(path)) => Ok(TokenizerKind::Hf(path)),
+            (Some(TokenizerSpec::Checkpoint), None) => Err(SpecError::invalid(
+                "data.tokenizer",
+                match &self.model.from {
+                    Some(from) => format!(
+                        "`checkpoint`: `{}` does not exist",
+                        from.hf_dir.join("tokenizer.json").display()
+                    ),
+                    None => "`checkpoint` names the tokenizer of model.from, and the model is \
+                             not from a checkpoint"
+                        .into(),
+                },
+            )),
+            (Some(kind @ (TokenizerSpec::Byte | TokenizerSpec::Gpt2)), Some(path)) => {
+                Err(SpecError::invalid(
+                    "data.tokenizer",
+                    format!(
+                        "`{}` ids are not the checkpoint's: it ships `{}`; remove \
+                         data.tokenizer (or set it to `checkpoint`)",
+                        kind.name(),
+                        path.display()
+                    ),
+                ))
+            }
+            (Some(TokenizerSpec::Byte), None) => Ok(TokenizerKind::Byte),
+            (Some(TokenizerSpec::Gpt2), None) => Ok(TokenizerKind::Gpt2),
+            (Some(TokenizerSpec::File(path)), _) => {
+                let path = Path::new(path);
+                let file = if path.is_dir() {
+                    path.join("tokenizer.json")
+                } else {
+                    path.to_path_buf()
+                };
+                if !file.is_file() {
+                    return Err(SpecError::invalid(
+                        "data.tokenizer",
+                        format!(
+                            "`{}` is neither byte, gpt2, checkpoint nor an existing \
+                             tokenizer.json",
+                            path.display()
+                        ),
+                    ));
+                }
+                Ok(TokenizerKind::Hf(file))
+            }
+        }
     }
 
     /// The model shape this spec trains. For `model.from` the shape is read from the checkpoint's

@@ -278,3 +278,155 @@ fn layer_wise_variants_are_validated() {
         "{err}"
     );
 }
+
+/// A checkpoint directory with a `config.json` of `vocab` ids and, when `tokenizer_ids` is
+/// given, a `tokenizer.json` of that many ids (a WordLevel vocabulary) with a chat template.
+fn checkpoint(dir: &Path, vocab: usize, tokenizer_ids: Option<usize>) {
+    let mut config = crate::LlamaConfig::preset("tiny").unwrap();
+    config.vocab_size = vocab;
+    std::fs::write(dir.join("config.json"), config.to_hf_json("float32")).unwrap();
+    if let Some(n) = tokenizer_ids {
+        let vocab: serde_json::Map<String, serde_json::Value> =
+            (0..n).map(|i| (format!("t{i}"), i.into())).collect();
+        let json = serde_json::json!({ "model": { "type": "WordLevel", "vocab": vocab } });
+        std::fs::write(dir.join("tokenizer.json"), json.to_string()).unwrap();
+        std::fs::write(
+            dir.join("tokenizer_config.json"),
+            r#"{"chat_template": "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}"}"#,
+        )
+        .unwrap();
+    }
+}
+
+fn job_from(dir: &Path, model: &str, data: &str) -> Result<JobSpec, String> {
+    let text = TINY
+        .replace(
+            "model: { family: llama, preset: tiny }",
+            &format!("model: {model}"),
+        )
+        .replace(
+            "data: { corpus: builtin:synthetic, tokenizer: byte, seq_len: 32, batch_size: 4 }",
+            &format!("data: {data}"),
+        );
+    let path = dir.join("job.yaml");
+    std::fs::write(&path, text).unwrap();
+    JobSpec::from_file(&path)
+        .and_then(|spec| spec.resolve_model_config().map(|_| spec))
+        .map_err(|e| e.to_string())
+}
+
+#[test]
+fn the_checkpoints_tokenizer_is_the_default_and_others_are_checked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    std::fs::create_dir(dir.join("ckpt")).unwrap();
+    std::fs::write(
+        dir.join("chat.jsonl"),
+        "{\"prompt\": \"a\", \"completion\": \"b\"}\n",
+    )
+    .unwrap();
+    checkpoint(&dir.join("ckpt"), 300, Some(300));
+    let from = "{ from: { hf_dir: ckpt } }";
+    let spec = job_from(
+        dir,
+        from,
+        "{ corpus: chat.jsonl, format: chat, seq_len: 32, batch_size: 4 }",
+    )
+    .unwrap();
+    assert_eq!(
+        spec.tokenizer().unwrap(),
+        TokenizerKind::Hf(dir.join("ckpt/tokenizer.json"))
+    );
+    // A broken chat line is named with its file and line when the job is checked.
+    std::fs::write(
+        dir.join("bad.jsonl"),
+        "{\"prompt\": \"a\", \"completion\": \"b\"}\n\n{\"prompt\": \"a\"}\n",
+    )
+    .unwrap();
+    let err = job_from(
+        dir,
+        from,
+        "{ corpus: bad.jsonl, format: chat, seq_len: 32, batch_size: 4 }",
+    )
+    .unwrap_err();
+    assert!(
+        err.contains("data.corpus")
+            && err.contains("bad.jsonl line 3")
+            && err.contains("expected `messages`"),
+        "{err}"
+    );
+    // byte or gpt2 ids are not the checkpoint's.
+    for name in ["byte", "gpt2"] {
+        let err = job_from(
+            dir,
+            from,
+            &format!("{{ corpus: chat.jsonl, tokenizer: {name}, seq_len: 32, batch_size: 4 }}"),
+        )
+        .unwrap_err();
+        assert!(
+            err.contains("data.tokenizer") && err.contains("ships"),
+            "{err}"
+        );
+    }
+    // A tokenizer whose ids exceed the model's vocabulary.
+    checkpoint(&dir.join("ckpt"), 300, Some(400));
+    let err = job_from(
+        dir,
+        from,
+        "{ corpus: chat.jsonl, seq_len: 32, batch_size: 4 }",
+    )
+    .unwrap_err();
+    assert!(
+        err.contains("data.tokenizer") && err.contains("ids go up to 399"),
+        "{err}"
+    );
+    // A named file that does not exist; `checkpoint` when there is none; chat without a
+    // Hugging Face tokenizer.
+    let err = job_from(
+        dir,
+        "{ preset: tiny }",
+        "{ corpus: chat.jsonl, tokenizer: tok/tokenizer.json, seq_len: 32, batch_size: 4 }",
+    )
+    .unwrap_err();
+    assert!(
+        err.contains("data.tokenizer") && err.contains("tok/tokenizer.json"),
+        "{err}"
+    );
+    let err = job_from(
+        dir,
+        "{ preset: tiny }",
+        "{ corpus: chat.jsonl, tokenizer: checkpoint, seq_len: 32, batch_size: 4 }",
+    )
+    .unwrap_err();
+    assert!(
+        err.contains("data.tokenizer") && err.contains("`checkpoint`"),
+        "{err}"
+    );
+    let err = job_from(
+        dir,
+        "{ preset: tiny }",
+        "{ corpus: chat.jsonl, format: chat, seq_len: 32, batch_size: 4 }",
+    )
+    .unwrap_err();
+    assert!(err.contains("data.format"), "{err}");
+}
+
+#[test]
+fn a_sliding_window_shorter_than_the_sequence_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    std::fs::create_dir(dir.join("ckpt")).unwrap();
+    let mut config = crate::LlamaConfig::preset("tiny").unwrap();
+    config.model_type = crate::ModelType::Mistral;
+    config.sliding_window = Some(16);
+    std::fs::write(dir.join("ckpt/config.json"), config.to_hf_json("float32")).unwrap();
+    let data = "{ corpus: builtin:synthetic, seq_len: 32, batch_size: 4 }";
+    let err = job_from(dir, "{ from: { hf_dir: ckpt } }", data).unwrap_err();
+    assert!(
+        err.contains("data.seq_len") && err.contains("sliding_window 16"),
+        "{err}"
+    );
+    config.sliding_window = Some(32);
+    std::fs::write(dir.join("ckpt/config.json"), config.to_hf_json("float32")).unwrap();
+    assert!(job_from(dir, "{ from: { hf_dir: ckpt } }", data).is_ok());
+}

@@ -17,8 +17,10 @@ use burn::tensor::{DType, TensorData};
 use burn_flex::FlexTensor;
 
 use super::{autodiff_of, cast, flex_kernels, same, wrap};
+use crate::model::IGNORE_TARGET;
 
-/// Mean cross-entropy of `logits` against `targets`, in fp32.
+/// Mean cross-entropy of `logits` against `targets`, in fp32, over the rows whose target is not
+/// [`IGNORE_TARGET`] (0 when every row is ignored; those rows get no gradient).
 ///
 /// # Shapes
 /// - logits: `[rows, vocab]` (f32)
@@ -48,10 +50,25 @@ pub fn cross_entropy<B: Backend>(logits: Tensor<B, 2>, targets: Tensor<B, 1, Int
 /// burn's log-softmax and gather (any backend and dtype).
 fn composed<B: Backend>(logits: Tensor<B, 2>, targets: Tensor<B, 1, Int>) -> Tensor<B, 1> {
     let [rows, _] = logits.dims();
+    let counted = indices(targets.clone())
+        .iter()
+        .filter(|t| **t != flex_kernels::SKIP)
+        .count();
     let logp = log_softmax(logits, 1);
-    logp.gather(1, targets.reshape([rows, 1])).mean().neg()
+    if counted == rows {
+        return logp.gather(1, targets.reshape([rows, 1])).mean().neg();
+    }
+    let skipped = targets.clone().equal_elem(IGNORE_TARGET);
+    let safe = targets.mask_fill(skipped.clone(), 0);
+    let picked = logp.gather(1, safe.reshape([rows, 1])).reshape([rows]);
+    picked
+        .mask_fill(skipped, 0.0)
+        .sum()
+        .div_scalar(counted.max(1) as f64)
+        .neg()
 }
 
+/// Row targets as class indices, [`flex_kernels::SKIP`] for [`IGNORE_TARGET`].
 fn indices<B: Backend>(targets: Tensor<B, 1, Int>) -> Vec<usize> {
     targets
         .into_data()
@@ -59,7 +76,13 @@ fn indices<B: Backend>(targets: Tensor<B, 1, Int>) -> Vec<usize> {
         .into_vec::<i64>()
         .expect("integer targets")
         .into_iter()
-        .map(|t| usize::try_from(t).expect("a target is a token id"))
+        .map(|t| {
+            if t == IGNORE_TARGET {
+                flex_kernels::SKIP
+            } else {
+                usize::try_from(t).expect("a target is a token id or IGNORE_TARGET")
+            }
+        })
         .collect()
 }
 
@@ -79,7 +102,8 @@ impl Backward<Flex, 1> for CrossEntropyBackward {
         unary::<Flex, _>(ops.parents, ops.node, grads, |g| {
             let g = g.to_contiguous();
             let g = g.as_slice::<f32>().expect("an f32 scalar gradient")[0];
-            let scale = g / targets.len() as f32;
+            let counted = targets.iter().filter(|t| **t != flex_kernels::SKIP).count();
+            let scale = g / counted.max(1) as f32;
             flex_kernels::cross_entropy_backward(&logits, &lse, &targets, scale)
         });
     }
@@ -113,12 +137,25 @@ mod tests {
 
     /// Loss and logits gradient, fused or composed, over rows spanning several chunks.
     fn run<A: AutodiffBackend>(fused: bool) -> (Vec<f32>, Vec<f32>) {
+        run_masked::<A>(fused, false)
+    }
+
+    /// As [`run`], with every third row's target skipped when `masked`.
+    fn run_masked<A: AutodiffBackend>(fused: bool, masked: bool) -> (Vec<f32>, Vec<f32>) {
         let device = Default::default();
         let (rows, vocab) = (150, 37);
         let values: Vec<f32> = (0..rows * vocab)
             .map(|i| ((i * 7 % 23) as f32 - 11.0) * 0.4)
             .collect();
-        let targets: Vec<i64> = (0..rows).map(|i| (i * 5 % vocab) as i64).collect();
+        let targets: Vec<i64> = (0..rows)
+            .map(|i| {
+                if masked && i % 3 == 0 {
+                    IGNORE_TARGET
+                } else {
+                    (i * 5 % vocab) as i64
+                }
+            })
+            .collect();
         let x = Tensor::<A, 1>::from_floats(values.as_slice(), &device)
             .reshape([rows, vocab])
             .require_grad();
@@ -151,5 +188,34 @@ mod tests {
             Tensor::from_inner(t),
         );
         assert_eq!(plain, tracked.inner().into_data());
+    }
+
+    #[test]
+    fn skipped_targets_leave_the_mean_and_get_no_gradient() {
+        let ((fl, fg), (cl, cg)) = (
+            run_masked::<Autodiff<Flex>>(true, true),
+            run_masked::<Autodiff<Flex>>(false, true),
+        );
+        close(&fl, &cl, 1e-6);
+        close(&fg, &cg, 1e-6);
+        let vocab = 37;
+        for (row, g) in fg.chunks(vocab).enumerate() {
+            let zero = g.iter().all(|v| *v == 0.0);
+            assert_eq!(zero, row % 3 == 0, "row {row}");
+        }
+        // The mean is over the 100 counted rows: their losses, by the unmasked run's gradient
+        // scale (3 / 150 per row there, 3 / 100 here).
+        let (_, all) = run_masked::<Autodiff<Flex>>(true, false);
+        for (row, (m, a)) in fg.chunks(vocab).zip(all.chunks(vocab)).enumerate() {
+            if row % 3 != 0 {
+                close(m, &a.iter().map(|v| v * 1.5).collect::<Vec<_>>(), 1e-6);
+            }
+        }
+        // Every row skipped: loss 0.
+        let device = Default::default();
+        let x = Tensor::<Flex, 2>::random([4, 5], burn::tensor::Distribution::Default, &device);
+        let t = Tensor::<Flex, 1, Int>::from_ints([-100, -100, -100, -100], &device);
+        assert_eq!(cross_entropy(x.clone(), t.clone()).into_scalar(), 0.0);
+        assert_eq!(composed(x, t).into_scalar(), 0.0);
     }
 }

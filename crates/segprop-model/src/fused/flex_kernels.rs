@@ -279,8 +279,12 @@ pub(super) fn swap_middle(x: &FlexTensor, rotation: Option<Rotation<'_>>) -> Fle
 /// in the same order on any thread count.
 const LOSS_ROWS: usize = 64;
 
-/// Mean cross-entropy of `logits: [rows, vocab]` against `targets` (one class per row), and
-/// each row's log-sum-exp (kept for the backward pass).
+/// A target row the loss skips ([`crate::model::IGNORE_TARGET`] on the host side).
+pub(super) const SKIP: usize = usize::MAX;
+
+/// Mean cross-entropy of `logits: [rows, vocab]` against `targets` (one class per row; rows
+/// whose target is [`SKIP`] are left out of the sum and the count), and each row's log-sum-exp
+/// (kept for the backward pass).
 pub(super) fn cross_entropy_forward(logits: &FlexTensor, targets: &[usize]) -> (f32, Vec<f32>) {
     let logits = data(logits);
     let xs = slice(&logits);
@@ -299,15 +303,19 @@ pub(super) fn cross_entropy_forward(logits: &FlexTensor, targets: &[usize]) -> (
                     (max, simd::sum_exp(x, max))
                 });
                 *lse = max + total.ln();
-                sum += *lse - x[t];
+                if t != SKIP {
+                    sum += *lse - x[t];
+                }
             }
             sum
         })
         .collect();
-    (partials.iter().sum::<f32>() / rows as f32, lse)
+    let counted = targets.iter().filter(|t| **t != SKIP).count();
+    (partials.iter().sum::<f32>() / counted.max(1) as f32, lse)
 }
 
-/// The cross-entropy's gradient: `scale · (softmax(x) − onehot(target))` row by row.
+/// The cross-entropy's gradient: `scale · (softmax(x) − onehot(target))` row by row (zero on
+/// [`SKIP`] rows).
 pub(super) fn cross_entropy_backward(
     logits: &FlexTensor,
     lse: &[f32],
@@ -324,6 +332,9 @@ pub(super) fn cross_entropy_backward(
         .zip(xs.par_chunks(vocab))
         .zip(lse.par_iter().zip(targets))
         .for_each(|((dx, x), (lse, &t))| {
+            if t == SKIP {
+                return;
+            }
             vectorized(|| {
                 for (dx, x) in dx.iter_mut().zip(x) {
                     *dx = scale * simd::exp(x - lse);

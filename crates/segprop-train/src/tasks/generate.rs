@@ -12,14 +12,18 @@ use std::path::Path;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
-use segprop_core::{DataSpec, TaskExample};
+use segprop_core::{DataFormat, DataSpec, JobSpec, TaskExample};
 
 use crate::data::Tokenizer;
 use crate::error::TrainError;
 
 /// The held-out text of `spec`'s corpus: the tokens of the eval sequences, decoded (the split
 /// [`crate::data::Dataset::from_tokens`] makes: the last `eval_fraction` of the sequences).
-pub fn held_out_text(spec: &DataSpec, seed: u64) -> Result<String, TrainError> {
+pub fn held_out_text(
+    spec: &DataSpec,
+    tokenizer: &Tokenizer,
+    seed: u64,
+) -> Result<String, TrainError> {
     let text = if spec.corpus == "builtin:synthetic" {
         crate::data::synthetic_corpus(spec.synthetic_tokens, seed)
     } else {
@@ -28,8 +32,7 @@ pub fn held_out_text(spec: &DataSpec, seed: u64) -> Result<String, TrainError> {
             message: e.to_string(),
         })?
     };
-    let tokenizer = Tokenizer::new(spec.tokenizer);
-    let mut tokens = tokenizer.encode(&text);
+    let mut tokens = tokenizer.encode(&text)?;
     if spec.max_tokens > 0 {
         tokens.truncate(spec.max_tokens);
     }
@@ -171,13 +174,19 @@ pub fn cloze_task(text: &str, count: usize, seed: u64) -> Vec<TaskExample> {
 /// Writes `ending.jsonl` and `cloze.jsonl` for `spec`'s corpus into `out`; returns the files and
 /// their example counts.
 pub fn write_tasks(
-    spec: &DataSpec,
-    job_seed: u64,
+    job: &JobSpec,
     out: &Path,
     count: usize,
     seed: u64,
 ) -> Result<Vec<(std::path::PathBuf, usize)>, TrainError> {
-    let text = held_out_text(spec, job_seed)?;
+    let spec = &job.data;
+    if spec.format == DataFormat::Chat {
+        return Err(TrainError::Task(
+            "tasks are built from a text corpus's held-out lines; data.format is `chat`".into(),
+        ));
+    }
+    let tokenizer = Tokenizer::load(&job.tokenizer()?)?;
+    let text = held_out_text(spec, &tokenizer, job.seed)?;
     std::fs::create_dir_all(out).map_err(TrainError::io(out))?;
     let mut written = Vec::new();
     for (name, examples) in [

@@ -62,8 +62,8 @@ fn prompt(examples: &[TaskExample], index: usize, shots: usize) -> String {
 /// Tokenizes `prompt + choice` into a row of at most `seq_len + 1` tokens (the prompt is cut from
 /// the left; a choice longer than the window keeps its first tokens).
 fn row(tokenizer: &Tokenizer, prompt: &str, choice: &str, seq_len: usize) -> Row {
-    let context = tokenizer.encode(prompt);
-    let mut cont = tokenizer.encode(choice);
+    let context = tokenizer.encode_plain(prompt);
+    let mut cont = tokenizer.encode_plain(choice);
     cont.truncate(seq_len);
     let keep_context = (seq_len + 1 - cont.len()).min(context.len());
     let mut tokens = context[context.len() - keep_context..].to_vec();
@@ -216,7 +216,6 @@ pub(crate) fn pick_others(rng: &mut StdRng, len: usize, skip: usize, count: usiz
 #[cfg(test)]
 mod tests {
     use super::*;
-    use segprop_core::TokenizerKind;
 
     fn example(context: &str, choices: &[&str], gold: usize) -> TaskExample {
         TaskExample {
@@ -228,7 +227,7 @@ mod tests {
 
     #[test]
     fn rows_score_exactly_the_choice_tokens() {
-        let tok = Tokenizer::new(TokenizerKind::Byte);
+        let tok = Tokenizer::Byte;
         let r = row(&tok, "abc", " de", 16);
         assert_eq!(
             r.tokens,
