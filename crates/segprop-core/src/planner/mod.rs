@@ -569,6 +569,28 @@ mod tests {
     }
 
     #[test]
+    fn mistral_nemo_counts_its_own_head_dim_and_vocabulary() {
+        let c = LlamaConfig::preset("mistral-nemo-12b").expect("preset");
+        assert_eq!((c.head_dim(), c.q_dim(), c.kv_dim()), (128, 4096, 1024));
+        // q, o: 5120 x 4096 (not 5120 x 5120); k, v: 5120 x 1024; the MLP; two norms.
+        let h = 5120u64;
+        assert_eq!(
+            c.block_params(),
+            2 * h * 4096 + 2 * h * 1024 + 3 * h * 14_336 + 2 * h
+        );
+        // Attention's scores and mixing run over the 4096-wide queries.
+        let f = block_forward_flops(&c, 1024, AttentionKernel::Causal);
+        assert_eq!(
+            f,
+            2.0 * (c.block_params() - 2 * h) as f64 + 2.0 * 1024.0 * 4096.0
+        );
+        // The 131072-token vocabulary's logits: bf16 copy, fp32 widening and gradient.
+        let w = &comparison(c.num_layers, 4, 4, 4)[0];
+        let p = plan(&c, &Cluster::a100_40g_x8(), w, 1, 1024, true);
+        assert_eq!(p.memory.logits, 1024 * 131_072 * (2 + 4 + 4));
+    }
+
+    #[test]
     fn checkpointing_trades_activations_for_a_recompute() {
         let c = llama70b();
         let cluster = Cluster::a100_40g_x8();

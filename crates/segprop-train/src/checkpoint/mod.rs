@@ -632,6 +632,7 @@ fn check_shape(path: &Path, saved: &LlamaConfig, ours: &LlamaConfig) -> Result<(
         ),
         ("num_heads", saved.num_heads, ours.num_heads),
         ("num_kv_heads", saved.num_kv_heads, ours.num_kv_heads),
+        ("head_dim", saved.head_dim(), ours.head_dim()),
         ("vocab_size", saved.vocab_size, ours.vocab_size),
     ];
     for (name, s, o) in fields {
