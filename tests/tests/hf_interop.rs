@@ -125,6 +125,10 @@ fn assert_import_matches_transformers(dir: &Path) {
         .zip(&want)
         .map(|(a, b)| (a - b).abs())
         .fold(0.0f32, f32::max);
+    eprintln!(
+        "{}: import vs transformers logits, max |diff| {worst:e}",
+        dir.display()
+    );
     assert!(worst < 1e-4, "{}: logits differ by {worst}", dir.display());
 }
 
@@ -218,6 +222,7 @@ fn transformers_checkpoints_import_train_export_and_reload() {
         // transformers reloads the export and computes the held-out loss segprop reported.
         let reported = summary["final_eval_loss"].as_f64().unwrap();
         let reference = transformers_loss(&model, &f.text, "text", true, "32");
+        eprintln!("{name}: held-out loss segprop {reported:.7} transformers {reference:.7}");
         assert!(
             (reported - reference).abs() < 1e-4,
             "{name}: segprop {reported} vs transformers {reference}"
@@ -278,6 +283,7 @@ fn a_chat_fine_tune_through_the_coordinator_takes_the_loss_on_assistant_turns_on
     // transformers' rendering (apply_chat_template), masks and loss over the assistant
     // positions, on the exported model.
     let reference = transformers_loss(&run_dir.join("model"), &chat, "chat", true, "48");
+    eprintln!("chat packed: held-out loss segprop {reported:.7} transformers {reference:.7}");
     assert!(
         (reported - reference).abs() < 1e-4,
         "packed: segprop {reported} vs transformers {reference}"
@@ -293,6 +299,7 @@ fn a_chat_fine_tune_through_the_coordinator_takes_the_loss_on_assistant_turns_on
     let summary = train(&job, &out);
     let reported = summary["final_eval_loss"].as_f64().unwrap();
     let reference = transformers_loss(&out.join("model"), &chat, "chat", false, "96");
+    eprintln!("chat padded: held-out loss segprop {reported:.7} transformers {reference:.7}");
     assert!(
         (reported - reference).abs() < 1e-4,
         "padded: segprop {reported} vs transformers {reference}"

@@ -283,13 +283,21 @@ impl Coordinator {
         } else {
             source_name
         };
-        let mut spec = JobSpec::from_yaml_str(spec_yaml, source)
+        let spec = JobSpec::from_yaml_str(spec_yaml, source)
             .map_err(|e| CoordError::Spec(e.to_string()))?;
-        spec.check_files()
-            .map_err(|e| CoordError::Spec(e.with_source(source, None).to_string()))?;
-        let model = spec
-            .resolve_model_config()
-            .map_err(|e| CoordError::Spec(e.to_string()))?;
+        // The files the spec names are read (a chat corpus is rendered line by line, a
+        // checkpoint's config.json parsed) on a blocking thread: heartbeats keep being answered.
+        let owned_source = source.to_string();
+        let (mut spec, model) = tokio::task::spawn_blocking(move || {
+            spec.check_files()
+                .map_err(|e| CoordError::Spec(e.with_source(&owned_source, None).to_string()))?;
+            let model = spec
+                .resolve_model_config()
+                .map_err(|e| CoordError::Spec(e.to_string()))?;
+            Ok::<_, CoordError>((spec, model))
+        })
+        .await
+        .map_err(|e| CoordError::Internal(format!("checking the job's files: {e}")))??;
         // Depths that do not fit the model (p + r beyond its blocks) have no stage plan.
         spec.validate_against_model(&model)
             .map_err(|e| CoordError::Spec(e.with_source(source, None).to_string()))?;

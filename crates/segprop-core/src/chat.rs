@@ -50,7 +50,16 @@ impl TokenizerConfig {
         };
         let json: serde_json::Value =
             serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        // transformers (since 4.43) saves the template as chat_template.jinja beside the
+        // config, and reads that file first.
+        let jinja = tokenizer.with_file_name("chat_template.jinja");
+        let from_file = match std::fs::read_to_string(&jinja) {
+            Ok(template) => Some(template),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(format!("{}: {e}", jinja.display())),
+        };
         let chat_template = match json.get("chat_template") {
+            _ if from_file.is_some() => from_file,
             Some(serde_json::Value::String(t)) => Some(t.clone()),
             Some(serde_json::Value::Array(named)) => named
                 .iter()
@@ -83,10 +92,14 @@ pub struct Rendered {
     pub spans: Vec<(usize, usize)>,
 }
 
+/// One message: its role, and the whole object the template sees (`role`, `content` and any
+/// other key the line gives, such as `name`, as transformers passes them).
 #[derive(Debug, Clone, Serialize)]
+#[serde(transparent)]
 struct Message {
+    #[serde(skip)]
     role: String,
-    content: String,
+    value: serde_json::Value,
 }
 
 /// The messages of one JSONL line.
@@ -120,9 +133,10 @@ fn parse_line(text: &str) -> Result<Vec<Message>, String> {
                 let content = m
                     .get("content")
                     .ok_or_else(|| format!("messages[{i}] has no `content`"))?;
+                string(content, &format!("messages[{i}].content"))?;
                 Ok(Message {
                     role: string(role, &format!("messages[{i}].role"))?,
-                    content: string(content, &format!("messages[{i}].content"))?,
+                    value: serde_json::Value::Object(m.clone()),
                 })
             })
             .collect();
@@ -134,15 +148,13 @@ fn parse_line(text: &str) -> Result<Vec<Message>, String> {
                     "unknown key `{extra}` next to `prompt`/`completion`"
                 ));
             }
+            let message = |role: &str, content: String| Message {
+                role: role.into(),
+                value: serde_json::json!({ "role": role, "content": content }),
+            };
             Ok(vec![
-                Message {
-                    role: "user".into(),
-                    content: string(prompt, "prompt")?,
-                },
-                Message {
-                    role: "assistant".into(),
-                    content: string(completion, "completion")?,
-                },
+                message("user", string(prompt, "prompt")?),
+                message("assistant", string(completion, "completion")?),
             ])
         }
         _ => Err("expected `messages`, or `prompt` and `completion`".into()),
@@ -173,7 +185,7 @@ impl Template {
                 Err(Error::new(ErrorKind::InvalidOperation, message))
             },
         );
-        env.add_template_owned("chat", source.to_string())
+        env.add_template_owned("chat", without_generation_tags(source))
             .map_err(|e| format!("the chat template does not compile: {e:#}"))?;
         Ok(Self {
             env,
@@ -214,6 +226,29 @@ impl Template {
         }
         Ok(Rendered { text: full, spans })
     }
+}
+
+/// `source` without transformers' `{% generation %}` / `{% endgeneration %}` tags, which mark
+/// assistant text for its own masks and render nothing (segprop finds the assistant turns by
+/// rendering prefixes instead).
+fn without_generation_tags(source: &str) -> String {
+    let mut out = String::with_capacity(source.len());
+    let mut rest = source;
+    while let Some(open) = rest.find("{%") {
+        let Some(close) = rest[open..].find("%}") else {
+            break;
+        };
+        let inner = rest[open + 2..open + close]
+            .trim_matches(|c: char| c == '-' || c == '+')
+            .trim();
+        out.push_str(&rest[..open]);
+        if inner != "generation" && inner != "endgeneration" {
+            out.push_str(&rest[open..open + close + 2]);
+        }
+        rest = &rest[open + close + 2..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Renders every conversation of the JSONL file at `path` with `template`. A file with no
@@ -295,5 +330,48 @@ mod tests {
             let err = parse_line(line).unwrap_err();
             assert!(err.contains(says), "{line}: {err}");
         }
+    }
+
+    #[test]
+    fn generation_tags_render_nothing() {
+        let source = "{% for m in messages %}{% if m.role == 'assistant' %}{%- generation -%}\
+                      {{ m.content }}{% endgeneration %}{% else %}<{{ m.role }}>{% endif %}\
+                      {% endfor %}";
+        let template = Template::new(source, None, None).unwrap();
+        let messages = parse_line(r#"{"prompt": "q", "completion": "a"}"#).unwrap();
+        let rendered = template.spans(&messages).unwrap();
+        assert_eq!(rendered.text, "<user>a");
+        assert_eq!(rendered.spans, [(6, 7)]);
+    }
+
+    #[test]
+    fn the_template_sees_every_key_of_a_message() {
+        let template = Template::new(
+            "{% for m in messages %}{{ m.name | default('-') }}:{{ m.content }};{% endfor %}",
+            None,
+            None,
+        )
+        .unwrap();
+        let line = r#"{"messages": [{"role": "user", "content": "a", "name": "ann"}, {"role": "assistant", "content": "b"}]}"#;
+        let rendered = template.spans(&parse_line(line).unwrap()).unwrap();
+        assert_eq!(rendered.text, "ann:a;-:b;");
+        assert_eq!(rendered.spans, [(6, 10)]);
+    }
+
+    #[test]
+    fn a_chat_template_jinja_file_comes_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let tokenizer = dir.path().join("tokenizer.json");
+        std::fs::write(
+            dir.path().join("tokenizer_config.json"),
+            r#"{"chat_template": "old", "eos_token": {"content": "</s>"}}"#,
+        )
+        .unwrap();
+        let config = TokenizerConfig::beside(&tokenizer).unwrap();
+        assert_eq!(config.chat_template.as_deref(), Some("old"));
+        assert_eq!(config.eos_token.as_deref(), Some("</s>"));
+        std::fs::write(dir.path().join("chat_template.jinja"), "new").unwrap();
+        let config = TokenizerConfig::beside(&tokenizer).unwrap();
+        assert_eq!(config.chat_template.as_deref(), Some("new"));
     }
 }

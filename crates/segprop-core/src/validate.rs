@@ -385,10 +385,12 @@ impl JobSpec {
         Ok(())
     }
 
-    /// Checks the spec against the model's shape (depths, vocabulary, sequence length).
-    pub fn validate_against_model(&self, config: &LlamaConfig) -> Result<(), SpecError> {
-        let n = config.num_layers;
-        let tokenizer = self.tokenizer()?;
+    /// Checks that the ids of `tokenizer` fit the model's vocabulary.
+    fn check_vocab(
+        &self,
+        tokenizer: &crate::TokenizerKind,
+        config: &LlamaConfig,
+    ) -> Result<(), SpecError> {
         let ids = tokenizer
             .vocab_size()
             .map_err(|e| SpecError::invalid("data.tokenizer", e))?;
@@ -401,6 +403,29 @@ impl JobSpec {
                     config.vocab_size
                 ),
             ));
+        }
+        Ok(())
+    }
+
+    /// Resolves the job's tokenizer (reading a `tokenizer.json`; relative paths must already
+    /// be resolved) and checks its ids fit `config`'s vocabulary.
+    pub fn check_tokenizer(&self, config: &LlamaConfig) -> Result<(), SpecError> {
+        self.check_vocab(&self.tokenizer()?, config)
+    }
+
+    /// Checks the spec against the model's shape (depths, vocabulary, sequence length).
+    pub fn validate_against_model(&self, config: &LlamaConfig) -> Result<(), SpecError> {
+        let n = config.num_layers;
+        // A tokenizer.json is compared with the model when the files are read
+        // (`check_tokenizer`); the built-in ones here.
+        let builtin = match &self.data.tokenizer {
+            Some(crate::TokenizerSpec::Gpt2) => Some(crate::TokenizerKind::Gpt2),
+            Some(crate::TokenizerSpec::Byte) => Some(crate::TokenizerKind::Byte),
+            None if self.model.from.is_none() => Some(crate::TokenizerKind::Byte),
+            _ => None,
+        };
+        if let Some(kind) = builtin {
+            self.check_vocab(&kind, config)?;
         }
         if let Some(window) = config.sliding_window
             && window < self.data.seq_len

@@ -175,6 +175,7 @@ impl<B: AutodiffBackend> Trainer<B> {
                 let (shards, config) = ModelShards::<B>::import_hf(&from.hf_dir, place, &device)
                     .map_err(TrainError::Checkpoint)?;
                 spec.validate_against_model(&config)?;
+                spec.check_tokenizer(&config)?;
                 (shards, config)
             }
             None => {
@@ -191,6 +192,7 @@ impl<B: AutodiffBackend> Trainer<B> {
 
     pub(crate) fn resolve_config(spec: &JobSpec) -> Result<LlamaConfig, TrainError> {
         let mut config = spec.resolve_model_config()?;
+        spec.check_tokenizer(&config)?;
         if config.tie_embeddings {
             // SegProp trains embed and LM head in different stages, so they cannot share a
             // tensor: the head is its own parameter (docs/adr/0002).
@@ -209,6 +211,7 @@ impl<B: AutodiffBackend> Trainer<B> {
                 let (model, config) = segprop_model::hf::import::<B>(&from.hf_dir, device)
                     .map_err(TrainError::Checkpoint)?;
                 spec.validate_against_model(&config)?;
+                spec.check_tokenizer(&config)?;
                 (model, config)
             }
             None => {

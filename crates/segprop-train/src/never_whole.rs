@@ -47,6 +47,7 @@ impl<B: AutodiffBackend> Trainer<B> {
                     .map_err(TrainError::Checkpoint)?;
                 config.tie_embeddings = false;
                 spec.validate_against_model(&config)?;
+                spec.check_tokenizer(&config)?;
                 config
             }
             None => Self::resolve_config(&spec)?,
@@ -307,6 +308,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             "tokenizer_config.json",
             "special_tokens_map.json",
             "generation_config.json",
+            "chat_template.jinja",
         ] {
             let from = hf.path.with_file_name(name);
             if from.is_file() {

@@ -236,6 +236,26 @@ mod tests {
     }
 
     #[test]
+    fn the_end_token_falls_back_to_generation_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write_test_tokenizer(dir.path());
+        std::fs::write(
+            dir.path().join("tokenizer_config.json"),
+            r#"{"bos_token": "<s>", "chat_template": "x"}"#,
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("generation_config.json"),
+            r#"{"eos_token_id": [1, 2]}"#,
+        )
+        .unwrap();
+        let hf = HfTokenizer::open(&path).unwrap();
+        assert_eq!(hf.eos_token.as_deref(), Some("</s>"));
+        // No pad_token: rows are padded with the end token.
+        assert_eq!(hf.pad_id, Some(1));
+    }
+
+    #[test]
     fn a_broken_tokenizer_json_names_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tokenizer.json");

@@ -201,6 +201,9 @@ impl JobSpec {
             }
         }
         let tokenizer = self.tokenizer()?;
+        if let Some(config) = self.model_config() {
+            self.check_tokenizer(&config)?;
+        }
         if let TokenizerKind::Hf(path) = &tokenizer {
             tokenizer
                 .vocab_size()
@@ -324,6 +327,7 @@ impl JobSpec {
         })?;
         config.validate("model.from")?;
         self.validate_against_model(&config)?;
+        self.check_tokenizer(&config)?;
         Ok(config)
     }
 }

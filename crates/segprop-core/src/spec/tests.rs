@@ -392,6 +392,18 @@ fn the_checkpoints_tokenizer_is_the_default_and_others_are_checked() {
         err.contains("data.tokenizer") && err.contains("tok/tokenizer.json"),
         "{err}"
     );
+    // A tokenizer.json named relative to the spec file, for a preset (vocabulary 256).
+    std::fs::create_dir(dir.join("tok")).unwrap();
+    checkpoint(&dir.join("tok"), 256, Some(200));
+    let named = "{ corpus: chat.jsonl, tokenizer: tok/tokenizer.json, seq_len: 32, batch_size: 4 }";
+    let spec = job_from(dir, "{ preset: tiny }", named).unwrap();
+    assert_eq!(
+        spec.tokenizer().unwrap(),
+        TokenizerKind::Hf(dir.join("tok/tokenizer.json"))
+    );
+    checkpoint(&dir.join("tok"), 256, Some(300));
+    let err = job_from(dir, "{ preset: tiny }", named).unwrap_err();
+    assert!(err.contains("ids go up to 299"), "{err}");
     let err = job_from(
         dir,
         "{ preset: tiny }",
