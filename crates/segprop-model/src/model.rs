@@ -217,9 +217,7 @@ impl<B: Backend> Llama<B> {
     }
 }
 
-/// A target the loss skips: a prompt token of a chat example, or padding (PyTorch's
-/// `ignore_index` default).
-pub const IGNORE_TARGET: i64 = -100;
+pub use crate::fused::IGNORE_TARGET;
 
 /// Mean next-token cross-entropy, in fp32 (16-bit logits are widened first), over the targets
 /// that are not [`IGNORE_TARGET`].

@@ -17,7 +17,10 @@ use burn::tensor::{DType, TensorData};
 use burn_flex::FlexTensor;
 
 use super::{autodiff_of, cast, flex_kernels, same, wrap};
-use crate::model::IGNORE_TARGET;
+
+/// A target the loss skips: a prompt token of a chat example, or padding (PyTorch's
+/// `ignore_index` default). Re-exported as `segprop_model::model::IGNORE_TARGET`.
+pub const IGNORE_TARGET: i64 = -100;
 
 /// Mean cross-entropy of `logits` against `targets`, in fp32, over the rows whose target is not
 /// [`IGNORE_TARGET`] (0 when every row is ignored; those rows get no gradient).

@@ -279,7 +279,7 @@ pub(super) fn swap_middle(x: &FlexTensor, rotation: Option<Rotation<'_>>) -> Fle
 /// in the same order on any thread count.
 const LOSS_ROWS: usize = 64;
 
-/// A target row the loss skips ([`crate::model::IGNORE_TARGET`] on the host side).
+/// A target row the loss skips ([`super::IGNORE_TARGET`] on the host side).
 pub(super) const SKIP: usize = usize::MAX;
 
 /// Mean cross-entropy of `logits: [rows, vocab]` against `targets` (one class per row; rows

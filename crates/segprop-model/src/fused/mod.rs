@@ -42,7 +42,7 @@ use burn::tensor::DType;
 use burn::tensor::ops::FloatTensor;
 use burn_flex::FlexTensor;
 
-pub use cross_entropy::cross_entropy;
+pub use cross_entropy::{IGNORE_TARGET, cross_entropy};
 pub use heads::{merge_heads, split_heads};
 pub use matmul::{linear, matmul};
 pub use rms_norm::rms_norm;
